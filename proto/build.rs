@@ -1,0 +1,15 @@
+//! Compiles the switchyard.v1 protos with protox (pure Rust), so building needs no system
+//! `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["switchyard/v1/registry.proto"];
+    for proto in &protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(protos, ["."])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! The `switchyard.v1` API: generated prost messages and tonic clients and servers.
+//!
+//! Only transport lives here. Each crate converts these types to its own domain types in
+//! one place, so the wire format can grow without touching business rules.
+
+/// Messages and services of package `switchyard.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("switchyard.v1");
+}

@@ -1,0 +1,42 @@
+//! The gRPC services. Handlers validate at the edge, convert to domain types, and hand
+//! commands to the writer; no business rule lives here. Errors become `tonic::Status`
+//! in one place ([`status`]).
+
+mod convert;
+mod discovery;
+mod registry;
+
+pub use discovery::DiscoveryApi;
+pub use registry::RegistryApi;
+
+use tonic::Status;
+
+use crate::catalog::ApplyError;
+use crate::model::ValidationError;
+use crate::writer::ProposeError;
+
+/// Most lease ids in one `KeepAlive` message.
+pub const MAX_LEASES_PER_KEEPALIVE: usize = 1_000;
+/// Most services one `Watch` may filter on.
+pub const MAX_WATCH_SERVICES: usize = 256;
+
+impl From<ValidationError> for Status {
+    fn from(e: ValidationError) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+/// Maps a failed proposal to the status a client can act on.
+pub fn status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Refused(ApplyError::LeaseNotFound(_))
+        | ProposeError::Refused(ApplyError::InstanceNotFound { .. }) => {
+            Status::not_found(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::TooManyInstances(_))
+        | ProposeError::Refused(ApplyError::LeaseFull(..)) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        ProposeError::Storage(_) | ProposeError::ShuttingDown => Status::unavailable(e.to_string()),
+    }
+}

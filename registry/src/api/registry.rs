@@ -1,0 +1,196 @@
+//! `switchyard.v1.Registry`: Register, KeepAlive, Deregister, SetState.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::registry_server::Registry;
+
+use super::convert::{instance_from_proto, state_from_proto};
+use super::{status, MAX_LEASES_PER_KEEPALIVE};
+use crate::catalog::{Command, Reply};
+use crate::model::{validate_id, validate_namespace, validate_ttl};
+use crate::node::Shared;
+use crate::writer::Proposer;
+
+pub struct RegistryApi {
+    shared: Arc<Shared>,
+    proposer: Proposer,
+}
+
+impl RegistryApi {
+    pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
+        Self { shared, proposer }
+    }
+
+    fn count<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.shared.metrics.grpc(method, code);
+        r
+    }
+
+    async fn register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
+        let instance = req
+            .instance
+            .ok_or_else(|| Status::invalid_argument("invalid instance: must be set"))?;
+        let instance = instance_from_proto(instance)?;
+        let ttl_seconds = validate_ttl("ttl_seconds", req.ttl_seconds)?;
+        let lease_id = (req.lease_id != 0).then_some(req.lease_id);
+        let reply = self
+            .proposer
+            .propose(Command::Register {
+                instance,
+                ttl_seconds,
+                lease_id,
+            })
+            .await
+            .map_err(status)?;
+        match reply {
+            Reply::Registered {
+                lease_id,
+                ttl_seconds,
+                revision,
+            } => Ok(pb::RegisterResponse {
+                lease_id,
+                revision,
+                ttl_seconds,
+            }),
+            Reply::Done { .. } => Err(Status::internal("register produced no lease")),
+        }
+    }
+
+    async fn deregister(
+        &self,
+        req: pb::DeregisterRequest,
+    ) -> Result<pb::DeregisterResponse, Status> {
+        let namespace = validate_namespace("namespace", &req.namespace)?;
+        validate_id("id", &req.id)?;
+        let reply = self
+            .proposer
+            .propose(Command::Deregister {
+                namespace,
+                id: req.id,
+            })
+            .await
+            .map_err(status)?;
+        Ok(pb::DeregisterResponse {
+            revision: revision_of(&reply),
+        })
+    }
+
+    async fn set_state(&self, req: pb::SetStateRequest) -> Result<pb::SetStateResponse, Status> {
+        let namespace = validate_namespace("namespace", &req.namespace)?;
+        validate_id("id", &req.id)?;
+        let state = state_from_proto("state", req.state, None)?;
+        let reply = self
+            .proposer
+            .propose(Command::SetState {
+                namespace,
+                id: req.id,
+                state,
+            })
+            .await
+            .map_err(status)?;
+        Ok(pb::SetStateResponse {
+            revision: revision_of(&reply),
+        })
+    }
+}
+
+fn revision_of(reply: &Reply) -> u64 {
+    match reply {
+        Reply::Registered { revision, .. } | Reply::Done { revision } => *revision,
+    }
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Registry for RegistryApi {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = self.register(request.into_inner()).await;
+        self.count("Register", r).map(Response::new)
+    }
+
+    type KeepAliveStream = KeepAliveStream;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        self.shared.metrics.grpc("KeepAlive", Code::Ok);
+        let mut inbound = request.into_inner();
+        let shared = self.shared.clone();
+        let (tx, rx) = mpsc::channel(16);
+        let mut shutdown = shared.shutdown.clone();
+        tokio::spawn(async move {
+            let mut renewed = Vec::new();
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.next() => Some(m),
+                    _ = shutdown.wait_for(|s| *s) => None,
+                };
+                let req = match msg {
+                    Some(Some(Ok(req))) => req,
+                    // The client closed its side or the connection broke.
+                    Some(Some(Err(_)) | None) => return,
+                    None => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "the registry is shutting down; reconnect to another node",
+                            )))
+                            .await;
+                        return;
+                    }
+                };
+                if req.lease_ids.len() > MAX_LEASES_PER_KEEPALIVE {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "invalid lease_ids: {} ids in one message, at most {MAX_LEASES_PER_KEEPALIVE}",
+                            req.lease_ids.len()
+                        ))))
+                        .await;
+                    return;
+                }
+                renewed.clear();
+                shared.leases.renew(&req.lease_ids, &mut renewed);
+                let leases = renewed
+                    .iter()
+                    .map(|(lease_id, ttl)| pb::LeaseStatus {
+                        lease_id: *lease_id,
+                        ttl_seconds: ttl.unwrap_or(0),
+                        found: ttl.is_some(),
+                    })
+                    .collect();
+                if tx.send(Ok(pb::KeepAliveResponse { leases })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let r = self.deregister(request.into_inner()).await;
+        self.count("Deregister", r).map(Response::new)
+    }
+
+    async fn set_state(
+        &self,
+        request: Request<pb::SetStateRequest>,
+    ) -> Result<Response<pb::SetStateResponse>, Status> {
+        let r = self.set_state(request.into_inner()).await;
+        self.count("SetState", r).map(Response::new)
+    }
+}

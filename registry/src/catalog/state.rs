@@ -1,0 +1,535 @@
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::Command;
+use crate::model::{Change, Instance, LeaseId, Revision, ServiceSummary, ServiceView, State};
+
+/// Bounds the state machine enforces itself, so that a replica never grows without limit
+/// whatever the log holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Instances across every namespace.
+    pub max_instances: usize,
+    /// Instances that may share one lease.
+    pub max_instances_per_lease: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_instances: 1_000_000,
+            max_instances_per_lease: 1_000,
+        }
+    }
+}
+
+/// Why a well-formed command could not be applied to the current state. Apply leaves the
+/// catalog untouched when it returns one of these.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ApplyError {
+    #[error("lease {0} does not exist (it expired or was never granted): register without lease_id to get a new one")]
+    LeaseNotFound(LeaseId),
+    #[error("instance {id:?} is not registered in namespace {namespace:?}")]
+    InstanceNotFound { namespace: String, id: String },
+    #[error(
+        "the registry holds its maximum of {0} instances: deregister some or raise --max-instances"
+    )]
+    TooManyInstances(usize),
+    #[error("lease {0} already holds its maximum of {1} instances: register with another lease")]
+    LeaseFull(LeaseId, usize),
+}
+
+/// What the caller of a command gets back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Registered {
+        lease_id: LeaseId,
+        ttl_seconds: u32,
+        revision: Revision,
+    },
+    Done {
+        revision: Revision,
+    },
+}
+
+/// Everything one apply produced: the reply, the change for watchers (if anything
+/// visible changed) and the lease bookkeeping the leader's lease keeper must mirror.
+#[derive(Debug)]
+pub struct ApplyResult {
+    pub reply: Result<Reply, ApplyError>,
+    pub change: Option<Change>,
+    /// Leases created or given a new TTL: (id, ttl_seconds).
+    pub leases_granted: Vec<(LeaseId, u32)>,
+    pub leases_removed: Vec<LeaseId>,
+}
+
+impl ApplyResult {
+    fn refused(err: ApplyError) -> Self {
+        Self {
+            reply: Err(err),
+            change: None,
+            leases_granted: Vec::new(),
+            leases_removed: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    instance: Arc<Instance>,
+    lease: LeaseId,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Namespace {
+    /// service -> id -> entry
+    services: BTreeMap<String, BTreeMap<String, Entry>>,
+    /// id -> service, so ids are unique within the namespace.
+    ids: HashMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Lease {
+    ttl_seconds: u32,
+    /// (namespace, id) of every instance the lease keeps alive.
+    owners: BTreeSet<(String, String)>,
+}
+
+/// The catalog: namespaces, services, instances and leases, plus the revision.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    limits: Limits,
+    applied_index: u64,
+    revision: Revision,
+    namespaces: BTreeMap<String, Namespace>,
+    leases: BTreeMap<LeaseId, Lease>,
+    instance_count: usize,
+}
+
+/// The catalog as written to a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedCatalog {
+    applied_index: u64,
+    revision: Revision,
+    instances: Vec<(Instance, LeaseId)>,
+    leases: Vec<(LeaseId, u32)>,
+}
+
+impl Catalog {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// The index of the last applied command (changing or not).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// The index of the last command that changed the catalog.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.instance_count
+    }
+
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Every lease and its TTL, for a new leader to start the clocks.
+    pub fn leases(&self) -> impl Iterator<Item = (LeaseId, u32)> + '_ {
+        self.leases.iter().map(|(id, l)| (*id, l.ttl_seconds))
+    }
+
+    pub fn has_lease(&self, id: LeaseId) -> bool {
+        self.leases.contains_key(&id)
+    }
+
+    /// The registered instance with this id, if any.
+    pub fn get(&self, namespace: &str, id: &str) -> Option<&Arc<Instance>> {
+        let ns = self.namespaces.get(namespace)?;
+        let service = ns.ids.get(id)?;
+        ns.services.get(service)?.get(id).map(|e| &e.instance)
+    }
+
+    /// Applies one command at `index`. Never panics on any input; on error the catalog is
+    /// unchanged apart from the applied index.
+    pub fn apply(&mut self, index: u64, command: &Command) -> ApplyResult {
+        self.applied_index = self.applied_index.max(index);
+        match command {
+            Command::Register {
+                instance,
+                ttl_seconds,
+                lease_id,
+            } => self.register(index, instance, *ttl_seconds, *lease_id),
+            Command::Deregister { namespace, id } => self.deregister(index, namespace, id),
+            Command::SetState {
+                namespace,
+                id,
+                state,
+            } => self.set_state(index, namespace, id, *state),
+            Command::ExpireLeases { lease_ids } => self.expire(index, lease_ids),
+        }
+    }
+
+    fn register(
+        &mut self,
+        index: u64,
+        instance: &Instance,
+        ttl_seconds: u32,
+        lease_id: Option<LeaseId>,
+    ) -> ApplyResult {
+        let key = (instance.namespace.clone(), instance.id.clone());
+        let existing = self
+            .get(&instance.namespace, &instance.id)
+            .map(|i| (i.clone(), self.lease_of(&instance.namespace, &instance.id)));
+
+        // Decide the lease first: every check happens before anything is changed.
+        let (lease, new_lease, ttl) = match (lease_id, &existing) {
+            (Some(id), _) => match self.leases.get(&id) {
+                None => return ApplyResult::refused(ApplyError::LeaseNotFound(id)),
+                Some(l) => {
+                    let joins = !l.owners.contains(&key);
+                    if joins && l.owners.len() >= self.limits.max_instances_per_lease {
+                        return ApplyResult::refused(ApplyError::LeaseFull(
+                            id,
+                            self.limits.max_instances_per_lease,
+                        ));
+                    }
+                    (id, false, l.ttl_seconds)
+                }
+            },
+            (None, Some((_, Some(current)))) => (*current, false, ttl_seconds),
+            (None, _) => (index, true, ttl_seconds),
+        };
+        if existing.is_none() && self.instance_count >= self.limits.max_instances {
+            return ApplyResult::refused(ApplyError::TooManyInstances(self.limits.max_instances));
+        }
+
+        let mut result = ApplyResult {
+            reply: Err(ApplyError::LeaseNotFound(lease)),
+            change: None,
+            leases_granted: Vec::new(),
+            leases_removed: Vec::new(),
+        };
+        let mut change = Change::default();
+
+        // Move the instance off a lease it leaves.
+        if let Some((_, Some(old))) = &existing {
+            if *old != lease {
+                self.release(*old, &key, &mut result.leases_removed);
+            }
+        }
+        if new_lease {
+            self.leases.insert(
+                lease,
+                Lease {
+                    ttl_seconds: ttl,
+                    owners: BTreeSet::new(),
+                },
+            );
+        }
+        if let Some(l) = self.leases.get_mut(&lease) {
+            l.owners.insert(key.clone());
+            if lease_id.is_none() {
+                l.ttl_seconds = ttl;
+            }
+            result.leases_granted.push((lease, l.ttl_seconds));
+        }
+
+        let unchanged = existing
+            .as_ref()
+            .is_some_and(|(old, old_lease)| **old == *instance && *old_lease == Some(lease));
+        if !unchanged {
+            if let Some((old, _)) = &existing {
+                if old.service != instance.service {
+                    self.remove_entry(&old.namespace, &old.service, &old.id);
+                    change.removed.push(old.to_ref());
+                }
+            }
+            let arc = Arc::new(instance.clone());
+            let ns = self
+                .namespaces
+                .entry(instance.namespace.clone())
+                .or_default();
+            ns.ids.insert(instance.id.clone(), instance.service.clone());
+            let previous = ns
+                .services
+                .entry(instance.service.clone())
+                .or_default()
+                .insert(
+                    instance.id.clone(),
+                    Entry {
+                        instance: arc.clone(),
+                        lease,
+                    },
+                );
+            // New, or moved from another service (whose entry was removed above).
+            if previous.is_none() {
+                self.instance_count += 1;
+            }
+            self.revision = index;
+            change.revision = index;
+            change.upserted.push(arc);
+            result.change = Some(change);
+        }
+        result.reply = Ok(Reply::Registered {
+            lease_id: lease,
+            ttl_seconds: result.leases_granted.last().map_or(ttl, |g| g.1),
+            revision: self.revision,
+        });
+        result
+    }
+
+    fn lease_of(&self, namespace: &str, id: &str) -> Option<LeaseId> {
+        let ns = self.namespaces.get(namespace)?;
+        let service = ns.ids.get(id)?;
+        ns.services.get(service)?.get(id).map(|e| e.lease)
+    }
+
+    /// Drops an owner from a lease, and the lease itself when it keeps nothing alive.
+    fn release(&mut self, lease: LeaseId, key: &(String, String), removed: &mut Vec<LeaseId>) {
+        if let Some(l) = self.leases.get_mut(&lease) {
+            l.owners.remove(key);
+            if l.owners.is_empty() {
+                self.leases.remove(&lease);
+                removed.push(lease);
+            }
+        }
+    }
+
+    /// Removes an instance from the maps; returns its entry.
+    fn remove_entry(&mut self, namespace: &str, service: &str, id: &str) -> Option<Entry> {
+        let ns = self.namespaces.get_mut(namespace)?;
+        let instances = ns.services.get_mut(service)?;
+        let entry = instances.remove(id)?;
+        if instances.is_empty() {
+            ns.services.remove(service);
+        }
+        ns.ids.remove(id);
+        if ns.ids.is_empty() {
+            self.namespaces.remove(namespace);
+        }
+        self.instance_count -= 1;
+        Some(entry)
+    }
+
+    fn deregister(&mut self, index: u64, namespace: &str, id: &str) -> ApplyResult {
+        let Some(instance) = self.get(namespace, id).cloned() else {
+            return ApplyResult::refused(ApplyError::InstanceNotFound {
+                namespace: namespace.to_string(),
+                id: id.to_string(),
+            });
+        };
+        let mut leases_removed = Vec::new();
+        if let Some(entry) = self.remove_entry(namespace, &instance.service, id) {
+            self.release(
+                entry.lease,
+                &(namespace.to_string(), id.to_string()),
+                &mut leases_removed,
+            );
+        }
+        self.revision = index;
+        ApplyResult {
+            reply: Ok(Reply::Done { revision: index }),
+            change: Some(Change {
+                revision: index,
+                upserted: Vec::new(),
+                removed: vec![instance.to_ref()],
+            }),
+            leases_granted: Vec::new(),
+            leases_removed,
+        }
+    }
+
+    fn set_state(&mut self, index: u64, namespace: &str, id: &str, state: State) -> ApplyResult {
+        let entry = self.namespaces.get_mut(namespace).and_then(|ns| {
+            let service = ns.ids.get(id)?;
+            ns.services.get_mut(service)?.get_mut(id)
+        });
+        let Some(entry) = entry else {
+            return ApplyResult::refused(ApplyError::InstanceNotFound {
+                namespace: namespace.to_string(),
+                id: id.to_string(),
+            });
+        };
+        if entry.instance.state == state {
+            return ApplyResult {
+                reply: Ok(Reply::Done {
+                    revision: self.revision,
+                }),
+                change: None,
+                leases_granted: Vec::new(),
+                leases_removed: Vec::new(),
+            };
+        }
+        let mut updated = (*entry.instance).clone();
+        updated.state = state;
+        let arc = Arc::new(updated);
+        entry.instance = arc.clone();
+        self.revision = index;
+        ApplyResult {
+            reply: Ok(Reply::Done { revision: index }),
+            change: Some(Change {
+                revision: index,
+                upserted: vec![arc],
+                removed: Vec::new(),
+            }),
+            leases_granted: Vec::new(),
+            leases_removed: Vec::new(),
+        }
+    }
+
+    fn expire(&mut self, index: u64, lease_ids: &[LeaseId]) -> ApplyResult {
+        let wanted: BTreeSet<LeaseId> = lease_ids.iter().copied().collect();
+        let mut change = Change {
+            revision: index,
+            ..Change::default()
+        };
+        let mut leases_removed = Vec::new();
+        for id in wanted {
+            let Some(lease) = self.leases.remove(&id) else {
+                continue;
+            };
+            leases_removed.push(id);
+            for (namespace, instance_id) in &lease.owners {
+                let service = self
+                    .namespaces
+                    .get(namespace)
+                    .and_then(|ns| ns.ids.get(instance_id))
+                    .cloned();
+                if let Some(service) = service {
+                    if let Some(entry) = self.remove_entry(namespace, &service, instance_id) {
+                        change.removed.push(entry.instance.to_ref());
+                    }
+                }
+            }
+        }
+        let changed = !change.removed.is_empty();
+        if changed {
+            self.revision = index;
+        }
+        ApplyResult {
+            reply: Ok(Reply::Done {
+                revision: self.revision,
+            }),
+            change: changed.then_some(change),
+            leases_granted: Vec::new(),
+            leases_removed,
+        }
+    }
+
+    /// The services of a namespace (all, or only `services`), sorted by name.
+    pub fn snapshot(&self, namespace: &str, services: &[String]) -> Vec<ServiceView> {
+        let Some(ns) = self.namespaces.get(namespace) else {
+            return Vec::new();
+        };
+        ns.services
+            .iter()
+            .filter(|(name, _)| services.is_empty() || services.iter().any(|s| s == *name))
+            .map(|(name, instances)| ServiceView {
+                service: name.clone(),
+                instances: instances.values().map(|e| e.instance.clone()).collect(),
+            })
+            .collect()
+    }
+
+    /// The instances of one service, optionally of one version.
+    pub fn resolve(&self, namespace: &str, service: &str, version: &str) -> Vec<Arc<Instance>> {
+        self.namespaces
+            .get(namespace)
+            .and_then(|ns| ns.services.get(service))
+            .map(|instances| {
+                instances
+                    .values()
+                    .filter(|e| version.is_empty() || e.instance.version == version)
+                    .map(|e| e.instance.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// One summary per service of a namespace, sorted by name.
+    pub fn list_services(&self, namespace: &str) -> Vec<ServiceSummary> {
+        let Some(ns) = self.namespaces.get(namespace) else {
+            return Vec::new();
+        };
+        ns.services
+            .iter()
+            .map(|(name, instances)| {
+                let versions: BTreeSet<&str> = instances
+                    .values()
+                    .map(|e| e.instance.version.as_str())
+                    .collect();
+                ServiceSummary {
+                    name: name.clone(),
+                    instance_count: u32::try_from(instances.len()).unwrap_or(u32::MAX),
+                    versions: versions.into_iter().map(str::to_string).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// The catalog in a form that serializes compactly and rebuilds exactly.
+    pub fn to_persisted(&self) -> PersistedCatalog {
+        let instances = self
+            .namespaces
+            .values()
+            .flat_map(|ns| ns.services.values())
+            .flat_map(|svc| svc.values())
+            .map(|e| ((*e.instance).clone(), e.lease))
+            .collect();
+        PersistedCatalog {
+            applied_index: self.applied_index,
+            revision: self.revision,
+            instances,
+            leases: self.leases().collect(),
+        }
+    }
+
+    /// Rebuilds a catalog from a snapshot. Inconsistent entries (an instance naming a
+    /// lease the snapshot lacks) are dropped rather than trusted.
+    pub fn from_persisted(limits: Limits, p: PersistedCatalog) -> Self {
+        let mut c = Catalog::new(limits);
+        c.applied_index = p.applied_index;
+        c.revision = p.revision;
+        for (id, ttl) in p.leases {
+            c.leases.insert(
+                id,
+                Lease {
+                    ttl_seconds: ttl,
+                    owners: BTreeSet::new(),
+                },
+            );
+        }
+        for (instance, lease) in p.instances {
+            let Some(l) = c.leases.get_mut(&lease) else {
+                continue;
+            };
+            l.owners
+                .insert((instance.namespace.clone(), instance.id.clone()));
+            let ns = c.namespaces.entry(instance.namespace.clone()).or_default();
+            ns.ids.insert(instance.id.clone(), instance.service.clone());
+            ns.services
+                .entry(instance.service.clone())
+                .or_default()
+                .insert(
+                    instance.id.clone(),
+                    Entry {
+                        instance: Arc::new(instance),
+                        lease,
+                    },
+                );
+            c.instance_count += 1;
+        }
+        c.leases.retain(|_, l| !l.owners.is_empty());
+        c
+    }
+}

@@ -1,0 +1,138 @@
+//! Lease deadlines, held only by the node that expires leases (the leader).
+//!
+//! Renewals never touch the log (the etcd model): they move a deadline in memory. When
+//! deadlines pass, the expiry loop proposes one `ExpireLeases` command for the batch. A
+//! node that starts (or, in a cluster, becomes leader) gives every lease its full TTL
+//! first, so a restart never mass-expires instances.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::model::LeaseId;
+
+/// Most leases expired by one command, so one apply stays short.
+pub const MAX_EXPIRE_BATCH: usize = 1_000;
+
+#[derive(Default)]
+struct Inner {
+    /// id -> (deadline, ttl_seconds)
+    leases: HashMap<LeaseId, (Instant, u32)>,
+    /// Ordered deadlines for finding the next expiry without a scan.
+    queue: BTreeSet<(Instant, LeaseId)>,
+}
+
+/// The deadline table. One short mutex; renewals of many leases take it once.
+#[derive(Default)]
+pub struct LeaseKeeper {
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+impl LeaseKeeper {
+    /// Starts (or restarts) a lease's clock with its full TTL.
+    pub fn grant(&self, id: LeaseId, ttl_seconds: u32) {
+        let deadline = Instant::now() + Duration::from_secs(u64::from(ttl_seconds));
+        let mut inner = self.inner.lock();
+        if let Some((old, _)) = inner.leases.insert(id, (deadline, ttl_seconds)) {
+            inner.queue.remove(&(old, id));
+        }
+        inner.queue.insert((deadline, id));
+        drop(inner);
+        self.changed.notify_one();
+    }
+
+    pub fn remove(&self, id: LeaseId) {
+        let mut inner = self.inner.lock();
+        if let Some((old, _)) = inner.leases.remove(&id) {
+            inner.queue.remove(&(old, id));
+        }
+    }
+
+    /// Renews each lease; `None` for a lease this node does not hold (expired, revoked or
+    /// never granted), which tells the client to register again.
+    pub fn renew(&self, ids: &[LeaseId], out: &mut Vec<(LeaseId, Option<u32>)>) {
+        let now = Instant::now();
+        let mut inner = self.inner.lock();
+        for &id in ids {
+            let renewed = match inner.leases.get_mut(&id) {
+                Some((deadline, ttl)) => {
+                    let old = *deadline;
+                    *deadline = now + Duration::from_secs(u64::from(*ttl));
+                    Some((old, *deadline, *ttl))
+                }
+                None => None,
+            };
+            match renewed {
+                Some((old, new, ttl)) => {
+                    inner.queue.remove(&(old, id));
+                    inner.queue.insert((new, id));
+                    out.push((id, Some(ttl)));
+                }
+                None => out.push((id, None)),
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().leases.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes up to [`MAX_EXPIRE_BATCH`] leases whose deadline has passed. They leave the
+    /// table at once, so a late renewal answers `found=false` instead of racing the
+    /// expiry; the caller proposes their removal.
+    pub fn take_expired(&self, now: Instant) -> Vec<LeaseId> {
+        let mut inner = self.inner.lock();
+        let mut expired = Vec::new();
+        while expired.len() < MAX_EXPIRE_BATCH {
+            let Some(&(deadline, id)) = inner.queue.first() else {
+                break;
+            };
+            if deadline > now {
+                break;
+            }
+            inner.queue.pop_first();
+            inner.leases.remove(&id);
+            expired.push(id);
+        }
+        expired
+    }
+
+    /// When the next lease runs out, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.inner.lock().queue.first().map(|(d, _)| *d)
+    }
+
+    /// Resolves when a lease is granted, so the expiry loop can recompute its sleep.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_moves_the_deadline_and_unknown_leases_are_not_found() {
+        let keeper = LeaseKeeper::default();
+        keeper.grant(1, 2);
+        keeper.grant(2, 2);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let mut out = Vec::new();
+        keeper.renew(&[1, 99], &mut out);
+        assert_eq!(out, vec![(1, Some(2)), (99, None)]);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(keeper.take_expired(Instant::now()), vec![2]);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(keeper.take_expired(Instant::now()), vec![1]);
+        assert!(keeper.is_empty());
+    }
+}

@@ -1,0 +1,27 @@
+//! The Switchyard registry as a library.
+//!
+//! A tour, in the order a write travels:
+//! - [`api`]: the gRPC services (`Registry`, `Discovery`); validate at the edge, convert
+//!   wire types to [`model`] types, propose commands.
+//! - [`writer`]: batches proposals into one fsync'd [`store`] transaction (group
+//!   commit), then applies them to the [`catalog`] in log order.
+//! - [`catalog`]: the deterministic state machine, `apply(index, Command)`.
+//! - [`watch`]: the hub that fans applied changes out to Watch streams.
+//! - [`lease`]: the leader's in-memory lease deadlines and the expiry loop's input.
+//! - [`http`] and [`metrics`]: `/metrics` and `/health`.
+//! - [`node`]: wires it together; [`start`] takes a config and bound listeners and
+//!   returns a handle with the real addresses and a graceful `shutdown`.
+
+pub mod api;
+pub mod catalog;
+pub mod http;
+pub mod lease;
+pub mod metrics;
+pub mod model;
+pub mod node;
+pub mod store;
+pub mod watch;
+pub mod writer;
+
+pub use catalog::Limits;
+pub use node::{start, Listeners, RegistryConfig, RegistryHandle, StartError};

@@ -1,0 +1,132 @@
+//! Prometheus metrics of the registry, served as text on the HTTP port.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+/// Every metric the registry exports. Cheap to update: atomics behind `Arc`s.
+pub struct Metrics {
+    registry: Registry,
+    pub instances: Gauge<i64, AtomicI64>,
+    pub leases: Gauge<i64, AtomicI64>,
+    pub revision: Gauge<i64, AtomicI64>,
+    pub lease_expiries: Counter,
+    pub watchers: Gauge<i64, AtomicI64>,
+    pub watch_resyncs: Counter,
+    pub grpc_requests: Family<GrpcLabels, Counter>,
+    pub commit_batch_size: Histogram,
+    pub commit_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("switchyard_registry");
+        let instances = Gauge::default();
+        let leases = Gauge::default();
+        let revision = Gauge::default();
+        let lease_expiries = Counter::default();
+        let watchers = Gauge::default();
+        let watch_resyncs = Counter::default();
+        let grpc_requests = Family::default();
+        let commit_batch_size = Histogram::new(exponential_buckets(1.0, 4.0, 7));
+        let commit_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 8));
+        registry.register("instances", "Registered instances", instances.clone());
+        registry.register("leases", "Live leases", leases.clone());
+        registry.register(
+            "revision",
+            "Revision of the last applied change",
+            revision.clone(),
+        );
+        registry.register(
+            "lease_expiries",
+            "Leases expired because they were not renewed in time",
+            lease_expiries.clone(),
+        );
+        registry.register("watchers", "Open Watch streams", watchers.clone());
+        registry.register(
+            "watch_resyncs",
+            "Watchers that fell behind and were sent a fresh snapshot",
+            watch_resyncs.clone(),
+        );
+        registry.register(
+            "grpc_requests",
+            "gRPC requests by method and status code",
+            grpc_requests.clone(),
+        );
+        registry.register(
+            "commit_batch_size",
+            "Commands written per durable commit (group commit)",
+            commit_batch_size.clone(),
+        );
+        registry.register(
+            "commit_seconds",
+            "Time to write and fsync one batch",
+            commit_seconds.clone(),
+        );
+        Self {
+            registry,
+            instances,
+            leases,
+            revision,
+            lease_expiries,
+            watchers,
+            watch_resyncs,
+            grpc_requests,
+            commit_batch_size,
+            commit_seconds,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn grpc(&self, method: &'static str, code: tonic::Code) {
+        self.grpc_requests
+            .get_or_create(&GrpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

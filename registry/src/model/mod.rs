@@ -1,0 +1,123 @@
+//! Domain types of the catalog: instances, their state, leases and revisions.
+//!
+//! Pure data and validation: nothing here imports tokio, tonic or redb, so the state
+//! machine and the rules can be tested (and later replicated) without any transport.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use validate::{
+    validate_id, validate_instance, validate_name, validate_namespace, validate_ttl,
+    validate_version, ValidationError, DEFAULT_TTL_SECONDS, DEFAULT_WEIGHT, MAX_ID_LEN, MAX_LABELS,
+    MAX_LABEL_BYTES, MAX_TTL_SECONDS, MIN_TTL_SECONDS,
+};
+
+/// The namespace used when a request leaves it empty.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Identifies a lease. Chosen by the state machine (the log index of the command that
+/// created it), so every replica derives the same id.
+pub type LeaseId = u64;
+
+/// The index of the last applied change; one global, monotonically increasing number.
+pub type Revision = u64;
+
+/// Whether an instance should receive new traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum State {
+    /// Healthy and accepting traffic.
+    Serving,
+    /// Finishing in-flight work; gets no new traffic but stays registered.
+    Draining,
+    /// Failing its health checks; gets no new traffic.
+    Failing,
+}
+
+impl State {
+    /// The upper-case name used on the wire and in the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Serving => "SERVING",
+            State::Draining => "DRAINING",
+            State::Failing => "FAILING",
+        }
+    }
+}
+
+/// One registered instance of a service, as validated at the edge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub namespace: String,
+    pub service: String,
+    pub id: String,
+    pub address: String,
+    pub port: u16,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub weight: u32,
+    pub zone: String,
+    pub state: State,
+}
+
+impl Instance {
+    /// The reference a watcher receives when this instance is removed.
+    pub fn to_ref(&self) -> InstanceRef {
+        InstanceRef {
+            namespace: self.namespace.clone(),
+            service: self.service.clone(),
+            id: self.id.clone(),
+        }
+    }
+}
+
+/// Names a removed instance in a watch delta.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRef {
+    pub namespace: String,
+    pub service: String,
+    pub id: String,
+}
+
+/// What one applied command changed, as watchers see it. Instances are shared (`Arc`)
+/// between the catalog, the watch history and every watcher, so fan-out copies pointers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Change {
+    pub revision: Revision,
+    pub upserted: Vec<Arc<Instance>>,
+    pub removed: Vec<InstanceRef>,
+}
+
+impl Change {
+    /// True when the change touches `service` in `namespace`.
+    pub fn touches(&self, namespace: &str, services: &[String]) -> bool {
+        let wanted = |ns: &str, svc: &str| {
+            ns == namespace && (services.is_empty() || services.iter().any(|s| s == svc))
+        };
+        self.upserted
+            .iter()
+            .any(|i| wanted(&i.namespace, &i.service))
+            || self
+                .removed
+                .iter()
+                .any(|r| wanted(&r.namespace, &r.service))
+    }
+}
+
+/// All instances of one service, as served to snapshots and `Resolve`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceView {
+    pub service: String,
+    pub instances: Vec<Arc<Instance>>,
+}
+
+/// One line of `ListServices`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSummary {
+    pub name: String,
+    pub instance_count: u32,
+    pub versions: Vec<String>,
+}

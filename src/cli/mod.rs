@@ -1,0 +1,117 @@
+//! The command line: one module per verb group.
+
+mod catalog;
+mod register;
+mod registry;
+
+use clap::{ArgMatches, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for a usage or configuration error (sysexits EX_USAGE / EX_CONFIG family).
+pub const EXIT_CONFIG: u8 = 64;
+/// Exit status when the registry cannot be reached (EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// A failed command: what to tell the operator, and the exit status.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub code: u8,
+}
+
+impl CliError {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code,
+        }
+    }
+}
+
+/// Service discovery and a sidecar load balancer with version-aware canary routing.
+#[derive(Parser, Debug)]
+#[command(name = "switchyard", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SWITCHYARD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a registry node (gRPC on --listen, metrics and health on --http).
+    Registry(registry::RegistryArgs),
+    /// Run a single-node registry on the default ports, data in a temp dir unless --data-dir.
+    Dev(registry::DevArgs),
+    /// Register an instance and hold its lease until Ctrl-C, then deregister it.
+    Register(register::RegisterArgs),
+    /// List the services of a namespace.
+    Services(catalog::ServicesArgs),
+    /// List the instances of a service.
+    Instances(catalog::InstancesArgs),
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the level (servers default to info, operator
+/// verbs to warn so their tables stay clean).
+pub fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Registry(_) | Command::Dev(_) => "info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
+    let sub = matches.subcommand().map(|(_, m)| m);
+    match cli.command {
+        Command::Registry(args) => registry::run_registry(args, sub).await,
+        Command::Dev(args) => registry::run_dev(args).await,
+        Command::Register(args) => register::run(args).await,
+        Command::Services(args) => catalog::services(args).await,
+        Command::Instances(args) => catalog::instances(args).await,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,248 @@
+//! `switchyard register`: register one instance and keep its lease alive until Ctrl-C.
+//! Also the registry connection helpers shared by the operator verbs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clap::Args;
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::discovery_client::DiscoveryClient;
+use switchyard_proto::v1::registry_client::RegistryClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{shutdown_signal, CliError, EXIT_CONFIG, EXIT_UNAVAILABLE};
+
+/// Largest message the CLI accepts from the registry (a Watch snapshot of a big catalog).
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
+/// `--registry`, shared by every operator verb.
+#[derive(Args, Debug)]
+pub struct RegistryFlag {
+    /// Registry gRPC address.
+    #[arg(
+        long,
+        env = "SWITCHYARD_REGISTRY",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    pub registry: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub registry: RegistryFlag,
+    /// Service name (a DNS label).
+    #[arg(long)]
+    pub service: String,
+    /// Address clients connect to (IP literal or hostname).
+    #[arg(long)]
+    pub address: String,
+    /// Port clients connect to.
+    #[arg(long)]
+    pub port: u32,
+    /// Version tag, e.g. 1.4.2 or canary.
+    #[arg(long)]
+    pub version: String,
+    /// Instance id; default SERVICE-ADDRESS-PORT.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
+    /// Label, repeatable: --label zone=eu --label tier=web.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Load-balancing weight, 1-10000.
+    #[arg(long, default_value_t = 100)]
+    pub weight: u32,
+    /// Zone.
+    #[arg(long, default_value = "")]
+    pub zone: String,
+    /// Lease TTL: 10s, 1m, 1h (1 s to 1 h).
+    #[arg(long, default_value = "10s", value_parser = parse_ttl)]
+    pub ttl: u32,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// Parses `10s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_ttl(s: &str) -> Result<u32, String> {
+    let (num, mult) = match s.strip_suffix('s') {
+        Some(n) => (n, 1),
+        None => match s.strip_suffix('m') {
+            Some(n) => (n, 60),
+            None => match s.strip_suffix('h') {
+                Some(n) => (n, 3600),
+                None => (s, 1),
+            },
+        },
+    };
+    let n: u32 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s, 2m or 1h"))?;
+    let secs = n.checked_mul(mult).ok_or("duration too long")?;
+    if !(1..=3600).contains(&secs) {
+        return Err(format!("{s} is outside 1s-1h"));
+    }
+    Ok(secs)
+}
+
+fn endpoint(url: &str) -> Result<Endpoint, CliError> {
+    Endpoint::from_shared(url.to_string())
+        .map(|e| e.connect_timeout(Duration::from_secs(3)))
+        .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid --registry {url:?}: {e}")))
+}
+
+async fn channel(url: &str) -> Result<Channel, CliError> {
+    endpoint(url)?.connect().await.map_err(|e| {
+        CliError::new(
+            EXIT_UNAVAILABLE,
+            format!("cannot reach the registry at {url}: {e}; is `switchyard dev` or `switchyard registry` running there? (set --registry or SWITCHYARD_REGISTRY)"),
+        )
+    })
+}
+
+pub async fn connect_discovery(url: &str) -> Result<DiscoveryClient<Channel>, CliError> {
+    Ok(DiscoveryClient::new(channel(url).await?).max_decoding_message_size(MAX_RESPONSE_BYTES))
+}
+
+pub async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CliError> {
+    Ok(RegistryClient::new(channel(url).await?))
+}
+
+async fn register_once(
+    client: &mut RegistryClient<Channel>,
+    instance: &pb::Instance,
+    ttl: u32,
+) -> Result<pb::RegisterResponse, CliError> {
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(instance.clone()),
+            ttl_seconds: ttl,
+            lease_id: 0,
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| {
+            let code = if s.code() == tonic::Code::InvalidArgument {
+                EXIT_CONFIG
+            } else {
+                EXIT_UNAVAILABLE
+            };
+            CliError::new(code, format!("register refused: {}", s.message()))
+        })
+}
+
+pub async fn run(args: RegisterArgs) -> Result<(), CliError> {
+    let url = args.registry.registry.clone();
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}-{}", args.service, args.address, args.port));
+    let instance = pb::Instance {
+        namespace: args.namespace.clone(),
+        service: args.service.clone(),
+        id: id.clone(),
+        address: args.address.clone(),
+        port: args.port,
+        version: args.version.clone(),
+        labels: args.labels.iter().cloned().collect::<HashMap<_, _>>(),
+        weight: args.weight,
+        zone: args.zone.clone(),
+        state: pb::State::Serving as i32,
+    };
+    let mut client = connect_registry(&url).await?;
+    let first = register_once(&mut client, &instance, args.ttl).await?;
+    println!(
+        "registered {id} ({} {}:{} version {}) with lease {} (ttl {}s) at revision {}; holding the lease until Ctrl-C",
+        args.service, args.address, args.port, args.version, first.lease_id, first.ttl_seconds, first.revision
+    );
+    let mut lease = first.lease_id;
+    let period =
+        Duration::from_millis(u64::from(args.ttl) * 1000 / 3).max(Duration::from_millis(300));
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let outcome = tokio::select! {
+            _ = &mut stop => break,
+            r = hold(&mut client, &mut lease, &instance, args.ttl, period) => r,
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e.message, "lost the registry; retrying");
+            eprintln!("warning: {}; retrying in {:?}", e.message, backoff);
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if let Ok(c) = connect_registry(&url).await {
+            client = c;
+            if let Ok(r) = register_once(&mut client, &instance, args.ttl).await {
+                lease = r.lease_id;
+                backoff = Duration::from_millis(200);
+            }
+        }
+    }
+    match client
+        .deregister(pb::DeregisterRequest {
+            namespace: args.namespace.clone(),
+            id: id.clone(),
+        })
+        .await
+    {
+        Ok(r) => println!("deregistered {id} at revision {}", r.into_inner().revision),
+        Err(s) => eprintln!("warning: could not deregister {id}: {}", s.message()),
+    }
+    Ok(())
+}
+
+/// Renews the lease every `period` on one KeepAlive stream; re-registers when the
+/// registry no longer knows the lease. Returns when the stream breaks.
+async fn hold(
+    client: &mut RegistryClient<Channel>,
+    lease: &mut u64,
+    instance: &pb::Instance,
+    ttl: u32,
+    period: Duration,
+) -> Result<(), CliError> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut responses = client
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| {
+            CliError::new(
+                EXIT_UNAVAILABLE,
+                format!("keep-alive refused: {}", s.message()),
+            )
+        })?
+        .into_inner();
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if tx.send(pb::KeepAliveRequest { lease_ids: vec![*lease] }).await.is_err() {
+                    return Err(CliError::new(EXIT_UNAVAILABLE, "keep-alive stream closed"));
+                }
+            }
+            msg = responses.message() => match msg {
+                Ok(Some(resp)) => {
+                    if resp.leases.iter().any(|l| l.lease_id == *lease && !l.found) {
+                        eprintln!("lease {lease} expired on the registry; registering again");
+                        let r = register_once(client, instance, ttl).await?;
+                        *lease = r.lease_id;
+                    }
+                }
+                Ok(None) => return Err(CliError::new(EXIT_UNAVAILABLE, "the registry closed the keep-alive stream")),
+                Err(s) => return Err(CliError::new(EXIT_UNAVAILABLE, format!("keep-alive failed: {}", s.message()))),
+            }
+        }
+    }
+}

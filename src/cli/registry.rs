@@ -1,0 +1,191 @@
+//! `switchyard registry` and `switchyard dev`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use serde::Deserialize;
+use switchyard_registry::{Limits, Listeners, RegistryConfig};
+use tokio::net::TcpListener;
+
+use super::{shutdown_signal, CliError, EXIT_CONFIG};
+
+/// Flags of `switchyard registry`. Each also has a TOML key of the same name (with `_`)
+/// in `--config`, and an environment variable; a flag given on the command line wins
+/// over the environment, which wins over the file, which wins over the default.
+#[derive(Args, Debug)]
+pub struct RegistryArgs {
+    /// gRPC address (Registry, Discovery, grpc.health.v1).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:7400")]
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics and /health.
+    #[arg(long, env = "SWITCHYARD_HTTP", default_value = "0.0.0.0:7401")]
+    pub http: SocketAddr,
+    /// Directory for the catalog's log and snapshots (created if missing).
+    #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "switchyard-data")]
+    pub data_dir: PathBuf,
+    /// Most instances the registry holds.
+    #[arg(long, env = "SWITCHYARD_MAX_INSTANCES", default_value_t = 1_000_000)]
+    pub max_instances: usize,
+    /// Changes a watcher may fall behind before it is resynced with a snapshot.
+    #[arg(long, env = "SWITCHYARD_WATCH_BUFFER", default_value_t = 1_024)]
+    pub watch_buffer: usize,
+    /// Changes kept so watchers can resume from a revision without a snapshot.
+    #[arg(long, env = "SWITCHYARD_WATCH_HISTORY", default_value_t = 10_000)]
+    pub watch_history: usize,
+    /// Most open Watch streams.
+    #[arg(long, env = "SWITCHYARD_MAX_WATCHERS", default_value_t = 10_000)]
+    pub max_watchers: usize,
+    /// Log entries between snapshots of the catalog.
+    #[arg(long, env = "SWITCHYARD_SNAPSHOT_EVERY", default_value_t = 10_000)]
+    pub snapshot_every: u64,
+    /// TOML file with any of the keys above.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The keys `--config` may hold; unknown keys are an error, not silently ignored.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    listen: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    max_instances: Option<usize>,
+    watch_buffer: Option<usize>,
+    watch_history: Option<usize>,
+    max_watchers: Option<usize>,
+    snapshot_every: Option<u64>,
+}
+
+/// Flags of `switchyard dev`.
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Keep the catalog here instead of in a temporary directory removed at exit.
+    #[arg(long, env = "SWITCHYARD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC address.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics and /health.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    pub http: SocketAddr,
+}
+
+fn read_file(path: &Path) -> Result<RegistryFile, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::new(
+            EXIT_CONFIG,
+            format!("cannot read --config {}: {e}", path.display()),
+        )
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        CliError::new(
+            EXIT_CONFIG,
+            format!("invalid --config {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Applies the file's values to every field the user left at its default.
+fn merge(args: &mut RegistryArgs, file: RegistryFile, matches: Option<&ArgMatches>) {
+    let defaulted = |id: &str| {
+        matches.is_none_or(|m| matches!(m.value_source(id), Some(ValueSource::DefaultValue) | None))
+    };
+    macro_rules! take {
+        ($($field:ident),*) => {$(
+            if let Some(v) = file.$field {
+                if defaulted(stringify!($field)) {
+                    args.$field = v;
+                }
+            }
+        )*};
+    }
+    take!(
+        listen,
+        http,
+        data_dir,
+        max_instances,
+        watch_buffer,
+        watch_history,
+        max_watchers,
+        snapshot_every
+    );
+}
+
+pub async fn run_registry(
+    mut args: RegistryArgs,
+    matches: Option<&ArgMatches>,
+) -> Result<(), CliError> {
+    if let Some(path) = args.config.clone() {
+        let file = read_file(&path)?;
+        merge(&mut args, file, matches);
+    }
+    let mut config = RegistryConfig::new(args.data_dir.clone());
+    config.limits = Limits {
+        max_instances: args.max_instances,
+        ..Limits::default()
+    };
+    config.watch_buffer = args.watch_buffer;
+    config.watch_history = args.watch_history;
+    config.max_watchers = args.max_watchers;
+    config.snapshot_every = args.snapshot_every;
+    serve(config, args.listen, args.http).await
+}
+
+pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
+    // The temp dir lives until this function returns, i.e. until the registry stopped.
+    let (_temp, data_dir) = match args.data_dir {
+        Some(dir) => (None, dir),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("switchyard-dev-")
+                .tempdir()
+                .map_err(|e| CliError::new(1, format!("cannot create a temp data dir: {e}")))?;
+            let path = temp.path().to_path_buf();
+            (Some(temp), path)
+        }
+    };
+    eprintln!(
+        "switchyard dev: registry on {} (gRPC) and http://{} (metrics, health); data in {}",
+        args.listen,
+        args.http,
+        data_dir.display()
+    );
+    eprintln!(
+        "  try: switchyard register --service web --address 127.0.0.1 --port 8080 --version 1.0.0"
+    );
+    eprintln!("       switchyard services; switchyard instances web");
+    serve(RegistryConfig::new(data_dir), args.listen, args.http).await
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, CliError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        CliError::new(
+            EXIT_CONFIG,
+            format!("cannot listen on {addr} ({flag}): {e}; is another registry running? pick another address with {flag}"),
+        )
+    })
+}
+
+async fn serve(
+    config: RegistryConfig,
+    listen: SocketAddr,
+    http: SocketAddr,
+) -> Result<(), CliError> {
+    config
+        .validate()
+        .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid configuration: {e}")))?;
+    let listeners = Listeners {
+        grpc: bind(listen, "--listen").await?,
+        http: bind(http, "--http").await?,
+    };
+    let handle = switchyard_registry::start(config, listeners)
+        .await
+        .map_err(|e| CliError::new(1, e.to_string()))?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight writes, closing streams");
+    handle.shutdown().await;
+    Ok(())
+}
