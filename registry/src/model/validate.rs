@@ -228,12 +228,14 @@ pub fn validate_instance(
     instance.weight = match raw_weight {
         0 => DEFAULT_WEIGHT,
         1..=MAX_WEIGHT => raw_weight,
-        _ => return Err(ValidationError::new(
-            "instance.weight",
-            format!(
+        _ => {
+            return Err(ValidationError::new(
+                "instance.weight",
+                format!(
                 "{raw_weight} is outside 1-{MAX_WEIGHT} (0 means the default, {DEFAULT_WEIGHT})"
             ),
-        )),
+            ))
+        }
     };
     if instance.zone.len() > MAX_ZONE_LEN
         || !instance

@@ -1,0 +1,224 @@
+//! Leases: keep-alive keeps instances, silence expires them promptly, unknown leases
+//! answer found=false, re-registering is idempotent.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use switchyard_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn resolve_ids(reg: &TestRegistry, service: &str) -> Vec<String> {
+    let mut discovery = reg.discovery().await;
+    discovery
+        .resolve(pb::ResolveRequest {
+            namespace: String::new(),
+            service: service.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("resolve")
+        .into_inner()
+        .instances
+        .into_iter()
+        .map(|i| i.id)
+        .collect()
+}
+
+#[tokio::test]
+async fn keep_alive_holds_an_instance_past_three_ttls_and_silence_expires_it() {
+    let reg = TestRegistry::start().await;
+    let mut registry = reg.registry().await;
+    let lease = register(&mut registry, instance("web", "web-1", "1.0.0"), 1).await;
+    assert_eq!(lease.ttl_seconds, 1);
+
+    let mut discovery = reg.discovery().await;
+    let mut watch = discovery
+        .watch(pb::WatchRequest {
+            namespace: String::new(),
+            services: vec!["web".into()],
+            since_revision: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    next_event(&mut watch, WAIT).await;
+
+    let (tx, rx) = mpsc::channel(4);
+    let mut responses = registry
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .expect("keep-alive")
+        .into_inner();
+    let started = Instant::now();
+    let mut last_renewal = Instant::now();
+    while started.elapsed() < Duration::from_millis(3_500) {
+        tx.send(pb::KeepAliveRequest {
+            lease_ids: vec![lease.lease_id],
+        })
+        .await
+        .expect("send");
+        let resp = tokio::time::timeout(WAIT, responses.message())
+            .await
+            .expect("answer in time")
+            .expect("ok")
+            .expect("open");
+        assert_eq!(resp.leases.len(), 1);
+        assert!(resp.leases[0].found, "lease still known");
+        assert_eq!(resp.leases[0].ttl_seconds, 1);
+        last_renewal = Instant::now();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(resolve_ids(&reg, "web").await, vec!["web-1"]);
+
+    // Stop renewing: the watcher sees the removal shortly after the TTL ends.
+    drop(tx);
+    let event = next_event(&mut watch, WAIT).await;
+    let waited = last_renewal.elapsed();
+    match event.kind {
+        Some(pb::watch_event::Kind::Delta(d)) => {
+            assert_eq!(d.removed.len(), 1);
+            assert_eq!(d.removed[0].id, "web-1");
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(900),
+        "not before the TTL: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(2_500),
+        "promptly after the TTL: {waited:?}"
+    );
+    assert!(resolve_ids(&reg, "web").await.is_empty());
+    let m = reg.metrics().await;
+    assert_eq!(
+        metric(&m, "switchyard_registry_lease_expiries_total"),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "switchyard_registry_instances"), Some(0.0));
+    reg.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_and_expired_leases_answer_found_false_and_many_renew_at_once() {
+    let reg = TestRegistry::start().await;
+    let mut registry = reg.registry().await;
+    let a = register(&mut registry, instance("web", "web-a", "1.0.0"), 30).await;
+    let b = register(&mut registry, instance("web", "web-b", "1.0.0"), 30).await;
+    let (tx, rx) = mpsc::channel(4);
+    let mut responses = registry
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .expect("keep-alive")
+        .into_inner();
+    tx.send(pb::KeepAliveRequest {
+        lease_ids: vec![a.lease_id, 424_242, b.lease_id],
+    })
+    .await
+    .expect("send");
+    let resp = responses.message().await.expect("ok").expect("open");
+    let found: Vec<(u64, bool)> = resp.leases.iter().map(|l| (l.lease_id, l.found)).collect();
+    assert_eq!(
+        found,
+        vec![(a.lease_id, true), (424_242, false), (b.lease_id, true)]
+    );
+    assert_eq!(resp.leases[1].ttl_seconds, 0);
+
+    // Deregistering the only instance of a lease revokes the lease.
+    registry
+        .deregister(pb::DeregisterRequest {
+            namespace: String::new(),
+            id: "web-a".into(),
+        })
+        .await
+        .expect("deregister");
+    tx.send(pb::KeepAliveRequest {
+        lease_ids: vec![a.lease_id],
+    })
+    .await
+    .expect("send");
+    let resp = responses.message().await.expect("ok").expect("open");
+    assert!(!resp.leases[0].found);
+    reg.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn re_registering_the_same_id_is_idempotent() {
+    let reg = TestRegistry::start().await;
+    let mut registry = reg.registry().await;
+    let first = register(&mut registry, instance("web", "web-1", "1.0.0"), 10).await;
+    let again = register(&mut registry, instance("web", "web-1", "1.0.0"), 10).await;
+    assert_eq!(again.lease_id, first.lease_id, "same lease");
+    assert_eq!(
+        again.revision, first.revision,
+        "nothing changed, no new revision"
+    );
+
+    // A changed field updates the instance in place, still on the same lease.
+    let updated = register(&mut registry, instance("web", "web-1", "1.1.0"), 10).await;
+    assert_eq!(updated.lease_id, first.lease_id);
+    assert!(updated.revision > first.revision);
+    assert_eq!(resolve_ids(&reg, "web").await, vec!["web-1"]);
+    let m = reg.metrics().await;
+    assert_eq!(metric(&m, "switchyard_registry_instances"), Some(1.0));
+    assert_eq!(metric(&m, "switchyard_registry_leases"), Some(1.0));
+    reg.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn instances_can_share_a_lease_and_expire_together() {
+    let reg = TestRegistry::start().await;
+    let mut registry = reg.registry().await;
+    let first = register(&mut registry, instance("web", "web-1", "1.0.0"), 1).await;
+    registry
+        .register(pb::RegisterRequest {
+            instance: Some(instance("api", "api-1", "1.0.0")),
+            ttl_seconds: 0,
+            lease_id: first.lease_id,
+        })
+        .await
+        .expect("join the lease");
+    let err = registry
+        .register(pb::RegisterRequest {
+            instance: Some(instance("api", "api-2", "1.0.0")),
+            ttl_seconds: 0,
+            lease_id: 999_999,
+        })
+        .await
+        .expect_err("unknown lease");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("lease 999999"), "{}", err.message());
+
+    eventually(WAIT, || async {
+        (resolve_ids(&reg, "web").await.is_empty() && resolve_ids(&reg, "api").await.is_empty())
+            .then_some(())
+    })
+    .await;
+    reg.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn too_many_ids_in_one_keep_alive_is_refused() {
+    let reg = TestRegistry::start().await;
+    let mut registry = reg.registry().await;
+    let (tx, rx) = mpsc::channel(1);
+    let mut responses = registry
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .expect("keep-alive")
+        .into_inner();
+    tx.send(pb::KeepAliveRequest {
+        lease_ids: (0..1_001).collect(),
+    })
+    .await
+    .expect("send");
+    let err = responses.message().await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("lease_ids"), "{}", err.message());
+    reg.handle.shutdown().await;
+}

@@ -1,0 +1,142 @@
+//! Durability: registrations, the revision and leases survive a restart on the same
+//! data dir, from the log alone and from a snapshot plus the log after it.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use switchyard_proto::v1 as pb;
+use switchyard_registry::RegistryConfig;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+async fn state(url: String) -> (u64, Vec<(String, String)>) {
+    let mut discovery = switchyard_proto::v1::discovery_client::DiscoveryClient::connect(url)
+        .await
+        .expect("connect");
+    let mut ids = Vec::new();
+    let mut revision = 0;
+    for svc in ["web", "api"] {
+        let r = discovery
+            .resolve(pb::ResolveRequest {
+                namespace: String::new(),
+                service: svc.into(),
+                version: String::new(),
+            })
+            .await
+            .expect("resolve")
+            .into_inner();
+        revision = r.revision;
+        ids.extend(r.instances.into_iter().map(|i| (i.id, i.version)));
+    }
+    (revision, ids)
+}
+
+async fn restart_keeps(snapshot_every: u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = || {
+        let mut c = RegistryConfig::new(dir.path().to_path_buf());
+        c.snapshot_every = snapshot_every;
+        c
+    };
+    let first = start_in(config()).await;
+    let url = format!("http://{}", first.grpc_addr);
+    let mut registry = switchyard_proto::v1::registry_client::RegistryClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let kept = register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
+    register(&mut registry, instance("web", "web-2", "1.1.0"), 30).await;
+    register(&mut registry, instance("api", "api-1", "2.0.0"), 30).await;
+    registry
+        .deregister(pb::DeregisterRequest {
+            namespace: String::new(),
+            id: "web-2".into(),
+        })
+        .await
+        .expect("deregister");
+    let before = state(url).await;
+    first.shutdown().await;
+
+    let second = start_in(config()).await;
+    let url = format!("http://{}", second.grpc_addr);
+    let after = state(url.clone()).await;
+    assert_eq!(after, before, "same instances at the same revision");
+    assert!(after.0 >= 4);
+
+    // The lease came back, with its full TTL, and renews.
+    let mut registry = switchyard_proto::v1::registry_client::RegistryClient::connect(url)
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(1);
+    let mut responses = registry
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .expect("keep-alive")
+        .into_inner();
+    tx.send(pb::KeepAliveRequest {
+        lease_ids: vec![kept.lease_id],
+    })
+    .await
+    .expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(5), responses.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("open");
+    assert!(resp.leases[0].found);
+    assert_eq!(resp.leases[0].ttl_seconds, 30);
+
+    // New writes continue from the old revision.
+    let next = register(&mut registry, instance("web", "web-3", "1.0.0"), 30).await;
+    assert!(next.revision > after.0);
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_registrations_from_the_log() {
+    restart_keeps(10_000).await;
+}
+
+#[tokio::test]
+async fn restart_keeps_registrations_from_a_snapshot_and_the_log() {
+    restart_keeps(2).await;
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_data_dir_is_refused_clearly() {
+    let reg = TestRegistry::start().await;
+    let listeners = switchyard_registry::Listeners {
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        http: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    };
+    let err =
+        switchyard_registry::start(RegistryConfig::new(reg.data_dir().to_path_buf()), listeners)
+            .await
+            .err()
+            .expect("refused");
+    assert!(err.to_string().contains("--data-dir"), "{err}");
+    reg.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_and_metrics_are_served_over_http() {
+    let reg = TestRegistry::start().await;
+    let mut registry = reg.registry().await;
+    register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
+    let (code, body) = http_get(reg.handle.http_addr, "/health").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("\"serving\""), "{body}");
+    let m = reg.metrics().await;
+    assert_eq!(metric(&m, "switchyard_registry_instances"), Some(1.0));
+    assert!(
+        m.contains("switchyard_registry_grpc_requests_total{method=\"Register\",code=\"OK\"} 1"),
+        "{m}"
+    );
+    assert_eq!(http_get(reg.handle.http_addr, "/nope").await.0, 404);
+    reg.handle.shutdown().await;
+}
