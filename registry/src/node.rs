@@ -189,23 +189,24 @@ pub async fn start(
     let (proposer, writer) =
         writer::spawn(store, shared.clone(), snapshot_every).map_err(StartError::Thread)?;
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(expiry_loop(
-        shared.clone(),
-        proposer.clone(),
-        shutdown_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(serve_grpc(
-        shared.clone(),
-        proposer,
-        listeners.grpc,
-        wait_for(shutdown_rx.clone()),
-    )));
-    tasks.push(tokio::spawn(crate::http::serve(
-        shared.clone(),
-        listeners.http,
-        shutdown_rx,
-    )));
+    let tasks = vec![
+        tokio::spawn(expiry_loop(
+            shared.clone(),
+            proposer.clone(),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(serve_grpc(
+            shared.clone(),
+            proposer,
+            listeners.grpc,
+            wait_for(shutdown_rx.clone()),
+        )),
+        tokio::spawn(crate::http::serve(
+            shared.clone(),
+            listeners.http,
+            shutdown_rx,
+        )),
+    ];
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "registry serving");
     Ok(RegistryHandle {
         grpc_addr,
@@ -218,10 +219,8 @@ pub async fn start(
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).
-pub(crate) fn wait_for(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> {
-    async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    }
+pub(crate) async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 async fn serve_grpc(

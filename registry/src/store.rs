@@ -31,14 +31,20 @@ pub enum StoreError {
     #[error("cannot open {path}: {source} (is another switchyard process using this --data-dir?)")]
     Open {
         path: PathBuf,
-        source: redb::DatabaseError,
+        source: Box<redb::DatabaseError>,
     },
     #[error("storage error: {0}")]
-    Redb(#[from] redb::Error),
+    Redb(Box<redb::Error>),
     #[error("{path} was written by another program or version (format {found:?})")]
     Format { path: PathBuf, found: String },
     #[error("corrupt record in the data dir: {0}")]
     Decode(#[from] postcard::Error),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Redb(Box::new(e))
+    }
 }
 
 /// The redb database under `--data-dir`.
@@ -56,7 +62,7 @@ impl Store {
         let path = dir.join("registry.redb");
         let db = Database::create(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let store = Store { db };
         store.init(&path)?;

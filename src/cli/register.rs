@@ -157,6 +157,7 @@ pub async fn run(args: RegisterArgs) -> Result<(), CliError> {
         zone: args.zone.clone(),
         state: pb::State::Serving as i32,
     };
+    let stop = shutdown_signal();
     let mut client = connect_registry(&url).await?;
     let first = register_once(&mut client, &instance, args.ttl).await?;
     println!(
@@ -166,7 +167,6 @@ pub async fn run(args: RegisterArgs) -> Result<(), CliError> {
     let mut lease = first.lease_id;
     let period =
         Duration::from_millis(u64::from(args.ttl) * 1000 / 3).max(Duration::from_millis(300));
-    let stop = shutdown_signal();
     tokio::pin!(stop);
     let mut backoff = Duration::from_millis(200);
     loop {

@@ -174,6 +174,7 @@ async fn serve(
     listen: SocketAddr,
     http: SocketAddr,
 ) -> Result<(), CliError> {
+    let stop = shutdown_signal();
     config
         .validate()
         .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid configuration: {e}")))?;
@@ -184,7 +185,7 @@ async fn serve(
     let handle = switchyard_registry::start(config, listeners)
         .await
         .map_err(|e| CliError::new(1, e.to_string()))?;
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down: finishing in-flight writes, closing streams");
     handle.shutdown().await;
     Ok(())

@@ -533,3 +533,167 @@ impl Catalog {
         c
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DEFAULT_NAMESPACE;
+
+    fn inst(service: &str, id: &str, version: &str) -> Instance {
+        Instance {
+            namespace: DEFAULT_NAMESPACE.into(),
+            service: service.into(),
+            id: id.into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            version: version.into(),
+            labels: Default::default(),
+            weight: 100,
+            zone: String::new(),
+            state: State::Serving,
+        }
+    }
+
+    fn reg(i: Instance) -> Command {
+        Command::Register {
+            instance: i,
+            ttl_seconds: 10,
+            lease_id: None,
+        }
+    }
+
+    /// A fixed script touching every command, including refused ones.
+    fn script() -> Vec<Command> {
+        vec![
+            reg(inst("web", "a", "1")),
+            reg(inst("web", "b", "2")),
+            reg(inst("api", "c", "1")),
+            Command::Register {
+                instance: inst("api", "d", "1"),
+                ttl_seconds: 5,
+                lease_id: Some(1),
+            },
+            Command::SetState {
+                namespace: DEFAULT_NAMESPACE.into(),
+                id: "b".into(),
+                state: State::Draining,
+            },
+            Command::Deregister {
+                namespace: DEFAULT_NAMESPACE.into(),
+                id: "nobody".into(),
+            },
+            reg(inst("api", "b", "3")),
+            Command::ExpireLeases {
+                lease_ids: vec![3, 1, 3],
+            },
+        ]
+    }
+
+    fn run(commands: &[Command]) -> Catalog {
+        let mut c = Catalog::new(Limits::default());
+        for (i, cmd) in commands.iter().enumerate() {
+            let _ = c.apply(i as u64 + 1, cmd);
+        }
+        c
+    }
+
+    fn fingerprint(c: &Catalog) -> String {
+        format!("{:?}", c.to_persisted())
+    }
+
+    #[test]
+    fn the_same_commands_give_the_same_catalog() {
+        let a = run(&script());
+        let b = run(&script());
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        // Lease 1 (a and d) and lease 3 (c) expired; b moved to api on its own lease.
+        let ids: Vec<_> = a
+            .snapshot(DEFAULT_NAMESPACE, &[])
+            .into_iter()
+            .flat_map(|s| s.instances)
+            .map(|i| (i.service.clone(), i.id.clone()))
+            .collect();
+        assert_eq!(ids, vec![("api".to_string(), "b".to_string())]);
+        assert_eq!(a.instance_count(), 1);
+        assert_eq!(a.lease_count(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_rebuilds_the_same_catalog() {
+        let a = run(&script()[..5]);
+        let b = Catalog::from_persisted(Limits::default(), a.to_persisted());
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_eq!(a.instance_count(), b.instance_count());
+        assert_eq!(
+            a.list_services(DEFAULT_NAMESPACE),
+            b.list_services(DEFAULT_NAMESPACE)
+        );
+    }
+
+    #[test]
+    fn refused_commands_change_nothing_but_the_applied_index() {
+        let mut c = run(&script()[..3]);
+        let before = c.to_persisted();
+        for cmd in [
+            Command::Register {
+                instance: inst("web", "z", "1"),
+                ttl_seconds: 10,
+                lease_id: Some(777),
+            },
+            Command::Deregister {
+                namespace: DEFAULT_NAMESPACE.into(),
+                id: "zz".into(),
+            },
+            Command::SetState {
+                namespace: "other".into(),
+                id: "a".into(),
+                state: State::Failing,
+            },
+        ] {
+            let r = c.apply(c.applied_index() + 1, &cmd);
+            assert!(r.reply.is_err());
+            assert!(r.change.is_none());
+            assert!(r.leases_granted.is_empty() && r.leases_removed.is_empty());
+        }
+        let after = c.to_persisted();
+        assert_eq!(before.revision, after.revision);
+        assert_eq!(
+            format!("{:?}", before.instances),
+            format!("{:?}", after.instances)
+        );
+        assert_eq!(before.leases, after.leases);
+    }
+
+    #[test]
+    fn moving_an_instance_to_another_service_removes_it_from_the_first() {
+        let mut c = run(&script()[..2]);
+        let r = c.apply(10, &reg(inst("api", "a", "1")));
+        let change = r.change.expect("a change");
+        assert_eq!(change.removed.len(), 1);
+        assert_eq!(change.removed[0].service, "web");
+        assert_eq!(change.upserted[0].service, "api");
+        assert_eq!(c.instance_count(), 2);
+        assert_eq!(c.resolve(DEFAULT_NAMESPACE, "web", "").len(), 1);
+    }
+
+    #[test]
+    fn per_lease_limit_is_enforced() {
+        let mut c = Catalog::new(Limits {
+            max_instances: 10,
+            max_instances_per_lease: 2,
+        });
+        let _ = c.apply(1, &reg(inst("web", "a", "1")));
+        for (n, id) in ["b", "c"].iter().enumerate() {
+            let r = c.apply(
+                n as u64 + 2,
+                &Command::Register {
+                    instance: inst("web", id, "1"),
+                    ttl_seconds: 10,
+                    lease_id: Some(1),
+                },
+            );
+            assert_eq!(r.reply.is_ok(), *id == "b", "{id}");
+        }
+        assert_eq!(c.instance_count(), 2);
+    }
+}

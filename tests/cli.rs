@@ -1,0 +1,278 @@
+//! The `switchyard` binary as an operator uses it: real processes on loopback ports.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A child process killed when the test ends, whatever happens.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "signal delivered");
+    }
+
+    /// Waits for the exit status, at most `limit`.
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts a process and reads its stderr until a line containing `marker`; returns the
+/// process, that line, and every line before it.
+fn start_until(args: &[&str], marker: &str) -> (Proc, String, Vec<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchyard");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep draining after the caller stops listening, so the child never writes
+        // to a closed pipe.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let proc = Proc(child);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(marker) => return (proc, line, seen),
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no {marker:?} on stderr; saw: {seen:#?}"),
+        }
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("{key} in {line}"))
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run switchyard")
+}
+
+fn start_registry(dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let data = dir.to_str().expect("utf-8 path");
+    let mut args = vec![
+        "registry",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+    ];
+    args.extend_from_slice(extra);
+    let (proc, line, _) = start_until(&args, "registry serving");
+    let url = format!("http://{}", field(&line, "grpc="));
+    (proc, url)
+}
+
+#[test]
+fn register_list_and_deregister_through_the_cli() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(dir.path(), &[]);
+
+    let mut holder = Proc(
+        Command::new(BIN)
+            .args([
+                "register",
+                "--registry",
+                &url,
+                "--service",
+                "web",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                "8080",
+                "--version",
+                "1.0.0",
+                "--label",
+                "tier=front",
+                "--ttl",
+                "2s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn register"),
+    );
+    let mut out = BufReader::new(holder.0.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("read");
+    assert!(
+        first.starts_with("registered web-127.0.0.1-8080"),
+        "{first}"
+    );
+
+    let services = run(&["services", "--registry", &url, "-o", "json"]);
+    assert!(services.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&services.stdout).expect("json");
+    assert_eq!(json[0]["name"], "web");
+    assert_eq!(json[0]["instances"], 1);
+    assert_eq!(json[0]["versions"][0], "1.0.0");
+
+    // Held past its 2 s TTL by keep-alive.
+    std::thread::sleep(Duration::from_millis(3_000));
+    let table = run(&["instances", "web", "--registry", &url]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("ID"), "{text}");
+    assert!(
+        text.contains("web-127.0.0.1-8080")
+            && text.contains("tier=front")
+            && text.contains("SERVING"),
+        "{text}"
+    );
+
+    // Ctrl-C (SIGINT) deregisters.
+    holder.signal("-INT");
+    assert!(holder.wait(Duration::from_secs(10)).success());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read");
+    assert!(rest.contains("deregistered web-127.0.0.1-8080"), "{rest}");
+    let json = run(&["instances", "web", "--registry", &url, "-o", "json"]);
+    assert_eq!(String::from_utf8_lossy(&json.stdout).trim(), "[]");
+
+    // SIGTERM stops the registry gracefully.
+    registry.signal("-TERM");
+    let status = registry.wait(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn config_file_values_apply_and_bad_files_exit_64() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("registry.toml");
+    std::fs::write(&file, "max_instances = 1\nwatch_history = 100\n").expect("write");
+    let data = dir.path().join("data");
+    let (mut registry, url) = start_registry(&data, &["--config", file.to_str().expect("utf-8")]);
+    let reg = |id: &str| {
+        Command::new(BIN)
+            .args([
+                "register",
+                "--registry",
+                &url,
+                "--service",
+                "web",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                "80",
+                "--version",
+                "1",
+                "--id",
+                id,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut first = Proc(reg("one"));
+    let mut line = String::new();
+    BufReader::new(first.0.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert!(line.starts_with("registered one"), "{line}");
+    let second = reg("two").wait_with_output().expect("second exits");
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("maximum of 1 instances"));
+    first.signal("-INT");
+    first.wait(Duration::from_secs(10));
+    registry.signal("-TERM");
+    registry.wait(Duration::from_secs(10));
+
+    std::fs::write(&file, "max_instance = 1\n").expect("write");
+    let bad = run(&["registry", "--config", file.to_str().expect("utf-8")]);
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown field"));
+}
+
+#[test]
+fn operator_verbs_explain_an_unreachable_registry() {
+    // Port 1 on loopback: nothing listens there.
+    let out = run(&["services", "--registry", "http://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the registry") && err.contains("SWITCHYARD_REGISTRY"),
+        "{err}"
+    );
+    let bad = run(&[
+        "register",
+        "--service",
+        "web",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        "80",
+        "--version",
+        "1",
+        "--ttl",
+        "2h",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "clap refuses a TTL over 1 h");
+}
+
+#[test]
+fn dev_uses_a_temp_dir_and_removes_it_at_exit() {
+    let (mut dev, _, before) = start_until(
+        &["dev", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+        "registry serving",
+    );
+    let line = before
+        .iter()
+        .find(|l| l.starts_with("switchyard dev:"))
+        .expect("banner");
+    let data = line
+        .rsplit("data in ")
+        .next()
+        .expect("data dir")
+        .trim()
+        .to_string();
+    assert!(Path::new(&data).exists(), "{data}");
+    dev.signal("-TERM");
+    assert!(dev.wait(Duration::from_secs(10)).success());
+    assert!(!Path::new(&data).exists(), "temp data dir removed: {data}");
+}
