@@ -14,10 +14,15 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     cli::init_logging(&parsed);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    match cli::worker_threads(&parsed) {
+        0 => {}
+        n => {
+            builder.worker_threads(n);
+        }
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

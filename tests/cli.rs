@@ -258,7 +258,17 @@ fn operator_verbs_explain_an_unreachable_registry() {
 #[test]
 fn dev_uses_a_temp_dir_and_removes_it_at_exit() {
     let (mut dev, _, before) = start_until(
-        &["dev", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--http-proxy",
+            "127.0.0.1:0",
+        ],
         "registry serving",
     );
     let line = before

@@ -3,6 +3,7 @@
 mod catalog;
 mod register;
 mod registry;
+mod sidecar;
 
 use std::io::IsTerminal;
 
@@ -57,7 +58,10 @@ pub enum Output {
 pub enum Command {
     /// Run a registry node (gRPC on --listen, metrics and health on --http).
     Registry(registry::RegistryArgs),
-    /// Run a single-node registry on the default ports, data in a temp dir unless --data-dir.
+    /// Run the sidecar: watch the registry, proxy outbound traffic, register the local service.
+    Sidecar(Box<sidecar::SidecarArgs>),
+    /// Run a single-node registry and a sidecar in one process on the default ports,
+    /// data in a temp dir unless --data-dir.
     Dev(registry::DevArgs),
     /// Register an instance and hold its lease until Ctrl-C, then deregister it.
     Register(register::RegisterArgs),
@@ -71,7 +75,7 @@ pub enum Command {
 /// verbs to warn so their tables stay clean).
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Registry(_) | Command::Dev(_) => "info",
+        Command::Registry(_) | Command::Dev(_) | Command::Sidecar(_) => "info",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -90,9 +94,18 @@ pub async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
     match cli.command {
         Command::Registry(args) => registry::run_registry(args, sub).await,
         Command::Dev(args) => registry::run_dev(args).await,
+        Command::Sidecar(args) => sidecar::run(*args, sub).await,
         Command::Register(args) => register::run(args).await,
         Command::Services(args) => catalog::services(args).await,
         Command::Instances(args) => catalog::instances(args).await,
+    }
+}
+
+/// Tokio worker threads the command asks for (0 = one per core).
+pub fn worker_threads(cli: &Cli) -> usize {
+    match &cli.command {
+        Command::Sidecar(args) => args.worker_threads,
+        _ => 0,
     }
 }
 

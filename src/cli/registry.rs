@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use serde::Deserialize;
-use switchyard_registry::{Limits, Listeners, RegistryConfig};
+use switchyard_registry::{Limits, Listeners, RegistryConfig, RegistryHandle};
 use tokio::net::TcpListener;
 
 use super::{shutdown_signal, CliError, EXIT_CONFIG};
@@ -65,12 +65,18 @@ pub struct DevArgs {
     /// Keep the catalog here instead of in a temporary directory removed at exit.
     #[arg(long, env = "SWITCHYARD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// gRPC address.
+    /// Registry gRPC address.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
-    /// HTTP address for /metrics and /health.
+    /// Registry HTTP address for /metrics and /health.
     #[arg(long, default_value = "127.0.0.1:7401")]
     pub http: SocketAddr,
+    /// Sidecar admin address: /ready, /metrics, /endpoints.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Sidecar HTTP proxy address (routes by Host).
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub http_proxy: SocketAddr,
 }
 
 fn read_file(path: &Path) -> Result<RegistryFile, CliError> {
@@ -135,7 +141,8 @@ pub async fn run_registry(
 }
 
 pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
-    // The temp dir lives until this function returns, i.e. until the registry stopped.
+    let stop = shutdown_signal();
+    // The temp dir lives until this function returns, i.e. until both parts stopped.
     let (_temp, data_dir) = match args.data_dir {
         Some(dir) => (None, dir),
         None => {
@@ -147,17 +154,47 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
             (Some(temp), path)
         }
     };
-    eprintln!(
-        "switchyard dev: registry on {} (gRPC) and http://{} (metrics, health); data in {}",
+    let registry = start_registry(
+        RegistryConfig::new(data_dir.join("registry")),
         args.listen,
         args.http,
+    )
+    .await?;
+    let url = format!("http://{}", registry.grpc_addr);
+    let mut sidecar_args = super::sidecar::SidecarArgs::defaults(&url);
+    sidecar_args.admin = args.admin;
+    sidecar_args.http_proxy = args.http_proxy.to_string();
+    sidecar_args.cache_file = data_dir.join("sidecar-catalog.json");
+    let config = super::sidecar::config(&sidecar_args)?;
+    let sidecar = match super::sidecar::start(&sidecar_args, config).await {
+        Ok(s) => s,
+        Err(e) => {
+            registry.shutdown().await;
+            return Err(e);
+        }
+    };
+    eprintln!(
+        "switchyard dev: registry on {} (gRPC) and http://{} (metrics, health); sidecar proxy on http://{}, admin on http://{}; data in {}",
+        registry.grpc_addr,
+        registry.http_addr,
+        sidecar.http_proxy_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+        sidecar.admin_addr,
         data_dir.display()
     );
     eprintln!(
         "  try: switchyard register --service web --address 127.0.0.1 --port 8080 --version 1.0.0"
     );
-    eprintln!("       switchyard services; switchyard instances web");
-    serve(RegistryConfig::new(data_dir), args.listen, args.http).await
+    eprintln!(
+        "       switchyard services; curl -H 'Host: web' http://{}/",
+        sidecar
+            .http_proxy_addr
+            .map_or_else(String::new, |a| a.to_string())
+    );
+    stop.await;
+    tracing::info!("shutting down: sidecar first, then the registry");
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+    Ok(())
 }
 
 async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, CliError> {
@@ -169,12 +206,11 @@ async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, CliError> {
     })
 }
 
-async fn serve(
+async fn start_registry(
     config: RegistryConfig,
     listen: SocketAddr,
     http: SocketAddr,
-) -> Result<(), CliError> {
-    let stop = shutdown_signal();
+) -> Result<RegistryHandle, CliError> {
     config
         .validate()
         .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid configuration: {e}")))?;
@@ -182,9 +218,18 @@ async fn serve(
         grpc: bind(listen, "--listen").await?,
         http: bind(http, "--http").await?,
     };
-    let handle = switchyard_registry::start(config, listeners)
+    switchyard_registry::start(config, listeners)
         .await
-        .map_err(|e| CliError::new(1, e.to_string()))?;
+        .map_err(|e| CliError::new(1, e.to_string()))
+}
+
+async fn serve(
+    config: RegistryConfig,
+    listen: SocketAddr,
+    http: SocketAddr,
+) -> Result<(), CliError> {
+    let stop = shutdown_signal();
+    let handle = start_registry(config, listen, http).await?;
     stop.await;
     tracing::info!("shutting down: finishing in-flight writes, closing streams");
     handle.shutdown().await;

@@ -1,0 +1,204 @@
+//! The discovery client: one `Watch` stream to a registry, kept alive across failures.
+//!
+//! States, as in linkerd2-proxy's reconnect wrapper: connecting → streaming → backoff →
+//! connecting to the next registry in the list. While no registry answers, the last
+//! catalog keeps serving; it is also written to disk, so a restart without a registry
+//! still routes. A reconnect resumes from the last revision seen, so the registry sends
+//! only the deltas since (or a snapshot when it no longer holds them).
+
+pub mod cache;
+pub mod catalog;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::discovery_client::DiscoveryClient;
+use tokio::sync::watch;
+use tonic::transport::Endpoint;
+
+use crate::metrics::Metrics;
+use crate::table::EndpointTable;
+use catalog::Catalog;
+
+/// Largest Watch message accepted (a snapshot of a very large catalog).
+const MAX_EVENT_BYTES: usize = 256 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct DiscoveryConfig {
+    /// Registry gRPC URLs, tried in turn.
+    pub registries: Vec<String>,
+    pub namespace: String,
+    /// Where the last catalog is kept; `None` disables the disk cache.
+    pub cache_file: Option<PathBuf>,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Jittered exponential backoff: the n-th wait is uniform in [d/2, d] with
+/// d = min(max, min·2ⁿ), so a fleet of sidecars does not reconnect in lockstep.
+pub fn backoff(cfg: &DiscoveryConfig, attempt: u32, rng: &mut fastrand::Rng) -> Duration {
+    let base = cfg
+        .backoff_min
+        .saturating_mul(1u32 << attempt.min(20))
+        .min(cfg.backoff_max);
+    base.mul_f64(0.5 + rng.f64() * 0.5)
+}
+
+/// Loads the disk cache into the table, if there is one.
+pub fn load_cache(cfg: &DiscoveryConfig, table: &EndpointTable, metrics: &Metrics) -> Catalog {
+    let Some(path) = &cfg.cache_file else {
+        return Catalog::default();
+    };
+    match cache::load(path) {
+        Ok(Some(catalog)) => {
+            tracing::info!(path = %path.display(), revision = catalog.revision, services = catalog.services.len(), "loaded the catalog from the disk cache; routing on it until a registry answers");
+            catalog.publish(&catalog::Touched::All, table, Some(metrics));
+            catalog
+        }
+        Ok(None) => Catalog::default(),
+        Err(e) => {
+            tracing::warn!("{e}");
+            Catalog::default()
+        }
+    }
+}
+
+/// Runs until shutdown: watch, apply, publish, persist, reconnect.
+pub async fn run(
+    cfg: DiscoveryConfig,
+    table: Arc<EndpointTable>,
+    metrics: Arc<Metrics>,
+    mut catalog: Catalog,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut rng = fastrand::Rng::new();
+    let mut attempt: u32 = 0;
+    let mut next = 0usize;
+    let mut dirty = false;
+    loop {
+        let url = &cfg.registries[next % cfg.registries.len()];
+        next += 1;
+        let stopped = stream_from(
+            url,
+            &cfg,
+            &table,
+            &metrics,
+            &mut catalog,
+            &mut dirty,
+            &mut attempt,
+            &mut shutdown,
+        )
+        .await;
+        table.set_connected(false);
+        persist(&cfg, &catalog, &mut dirty).await;
+        if stopped {
+            return;
+        }
+        let wait = backoff(&cfg, attempt, &mut rng);
+        attempt = attempt.saturating_add(1);
+        tracing::debug!(
+            ?wait,
+            "watch stream down; backing off before the next registry"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = crate::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// One connection's life. Returns true when the sidecar is shutting down.
+#[allow(clippy::too_many_arguments)]
+async fn stream_from(
+    url: &str,
+    cfg: &DiscoveryConfig,
+    table: &EndpointTable,
+    metrics: &Metrics,
+    catalog: &mut Catalog,
+    dirty: &mut bool,
+    attempt: &mut u32,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let endpoint = match Endpoint::from_shared(url.to_string()) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true),
+        Err(e) => {
+            tracing::error!(url, error = %e, "invalid registry URL");
+            return false;
+        }
+    };
+    let connect = async {
+        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_EVENT_BYTES);
+        client
+            .watch(pb::WatchRequest {
+                namespace: cfg.namespace.clone(),
+                services: Vec::new(),
+                since_revision: catalog.revision,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.message().to_string())
+    };
+    let mut stream = tokio::select! {
+        r = connect => match r {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(registry = url, error = %e, "cannot watch this registry; routing on the last known catalog");
+                return false;
+            }
+        },
+        _ = crate::stopped(shutdown) => return true,
+    };
+    tracing::info!(
+        registry = url,
+        since = catalog.revision,
+        "watching the registry"
+    );
+    metrics.watch_reconnects.inc();
+    table.set_connected(true);
+    *attempt = 0;
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            msg = stream.message() => match msg {
+                Ok(Some(event)) => {
+                    let touched = catalog.apply(event);
+                    catalog.publish(&touched, table, Some(metrics));
+                    *dirty = true;
+                }
+                Ok(None) => {
+                    tracing::warn!(registry = url, "the registry ended the watch; reconnecting");
+                    return false;
+                }
+                Err(s) => {
+                    tracing::warn!(registry = url, error = %s.message(), "watch stream failed; reconnecting");
+                    return false;
+                }
+            },
+            _ = flush.tick() => persist(cfg, catalog, dirty).await,
+            _ = crate::stopped(shutdown) => return true,
+        }
+    }
+}
+
+/// Writes the catalog to the disk cache when it changed since the last write.
+async fn persist(cfg: &DiscoveryConfig, catalog: &Catalog, dirty: &mut bool) {
+    let Some(path) = cfg.cache_file.clone() else {
+        return;
+    };
+    if !*dirty {
+        return;
+    }
+    let snapshot = catalog.clone();
+    match tokio::task::spawn_blocking(move || cache::store(&path, &snapshot)).await {
+        Ok(Ok(())) => *dirty = false,
+        Ok(Err(e)) => tracing::warn!("{e}"),
+        Err(e) => tracing::warn!(error = %e, "cache writer failed"),
+    }
+}

@@ -1,0 +1,236 @@
+//! The Switchyard sidecar as a library.
+//!
+//! A tour, in the order a request meets it:
+//! - [`discovery`]: one `Watch` stream to a registry (reconnect, failover, resume, disk
+//!   cache) feeding the [`table`].
+//! - [`table`]: per-service immutable views swapped atomically; [`endpoint`] holds the
+//!   live per-endpoint state (in-flight counts) that survives each swap.
+//! - [`balance`]: least request (power of two choices, or weighted by
+//!   `weight / (active + 1)^bias`).
+//! - [`proxy`]: the HTTP listener (HTTP/1.1 + h2c, by Host or fixed upstream) and TCP
+//!   upstream listeners.
+//! - [`registrar`] and [`health`]: register the local service, probe it, drain it.
+//! - [`admin`] and [`metrics`]: `/ready`, `/metrics`, `/endpoints`.
+//!
+//! [`start`] takes a config and listeners bound by the caller and returns a handle with
+//! the real addresses and a graceful `shutdown` (drain, deregister, finish in-flight).
+
+pub mod admin;
+pub mod balance;
+pub mod discovery;
+pub mod endpoint;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod registrar;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use balance::LbConfig;
+pub use discovery::DiscoveryConfig;
+pub use registrar::{LocalService, RegistrarConfig};
+pub use table::EndpointTable;
+
+use metrics::Metrics;
+use proxy::ProxyCtx;
+
+/// How a sidecar behaves. Listeners are bound by the caller.
+#[derive(Clone, Debug)]
+pub struct SidecarConfig {
+    pub discovery: DiscoveryConfig,
+    pub lb: LbConfig,
+    /// DNS domain for Host matching (`payments.service.<domain>`).
+    pub domain: String,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// The local service to register, if any.
+    pub registrar: Option<RegistrarConfig>,
+}
+
+impl SidecarConfig {
+    pub fn new(registries: Vec<String>) -> Self {
+        Self {
+            discovery: DiscoveryConfig {
+                registries,
+                namespace: "default".into(),
+                cache_file: None,
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(10),
+            },
+            lb: LbConfig::default(),
+            domain: "switchyard".into(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(15),
+            registrar: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.discovery.registries.is_empty() {
+            return Err("at least one --registry URL is needed".into());
+        }
+        for r in &self.discovery.registries {
+            if !(r.starts_with("http://") || r.starts_with("https://")) {
+                return Err(format!(
+                    "registry {r:?} must be a URL like http://127.0.0.1:7400"
+                ));
+            }
+        }
+        self.lb.validate()?;
+        if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err("timeouts must be above zero".into());
+        }
+        if let Some(r) = &self.registrar {
+            if r.service.port == 0 {
+                return Err("--port must be 1-65535".into());
+            }
+            if !(1..=3600).contains(&r.service.ttl_seconds) {
+                return Err("--ttl must be 1s-1h".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sockets the sidecar serves on.
+pub struct SidecarListeners {
+    pub admin: TcpListener,
+    pub http_proxy: Option<TcpListener>,
+    /// `(service, listener)`: TCP, one endpoint per connection.
+    pub upstreams: Vec<(String, TcpListener)>,
+    /// `(service, listener)`: HTTP, balanced per request, no Host needed.
+    pub http_upstreams: Vec<(String, TcpListener)>,
+}
+
+/// A running sidecar.
+pub struct SidecarHandle {
+    pub admin_addr: SocketAddr,
+    pub http_proxy_addr: Option<SocketAddr>,
+    pub upstream_addrs: Vec<(String, SocketAddr)>,
+    pub http_upstream_addrs: Vec<(String, SocketAddr)>,
+    pub table: Arc<EndpointTable>,
+    registrar_stop: watch::Sender<bool>,
+    registrar: Option<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SidecarHandle {
+    /// Drains the local service (DRAINING, drain period, deregister), then stops the
+    /// listeners, letting in-flight requests finish, and writes the catalog cache.
+    pub async fn shutdown(mut self) {
+        let _ = self.registrar_stop.send(true);
+        if let Some(r) = self.registrar.take() {
+            let _ = r.await;
+        }
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        tracing::info!("sidecar stopped");
+    }
+}
+
+/// Resolves once the flag is set. Returns `()` rather than tokio's borrow guard, so it
+/// can sit in a `select!` whose other arms `.await` (the guard is not `Send`).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn addr(l: &TcpListener) -> std::io::Result<SocketAddr> {
+    l.local_addr()
+}
+
+/// Starts every part of the sidecar on the given listeners.
+pub async fn start(
+    config: SidecarConfig,
+    listeners: SidecarListeners,
+) -> Result<SidecarHandle, String> {
+    config.validate()?;
+    let table = Arc::new(EndpointTable::default());
+    let metrics = Arc::new(Metrics::default());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (registrar_stop, registrar_rx) = watch::channel(false);
+
+    let catalog = discovery::load_cache(&config.discovery, &table, &metrics);
+    let ctx = Arc::new(ProxyCtx::new(
+        table.clone(),
+        metrics.clone(),
+        config.lb,
+        &config.domain,
+        config.connect_timeout,
+        config.request_timeout,
+    ));
+    let admin_addr = addr(&listeners.admin).map_err(|e| e.to_string())?;
+    let http_proxy_addr = match &listeners.http_proxy {
+        Some(l) => Some(addr(l).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut upstream_addrs = Vec::new();
+    let mut http_upstream_addrs = Vec::new();
+
+    let mut tasks = vec![
+        tokio::spawn(discovery::run(
+            config.discovery.clone(),
+            table.clone(),
+            metrics.clone(),
+            catalog,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(admin::serve(
+            listeners.admin,
+            table.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        )),
+    ];
+    if let Some(l) = listeners.http_proxy {
+        tasks.push(tokio::spawn(proxy::http::serve(
+            l,
+            ctx.clone(),
+            proxy::http::Target::ByHost,
+            shutdown_rx.clone(),
+        )));
+    }
+    for (service, l) in listeners.http_upstreams {
+        http_upstream_addrs.push((service.clone(), addr(&l).map_err(|e| e.to_string())?));
+        tasks.push(tokio::spawn(proxy::http::serve(
+            l,
+            ctx.clone(),
+            proxy::http::Target::Service(service.into()),
+            shutdown_rx.clone(),
+        )));
+    }
+    for (service, l) in listeners.upstreams {
+        upstream_addrs.push((service.clone(), addr(&l).map_err(|e| e.to_string())?));
+        tasks.push(tokio::spawn(proxy::tcp::serve(
+            l,
+            ctx.clone(),
+            service.into(),
+            shutdown_rx.clone(),
+        )));
+    }
+    let registrar = config
+        .registrar
+        .clone()
+        .map(|r| tokio::spawn(registrar::run(r, registrar_rx)));
+    tracing::info!(admin = %admin_addr, http_proxy = ?http_proxy_addr, "sidecar serving");
+    Ok(SidecarHandle {
+        admin_addr,
+        http_proxy_addr,
+        upstream_addrs,
+        http_upstream_addrs,
+        table,
+        registrar_stop,
+        registrar,
+        shutdown,
+        tasks,
+    })
+}

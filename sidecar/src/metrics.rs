@@ -1,0 +1,214 @@
+//! Prometheus metrics of the sidecar. Per-endpoint handles are created once, when an
+//! endpoint first appears, and kept in its `LiveState`, so the request path only
+//! touches atomics.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::table::EndpointTable;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: String,
+    pub endpoint: String,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+/// The metric handles of one endpoint.
+#[derive(Clone, Debug)]
+pub struct EndpointMetrics {
+    /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    classes: [Counter; 5],
+    pub latency: Histogram,
+}
+
+impl EndpointMetrics {
+    pub fn response(&self, status: u16) {
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.classes[i].inc();
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    active: Family<EndpointLabels, Gauge<i64, AtomicI64>>,
+    /// Answers the sidecar gave itself (400/502/503/504) per service.
+    pub local_replies: Family<RequestLabels, Counter>,
+    pub catalog_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub catalog_revision: Gauge<i64, AtomicI64>,
+    pub registry_connected: Gauge<i64, AtomicI64>,
+    pub watch_reconnects: Counter,
+    pub tcp_connections: Family<EndpointLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("switchyard_sidecar");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let active = Family::default();
+        let local_replies = Family::default();
+        let catalog_age = Gauge::default();
+        let catalog_revision = Gauge::default();
+        let registry_connected = Gauge::default();
+        let watch_reconnects = Counter::default();
+        let tcp_connections = Family::default();
+        registry.register(
+            "requests",
+            "Proxied HTTP requests by upstream service, endpoint and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to the upstream's response headers, per endpoint",
+            latency.clone(),
+        );
+        registry.register(
+            "active_requests",
+            "Requests or TCP connections in flight per endpoint",
+            active.clone(),
+        );
+        registry.register(
+            "local_replies",
+            "Answers the sidecar gave itself (no endpoint, bad host, upstream failure, timeout)",
+            local_replies.clone(),
+        );
+        registry.register(
+            "catalog_age_seconds",
+            "Seconds since a registry last confirmed the catalog (0 while a watch is open)",
+            catalog_age.clone(),
+        );
+        registry.register(
+            "catalog_revision",
+            "Registry revision of the catalog in use",
+            catalog_revision.clone(),
+        );
+        registry.register(
+            "registry_connected",
+            "1 while a watch stream to a registry is open",
+            registry_connected.clone(),
+        );
+        registry.register(
+            "watch_reconnects",
+            "Watch streams (re)opened to a registry",
+            watch_reconnects.clone(),
+        );
+        registry.register(
+            "tcp_connections",
+            "TCP connections proxied per endpoint",
+            tcp_connections.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            active,
+            local_replies,
+            catalog_age,
+            catalog_revision,
+            registry_connected,
+            watch_reconnects,
+            tcp_connections,
+        }
+    }
+}
+
+impl Metrics {
+    /// Handles for one endpoint, created when it first appears in the catalog.
+    pub fn endpoint(&self, service: &str, endpoint: &str) -> EndpointMetrics {
+        let class = |class| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    service: service.to_string(),
+                    endpoint: endpoint.to_string(),
+                    class,
+                })
+                .clone()
+        };
+        EndpointMetrics {
+            classes: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            latency: self
+                .latency
+                .get_or_create(&EndpointLabels {
+                    service: service.to_string(),
+                    endpoint: endpoint.to_string(),
+                })
+                .clone(),
+        }
+    }
+
+    pub fn local_reply(&self, service: &str, status: u16) {
+        let class = match status {
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.local_replies
+            .get_or_create(&RequestLabels {
+                service: service.to_string(),
+                endpoint: String::new(),
+                class,
+            })
+            .inc();
+    }
+
+    pub fn tcp_connection(&self, service: &str, endpoint: &str) {
+        self.tcp_connections
+            .get_or_create(&EndpointLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .inc();
+    }
+
+    /// Refreshes the gauges read from the table, then encodes everything.
+    pub fn encode(&self, table: &EndpointTable) -> String {
+        self.catalog_age
+            .set(table.age().map_or(-1.0, |a| a.as_secs_f64()));
+        self.catalog_revision.set(table.revision() as i64);
+        self.registry_connected.set(i64::from(table.is_connected()));
+        for view in table.all().values() {
+            for e in &view.endpoints {
+                self.active
+                    .get_or_create(&EndpointLabels {
+                        service: view.name.clone(),
+                        endpoint: e.id.clone(),
+                    })
+                    .set(i64::from(e.live.active()));
+            }
+        }
+        let mut out = String::with_capacity(8192);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

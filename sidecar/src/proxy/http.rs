@@ -1,0 +1,443 @@
+//! The HTTP proxy: HTTP/1.1 keep-alive and HTTP/2 cleartext (so gRPC) on one port,
+//! balanced per request.
+//!
+//! A request names its service by `Host`/`:authority` (`payments`,
+//! `payments.service.switchyard`, either with a port) on the shared `--http-proxy`
+//! listener, or implicitly on a per-upstream `--http-upstream` listener. Errors are
+//! answered here, with a body that says what went wrong: 400 for a Host that is no
+//! service name, 503 when the service is unknown or has no usable endpoint, 502 when the
+//! upstream fails, 504 when it is too slow.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ::http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use super::body::ProxyBody;
+use super::ProxyCtx;
+use crate::balance::pick;
+use crate::endpoint::ActiveGuard;
+
+/// Most downstream connections one listener serves at once.
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// How long shutdown waits for in-flight requests before closing connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Pooled upstream clients: one speaking HTTP/1.1, one HTTP/2 (prior knowledge). A
+/// request goes upstream in the protocol it arrived in, so gRPC stays HTTP/2.
+pub(crate) struct Clients {
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+}
+
+impl Clients {
+    pub(crate) fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(true);
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Self { h1, h2 }
+    }
+}
+
+/// Which service a listener sends requests to.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// Read the service from `Host` / `:authority`.
+    ByHost,
+    /// Always this service (a `--http-upstream` listener).
+    Service(Arc<str>),
+}
+
+/// Serves one HTTP listener until shutdown, then lets in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ProxyCtx>,
+    target: Target,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = crate::stopped(&mut shutdown) => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "connection limit reached; closing the new connection");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let target = target.clone();
+        let service = service_fn(move |req| {
+            let ctx = ctx.clone();
+            let target = target.clone();
+            async move { Ok::<_, Infallible>(proxy(&ctx, &target, remote, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing");
+    }
+}
+
+fn local(status: StatusCode, message: String) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::text(message));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The service a Host names, lower-cased: `svc`, `svc.service.<domain>`, optional port
+/// and trailing dot. `None` when it names no valid service.
+pub fn service_from_host<'a>(host: &'a str, suffix: &str) -> Option<Cow<'a, str>> {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let host: Cow<'a, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    let name_len = match host.strip_suffix(suffix) {
+        Some(name) => name.len(),
+        None => host.len(),
+    };
+    let valid = {
+        let b = &host.as_bytes()[..name_len];
+        !b.is_empty()
+            && b.len() <= 63
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    if !valid {
+        return None;
+    }
+    Some(match host {
+        Cow::Borrowed(h) => Cow::Borrowed(&h[..name_len]),
+        Cow::Owned(mut h) => {
+            h.truncate(name_len);
+            Cow::Owned(h)
+        }
+    })
+}
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set and any named in
+/// `Connection`. `TE: trailers` survives on HTTP/2, where gRPC requires it.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    let te_ok = keep_te_trailers
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_ok {
+        headers.remove(header::TE);
+    }
+}
+
+fn add_forwarded_for(headers: &mut HeaderMap, remote: IpAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {remote}"),
+        None => remote.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(name, v);
+    }
+}
+
+async fn proxy(
+    ctx: &ProxyCtx,
+    target: &Target,
+    remote: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let service: Cow<'_, str> = match target {
+        Target::Service(s) => Cow::Borrowed(s.as_ref()),
+        Target::ByHost => {
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                });
+            let Some(host) = host else {
+                ctx.metrics.local_reply("", 400);
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    "missing Host: name the service, e.g. Host: payments or payments.service.switchyard\n".into(),
+                );
+            };
+            match service_from_host(&host, &ctx.host_suffix) {
+                Some(s) => Cow::Owned(s.into_owned()),
+                None => {
+                    ctx.metrics.local_reply("", 400);
+                    return local(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "Host {host:?} is not a service name: use SERVICE or SERVICE{}\n",
+                            ctx.host_suffix
+                        ),
+                    );
+                }
+            }
+        }
+    };
+
+    let Some(view) = ctx.table.get(&service) else {
+        ctx.metrics.local_reply(&service, 503);
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no such service {service:?} in the catalog (revision {})\n",
+                ctx.table.revision()
+            ),
+        );
+    };
+    let picked = {
+        let mut rng = fastrand::Rng::new();
+        pick(&view, &ctx.lb, &mut rng)
+    };
+    let Some(endpoint) = picked else {
+        ctx.metrics.local_reply(&service, 503);
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "service {service:?} has no usable endpoint ({} registered, none SERVING)\n",
+                view.endpoints.len()
+            ),
+        );
+    };
+    let guard = ActiveGuard::new(endpoint.live.clone());
+
+    let h2 = req.version() == Version::HTTP_2;
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uri = match Uri::builder()
+        .scheme("http")
+        .authority(endpoint.authority.as_str())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            ctx.metrics.local_reply(&service, 502);
+            return local(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot address endpoint {}: {e}\n", endpoint.id),
+            );
+        }
+    };
+    *req.uri_mut() = uri;
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    strip_hop_by_hop(req.headers_mut(), h2);
+    add_forwarded_for(req.headers_mut(), remote.ip());
+
+    let started = Instant::now();
+    let sent = if h2 {
+        ctx.clients.h2.request(req)
+    } else {
+        ctx.clients.h1.request(req)
+    };
+    let result = tokio::time::timeout(ctx.request_timeout, sent).await;
+    let metrics = endpoint.live.metrics.as_ref();
+    match result {
+        Ok(Ok(mut resp)) => {
+            guard.succeeded();
+            if let Some(m) = metrics {
+                m.latency.observe(started.elapsed().as_secs_f64());
+                m.response(resp.status().as_u16());
+            }
+            strip_hop_by_hop(resp.headers_mut(), true);
+            resp.map(|body| ProxyBody::Upstream {
+                body,
+                _guard: guard,
+            })
+        }
+        Ok(Err(e)) => {
+            guard.failed();
+            ctx.metrics.local_reply(&service, 502);
+            if let Some(m) = metrics {
+                m.response(502);
+            }
+            let what = if e.is_connect() {
+                format!(
+                    "cannot connect to {} ({}) of service {service:?}",
+                    endpoint.id, endpoint.authority
+                )
+            } else {
+                format!(
+                    "endpoint {} ({}) of service {service:?} failed",
+                    endpoint.id, endpoint.authority
+                )
+            };
+            tracing::debug!(error = ?e, "{what}");
+            local(
+                StatusCode::BAD_GATEWAY,
+                format!("{what}: {}\n", root_cause(&e)),
+            )
+        }
+        Err(_) => {
+            guard.failed();
+            ctx.metrics.local_reply(&service, 504);
+            if let Some(m) = metrics {
+                m.response(504);
+            }
+            local(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "endpoint {} ({}) of service {service:?} did not answer within {:?}\n",
+                    endpoint.id, endpoint.authority, ctx.request_timeout
+                ),
+            )
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_name_services() {
+        let s = ".service.switchyard";
+        let ok = |h: &str| service_from_host(h, s).map(|c| c.into_owned());
+        assert_eq!(ok("payments").as_deref(), Some("payments"));
+        assert_eq!(ok("payments:8080").as_deref(), Some("payments"));
+        assert_eq!(
+            ok("payments.service.switchyard").as_deref(),
+            Some("payments")
+        );
+        assert_eq!(
+            ok("Payments.Service.Switchyard:15001").as_deref(),
+            Some("payments")
+        );
+        assert_eq!(
+            ok("payments.service.switchyard.").as_deref(),
+            Some("payments")
+        );
+        for bad in [
+            "",
+            "pay_ments",
+            "a.b",
+            "payments.example.com",
+            "-x",
+            "[::1]:80",
+            "127.0.0.1:80",
+            ".service.switchyard",
+        ] {
+            assert_eq!(ok(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut h1 = h.clone();
+        strip_hop_by_hop(&mut h1, false);
+        assert_eq!(h1.len(), 1, "{h1:?}");
+        assert!(h1.contains_key("x-kept"));
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key(header::TE), "gRPC keeps TE: trailers");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        add_forwarded_for(&mut h, "10.0.0.1".parse().expect("ip"));
+        add_forwarded_for(&mut h, "127.0.0.1".parse().expect("ip"));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    }
+}

@@ -1,0 +1,45 @@
+//! The proxy listeners: HTTP (by Host, or fixed to one upstream) and TCP.
+
+pub mod body;
+pub mod http;
+pub mod tcp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::balance::LbConfig;
+use crate::metrics::Metrics;
+use crate::table::EndpointTable;
+
+/// What every proxy listener shares.
+pub struct ProxyCtx {
+    pub table: Arc<EndpointTable>,
+    pub metrics: Arc<Metrics>,
+    pub lb: LbConfig,
+    /// `.service.<domain>`, precomputed for Host matching.
+    pub host_suffix: String,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub(crate) clients: http::Clients,
+}
+
+impl ProxyCtx {
+    pub fn new(
+        table: Arc<EndpointTable>,
+        metrics: Arc<Metrics>,
+        lb: LbConfig,
+        domain: &str,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Self {
+        Self {
+            table,
+            metrics,
+            lb,
+            host_suffix: format!(".service.{domain}"),
+            connect_timeout,
+            request_timeout,
+            clients: http::Clients::new(connect_timeout),
+        }
+    }
+}

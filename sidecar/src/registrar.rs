@@ -1,0 +1,254 @@
+//! The registrar: registers the local service, keeps its lease alive, reports its health
+//! as SERVING or FAILING, and on shutdown drains it: DRAINING, wait, deregister.
+//!
+//! It reconnects across the registry list like the discovery client, and registers again
+//! whenever the registry answers `found=false` (the lease expired while it was away).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::registry_client::RegistryClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::health::{HealthConfig, Prober, Verdict};
+
+/// The local service this sidecar registers.
+#[derive(Clone, Debug)]
+pub struct LocalService {
+    pub namespace: String,
+    pub name: String,
+    pub id: String,
+    /// Address other hosts use to reach the service.
+    pub address: String,
+    pub port: u16,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub weight: u32,
+    pub zone: String,
+    pub ttl_seconds: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct RegistrarConfig {
+    pub service: LocalService,
+    pub health: HealthConfig,
+    /// Time between DRAINING and deregistration, for peers' sidecars to stop sending.
+    pub drain: Duration,
+    pub registries: Vec<String>,
+    /// Where the health checks connect (the service's local port).
+    pub probe_target: SocketAddr,
+}
+
+fn instance(s: &LocalService, state: pb::State) -> pb::Instance {
+    pb::Instance {
+        namespace: s.namespace.clone(),
+        service: s.name.clone(),
+        id: s.id.clone(),
+        address: s.address.clone(),
+        port: u32::from(s.port),
+        version: s.version.clone(),
+        labels: s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        weight: s.weight,
+        zone: s.zone.clone(),
+        state: state as i32,
+    }
+}
+
+fn state_of(healthy: bool) -> pb::State {
+    if healthy {
+        pb::State::Serving
+    } else {
+        pb::State::Failing
+    }
+}
+
+async fn connect(url: &str) -> Result<RegistryClient<Channel>, String> {
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2));
+    Ok(RegistryClient::new(
+        ep.connect().await.map_err(|e| e.to_string())?,
+    ))
+}
+
+/// Runs until `stop` flips, then drains and returns.
+pub async fn run(cfg: RegistrarConfig, mut stop: watch::Receiver<bool>) {
+    let prober = Prober::new(cfg.probe_target, cfg.health.clone());
+    let first = prober.probe().await;
+    if let Err(e) = &first {
+        tracing::warn!(service = %cfg.service.name, "local service is not healthy yet: {e}");
+    }
+    let mut verdict = Verdict::new(first.is_ok(), &cfg.health);
+    let mut rng = fastrand::Rng::new();
+    let mut attempt = 0u32;
+    let mut next = 0usize;
+    let mut session: Option<(RegistryClient<Channel>, u64)> = None;
+    loop {
+        let url = cfg.registries[next % cfg.registries.len()].clone();
+        next += 1;
+        match hold(&cfg, &url, &prober, &mut verdict, &mut stop, &mut session).await {
+            Held::Stopped => break,
+            Held::Lost(e) => {
+                tracing::warn!(registry = %url, "registrar lost the registry: {e}; retrying");
+            }
+        }
+        let base = Duration::from_millis(100)
+            .saturating_mul(1 << attempt.min(7))
+            .min(Duration::from_secs(10));
+        attempt += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(base.mul_f64(0.5 + rng.f64() * 0.5)) => {}
+            _ = crate::stopped(&mut stop) => break,
+        }
+    }
+    drain(&cfg, session).await;
+}
+
+enum Held {
+    Stopped,
+    Lost(String),
+}
+
+async fn register(
+    client: &mut RegistryClient<Channel>,
+    cfg: &RegistrarConfig,
+    healthy: bool,
+) -> Result<u64, String> {
+    let r = client
+        .register(pb::RegisterRequest {
+            instance: Some(instance(&cfg.service, state_of(healthy))),
+            ttl_seconds: cfg.service.ttl_seconds,
+            lease_id: 0,
+        })
+        .await
+        .map_err(|s| format!("register refused: {}", s.message()))?
+        .into_inner();
+    tracing::info!(service = %cfg.service.name, id = %cfg.service.id, lease = r.lease_id, state = state_of(healthy).as_str_name(), "registered the local service");
+    Ok(r.lease_id)
+}
+
+async fn hold(
+    cfg: &RegistrarConfig,
+    url: &str,
+    prober: &Prober,
+    verdict: &mut Verdict,
+    stop: &mut watch::Receiver<bool>,
+    session: &mut Option<(RegistryClient<Channel>, u64)>,
+) -> Held {
+    let mut client = tokio::select! {
+        c = connect(url) => match c {
+            Ok(c) => c,
+            Err(e) => return Held::Lost(e),
+        },
+        _ = crate::stopped(stop) => return Held::Stopped,
+    };
+    let mut lease = match register(&mut client, cfg, verdict.healthy()).await {
+        Ok(l) => l,
+        Err(e) => return Held::Lost(e),
+    };
+    *session = Some((client.clone(), lease));
+    let (tx, rx) = mpsc::channel(4);
+    let mut responses = match client.keep_alive(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Held::Lost(s.message().to_string()),
+    };
+    let renew_every = Duration::from_millis(u64::from(cfg.service.ttl_seconds) * 1000 / 3)
+        .max(Duration::from_millis(200));
+    let mut renew = tokio::time::interval(renew_every);
+    let mut probe = tokio::time::interval(cfg.health.interval);
+    probe.tick().await;
+    loop {
+        tokio::select! {
+            _ = renew.tick() => {
+                if tx.send(pb::KeepAliveRequest { lease_ids: vec![lease] }).await.is_err() {
+                    return Held::Lost("keep-alive stream closed".into());
+                }
+            }
+            msg = responses.message() => match msg {
+                Ok(Some(r)) => {
+                    if r.leases.iter().any(|l| l.lease_id == lease && !l.found) {
+                        tracing::warn!(lease, "the registry forgot our lease; registering again");
+                        match register(&mut client, cfg, verdict.healthy()).await {
+                            Ok(l) => {
+                                lease = l;
+                                *session = Some((client.clone(), lease));
+                            }
+                            Err(e) => return Held::Lost(e),
+                        }
+                    }
+                }
+                Ok(None) => return Held::Lost("keep-alive stream ended".into()),
+                Err(s) => return Held::Lost(s.message().to_string()),
+            },
+            _ = probe.tick() => {
+                let result = prober.probe().await;
+                if let Some(healthy) = verdict.record(result.is_ok()) {
+                    match &result {
+                        Ok(()) => tracing::info!(service = %cfg.service.name, "local service is healthy again; marking SERVING"),
+                        Err(e) => tracing::warn!(service = %cfg.service.name, "local service failed its health checks ({e}); marking FAILING"),
+                    }
+                    let r = client.set_state(pb::SetStateRequest {
+                        namespace: cfg.service.namespace.clone(),
+                        id: cfg.service.id.clone(),
+                        state: state_of(healthy) as i32,
+                    }).await;
+                    if let Err(s) = r {
+                        return Held::Lost(format!("set state failed: {}", s.message()));
+                    }
+                }
+            }
+            _ = crate::stopped(stop) => return Held::Stopped,
+        }
+    }
+}
+
+/// DRAINING → wait the drain period (renewing the lease) → deregister.
+async fn drain(cfg: &RegistrarConfig, session: Option<(RegistryClient<Channel>, u64)>) {
+    let Some((mut client, lease)) = session else {
+        return;
+    };
+    let name = &cfg.service.name;
+    match client
+        .set_state(pb::SetStateRequest {
+            namespace: cfg.service.namespace.clone(),
+            id: cfg.service.id.clone(),
+            state: pb::State::Draining as i32,
+        })
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(service = %name, drain = ?cfg.drain, "marked DRAINING; waiting for peers to stop sending")
+        }
+        Err(s) => tracing::warn!(service = %name, "could not mark DRAINING: {}", s.message()),
+    }
+    let (tx, rx) = mpsc::channel(4);
+    let renewing = client.keep_alive(ReceiverStream::new(rx)).await.ok();
+    let deadline = tokio::time::Instant::now() + cfg.drain;
+    let every = Duration::from_millis(u64::from(cfg.service.ttl_seconds) * 1000 / 3)
+        .max(Duration::from_millis(200));
+    while tokio::time::Instant::now() < deadline {
+        let _ = tx.try_send(pb::KeepAliveRequest {
+            lease_ids: vec![lease],
+        });
+        tokio::time::sleep(every.min(deadline - tokio::time::Instant::now())).await;
+    }
+    drop(renewing);
+    match client
+        .deregister(pb::DeregisterRequest {
+            namespace: cfg.service.namespace.clone(),
+            id: cfg.service.id.clone(),
+        })
+        .await
+    {
+        Ok(_) => tracing::info!(service = %name, "deregistered"),
+        Err(s) => tracing::warn!(service = %name, "could not deregister: {}", s.message()),
+    }
+}

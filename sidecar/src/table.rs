@@ -1,0 +1,182 @@
+//! The endpoint table: per service an immutable view, all swapped atomically.
+//!
+//! The request path does one atomic load and a hash lookup; it never takes a lock. The
+//! discovery client builds a new map on every catalog change and swaps it in, reusing
+//! each surviving endpoint's [`LiveState`] so in-flight counts carry over.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::{Endpoint, LiveState, State};
+use crate::metrics::Metrics;
+
+/// One instance as the catalog holds it (also the disk cache's record).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub address: String,
+    pub port: u16,
+    pub version: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: String,
+    pub state: State,
+}
+
+impl InstanceRecord {
+    /// `host:port`, with IPv6 literals bracketed.
+    pub fn authority(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{}", self.address, self.port)
+        } else {
+            format!("{}:{}", self.address, self.port)
+        }
+    }
+}
+
+/// Everything the proxy needs about one service at one revision.
+#[derive(Debug)]
+pub struct ServiceView {
+    pub name: String,
+    pub revision: u64,
+    pub endpoints: Vec<Endpoint>,
+    /// Indices of usable endpoints, computed once per update, not per request.
+    pub usable: Vec<usize>,
+    /// True when every usable endpoint has the same weight (power of two choices).
+    pub equal_weights: bool,
+}
+
+impl ServiceView {
+    pub fn new(
+        name: String,
+        revision: u64,
+        records: &BTreeMap<String, InstanceRecord>,
+        previous: Option<&ServiceView>,
+        metrics: Option<&Metrics>,
+    ) -> Self {
+        let kept: HashMap<&str, &Arc<LiveState>> = previous
+            .map(|p| {
+                p.endpoints
+                    .iter()
+                    .map(|e| (e.id.as_str(), &e.live))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let endpoints: Vec<Endpoint> = records
+            .values()
+            .map(|r| {
+                let live = kept.get(r.id.as_str()).map_or_else(
+                    || Arc::new(LiveState::new(metrics.map(|m| m.endpoint(&name, &r.id)))),
+                    |l| Arc::clone(l),
+                );
+                Endpoint {
+                    id: r.id.clone(),
+                    authority: r.authority(),
+                    version: r.version.clone(),
+                    labels: r.labels.clone(),
+                    weight: r.weight.max(1),
+                    zone: r.zone.clone(),
+                    state: r.state,
+                    live,
+                }
+            })
+            .collect();
+        let usable: Vec<usize> = endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.is_usable())
+            .map(|(i, _)| i)
+            .collect();
+        let equal_weights = usable
+            .windows(2)
+            .all(|w| endpoints[w[0]].weight == endpoints[w[1]].weight);
+        Self {
+            name,
+            revision,
+            endpoints,
+            usable,
+            equal_weights,
+        }
+    }
+}
+
+/// Map of service name to its current view.
+pub type Views = HashMap<String, Arc<ServiceView>>;
+
+/// The table shared by the proxy listeners, the admin port and the discovery client.
+pub struct EndpointTable {
+    views: ArcSwap<Views>,
+    revision: AtomicU64,
+    /// True once a catalog arrived (from the registry or the disk cache).
+    loaded: AtomicBool,
+    /// True while a watch stream to a registry is open.
+    connected: AtomicBool,
+    /// When a registry last confirmed the catalog (the stream was open at that time).
+    confirmed: Mutex<Option<Instant>>,
+}
+
+impl Default for EndpointTable {
+    fn default() -> Self {
+        Self {
+            views: ArcSwap::from_pointee(HashMap::new()),
+            revision: AtomicU64::new(0),
+            loaded: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            confirmed: Mutex::new(None),
+        }
+    }
+}
+
+impl EndpointTable {
+    /// The current view of a service: one atomic load, no lock.
+    pub fn get(&self, service: &str) -> Option<Arc<ServiceView>> {
+        self.views.load().get(service).cloned()
+    }
+
+    /// Every view, for the admin port.
+    pub fn all(&self) -> Arc<Views> {
+        self.views.load_full()
+    }
+
+    /// Replaces the whole table.
+    pub fn store(&self, views: Views, revision: u64) {
+        self.views.store(Arc::new(views));
+        self.revision.store(revision, Ordering::Release);
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        let mut confirmed = self.confirmed.lock();
+        *confirmed = Some(Instant::now());
+        self.connected.store(connected, Ordering::Release);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// How old the catalog is: zero while a registry stream is open, else the time since
+    /// one last was; `None` if no registry ever confirmed it (loaded from disk only).
+    pub fn age(&self) -> Option<Duration> {
+        if self.is_connected() {
+            return Some(Duration::ZERO);
+        }
+        self.confirmed.lock().map(|t| t.elapsed())
+    }
+}

@@ -1,0 +1,263 @@
+//! The HTTP proxy end to end: a real registry, real backends, a real sidecar.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use switchyard_proto::v1 as pb;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_balanced_and_a_slow_backend_gets_fewer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let fast_a = Backend::start("fast-a", Duration::ZERO).await;
+    let fast_b = Backend::start("fast-b", Duration::ZERO).await;
+    let slow = Backend::start("slow", Duration::from_millis(40)).await;
+    let mut client = registry_client(&registry).await;
+    for b in [&fast_a, &fast_b, &slow] {
+        register(&mut client, "web", &b.name, b.addr, "1.0.0", 100).await;
+    }
+    let sidecar = start_sidecar(sidecar_config(
+        vec![format!("http://{}", registry.grpc_addr)],
+        dir.path(),
+    ))
+    .await;
+    wait_endpoints(&sidecar, "web", 3).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+
+    // 8 concurrent clients, 50 requests each.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let http = http_client();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                let (status, _, _) = get(&http, proxy, "web").await;
+                assert_eq!(status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let fast = (fast_a.hits() + fast_b.hits()) / 2;
+    assert_eq!(fast_a.hits() + fast_b.hits() + slow.hits(), 400);
+    assert!(
+        slow.hits() * 2 < fast,
+        "slow {} vs fast {fast}",
+        slow.hits()
+    );
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn host_forms_headers_and_http2() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let backend = Backend::start("one", Duration::ZERO).await;
+    let mut client = registry_client(&registry).await;
+    register(&mut client, "web", "one", backend.addr, "1.0.0", 100).await;
+    let sidecar = start_sidecar(sidecar_config(
+        vec![format!("http://{}", registry.grpc_addr)],
+        dir.path(),
+    ))
+    .await;
+    wait_endpoints(&sidecar, "web", 1).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let http = http_client();
+    for host in [
+        "web",
+        "web:15001",
+        "web.service.switchyard",
+        "WEB.service.switchyard:80",
+    ] {
+        let (status, body, headers) = get(&http, proxy, host).await;
+        assert_eq!((status, body.as_str()), (200, "one"), "{host}");
+        assert_eq!(
+            headers["x-seen-forwarded-for"], "127.0.0.1",
+            "x-forwarded-for added"
+        );
+    }
+    let (status, body) = h2_get(proxy, "web.service.switchyard").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "one"),
+        "h2c on the same port"
+    );
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn errors_are_answered_clearly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let slow = Backend::start("slow", Duration::from_millis(2_000)).await;
+    let gone = Backend::start("gone", Duration::ZERO).await;
+    let gone_addr = gone.addr;
+    gone.stop();
+    drop(gone);
+    let mut client = registry_client(&registry).await;
+    register(&mut client, "slow", "slow-1", slow.addr, "1", 100).await;
+    register(&mut client, "down", "down-1", gone_addr, "1", 100).await;
+    register(&mut client, "drained", "d-1", slow.addr, "1", 100).await;
+    client
+        .set_state(pb::SetStateRequest {
+            namespace: String::new(),
+            id: "d-1".into(),
+            state: pb::State::Draining as i32,
+        })
+        .await
+        .expect("drain");
+    let mut config = sidecar_config(vec![format!("http://{}", registry.grpc_addr)], dir.path());
+    config.request_timeout = Duration::from_millis(300);
+    let sidecar = start_sidecar(config).await;
+    wait_endpoints(&sidecar, "drained", 1).await;
+    eventually(Duration::from_secs(5), || async {
+        sidecar
+            .table
+            .get("drained")
+            .filter(|v| v.usable.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let http = http_client();
+
+    let (status, body, _) = get(&http, proxy, "nosuch").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("\"nosuch\""), "{body}");
+    let (status, body, _) = get(&http, proxy, "drained").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("no usable endpoint"), "{body}");
+    let (status, body, _) = get(&http, proxy, "Not_A_Service").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _, _) = get(&http, proxy, "example.com").await;
+    assert_eq!(status, 400);
+    let (status, body, _) = get(&http, proxy, "down").await;
+    assert_eq!(status, 502);
+    assert!(body.contains("cannot connect"), "{body}");
+    let started = Instant::now();
+    let (status, body, _) = get(&http, proxy, "slow").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(started.elapsed() < Duration::from_millis(1_500));
+
+    let (_, metrics) = http_get(sidecar.admin_addr, "/metrics").await;
+    assert!(metrics.contains("switchyard_sidecar_local_replies_total{service=\"nosuch\",endpoint=\"\",class=\"5xx\"} 1"), "{metrics}");
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deregistered_backend_stops_getting_traffic_within_a_second() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let a = Backend::start("a", Duration::ZERO).await;
+    let b = Backend::start("b", Duration::ZERO).await;
+    let mut client = registry_client(&registry).await;
+    register(&mut client, "web", "a", a.addr, "1", 100).await;
+    register(&mut client, "web", "b", b.addr, "1", 100).await;
+    let sidecar = start_sidecar(sidecar_config(
+        vec![format!("http://{}", registry.grpc_addr)],
+        dir.path(),
+    ))
+    .await;
+    wait_endpoints(&sidecar, "web", 2).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let http = http_client();
+
+    client
+        .deregister(pb::DeregisterRequest {
+            namespace: String::new(),
+            id: "b".into(),
+        })
+        .await
+        .expect("deregister");
+    let deregistered = Instant::now();
+    // Within a second, a run of 50 requests all land on a.
+    loop {
+        let before = b.hits();
+        for _ in 0..50 {
+            assert_eq!(get(&http, proxy, "web").await.0, 200);
+        }
+        if b.hits() == before {
+            break;
+        }
+        assert!(
+            deregistered.elapsed() < Duration::from_secs(1),
+            "b still gets traffic"
+        );
+    }
+    println!(
+        "deregistered backend out of rotation after {:?}",
+        deregistered.elapsed()
+    );
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_calls_work_through_the_sidecar() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    // A real tonic server: the standard health service.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("payments", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let grpc_addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = registry_client(&registry).await;
+    register(&mut client, "payments", "pay-1", grpc_addr, "1", 100).await;
+    let sidecar = start_sidecar(sidecar_config(
+        vec![format!("http://{}", registry.grpc_addr)],
+        dir.path(),
+    ))
+    .await;
+    wait_endpoints(&sidecar, "payments", 1).await;
+
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy}"))
+        .expect("url")
+        .origin(
+            "http://payments.service.switchyard"
+                .parse()
+                .expect("origin"),
+        )
+        .connect()
+        .await
+        .expect("connect to the sidecar");
+    let mut health_client = HealthClient::new(channel);
+    for _ in 0..3 {
+        let resp = health_client
+            .check(HealthCheckRequest {
+                service: "payments".into(),
+            })
+            .await
+            .expect("gRPC through the sidecar");
+        assert_eq!(
+            resp.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+    let missing = health_client
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .expect_err("gRPC status passes through");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}
