@@ -257,7 +257,8 @@ fn operator_verbs_explain_an_unreachable_registry() {
 
 #[test]
 fn dev_uses_a_temp_dir_and_removes_it_at_exit() {
-    let (mut dev, _, before) = start_until(
+    // The banner is printed once the registry and the sidecar both serve.
+    let (mut dev, line, _) = start_until(
         &[
             "dev",
             "--listen",
@@ -269,12 +270,12 @@ fn dev_uses_a_temp_dir_and_removes_it_at_exit() {
             "--http-proxy",
             "127.0.0.1:0",
         ],
-        "registry serving",
+        "switchyard dev:",
     );
-    let line = before
-        .iter()
-        .find(|l| l.starts_with("switchyard dev:"))
-        .expect("banner");
+    assert!(
+        line.contains("sidecar proxy on http://127.0.0.1:"),
+        "{line}"
+    );
     let data = line
         .rsplit("data in ")
         .next()

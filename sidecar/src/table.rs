@@ -161,10 +161,14 @@ impl EndpointTable {
         self.loaded.load(Ordering::Acquire)
     }
 
+    /// Records a watch stream opening or closing. The catalog counts as confirmed up to
+    /// the moment an open stream closes; failed reconnects confirm nothing.
     pub fn set_connected(&self, connected: bool) {
         let mut confirmed = self.confirmed.lock();
-        *confirmed = Some(Instant::now());
-        self.connected.store(connected, Ordering::Release);
+        let was = self.connected.swap(connected, Ordering::AcqRel);
+        if connected || was {
+            *confirmed = Some(Instant::now());
+        }
     }
 
     pub fn is_connected(&self) -> bool {

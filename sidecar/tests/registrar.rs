@@ -1,0 +1,140 @@
+//! The registrar: registers the local service, follows its health, re-registers when
+//! the registry forgets it, and drains it on shutdown while in-flight requests finish.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use support::*;
+use switchyard_proto::v1 as pb;
+use switchyard_sidecar::health::{Check, HealthConfig};
+use switchyard_sidecar::{LocalService, RegistrarConfig};
+
+async fn state_of(
+    client: &mut switchyard_proto::v1::discovery_client::DiscoveryClient<tonic::transport::Channel>,
+) -> Option<i32> {
+    client
+        .resolve(pb::ResolveRequest {
+            namespace: String::new(),
+            service: "app".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("resolve")
+        .into_inner()
+        .instances
+        .first()
+        .map(|i| i.state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_service_is_registered_health_checked_and_drained() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let url = format!("http://{}", registry.grpc_addr);
+    let app = Backend::start("app", Duration::ZERO).await;
+    let mut config = sidecar_config(vec![url.clone()], dir.path());
+    config.registrar = Some(RegistrarConfig {
+        service: LocalService {
+            namespace: "default".into(),
+            name: "app".into(),
+            id: "app-1".into(),
+            address: "127.0.0.1".into(),
+            port: app.addr.port(),
+            version: "1.2.0".into(),
+            labels: Default::default(),
+            weight: 100,
+            zone: String::new(),
+            ttl_seconds: 1,
+        },
+        health: HealthConfig {
+            check: Check::Http {
+                path: "/health".into(),
+            },
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(500),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+        },
+        drain: Duration::from_millis(500),
+        registries: vec![url.clone()],
+        probe_target: app.addr,
+    });
+    let sidecar = start_sidecar(config).await;
+    let mut discovery =
+        switchyard_proto::v1::discovery_client::DiscoveryClient::connect(url.clone())
+            .await
+            .expect("connect");
+    let serving = pb::State::Serving as i32;
+    let failing = pb::State::Failing as i32;
+    eventually(Duration::from_secs(5), || {
+        let mut d = discovery.clone();
+        async move { (state_of(&mut d).await == Some(serving)).then_some(()) }
+    })
+    .await;
+
+    // Held past two TTLs by the registrar's keep-alive.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(state_of(&mut discovery).await, Some(serving));
+
+    // Failing health checks mark it FAILING; recovery marks it SERVING again.
+    app.status.store(500, Ordering::Relaxed);
+    eventually(Duration::from_secs(5), || {
+        let mut d = discovery.clone();
+        async move { (state_of(&mut d).await == Some(failing)).then_some(()) }
+    })
+    .await;
+    app.status.store(200, Ordering::Relaxed);
+    eventually(Duration::from_secs(5), || {
+        let mut d = discovery.clone();
+        async move { (state_of(&mut d).await == Some(serving)).then_some(()) }
+    })
+    .await;
+
+    // The registry forgets it (lease revoked): the registrar hears found=false and
+    // registers again.
+    let mut reg = registry_client(&registry).await;
+    reg.deregister(pb::DeregisterRequest {
+        namespace: String::new(),
+        id: "app-1".into(),
+    })
+    .await
+    .expect("deregister");
+    eventually(Duration::from_secs(5), || {
+        let mut d = discovery.clone();
+        async move { (state_of(&mut d).await == Some(serving)).then_some(()) }
+    })
+    .await;
+
+    // Shutdown with a request in flight: DRAINING, then gone, and the request completes.
+    let slow = Backend::start("slow", Duration::from_millis(1_000)).await;
+    register(&mut reg, "slow", "slow-1", slow.addr, "1", 100).await;
+    wait_endpoints(&sidecar, "slow", 1).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let in_flight = tokio::spawn(async move { get(&http_client(), proxy, "slow").await });
+    eventually(Duration::from_secs(5), || async {
+        (slow.hits() == 1).then_some(())
+    })
+    .await;
+    let stopping = tokio::spawn(sidecar.shutdown());
+    let draining = pb::State::Draining as i32;
+    eventually(Duration::from_secs(5), || {
+        let mut d = discovery.clone();
+        async move { (state_of(&mut d).await == Some(draining)).then_some(()) }
+    })
+    .await;
+    let (status, body, _) = in_flight.await.expect("request task");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "slow"),
+        "the in-flight request completed"
+    );
+    stopping.await.expect("shutdown");
+    assert_eq!(
+        state_of(&mut discovery).await,
+        None,
+        "deregistered after the drain"
+    );
+    registry.shutdown().await;
+}

@@ -1,0 +1,139 @@
+//! The catalog outlives the registry: routing continues while it is down, a restarted
+//! sidecar routes from its disk cache, and the client fails over across registries.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test]
+async fn routing_continues_while_the_registry_is_down_and_resumes_after() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let reg_dir = dir.path().join("reg");
+    let registry = start_registry(&reg_dir).await;
+    let grpc = registry.grpc_addr;
+    let backend = Backend::start("one", Duration::ZERO).await;
+    let mut client = registry_client(&registry).await;
+    register(&mut client, "web", "one", backend.addr, "1", 100).await;
+    let sidecar = start_sidecar(sidecar_config(vec![format!("http://{grpc}")], dir.path())).await;
+    wait_endpoints(&sidecar, "web", 1).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let (code, ready) = http_get(sidecar.admin_addr, "/ready").await;
+    assert_eq!(code, 200, "{ready}");
+
+    drop(client);
+    registry.shutdown().await;
+    eventually(Duration::from_secs(5), || async {
+        (!sidecar.table.is_connected()).then_some(())
+    })
+    .await;
+    let http = http_client();
+    for _ in 0..20 {
+        assert_eq!(get(&http, proxy, "web").await.1, "one");
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (_, endpoints) = http_get(sidecar.admin_addr, "/endpoints").await;
+    let doc: serde_json::Value = serde_json::from_str(&endpoints).expect("json");
+    assert_eq!(doc["registry_connected"], false);
+    assert!(
+        doc["catalog_age_seconds"].as_f64().expect("age") >= 1.0,
+        "{doc}"
+    );
+    let (_, metrics) = http_get(sidecar.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("switchyard_sidecar_registry_connected 0"),
+        "{metrics}"
+    );
+
+    // The registry comes back on the same address with its data: the sidecar reconnects.
+    let registry = start_registry_on(&reg_dir, &grpc.to_string()).await;
+    eventually(Duration::from_secs(10), || async {
+        sidecar.table.is_connected().then_some(())
+    })
+    .await;
+    let mut client = registry_client(&registry).await;
+    let second = Backend::start("two", Duration::ZERO).await;
+    register(&mut client, "web", "two", second.addr, "1", 100).await;
+    wait_endpoints(&sidecar, "web", 2).await;
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_sidecar_restarted_without_a_registry_routes_from_its_disk_cache() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let url = format!("http://{}", registry.grpc_addr);
+    let backend = Backend::start("cached", Duration::ZERO).await;
+    let mut client = registry_client(&registry).await;
+    register(&mut client, "web", "cached", backend.addr, "1", 100).await;
+    let first = start_sidecar(sidecar_config(vec![url.clone()], dir.path())).await;
+    wait_endpoints(&first, "web", 1).await;
+    first.shutdown().await;
+    drop(client);
+    registry.shutdown().await;
+    assert!(dir.path().join("catalog.json").exists(), "cache written");
+
+    let second = start_sidecar(sidecar_config(vec![url], dir.path())).await;
+    assert!(second.table.is_loaded(), "ready from the cache at once");
+    assert_eq!(http_get(second.admin_addr, "/ready").await.0, 200);
+    let proxy = second.http_proxy_addr.expect("proxy");
+    assert_eq!(get(&http_client(), proxy, "web").await.1, "cached");
+    let (_, endpoints) = http_get(second.admin_addr, "/endpoints").await;
+    let doc: serde_json::Value = serde_json::from_str(&endpoints).expect("json");
+    assert!(
+        doc["catalog_age_seconds"].is_null(),
+        "no registry confirmed it yet: {doc}"
+    );
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_client_fails_over_to_the_next_registry() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let backend = Backend::start("b", Duration::ZERO).await;
+    let mut client = registry_client(&registry).await;
+    register(&mut client, "web", "b", backend.addr, "1", 100).await;
+    // The first registry in the list does not answer (nothing listens on port 1).
+    let sidecar = start_sidecar(sidecar_config(
+        vec![
+            "http://127.0.0.1:1".into(),
+            format!("http://{}", registry.grpc_addr),
+        ],
+        dir.path(),
+    ))
+    .await;
+    assert_eq!(
+        http_get(sidecar.admin_addr, "/ready").await.0,
+        503,
+        "not ready before a catalog"
+    );
+    wait_endpoints(&sidecar, "web", 1).await;
+    assert_eq!(http_get(sidecar.admin_addr, "/ready").await.0, 200);
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}
+
+#[test]
+fn backoff_is_jittered_exponential_and_capped() {
+    let cfg = switchyard_sidecar::DiscoveryConfig {
+        registries: vec![],
+        namespace: "default".into(),
+        cache_file: None,
+        backoff_min: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(10),
+    };
+    let mut rng = fastrand::Rng::with_seed(3);
+    for attempt in 0..30u32 {
+        let cap =
+            Duration::from_millis(100u64.saturating_mul(1 << attempt.min(20))).min(cfg.backoff_max);
+        let d = switchyard_sidecar::discovery::backoff(&cfg, attempt, &mut rng);
+        assert!(
+            d >= cap / 2 && d <= cap,
+            "attempt {attempt}: {d:?} not in [{:?}, {cap:?}]",
+            cap / 2
+        );
+    }
+}
