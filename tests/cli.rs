@@ -287,3 +287,83 @@ fn dev_uses_a_temp_dir_and_removes_it_at_exit() {
     assert!(dev.wait(Duration::from_secs(10)).success());
     assert!(!Path::new(&data).exists(), "temp data dir removed: {data}");
 }
+
+/// A one-thread HTTP server answering `hello` to every request, closing each connection.
+fn hello_server() -> std::net::SocketAddr {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().map_while(Result::ok).take(10_000) {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+        }
+    });
+    addr
+}
+
+fn raw_get(addr: &str, host: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn instances_json(url: &str, service: &str) -> serde_json::Value {
+    let out = run(&["instances", service, "--registry", url, "-o", "json"]);
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn sidecar_process_from_a_config_file_proxies_registers_and_drains() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
+    let app = hello_server();
+    let file = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "registry = [\"{url}\"]\nadmin = \"127.0.0.1:0\"\nhttp_proxy = \"127.0.0.1:0\"\ncache_file = \"{}\"\nservice = \"app\"\nport = {}\nversion = \"2.0.0\"\nhealth_http = \"/\"\nhealth_interval = \"200ms\"\ndrain = \"300ms\"\n",
+            dir.path().join("cache.json").display(),
+            app.port()
+        ),
+    )
+    .expect("write config");
+    let (mut sidecar, line, _) = start_until(
+        &["sidecar", "--config", file.to_str().expect("utf-8")],
+        "sidecar serving",
+    );
+    let proxy = field(&line, "http_proxy=").to_string();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let json = instances_json(&url, "app");
+        if json[0]["state"] == "SERVING" {
+            assert_eq!(json[0]["version"], "2.0.0");
+            break;
+        }
+        assert!(Instant::now() < deadline, "app never registered: {json}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The sidecar routes to the service it registered (its own catalog has it too).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = raw_get(&proxy, "app.service.switchyard");
+        if reply.ends_with("hello") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no route to app: {reply}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    sidecar.signal("-TERM");
+    let status = sidecar.wait(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert_eq!(instances_json(&url, "app"), serde_json::json!([]), "deregistered on SIGTERM");
+    registry.signal("-TERM");
+    assert!(registry.wait(Duration::from_secs(10)).success());
+}

@@ -221,7 +221,12 @@ pub async fn start(
         .registrar
         .clone()
         .map(|r| tokio::spawn(registrar::run(r, registrar_rx)));
-    tracing::info!(admin = %admin_addr, http_proxy = ?http_proxy_addr, "sidecar serving");
+    tracing::info!(
+        admin = %admin_addr,
+        http_proxy = %http_proxy_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        upstreams = upstream_addrs.len() + http_upstream_addrs.len(),
+        "sidecar serving"
+    );
     Ok(SidecarHandle {
         admin_addr,
         http_proxy_addr,
