@@ -297,7 +297,9 @@ fn hello_server() -> std::net::SocketAddr {
         for mut s in listener.incoming().map_while(Result::ok).take(10_000) {
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf);
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            );
         }
     });
     addr
@@ -306,8 +308,13 @@ fn hello_server() -> std::net::SocketAddr {
 fn raw_get(addr: &str, host: &str) -> String {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -363,7 +370,11 @@ fn sidecar_process_from_a_config_file_proxies_registers_and_drains() {
     sidecar.signal("-TERM");
     let status = sidecar.wait(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
-    assert_eq!(instances_json(&url, "app"), serde_json::json!([]), "deregistered on SIGTERM");
+    assert_eq!(
+        instances_json(&url, "app"),
+        serde_json::json!([]),
+        "deregistered on SIGTERM"
+    );
     registry.signal("-TERM");
     assert!(registry.wait(Duration::from_secs(10)).success());
 }

@@ -138,3 +138,55 @@ async fn the_local_service_is_registered_health_checked_and_drained() {
     );
     registry.shutdown().await;
 }
+
+#[tokio::test]
+async fn tcp_and_grpc_probes_tell_up_from_down() {
+    use switchyard_sidecar::health::Prober;
+    let cfg = |check| HealthConfig {
+        check,
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(500),
+        healthy_threshold: 1,
+        unhealthy_threshold: 1,
+    };
+    // TCP: a listener is up; a closed port is down.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up = listener.local_addr().expect("addr");
+    assert!(Prober::new(up, cfg(Check::Tcp)).probe().await.is_ok());
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let err = Prober::new(closed, cfg(Check::Tcp))
+        .probe()
+        .await
+        .expect_err("down");
+    assert!(err.contains("TCP connect"), "{err}");
+
+    // gRPC: a real tonic health service, serving then not serving.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let grpc_addr = grpc.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
+    );
+    let prober = Prober::new(grpc_addr, cfg(Check::Grpc));
+    assert!(prober.probe().await.is_ok());
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let err = prober.probe().await.expect_err("not serving");
+    assert!(err.contains("NOT_SERVING"), "{err}");
+    drop(listener);
+}
