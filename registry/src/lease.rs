@@ -77,6 +77,10 @@ impl LeaseKeeper {
         }
     }
 
+    pub fn contains(&self, id: LeaseId) -> bool {
+        self.inner.lock().leases.contains_key(&id)
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().leases.len()
     }

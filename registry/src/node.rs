@@ -1,6 +1,5 @@
 //! Starting and stopping a registry node: storage, writer, lease clock, gRPC and HTTP.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +13,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use switchyard_proto::v1::discovery_server::DiscoveryServer;
 use switchyard_proto::v1::registry_server::RegistryServer;
+use switchyard_proto::v1::routing_server::RoutingServer;
 
-use crate::api::{DiscoveryApi, RegistryApi};
+use crate::api::{DiscoveryApi, RegistryApi, RoutingApi};
 use crate::catalog::{Catalog, Command, Limits};
 use crate::lease::LeaseKeeper;
 use crate::metrics::Metrics;
@@ -199,7 +199,7 @@ pub async fn start(
             shared.clone(),
             proposer,
             listeners.grpc,
-            wait_for(shutdown_rx.clone()),
+            shutdown_rx.clone(),
         )),
         tokio::spawn(crate::http::serve(
             shared.clone(),
@@ -223,34 +223,56 @@ pub(crate) async fn wait_for(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// How long shutdown waits for open gRPC streams before closing them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 async fn serve_grpc(
     shared: Arc<Shared>,
     proposer: Proposer,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RegistryServer<RegistryApi>>().await;
     health.set_serving::<DiscoveryServer<DiscoveryApi>>().await;
+    health.set_serving::<RoutingServer<RoutingApi>>().await;
+    let routing = RoutingServer::new(RoutingApi::new(shared.clone(), proposer.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let registry = RegistryServer::new(RegistryApi::new(shared.clone(), proposer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let discovery = DiscoveryServer::new(DiscoveryApi::new(shared))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(registry)
         .add_service(discovery)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "gRPC server failed");
+        .add_service(routing)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait_for(shutdown.clone()));
+    tokio::pin!(server);
+    // Streams we do not own (a client's grpc.health.v1 Watch) never end by themselves:
+    // after the grace period the server is dropped, closing them.
+    let grace = async {
+        wait_for(shutdown).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = &mut server => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }
+        _ = grace => tracing::warn!("gRPC streams still open {SHUTDOWN_GRACE:?} after shutdown; closing them"),
     }
 }
 
 /// Proposes `ExpireLeases` for leases whose deadline passed, promptly after it passes.
 async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watch::Receiver<bool>) {
+    let mut retry = Duration::from_millis(100);
     loop {
+        if *shutdown.borrow() {
+            return;
+        }
         let now = tokio::time::Instant::now();
         let expired = shared.leases.take_expired(now);
         if !expired.is_empty() {
@@ -258,19 +280,30 @@ async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watc
                 leases = expired.len(),
                 "leases expired; removing their instances"
             );
-            if let Err(e) = proposer
-                .propose(Command::ExpireLeases {
-                    lease_ids: expired.clone(),
-                })
-                .await
-            {
-                // Put them back so the next round retries; nothing was removed.
-                tracing::warn!(error = %e, "could not expire leases; will retry");
+            let leases: Vec<(u64, u64)> = {
+                let catalog = shared.catalog.read();
+                expired
+                    .iter()
+                    .filter_map(|id| catalog.lease_granted_at(*id).map(|g| (*id, g)))
+                    .collect()
+            };
+            if let Err(e) = proposer.propose(Command::ExpireLeases { leases }).await {
+                // Nothing was removed: put the clocks back (unless a Register already
+                // re-granted a lease) and retry after a pause, still listening for
+                // shutdown.
+                tracing::warn!(error = %e, ?retry, "could not expire leases; will retry");
                 for id in expired {
-                    if shared.catalog.read().has_lease(id) {
-                        shared.leases.grant(id, 0);
+                    if !shared.leases.contains(id) && shared.catalog.read().has_lease(id) {
+                        shared.leases.grant(id, 1);
                     }
                 }
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                retry = (retry * 2).min(Duration::from_secs(5));
+            } else {
+                retry = Duration::from_millis(100);
             }
             continue;
         }

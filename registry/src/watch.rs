@@ -103,6 +103,12 @@ pub fn filter(change: &Change, namespace: &str, services: &[String]) -> Option<C
             .filter(|r| wanted(&r.namespace, &r.service))
             .cloned()
             .collect(),
+        policies: change
+            .policies
+            .iter()
+            .filter(|p| wanted(&p.namespace, &p.service))
+            .cloned()
+            .collect(),
     })
 }
 

@@ -71,9 +71,15 @@ fn state_of(healthy: bool) -> pb::State {
 }
 
 async fn connect(url: &str) -> Result<RegistryClient<Channel>, String> {
+    // Unary calls time out and dead connections are noticed by HTTP/2 pings, so a
+    // registry host that vanishes without closing sockets is failed over promptly.
     let ep = Endpoint::from_shared(url.to_string())
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2));
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
     Ok(RegistryClient::new(
         ep.connect().await.map_err(|e| e.to_string())?,
     ))
@@ -90,7 +96,8 @@ pub async fn run(cfg: RegistrarConfig, mut stop: watch::Receiver<bool>) {
     let mut rng = fastrand::Rng::new();
     let mut attempt = 0u32;
     let mut next = 0usize;
-    let mut session: Option<(RegistryClient<Channel>, u64)> = None;
+    // (client, lease, registered since the last backoff)
+    let mut session: Option<(RegistryClient<Channel>, u64, bool)> = None;
     loop {
         let url = cfg.registries[next % cfg.registries.len()].clone();
         next += 1;
@@ -98,6 +105,13 @@ pub async fn run(cfg: RegistrarConfig, mut stop: watch::Receiver<bool>) {
             Held::Stopped => break,
             Held::Lost(e) => {
                 tracing::warn!(registry = %url, "registrar lost the registry: {e}; retrying");
+            }
+        }
+        // A session that got as far as registering starts the backoff over.
+        if session.as_ref().is_some_and(|(_, _, fresh)| *fresh) {
+            attempt = 0;
+            if let Some((_, _, fresh)) = session.as_mut() {
+                *fresh = false;
             }
         }
         let base = Duration::from_millis(100)
@@ -141,7 +155,7 @@ async fn hold(
     prober: &Prober,
     verdict: &mut Verdict,
     stop: &mut watch::Receiver<bool>,
-    session: &mut Option<(RegistryClient<Channel>, u64)>,
+    session: &mut Option<(RegistryClient<Channel>, u64, bool)>,
 ) -> Held {
     let mut client = tokio::select! {
         c = connect(url) => match c {
@@ -154,7 +168,7 @@ async fn hold(
         Ok(l) => l,
         Err(e) => return Held::Lost(e),
     };
-    *session = Some((client.clone(), lease));
+    *session = Some((client.clone(), lease, true));
     let (tx, rx) = mpsc::channel(4);
     let mut responses = match client.keep_alive(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
@@ -179,7 +193,7 @@ async fn hold(
                         match register(&mut client, cfg, verdict.healthy()).await {
                             Ok(l) => {
                                 lease = l;
-                                *session = Some((client.clone(), lease));
+                                *session = Some((client.clone(), lease, true));
                             }
                             Err(e) => return Held::Lost(e),
                         }
@@ -210,9 +224,20 @@ async fn hold(
     }
 }
 
-/// DRAINING → wait the drain period (renewing the lease) → deregister.
-async fn drain(cfg: &RegistrarConfig, session: Option<(RegistryClient<Channel>, u64)>) {
-    let Some((mut client, lease)) = session else {
+/// DRAINING → wait the drain period (renewing the lease) → deregister; bounded so a
+/// vanished registry cannot hold shutdown past the drain period plus a few seconds.
+async fn drain(cfg: &RegistrarConfig, session: Option<(RegistryClient<Channel>, u64, bool)>) {
+    let limit = cfg.drain + Duration::from_secs(10);
+    if tokio::time::timeout(limit, drain_inner(cfg, session))
+        .await
+        .is_err()
+    {
+        tracing::warn!(service = %cfg.service.name, "drain did not finish within {limit:?}; exiting without deregistering (the lease will expire)");
+    }
+}
+
+async fn drain_inner(cfg: &RegistrarConfig, session: Option<(RegistryClient<Channel>, u64, bool)>) {
+    let Some((mut client, lease, _)) = session else {
         return;
     };
     let name = &cfg.service.name;

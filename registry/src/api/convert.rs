@@ -2,9 +2,12 @@
 
 use switchyard_proto::v1 as pb;
 
+use std::sync::Arc;
+
+use crate::model::policy::{Fallback, HeaderMatch, MatchKind, Route, Split, Subset};
 use crate::model::{
-    validate_instance, Change, Instance, InstanceRef, ServiceSummary, ServiceView, State,
-    ValidationError,
+    validate_instance, Change, Instance, InstanceRef, Policy, PolicyRecord, ServiceSummary,
+    ServiceView, State, ValidationError,
 };
 
 /// Reads a wire state. `STATE_UNSPECIFIED` becomes `default` (None = refuse it).
@@ -83,6 +86,147 @@ pub fn service_to_proto(v: &ServiceView) -> pb::ServiceState {
     pb::ServiceState {
         service: v.service.clone(),
         instances: v.instances.iter().map(|i| instance_to_proto(i)).collect(),
+        policy: v.policy.as_deref().map(policy_to_proto),
+    }
+}
+
+fn split_from_proto(v: Vec<pb::WeightedSubset>) -> Vec<Split> {
+    v.into_iter()
+        .map(|w| Split {
+            subset: w.subset,
+            weight: w.weight,
+        })
+        .collect()
+}
+
+fn split_to_proto(v: &[Split]) -> Vec<pb::WeightedSubset> {
+    v.iter()
+        .map(|s| pb::WeightedSubset {
+            subset: s.subset.clone(),
+            weight: s.weight,
+        })
+        .collect()
+}
+
+/// Reads a wire policy; shape errors (a header match with no kind, an unknown fallback)
+/// are refused here, the rules by `validate_policy`.
+pub fn policy_from_proto(p: pb::Policy) -> Result<Policy, ValidationError> {
+    let fallback = match pb::Fallback::try_from(p.fallback) {
+        Ok(pb::Fallback::Default) => Fallback::Default,
+        Ok(pb::Fallback::Fail) => Fallback::Fail,
+        Err(_) => {
+            return Err(ValidationError::new(
+                "policy.fallback",
+                format!("{} is not FALLBACK_DEFAULT or FALLBACK_FAIL", p.fallback),
+            ))
+        }
+    };
+    let mut routes = Vec::with_capacity(p.routes.len());
+    for (i, r) in p.routes.into_iter().enumerate() {
+        let mut headers = Vec::with_capacity(r.headers.len());
+        for (j, h) in r.headers.into_iter().enumerate() {
+            use pb::header_match::Match;
+            let kind = match h.r#match {
+                Some(Match::Exact(v)) => MatchKind::Exact(v),
+                Some(Match::Prefix(v)) => MatchKind::Prefix(v),
+                Some(Match::Regex(v)) => MatchKind::Regex(v),
+                Some(Match::Present(true)) => MatchKind::Present,
+                Some(Match::Present(false)) | None => {
+                    return Err(ValidationError::new(
+                        format!("policy.routes[{i}].headers[{j}]"),
+                        "set one of exact, prefix, regex or present=true",
+                    ))
+                }
+            };
+            headers.push(HeaderMatch { name: h.name, kind });
+        }
+        routes.push(Route {
+            name: r.name,
+            headers,
+            split: split_from_proto(r.split),
+            sticky_header: r.sticky_header,
+        });
+    }
+    Ok(Policy {
+        subsets: p
+            .subsets
+            .into_iter()
+            .map(|s| Subset {
+                name: s.name,
+                version: s.version,
+                version_range: s.version_range,
+                labels: s.labels.into_iter().collect(),
+            })
+            .collect(),
+        routes,
+        default_split: split_from_proto(p.default_split),
+        fallback,
+        sticky_header: p.sticky_header,
+    })
+}
+
+pub fn policy_to_proto(p: &Policy) -> pb::Policy {
+    use pb::header_match::Match;
+    pb::Policy {
+        subsets: p
+            .subsets
+            .iter()
+            .map(|s| pb::Subset {
+                name: s.name.clone(),
+                version: s.version.clone(),
+                version_range: s.version_range.clone(),
+                labels: s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+            .collect(),
+        routes: p
+            .routes
+            .iter()
+            .map(|r| pb::Route {
+                name: r.name.clone(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|h| pb::HeaderMatch {
+                        name: h.name.clone(),
+                        r#match: Some(match &h.kind {
+                            MatchKind::Exact(v) => Match::Exact(v.clone()),
+                            MatchKind::Prefix(v) => Match::Prefix(v.clone()),
+                            MatchKind::Regex(v) => Match::Regex(v.clone()),
+                            MatchKind::Present => Match::Present(true),
+                        }),
+                    })
+                    .collect(),
+                split: split_to_proto(&r.split),
+                sticky_header: r.sticky_header.clone(),
+            })
+            .collect(),
+        default_split: split_to_proto(&p.default_split),
+        fallback: match p.fallback {
+            Fallback::Default => pb::Fallback::Default as i32,
+            Fallback::Fail => pb::Fallback::Fail as i32,
+        },
+        sticky_header: p.sticky_header.clone(),
+    }
+}
+
+pub fn record_to_proto(r: &PolicyRecord) -> pb::PolicyRecord {
+    pb::PolicyRecord {
+        revision: r.revision,
+        updated_at_unix_ms: r.at_ms,
+        policy: r.policy.as_deref().map(policy_to_proto),
+        reason: r.reason.clone(),
+    }
+}
+
+fn policy_state(service: &str, policy: &Option<Arc<Policy>>) -> pb::ServiceState {
+    pb::ServiceState {
+        service: service.to_string(),
+        instances: Vec::new(),
+        policy: policy.as_deref().map(policy_to_proto),
     }
 }
 
@@ -105,6 +249,11 @@ pub fn delta_event(change: &Change) -> pb::WatchEvent {
                 .map(|i| instance_to_proto(i))
                 .collect(),
             removed: change.removed.iter().map(ref_to_proto).collect(),
+            policies: change
+                .policies
+                .iter()
+                .map(|p| policy_state(&p.service, &p.policy))
+                .collect(),
         })),
     }
 }

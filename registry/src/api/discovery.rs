@@ -11,7 +11,9 @@ use tonic::{Code, Request, Response, Status};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::discovery_server::Discovery;
 
-use super::convert::{delta_event, instance_to_proto, snapshot_event, summary_to_proto};
+use super::convert::{
+    delta_event, instance_to_proto, policy_to_proto, snapshot_event, summary_to_proto,
+};
 use super::MAX_WATCH_SERVICES;
 use crate::model::{validate_name, validate_namespace, validate_version, Change, Revision};
 use crate::node::Shared;
@@ -46,6 +48,10 @@ impl DiscoveryApi {
         let instances = catalog.resolve(&namespace, &req.service, &req.version);
         Ok(pb::ResolveResponse {
             instances: instances.iter().map(|i| instance_to_proto(i)).collect(),
+            policy: catalog
+                .current_policy(&namespace, &req.service)
+                .as_deref()
+                .map(policy_to_proto),
             revision: catalog.revision(),
         })
     }
@@ -111,6 +117,8 @@ impl DiscoveryApi {
             (rx, first)
         };
 
+        // Counted before the task starts, so a burst cannot overshoot max_watchers.
+        self.shared.metrics.watchers.inc();
         let (tx, out) = mpsc::channel(WATCH_STREAM_BUFFER);
         let watcher = Watcher {
             shared: self.shared.clone(),
@@ -136,7 +144,6 @@ struct Watcher {
 impl Watcher {
     async fn run(self, mut rx: broadcast::Receiver<Arc<Change>>, first: Vec<pb::WatchEvent>) {
         let metrics = &self.shared.metrics;
-        metrics.watchers.inc();
         let mut shutdown = self.shared.shutdown.clone();
         let mut seen: Revision = 0;
         let result: Result<(), ()> = async {
@@ -148,6 +155,8 @@ impl Watcher {
                 let received = tokio::select! {
                     r = rx.recv() => r,
                     _ = shutdown.wait_for(|s| *s) => return Err(()),
+                    // The client went away while nothing changed: free the slot now.
+                    _ = self.tx.closed() => return Err(()),
                 };
                 match received {
                     Ok(change) => {

@@ -5,9 +5,11 @@
 mod convert;
 mod discovery;
 mod registry;
+mod routing;
 
 pub use discovery::DiscoveryApi;
 pub use registry::RegistryApi;
+pub use routing::RoutingApi;
 
 use tonic::Status;
 
@@ -30,8 +32,12 @@ impl From<ValidationError> for Status {
 pub fn status(e: ProposeError) -> Status {
     match e {
         ProposeError::Refused(ApplyError::LeaseNotFound(_))
-        | ProposeError::Refused(ApplyError::InstanceNotFound { .. }) => {
+        | ProposeError::Refused(ApplyError::InstanceNotFound { .. })
+        | ProposeError::Refused(ApplyError::PolicyRevisionNotFound { .. }) => {
             Status::not_found(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::NoEarlierPolicy(_)) => {
+            Status::failed_precondition(e.to_string())
         }
         ProposeError::Refused(ApplyError::TooManyInstances(_))
         | ProposeError::Refused(ApplyError::LeaseFull(..)) => {

@@ -60,7 +60,7 @@ impl RegistryApi {
                 revision,
                 ttl_seconds,
             }),
-            Reply::Done { .. } => Err(Status::internal("register produced no lease")),
+            _ => Err(Status::internal("register produced no lease")),
         }
     }
 
@@ -102,9 +102,10 @@ impl RegistryApi {
     }
 }
 
-fn revision_of(reply: &Reply) -> u64 {
+pub(crate) fn revision_of(reply: &Reply) -> u64 {
     match reply {
         Reply::Registered { revision, .. } | Reply::Done { revision } => *revision,
+        Reply::Policy { record } => record.revision,
     }
 }
 

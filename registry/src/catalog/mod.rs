@@ -11,7 +11,7 @@ pub use state::{ApplyError, ApplyResult, Catalog, Limits, PersistedCatalog, Repl
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Instance, LeaseId, State};
+use crate::model::{Instance, LeaseId, Policy, State};
 
 /// A change to the catalog, as written to the log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,8 +33,25 @@ pub enum Command {
         state: State,
     },
     /// Proposed by the lease keeper: removes the leases and every instance they hold.
+    /// Each lease is named with the index that last granted it (as the proposer saw it);
+    /// one granted again since is left alone.
     ExpireLeases {
-        lease_ids: Vec<LeaseId>,
+        leases: Vec<(LeaseId, u64)>,
+    },
+    /// Sets (or with `None` clears) a service's routing policy. `at_ms` is the proposer's
+    /// wall clock, recorded in the history; apply never reads a clock itself.
+    PutPolicy {
+        namespace: String,
+        service: String,
+        policy: Option<Policy>,
+        at_ms: u64,
+    },
+    /// Restores a kept policy revision (0: the one before the current) as a new change.
+    RollbackPolicy {
+        namespace: String,
+        service: String,
+        to_revision: u64,
+        at_ms: u64,
     },
 }
 
@@ -46,6 +63,8 @@ impl Command {
             Command::Deregister { .. } => "deregister",
             Command::SetState { .. } => "set_state",
             Command::ExpireLeases { .. } => "expire_leases",
+            Command::PutPolicy { .. } => "put_policy",
+            Command::RollbackPolicy { .. } => "rollback_policy",
         }
     }
 }

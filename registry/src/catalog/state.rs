@@ -1,10 +1,14 @@
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::Command;
-use crate::model::{Change, Instance, LeaseId, Revision, ServiceSummary, ServiceView, State};
+use crate::model::policy::MAX_POLICY_HISTORY;
+use crate::model::{
+    Change, Instance, LeaseId, Policy, PolicyChange, PolicyRecord, Revision, ServiceSummary,
+    ServiceView, State,
+};
 
 /// Bounds the state machine enforces itself, so that a replica never grows without limit
 /// whatever the log holds.
@@ -39,6 +43,10 @@ pub enum ApplyError {
     TooManyInstances(usize),
     #[error("lease {0} already holds its maximum of {1} instances: register with another lease")]
     LeaseFull(LeaseId, usize),
+    #[error("service {service:?} has no kept policy revision {revision}: see its history for the revisions to roll back to")]
+    PolicyRevisionNotFound { service: String, revision: u64 },
+    #[error("service {0:?} has no earlier policy to roll back to")]
+    NoEarlierPolicy(String),
 }
 
 /// What the caller of a command gets back.
@@ -51,6 +59,9 @@ pub enum Reply {
     },
     Done {
         revision: Revision,
+    },
+    Policy {
+        record: PolicyRecord,
     },
 }
 
@@ -93,6 +104,10 @@ struct Namespace {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Lease {
     ttl_seconds: u32,
+    /// Index of the last command that granted or re-granted the lease. An expiry names
+    /// the value it saw, so a Register that reused the lease after the leader's clock
+    /// ran out (but before the expiry was applied) keeps it alive.
+    granted_at: u64,
     /// (namespace, id) of every instance the lease keeps alive.
     owners: BTreeSet<(String, String)>,
 }
@@ -106,6 +121,8 @@ pub struct Catalog {
     namespaces: BTreeMap<String, Namespace>,
     leases: BTreeMap<LeaseId, Lease>,
     instance_count: usize,
+    /// (namespace, service) -> recorded policy changes, oldest first; the last is current.
+    policies: BTreeMap<(String, String), VecDeque<PolicyRecord>>,
 }
 
 /// The catalog as written to a snapshot.
@@ -114,7 +131,9 @@ pub struct PersistedCatalog {
     applied_index: u64,
     revision: Revision,
     instances: Vec<(Instance, LeaseId)>,
-    leases: Vec<(LeaseId, u32)>,
+    /// (id, ttl_seconds, granted_at)
+    leases: Vec<(LeaseId, u32, u64)>,
+    policies: Vec<((String, String), Vec<PolicyRecord>)>,
 }
 
 impl Catalog {
@@ -175,8 +194,127 @@ impl Catalog {
                 id,
                 state,
             } => self.set_state(index, namespace, id, *state),
-            Command::ExpireLeases { lease_ids } => self.expire(index, lease_ids),
+            Command::ExpireLeases { leases } => self.expire(index, leases),
+            Command::PutPolicy {
+                namespace,
+                service,
+                policy,
+                at_ms,
+            } => self.record_policy(
+                index,
+                namespace,
+                service,
+                policy.clone().map(Arc::new),
+                *at_ms,
+                "put".to_string(),
+            ),
+            Command::RollbackPolicy {
+                namespace,
+                service,
+                to_revision,
+                at_ms,
+            } => self.rollback_policy(index, namespace, service, *to_revision, *at_ms),
         }
+    }
+
+    /// The current policy of a service, if it has one.
+    pub fn policy(&self, namespace: &str, service: &str) -> Option<&PolicyRecord> {
+        self.policies
+            .get(&(namespace.to_string(), service.to_string()))
+            .and_then(|h| h.back())
+    }
+
+    /// Every kept policy change of a service, oldest first.
+    pub fn policy_history(&self, namespace: &str, service: &str) -> Vec<PolicyRecord> {
+        self.policies
+            .get(&(namespace.to_string(), service.to_string()))
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn current_policy(&self, namespace: &str, service: &str) -> Option<Arc<Policy>> {
+        self.policy(namespace, service)
+            .and_then(|r| r.policy.clone())
+    }
+
+    fn record_policy(
+        &mut self,
+        index: u64,
+        namespace: &str,
+        service: &str,
+        policy: Option<Arc<Policy>>,
+        at_ms: u64,
+        reason: String,
+    ) -> ApplyResult {
+        let record = PolicyRecord {
+            revision: index,
+            at_ms,
+            policy: policy.clone(),
+            reason,
+        };
+        let history = self
+            .policies
+            .entry((namespace.to_string(), service.to_string()))
+            .or_default();
+        history.push_back(record.clone());
+        while history.len() > MAX_POLICY_HISTORY {
+            history.pop_front();
+        }
+        self.revision = index;
+        ApplyResult {
+            reply: Ok(Reply::Policy { record }),
+            change: Some(Change {
+                revision: index,
+                policies: vec![PolicyChange {
+                    namespace: namespace.to_string(),
+                    service: service.to_string(),
+                    policy,
+                }],
+                ..Change::default()
+            }),
+            leases_granted: Vec::new(),
+            leases_removed: Vec::new(),
+        }
+    }
+
+    fn rollback_policy(
+        &mut self,
+        index: u64,
+        namespace: &str,
+        service: &str,
+        to_revision: u64,
+        at_ms: u64,
+    ) -> ApplyResult {
+        let history = self
+            .policies
+            .get(&(namespace.to_string(), service.to_string()));
+        let target = match history {
+            None => None,
+            Some(h) if to_revision == 0 => {
+                if h.len() < 2 {
+                    return ApplyResult::refused(ApplyError::NoEarlierPolicy(service.to_string()));
+                }
+                h.get(h.len() - 2).cloned()
+            }
+            Some(h) => h.iter().find(|r| r.revision == to_revision).cloned(),
+        };
+        let Some(target) = target else {
+            if to_revision == 0 {
+                return ApplyResult::refused(ApplyError::NoEarlierPolicy(service.to_string()));
+            }
+            return ApplyResult::refused(ApplyError::PolicyRevisionNotFound {
+                service: service.to_string(),
+                revision: to_revision,
+            });
+        };
+        self.record_policy(
+            index,
+            namespace,
+            service,
+            target.policy,
+            at_ms,
+            format!("rollback to {}", target.revision),
+        )
     }
 
     fn register(
@@ -232,12 +370,14 @@ impl Catalog {
                 lease,
                 Lease {
                     ttl_seconds: ttl,
+                    granted_at: index,
                     owners: BTreeSet::new(),
                 },
             );
         }
         if let Some(l) = self.leases.get_mut(&lease) {
             l.owners.insert(key.clone());
+            l.granted_at = index;
             if lease_id.is_none() {
                 l.ttl_seconds = ttl;
             }
@@ -341,8 +481,8 @@ impl Catalog {
             reply: Ok(Reply::Done { revision: index }),
             change: Some(Change {
                 revision: index,
-                upserted: Vec::new(),
                 removed: vec![instance.to_ref()],
+                ..Change::default()
             }),
             leases_granted: Vec::new(),
             leases_removed,
@@ -380,15 +520,28 @@ impl Catalog {
             change: Some(Change {
                 revision: index,
                 upserted: vec![arc],
-                removed: Vec::new(),
+                ..Change::default()
             }),
             leases_granted: Vec::new(),
             leases_removed: Vec::new(),
         }
     }
 
-    fn expire(&mut self, index: u64, lease_ids: &[LeaseId]) -> ApplyResult {
-        let wanted: BTreeSet<LeaseId> = lease_ids.iter().copied().collect();
+    /// The index that last granted a lease, for an expiry to name.
+    pub fn lease_granted_at(&self, id: LeaseId) -> Option<u64> {
+        self.leases.get(&id).map(|l| l.granted_at)
+    }
+
+    fn expire(&mut self, index: u64, leases: &[(LeaseId, u64)]) -> ApplyResult {
+        let wanted: BTreeSet<LeaseId> = leases
+            .iter()
+            .filter(|(id, granted_at)| {
+                self.leases
+                    .get(id)
+                    .is_some_and(|l| l.granted_at == *granted_at)
+            })
+            .map(|(id, _)| *id)
+            .collect();
         let mut change = Change {
             revision: index,
             ..Change::default()
@@ -426,19 +579,39 @@ impl Catalog {
         }
     }
 
-    /// The services of a namespace (all, or only `services`), sorted by name.
+    /// The services of a namespace (all, or only `services`), sorted by name: those with
+    /// instances and those with only a policy.
     pub fn snapshot(&self, namespace: &str, services: &[String]) -> Vec<ServiceView> {
-        let Some(ns) = self.namespaces.get(namespace) else {
-            return Vec::new();
-        };
-        ns.services
-            .iter()
-            .filter(|(name, _)| services.is_empty() || services.iter().any(|s| s == *name))
-            .map(|(name, instances)| ServiceView {
-                service: name.clone(),
-                instances: instances.values().map(|e| e.instance.clone()).collect(),
-            })
-            .collect()
+        let wanted = |name: &str| services.is_empty() || services.iter().any(|s| s == name);
+        let mut out: BTreeMap<&str, ServiceView> = BTreeMap::new();
+        if let Some(ns) = self.namespaces.get(namespace) {
+            for (name, instances) in ns.services.iter().filter(|(n, _)| wanted(n)) {
+                out.insert(
+                    name,
+                    ServiceView {
+                        service: name.clone(),
+                        instances: instances.values().map(|e| e.instance.clone()).collect(),
+                        policy: None,
+                    },
+                );
+            }
+        }
+        for ((ns, name), history) in &self.policies {
+            if ns != namespace || !wanted(name) {
+                continue;
+            }
+            let Some(policy) = history.back().and_then(|r| r.policy.clone()) else {
+                continue;
+            };
+            out.entry(name)
+                .or_insert_with(|| ServiceView {
+                    service: name.clone(),
+                    instances: Vec::new(),
+                    policy: None,
+                })
+                .policy = Some(policy);
+        }
+        out.into_values().collect()
     }
 
     /// The instances of one service, optionally of one version.
@@ -490,7 +663,16 @@ impl Catalog {
             applied_index: self.applied_index,
             revision: self.revision,
             instances,
-            leases: self.leases().collect(),
+            leases: self
+                .leases
+                .iter()
+                .map(|(id, l)| (*id, l.ttl_seconds, l.granted_at))
+                .collect(),
+            policies: self
+                .policies
+                .iter()
+                .map(|(k, h)| (k.clone(), h.iter().cloned().collect()))
+                .collect(),
         }
     }
 
@@ -500,11 +682,12 @@ impl Catalog {
         let mut c = Catalog::new(limits);
         c.applied_index = p.applied_index;
         c.revision = p.revision;
-        for (id, ttl) in p.leases {
+        for (id, ttl, granted_at) in p.leases {
             c.leases.insert(
                 id,
                 Lease {
                     ttl_seconds: ttl,
+                    granted_at,
                     owners: BTreeSet::new(),
                 },
             );
@@ -530,6 +713,11 @@ impl Catalog {
             c.instance_count += 1;
         }
         c.leases.retain(|_, l| !l.owners.is_empty());
+        c.policies = p
+            .policies
+            .into_iter()
+            .map(|(k, h)| (k, h.into_iter().collect()))
+            .collect();
         c
     }
 }
@@ -584,7 +772,8 @@ mod tests {
             },
             reg(inst("api", "b", "3")),
             Command::ExpireLeases {
-                lease_ids: vec![3, 1, 3],
+                // Lease 1 was last granted by the Register at index 4.
+                leases: vec![(3, 3), (1, 4), (3, 3)],
             },
         ]
     }
@@ -662,6 +851,29 @@ mod tests {
             format!("{:?}", after.instances)
         );
         assert_eq!(before.leases, after.leases);
+    }
+
+    #[test]
+    fn an_expiry_spares_a_lease_granted_again_since() {
+        let mut c = run(&script()[..1]);
+        // The leader saw lease 1 granted at index 1; a Register reuses it at index 2.
+        let _ = c.apply(2, &reg(inst("web", "a", "2")));
+        let r = c.apply(
+            3,
+            &Command::ExpireLeases {
+                leases: vec![(1, 1)],
+            },
+        );
+        assert!(r.change.is_none() && r.leases_removed.is_empty());
+        assert_eq!(c.instance_count(), 1);
+        let r = c.apply(
+            4,
+            &Command::ExpireLeases {
+                leases: vec![(1, 2)],
+            },
+        );
+        assert_eq!(r.leases_removed, vec![1]);
+        assert_eq!(c.instance_count(), 0);
     }
 
     #[test]

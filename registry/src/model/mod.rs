@@ -3,6 +3,7 @@
 //! Pure data and validation: nothing here imports tokio, tonic or redb, so the state
 //! machine and the rules can be tested (and later replicated) without any transport.
 
+pub mod policy;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use policy::{Policy, PolicyRecord};
 pub use validate::{
     validate_id, validate_instance, validate_name, validate_namespace, validate_ttl,
     validate_version, ValidationError, DEFAULT_TTL_SECONDS, DEFAULT_WEIGHT, MAX_ID_LEN, MAX_LABELS,
@@ -82,6 +84,14 @@ pub struct InstanceRef {
     pub id: String,
 }
 
+/// A service whose routing policy changed (`None`: cleared).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyChange {
+    pub namespace: String,
+    pub service: String,
+    pub policy: Option<Arc<Policy>>,
+}
+
 /// What one applied command changed, as watchers see it. Instances are shared (`Arc`)
 /// between the catalog, the watch history and every watcher, so fan-out copies pointers.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -89,6 +99,7 @@ pub struct Change {
     pub revision: Revision,
     pub upserted: Vec<Arc<Instance>>,
     pub removed: Vec<InstanceRef>,
+    pub policies: Vec<PolicyChange>,
 }
 
 impl Change {
@@ -104,6 +115,10 @@ impl Change {
                 .removed
                 .iter()
                 .any(|r| wanted(&r.namespace, &r.service))
+            || self
+                .policies
+                .iter()
+                .any(|p| wanted(&p.namespace, &p.service))
     }
 }
 
@@ -112,6 +127,7 @@ impl Change {
 pub struct ServiceView {
     pub service: String,
     pub instances: Vec<Arc<Instance>>,
+    pub policy: Option<Arc<Policy>>,
 }
 
 /// One line of `ListServices`.

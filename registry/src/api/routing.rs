@@ -1,0 +1,174 @@
+//! `switchyard.v1.Routing`: PutPolicy, GetPolicy, PolicyHistory, RollbackPolicy.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use tonic::{Code, Request, Response, Status};
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::routing_server::Routing;
+
+use super::convert::{policy_from_proto, record_to_proto};
+use super::status;
+use crate::catalog::{Command, Reply};
+use crate::model::policy::{validate_policy, MAX_POLICY_BYTES};
+use crate::model::{validate_name, validate_namespace};
+use crate::node::Shared;
+use crate::writer::Proposer;
+
+pub struct RoutingApi {
+    shared: Arc<Shared>,
+    proposer: Proposer,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn record_of(reply: Reply) -> Result<pb::PolicyRecord, Status> {
+    match reply {
+        Reply::Policy { record } => Ok(record_to_proto(&record)),
+        _ => Err(Status::internal("policy change produced no record")),
+    }
+}
+
+impl RoutingApi {
+    pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
+        Self { shared, proposer }
+    }
+
+    fn count<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.shared.metrics.grpc(method, code);
+        r
+    }
+
+    fn target(namespace: &str, service: &str) -> Result<String, Status> {
+        let namespace = validate_namespace("namespace", namespace)?;
+        validate_name("service", service)?;
+        Ok(namespace)
+    }
+
+    async fn put(&self, req: pb::PutPolicyRequest) -> Result<pb::PutPolicyResponse, Status> {
+        let namespace = Self::target(&req.namespace, &req.service)?;
+        let policy = match req.policy {
+            None => None,
+            Some(p) => {
+                let size = p.encoded_len();
+                if size > MAX_POLICY_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid policy: {size} bytes encoded, at most {MAX_POLICY_BYTES}"
+                    )));
+                }
+                let policy = policy_from_proto(p)?;
+                let versions: BTreeSet<String> = self
+                    .shared
+                    .catalog
+                    .read()
+                    .resolve(&namespace, &req.service, "")
+                    .iter()
+                    .map(|i| i.version.clone())
+                    .collect();
+                validate_policy(&policy, &versions)?;
+                Some(policy)
+            }
+        };
+        let reply = self
+            .proposer
+            .propose(Command::PutPolicy {
+                namespace,
+                service: req.service,
+                policy,
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(status)?;
+        Ok(pb::PutPolicyResponse {
+            revision: record_of(reply)?.revision,
+        })
+    }
+
+    fn get(&self, req: pb::GetPolicyRequest) -> Result<pb::GetPolicyResponse, Status> {
+        let namespace = Self::target(&req.namespace, &req.service)?;
+        let catalog = self.shared.catalog.read();
+        Ok(pb::GetPolicyResponse {
+            current: catalog
+                .policy(&namespace, &req.service)
+                .filter(|r| r.policy.is_some())
+                .map(record_to_proto),
+        })
+    }
+
+    fn history(&self, req: pb::PolicyHistoryRequest) -> Result<pb::PolicyHistoryResponse, Status> {
+        let namespace = Self::target(&req.namespace, &req.service)?;
+        let catalog = self.shared.catalog.read();
+        Ok(pb::PolicyHistoryResponse {
+            records: catalog
+                .policy_history(&namespace, &req.service)
+                .iter()
+                .map(record_to_proto)
+                .collect(),
+        })
+    }
+
+    async fn rollback(
+        &self,
+        req: pb::RollbackPolicyRequest,
+    ) -> Result<pb::RollbackPolicyResponse, Status> {
+        let namespace = Self::target(&req.namespace, &req.service)?;
+        let reply = self
+            .proposer
+            .propose(Command::RollbackPolicy {
+                namespace,
+                service: req.service,
+                to_revision: req.to_revision,
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(status)?;
+        let restored = record_of(reply)?;
+        Ok(pb::RollbackPolicyResponse {
+            revision: restored.revision,
+            restored: Some(restored),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Routing for RoutingApi {
+    async fn put_policy(
+        &self,
+        request: Request<pb::PutPolicyRequest>,
+    ) -> Result<Response<pb::PutPolicyResponse>, Status> {
+        let r = self.put(request.into_inner()).await;
+        self.count("PutPolicy", r).map(Response::new)
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let r = self.get(request.into_inner());
+        self.count("GetPolicy", r).map(Response::new)
+    }
+
+    async fn policy_history(
+        &self,
+        request: Request<pb::PolicyHistoryRequest>,
+    ) -> Result<Response<pb::PolicyHistoryResponse>, Status> {
+        let r = self.history(request.into_inner());
+        self.count("PolicyHistory", r).map(Response::new)
+    }
+
+    async fn rollback_policy(
+        &self,
+        request: Request<pb::RollbackPolicyRequest>,
+    ) -> Result<Response<pb::RollbackPolicyResponse>, Status> {
+        let r = self.rollback(request.into_inner()).await;
+        self.count("RollbackPolicy", r).map(Response::new)
+    }
+}
