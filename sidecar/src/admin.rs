@@ -85,6 +85,160 @@ fn respond(code: StatusCode, content_type: &'static str, body: String) -> Respon
     r
 }
 
+/// Decodes `%XX` and `+` in a query component.
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let decoded = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match decoded {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[derive(Serialize)]
+struct ExplainDoc<'a> {
+    service: &'a str,
+    route: &'a str,
+    subset: Option<&'a str>,
+    why: String,
+    candidates: Vec<EndpointDoc<'a>>,
+    would_pick: Option<&'a str>,
+}
+
+fn bad(msg: String) -> Response<Full<Bytes>> {
+    respond(StatusCode::BAD_REQUEST, "text/plain", msg)
+}
+
+/// `/explain?service=web&header=x-canary:true`: the routing decision for such a
+/// request, without sending it.
+fn explain_route(table: &EndpointTable, query: &str) -> Response<Full<Bytes>> {
+    let mut service = None;
+    let mut headers = http::HeaderMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()).take(64) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (unescape(k), unescape(v));
+        match k.as_str() {
+            "service" => service = Some(v),
+            "header" => {
+                let (name, value) = v.split_once(':').unwrap_or((v.as_str(), ""));
+                let name =
+                    http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes());
+                let value = http::HeaderValue::from_str(value.trim());
+                match (name, value) {
+                    (Ok(n), Ok(val)) => {
+                        headers.append(n, val);
+                    }
+                    _ => return bad(format!("bad header {v:?}: use header=NAME:VALUE\n")),
+                }
+            }
+            other => {
+                return bad(format!(
+                    "unknown parameter {other:?}: use service= and header=\n"
+                ))
+            }
+        }
+    }
+    let Some(service) = service else {
+        return bad("missing service=NAME\n".into());
+    };
+    let Some(view) = table.get(&service) else {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no such service {service:?} in the catalog\n"),
+        );
+    };
+    let mut rng = fastrand::Rng::new();
+    let decision = match crate::route::decide(&service, view.policy.as_ref(), &headers, &mut rng) {
+        Ok(d) => d,
+        Err(crate::route::NoRoute(why)) => {
+            return respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            );
+        }
+    };
+    let (candidates, equal) = match decision.subset {
+        Some(s) => (s.usable.as_slice(), s.equal_weights),
+        None => (view.usable.as_slice(), view.equal_weights),
+    };
+    let picked = crate::balance::pick_from(
+        &view.endpoints,
+        candidates,
+        equal,
+        &crate::balance::LbConfig::default(),
+        &mut rng,
+    );
+    let line = crate::route::explain(&decision, &view.endpoints, candidates, picked);
+    let why = line
+        .split("; ")
+        .find_map(|p| p.strip_prefix("why="))
+        .unwrap_or("")
+        .to_string();
+    let doc = ExplainDoc {
+        service: &view.name,
+        route: decision.route.unwrap_or("default"),
+        subset: decision.subset.map(|s| s.name.as_str()),
+        why,
+        candidates: candidates
+            .iter()
+            .filter_map(|&i| view.endpoints.get(i))
+            .map(endpoint_doc)
+            .collect(),
+        would_pick: picked.map(|e| e.id.as_str()),
+    };
+    json(&doc)
+}
+
+fn json<T: Serialize>(doc: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(doc) {
+        Ok(mut s) => {
+            s.push('\n');
+            respond(StatusCode::OK, "application/json", s)
+        }
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+    }
+}
+
+fn endpoint_doc(e: &crate::endpoint::Endpoint) -> EndpointDoc<'_> {
+    EndpointDoc {
+        id: &e.id,
+        address: &e.authority,
+        version: &e.version,
+        weight: e.weight,
+        state: e.state,
+        active: e.live.active(),
+        total: e.live.total.load(std::sync::atomic::Ordering::Relaxed),
+        consecutive_failures: e
+            .live
+            .consecutive_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
 fn route(
     table: &EndpointTable,
     metrics: &Metrics,
@@ -125,23 +279,7 @@ fn route(
                 .map(|v| ServiceDoc {
                     service: &v.name,
                     revision: v.revision,
-                    endpoints: v
-                        .endpoints
-                        .iter()
-                        .map(|e| EndpointDoc {
-                            id: &e.id,
-                            address: &e.authority,
-                            version: &e.version,
-                            weight: e.weight,
-                            state: e.state,
-                            active: e.live.active(),
-                            total: e.live.total.load(std::sync::atomic::Ordering::Relaxed),
-                            consecutive_failures: e
-                                .live
-                                .consecutive_failures
-                                .load(std::sync::atomic::Ordering::Relaxed),
-                        })
-                        .collect(),
+                    endpoints: v.endpoints.iter().map(endpoint_doc).collect(),
                 })
                 .collect();
             services.sort_by(|a, b| a.service.cmp(b.service));
@@ -151,22 +289,14 @@ fn route(
                 catalog_age_seconds: table.age().map(|a| a.as_secs_f64()),
                 services,
             };
-            match serde_json::to_string_pretty(&doc) {
-                Ok(mut s) => {
-                    s.push('\n');
-                    respond(StatusCode::OK, "application/json", s)
-                }
-                Err(e) => respond(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("{e}\n"),
-                ),
-            }
+            json(&doc)
         }
+        "/explain" => explain_route(table, req.uri().query().unwrap_or("")),
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /ready, /metrics or /endpoints\n".into(),
+            "not found: try /ready, /metrics, /endpoints or /explain?service=NAME&header=K:V\n"
+                .into(),
         ),
     }
 }

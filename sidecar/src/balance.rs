@@ -55,21 +55,31 @@ pub fn pick<'a>(
     cfg: &LbConfig,
     rng: &mut fastrand::Rng,
 ) -> Option<&'a Endpoint> {
-    let usable = &view.usable;
+    pick_from(&view.endpoints, &view.usable, view.equal_weights, cfg, rng)
+}
+
+/// Least request among `usable` (indices into `endpoints`), e.g. one subset's members.
+pub fn pick_from<'a>(
+    endpoints: &'a [Endpoint],
+    usable: &[usize],
+    equal_weights: bool,
+    cfg: &LbConfig,
+    rng: &mut fastrand::Rng,
+) -> Option<&'a Endpoint> {
     match usable.len() {
         0 => None,
-        1 => view.endpoints.get(usable[0]),
-        n if view.equal_weights => {
+        1 => endpoints.get(usable[0]),
+        n if equal_weights => {
             let mut best: Option<&Endpoint> = None;
             for _ in 0..cfg.choice_count.max(1) {
-                let candidate = &view.endpoints[usable[rng.usize(..n)]];
+                let candidate = endpoints.get(usable[rng.usize(..n)])?;
                 if best.is_none_or(|b| candidate.live.active() < b.live.active()) {
                     best = Some(candidate);
                 }
             }
             best
         }
-        _ => weighted(view, cfg.active_request_bias, rng),
+        _ => weighted(endpoints, usable, cfg.active_request_bias, rng),
     }
 }
 
@@ -85,16 +95,20 @@ fn effective_weight(e: &Endpoint, bias: f64) -> f64 {
     }
 }
 
-fn weighted<'a>(view: &'a ServiceView, bias: f64, rng: &mut fastrand::Rng) -> Option<&'a Endpoint> {
-    let total: f64 = view
-        .usable
+fn weighted<'a>(
+    endpoints: &'a [Endpoint],
+    usable: &[usize],
+    bias: f64,
+    rng: &mut fastrand::Rng,
+) -> Option<&'a Endpoint> {
+    let total: f64 = usable
         .iter()
-        .map(|&i| effective_weight(&view.endpoints[i], bias))
+        .filter_map(|&i| endpoints.get(i))
+        .map(|e| effective_weight(e, bias))
         .sum();
     let mut target = rng.f64() * total;
     let mut last = None;
-    for &i in &view.usable {
-        let e = &view.endpoints[i];
+    for e in usable.iter().filter_map(|&i| endpoints.get(i)) {
         let w = effective_weight(e, bias);
         if target < w {
             return Some(e);
@@ -136,7 +150,7 @@ mod tests {
                 )
             })
             .collect();
-        ServiceView::new("svc".into(), 1, &records, None, None)
+        ServiceView::new("svc".into(), 1, &records, None, None, None)
     }
 
     fn index(v: &ServiceView, e: &Endpoint) -> usize {
@@ -296,7 +310,7 @@ mod tests {
                 },
             );
         }
-        let v2 = ServiceView::new("svc".into(), 2, &records, Some(&v1), None);
+        let v2 = ServiceView::new("svc".into(), 2, &records, None, Some(&v1), None);
         assert_eq!(v2.endpoints[0].live.active(), 7);
         assert_eq!(v2.endpoints[0].version, "2");
     }

@@ -23,6 +23,7 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod registrar;
+pub mod route;
 pub mod table;
 
 use std::net::SocketAddr;

@@ -31,6 +31,42 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubsetLabels {
+    pub service: String,
+    pub subset: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubsetClassLabels {
+    pub service: String,
+    pub subset: String,
+    pub version: String,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub service: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// The metric handles of one (subset, version) of a service.
+#[derive(Clone, Debug)]
+pub struct SubsetMetrics {
+    classes: [Counter; 5],
+    pub latency: Histogram,
+}
+
+impl SubsetMetrics {
+    pub fn response(&self, status: u16) {
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.classes[i].inc();
+    }
+}
+
 /// The metric handles of one endpoint.
 #[derive(Clone, Debug)]
 pub struct EndpointMetrics {
@@ -58,6 +94,9 @@ pub struct Metrics {
     pub registry_connected: Gauge<i64, AtomicI64>,
     pub watch_reconnects: Counter,
     pub tcp_connections: Family<EndpointLabels, Counter>,
+    subset_requests: Family<SubsetClassLabels, Counter>,
+    subset_latency: Family<SubsetLabels, Histogram, fn() -> Histogram>,
+    split_fallbacks: Family<FallbackLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -78,6 +117,27 @@ impl Default for Metrics {
         let registry_connected = Gauge::default();
         let watch_reconnects = Counter::default();
         let tcp_connections = Family::default();
+        let subset_requests = Family::default();
+        let subset_latency =
+            Family::<SubsetLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let split_fallbacks = Family::default();
+        registry.register(
+            "subset_requests",
+            "Proxied requests by service, subset, version and status class (5xx = errors)",
+            subset_requests.clone(),
+        );
+        registry.register(
+            "subset_request_duration_seconds",
+            "Time to the upstream's response headers, by service, subset and version",
+            subset_latency.clone(),
+        );
+        registry.register(
+            "split_fallbacks",
+            "Requests whose drawn subset had no healthy endpoint and went to another",
+            split_fallbacks.clone(),
+        );
         registry.register(
             "requests",
             "Proxied HTTP requests by upstream service, endpoint and status class",
@@ -134,6 +194,9 @@ impl Default for Metrics {
             registry_connected,
             watch_reconnects,
             tcp_connections,
+            subset_requests,
+            subset_latency,
+            split_fallbacks,
         }
     }
 }
@@ -166,6 +229,48 @@ impl Metrics {
                 })
                 .clone(),
         }
+    }
+
+    /// Handles for one (subset, version), created when a policy is compiled.
+    pub fn subset(&self, service: &str, subset: &str, version: &str) -> SubsetMetrics {
+        let class = |class| {
+            self.subset_requests
+                .get_or_create(&SubsetClassLabels {
+                    service: service.to_string(),
+                    subset: subset.to_string(),
+                    version: version.to_string(),
+                    class,
+                })
+                .clone()
+        };
+        SubsetMetrics {
+            classes: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            latency: self
+                .subset_latency
+                .get_or_create(&SubsetLabels {
+                    service: service.to_string(),
+                    subset: subset.to_string(),
+                    version: version.to_string(),
+                })
+                .clone(),
+        }
+    }
+
+    /// Counts a request whose subset had no healthy endpoint (rare: a lock is fine).
+    pub fn split_fallback(&self, service: &str, from: &str, to: &str) {
+        self.split_fallbacks
+            .get_or_create(&FallbackLabels {
+                service: service.to_string(),
+                from: from.to_string(),
+                to: to.to_string(),
+            })
+            .inc();
     }
 
     pub fn local_reply(&self, service: &str, status: u16) {

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoint::{Endpoint, LiveState, State};
 use crate::metrics::Metrics;
+use crate::route::CompiledPolicy;
+use switchyard_proto::v1 as pb;
 
 /// One instance as the catalog holds it (also the disk cache's record).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +54,8 @@ pub struct ServiceView {
     pub usable: Vec<usize>,
     /// True when every usable endpoint has the same weight (power of two choices).
     pub equal_weights: bool,
+    /// The service's routing policy, compiled against these endpoints.
+    pub policy: Option<CompiledPolicy>,
 }
 
 impl ServiceView {
@@ -59,6 +63,7 @@ impl ServiceView {
         name: String,
         revision: u64,
         records: &BTreeMap<String, InstanceRecord>,
+        policy: Option<&pb::Policy>,
         previous: Option<&ServiceView>,
         metrics: Option<&Metrics>,
     ) -> Self {
@@ -98,12 +103,14 @@ impl ServiceView {
         let equal_weights = usable
             .windows(2)
             .all(|w| endpoints[w[0]].weight == endpoints[w[1]].weight);
+        let policy = policy.map(|p| CompiledPolicy::compile(&name, p, &endpoints, metrics));
         Self {
             name,
             revision,
             endpoints,
             usable,
             equal_weights,
+            policy,
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use switchyard_proto::v1 as pb;
 
@@ -11,11 +12,14 @@ use crate::endpoint::State;
 use crate::metrics::Metrics;
 use crate::table::{EndpointTable, InstanceRecord, ServiceView, Views};
 
-/// Services and their instances at one revision; also the disk cache's format.
+/// Services, their instances and their routing policies at one revision; also the disk
+/// cache's format (policies as their protobuf encoding).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
     pub revision: u64,
     pub services: BTreeMap<String, BTreeMap<String, InstanceRecord>>,
+    #[serde(default)]
+    pub policies: BTreeMap<String, Vec<u8>>,
 }
 
 fn record(i: pb::Instance) -> Option<InstanceRecord> {
@@ -43,7 +47,14 @@ impl Catalog {
         match event.kind {
             Some(pb::watch_event::Kind::Snapshot(s)) => {
                 self.services.clear();
-                for svc in s.services {
+                self.policies.clear();
+                for mut svc in s.services {
+                    if let Some(p) = svc.policy.take() {
+                        self.policies.insert(svc.service.clone(), p.encode_to_vec());
+                    }
+                    if svc.instances.is_empty() {
+                        continue;
+                    }
                     let instances = svc
                         .instances
                         .into_iter()
@@ -74,6 +85,18 @@ impl Catalog {
                     }
                     touched.insert(service);
                 }
+                for p in d.policies {
+                    match p.policy {
+                        Some(policy) => {
+                            self.policies
+                                .insert(p.service.clone(), policy.encode_to_vec());
+                        }
+                        None => {
+                            self.policies.remove(&p.service);
+                        }
+                    }
+                    touched.insert(p.service);
+                }
                 Touched::Some(touched)
             }
             None => Touched::Some(BTreeSet::new()),
@@ -88,26 +111,30 @@ impl Catalog {
             Touched::All => HashMap::with_capacity(self.services.len()),
             Touched::Some(_) => (*old).clone(),
         };
-        let names: Vec<&String> = match touched {
-            Touched::All => self.services.keys().collect(),
+        let names: BTreeSet<&String> = match touched {
+            Touched::All => self.services.keys().chain(self.policies.keys()).collect(),
             Touched::Some(set) => set.iter().collect(),
         };
+        let empty = BTreeMap::new();
         for name in names {
-            match self.services.get(name) {
-                Some(records) => {
-                    let view = ServiceView::new(
-                        name.clone(),
-                        self.revision,
-                        records,
-                        old.get(name).map(|v| v.as_ref()),
-                        metrics,
-                    );
-                    views.insert(name.clone(), Arc::new(view));
-                }
-                None => {
-                    views.remove(name);
-                }
+            let records = self.services.get(name);
+            let policy = self
+                .policies
+                .get(name)
+                .and_then(|bytes| pb::Policy::decode(bytes.as_slice()).ok());
+            if records.is_none() && policy.is_none() {
+                views.remove(name);
+                continue;
             }
+            let view = ServiceView::new(
+                name.clone(),
+                self.revision,
+                records.unwrap_or(&empty),
+                policy.as_ref(),
+                old.get(name).map(|v| v.as_ref()),
+                metrics,
+            );
+            views.insert(name.clone(), Arc::new(view));
         }
         table.store(views, self.revision);
     }

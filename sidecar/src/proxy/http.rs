@@ -28,8 +28,9 @@ use tokio::sync::{watch, Semaphore};
 
 use super::body::ProxyBody;
 use super::ProxyCtx;
-use crate::balance::pick;
+use crate::balance::pick_from;
 use crate::endpoint::ActiveGuard;
+use crate::route::{decide, explain, NoRoute, Why, EXPLAIN_HEADER, SUBSET_HEADER};
 
 /// Most downstream connections one listener serves at once.
 pub const MAX_CONNECTIONS: usize = 10_000;
@@ -267,10 +268,28 @@ async fn proxy(
             ),
         );
     };
-    let picked = {
-        let mut rng = fastrand::Rng::new();
-        pick(&view, &ctx.lb, &mut rng)
+    let mut rng = fastrand::Rng::new();
+    let decision = match decide(&service, view.policy.as_ref(), req.headers(), &mut rng) {
+        Ok(d) => d,
+        Err(NoRoute(why)) => {
+            ctx.metrics.local_reply(&service, 503);
+            return local(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+        }
     };
+    let (candidates, equal_weights) = match decision.subset {
+        Some(s) => (s.usable.as_slice(), s.equal_weights),
+        None => (view.usable.as_slice(), view.equal_weights),
+    };
+    if let (Why::Fallback { wanted }, Some(s)) = (&decision.why, decision.subset) {
+        ctx.metrics.split_fallback(&service, wanted, &s.name);
+    }
+    let picked = pick_from(
+        &view.endpoints,
+        candidates,
+        equal_weights,
+        &ctx.lb,
+        &mut rng,
+    );
     let Some(endpoint) = picked else {
         ctx.metrics.local_reply(&service, 503);
         return local(
@@ -281,6 +300,20 @@ async fn proxy(
             ),
         );
     };
+    let explanation = req
+        .headers()
+        .get(EXPLAIN_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1")
+        .then(|| explain(&decision, &view.endpoints, candidates, Some(endpoint)));
+    if let Some(s) = decision.subset {
+        if let Ok(v) = HeaderValue::from_str(&s.name) {
+            req.headers_mut()
+                .insert(HeaderName::from_static(SUBSET_HEADER), v);
+        }
+    }
+    let subset_metrics = decision
+        .subset
+        .and_then(|s| s.metrics_for(&endpoint.version));
     let guard = ActiveGuard::new(endpoint.live.clone());
 
     let h2 = req.version() == Version::HTTP_2;
@@ -320,11 +353,22 @@ async fn proxy(
     match result {
         Ok(Ok(mut resp)) => {
             guard.succeeded();
+            let elapsed = started.elapsed().as_secs_f64();
             if let Some(m) = metrics {
-                m.latency.observe(started.elapsed().as_secs_f64());
+                m.latency.observe(elapsed);
+                m.response(resp.status().as_u16());
+            }
+            if let Some(m) = subset_metrics {
+                m.latency.observe(elapsed);
                 m.response(resp.status().as_u16());
             }
             strip_hop_by_hop(resp.headers_mut(), true);
+            if let Some(text) = explanation {
+                if let Ok(v) = HeaderValue::from_str(&text) {
+                    resp.headers_mut()
+                        .insert(HeaderName::from_static(EXPLAIN_HEADER), v);
+                }
+            }
             resp.map(|body| ProxyBody::Upstream {
                 body,
                 _guard: guard,
@@ -334,6 +378,9 @@ async fn proxy(
             guard.failed();
             ctx.metrics.local_reply(&service, 502);
             if let Some(m) = metrics {
+                m.response(502);
+            }
+            if let Some(m) = subset_metrics {
                 m.response(502);
             }
             let what = if e.is_connect() {
@@ -357,6 +404,9 @@ async fn proxy(
             guard.failed();
             ctx.metrics.local_reply(&service, 504);
             if let Some(m) = metrics {
+                m.response(504);
+            }
+            if let Some(m) = subset_metrics {
                 m.response(504);
             }
             local(

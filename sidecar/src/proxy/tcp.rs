@@ -9,8 +9,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use super::ProxyCtx;
-use crate::balance::pick;
+use crate::balance::pick_from;
 use crate::endpoint::ActiveGuard;
+use crate::route::{decide, NoRoute};
+use http::HeaderMap;
 
 /// Most connections one TCP upstream listener carries at once.
 pub const MAX_CONNECTIONS: usize = 10_000;
@@ -58,9 +60,31 @@ async fn carry(ctx: &ProxyCtx, service: &str, mut downstream: TcpStream) {
         ctx.metrics.local_reply(service, 503);
         return;
     };
-    let picked = {
-        let mut rng = fastrand::Rng::new();
-        pick(&view, &ctx.lb, &mut rng)
+    // The policy's default split applies to connections too (there are no headers).
+    let mut rng = fastrand::Rng::new();
+    let decision = match decide(service, view.policy.as_ref(), &HeaderMap::new(), &mut rng) {
+        Ok(d) => d,
+        Err(NoRoute(why)) => {
+            tracing::warn!(service, "{why}; closing the connection");
+            ctx.metrics.local_reply(service, 503);
+            return;
+        }
+    };
+    let picked = match decision.subset {
+        Some(s) => pick_from(
+            &view.endpoints,
+            &s.usable,
+            s.equal_weights,
+            &ctx.lb,
+            &mut rng,
+        ),
+        None => pick_from(
+            &view.endpoints,
+            &view.usable,
+            view.equal_weights,
+            &ctx.lb,
+            &mut rng,
+        ),
     };
     let Some(endpoint) = picked else {
         tracing::warn!(service, "no usable endpoint; closing the connection");

@@ -1,0 +1,691 @@
+//! Version-aware routing: route match → subset (weighted split, sticky hash, pinning
+//! from the previous hop) → least request inside the subset.
+//!
+//! A policy is compiled once per view update (regexes built, subsets resolved to endpoint
+//! indices, usable members precomputed), so a request only evaluates header matches and
+//! draws one number. Weighted splits sit above the per-subset balancer, as in
+//! linkerd2-proxy.
+
+use std::fmt::Write as _;
+
+use http::header::{HeaderMap, HeaderName};
+use switchyard_proto::v1 as pb;
+
+use crate::endpoint::Endpoint;
+use crate::metrics::{Metrics, SubsetMetrics};
+
+/// Header a sidecar stamps on each proxied request with the subset it chose. An app
+/// that passes it on to its own calls pins the next hop to the same-named subset.
+pub const SUBSET_HEADER: &str = "x-switchyard-subset";
+/// Request header that asks for the routing decision in the response.
+pub const EXPLAIN_HEADER: &str = "x-switchyard-explain";
+
+/// A named set of endpoints of one service.
+#[derive(Debug)]
+pub struct CompiledSubset {
+    pub name: String,
+    /// Indices into the view's endpoints.
+    pub members: Vec<usize>,
+    pub usable: Vec<usize>,
+    pub equal_weights: bool,
+    /// Per-version metric handles for requests sent through this subset.
+    pub metrics: Vec<(String, SubsetMetrics)>,
+}
+
+impl CompiledSubset {
+    pub fn metrics_for(&self, version: &str) -> Option<&SubsetMetrics> {
+        self.metrics
+            .iter()
+            .find(|(v, _)| v == version)
+            .map(|(_, m)| m)
+    }
+}
+
+#[derive(Debug)]
+enum Matcher {
+    Exact(HeaderName, String),
+    Prefix(HeaderName, String),
+    Regex(HeaderName, regex::Regex),
+    Present(HeaderName),
+}
+
+impl Matcher {
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        let value = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        match self {
+            Matcher::Exact(n, want) => value(n) == Some(want.as_str()),
+            Matcher::Prefix(n, want) => value(n).is_some_and(|v| v.starts_with(want.as_str())),
+            Matcher::Regex(n, re) => value(n).is_some_and(|v| re.is_match(v)),
+            Matcher::Present(n) => headers.contains_key(n),
+        }
+    }
+}
+
+/// Shares of traffic over subsets (indices into the policy's subsets).
+#[derive(Debug, Default)]
+pub struct CompiledSplit {
+    pub entries: Vec<(usize, u32)>,
+    pub sticky: Option<HeaderName>,
+}
+
+#[derive(Debug)]
+pub struct CompiledRoute {
+    pub name: String,
+    matchers: Vec<Matcher>,
+    pub split: CompiledSplit,
+}
+
+/// A service's policy, ready for the request path.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    pub subsets: Vec<CompiledSubset>,
+    pub routes: Vec<CompiledRoute>,
+    pub default: CompiledSplit,
+    pub fail_closed: bool,
+}
+
+fn version_matches(req: Option<&semver::VersionReq>, version: &str) -> bool {
+    match req {
+        None => true,
+        Some(r) => semver::Version::parse(version).is_ok_and(|v| r.matches(&v)),
+    }
+}
+
+fn header(name: &str) -> Option<HeaderName> {
+    HeaderName::from_bytes(name.as_bytes()).ok()
+}
+
+impl CompiledPolicy {
+    /// Compiles a policy against a view's endpoints. The registry validated it; anything
+    /// that still fails to compile here (a regex this build rejects) is skipped with a
+    /// warning rather than taking the service down.
+    pub fn compile(
+        service: &str,
+        policy: &pb::Policy,
+        endpoints: &[Endpoint],
+        metrics: Option<&Metrics>,
+    ) -> Self {
+        let mut subsets: Vec<CompiledSubset> = Vec::new();
+        let build = |name: &str, select: &dyn Fn(&Endpoint) -> bool| {
+            let members: Vec<usize> = endpoints
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| select(e))
+                .map(|(i, _)| i)
+                .collect();
+            let usable: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&i| endpoints[i].is_usable())
+                .collect();
+            let equal_weights = usable
+                .windows(2)
+                .all(|w| endpoints[w[0]].weight == endpoints[w[1]].weight);
+            let mut versions: Vec<&str> = members
+                .iter()
+                .map(|&i| endpoints[i].version.as_str())
+                .collect();
+            versions.sort_unstable();
+            versions.dedup();
+            let metrics = metrics
+                .map(|m| {
+                    versions
+                        .iter()
+                        .map(|v| (v.to_string(), m.subset(service, name, v)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            CompiledSubset {
+                name: name.to_string(),
+                members,
+                usable,
+                equal_weights,
+                metrics,
+            }
+        };
+        for s in &policy.subsets {
+            let range = if s.version_range.is_empty() {
+                None
+            } else {
+                match semver::VersionReq::parse(&s.version_range) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(service, subset = %s.name, error = %e, "bad version range; the subset selects nothing");
+                        subsets.push(build(&s.name, &|_| false));
+                        continue;
+                    }
+                }
+            };
+            subsets.push(build(&s.name, &|e: &Endpoint| {
+                (s.version.is_empty() || e.version == s.version)
+                    && version_matches(range.as_ref(), &e.version)
+                    && s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+            }));
+        }
+        // A split may name a version instead of a subset: it gets an implicit subset.
+        let index_of = |name: &str, subsets: &mut Vec<CompiledSubset>| -> usize {
+            if let Some(i) = subsets.iter().position(|s| s.name == name) {
+                return i;
+            }
+            subsets.push(build(name, &|e: &Endpoint| e.version == name));
+            subsets.len() - 1
+        };
+        let compile_split =
+            |split: &[pb::WeightedSubset], sticky: &str, subsets: &mut Vec<CompiledSubset>| {
+                CompiledSplit {
+                    entries: split
+                        .iter()
+                        .filter(|w| w.weight > 0)
+                        .map(|w| (index_of(&w.subset, subsets), w.weight))
+                        .collect(),
+                    sticky: (!sticky.is_empty()).then(|| header(sticky)).flatten(),
+                }
+            };
+        let mut routes = Vec::new();
+        for r in &policy.routes {
+            let mut matchers = Vec::new();
+            let mut ok = true;
+            for h in &r.headers {
+                use pb::header_match::Match;
+                let Some(name) = header(&h.name) else {
+                    ok = false;
+                    break;
+                };
+                matchers.push(match &h.r#match {
+                    Some(Match::Exact(v)) => Matcher::Exact(name, v.clone()),
+                    Some(Match::Prefix(v)) => Matcher::Prefix(name, v.clone()),
+                    Some(Match::Regex(v)) => match regex::RegexBuilder::new(v).size_limit(256 * 1024).build() {
+                        Ok(re) => Matcher::Regex(name, re),
+                        Err(e) => {
+                            tracing::warn!(service, route = %r.name, error = %e, "bad regex; route skipped");
+                            ok = false;
+                            break;
+                        }
+                    },
+                    Some(Match::Present(_)) | None => Matcher::Present(name),
+                });
+            }
+            if ok {
+                let split = compile_split(&r.split, &r.sticky_header, &mut subsets);
+                routes.push(CompiledRoute {
+                    name: r.name.clone(),
+                    matchers,
+                    split,
+                });
+            }
+        }
+        let default = compile_split(&policy.default_split, &policy.sticky_header, &mut subsets);
+        let compiled = Self {
+            subsets,
+            routes,
+            default,
+            fail_closed: policy.fallback == pb::Fallback::Fail as i32,
+        };
+        for s in &compiled.subsets {
+            if s.usable.is_empty() && compiled.in_a_split(s) {
+                if compiled.fail_closed {
+                    tracing::warn!(service, subset = %s.name, "subset has no healthy endpoint; its requests fail with 503 (fallback = fail)");
+                } else {
+                    tracing::warn!(service, subset = %s.name, "subset has no healthy endpoint; its share goes to the subsets that have some");
+                }
+            }
+        }
+        compiled
+    }
+
+    fn in_a_split(&self, s: &CompiledSubset) -> bool {
+        let Some(i) = self.subsets.iter().position(|x| std::ptr::eq(x, s)) else {
+            return false;
+        };
+        self.default.entries.iter().any(|(j, _)| *j == i)
+            || self
+                .routes
+                .iter()
+                .any(|r| r.split.entries.iter().any(|(j, _)| *j == i))
+    }
+}
+
+/// Why a subset was chosen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// The service has no policy: every usable endpoint.
+    NoPolicy,
+    /// The previous hop's `x-switchyard-subset` named a subset this service has.
+    Pinned,
+    /// The weighted split (of a route or the default) drew it.
+    Split,
+    /// The sticky header's hash chose it.
+    Sticky,
+    /// The drawn subset had no healthy endpoint; this one took its share.
+    Fallback { wanted: String },
+}
+
+/// The routing decision for one request.
+#[derive(Debug)]
+pub struct Decision<'a> {
+    /// The matched route's name; `None` for the default split.
+    pub route: Option<&'a str>,
+    pub subset: Option<&'a CompiledSubset>,
+    pub why: Why,
+}
+
+/// The request cannot be routed: answered with 503 and this text.
+#[derive(Debug)]
+pub struct NoRoute(pub String);
+
+/// FNV-1a: a stable hash for sticky routing, the same in every sidecar and release.
+fn sticky_hash(value: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in value {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Spread the low bits, which the modulo below uses.
+    h ^ (h >> 29)
+}
+
+/// Draws an entry of `entries` (subset index, weight): sticky on `key` when given. With
+/// sticky hashing, the hash picks a point on the cumulative weights, so changing the
+/// weights moves only the users whose point crosses a boundary.
+fn draw(entries: &[(usize, u32)], key: Option<&[u8]>, rng: &mut fastrand::Rng) -> Option<usize> {
+    let total: u64 = entries.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = match key {
+        Some(k) => sticky_hash(k) % total,
+        None => rng.u64(..total),
+    };
+    for (subset, w) in entries {
+        let w = u64::from(*w);
+        if point < w {
+            return Some(*subset);
+        }
+        point -= w;
+    }
+    entries.last().map(|(s, _)| *s)
+}
+
+/// Chooses the subset for a request.
+pub fn decide<'a>(
+    service: &str,
+    policy: Option<&'a CompiledPolicy>,
+    headers: &HeaderMap,
+    rng: &mut fastrand::Rng,
+) -> Result<Decision<'a>, NoRoute> {
+    let Some(policy) = policy else {
+        return Ok(Decision {
+            route: None,
+            subset: None,
+            why: Why::NoPolicy,
+        });
+    };
+    // Pinning across hops: the caller's subset, when this service has one of that name
+    // with healthy endpoints; otherwise this service's own policy decides.
+    if let Some(pinned) = headers.get(SUBSET_HEADER).and_then(|v| v.to_str().ok()) {
+        if let Some(s) = policy
+            .subsets
+            .iter()
+            .find(|s| s.name == pinned && !s.usable.is_empty())
+        {
+            return Ok(Decision {
+                route: None,
+                subset: Some(s),
+                why: Why::Pinned,
+            });
+        }
+    }
+    let (route, split) = match policy
+        .routes
+        .iter()
+        .find(|r| r.matchers.iter().all(|m| m.matches(headers)))
+    {
+        Some(r) => (Some(r.name.as_str()), &r.split),
+        None => (None, &policy.default),
+    };
+    if split.entries.is_empty() {
+        return Ok(Decision {
+            route,
+            subset: None,
+            why: Why::NoPolicy,
+        });
+    }
+    let key = split
+        .sticky
+        .as_ref()
+        .and_then(|h| headers.get(h))
+        .map(|v| v.as_bytes());
+    let why = if key.is_some() {
+        Why::Sticky
+    } else {
+        Why::Split
+    };
+    let drawn = draw(&split.entries, key, rng).and_then(|i| policy.subsets.get(i));
+    let Some(drawn) = drawn else {
+        return Err(NoRoute(format!(
+            "service {service:?}: the split has no weight"
+        )));
+    };
+    if !drawn.usable.is_empty() {
+        return Ok(Decision {
+            route,
+            subset: Some(drawn),
+            why,
+        });
+    }
+    if policy.fail_closed {
+        return Err(NoRoute(format!(
+            "subset {:?} of service {service:?} has no healthy endpoint (fallback = fail)",
+            drawn.name
+        )));
+    }
+    // Health-aware split: the shares of subsets with healthy endpoints, renormalized.
+    let healthy: Vec<(usize, u32)> = split
+        .entries
+        .iter()
+        .copied()
+        .filter(|(i, _)| policy.subsets.get(*i).is_some_and(|s| !s.usable.is_empty()))
+        .collect();
+    match draw(&healthy, key, rng).and_then(|i| policy.subsets.get(i)) {
+        Some(s) => Ok(Decision {
+            route,
+            subset: Some(s),
+            why: Why::Fallback {
+                wanted: drawn.name.clone(),
+            },
+        }),
+        None => Err(NoRoute(format!(
+            "no subset of service {service:?} in this split has a healthy endpoint"
+        ))),
+    }
+}
+
+/// The decision in one line, for `x-switchyard-explain` and `/explain`.
+pub fn explain(
+    decision: &Decision<'_>,
+    endpoints: &[Endpoint],
+    candidates: &[usize],
+    picked: Option<&Endpoint>,
+) -> String {
+    let mut out = String::with_capacity(160);
+    let _ = write!(
+        out,
+        "route={}; subset={}; why=",
+        decision.route.unwrap_or("default"),
+        decision.subset.map_or("all", |s| s.name.as_str())
+    );
+    let _ = match &decision.why {
+        Why::NoPolicy => write!(out, "no split, least request over every endpoint"),
+        Why::Pinned => write!(out, "pinned by {SUBSET_HEADER}"),
+        Why::Split => write!(out, "weighted split"),
+        Why::Sticky => write!(out, "sticky hash"),
+        Why::Fallback { wanted } => write!(out, "fallback: {wanted} has no healthy endpoint"),
+    };
+    out.push_str("; candidates=");
+    for (n, &i) in candidates.iter().take(16).enumerate() {
+        if let Some(e) = endpoints.get(i) {
+            if n > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{}:{}", e.id, e.live.active());
+        }
+    }
+    if candidates.len() > 16 {
+        let _ = write!(out, ",+{}", candidates.len() - 16);
+    }
+    if let Some(p) = picked {
+        let _ = write!(out, "; picked={}", p.id);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::endpoint::State;
+    use crate::table::{InstanceRecord, ServiceView};
+
+    fn record(id: &str, version: &str, state: State) -> (String, InstanceRecord) {
+        (
+            id.to_string(),
+            InstanceRecord {
+                id: id.into(),
+                address: "127.0.0.1".into(),
+                port: 80,
+                version: version.into(),
+                labels: BTreeMap::from([("track".to_string(), version.to_string())]),
+                weight: 100,
+                zone: String::new(),
+                state,
+            },
+        )
+    }
+
+    fn split(entries: &[(&str, u32)]) -> Vec<pb::WeightedSubset> {
+        entries
+            .iter()
+            .map(|(s, w)| pb::WeightedSubset {
+                subset: s.to_string(),
+                weight: *w,
+            })
+            .collect()
+    }
+
+    fn policy(default: &[(&str, u32)]) -> pb::Policy {
+        pb::Policy {
+            subsets: vec![
+                pb::Subset {
+                    name: "stable".into(),
+                    version: String::new(),
+                    version_range: "^1.4".into(),
+                    labels: Default::default(),
+                },
+                pb::Subset {
+                    name: "canary".into(),
+                    version: "2.0.0".into(),
+                    version_range: String::new(),
+                    labels: Default::default(),
+                },
+            ],
+            routes: vec![pb::Route {
+                name: "testers".into(),
+                headers: vec![pb::HeaderMatch {
+                    name: "x-canary".into(),
+                    r#match: Some(pb::header_match::Match::Exact("true".into())),
+                }],
+                split: split(&[("canary", 100)]),
+                sticky_header: String::new(),
+            }],
+            default_split: split(default),
+            fallback: pb::Fallback::Default as i32,
+            sticky_header: String::new(),
+        }
+    }
+
+    fn view(p: &pb::Policy, canary_state: State) -> ServiceView {
+        let records: BTreeMap<String, InstanceRecord> = [
+            record("s1", "1.4.2", State::Serving),
+            record("s2", "1.4.3", State::Serving),
+            record("c1", "2.0.0", canary_state),
+        ]
+        .into_iter()
+        .collect();
+        ServiceView::new("web".into(), 1, &records, Some(p), None, None)
+    }
+
+    fn subset_of(v: &ServiceView, headers: &HeaderMap, rng: &mut fastrand::Rng) -> String {
+        decide("web", v.policy.as_ref(), headers, rng)
+            .expect("routed")
+            .subset
+            .map_or("all".into(), |s| s.name.clone())
+    }
+
+    #[test]
+    fn subsets_select_by_exact_version_and_semver_range() {
+        let v = view(&policy(&[("stable", 1)]), State::Serving);
+        let p = v.policy.as_ref().expect("policy");
+        let ids = |name: &str| -> Vec<&str> {
+            let s = p.subsets.iter().find(|s| s.name == name).expect("subset");
+            s.members
+                .iter()
+                .map(|&i| v.endpoints[i].id.as_str())
+                .collect()
+        };
+        assert_eq!(ids("stable"), vec!["s1", "s2"]);
+        assert_eq!(ids("canary"), vec!["c1"]);
+    }
+
+    #[test]
+    fn a_90_10_split_over_10000_requests_lands_within_two_points() {
+        let v = view(&policy(&[("stable", 90), ("canary", 10)]), State::Serving);
+        let mut rng = fastrand::Rng::with_seed(2026);
+        let canary = (0..10_000)
+            .filter(|_| subset_of(&v, &HeaderMap::new(), &mut rng) == "canary")
+            .count();
+        // Binomial(10000, 0.1): the standard deviation is 30 requests; 2 points is 200.
+        assert!(
+            (800..=1_200).contains(&canary),
+            "canary got {canary} of 10000"
+        );
+    }
+
+    #[test]
+    fn header_matched_requests_all_go_to_their_subset() {
+        let v = view(&policy(&[("stable", 100)]), State::Serving);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut h = HeaderMap::new();
+        h.insert("x-canary", HeaderValue::from_static("true"));
+        for _ in 0..1_000 {
+            assert_eq!(subset_of(&v, &h, &mut rng), "canary");
+        }
+        h.insert("x-canary", HeaderValue::from_static("false"));
+        for _ in 0..1_000 {
+            assert_eq!(subset_of(&v, &h, &mut rng), "stable");
+        }
+    }
+
+    #[test]
+    fn sticky_users_stay_put_and_few_move_when_weights_change() {
+        let mut p = policy(&[("stable", 50), ("canary", 50)]);
+        p.sticky_header = "x-user".into();
+        let v = view(&p, State::Serving);
+        let mut rng = fastrand::Rng::with_seed(9);
+        let choose = |v: &ServiceView, user: u32, rng: &mut fastrand::Rng| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "x-user",
+                HeaderValue::from_str(&format!("user-{user}")).expect("value"),
+            );
+            subset_of(v, &h, rng)
+        };
+        let first: Vec<String> = (0..1_000).map(|u| choose(&v, u, &mut rng)).collect();
+        for _ in 0..3 {
+            for u in 0..1_000 {
+                assert_eq!(choose(&v, u, &mut rng), first[u as usize], "user {u} moved");
+            }
+        }
+        let canary = first.iter().filter(|s| *s == "canary").count();
+        assert!(
+            (400..=600).contains(&canary),
+            "{canary} of 1000 on canary at 50/50"
+        );
+        // 50/50 → 60/40: only users between the old and new boundary move (about 10%).
+        let mut p2 = policy(&[("stable", 60), ("canary", 40)]);
+        p2.sticky_header = "x-user".into();
+        let v2 = view(&p2, State::Serving);
+        let moved = (0..1_000)
+            .filter(|&u| choose(&v2, u, &mut rng) != first[u as usize])
+            .count();
+        assert!(
+            moved <= 150,
+            "{moved} of 1000 users moved for a 10-point change"
+        );
+        assert!(moved > 0);
+    }
+
+    #[test]
+    fn a_subset_with_no_healthy_endpoint_gets_nothing_and_it_is_said() {
+        let v = view(&policy(&[("stable", 90), ("canary", 10)]), State::Failing);
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut fallbacks = 0;
+        for _ in 0..2_000 {
+            let d = decide("web", v.policy.as_ref(), &HeaderMap::new(), &mut rng).expect("routed");
+            assert_eq!(d.subset.map(|s| s.name.as_str()), Some("stable"));
+            if matches!(d.why, Why::Fallback { ref wanted } if wanted == "canary") {
+                fallbacks += 1;
+            }
+        }
+        assert!(
+            fallbacks > 100,
+            "the redirected share is visible: {fallbacks}"
+        );
+    }
+
+    #[test]
+    fn fallback_fail_answers_503_for_the_empty_subset() {
+        let mut p = policy(&[("stable", 50), ("canary", 50)]);
+        p.fallback = pb::Fallback::Fail as i32;
+        let v = view(&p, State::Draining);
+        let mut rng = fastrand::Rng::with_seed(5);
+        let outcomes: Vec<bool> = (0..200)
+            .map(|_| decide("web", v.policy.as_ref(), &HeaderMap::new(), &mut rng).is_ok())
+            .collect();
+        assert!(
+            outcomes.iter().any(|ok| !ok),
+            "some requests drew canary and failed"
+        );
+        assert!(outcomes.iter().any(|ok| *ok), "stable still served");
+        let err = (0..200)
+            .find_map(|_| decide("web", v.policy.as_ref(), &HeaderMap::new(), &mut rng).err())
+            .expect("a failure");
+        assert!(
+            err.0.contains("canary") && err.0.contains("fallback = fail"),
+            "{}",
+            err.0
+        );
+    }
+
+    #[test]
+    fn the_subset_header_pins_the_next_hop_when_the_subset_exists() {
+        let v = view(&policy(&[("stable", 100)]), State::Serving);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut h = HeaderMap::new();
+        h.insert(SUBSET_HEADER, HeaderValue::from_static("canary"));
+        for _ in 0..100 {
+            let d = decide("web", v.policy.as_ref(), &h, &mut rng).expect("routed");
+            assert_eq!(d.subset.map(|s| s.name.as_str()), Some("canary"));
+            assert_eq!(d.why, Why::Pinned);
+        }
+        // A subset this service lacks: its own policy decides.
+        h.insert(SUBSET_HEADER, HeaderValue::from_static("blue"));
+        assert_eq!(subset_of(&v, &h, &mut rng), "stable");
+    }
+
+    #[test]
+    fn versions_named_in_a_split_are_implicit_subsets() {
+        let mut p = policy(&[]);
+        p.subsets.clear();
+        p.routes.clear();
+        p.default_split = split(&[("1.4.3", 100)]);
+        let v = view(&p, State::Serving);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let d = decide("web", v.policy.as_ref(), &HeaderMap::new(), &mut rng).expect("routed");
+        let s = d.subset.expect("a subset");
+        assert_eq!(
+            s.members
+                .iter()
+                .map(|&i| v.endpoints[i].id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["s2"]
+        );
+        let line = explain(&d, &v.endpoints, &s.usable, Some(&v.endpoints[s.usable[0]]));
+        assert_eq!(
+            line,
+            "route=default; subset=1.4.3; why=weighted split; candidates=s2:0; picked=s2"
+        );
+    }
+}
