@@ -3,6 +3,7 @@
 mod catalog;
 mod register;
 mod registry;
+mod route;
 mod sidecar;
 
 use std::io::IsTerminal;
@@ -69,6 +70,8 @@ pub enum Command {
     Services(catalog::ServicesArgs),
     /// List the instances of a service.
     Instances(catalog::InstancesArgs),
+    /// Show and change a service's routing policy (canary splits, header routes, rollback).
+    Route(route::RouteArgs),
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the level (servers default to info, operator
@@ -98,6 +101,7 @@ pub async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
         Command::Register(args) => register::run(args).await,
         Command::Services(args) => catalog::services(args).await,
         Command::Instances(args) => catalog::instances(args).await,
+        Command::Route(args) => route::run(args).await,
     }
 }
 

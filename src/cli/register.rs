@@ -112,6 +112,14 @@ pub async fn connect_discovery(url: &str) -> Result<DiscoveryClient<Channel>, Cl
     Ok(DiscoveryClient::new(channel(url).await?).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
+pub async fn connect_routing(
+    url: &str,
+) -> Result<switchyard_proto::v1::routing_client::RoutingClient<Channel>, CliError> {
+    Ok(switchyard_proto::v1::routing_client::RoutingClient::new(
+        channel(url).await?,
+    ))
+}
+
 pub async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CliError> {
     Ok(RegistryClient::new(channel(url).await?))
 }
