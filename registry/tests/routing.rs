@@ -56,7 +56,11 @@ async fn routing(reg: &TestRegistry) -> RoutingClient<Channel> {
     RoutingClient::new(reg.channel().await)
 }
 
-async fn put(client: &mut RoutingClient<Channel>, service: &str, p: Option<pb::Policy>) -> Result<u64, tonic::Status> {
+async fn put(
+    client: &mut RoutingClient<Channel>,
+    service: &str,
+    p: Option<pb::Policy>,
+) -> Result<u64, tonic::Status> {
     client
         .put_policy(pb::PutPolicyRequest {
             namespace: String::new(),
@@ -97,24 +101,38 @@ async fn policies_are_recorded_watched_and_rolled_back() {
     next_event(&mut watch, WAIT).await;
 
     let mut client = routing(&reg).await;
-    let first = put(&mut client, "web", Some(policy(&[("stable", 100)]))).await.expect("put");
+    let first = put(&mut client, "web", Some(policy(&[("stable", 100)])))
+        .await
+        .expect("put");
     let event = next_event(&mut watch, WAIT).await;
     assert_eq!(event.revision, first);
     match event.kind {
         Some(pb::watch_event::Kind::Delta(d)) => {
             assert_eq!(d.policies.len(), 1);
             assert_eq!(d.policies[0].service, "web");
-            assert_eq!(d.policies[0].policy.as_ref().map(|p| p.default_split.len()), Some(1));
+            assert_eq!(
+                d.policies[0].policy.as_ref().map(|p| p.default_split.len()),
+                Some(1)
+            );
         }
         other => panic!("expected a delta, got {other:?}"),
     }
-    let second = put(&mut client, "web", Some(policy(&[("stable", 90), ("canary", 10)]))).await.expect("put");
+    let second = put(
+        &mut client,
+        "web",
+        Some(policy(&[("stable", 90), ("canary", 10)])),
+    )
+    .await
+    .expect("put");
     assert!(second > first);
     assert_eq!(next_event(&mut watch, WAIT).await.revision, second);
     let got = current(&mut client, "web").await.expect("a policy");
     assert_eq!(got.revision, second);
     assert_eq!(got.reason, "put");
-    assert!(got.updated_at_unix_ms > 1_700_000_000_000, "wall-clock time recorded");
+    assert!(
+        got.updated_at_unix_ms > 1_700_000_000_000,
+        "wall-clock time recorded"
+    );
 
     // Resolve and a fresh snapshot carry the policy.
     let resolved = discovery
@@ -155,7 +173,10 @@ async fn policies_are_recorded_watched_and_rolled_back() {
         .await
         .expect("rollback to a revision")
         .into_inner();
-    assert_eq!(again.restored.and_then(|r| r.policy), Some(policy(&[("stable", 90), ("canary", 10)])));
+    assert_eq!(
+        again.restored.and_then(|r| r.policy),
+        Some(policy(&[("stable", 90), ("canary", 10)]))
+    );
     let history = client
         .policy_history(pb::PolicyHistoryRequest {
             namespace: String::new(),
@@ -166,7 +187,15 @@ async fn policies_are_recorded_watched_and_rolled_back() {
         .into_inner()
         .records;
     let reasons: Vec<&str> = history.iter().map(|r| r.reason.as_str()).collect();
-    assert_eq!(reasons, vec!["put".to_string(), "put".into(), format!("rollback to {first}"), format!("rollback to {second}")]);
+    assert_eq!(
+        reasons,
+        vec![
+            "put".to_string(),
+            "put".into(),
+            format!("rollback to {first}"),
+            format!("rollback to {second}")
+        ]
+    );
 
     let missing = client
         .rollback_policy(pb::RollbackPolicyRequest {
@@ -200,7 +229,9 @@ async fn history_is_bounded() {
     let mut registry = reg.registry().await;
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
     for n in 1..=55u32 {
-        put(&mut client, "web", Some(policy(&[("stable", n)]))).await.expect("put");
+        put(&mut client, "web", Some(policy(&[("stable", n)])))
+            .await
+            .expect("put");
     }
     let history = client
         .policy_history(pb::PolicyHistoryRequest {
@@ -212,7 +243,13 @@ async fn history_is_bounded() {
         .into_inner()
         .records;
     assert_eq!(history.len(), 50);
-    assert_eq!(history[0].policy.as_ref().map(|p| p.default_split[0].weight), Some(6));
+    assert_eq!(
+        history[0]
+            .policy
+            .as_ref()
+            .map(|p| p.default_split[0].weight),
+        Some(6)
+    );
     reg.handle.shutdown().await;
 }
 
@@ -223,8 +260,14 @@ async fn bad_policies_are_refused_naming_the_field_and_never_recorded() {
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
     let mut client = routing(&reg).await;
     let mut cases: Vec<(&str, pb::Policy)> = Vec::new();
-    cases.push(("policy.default_split[1].subset", policy(&[("stable", 90), ("canry", 10)])));
-    cases.push(("policy.default_split", policy(&[("stable", 0), ("canary", 0)])));
+    cases.push((
+        "policy.default_split[1].subset",
+        policy(&[("stable", 90), ("canry", 10)]),
+    ));
+    cases.push((
+        "policy.default_split",
+        policy(&[("stable", 0), ("canary", 0)]),
+    ));
     let mut p = policy(&[("stable", 1)]);
     p.routes[0].headers[0].r#match = Some(pb::header_match::Match::Regex("(oops".into()));
     cases.push(("policy.routes[0].headers[0].regex", p));
@@ -251,11 +294,22 @@ async fn bad_policies_are_refused_naming_the_field_and_never_recorded() {
     cases.push(("policy", p));
     for (field, p) in cases {
         let err = put(&mut client, "web", Some(p)).await.expect_err("refused");
-        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {}", err.message());
-        assert!(err.message().starts_with(&format!("invalid {field}")), "{field}: {}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(&format!("invalid {field}")),
+            "{field}: {}",
+            err.message()
+        );
     }
     // A version some instance has stands in for a subset.
-    put(&mut client, "web", Some(policy(&[("1.0.0", 1)]))).await.expect("a version is a subset");
+    put(&mut client, "web", Some(policy(&[("1.0.0", 1)])))
+        .await
+        .expect("a version is a subset");
     let history = client
         .policy_history(pb::PolicyHistoryRequest {
             namespace: String::new(),
@@ -266,7 +320,9 @@ async fn bad_policies_are_refused_naming_the_field_and_never_recorded() {
         .into_inner()
         .records;
     assert_eq!(history.len(), 1, "refused policies left no trace");
-    let err = put(&mut client, "Web", Some(policy(&[("stable", 1)]))).await.expect_err("bad service");
+    let err = put(&mut client, "Web", Some(policy(&[("stable", 1)])))
+        .await
+        .expect_err("bad service");
     assert!(err.message().contains("service"));
     reg.handle.shutdown().await;
 }
@@ -276,16 +332,27 @@ async fn policies_survive_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = || switchyard_registry::RegistryConfig::new(dir.path().to_path_buf());
     let first = start_in(config()).await;
-    let mut client = RoutingClient::connect(format!("http://{}", first.grpc_addr)).await.expect("connect");
-    let mut registry = switchyard_proto::v1::registry_client::RegistryClient::connect(format!("http://{}", first.grpc_addr))
+    let mut client = RoutingClient::connect(format!("http://{}", first.grpc_addr))
         .await
         .expect("connect");
+    let mut registry = switchyard_proto::v1::registry_client::RegistryClient::connect(format!(
+        "http://{}",
+        first.grpc_addr
+    ))
+    .await
+    .expect("connect");
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
-    put(&mut client, "web", Some(policy(&[("stable", 1)]))).await.expect("put");
-    let rev = put(&mut client, "web", Some(policy(&[("stable", 2)]))).await.expect("put");
+    put(&mut client, "web", Some(policy(&[("stable", 1)])))
+        .await
+        .expect("put");
+    let rev = put(&mut client, "web", Some(policy(&[("stable", 2)])))
+        .await
+        .expect("put");
     first.shutdown().await;
     let second = start_in(config()).await;
-    let mut client = RoutingClient::connect(format!("http://{}", second.grpc_addr)).await.expect("connect");
+    let mut client = RoutingClient::connect(format!("http://{}", second.grpc_addr))
+        .await
+        .expect("connect");
     let got = current(&mut client, "web").await.expect("kept");
     assert_eq!(got.revision, rev);
     let history = client

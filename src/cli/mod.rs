@@ -1,6 +1,7 @@
 //! The command line: one module per verb group.
 
 mod catalog;
+mod demo;
 mod register;
 mod registry;
 mod route;
@@ -72,13 +73,19 @@ pub enum Command {
     Instances(catalog::InstancesArgs),
     /// Show and change a service's routing policy (canary splits, header routes, rollback).
     Route(route::RouteArgs),
+    /// The canary tour: registry, sidecar, two versions of a backend, splits and rollback.
+    Demo,
+    /// The demo's HTTP backend: answers every request with its version and instance id.
+    DemoBackend(demo::DemoBackendArgs),
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the level (servers default to info, operator
 /// verbs to warn so their tables stay clean).
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Registry(_) | Command::Dev(_) | Command::Sidecar(_) => "info",
+        Command::Registry(_) | Command::Dev(_) | Command::Sidecar(_) | Command::DemoBackend(_) => {
+            "info"
+        }
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -102,6 +109,8 @@ pub async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
         Command::Services(args) => catalog::services(args).await,
         Command::Instances(args) => catalog::instances(args).await,
         Command::Route(args) => route::run(args).await,
+        Command::Demo => demo::run_demo().await,
+        Command::DemoBackend(args) => demo::run_backend(args).await,
     }
 }
 

@@ -111,7 +111,9 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn status_error(s: tonic::Status) -> CliError {
     let code = match s.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => EXIT_CONFIG,
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+            EXIT_CONFIG
+        }
         _ => EXIT_UNAVAILABLE,
     };
     CliError::new(code, s.message().to_string())
@@ -275,7 +277,11 @@ fn doc(service: &str, r: &pb::PolicyRecord) -> PolicyDoc {
     }
 }
 
-async fn show(client: &mut RoutingClient<Channel>, args: &RouteArgs, service: &str) -> Result<(), CliError> {
+async fn show(
+    client: &mut RoutingClient<Channel>,
+    args: &RouteArgs,
+    service: &str,
+) -> Result<(), CliError> {
     let Some(record) = current(client, &args.namespace, service).await? else {
         if args.output == Output::Json {
             println!("null");
@@ -288,7 +294,10 @@ async fn show(client: &mut RoutingClient<Channel>, args: &RouteArgs, service: &s
     if args.output == Output::Json {
         return print_json(&d);
     }
-    println!("{} at revision {} ({}, {})", d.service, d.revision, d.reason, d.updated_at);
+    println!(
+        "{} at revision {} ({}, {})",
+        d.service, d.revision, d.reason, d.updated_at
+    );
     if !d.subsets.is_empty() {
         println!("subsets:");
         for s in &d.subsets {
@@ -303,7 +312,13 @@ async fn show(client: &mut RoutingClient<Channel>, args: &RouteArgs, service: &s
             } else {
                 format!("  (sticky on {})", r.sticky_header)
             };
-            println!("  {}. {:<12} {} -> {}{sticky}", i + 1, r.name, r.matches.join(" & "), r.split);
+            println!(
+                "  {}. {:<12} {} -> {}{sticky}",
+                i + 1,
+                r.name,
+                r.matches.join(" & "),
+                r.split
+            );
         }
     }
     let sticky = if d.sticky_header.is_empty() {
@@ -333,10 +348,17 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
     let mut client = connect_routing(&args.registry.registry).await?;
     match &args.verb {
         RouteVerb::Show { service } => show(&mut client, &args, service).await,
-        RouteVerb::Split { service, weights, sticky } => {
+        RouteVerb::Split {
+            service,
+            weights,
+            sticky,
+        } => {
             let split: Vec<pb::WeightedSubset> = weights
                 .iter()
-                .map(|(s, w)| pb::WeightedSubset { subset: s.clone(), weight: *w })
+                .map(|(s, w)| pb::WeightedSubset {
+                    subset: s.clone(),
+                    weight: *w,
+                })
                 .collect();
             let sticky = sticky.clone();
             change(&mut client, &args, service, |p| {
@@ -347,7 +369,14 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
             })
             .await
         }
-        RouteVerb::Match { service, headers, prefix, regex, to, name } => {
+        RouteVerb::Match {
+            service,
+            headers,
+            prefix,
+            regex,
+            to,
+            name,
+        } => {
             use pb::header_match::Match;
             let matches: Vec<pb::HeaderMatch> = headers
                 .iter()
@@ -362,15 +391,23 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                         Some(v) if *prefix => Match::Prefix(v),
                         Some(v) => Match::Exact(v),
                     };
-                    pb::HeaderMatch { name: n.to_ascii_lowercase(), r#match: Some(kind) }
+                    pb::HeaderMatch {
+                        name: n.to_ascii_lowercase(),
+                        r#match: Some(kind),
+                    }
                 })
                 .collect();
             let route = pb::Route {
                 name: name.clone().unwrap_or_else(|| {
-                    headers.first().map_or_else(String::new, |h| h.split('=').next().unwrap_or("").to_string())
+                    headers.first().map_or_else(String::new, |h| {
+                        h.split('=').next().unwrap_or("").to_string()
+                    })
                 }),
                 headers: matches,
-                split: vec![pb::WeightedSubset { subset: to.clone(), weight: 100 }],
+                split: vec![pb::WeightedSubset {
+                    subset: to.clone(),
+                    weight: 100,
+                }],
                 sticky_header: String::new(),
             };
             change(&mut client, &args, service, |p| upsert_route(p, route)).await
@@ -379,11 +416,20 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
             let subset = subset.clone();
             change(&mut client, &args, service, |p| {
                 p.routes.clear();
-                p.default_split = vec![pb::WeightedSubset { subset, weight: 100 }];
+                p.default_split = vec![pb::WeightedSubset {
+                    subset,
+                    weight: 100,
+                }];
             })
             .await
         }
-        RouteVerb::Subset { service, name, version, range, labels } => {
+        RouteVerb::Subset {
+            service,
+            name,
+            version,
+            range,
+            labels,
+        } => {
             let subset = pb::Subset {
                 name: name.clone(),
                 version: version.clone().unwrap_or_default(),
@@ -401,7 +447,11 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
         RouteVerb::Fallback { service, mode } => {
             let fail = mode == "fail";
             change(&mut client, &args, service, |p| {
-                p.fallback = if fail { pb::Fallback::Fail as i32 } else { pb::Fallback::Default as i32 };
+                p.fallback = if fail {
+                    pb::Fallback::Fail as i32
+                } else {
+                    pb::Fallback::Default as i32
+                };
             })
             .await
         }
@@ -437,14 +487,31 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                 println!("{service} has no recorded policy changes");
                 return Ok(());
             }
-            println!("{:<9} {:<21} {:<16} {:<7} DEFAULT SPLIT", "REVISION", "TIME", "REASON", "ROUTES");
+            println!(
+                "{:<9} {:<21} {:<16} {:<7} DEFAULT SPLIT",
+                "REVISION", "TIME", "REASON", "ROUTES"
+            );
             for (d, r) in docs.iter().zip(&records) {
-                let split = if r.policy.is_none() { "(cleared)".to_string() } else { d.default_split.clone() };
-                println!("{:<9} {:<21} {:<16} {:<7} {}", d.revision, d.updated_at, d.reason, d.routes.len(), split);
+                let split = if r.policy.is_none() {
+                    "(cleared)".to_string()
+                } else {
+                    d.default_split.clone()
+                };
+                println!(
+                    "{:<9} {:<21} {:<16} {:<7} {}",
+                    d.revision,
+                    d.updated_at,
+                    d.reason,
+                    d.routes.len(),
+                    split
+                );
             }
             Ok(())
         }
-        RouteVerb::Rollback { service, to_revision } => {
+        RouteVerb::Rollback {
+            service,
+            to_revision,
+        } => {
             let r = client
                 .rollback_policy(pb::RollbackPolicyRequest {
                     namespace: args.namespace.clone(),
@@ -456,7 +523,9 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                 .into_inner();
             eprintln!(
                 "policy of {service} {} at revision {}",
-                r.restored.as_ref().map_or("restored".to_string(), |x| x.reason.clone()),
+                r.restored
+                    .as_ref()
+                    .map_or("restored".to_string(), |x| x.reason.clone()),
                 r.revision
             );
             show(&mut client, &args, service).await
