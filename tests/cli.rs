@@ -378,3 +378,144 @@ fn sidecar_process_from_a_config_file_proxies_registers_and_drains() {
     registry.signal("-TERM");
     assert!(registry.wait(Duration::from_secs(10)).success());
 }
+
+#[test]
+fn demo_runs_the_canary_tour_and_ends_by_itself() {
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .arg("demo")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run demo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for step in [
+        "== 100/0",
+        "== 90/10",
+        "== 50/50",
+        "== header x-canary: true -> v2",
+        "== rollback to revision",
+        "== history",
+    ] {
+        assert!(text.contains(step), "missing {step:?} in:\n{text}");
+    }
+    // The header step sends everything to v2; the rollback sends everything back to v1.
+    let header_step = text.split("== header").nth(1).expect("header step");
+    assert!(
+        header_step.contains("v2             1000  100.0%"),
+        "{header_step}"
+    );
+    let rollback_step = text.split("== rollback").nth(1).expect("rollback step");
+    assert!(
+        rollback_step.contains("v1             1000  100.0%"),
+        "{rollback_step}"
+    );
+}
+
+#[test]
+fn route_verbs_change_show_and_roll_back_a_policy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
+    let mut holders = Vec::new();
+    for (port, version) in [("9001", "1.4.2"), ("9002", "1.5.0")] {
+        let mut p = Proc(
+            Command::new(BIN)
+                .args([
+                    "register",
+                    "--registry",
+                    &url,
+                    "--service",
+                    "web",
+                    "--address",
+                    "127.0.0.1",
+                    "--port",
+                    port,
+                    "--version",
+                    version,
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn"),
+        );
+        let mut line = String::new();
+        BufReader::new(p.0.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert!(line.starts_with("registered"), "{line}");
+        holders.push(p);
+    }
+    let route = |args: &[&str]| {
+        let mut all = vec!["route"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--registry", &url]);
+        run(&all)
+    };
+    let out = route(&["subset", "web", "stable", "--version", "1.4.2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = route(&["subset", "web", "canary", "--range", "^1.5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = route(&["split", "web", "stable=95", "canary=5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        shown.contains("default split: stable=95 canary=5"),
+        "{shown}"
+    );
+    let out = route(&[
+        "match",
+        "web",
+        "--header",
+        "x-canary=true",
+        "--to",
+        "canary",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("x-canary=true -> canary=100"));
+    // A typo is refused with the field named, exit 64, nothing recorded.
+    let bad = route(&["split", "web", "stabel=100"]);
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("default_split[0].subset"));
+    let out = route(&["promote", "web", "canary"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("default split: canary=100"));
+    let out = route(&["rollback", "web"]);
+    assert!(out.status.success());
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        shown.contains("x-canary=true -> canary=100") && shown.contains("stable=95 canary=5"),
+        "{shown}"
+    );
+    let history = route(&["history", "web", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&history.stdout).expect("json");
+    let reasons: Vec<&str> = json
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(reasons.len(), 6, "{reasons:?}");
+    assert!(reasons[5].starts_with("rollback to "), "{reasons:?}");
+    for mut h in holders {
+        h.signal("-INT");
+        h.wait(Duration::from_secs(10));
+    }
+    registry.signal("-TERM");
+    assert!(registry.wait(Duration::from_secs(10)).success());
+}

@@ -190,7 +190,7 @@ fn print_tally(
             100.0 * c as f64 / n.max(1) as f64
         );
     }
-    println!("  {:<10} {:>8}   {}", "ENDPOINT", "REQUESTS", "VERSION");
+    println!("  {:<10} {:>8}   VERSION", "ENDPOINT", "REQUESTS");
     for ((instance, version), c) in by_instance {
         println!("  {:<10} {:>8}   {}", instance, c, version);
     }

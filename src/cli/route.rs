@@ -9,15 +9,21 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::routing_client::RoutingClient;
 use tonic::transport::Channel;
 
-use super::register::{connect_routing, RegistryFlag};
+use super::register::connect_routing;
 use super::{CliError, Output, EXIT_CONFIG, EXIT_UNAVAILABLE};
 
 #[derive(Args, Debug)]
 pub struct RouteArgs {
     #[command(subcommand)]
     pub verb: RouteVerb,
-    #[command(flatten)]
-    pub registry: RegistryFlag,
+    /// Registry gRPC address.
+    #[arg(
+        long,
+        env = "SWITCHYARD_REGISTRY",
+        default_value = "http://127.0.0.1:7400",
+        global = true
+    )]
+    pub registry: String,
     /// Namespace of the service.
     #[arg(long, short = 'n', default_value = "default", global = true)]
     pub namespace: String,
@@ -345,7 +351,7 @@ fn upsert_route(p: &mut pb::Policy, route: pb::Route) {
 }
 
 pub async fn run(args: RouteArgs) -> Result<(), CliError> {
-    let mut client = connect_routing(&args.registry.registry).await?;
+    let mut client = connect_routing(&args.registry).await?;
     match &args.verb {
         RouteVerb::Show { service } => show(&mut client, &args, service).await,
         RouteVerb::Split {

@@ -96,6 +96,9 @@ impl Backend {
                                 "x-seen-forwarded-for",
                                 hyper::header::HeaderValue::from_str(&xff).expect("ascii"),
                             );
+                            if let Some(s) = req.headers().get("x-switchyard-subset") {
+                                resp.headers_mut().insert("x-seen-subset", s.clone());
+                            }
                             Ok::<_, Infallible>(resp)
                         }
                     });
