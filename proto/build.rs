@@ -2,7 +2,10 @@
 //! `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["switchyard/v1/registry.proto"];
+    let protos = [
+        "switchyard/v1/registry.proto",
+        "switchyard/internal/v1/raft.proto",
+    ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -8,3 +8,9 @@ pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("switchyard.v1");
 }
+
+/// Traffic between registry nodes (Raft). Not a public API.
+pub mod internal {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("switchyard.internal.v1");
+}

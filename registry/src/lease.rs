@@ -77,6 +77,13 @@ impl LeaseKeeper {
         }
     }
 
+    /// Forgets every lease (the catalog was replaced).
+    pub fn clear(&self) {
+        let mut inner = self.inner.lock();
+        inner.leases.clear();
+        inner.queue.clear();
+    }
+
     pub fn contains(&self, id: LeaseId) -> bool {
         self.inner.lock().leases.contains_key(&id)
     }

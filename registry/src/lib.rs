@@ -3,8 +3,9 @@
 //! A tour, in the order a write travels:
 //! - [`api`]: the gRPC services (`Registry`, `Discovery`); validate at the edge, convert
 //!   wire types to [`model`] types, propose commands.
-//! - [`writer`]: batches proposals into one fsync'd [`store`] transaction (group
-//!   commit), then applies them to the [`catalog`] in log order.
+//! - [`writer`]: proposes commands through Raft, forwarding from followers to the leader.
+//! - [`raft`]: openraft glue: the log in redb (fsync'd batches), the state machine that
+//!   applies commands to the [`catalog`], the peer network and the internal service.
 //! - [`catalog`]: the deterministic state machine, `apply(index, Command)`.
 //! - [`watch`]: the hub that fans applied changes out to Watch streams.
 //! - [`lease`]: the leader's in-memory lease deadlines and the expiry loop's input.
@@ -19,7 +20,7 @@ pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod node;
-pub mod store;
+pub mod raft;
 pub mod watch;
 pub mod writer;
 

@@ -1,5 +1,6 @@
-//! Starting and stopping a registry node: storage, writer, lease clock, gRPC and HTTP.
+//! Starting and stopping a registry node: storage, Raft, lease clock, gRPC and HTTP.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,13 +16,20 @@ use switchyard_proto::v1::discovery_server::DiscoveryServer;
 use switchyard_proto::v1::registry_server::RegistryServer;
 use switchyard_proto::v1::routing_server::RoutingServer;
 
-use crate::api::{DiscoveryApi, RegistryApi, RoutingApi};
+use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
+use switchyard_proto::v1::cluster_server::ClusterServer;
+
+use crate::api::{ClusterApi, DiscoveryApi, RegistryApi, RoutingApi};
 use crate::catalog::{Catalog, Command, Limits};
 use crate::lease::LeaseKeeper;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::raft::alias::Raft;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{Network, MAX_RAFT_MESSAGE};
+use crate::raft::service::RaftService;
+use crate::raft::state_machine::StateMachine;
 use crate::watch::WatchHub;
-use crate::writer::{self, Proposer};
+use crate::writer::Proposer;
 
 /// Largest gRPC message the registry accepts (a registration is well under 8 KiB; a
 /// `KeepAlive` message of 1,000 lease ids is about 10 KiB).
@@ -41,6 +49,16 @@ pub struct RegistryConfig {
     pub snapshot_every: u64,
     /// Most open Watch streams per node.
     pub max_watchers: usize,
+    /// This node's Raft id (1 for a single node).
+    pub node_id: u64,
+    /// Every voting member at first start, this node included: id -> gRPC address.
+    /// Empty means a single-node group of this node alone.
+    pub peers: BTreeMap<u64, String>,
+    /// The address peers and clients use to reach this node; default: the listener's
+    /// address, with 0.0.0.0 read as 127.0.0.1.
+    pub advertise: Option<String>,
+    /// Raft heartbeat; elections start after 5-10 heartbeats of silence.
+    pub heartbeat: Duration,
 }
 
 impl RegistryConfig {
@@ -52,6 +70,10 @@ impl RegistryConfig {
             watch_history: 10_000,
             snapshot_every: 10_000,
             max_watchers: 10_000,
+            node_id: 1,
+            peers: BTreeMap::new(),
+            advertise: None,
+            heartbeat: Duration::from_millis(100),
         }
     }
 
@@ -72,6 +94,18 @@ impl RegistryConfig {
         if self.max_watchers == 0 {
             return Err("max_watchers must be at least 1".into());
         }
+        if self.node_id == 0 {
+            return Err("node_id must be at least 1".into());
+        }
+        if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
+            return Err(format!(
+                "peers must include this node (id {}): list every member as ID=ADDR",
+                self.node_id
+            ));
+        }
+        if self.heartbeat < Duration::from_millis(10) || self.heartbeat > Duration::from_secs(5) {
+            return Err("heartbeat must be 10ms-5s".into());
+        }
         Ok(())
     }
 }
@@ -87,8 +121,10 @@ pub struct Listeners {
 pub enum StartError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    #[error("cannot use data dir {dir}: {reason}")]
+    Store { dir: PathBuf, reason: String },
+    #[error("cannot start Raft: {0}")]
+    Raft(String),
     #[error("cannot start the writer thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot read the listener address: {0}")]
@@ -102,10 +138,21 @@ pub struct Shared {
     pub catalog: RwLock<Catalog>,
     pub hub: WatchHub,
     pub leases: LeaseKeeper,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub config: RegistryConfig,
     /// Flips to `true` once when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// The highest committed log index this node knows (saved by the log store).
+    pub committed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Shared {
+    /// Sets the catalog gauges after an apply.
+    pub fn refresh_gauges(&self, catalog: &Catalog) {
+        self.metrics.instances.set(catalog.instance_count() as i64);
+        self.metrics.leases.set(catalog.lease_count() as i64);
+        self.metrics.revision.set(catalog.revision() as i64);
+    }
 }
 
 /// A running registry node.
@@ -114,7 +161,7 @@ pub struct RegistryHandle {
     pub http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    raft: Raft,
     shared: Arc<Shared>,
 }
 
@@ -125,8 +172,8 @@ impl RegistryHandle {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
-        if let Some(writer) = self.writer.take() {
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft did not stop cleanly");
         }
         tracing::info!(
             revision = self.shared.catalog.read().revision(),
@@ -150,33 +197,32 @@ pub async fn start(
     let http_addr = listeners.http.local_addr().map_err(StartError::Addr)?;
 
     let dir = config.data_dir.clone();
-    let limits = config.limits;
-    let (store, catalog) = tokio::task::spawn_blocking(move || Store::open(&dir, limits))
+    let store_err = |reason: String| StartError::Store {
+        dir: dir.clone(),
+        reason,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| store_err(e.to_string()))?;
+    let path = dir.join("registry.redb");
+    let db = tokio::task::spawn_blocking(move || redb::Database::create(path))
         .await
-        .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
-
+        .map_err(|e| store_err(e.to_string()))?
+        .map_err(|e| {
+            store_err(format!(
+                "{e} (is another switchyard process using this --data-dir?)"
+            ))
+        })?;
+    let db = Arc::new(db);
+    let catalog = Catalog::new(config.limits);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let hub = WatchHub::new(
         config.watch_buffer,
         config.watch_history,
         catalog.revision(),
     );
+    // Leases get their clocks from the applies Raft replays and, in full, when this node
+    // becomes leader (see `leadership_loop`).
     let leases = LeaseKeeper::default();
-    // Every lease restarts with its full TTL, so instances have time to renew.
-    for (id, ttl) in catalog.leases() {
-        leases.grant(id, ttl);
-    }
-    let metrics = Metrics::default();
-    metrics.instances.set(catalog.instance_count() as i64);
-    metrics.leases.set(catalog.lease_count() as i64);
-    metrics.revision.set(catalog.revision() as i64);
-    tracing::info!(
-        data_dir = %config.data_dir.display(),
-        revision = catalog.revision(),
-        instances = catalog.instance_count(),
-        leases = catalog.lease_count(),
-        "catalog loaded"
-    );
+    let metrics = Arc::new(Metrics::default());
     let snapshot_every = config.snapshot_every;
     let shared = Arc::new(Shared {
         catalog: RwLock::new(catalog),
@@ -185,9 +231,93 @@ pub async fn start(
         metrics,
         config,
         shutdown: shutdown_rx.clone(),
+        committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     });
-    let (proposer, writer) =
-        writer::spawn(store, shared.clone(), snapshot_every).map_err(StartError::Thread)?;
+    let log_store = LogStore::new(
+        db.clone(),
+        Some(shared.metrics.clone()),
+        shared.committed.clone(),
+    )
+    .map_err(|e| StartError::Store {
+        dir: shared.config.data_dir.clone(),
+        reason: e.to_string(),
+    })?;
+    let state_machine = StateMachine::open(shared.clone(), db.clone(), shared.config.limits)
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+    {
+        let catalog = shared.catalog.read();
+        shared.refresh_gauges(&catalog);
+        // Changes before the snapshot are not in the history: a resume from before it
+        // gets a snapshot.
+        shared.hub.reset(catalog.revision());
+        tracing::info!(
+            data_dir = %shared.config.data_dir.display(),
+            revision = catalog.revision(),
+            instances = catalog.instance_count(),
+            "snapshot loaded; Raft replays the log after it"
+        );
+    }
+    let heartbeat = shared.config.heartbeat.as_millis() as u64;
+    let raft_config = openraft::Config {
+        cluster_name: "switchyard".into(),
+        heartbeat_interval: heartbeat,
+        election_timeout_min: heartbeat * 5,
+        election_timeout_max: heartbeat * 10,
+        install_snapshot_timeout: 5_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: 1_000,
+        purge_batch_size: 256,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let network = Network::default();
+    let node_id = shared.config.node_id;
+    let raft = openraft::Raft::new(
+        node_id,
+        Arc::new(raft_config),
+        network.clone(),
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let advertise = shared.config.advertise.clone().unwrap_or_else(|| {
+        if grpc_addr.ip().is_unspecified() {
+            format!("127.0.0.1:{}", grpc_addr.port())
+        } else {
+            grpc_addr.to_string()
+        }
+    });
+    let members: BTreeMap<u64, openraft::BasicNode> = if shared.config.peers.is_empty() {
+        BTreeMap::from([(node_id, openraft::BasicNode::new(advertise.clone()))])
+    } else {
+        shared
+            .config
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, openraft::BasicNode::new(addr.clone())))
+            .collect()
+    };
+    let cluster_size = members.len();
+    // Pristine nodes start the group; on an initialized node this is refused, harmlessly.
+    match raft.initialize(members).await {
+        Ok(()) => tracing::info!(
+            node_id,
+            members = cluster_size,
+            "initialized a new Raft group"
+        ),
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::InitializeError::NotAllowed(_),
+        )) => {}
+        Err(e) => return Err(StartError::Raft(e.to_string())),
+    }
+    let proposer = Proposer::new(
+        raft.clone(),
+        network,
+        shared.config.heartbeat * 20,
+        cluster_size,
+    );
 
     let tasks = vec![
         tokio::spawn(expiry_loop(
@@ -197,8 +327,13 @@ pub async fn start(
         )),
         tokio::spawn(serve_grpc(
             shared.clone(),
-            proposer,
+            proposer.clone(),
             listeners.grpc,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(leadership_loop(
+            shared.clone(),
+            raft.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(crate::http::serve(
@@ -213,7 +348,7 @@ pub async fn start(
         http_addr,
         shutdown: shutdown_tx,
         tasks,
-        writer: Some(writer),
+        raft,
         shared,
     })
 }
@@ -238,6 +373,11 @@ async fn serve_grpc(
     health.set_serving::<RoutingServer<RoutingApi>>().await;
     let routing = RoutingServer::new(RoutingApi::new(shared.clone(), proposer.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
+    let internal =
+        RaftInternalServer::new(RaftService::new(proposer.raft().clone(), proposer.clone()))
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE);
     let registry = RegistryServer::new(RegistryApi::new(shared.clone(), proposer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let discovery = DiscoveryServer::new(DiscoveryApi::new(shared))
@@ -248,6 +388,8 @@ async fn serve_grpc(
         .add_service(registry)
         .add_service(discovery)
         .add_service(routing)
+        .add_service(cluster)
+        .add_service(internal)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait_for(shutdown.clone()));
     tokio::pin!(server);
     // Streams we do not own (a client's grpc.health.v1 Watch) never end by themselves:
@@ -274,7 +416,12 @@ async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watc
             return;
         }
         let now = tokio::time::Instant::now();
-        let expired = shared.leases.take_expired(now);
+        // Only the leader runs lease clocks (the etcd model).
+        let expired = if proposer.is_leader() {
+            shared.leases.take_expired(now)
+        } else {
+            Vec::new()
+        };
         if !expired.is_empty() {
             tracing::info!(
                 leases = expired.len(),
@@ -316,6 +463,36 @@ async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watc
             _ = tokio::time::sleep_until(next) => {}
             _ = shared.leases.changed() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Watches Raft's role. On becoming leader, every lease gets its full TTL again before
+/// anything can expire, so a leader change never mass-expires instances.
+async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::Receiver<bool>) {
+    let mut metrics = raft.metrics();
+    let mut was_leader = false;
+    loop {
+        let is_leader = {
+            let m = metrics.borrow_and_update();
+            m.state == openraft::ServerState::Leader
+        };
+        if is_leader && !was_leader {
+            let catalog = shared.catalog.read();
+            let mut n = 0;
+            for (id, ttl) in catalog.leases() {
+                shared.leases.grant(id, ttl);
+                n += 1;
+            }
+            tracing::info!(
+                leases = n,
+                "this node leads now; every lease restarts with its full TTL"
+            );
+        }
+        was_leader = is_leader;
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
         }
     }
 }

@@ -60,6 +60,22 @@ impl WatchHub {
         let _ = self.tx.send(change);
     }
 
+    /// Forgets the history (the catalog was replaced, e.g. by a snapshot from the
+    /// leader) and tells every watcher to resync: a reset change makes each one send a
+    /// fresh snapshot.
+    pub fn reset(&self, revision: Revision) {
+        {
+            let mut h = self.history.lock();
+            h.events.clear();
+            h.floor = revision;
+        }
+        let _ = self.tx.send(Arc::new(Change {
+            revision,
+            reset: true,
+            ..Change::default()
+        }));
+    }
+
     /// A receiver for every change published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.tx.subscribe()
@@ -109,6 +125,7 @@ pub fn filter(change: &Change, namespace: &str, services: &[String]) -> Option<C
             .filter(|p| wanted(&p.namespace, &p.service))
             .cloned()
             .collect(),
+        reset: false,
     })
 }
 

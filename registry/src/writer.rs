@@ -1,23 +1,25 @@
-//! The write path of a single node: proposals are batched, written to the store in one
-//! fsync'd transaction (group commit), then applied to the catalog in log order.
+//! The write path: every command goes through Raft. On the leader it is appended,
+//! replicated to a majority, fsync'd and applied; a follower forwards it to the leader
+//! over the internal service, so clients need not know who leads.
 //!
-//! It runs on its own OS thread because redb's commit blocks on fsync; while one batch
-//! is being synced, new proposals queue up and form the next, larger batch. The cluster
-//! replaces this module with openraft's `client_write`; `apply` stays the same.
+//! Writes fail fast with `UNAVAILABLE` when no leader is known, or when this node leads
+//! but has not heard from a majority recently (it may be on the small side of a
+//! partition), instead of hanging until a quorum returns.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+use switchyard_proto::internal::RaftMessage;
 
 use crate::catalog::{ApplyError, Command, Reply};
-use crate::node::Shared;
-use crate::store::Store;
+use crate::raft::alias::{NodeId, Raft};
+use crate::raft::network::Network;
+use crate::raft::{decode, encode};
 
-/// Most commands written in one transaction.
-const MAX_BATCH: usize = 1_024;
-/// Proposals that may wait for the writer before `propose` itself waits (backpressure).
-const QUEUE: usize = 8_192;
+/// How long a write may wait to commit before the client is told no quorum answered.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a proposal did not take effect.
 #[derive(Debug, thiserror::Error)]
@@ -28,124 +30,165 @@ pub enum ProposeError {
     Storage(String),
     #[error("the registry is shutting down; retry on another node")]
     ShuttingDown,
+    #[error("no registry leader is elected: {0}")]
+    NoLeader(String),
+    #[error("{0}")]
+    NoQuorum(String),
 }
 
-struct Proposal {
-    command: Command,
-    reply: oneshot::Sender<Result<Reply, ProposeError>>,
+/// A forwarded command's outcome, as it crosses the internal service.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum WireError {
+    Refused(ApplyError),
+    Unavailable(String),
 }
 
-/// Submits commands to the writer. Cloned into every API handler.
+/// Submits commands. Cloned into every API handler.
 #[derive(Clone)]
 pub struct Proposer {
-    tx: mpsc::Sender<Proposal>,
+    raft: Raft,
+    network: Network,
+    /// A leader that has not heard from a majority for this long refuses writes.
+    quorum_silence: Duration,
+    cluster_size_hint: usize,
 }
 
 impl Proposer {
-    /// Writes and applies one command; returns once it is durable and applied.
+    pub fn new(
+        raft: Raft,
+        network: Network,
+        quorum_silence: Duration,
+        cluster_size_hint: usize,
+    ) -> Self {
+        Self {
+            raft,
+            network,
+            quorum_silence,
+            cluster_size_hint,
+        }
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// The leader's id and address, when one is known.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    fn no_leader(&self) -> ProposeError {
+        let members = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count()
+            .max(self.cluster_size_hint);
+        ProposeError::NoLeader(format!(
+            "a majority of the {members} registry nodes must be up and reachable; reads still work on every node"
+        ))
+    }
+
+    /// Writes and applies one command, forwarding it to the leader when needed.
     pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Proposal { command, reply })
+        match self.write(command.clone()).await {
+            Err(Forward::To(addr)) => self.forward(&addr, command).await,
+            Err(Forward::Failed(e)) => Err(e),
+            Ok(r) => r,
+        }
+    }
+
+    /// Writes here only (a forwarded command): no second hop.
+    pub async fn propose_here(&self, command: Command) -> Result<Reply, ProposeError> {
+        match self.write(command).await {
+            Err(Forward::To(_)) => Err(ProposeError::NoLeader(
+                "the leadership moved while the command was forwarded; retry".into(),
+            )),
+            Err(Forward::Failed(e)) => Err(e),
+            Ok(r) => r,
+        }
+    }
+
+    async fn write(&self, command: Command) -> Result<Result<Reply, ProposeError>, Forward> {
+        let silent_ms = {
+            let m = self.raft.metrics().borrow().clone();
+            (m.state == ServerState::Leader)
+                .then_some(m.millis_since_quorum_ack)
+                .flatten()
+        };
+        if let Some(ms) = silent_ms {
+            if u128::from(ms) > self.quorum_silence.as_millis() {
+                return Err(Forward::Failed(ProposeError::NoQuorum(format!(
+                    "this registry node leads but has not heard from a majority for {ms} ms; writes need a majority of nodes up (reads still work)"
+                ))));
+            }
+        }
+        let written = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(command)).await;
+        match written {
+            Err(_) => Err(Forward::Failed(ProposeError::NoQuorum(format!(
+                "the write was not committed within {COMMIT_TIMEOUT:?}: a majority of registry nodes must be up"
+            )))),
+            Ok(Ok(resp)) => Ok(resp.data.0.map_err(ProposeError::Refused)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_node {
+                Some(node) => Err(Forward::To(node.addr)),
+                None => Err(Forward::Failed(self.no_leader())),
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Forward::Failed(ProposeError::Storage(e.to_string())))
+            }
+            Ok(Err(RaftError::Fatal(e))) => {
+                tracing::error!(error = %e, "Raft stopped");
+                Err(Forward::Failed(ProposeError::ShuttingDown))
+            }
+        }
+    }
+
+    async fn forward(&self, addr: &str, command: Command) -> Result<Reply, ProposeError> {
+        let mut client = self.network.client(addr).map_err(ProposeError::NoLeader)?;
+        let data = encode(&command).map_err(|e| ProposeError::Storage(e.to_string()))?;
+        let answer = tokio::time::timeout(COMMIT_TIMEOUT, client.forward(RaftMessage { data }))
             .await
-            .map_err(|_| ProposeError::ShuttingDown)?;
-        rx.await.map_err(|_| ProposeError::ShuttingDown)?
+            .map_err(|_| {
+                ProposeError::NoQuorum(format!(
+                    "the leader at {addr} did not answer within {COMMIT_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|s| {
+                ProposeError::NoLeader(format!(
+                    "cannot reach the leader at {addr}: {}",
+                    s.message()
+                ))
+            })?
+            .into_inner();
+        let result: Result<Reply, WireError> =
+            decode(&answer.data).map_err(|e| ProposeError::Storage(e.to_string()))?;
+        match result {
+            Ok(r) => Ok(r),
+            Err(WireError::Refused(e)) => Err(ProposeError::Refused(e)),
+            Err(WireError::Unavailable(m)) => Err(ProposeError::NoLeader(m)),
+        }
     }
 }
 
-/// Starts the writer thread. It ends when every [`Proposer`] is dropped.
-pub fn spawn(
-    store: Store,
-    shared: Arc<Shared>,
-    snapshot_every: u64,
-) -> std::io::Result<(Proposer, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let handle = std::thread::Builder::new()
-        .name("registry-writer".into())
-        .spawn(move || run(store, shared, rx, snapshot_every))?;
-    Ok((Proposer { tx }, handle))
-}
-
-fn run(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>, snapshot_every: u64) {
-    let mut next_index = shared.catalog.read().applied_index() + 1;
-    let mut unsnapshotted = store.log_len().unwrap_or(0);
-    let mut batch: Vec<Proposal> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        let started = Instant::now();
-        let entries: Vec<(u64, &Command)> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (next_index + i as u64, &p.command))
-            .collect();
-        if let Err(e) = store.append(&entries) {
-            tracing::error!(error = %e, "write to the data dir failed; refusing this batch");
-            let msg = e.to_string();
-            for p in batch.drain(..) {
-                let _ = p.reply.send(Err(ProposeError::Storage(msg.clone())));
-            }
-            continue;
-        }
-        shared
-            .metrics
-            .commit_seconds
-            .observe(started.elapsed().as_secs_f64());
-        shared.metrics.commit_batch_size.observe(batch.len() as f64);
-
-        let written = batch.len() as u64;
-        let mut replies = Vec::with_capacity(batch.len());
-        {
-            let mut catalog = shared.catalog.write();
-            for p in batch.drain(..) {
-                let result = catalog.apply(next_index, &p.command);
-                next_index += 1;
-                for (id, ttl) in &result.leases_granted {
-                    shared.leases.grant(*id, *ttl);
-                }
-                for id in &result.leases_removed {
-                    shared.leases.remove(*id);
-                }
-                if let Command::ExpireLeases { .. } = p.command {
-                    shared
-                        .metrics
-                        .lease_expiries
-                        .inc_by(result.leases_removed.len() as u64);
-                }
-                if let Some(change) = result.change {
-                    shared.hub.publish(change);
-                }
-                replies.push((p.reply, result.reply.map_err(ProposeError::from)));
-            }
-            shared
-                .metrics
-                .instances
-                .set(catalog.instance_count() as i64);
-            shared.metrics.leases.set(catalog.lease_count() as i64);
-            shared.metrics.revision.set(catalog.revision() as i64);
-        }
-        for (tx, reply) in replies {
-            // The caller may have gone away; the change stands regardless.
-            let _ = tx.send(reply);
-        }
-
-        unsnapshotted += written;
-        if unsnapshotted >= snapshot_every {
-            let (persisted, index) = {
-                let c = shared.catalog.read();
-                (c.to_persisted(), c.applied_index())
-            };
-            match store.snapshot(&persisted, index) {
-                Ok(()) => unsnapshotted = 0,
-                Err(e) => {
-                    tracing::warn!(error = %e, "snapshot failed; the log keeps growing until one succeeds")
-                }
-            }
-        }
-    }
+enum Forward {
+    To(String),
+    Failed(ProposeError),
 }

@@ -159,6 +159,18 @@ impl Watcher {
                     _ = self.tx.closed() => return Err(()),
                 };
                 match received {
+                    Ok(change) if change.reset => {
+                        metrics.watch_resyncs.inc();
+                        let event = {
+                            let catalog = self.shared.catalog.read();
+                            snapshot_event(
+                                catalog.revision(),
+                                &catalog.snapshot(&self.namespace, &self.services),
+                            )
+                        };
+                        seen = event.revision;
+                        self.send(event, &mut shutdown).await?;
+                    }
                     Ok(change) => {
                         if change.revision <= seen {
                             continue;

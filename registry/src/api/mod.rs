@@ -2,11 +2,13 @@
 //! commands to the writer; no business rule lives here. Errors become `tonic::Status`
 //! in one place ([`status`]).
 
+mod cluster;
 mod convert;
 mod discovery;
 mod registry;
 mod routing;
 
+pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;
 pub use registry::RegistryApi;
 pub use routing::RoutingApi;
@@ -43,6 +45,9 @@ pub fn status(e: ProposeError) -> Status {
         | ProposeError::Refused(ApplyError::LeaseFull(..)) => {
             Status::resource_exhausted(e.to_string())
         }
-        ProposeError::Storage(_) | ProposeError::ShuttingDown => Status::unavailable(e.to_string()),
+        ProposeError::Storage(_)
+        | ProposeError::ShuttingDown
+        | ProposeError::NoLeader(_)
+        | ProposeError::NoQuorum(_) => Status::unavailable(e.to_string()),
     }
 }

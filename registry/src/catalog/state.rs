@@ -50,7 +50,7 @@ pub enum ApplyError {
 }
 
 /// What the caller of a command gets back.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     Registered {
         lease_id: LeaseId,

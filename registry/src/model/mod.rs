@@ -100,6 +100,8 @@ pub struct Change {
     pub upserted: Vec<Arc<Instance>>,
     pub removed: Vec<InstanceRef>,
     pub policies: Vec<PolicyChange>,
+    /// The whole catalog was replaced: watchers must resync with a snapshot.
+    pub reset: bool,
 }
 
 impl Change {

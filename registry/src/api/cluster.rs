@@ -1,0 +1,210 @@
+//! `switchyard.v1.Cluster`: Members, AddMember, RemoveMember, Status.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use tonic::{Code, Request, Response, Status};
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::cluster_client::ClusterClient;
+use switchyard_proto::v1::cluster_server::Cluster;
+
+use crate::node::Shared;
+use crate::writer::Proposer;
+
+pub struct ClusterApi {
+    shared: Arc<Shared>,
+    proposer: Proposer,
+}
+
+/// Membership changes can take a while (a learner catching up).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn role(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl ClusterApi {
+    pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
+        Self { shared, proposer }
+    }
+
+    fn count<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.shared.metrics.grpc(method, code);
+        r
+    }
+
+    fn members(&self) -> pb::MembersResponse {
+        let m = self.proposer.raft().metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        pb::MembersResponse {
+            members: membership
+                .nodes()
+                .map(|(id, node)| pb::Member {
+                    id: *id,
+                    address: node.addr.clone(),
+                    voter: voters.contains(id),
+                })
+                .collect(),
+            leader_id: m.current_leader.unwrap_or(0),
+        }
+    }
+
+    fn status(&self) -> pb::StatusResponse {
+        let m = self.proposer.raft().metrics().borrow().clone();
+        let leader_address = self.proposer.leader().map(|(_, a)| a).unwrap_or_default();
+        pb::StatusResponse {
+            node_id: m.id,
+            role: role(m.state).into(),
+            leader_id: m.current_leader.unwrap_or(0),
+            leader_address,
+            term: m.current_term,
+            commit_index: self.shared.committed.load(Ordering::Acquire),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            members: self.members().members,
+            revision: self.shared.catalog.read().revision(),
+        }
+    }
+
+    /// The leader's Cluster client, for a follower to hand a membership change over.
+    async fn leader_client(
+        &self,
+    ) -> Result<Option<ClusterClient<tonic::transport::Channel>>, Status> {
+        if self.proposer.is_leader() {
+            return Ok(None);
+        }
+        let (_, addr) = self.proposer.leader().ok_or_else(|| {
+            Status::unavailable(
+                "no registry leader is elected; retry when a majority of nodes is up",
+            )
+        })?;
+        let channel = self
+            .proposer
+            .network()
+            .channel(&addr)
+            .map_err(Status::unavailable)?;
+        Ok(Some(ClusterClient::new(channel)))
+    }
+
+    async fn change(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), Status> {
+        let raft = self.proposer.raft();
+        match tokio::time::timeout(CHANGE_TIMEOUT, raft.change_membership(change, false)).await {
+            Err(_) => Err(Status::unavailable(format!(
+                "the membership change did not commit within {CHANGE_TIMEOUT:?}"
+            ))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Ok(Err(e)) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn add(&self, req: pb::AddMemberRequest) -> Result<pb::MembersResponse, Status> {
+        if req.id == 0 {
+            return Err(Status::invalid_argument("invalid id: must be at least 1"));
+        }
+        if req.address.is_empty()
+            || req.address.len() > 255
+            || req.address.parse::<std::net::SocketAddr>().is_err() && !req.address.contains(':')
+        {
+            return Err(Status::invalid_argument(
+                "invalid address: use HOST:PORT of the node's gRPC listener",
+            ));
+        }
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.add_member(req).await.map(Response::into_inner);
+        }
+        let raft = self.proposer.raft();
+        let node = BasicNode::new(req.address.clone());
+        // Learner first (it catches up without counting toward the quorum), then voter.
+        match tokio::time::timeout(CHANGE_TIMEOUT, raft.add_learner(req.id, node, true)).await {
+            Err(_) => {
+                return Err(Status::unavailable(format!(
+                    "node {} did not catch up within {CHANGE_TIMEOUT:?}",
+                    req.id
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(Status::unavailable(format!(
+                    "cannot add node {} as a learner: {e}",
+                    req.id
+                )))
+            }
+            Ok(Ok(_)) => {}
+        }
+        self.change(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])))
+            .await?;
+        tracing::info!(id = req.id, address = %req.address, "member added");
+        Ok(self.members())
+    }
+
+    async fn remove(&self, req: pb::RemoveMemberRequest) -> Result<pb::MembersResponse, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.remove_member(req).await.map(Response::into_inner);
+        }
+        let members = self.members();
+        let Some(member) = members.members.iter().find(|m| m.id == req.id) else {
+            return Err(Status::not_found(format!(
+                "node {} is not a member",
+                req.id
+            )));
+        };
+        if member.voter {
+            if members.members.iter().filter(|m| m.voter).count() == 1 {
+                return Err(Status::failed_precondition("cannot remove the last voter"));
+            }
+            self.change(ChangeMembers::RemoveVoters(BTreeSet::from([req.id])))
+                .await?;
+        }
+        self.change(ChangeMembers::RemoveNodes(BTreeSet::from([req.id])))
+            .await?;
+        tracing::info!(id = req.id, "member removed");
+        Ok(self.members())
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterApi {
+    async fn members(
+        &self,
+        _: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        self.count("Members", Ok(self.members())).map(Response::new)
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        let r = self.add(request.into_inner()).await;
+        self.count("AddMember", r).map(Response::new)
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        let r = self.remove(request.into_inner()).await;
+        self.count("RemoveMember", r).map(Response::new)
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.count("Status", Ok(self.status())).map(Response::new)
+    }
+}

@@ -1,0 +1,229 @@
+//! The Raft state machine: committed commands applied to the in-memory catalog.
+//!
+//! Applying also publishes each change to the watch hub and mirrors leases into the
+//! lease keeper (only the leader's keeper expires anything). Snapshots are the catalog's
+//! persisted form plus the Raft metadata, kept in redb beside the log; at start the last
+//! snapshot is loaded and openraft replays the committed log after it.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use parking_lot::Mutex;
+use redb::Database;
+use serde::{Deserialize, Serialize};
+
+use super::alias::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
+use super::log_store::META;
+use super::{decode, encode, CommandReply, TypeConfig};
+use crate::catalog::{Catalog, Command, Limits, PersistedCatalog};
+use crate::node::Shared;
+
+const SNAPSHOT: &str = "snapshot";
+
+/// What a snapshot holds.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    catalog: PersistedCatalog,
+}
+
+/// Raft bookkeeping that changes together with the catalog (under its write lock).
+#[derive(Default, Clone)]
+struct Applied {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    snapshots_built: u64,
+}
+
+fn sm_err<E: std::error::Error + 'static>(e: E) -> StorageError {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn snap_err<E: std::error::Error + 'static>(e: E) -> StorageError {
+    StorageIOError::read_snapshot(None, &e).into()
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+    db: Arc<Database>,
+    applied: Arc<Mutex<Applied>>,
+}
+
+impl StateMachine {
+    /// Loads the last snapshot (if any) into the catalog.
+    pub fn open(
+        shared: Arc<Shared>,
+        db: Arc<Database>,
+        limits: Limits,
+    ) -> Result<Self, StorageError> {
+        let mut applied = Applied::default();
+        let stored = {
+            let txn = db.begin_read().map_err(snap_err)?;
+            let meta = txn.open_table(META).map_err(snap_err)?;
+            let got = meta.get(SNAPSHOT).map_err(snap_err)?;
+            got.map(|v| v.value().to_vec())
+        };
+        if let Some(bytes) = stored {
+            let file: SnapshotFile = decode(&bytes).map_err(snap_err)?;
+            applied.last_applied = file.meta.last_log_id;
+            applied.membership = file.meta.last_membership.clone();
+            *shared.catalog.write() = Catalog::from_persisted(limits, file.catalog);
+        }
+        Ok(Self {
+            shared,
+            db,
+            applied: Arc::new(Mutex::new(applied)),
+        })
+    }
+
+    fn store_snapshot(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(sm_err)?;
+        {
+            let mut meta = txn.open_table(META).map_err(sm_err)?;
+            meta.insert(SNAPSHOT, bytes).map_err(sm_err)?;
+        }
+        txn.commit().map_err(sm_err)?;
+        Ok(())
+    }
+
+    /// Replaces the whole catalog (snapshot install): watchers resync, leases restart.
+    fn replace(&self, file: SnapshotFile) {
+        let catalog = Catalog::from_persisted(self.shared.config.limits, file.catalog);
+        let mut current = self.shared.catalog.write();
+        *current = catalog;
+        self.shared.leases.clear();
+        for (id, ttl) in current.leases() {
+            self.shared.leases.grant(id, ttl);
+        }
+        self.shared.hub.reset(current.revision());
+        let mut applied = self.applied.lock();
+        applied.last_applied = file.meta.last_log_id;
+        applied.membership = file.meta.last_membership;
+        self.shared.refresh_gauges(&current);
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (file, bytes) = {
+            let catalog = self.shared.catalog.read();
+            let mut applied = self.applied.lock();
+            applied.snapshots_built += 1;
+            let last = applied.last_applied;
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: applied.membership.clone(),
+                snapshot_id: format!(
+                    "{}-{}",
+                    last.map_or(0, |l| l.index),
+                    applied.snapshots_built
+                ),
+            };
+            let file = SnapshotFile {
+                meta,
+                catalog: catalog.to_persisted(),
+            };
+            let bytes = encode(&file).map_err(sm_err)?;
+            (file, bytes)
+        };
+        self.store_snapshot(&bytes)?;
+        Ok(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let applied = self.applied.lock();
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandReply>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let shared = &self.shared;
+        let mut replies = Vec::new();
+        let mut catalog = shared.catalog.write();
+        let mut applied = self.applied.lock();
+        for entry in entries {
+            applied.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => replies.push(CommandReply::default()),
+                EntryPayload::Membership(m) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                    replies.push(CommandReply::default());
+                }
+                EntryPayload::Normal(command) => {
+                    let result = catalog.apply(entry.log_id.index, &command);
+                    for (id, ttl) in &result.leases_granted {
+                        shared.leases.grant(*id, *ttl);
+                    }
+                    for id in &result.leases_removed {
+                        shared.leases.remove(*id);
+                    }
+                    if let Command::ExpireLeases { .. } = command {
+                        shared
+                            .metrics
+                            .lease_expiries
+                            .inc_by(result.leases_removed.len() as u64);
+                    }
+                    if let Some(change) = result.change {
+                        shared.hub.publish(change);
+                    }
+                    replies.push(CommandReply(result.reply));
+                }
+            }
+        }
+        shared.refresh_gauges(&catalog);
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let mut file: SnapshotFile = decode(&bytes).map_err(snap_err)?;
+        file.meta = meta.clone();
+        let stored = encode(&file).map_err(sm_err)?;
+        self.store_snapshot(&stored)?;
+        tracing::info!(last = ?meta.last_log_id, "installed a snapshot from the leader");
+        self.replace(file);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let stored = {
+            let txn = self.db.begin_read().map_err(snap_err)?;
+            let meta = txn.open_table(META).map_err(snap_err)?;
+            let got = meta.get(SNAPSHOT).map_err(snap_err)?;
+            got.map(|v| v.value().to_vec())
+        };
+        let Some(bytes) = stored else {
+            return Ok(None);
+        };
+        let file: SnapshotFile = decode(&bytes).map_err(snap_err)?;
+        Ok(Some(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        }))
+    }
+}
