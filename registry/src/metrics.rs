@@ -27,6 +27,23 @@ pub struct Metrics {
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub commit_batch_size: Histogram,
     pub commit_seconds: Histogram,
+    pub raft_term: Gauge<i64, AtomicI64>,
+    pub raft_leader: Gauge<i64, AtomicI64>,
+    pub raft_is_leader: Gauge<i64, AtomicI64>,
+    pub raft_commit_index: Gauge<i64, AtomicI64>,
+    pub raft_applied_index: Gauge<i64, AtomicI64>,
+    pub raft_replication_lag: Family<PeerLabels, Gauge<i64, AtomicI64>>,
+    pub proposals: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -41,6 +58,44 @@ impl Default for Metrics {
         let grpc_requests = Family::default();
         let commit_batch_size = Histogram::new(exponential_buckets(1.0, 4.0, 7));
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 8));
+        let raft_term = Gauge::default();
+        let raft_leader = Gauge::default();
+        let raft_is_leader = Gauge::default();
+        let raft_commit_index = Gauge::default();
+        let raft_applied_index = Gauge::default();
+        let raft_replication_lag = Family::default();
+        let proposals = Family::default();
+        registry.register("raft_term", "Current Raft term", raft_term.clone());
+        registry.register(
+            "raft_leader",
+            "Node id of the current leader (0: none known)",
+            raft_leader.clone(),
+        );
+        registry.register(
+            "raft_is_leader",
+            "1 while this node is the leader",
+            raft_is_leader.clone(),
+        );
+        registry.register(
+            "raft_commit_index",
+            "Highest log index known committed",
+            raft_commit_index.clone(),
+        );
+        registry.register(
+            "raft_applied_index",
+            "Highest log index applied to the catalog",
+            raft_applied_index.clone(),
+        );
+        registry.register(
+            "raft_replication_lag",
+            "Log entries a peer is behind the leader (on the leader only)",
+            raft_replication_lag.clone(),
+        );
+        registry.register(
+            "proposals",
+            "Commands proposed on this node by outcome (ok, refused, forwarded, unavailable)",
+            proposals.clone(),
+        );
         registry.register("instances", "Registered instances", instances.clone());
         registry.register("leases", "Live leases", leases.clone());
         registry.register(
@@ -85,6 +140,13 @@ impl Default for Metrics {
             grpc_requests,
             commit_batch_size,
             commit_seconds,
+            raft_term,
+            raft_leader,
+            raft_is_leader,
+            raft_commit_index,
+            raft_applied_index,
+            raft_replication_lag,
+            proposals,
         }
     }
 }

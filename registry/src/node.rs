@@ -57,6 +57,9 @@ pub struct RegistryConfig {
     /// The address peers and clients use to reach this node; default: the listener's
     /// address, with 0.0.0.0 read as 127.0.0.1.
     pub advertise: Option<String>,
+    /// Join a running cluster through this node's gRPC address instead of starting a
+    /// group: this node asks to be added as a member and waits.
+    pub join: Option<String>,
     /// Raft heartbeat; elections start after 5-10 heartbeats of silence.
     pub heartbeat: Duration,
 }
@@ -73,6 +76,7 @@ impl RegistryConfig {
             node_id: 1,
             peers: BTreeMap::new(),
             advertise: None,
+            join: None,
             heartbeat: Duration::from_millis(100),
         }
     }
@@ -147,6 +151,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Empty shared state for a node with this config (the catalog is filled by the
+    /// state machine from its snapshot and the Raft log).
+    pub fn new(config: RegistryConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+        let catalog = Catalog::new(config.limits);
+        Arc::new(Shared {
+            hub: WatchHub::new(
+                config.watch_buffer,
+                config.watch_history,
+                catalog.revision(),
+            ),
+            catalog: RwLock::new(catalog),
+            // Leases get their clocks from the applies Raft replays and, in full, when
+            // this node becomes leader (see `leadership_loop`).
+            leases: LeaseKeeper::default(),
+            metrics: Arc::new(Metrics::default()),
+            config,
+            shutdown,
+            committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        })
+    }
+
     /// Sets the catalog gauges after an apply.
     pub fn refresh_gauges(&self, catalog: &Catalog) {
         self.metrics.instances.set(catalog.instance_count() as i64);
@@ -212,27 +237,9 @@ pub async fn start(
             ))
         })?;
     let db = Arc::new(db);
-    let catalog = Catalog::new(config.limits);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let hub = WatchHub::new(
-        config.watch_buffer,
-        config.watch_history,
-        catalog.revision(),
-    );
-    // Leases get their clocks from the applies Raft replays and, in full, when this node
-    // becomes leader (see `leadership_loop`).
-    let leases = LeaseKeeper::default();
-    let metrics = Arc::new(Metrics::default());
     let snapshot_every = config.snapshot_every;
-    let shared = Arc::new(Shared {
-        catalog: RwLock::new(catalog),
-        hub,
-        leases,
-        metrics,
-        config,
-        shutdown: shutdown_rx.clone(),
-        committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-    });
+    let shared = Shared::new(config, shutdown_rx.clone());
     let log_store = LogStore::new(
         db.clone(),
         Some(shared.metrics.clone()),
@@ -317,6 +324,7 @@ pub async fn start(
         network,
         shared.config.heartbeat * 20,
         cluster_size,
+        Some(shared.metrics.clone()),
     );
 
     let tasks = vec![
@@ -333,6 +341,13 @@ pub async fn start(
         )),
         tokio::spawn(leadership_loop(
             shared.clone(),
+            raft.clone(),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(join_loop(
+            shared.config.join.clone(),
+            node_id,
+            advertise.clone(),
             raft.clone(),
             shutdown_rx.clone(),
         )),
@@ -475,6 +490,26 @@ async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::R
     loop {
         let is_leader = {
             let m = metrics.borrow_and_update();
+            let g = &shared.metrics;
+            g.raft_term.set(m.current_term as i64);
+            g.raft_leader.set(m.current_leader.unwrap_or(0) as i64);
+            g.raft_is_leader
+                .set(i64::from(m.state == openraft::ServerState::Leader));
+            g.raft_applied_index
+                .set(m.last_applied.map_or(0, |l| l.index) as i64);
+            g.raft_commit_index
+                .set(shared.committed.load(std::sync::atomic::Ordering::Acquire) as i64);
+            if let Some(replication) = &m.replication {
+                let last = m.last_log_index.unwrap_or(0);
+                for (peer, matched) in replication {
+                    let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
+                    g.raft_replication_lag
+                        .get_or_create(&crate::metrics::PeerLabels {
+                            peer: peer.to_string(),
+                        })
+                        .set(lag as i64);
+                }
+            }
             m.state == openraft::ServerState::Leader
         };
         if is_leader && !was_leader {
@@ -495,4 +530,61 @@ async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::R
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// With `--join`: asks the given node to add this one until it is a member (bounded:
+/// 120 attempts, one a second).
+async fn join_loop(
+    join: Option<String>,
+    node_id: u64,
+    advertise: String,
+    raft: Raft,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(target) = join else {
+        return;
+    };
+    let url = if target.starts_with("http") {
+        target.clone()
+    } else {
+        format!("http://{target}")
+    };
+    for attempt in 1..=120u32 {
+        let is_member = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == node_id);
+        if is_member {
+            tracing::info!(node_id, "joined the cluster as a voter");
+            return;
+        }
+        let result = async {
+            let mut client =
+                switchyard_proto::v1::cluster_client::ClusterClient::connect(url.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            client
+                .add_member(switchyard_proto::v1::AddMemberRequest {
+                    id: node_id,
+                    address: advertise.clone(),
+                })
+                .await
+                .map_err(|s| s.message().to_string())
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(node_id, via = %target, "asked to join; waiting for the membership to apply")
+            }
+            Err(e) => tracing::warn!(node_id, via = %target, attempt, "cannot join yet: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+    tracing::error!(node_id, via = %target, "gave up joining after 120 attempts; restart with --join pointing at a running member");
 }

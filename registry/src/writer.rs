@@ -51,6 +51,7 @@ pub struct Proposer {
     /// A leader that has not heard from a majority for this long refuses writes.
     quorum_silence: Duration,
     cluster_size_hint: usize,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Proposer {
@@ -59,12 +60,14 @@ impl Proposer {
         network: Network,
         quorum_silence: Duration,
         cluster_size_hint: usize,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     ) -> Self {
         Self {
             raft,
             network,
             quorum_silence,
             cluster_size_hint,
+            metrics,
         }
     }
 
@@ -109,11 +112,22 @@ impl Proposer {
 
     /// Writes and applies one command, forwarding it to the leader when needed.
     pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
-        match self.write(command.clone()).await {
-            Err(Forward::To(addr)) => self.forward(&addr, command).await,
-            Err(Forward::Failed(e)) => Err(e),
-            Ok(r) => r,
+        let (outcome, result) = match self.write(command.clone()).await {
+            Err(Forward::To(addr)) => ("forwarded", self.forward(&addr, command).await),
+            Err(Forward::Failed(e)) => ("unavailable", Err(e)),
+            Ok(r) => ("ok", r),
+        };
+        if let Some(m) = &self.metrics {
+            let outcome = match &result {
+                Err(ProposeError::Refused(_)) => "refused",
+                Err(_) => "unavailable",
+                Ok(_) => outcome,
+            };
+            m.proposals
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+                .inc();
         }
+        result
     }
 
     /// Writes here only (a forwarded command): no second hop.

@@ -2,6 +2,7 @@
 
 mod catalog;
 mod demo;
+mod members;
 mod register;
 mod registry;
 mod route;
@@ -73,6 +74,8 @@ pub enum Command {
     Instances(catalog::InstancesArgs),
     /// Show and change a service's routing policy (canary splits, header routes, rollback).
     Route(route::RouteArgs),
+    /// List the registry cluster's members and state; add or remove a member.
+    Members(members::MembersArgs),
     /// The canary tour: registry, sidecar, two versions of a backend, splits and rollback.
     Demo,
     /// The demo's HTTP backend: answers every request with its version and instance id.
@@ -110,6 +113,7 @@ pub async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
         Command::Instances(args) => catalog::instances(args).await,
         Command::Route(args) => route::run(args).await,
         Command::Demo => demo::run_demo().await,
+        Command::Members(args) => members::run(args).await,
         Command::DemoBackend(args) => demo::run_backend(args).await,
     }
 }

@@ -99,7 +99,7 @@ fn endpoint(url: &str) -> Result<Endpoint, CliError> {
         .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid --registry {url:?}: {e}")))
 }
 
-async fn channel(url: &str) -> Result<Channel, CliError> {
+pub async fn channel(url: &str) -> Result<Channel, CliError> {
     endpoint(url)?.connect().await.map_err(|e| {
         CliError::new(
             EXIT_UNAVAILABLE,
@@ -148,7 +148,15 @@ async fn register_once(
 }
 
 pub async fn run(args: RegisterArgs) -> Result<(), CliError> {
-    let url = args.registry.registry.clone();
+    // A comma-separated list: the lease is held through whichever member answers.
+    let urls: Vec<String> = args
+        .registry
+        .registry
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let mut next_url = 0usize;
     let id = args
         .id
         .clone()
@@ -166,7 +174,21 @@ pub async fn run(args: RegisterArgs) -> Result<(), CliError> {
         state: pb::State::Serving as i32,
     };
     let stop = shutdown_signal();
-    let mut client = connect_registry(&url).await?;
+    let mut client = None;
+    let mut last_error = None;
+    for (i, u) in urls.iter().enumerate() {
+        match connect_registry(u).await {
+            Ok(c) => {
+                client = Some(c);
+                next_url = i;
+                break;
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    let Some(mut client) = client else {
+        return Err(last_error.unwrap_or_else(|| CliError::new(EXIT_CONFIG, "--registry is empty")));
+    };
     let first = register_once(&mut client, &instance, args.ttl).await?;
     println!(
         "registered {id} ({} {}:{} version {}) with lease {} (ttl {}s) at revision {}; holding the lease until Ctrl-C",
@@ -191,7 +213,9 @@ pub async fn run(args: RegisterArgs) -> Result<(), CliError> {
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
-        if let Ok(c) = connect_registry(&url).await {
+        next_url += 1;
+        let url = &urls[next_url % urls.len().max(1)];
+        if let Ok(c) = connect_registry(url).await {
             client = c;
             if let Ok(r) = register_once(&mut client, &instance, args.ttl).await {
                 lease = r.lease_id;

@@ -1,5 +1,6 @@
 //! `switchyard registry` and `switchyard dev`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -40,6 +41,23 @@ pub struct RegistryArgs {
     /// Log entries between snapshots of the catalog.
     #[arg(long, env = "SWITCHYARD_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
+    /// This node's Raft id.
+    #[arg(long, env = "SWITCHYARD_NODE_ID", default_value_t = 1)]
+    pub node_id: u64,
+    /// Every member at first start, this node included: ID=HOST:PORT,... (gRPC
+    /// addresses). Empty: a single-node group.
+    #[arg(long, env = "SWITCHYARD_PEERS", value_delimiter = ',', value_parser = parse_peer, conflicts_with = "join")]
+    pub peers: Vec<(u64, String)>,
+    /// Join a running cluster through any member's gRPC address (HOST:PORT).
+    #[arg(long, env = "SWITCHYARD_JOIN")]
+    pub join: Option<String>,
+    /// Address peers and clients use for this node; default: --listen (0.0.0.0 read as
+    /// 127.0.0.1).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Raft heartbeat; a leader is suspected dead after 5-10 heartbeats of silence.
+    #[arg(long, env = "SWITCHYARD_HEARTBEAT", default_value = "100ms", value_parser = super::sidecar::parse_duration)]
+    pub heartbeat: std::time::Duration,
     /// TOML file with any of the keys above.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -57,6 +75,25 @@ struct RegistryFile {
     watch_history: Option<usize>,
     max_watchers: Option<usize>,
     snapshot_every: Option<u64>,
+    node_id: Option<u64>,
+    peers: Option<BTreeMap<String, String>>,
+    join: Option<String>,
+    advertise: Option<String>,
+    heartbeat: Option<String>,
+}
+
+fn parse_peer(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("{id:?} is not a node id"))?;
+    if id == 0 {
+        return Err("node ids start at 1".into());
+    }
+    Ok((id, addr.trim().to_string()))
 }
 
 /// Flags of `switchyard dev`.
@@ -95,7 +132,11 @@ fn read_file(path: &Path) -> Result<RegistryFile, CliError> {
 }
 
 /// Applies the file's values to every field the user left at its default.
-fn merge(args: &mut RegistryArgs, file: RegistryFile, matches: Option<&ArgMatches>) {
+fn merge(
+    args: &mut RegistryArgs,
+    file: RegistryFile,
+    matches: Option<&ArgMatches>,
+) -> Result<(), CliError> {
     let defaulted = |id: &str| {
         matches.is_none_or(|m| matches!(m.value_source(id), Some(ValueSource::DefaultValue) | None))
     };
@@ -116,8 +157,38 @@ fn merge(args: &mut RegistryArgs, file: RegistryFile, matches: Option<&ArgMatche
         watch_buffer,
         watch_history,
         max_watchers,
-        snapshot_every
+        snapshot_every,
+        node_id
     );
+    if let Some(v) = file.join {
+        if defaulted("join") {
+            args.join = Some(v);
+        }
+    }
+    if let Some(v) = file.advertise {
+        if defaulted("advertise") {
+            args.advertise = Some(v);
+        }
+    }
+    if let Some(v) = file.heartbeat {
+        if defaulted("heartbeat") {
+            args.heartbeat = super::sidecar::parse_duration(&v).map_err(|e| {
+                CliError::new(EXIT_CONFIG, format!("invalid heartbeat in --config: {e}"))
+            })?;
+        }
+    }
+    if let Some(v) = file.peers {
+        if defaulted("peers") {
+            let mut peers = Vec::new();
+            for (id, addr) in v {
+                peers.push(parse_peer(&format!("{id}={addr}")).map_err(|e| {
+                    CliError::new(EXIT_CONFIG, format!("invalid peers in --config: {e}"))
+                })?);
+            }
+            args.peers = peers;
+        }
+    }
+    Ok(())
 }
 
 pub async fn run_registry(
@@ -126,7 +197,7 @@ pub async fn run_registry(
 ) -> Result<(), CliError> {
     if let Some(path) = args.config.clone() {
         let file = read_file(&path)?;
-        merge(&mut args, file, matches);
+        merge(&mut args, file, matches)?;
     }
     let mut config = RegistryConfig::new(args.data_dir.clone());
     config.limits = Limits {
@@ -137,6 +208,11 @@ pub async fn run_registry(
     config.watch_history = args.watch_history;
     config.max_watchers = args.max_watchers;
     config.snapshot_every = args.snapshot_every;
+    config.node_id = args.node_id;
+    config.peers = args.peers.iter().cloned().collect();
+    config.join = args.join.clone();
+    config.advertise = args.advertise.clone();
+    config.heartbeat = args.heartbeat;
     serve(config, args.listen, args.http).await
 }
 

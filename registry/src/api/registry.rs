@@ -9,6 +9,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::registry_client::RegistryClient;
 use switchyard_proto::v1::registry_server::Registry;
 
 use super::convert::{instance_from_proto, state_from_proto};
@@ -128,6 +129,26 @@ impl Registry for RegistryApi {
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         self.shared.metrics.grpc("KeepAlive", Code::Ok);
+        if !self.proposer.is_leader() {
+            // Only the leader runs lease clocks: relay the stream to it.
+            let Some((_, addr)) = self.proposer.leader() else {
+                return Err(Status::unavailable(
+                    "no registry leader is elected; retry when a majority of nodes is up",
+                ));
+            };
+            let channel = self
+                .proposer
+                .network()
+                .channel(&addr)
+                .map_err(Status::unavailable)?;
+            let inbound = request.into_inner();
+            let outbound = inbound.take_while(|r| r.is_ok()).filter_map(|r| r.ok());
+            let relayed = RegistryClient::new(channel)
+                .keep_alive(outbound)
+                .await?
+                .into_inner();
+            return Ok(Response::new(Box::pin(relayed)));
+        }
         let mut inbound = request.into_inner();
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(16);
