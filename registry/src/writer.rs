@@ -34,6 +34,8 @@ pub enum ProposeError {
     NoLeader(String),
     #[error("{0}")]
     NoQuorum(String),
+    #[error("the registry leader at {addr} cannot be reached ({reason}); writes need a majority of the registry nodes up and reachable; reads still work on every node")]
+    LeaderUnreachable { addr: String, reason: String },
 }
 
 /// A forwarded command's outcome, as it crosses the internal service.
@@ -182,14 +184,12 @@ impl Proposer {
             .await
             .map_err(|_| {
                 ProposeError::NoQuorum(format!(
-                    "the leader at {addr} did not answer within {COMMIT_TIMEOUT:?}"
+                    "the leader at {addr} did not answer within {COMMIT_TIMEOUT:?}; writes need a majority of the registry nodes up and reachable"
                 ))
             })?
-            .map_err(|s| {
-                ProposeError::NoLeader(format!(
-                    "cannot reach the leader at {addr}: {}",
-                    s.message()
-                ))
+            .map_err(|s| ProposeError::LeaderUnreachable {
+                addr: addr.to_string(),
+                reason: s.message().to_string(),
             })?
             .into_inner();
         let result: Result<Reply, WireError> =

@@ -48,6 +48,7 @@ pub fn status(e: ProposeError) -> Status {
         ProposeError::Storage(_)
         | ProposeError::ShuttingDown
         | ProposeError::NoLeader(_)
-        | ProposeError::NoQuorum(_) => Status::unavailable(e.to_string()),
+        | ProposeError::NoQuorum(_)
+        | ProposeError::LeaderUnreachable { .. } => Status::unavailable(e.to_string()),
     }
 }

@@ -1,0 +1,406 @@
+//! Three `switchyard registry` processes on loopback: kill -9 the leader, measure the
+//! failover, check nothing acknowledged is lost and no lease expires because of the
+//! election, restart the old leader, lose a majority, and watch a sidecar fail over.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::cluster_client::ClusterClient;
+use switchyard_proto::v1::discovery_client::DiscoveryClient;
+use switchyard_proto::v1::registry_client::RegistryClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A registry process killed when the test ends.
+struct Node {
+    id: u64,
+    grpc: String,
+    http: String,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Ports for peers must be known before the processes start: take free ones from the
+/// kernel and release them (a small race with other processes, acceptable in a test).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn spawn(id: u64, grpc: &str, http: &str, peers: &str, dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join(format!("node{id}.log"))).expect("log file");
+    Command::new(BIN)
+        .args([
+            "registry",
+            "--node-id",
+            &id.to_string(),
+            "--peers",
+            peers,
+            "--listen",
+            grpc,
+            "--http",
+            http,
+            "--data-dir",
+            dir.join(format!("node{id}")).to_str().expect("utf-8"),
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn registry")
+}
+
+async fn status(url: &str) -> Option<pb::StatusResponse> {
+    let mut c = ClusterClient::connect(url.to_string()).await.ok()?;
+    tokio::time::timeout(Duration::from_millis(500), c.status(pb::StatusRequest {}))
+        .await
+        .ok()?
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+async fn leader_of(nodes: &[Node], limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        for n in nodes.iter().filter(|n| n.child.is_some()) {
+            if let Some(s) = status(&n.url()).await {
+                if s.leader_id != 0 && s.role == "leader" {
+                    return s.node_id;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn instance(id: &str) -> pb::Instance {
+    pb::Instance {
+        service: "web".into(),
+        id: id.into(),
+        address: "127.0.0.1".into(),
+        port: 8080,
+        version: "1.0.0".into(),
+        ..Default::default()
+    }
+}
+
+async fn register(url: &str, id: &str, ttl: u32) -> Result<pb::RegisterResponse, tonic::Status> {
+    let channel = Channel::from_shared(url.to_string())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    RegistryClient::new(channel)
+        .register(pb::RegisterRequest {
+            instance: Some(instance(id)),
+            ttl_seconds: ttl,
+            lease_id: 0,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn ids(url: &str) -> Vec<String> {
+    let mut d = DiscoveryClient::connect(url.to_string())
+        .await
+        .expect("connect");
+    let mut ids: Vec<String> = d
+        .resolve(pb::ResolveRequest {
+            namespace: String::new(),
+            service: "web".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("resolve")
+        .into_inner()
+        .instances
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Renews `leases` every second through `urls` (in turn, reopening the stream when it
+/// breaks), until `stop` flips. Bounded: at most 120 rounds.
+fn keep_alive(
+    urls: Vec<String>,
+    leases: Vec<u64>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for n in 0..120usize {
+            if *stop.borrow() {
+                return;
+            }
+            let url = &urls[n % urls.len()];
+            let Ok(mut client) = RegistryClient::connect(url.clone()).await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let (tx, rx) = mpsc::channel(4);
+            let Ok(resp) = client.keep_alive(ReceiverStream::new(rx)).await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let mut resp = resp.into_inner();
+            loop {
+                if *stop.borrow()
+                    || tx
+                        .send(pb::KeepAliveRequest {
+                            lease_ids: leases.clone(),
+                        })
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_secs(2), resp.message()).await {
+                    Ok(Ok(Some(_))) => tokio::time::sleep(Duration::from_millis(1000)).await,
+                    _ => break,
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_registry_processes_survive_losing_the_leader() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (g, _))| format!("{}=127.0.0.1:{g}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes: Vec<Node> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (g, h))| {
+            let id = i as u64 + 1;
+            let grpc = format!("127.0.0.1:{g}");
+            let http = format!("127.0.0.1:{h}");
+            let child = spawn(id, &grpc, &http, &peers, dir.path());
+            Node {
+                id,
+                grpc,
+                http,
+                child: Some(child),
+            }
+        })
+        .collect();
+    let leader = leader_of(&nodes, Duration::from_secs(15)).await;
+    let follower = nodes
+        .iter()
+        .find(|n| n.id != leader)
+        .expect("a follower")
+        .url();
+
+    // 30 registrations through a follower (forwarded to the leader), TTL 5 s, kept alive.
+    let mut acknowledged = Vec::new();
+    let mut leases = Vec::new();
+    for n in 0..30 {
+        let id = format!("web-{n:02}");
+        let r = register(&follower, &id, 5)
+            .await
+            .expect("register through a follower");
+        acknowledged.push(id);
+        leases.push(r.lease_id);
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let survivors: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.id != leader)
+        .map(Node::url)
+        .collect();
+    let renewer = keep_alive(survivors.clone(), leases.clone(), stop_rx);
+
+    // A sidecar watching all three registries.
+    let sidecar_dir = tempfile::tempdir().expect("temp dir");
+    let mut config = switchyard_sidecar::SidecarConfig::new(nodes.iter().map(Node::url).collect());
+    config.discovery.cache_file = Some(sidecar_dir.path().join("catalog.json"));
+    config.discovery.backoff_max = Duration::from_millis(300);
+    let sidecar = switchyard_sidecar::start(
+        config,
+        switchyard_sidecar::SidecarListeners {
+            admin: tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+            http_proxy: None,
+            upstreams: vec![],
+            http_upstreams: vec![],
+        },
+    )
+    .await
+    .expect("sidecar");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sidecar.table.get("web").map_or(0, |v| v.endpoints.len()) < 30 {
+        assert!(
+            Instant::now() < deadline,
+            "sidecar never saw the 30 instances"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // kill -9 the leader; measure until a surviving node accepts a write.
+    let killed_at = Instant::now();
+    nodes
+        .iter_mut()
+        .find(|n| n.id == leader)
+        .expect("leader")
+        .kill9();
+    let mut written = None;
+    'retry: for attempt in 0..500 {
+        for url in &survivors {
+            if register(url, &format!("after-{attempt}"), 30).await.is_ok() {
+                written = Some(killed_at.elapsed());
+                break 'retry;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failover = written.expect("a new leader accepted a write");
+    println!("kill -9 of the leader (node {leader}): writes accepted again after {failover:?}");
+    assert!(
+        failover < Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
+
+    // Every acknowledged registration is still there, and none expires because of the
+    // election: wait past the 5 s TTL, renewing through the survivors.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let present = ids(&survivors[0]).await;
+    for id in &acknowledged {
+        assert!(present.contains(id), "{id} lost after the failover");
+    }
+    let new_leader = leader_of(&nodes, Duration::from_secs(5)).await;
+    let leader_http = nodes
+        .iter()
+        .find(|n| n.id == new_leader)
+        .expect("node")
+        .http
+        .clone();
+    let metrics = http_get(&leader_http, "/metrics").await;
+    let expiries: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_registry_lease_expiries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("expiry counter");
+    assert_eq!(expiries, 0.0, "no lease expired because of the election");
+
+    // The sidecar failed over and sees a write made after the failover.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sidecar.table.get("web").map_or(0, |v| v.endpoints.len()) < 31
+        || !sidecar.table.is_connected()
+    {
+        assert!(Instant::now() < deadline, "the sidecar did not fail over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The old leader restarts and catches up.
+    let old = nodes
+        .iter_mut()
+        .find(|n| n.id == leader)
+        .expect("old leader");
+    old.child = Some(spawn(
+        old.id,
+        &old.grpc.clone(),
+        &old.http.clone(),
+        &peers,
+        dir.path(),
+    ));
+    let old_url = old.url();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let leader_status = status(
+            &nodes
+                .iter()
+                .find(|n| n.id == new_leader)
+                .expect("leader")
+                .url(),
+        )
+        .await;
+        let old_status = status(&old_url).await;
+        if let (Some(l), Some(o)) = (leader_status, old_status) {
+            if o.applied_index >= l.commit_index
+                && o.revision == l.revision
+                && o.leader_id == new_leader
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ids(&old_url).await, ids(&survivors[0]).await);
+
+    // Lose a majority: the last node refuses writes quickly and clearly, reads still work.
+    let _ = stop_tx.send(true);
+    let _ = renewer.await;
+    let last = nodes
+        .iter()
+        .find(|n| n.id != new_leader && n.id != leader)
+        .expect("third node")
+        .id;
+    for n in nodes.iter_mut().filter(|n| n.id != last) {
+        n.kill9();
+    }
+    let last_url = nodes.iter().find(|n| n.id == last).expect("last").url();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let asked = Instant::now();
+    let err = register(&last_url, "no-quorum", 30)
+        .await
+        .expect_err("no majority");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
+    assert!(err.message().contains("majority"), "{}", err.message());
+    assert!(
+        asked.elapsed() < Duration::from_secs(6),
+        "failed in {:?}",
+        asked.elapsed()
+    );
+    assert!(ids(&last_url).await.len() >= 30, "reads still answer");
+    sidecar.shutdown().await;
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
