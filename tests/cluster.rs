@@ -67,6 +67,8 @@ fn spawn(id: u64, grpc: &str, http: &str, peers: &str, dir: &Path) -> Child {
             http,
             "--data-dir",
             dir.join(format!("node{id}")).to_str().expect("utf-8"),
+            "--lease-checkpoint-interval",
+            "500ms",
         ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -271,6 +273,14 @@ async fn three_registry_processes_survive_losing_the_leader() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // A dead instance: TTL 6 s, never renewed, registered 3 s before the kill. With its
+    // checkpoints honoured the new leader gives it max(3 s left, 3 s grace) from the
+    // election, about 5 s after the kill; a full TTL would keep it past 7.5 s.
+    register(&follower, "dead-one", 6)
+        .await
+        .expect("register the dead one");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
     // kill -9 the leader; measure until a surviving node accepts a write.
     let killed_at = Instant::now();
     nodes
@@ -295,9 +305,45 @@ async fn three_registry_processes_survive_losing_the_leader() {
         "failover took {failover:?}"
     );
 
+    // The dead instance expires within a bounded error of its real deadline.
+    let deadline = killed_at + Duration::from_secs(7);
+    loop {
+        if !ids(&survivors[0]).await.contains(&"dead-one".to_string()) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let mut report = String::new();
+            for n in nodes.iter().filter(|n| n.child.is_some()) {
+                let log = std::fs::read_to_string(dir.path().join(format!("node{}.log", n.id)))
+                    .unwrap_or_default();
+                for l in log
+                    .lines()
+                    .filter(|l| l.contains("leads now") || l.contains("checkpoint"))
+                {
+                    report.push_str(&format!("node {} log: {l}\n", n.id));
+                }
+                let m = http_get(&n.http, "/metrics").await;
+                for l in m.lines().filter(|l| {
+                    l.contains("self_preservation ")
+                        || l.contains("raft_is_leader ")
+                        || l.contains("expiries_total")
+                        || l.contains("switchyard_registry_leases ")
+                }) {
+                    report.push_str(&format!("node {}: {l}\n", n.id));
+                }
+            }
+            panic!("the dead instance outlived its checkpointed TTL:\n{report}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "the never-renewed instance expired {:?} after the kill",
+        killed_at.elapsed()
+    );
+
     // Every acknowledged registration is still there, and none expires because of the
     // election: wait past the 5 s TTL, renewing through the survivors.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(killed_at.elapsed())).await;
     let present = ids(&survivors[0]).await;
     for id in &acknowledged {
         assert!(present.contains(id), "{id} lost after the failover");
@@ -315,7 +361,10 @@ async fn three_registry_processes_survive_losing_the_leader() {
         .find_map(|l| l.strip_prefix("switchyard_registry_lease_expiries_total "))
         .and_then(|v| v.trim().parse().ok())
         .expect("expiry counter");
-    assert_eq!(expiries, 0.0, "no lease expired because of the election");
+    assert_eq!(
+        expiries, 1.0,
+        "only the dead instance's lease expired, none because of the election"
+    );
 
     // The sidecar failed over and sees a write made after the failover.
     let deadline = Instant::now() + Duration::from_secs(10);

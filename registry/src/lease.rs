@@ -23,6 +23,17 @@ struct Inner {
     leases: HashMap<LeaseId, (Instant, u32)>,
     /// Ordered deadlines for finding the next expiry without a scan.
     queue: BTreeSet<(Instant, LeaseId)>,
+    /// Deadlines as of the last applied checkpoint (any node), for a new leader to honour.
+    hints: HashMap<LeaseId, Instant>,
+}
+
+impl Inner {
+    fn set(&mut self, id: LeaseId, deadline: Instant, ttl: u32) {
+        if let Some((old, _)) = self.leases.insert(id, (deadline, ttl)) {
+            self.queue.remove(&(old, id));
+        }
+        self.queue.insert((deadline, id));
+    }
 }
 
 /// The deadline table. One short mutex; renewals of many leases take it once.
@@ -37,10 +48,9 @@ impl LeaseKeeper {
     pub fn grant(&self, id: LeaseId, ttl_seconds: u32) {
         let deadline = Instant::now() + Duration::from_secs(u64::from(ttl_seconds));
         let mut inner = self.inner.lock();
-        if let Some((old, _)) = inner.leases.insert(id, (deadline, ttl_seconds)) {
-            inner.queue.remove(&(old, id));
-        }
-        inner.queue.insert((deadline, id));
+        inner.set(id, deadline, ttl_seconds);
+        // A fresh grant supersedes any checkpoint.
+        inner.hints.remove(&id);
         drop(inner);
         self.changed.notify_one();
     }
@@ -50,6 +60,75 @@ impl LeaseKeeper {
         if let Some((old, _)) = inner.leases.remove(&id) {
             inner.queue.remove(&(old, id));
         }
+        inner.hints.remove(&id);
+    }
+
+    /// Records an applied checkpoint: the lease had `remaining_ms` left when the leader
+    /// wrote it, which is about now on this node.
+    pub fn hint(&self, id: LeaseId, remaining_ms: u64) {
+        let at = Instant::now() + Duration::from_millis(remaining_ms);
+        self.inner.lock().hints.insert(id, at);
+    }
+
+    /// On becoming leader: every lease gets its full TTL, except that a checkpointed one
+    /// gets what its checkpoint left, but at least `grace` or half its TTL (whichever is
+    /// longer), so live clients have time to reconnect and renew. Returns how many
+    /// leases honoured a checkpoint.
+    pub fn promote(&self, leases: impl Iterator<Item = (LeaseId, u32)>, grace: Duration) -> usize {
+        let now = Instant::now();
+        let mut inner = self.inner.lock();
+        let mut honoured = 0;
+        for (id, ttl) in leases {
+            let ttl_d = Duration::from_secs(u64::from(ttl));
+            let full = now + ttl_d;
+            let least = grace.max(ttl_d / 2).min(ttl_d);
+            let deadline = match inner.hints.get(&id) {
+                Some(hint) => {
+                    honoured += 1;
+                    (*hint).max(now + least).min(full)
+                }
+                None => full,
+            };
+            inner.set(id, deadline, ttl);
+        }
+        drop(inner);
+        self.changed.notify_one();
+        honoured
+    }
+
+    /// Every lease's remaining time in milliseconds, for a checkpoint.
+    pub fn remaining(&self) -> Vec<(LeaseId, u64)> {
+        let now = Instant::now();
+        let inner = self.inner.lock();
+        inner
+            .leases
+            .iter()
+            .map(|(id, (deadline, _))| {
+                (
+                    *id,
+                    deadline.saturating_duration_since(now).as_millis() as u64,
+                )
+            })
+            .collect()
+    }
+
+    /// Leases whose deadline has passed (not yet expired: e.g. held by self-preservation).
+    pub fn overdue(&self, now: Instant) -> usize {
+        let inner = self.inner.lock();
+        inner.queue.range(..(now, LeaseId::MAX)).count()
+    }
+
+    /// Leases that missed a renewal: less than a third of their TTL left (clients renew
+    /// every third), or overdue. Many at once means clients lost the registry, not died.
+    pub fn at_risk(&self, now: Instant) -> usize {
+        let inner = self.inner.lock();
+        inner
+            .leases
+            .values()
+            .filter(|(deadline, ttl)| {
+                deadline.saturating_duration_since(now) < Duration::from_secs(u64::from(*ttl)) / 3
+            })
+            .count()
     }
 
     /// Renews each lease; `None` for a lease this node does not hold (expired, revoked or
@@ -82,6 +161,7 @@ impl LeaseKeeper {
         let mut inner = self.inner.lock();
         inner.leases.clear();
         inner.queue.clear();
+        inner.hints.clear();
     }
 
     pub fn contains(&self, id: LeaseId) -> bool {
@@ -130,6 +210,40 @@ impl LeaseKeeper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_leader_honours_checkpoints_but_gives_at_least_the_grace() {
+        let keeper = LeaseKeeper::default();
+        keeper.hint(1, 3_000); // checkpointed with 3 s left of 4
+        keeper.hint(2, 100); // nearly dead
+        let grace = Duration::from_secs(2);
+        let honoured = keeper.promote([(1, 4), (2, 4), (3, 10)].into_iter(), grace);
+        assert_eq!(honoured, 2);
+        let now = Instant::now();
+        tokio::time::advance(Duration::from_millis(2_100)).await;
+        assert_eq!(
+            keeper.take_expired(Instant::now()),
+            vec![2],
+            "the grace, not a full TTL"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            keeper.take_expired(Instant::now()),
+            vec![1],
+            "what the checkpoint left"
+        );
+        assert_eq!(
+            keeper.overdue(now + Duration::from_secs(11)),
+            1,
+            "lease 3 got the full TTL"
+        );
+        // A renewal or grant after the checkpoint wins over the hint.
+        keeper.hint(4, 10);
+        keeper.grant(4, 10);
+        keeper.promote([(4, 10)].into_iter(), grace);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!keeper.take_expired(Instant::now()).contains(&4));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn renewal_moves_the_deadline_and_unknown_leases_are_not_found() {

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub raft_applied_index: Gauge<i64, AtomicI64>,
     pub raft_replication_lag: Family<PeerLabels, Gauge<i64, AtomicI64>>,
     pub proposals: Family<OutcomeLabels, Counter>,
+    pub self_preservation: Gauge<i64, AtomicI64>,
+    pub lease_checkpoints: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +67,18 @@ impl Default for Metrics {
         let raft_applied_index = Gauge::default();
         let raft_replication_lag = Family::default();
         let proposals = Family::default();
+        let self_preservation = Gauge::default();
+        let lease_checkpoints = Counter::default();
+        registry.register(
+            "self_preservation",
+            "1 while lease expiry is paused because too many leases would expire at once",
+            self_preservation.clone(),
+        );
+        registry.register(
+            "lease_checkpoints",
+            "Lease remaining-TTL checkpoints written to the log (leader)",
+            lease_checkpoints.clone(),
+        );
         registry.register("raft_term", "Current Raft term", raft_term.clone());
         registry.register(
             "raft_leader",
@@ -147,6 +161,8 @@ impl Default for Metrics {
             raft_applied_index,
             raft_replication_lag,
             proposals,
+            self_preservation,
+            lease_checkpoints,
         }
     }
 }

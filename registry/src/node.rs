@@ -62,6 +62,14 @@ pub struct RegistryConfig {
     pub join: Option<String>,
     /// Raft heartbeat; elections start after 5-10 heartbeats of silence.
     pub heartbeat: Duration,
+    /// How often the leader checkpoints every lease's remaining TTL into the log
+    /// (zero: never; a new leader then gives every lease its full TTL).
+    pub lease_checkpoint_interval: Duration,
+    /// Self-preservation: when more than this share of the leases is past its deadline
+    /// at once, expiry pauses (1.0 disables it).
+    pub self_preservation_threshold: f64,
+    /// Self-preservation applies only with at least this many leases.
+    pub self_preservation_min_leases: usize,
 }
 
 impl RegistryConfig {
@@ -78,6 +86,9 @@ impl RegistryConfig {
             advertise: None,
             join: None,
             heartbeat: Duration::from_millis(100),
+            lease_checkpoint_interval: Duration::from_secs(5),
+            self_preservation_threshold: 0.5,
+            self_preservation_min_leases: 20,
         }
     }
 
@@ -109,6 +120,11 @@ impl RegistryConfig {
         }
         if self.heartbeat < Duration::from_millis(10) || self.heartbeat > Duration::from_secs(5) {
             return Err("heartbeat must be 10ms-5s".into());
+        }
+        if !(0.0..=1.0).contains(&self.self_preservation_threshold)
+            || self.self_preservation_threshold == 0.0
+        {
+            return Err("self_preservation_threshold must be above 0 and at most 1".into());
         }
         Ok(())
     }
@@ -344,6 +360,11 @@ pub async fn start(
             raft.clone(),
             shutdown_rx.clone(),
         )),
+        tokio::spawn(checkpoint_loop(
+            shared.clone(),
+            proposer.clone(),
+            shutdown_rx.clone(),
+        )),
         tokio::spawn(join_loop(
             shared.config.join.clone(),
             node_id,
@@ -426,11 +447,54 @@ async fn serve_grpc(
 /// Proposes `ExpireLeases` for leases whose deadline passed, promptly after it passes.
 async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watch::Receiver<bool>) {
     let mut retry = Duration::from_millis(100);
+    let mut preserving = false;
     loop {
         if *shutdown.borrow() {
             return;
         }
         let now = tokio::time::Instant::now();
+        // Self-preservation (Eureka): a mass of leases running out together is more
+        // likely a network problem between clients and the registry than a mass death.
+        if proposer.is_leader() {
+            let total = shared.leases.len();
+            let cfg = &shared.config;
+            let overdue = if total >= cfg.self_preservation_min_leases {
+                shared.leases.at_risk(now)
+            } else {
+                0
+            };
+            let share = overdue as f64 / total.max(1) as f64;
+            let too_many = total >= cfg.self_preservation_min_leases
+                && share > cfg.self_preservation_threshold
+                && cfg.self_preservation_threshold < 1.0;
+            if too_many {
+                if !preserving {
+                    tracing::warn!(
+                        overdue,
+                        leases = total,
+                        threshold = cfg.self_preservation_threshold,
+                        "self-preservation: {:.0}% of leases missed their renewals at once; expiry paused until renewals recover",
+                        share * 100.0
+                    );
+                    shared.metrics.self_preservation.set(1);
+                    preserving = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                continue;
+            }
+            if preserving {
+                tracing::info!(
+                    overdue,
+                    leases = total,
+                    "self-preservation over: renewals recovered; expiring the rest"
+                );
+                shared.metrics.self_preservation.set(0);
+                preserving = false;
+            }
+        }
         // Only the leader runs lease clocks (the etcd model).
         let expired = if proposer.is_leader() {
             shared.leases.take_expired(now)
@@ -482,8 +546,13 @@ async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watc
     }
 }
 
-/// Watches Raft's role. On becoming leader, every lease gets its full TTL again before
-/// anything can expire, so a leader change never mass-expires instances.
+/// Least time a new leader gives a checkpointed lease, so live clients can reconnect
+/// and renew after the election.
+const LEADER_GRACE: Duration = Duration::from_secs(3);
+
+/// Watches Raft's role. On becoming leader, every lease gets its full TTL again (or what
+/// its checkpoint left) before anything can expire, so a leader change never
+/// mass-expires instances and repeated elections do not keep dead ones alive.
 async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::Receiver<bool>) {
     let mut metrics = raft.metrics();
     let mut was_leader = false;
@@ -514,14 +583,12 @@ async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::R
         };
         if is_leader && !was_leader {
             let catalog = shared.catalog.read();
-            let mut n = 0;
-            for (id, ttl) in catalog.leases() {
-                shared.leases.grant(id, ttl);
-                n += 1;
-            }
+            let total = catalog.lease_count();
+            let honoured = shared.leases.promote(catalog.leases(), LEADER_GRACE);
             tracing::info!(
-                leases = n,
-                "this node leads now; every lease restarts with its full TTL"
+                leases = total,
+                checkpointed = honoured,
+                "this node leads now; leases restart with their full TTL, or what their last checkpoint left (at least {LEADER_GRACE:?})"
             );
         }
         was_leader = is_leader;
@@ -587,4 +654,48 @@ async fn join_loop(
         }
     }
     tracing::error!(node_id, via = %target, "gave up joining after 120 attempts; restart with --join pointing at a running member");
+}
+
+/// On the leader, every `lease_checkpoint_interval`: writes each lease's remaining TTL
+/// to the log, in batches of 1,000, for a future leader to honour.
+async fn checkpoint_loop(
+    shared: Arc<Shared>,
+    proposer: Proposer,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let interval = shared.config.lease_checkpoint_interval;
+    if interval.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if !proposer.is_leader() {
+            continue;
+        }
+        let remaining = shared.leases.remaining();
+        let batches: Vec<Vec<(u64, u64, u64)>> = {
+            let catalog = shared.catalog.read();
+            remaining
+                .iter()
+                .filter_map(|(id, ms)| catalog.lease_granted_at(*id).map(|g| (*id, g, *ms)))
+                .collect::<Vec<_>>()
+                .chunks(crate::lease::MAX_EXPIRE_BATCH)
+                .map(<[_]>::to_vec)
+                .collect()
+        };
+        for leases in batches {
+            match proposer.propose(Command::CheckpointLeases { leases }).await {
+                Ok(_) => {
+                    shared.metrics.lease_checkpoints.inc();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "lease checkpoint skipped");
+                    break;
+                }
+            }
+        }
+    }
 }

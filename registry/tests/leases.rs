@@ -222,3 +222,77 @@ async fn too_many_ids_in_one_keep_alive_is_refused() {
     assert!(err.message().contains("lease_ids"), "{}", err.message());
     reg.handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_preservation_pauses_a_mass_expiry_until_renewals_recover() {
+    let reg = TestRegistry::start_with(|c| {
+        c.self_preservation_min_leases = 20;
+        c.self_preservation_threshold = 0.5;
+    })
+    .await;
+    let mut registry = reg.registry().await;
+    let mut leases = Vec::new();
+    for n in 0..30 {
+        leases.push(
+            register(
+                &mut registry,
+                instance("web", &format!("web-{n:02}"), "1.0.0"),
+                1,
+            )
+            .await
+            .lease_id,
+        );
+    }
+    // Nobody renews: all 30 run out together, which looks like a network problem.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(resolve_ids(&reg, "web").await.len(), 30, "expiry paused");
+    let m = reg.metrics().await;
+    assert_eq!(
+        metric(&m, "switchyard_registry_self_preservation"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "switchyard_registry_lease_expiries_total"),
+        Some(0.0)
+    );
+
+    // Two thirds come back: the share of dead leases drops below the threshold, expiry
+    // resumes and removes only the ten that stay silent.
+    let (tx, rx) = mpsc::channel(4);
+    let mut responses = registry
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .expect("keep-alive")
+        .into_inner();
+    let alive: Vec<u64> = leases[..20].to_vec();
+    let renewer = tokio::spawn(async move {
+        for _ in 0..40 {
+            if tx
+                .send(pb::KeepAliveRequest {
+                    lease_ids: alive.clone(),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = responses.message().await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    eventually(Duration::from_secs(8), || async {
+        (resolve_ids(&reg, "web").await.len() == 20).then_some(())
+    })
+    .await;
+    let m = reg.metrics().await;
+    assert_eq!(
+        metric(&m, "switchyard_registry_self_preservation"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, "switchyard_registry_lease_expiries_total"),
+        Some(10.0)
+    );
+    renewer.abort();
+    reg.handle.shutdown().await;
+}

@@ -58,6 +58,25 @@ pub struct RegistryArgs {
     /// Raft heartbeat; a leader is suspected dead after 5-10 heartbeats of silence.
     #[arg(long, env = "SWITCHYARD_HEARTBEAT", default_value = "100ms", value_parser = super::sidecar::parse_duration)]
     pub heartbeat: std::time::Duration,
+    /// How often the leader checkpoints every lease's remaining TTL into the log, for a
+    /// new leader to honour (0s: never; a new leader then gives full TTLs).
+    #[arg(long, env = "SWITCHYARD_LEASE_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = super::sidecar::parse_duration)]
+    pub lease_checkpoint_interval: std::time::Duration,
+    /// Pause expiry while more than this share of leases missed their renewals at once
+    /// (1.0 disables self-preservation).
+    #[arg(
+        long,
+        env = "SWITCHYARD_SELF_PRESERVATION_THRESHOLD",
+        default_value_t = 0.5
+    )]
+    pub self_preservation_threshold: f64,
+    /// Self-preservation applies only with at least this many leases.
+    #[arg(
+        long,
+        env = "SWITCHYARD_SELF_PRESERVATION_MIN_LEASES",
+        default_value_t = 20
+    )]
+    pub self_preservation_min_leases: usize,
     /// TOML file with any of the keys above.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -80,6 +99,9 @@ struct RegistryFile {
     join: Option<String>,
     advertise: Option<String>,
     heartbeat: Option<String>,
+    lease_checkpoint_interval: Option<String>,
+    self_preservation_threshold: Option<f64>,
+    self_preservation_min_leases: Option<usize>,
 }
 
 fn parse_peer(s: &str) -> Result<(u64, String), String> {
@@ -158,8 +180,20 @@ fn merge(
         watch_history,
         max_watchers,
         snapshot_every,
-        node_id
+        node_id,
+        self_preservation_threshold,
+        self_preservation_min_leases
     );
+    if let Some(v) = file.lease_checkpoint_interval {
+        if defaulted("lease_checkpoint_interval") {
+            args.lease_checkpoint_interval = super::sidecar::parse_duration(&v).map_err(|e| {
+                CliError::new(
+                    EXIT_CONFIG,
+                    format!("invalid lease_checkpoint_interval in --config: {e}"),
+                )
+            })?;
+        }
+    }
     if let Some(v) = file.join {
         if defaulted("join") {
             args.join = Some(v);
@@ -213,6 +247,9 @@ pub async fn run_registry(
     config.join = args.join.clone();
     config.advertise = args.advertise.clone();
     config.heartbeat = args.heartbeat;
+    config.lease_checkpoint_interval = args.lease_checkpoint_interval;
+    config.self_preservation_threshold = args.self_preservation_threshold;
+    config.self_preservation_min_leases = args.self_preservation_min_leases;
     serve(config, args.listen, args.http).await
 }
 

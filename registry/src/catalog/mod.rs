@@ -38,6 +38,12 @@ pub enum Command {
     ExpireLeases {
         leases: Vec<(LeaseId, u64)>,
     },
+    /// The leader's slow, batched record of each lease's remaining TTL: (lease, the index
+    /// that last granted it, remaining milliseconds). A new leader honours it instead of
+    /// a full TTL, so repeated elections cannot keep a dead instance alive forever.
+    CheckpointLeases {
+        leases: Vec<(LeaseId, u64, u64)>,
+    },
     /// Sets (or with `None` clears) a service's routing policy. `at_ms` is the proposer's
     /// wall clock, recorded in the history; apply never reads a clock itself.
     PutPolicy {
@@ -63,6 +69,7 @@ impl Command {
             Command::Deregister { .. } => "deregister",
             Command::SetState { .. } => "set_state",
             Command::ExpireLeases { .. } => "expire_leases",
+            Command::CheckpointLeases { .. } => "checkpoint_leases",
             Command::PutPolicy { .. } => "put_policy",
             Command::RollbackPolicy { .. } => "rollback_policy",
         }

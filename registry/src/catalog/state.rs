@@ -74,6 +74,9 @@ pub struct ApplyResult {
     /// Leases created or given a new TTL: (id, ttl_seconds).
     pub leases_granted: Vec<(LeaseId, u32)>,
     pub leases_removed: Vec<LeaseId>,
+    /// Checkpoints that still apply (the lease was not granted again since): (lease,
+    /// remaining milliseconds).
+    pub leases_checkpointed: Vec<(LeaseId, u64)>,
 }
 
 impl ApplyResult {
@@ -83,6 +86,7 @@ impl ApplyResult {
             change: None,
             leases_granted: Vec::new(),
             leases_removed: Vec::new(),
+            leases_checkpointed: Vec::new(),
         }
     }
 }
@@ -195,6 +199,23 @@ impl Catalog {
                 state,
             } => self.set_state(index, namespace, id, *state),
             Command::ExpireLeases { leases } => self.expire(index, leases),
+            Command::CheckpointLeases { leases } => ApplyResult {
+                reply: Ok(Reply::Done {
+                    revision: self.revision,
+                }),
+                change: None,
+                leases_granted: Vec::new(),
+                leases_removed: Vec::new(),
+                leases_checkpointed: leases
+                    .iter()
+                    .filter(|(id, granted_at, _)| {
+                        self.leases
+                            .get(id)
+                            .is_some_and(|l| l.granted_at == *granted_at)
+                    })
+                    .map(|(id, _, remaining)| (*id, *remaining))
+                    .collect(),
+            },
             Command::PutPolicy {
                 namespace,
                 service,
@@ -274,6 +295,7 @@ impl Catalog {
             }),
             leases_granted: Vec::new(),
             leases_removed: Vec::new(),
+            leases_checkpointed: Vec::new(),
         }
     }
 
@@ -356,6 +378,7 @@ impl Catalog {
             change: None,
             leases_granted: Vec::new(),
             leases_removed: Vec::new(),
+            leases_checkpointed: Vec::new(),
         };
         let mut change = Change::default();
 
@@ -486,6 +509,7 @@ impl Catalog {
             }),
             leases_granted: Vec::new(),
             leases_removed,
+            leases_checkpointed: Vec::new(),
         }
     }
 
@@ -508,6 +532,7 @@ impl Catalog {
                 change: None,
                 leases_granted: Vec::new(),
                 leases_removed: Vec::new(),
+                leases_checkpointed: Vec::new(),
             };
         }
         let mut updated = (*entry.instance).clone();
@@ -524,6 +549,7 @@ impl Catalog {
             }),
             leases_granted: Vec::new(),
             leases_removed: Vec::new(),
+            leases_checkpointed: Vec::new(),
         }
     }
 
@@ -576,6 +602,7 @@ impl Catalog {
             change: changed.then_some(change),
             leases_granted: Vec::new(),
             leases_removed,
+            leases_checkpointed: Vec::new(),
         }
     }
 

@@ -170,6 +170,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     for id in &result.leases_removed {
                         shared.leases.remove(*id);
                     }
+                    for (id, remaining) in &result.leases_checkpointed {
+                        shared.leases.hint(*id, *remaining);
+                    }
                     if let Command::ExpireLeases { .. } = command {
                         shared
                             .metrics
