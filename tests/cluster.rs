@@ -453,3 +453,110 @@ async fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).await.expect("read");
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_a_running_registry_and_is_removed_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (g1, h1, g2, h2) = (free_port(), free_port(), free_port(), free_port());
+    let first_grpc = format!("127.0.0.1:{g1}");
+    let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log");
+    let mut first = Node {
+        id: 1,
+        grpc: first_grpc.clone(),
+        http: format!("127.0.0.1:{h1}"),
+        child: Some(
+            Command::new(BIN)
+                .args([
+                    "registry",
+                    "--listen",
+                    &first_grpc,
+                    "--http",
+                    &format!("127.0.0.1:{h1}"),
+                ])
+                .arg("--data-dir")
+                .arg(dir.path().join("n1"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log("n1.log"))
+                .spawn()
+                .expect("spawn"),
+        ),
+    };
+    leader_of(std::slice::from_ref(&first), Duration::from_secs(10)).await;
+    register(&first.url(), "before-join", 60)
+        .await
+        .expect("register");
+
+    let second_grpc = format!("127.0.0.1:{g2}");
+    let mut second = Node {
+        id: 2,
+        grpc: second_grpc.clone(),
+        http: format!("127.0.0.1:{h2}"),
+        child: Some(
+            Command::new(BIN)
+                .args([
+                    "registry",
+                    "--node-id",
+                    "2",
+                    "--join",
+                    &first_grpc,
+                    "--listen",
+                    &second_grpc,
+                    "--http",
+                    &format!("127.0.0.1:{h2}"),
+                ])
+                .arg("--data-dir")
+                .arg(dir.path().join("n2"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log("n2.log"))
+                .spawn()
+                .expect("spawn"),
+        ),
+    };
+    // The joiner becomes a voter and serves the catalog it caught up on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let voters = status(&second.url())
+            .await
+            .map(|s| s.members.iter().filter(|m| m.voter).count())
+            .unwrap_or(0);
+        if voters == 2
+            && ids(&second.url())
+                .await
+                .contains(&"before-join".to_string())
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 2 did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // `switchyard members remove` through the CLI.
+    let out = Command::new(BIN)
+        .args(["members", "remove", "2", "--registry", &second.url()])
+        .output()
+        .expect("members remove");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let members = status(&first.url()).await.map(|s| s.members.len());
+        if members == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 2 still a member: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The single remaining node still takes writes alone.
+    register(&first.url(), "after-remove", 60)
+        .await
+        .expect("write after the removal");
+    second.kill9();
+    first.kill9();
+}

@@ -324,16 +324,19 @@ pub async fn start(
     };
     let cluster_size = members.len();
     // Pristine nodes start the group; on an initialized node this is refused, harmlessly.
-    match raft.initialize(members).await {
-        Ok(()) => tracing::info!(
-            node_id,
-            members = cluster_size,
-            "initialized a new Raft group"
-        ),
-        Err(openraft::error::RaftError::APIError(
-            openraft::error::InitializeError::NotAllowed(_),
-        )) => {}
-        Err(e) => return Err(StartError::Raft(e.to_string())),
+    // A joining node waits to be added instead (see `join_loop`).
+    if shared.config.join.is_none() {
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(
+                node_id,
+                members = cluster_size,
+                "initialized a new Raft group"
+            ),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::InitializeError::NotAllowed(_),
+            )) => {}
+            Err(e) => return Err(StartError::Raft(e.to_string())),
+        }
     }
     let proposer = Proposer::new(
         raft.clone(),
