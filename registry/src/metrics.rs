@@ -168,6 +168,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a finished unary call by method and status, and passes the result on.
+    pub fn observe<T>(
+        &self,
+        method: &'static str,
+        r: Result<T, tonic::Status>,
+    ) -> Result<T, tonic::Status> {
+        let code = r
+            .as_ref()
+            .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
+        self.grpc(method, code);
+        r
+    }
+
     pub fn grpc(&self, method: &'static str, code: tonic::Code) {
         self.grpc_requests
             .get_or_create(&GrpcLabels {

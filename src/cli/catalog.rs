@@ -5,7 +5,7 @@ use serde::Serialize;
 use switchyard_proto::v1 as pb;
 
 use super::register::{connect_discovery, RegistryFlag};
-use super::{CliError, Output, EXIT_CONFIG, EXIT_UNAVAILABLE};
+use super::{CliError, Output};
 
 #[derive(Args, Debug)]
 pub struct ServicesArgs {
@@ -55,14 +55,6 @@ struct InstanceRow {
     labels: std::collections::BTreeMap<String, String>,
 }
 
-fn status_error(what: &str, s: tonic::Status) -> CliError {
-    let code = match s.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound => EXIT_CONFIG,
-        _ => EXIT_UNAVAILABLE,
-    };
-    CliError::new(code, format!("{what}: {}", s.message()))
-}
-
 fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::new(1, format!("cannot encode JSON: {e}")))?;
@@ -102,7 +94,7 @@ pub async fn services(args: ServicesArgs) -> Result<(), CliError> {
             namespace: args.namespace.clone(),
         })
         .await
-        .map_err(|s| status_error("cannot list services", s))?
+        .map_err(|s| super::status_error("cannot list services", s))?
         .into_inner();
     let rows: Vec<ServiceRow> = resp
         .services
@@ -157,7 +149,7 @@ pub async fn instances(args: InstancesArgs) -> Result<(), CliError> {
             version: args.version.clone().unwrap_or_default(),
         })
         .await
-        .map_err(|s| status_error("cannot resolve", s))?
+        .map_err(|s| super::status_error("cannot resolve", s))?
         .into_inner();
     let rows: Vec<InstanceRow> = resp
         .instances

@@ -6,7 +6,7 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::cluster_client::ClusterClient;
 
 use super::register::channel;
-use super::{CliError, Output, EXIT_CONFIG, EXIT_UNAVAILABLE};
+use super::{CliError, Output};
 
 #[derive(Args, Debug)]
 pub struct MembersArgs {
@@ -57,16 +57,6 @@ struct MemberDoc {
     voter: bool,
 }
 
-fn status_error(s: tonic::Status) -> CliError {
-    let code = match s.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
-            EXIT_CONFIG
-        }
-        _ => EXIT_UNAVAILABLE,
-    };
-    CliError::new(code, s.message().to_string())
-}
-
 pub async fn run(args: MembersArgs) -> Result<(), CliError> {
     let mut client = ClusterClient::new(channel(&args.registry).await?);
     match args.verb {
@@ -77,14 +67,14 @@ pub async fn run(args: MembersArgs) -> Result<(), CliError> {
                     address: address.clone(),
                 })
                 .await
-                .map_err(status_error)?;
+                .map_err(|s| super::status_error("", s))?;
             eprintln!("node {id} ({address}) added");
         }
         Some(MembersVerb::Remove { id }) => {
             client
                 .remove_member(pb::RemoveMemberRequest { id })
                 .await
-                .map_err(status_error)?;
+                .map_err(|s| super::status_error("", s))?;
             eprintln!("node {id} removed");
         }
         None => {}
@@ -92,7 +82,7 @@ pub async fn run(args: MembersArgs) -> Result<(), CliError> {
     let s = client
         .status(pb::StatusRequest {})
         .await
-        .map_err(status_error)?
+        .map_err(|s| super::status_error("", s))?
         .into_inner();
     let doc = StatusDoc {
         node_id: s.node_id,

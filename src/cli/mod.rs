@@ -118,6 +118,28 @@ pub async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
     }
 }
 
+/// Parses `KEY=VALUE` (labels).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// A refused gRPC call as an operator error: bad input exits 64, the rest 69.
+pub fn status_error(what: &str, s: tonic::Status) -> CliError {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+            EXIT_CONFIG
+        }
+        _ => EXIT_UNAVAILABLE,
+    };
+    if what.is_empty() {
+        CliError::new(code, s.message().to_string())
+    } else {
+        CliError::new(code, format!("{what}: {}", s.message()))
+    }
+}
+
 /// Tokio worker threads the command asks for (0 = one per core).
 pub fn worker_threads(cli: &Cli) -> usize {
     match &cli.command {

@@ -52,7 +52,7 @@ pub struct RegisterArgs {
     #[arg(long, short = 'n', default_value = "default")]
     pub namespace: String,
     /// Label, repeatable: --label zone=eu --label tier=web.
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = super::parse_label)]
     pub labels: Vec<(String, String)>,
     /// Load-balancing weight, 1-10000.
     #[arg(long, default_value_t = 100)]
@@ -63,12 +63,6 @@ pub struct RegisterArgs {
     /// Lease TTL: 10s, 1m, 1h (1 s to 1 h).
     #[arg(long, default_value = "10s", value_parser = parse_ttl)]
     pub ttl: u32,
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 /// Parses `10s`, `2m`, `1h` or a bare number of seconds.

@@ -10,7 +10,7 @@ use switchyard_proto::v1::routing_client::RoutingClient;
 use tonic::transport::Channel;
 
 use super::register::connect_routing;
-use super::{CliError, Output, EXIT_CONFIG, EXIT_UNAVAILABLE};
+use super::{CliError, Output};
 
 #[derive(Args, Debug)]
 pub struct RouteArgs {
@@ -78,7 +78,7 @@ pub enum RouteVerb {
         #[arg(long)]
         range: Option<String>,
         /// KEY=VALUE, repeatable.
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = super::parse_label)]
         labels: Vec<(String, String)>,
     },
     /// What happens when a chosen subset has no healthy endpoint.
@@ -109,22 +109,6 @@ fn parse_weight(s: &str) -> Result<(String, u32), String> {
     Ok((name.to_string(), w))
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
-}
-
-fn status_error(s: tonic::Status) -> CliError {
-    let code = match s.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
-            EXIT_CONFIG
-        }
-        _ => EXIT_UNAVAILABLE,
-    };
-    CliError::new(code, s.message().to_string())
-}
-
 async fn current(
     client: &mut RoutingClient<Channel>,
     namespace: &str,
@@ -136,7 +120,7 @@ async fn current(
             service: service.to_string(),
         })
         .await
-        .map_err(status_error)?
+        .map_err(|s| super::status_error("", s))?
         .into_inner()
         .current)
 }
@@ -160,7 +144,7 @@ async fn change(
             policy: Some(policy),
         })
         .await
-        .map_err(status_error)?
+        .map_err(|s| super::status_error("", s))?
         .into_inner()
         .revision;
     eprintln!("policy of {service} changed at revision {revision}");
@@ -469,7 +453,7 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                     policy: None,
                 })
                 .await
-                .map_err(status_error)?
+                .map_err(|s| super::status_error("", s))?
                 .into_inner()
                 .revision;
             println!("policy of {service} cleared at revision {revision}");
@@ -482,7 +466,7 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                     service: service.clone(),
                 })
                 .await
-                .map_err(status_error)?
+                .map_err(|s| super::status_error("", s))?
                 .into_inner()
                 .records;
             let docs: Vec<PolicyDoc> = records.iter().map(|r| doc(service, r)).collect();
@@ -525,7 +509,7 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                     to_revision: to_revision.unwrap_or(0),
                 })
                 .await
-                .map_err(status_error)?
+                .map_err(|s| super::status_error("", s))?
                 .into_inner();
             eprintln!(
                 "policy of {service} {} at revision {}",

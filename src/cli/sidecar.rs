@@ -88,7 +88,7 @@ pub struct SidecarArgs {
     #[arg(long)]
     pub id: Option<String>,
     /// Label of the local service, repeatable: KEY=VALUE.
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = super::parse_label)]
     pub labels: Vec<(String, String)>,
     /// Load-balancing weight of the local service, 1-10000.
     #[arg(long, default_value_t = 100)]
@@ -186,12 +186,6 @@ fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
         .parse()
         .map_err(|e| format!("{addr:?} is not a listen address: {e}"))?;
     Ok((name.to_string(), addr))
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 /// Parses `250ms`, `5s`, `2m`.

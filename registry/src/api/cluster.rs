@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::cluster_client::ClusterClient;
@@ -37,12 +37,6 @@ fn role(state: ServerState) -> &'static str {
 impl ClusterApi {
     pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
         Self { shared, proposer }
-    }
-
-    fn count<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
-        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.shared.metrics.grpc(method, code);
-        r
     }
 
     fn members(&self) -> pb::MembersResponse {
@@ -182,7 +176,10 @@ impl Cluster for ClusterApi {
         &self,
         _: Request<pb::MembersRequest>,
     ) -> Result<Response<pb::MembersResponse>, Status> {
-        self.count("Members", Ok(self.members())).map(Response::new)
+        self.shared
+            .metrics
+            .observe("Members", Ok(self.members()))
+            .map(Response::new)
     }
 
     async fn add_member(
@@ -190,7 +187,10 @@ impl Cluster for ClusterApi {
         request: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::MembersResponse>, Status> {
         let r = self.add(request.into_inner()).await;
-        self.count("AddMember", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("AddMember", r)
+            .map(Response::new)
     }
 
     async fn remove_member(
@@ -198,13 +198,19 @@ impl Cluster for ClusterApi {
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::MembersResponse>, Status> {
         let r = self.remove(request.into_inner()).await;
-        self.count("RemoveMember", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("RemoveMember", r)
+            .map(Response::new)
     }
 
     async fn status(
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.count("Status", Ok(self.status())).map(Response::new)
+        self.shared
+            .metrics
+            .observe("Status", Ok(self.status()))
+            .map(Response::new)
     }
 }

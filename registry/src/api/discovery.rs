@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::discovery_server::Discovery;
@@ -30,12 +30,6 @@ pub struct DiscoveryApi {
 impl DiscoveryApi {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
-    }
-
-    fn count<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
-        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.shared.metrics.grpc(method, code);
-        r
     }
 
     fn resolve(&self, req: pb::ResolveRequest) -> Result<pb::ResolveResponse, Status> {
@@ -225,7 +219,7 @@ impl Discovery for DiscoveryApi {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let r = self.watch(request.into_inner());
-        self.count("Watch", r).map(Response::new)
+        self.shared.metrics.observe("Watch", r).map(Response::new)
     }
 
     async fn resolve(
@@ -233,7 +227,7 @@ impl Discovery for DiscoveryApi {
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
         let r = self.resolve(request.into_inner());
-        self.count("Resolve", r).map(Response::new)
+        self.shared.metrics.observe("Resolve", r).map(Response::new)
     }
 
     async fn list_services(
@@ -241,6 +235,9 @@ impl Discovery for DiscoveryApi {
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         let r = self.list_services(request.into_inner());
-        self.count("ListServices", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("ListServices", r)
+            .map(Response::new)
     }
 }

@@ -29,12 +29,6 @@ impl RegistryApi {
         Self { shared, proposer }
     }
 
-    fn count<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
-        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.shared.metrics.grpc(method, code);
-        r
-    }
-
     async fn register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
         let instance = req
             .instance
@@ -119,7 +113,10 @@ impl Registry for RegistryApi {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = self.register(request.into_inner()).await;
-        self.count("Register", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("Register", r)
+            .map(Response::new)
     }
 
     type KeepAliveStream = KeepAliveStream;
@@ -205,7 +202,10 @@ impl Registry for RegistryApi {
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let r = self.deregister(request.into_inner()).await;
-        self.count("Deregister", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("Deregister", r)
+            .map(Response::new)
     }
 
     async fn set_state(
@@ -213,6 +213,9 @@ impl Registry for RegistryApi {
         request: Request<pb::SetStateRequest>,
     ) -> Result<Response<pb::SetStateResponse>, Status> {
         let r = self.set_state(request.into_inner()).await;
-        self.count("SetState", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("SetState", r)
+            .map(Response::new)
     }
 }

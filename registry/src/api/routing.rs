@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::routing_server::Routing;
@@ -39,12 +39,6 @@ fn record_of(reply: Reply) -> Result<pb::PolicyRecord, Status> {
 impl RoutingApi {
     pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
         Self { shared, proposer }
-    }
-
-    fn count<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
-        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.shared.metrics.grpc(method, code);
-        r
     }
 
     fn target(namespace: &str, service: &str) -> Result<String, Status> {
@@ -145,7 +139,10 @@ impl Routing for RoutingApi {
         request: Request<pb::PutPolicyRequest>,
     ) -> Result<Response<pb::PutPolicyResponse>, Status> {
         let r = self.put(request.into_inner()).await;
-        self.count("PutPolicy", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("PutPolicy", r)
+            .map(Response::new)
     }
 
     async fn get_policy(
@@ -153,7 +150,10 @@ impl Routing for RoutingApi {
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
         let r = self.get(request.into_inner());
-        self.count("GetPolicy", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("GetPolicy", r)
+            .map(Response::new)
     }
 
     async fn policy_history(
@@ -161,7 +161,10 @@ impl Routing for RoutingApi {
         request: Request<pb::PolicyHistoryRequest>,
     ) -> Result<Response<pb::PolicyHistoryResponse>, Status> {
         let r = self.history(request.into_inner());
-        self.count("PolicyHistory", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("PolicyHistory", r)
+            .map(Response::new)
     }
 
     async fn rollback_policy(
@@ -169,6 +172,9 @@ impl Routing for RoutingApi {
         request: Request<pb::RollbackPolicyRequest>,
     ) -> Result<Response<pb::RollbackPolicyResponse>, Status> {
         let r = self.rollback(request.into_inner()).await;
-        self.count("RollbackPolicy", r).map(Response::new)
+        self.shared
+            .metrics
+            .observe("RollbackPolicy", r)
+            .map(Response::new)
     }
 }
