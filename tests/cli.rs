@@ -100,6 +100,8 @@ fn start_registry(dir: &Path, extra: &[&str]) -> (Proc, String) {
         "127.0.0.1:0",
         "--data-dir",
         data,
+        "--dns",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     let (proc, line, _) = start_until(&args, "registry serving");
@@ -268,6 +270,8 @@ fn dev_uses_a_temp_dir_and_removes_it_at_exit() {
             "--admin",
             "127.0.0.1:0",
             "--http-proxy",
+            "127.0.0.1:0",
+            "--dns",
             "127.0.0.1:0",
         ],
         "switchyard dev:",

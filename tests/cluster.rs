@@ -69,6 +69,8 @@ fn spawn(id: u64, grpc: &str, http: &str, peers: &str, dir: &Path) -> Child {
             dir.join(format!("node{id}")).to_str().expect("utf-8"),
             "--lease-checkpoint-interval",
             "500ms",
+            "--dns",
+            "off",
         ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -468,6 +470,8 @@ async fn a_node_joins_a_running_registry_and_is_removed_again() {
             Command::new(BIN)
                 .args([
                     "registry",
+                    "--dns",
+                    "off",
                     "--listen",
                     &first_grpc,
                     "--http",
@@ -496,6 +500,8 @@ async fn a_node_joins_a_running_registry_and_is_removed_again() {
             Command::new(BIN)
                 .args([
                     "registry",
+                    "--dns",
+                    "off",
                     "--node-id",
                     "2",
                     "--join",

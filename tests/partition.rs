@@ -133,6 +133,8 @@ fn setup(dir: &std::path::Path) -> Option<Lab> {
                 &lab.ns(&format!("n{i}")),
                 BIN,
                 "registry",
+                "--dns",
+                "off",
                 "--node-id",
                 &i.to_string(),
             ])

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod dns;
 pub mod http;
 pub mod lease;
 pub mod metrics;

@@ -70,6 +70,8 @@ pub struct RegistryConfig {
     pub self_preservation_threshold: f64,
     /// Self-preservation applies only with at least this many leases.
     pub self_preservation_min_leases: usize,
+    /// DNS zone and TTL (served when `Listeners::dns` is given).
+    pub dns: crate::dns::DnsConfig,
 }
 
 impl RegistryConfig {
@@ -89,6 +91,7 @@ impl RegistryConfig {
             lease_checkpoint_interval: Duration::from_secs(5),
             self_preservation_threshold: 0.5,
             self_preservation_min_leases: 20,
+            dns: crate::dns::DnsConfig::default(),
         }
     }
 
@@ -121,6 +124,7 @@ impl RegistryConfig {
         if self.heartbeat < Duration::from_millis(10) || self.heartbeat > Duration::from_secs(5) {
             return Err("heartbeat must be 10ms-5s".into());
         }
+        self.dns.validate()?;
         if !(0.0..=1.0).contains(&self.self_preservation_threshold)
             || self.self_preservation_threshold == 0.0
         {
@@ -134,6 +138,8 @@ impl RegistryConfig {
 pub struct Listeners {
     pub grpc: TcpListener,
     pub http: TcpListener,
+    /// UDP socket and TCP listener for DNS (same port), if DNS is served.
+    pub dns: Option<(tokio::net::UdpSocket, TcpListener)>,
 }
 
 /// Why a node did not start.
@@ -200,6 +206,8 @@ impl Shared {
 pub struct RegistryHandle {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The DNS port (UDP and TCP), when served.
+    pub dns_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     raft: Raft,
@@ -236,6 +244,10 @@ pub async fn start(
     config.validate().map_err(StartError::Config)?;
     let grpc_addr = listeners.grpc.local_addr().map_err(StartError::Addr)?;
     let http_addr = listeners.http.local_addr().map_err(StartError::Addr)?;
+    let dns_addr = match &listeners.dns {
+        Some((udp, _)) => Some(udp.local_addr().map_err(StartError::Addr)?),
+        None => None,
+    };
 
     let dir = config.data_dir.clone();
     let store_err = |reason: String| StartError::Store {
@@ -346,7 +358,7 @@ pub async fn start(
         Some(shared.metrics.clone()),
     );
 
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(expiry_loop(
             shared.clone(),
             proposer.clone(),
@@ -378,13 +390,29 @@ pub async fn start(
         tokio::spawn(crate::http::serve(
             shared.clone(),
             listeners.http,
-            shutdown_rx,
+            shutdown_rx.clone(),
         )),
     ];
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, "registry serving");
+    if let Some((udp, tcp)) = listeners.dns {
+        let handler = crate::dns::DnsHandler::new(shared.clone(), &shared.config.dns)
+            .map_err(StartError::Config)?;
+        tasks.push(tokio::spawn(crate::dns::serve(
+            handler,
+            udp,
+            tcp,
+            shutdown_rx.clone(),
+        )));
+    }
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %http_addr,
+        dns = %dns_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        "registry serving"
+    );
     Ok(RegistryHandle {
         grpc_addr,
         http_addr,
+        dns_addr,
         shutdown: shutdown_tx,
         tasks,
         raft,

@@ -113,6 +113,7 @@ async fn a_second_process_on_the_same_data_dir_is_refused_clearly() {
         http: tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind"),
+        dns: None,
     };
     let err =
         switchyard_registry::start(RegistryConfig::new(reg.data_dir().to_path_buf()), listeners)

@@ -223,6 +223,7 @@ pub async fn run_demo() -> Result<(), CliError> {
         Listeners {
             grpc: bind().await?,
             http: bind().await?,
+            dns: None,
         },
     )
     .await

@@ -23,6 +23,15 @@ pub struct RegistryArgs {
     /// HTTP address for /metrics and /health.
     #[arg(long, env = "SWITCHYARD_HTTP", default_value = "0.0.0.0:7401")]
     pub http: SocketAddr,
+    /// DNS address, UDP and TCP ("off" disables DNS).
+    #[arg(long, env = "SWITCHYARD_DNS", default_value = "0.0.0.0:8600")]
+    pub dns: String,
+    /// DNS zone: SERVICE.service.DOMAIN.
+    #[arg(long, env = "SWITCHYARD_DNS_DOMAIN", default_value = "switchyard")]
+    pub dns_domain: String,
+    /// TTL of DNS answers (and of negative answers, via the SOA), in seconds.
+    #[arg(long, env = "SWITCHYARD_DNS_TTL", default_value_t = 5)]
+    pub dns_ttl: u32,
     /// Directory for the catalog's log and snapshots (created if missing).
     #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "switchyard-data")]
     pub data_dir: PathBuf,
@@ -88,6 +97,9 @@ pub struct RegistryArgs {
 struct RegistryFile {
     listen: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    dns: Option<String>,
+    dns_domain: Option<String>,
+    dns_ttl: Option<u32>,
     data_dir: Option<PathBuf>,
     max_instances: Option<usize>,
     watch_buffer: Option<usize>,
@@ -130,6 +142,9 @@ pub struct DevArgs {
     /// Registry HTTP address for /metrics and /health.
     #[arg(long, default_value = "127.0.0.1:7401")]
     pub http: SocketAddr,
+    /// Registry DNS address ("off" disables DNS).
+    #[arg(long, default_value = "127.0.0.1:8600")]
+    pub dns: String,
     /// Sidecar admin address: /ready, /metrics, /endpoints.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -174,6 +189,9 @@ fn merge(
     take!(
         listen,
         http,
+        dns,
+        dns_domain,
+        dns_ttl,
         data_dir,
         max_instances,
         watch_buffer,
@@ -250,7 +268,9 @@ pub async fn run_registry(
     config.lease_checkpoint_interval = args.lease_checkpoint_interval;
     config.self_preservation_threshold = args.self_preservation_threshold;
     config.self_preservation_min_leases = args.self_preservation_min_leases;
-    serve(config, args.listen, args.http).await
+    config.dns.domain = args.dns_domain.clone();
+    config.dns.ttl = args.dns_ttl;
+    serve(config, args.listen, args.http, dns_addr(&args.dns)?).await
 }
 
 pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
@@ -271,6 +291,7 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
         RegistryConfig::new(data_dir.join("registry")),
         args.listen,
         args.http,
+        dns_addr(&args.dns)?,
     )
     .await?;
     let url = format!("http://{}", registry.grpc_addr);
@@ -287,9 +308,10 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
         }
     };
     eprintln!(
-        "switchyard dev: registry on {} (gRPC) and http://{} (metrics, health); sidecar proxy on http://{}, admin on http://{}; data in {}",
+        "switchyard dev: registry on {} (gRPC), http://{} (metrics, health) and {} (DNS); sidecar proxy on http://{}, admin on http://{}; data in {}",
         registry.grpc_addr,
         registry.http_addr,
+        registry.dns_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         sidecar.http_proxy_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
         sidecar.admin_addr,
         data_dir.display()
@@ -319,17 +341,41 @@ async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, CliError> {
     })
 }
 
+/// `off` (or empty) disables DNS; anything else is a listen address.
+fn dns_addr(value: &str) -> Result<Option<SocketAddr>, CliError> {
+    match value {
+        "off" | "" => Ok(None),
+        a => a.parse().map(Some).map_err(|e| {
+            CliError::new(
+                EXIT_CONFIG,
+                format!("invalid --dns {a:?}: {e} (use HOST:PORT or off)"),
+            )
+        }),
+    }
+}
+
 async fn start_registry(
     config: RegistryConfig,
     listen: SocketAddr,
     http: SocketAddr,
+    dns: Option<SocketAddr>,
 ) -> Result<RegistryHandle, CliError> {
     config
         .validate()
         .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid configuration: {e}")))?;
+    let dns = match dns {
+        Some(addr) => Some(switchyard_registry::dns::bind(addr).await.map_err(|e| {
+            CliError::new(
+                EXIT_CONFIG,
+                format!("cannot listen on {addr} (--dns): {e}; pick another address or --dns off"),
+            )
+        })?),
+        None => None,
+    };
     let listeners = Listeners {
         grpc: bind(listen, "--listen").await?,
         http: bind(http, "--http").await?,
+        dns,
     };
     switchyard_registry::start(config, listeners)
         .await
@@ -340,9 +386,10 @@ async fn serve(
     config: RegistryConfig,
     listen: SocketAddr,
     http: SocketAddr,
+    dns: Option<SocketAddr>,
 ) -> Result<(), CliError> {
     let stop = shutdown_signal();
-    let handle = start_registry(config, listen, http).await?;
+    let handle = start_registry(config, listen, http, dns).await?;
     stop.await;
     tracing::info!("shutting down: finishing in-flight writes, closing streams");
     handle.shutdown().await;

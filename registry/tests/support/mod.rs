@@ -22,6 +22,11 @@ pub async fn start_in(config: RegistryConfig) -> RegistryHandle {
     let listeners = Listeners {
         grpc: TcpListener::bind("127.0.0.1:0").await.expect("bind grpc"),
         http: TcpListener::bind("127.0.0.1:0").await.expect("bind http"),
+        dns: Some(
+            switchyard_registry::dns::bind("127.0.0.1:0".parse().expect("addr"))
+                .await
+                .expect("bind dns"),
+        ),
     };
     switchyard_registry::start(config, listeners)
         .await

@@ -32,6 +32,7 @@ pub async fn start_registry_on(dir: &Path, grpc: &str) -> RegistryHandle {
         Listeners {
             grpc: TcpListener::bind(grpc).await.expect("bind"),
             http: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            dns: None,
         },
     )
     .await

@@ -1,0 +1,604 @@
+//! The registry's DNS interface (hickory-server): the only module that imports hickory.
+//!
+//! Names under the domain (default `switchyard`):
+//! - `<service>.service.<domain>` → A/AAAA of SERVING instances in random order; when the
+//!   service has a routing policy with a default split, each answer holds one subset drawn
+//!   by the split's weights, so DNS-only clients get the canary share too;
+//! - `<version|subset>.<service>.service.<domain>` → only that version tag or subset;
+//! - `_<service>._tcp.service.<domain>` and SRV on the plain name → SRV per RFC 2782,
+//!   targets `<hex-ip>.addr.<domain>` (resolvable, also sent as additional records) or the
+//!   instance's hostname; weights are split weight × instance weight;
+//! - `<service>.service.<namespace>.ns.<domain>` for other namespaces;
+//! - `<hex-ip>.addr.<domain>` → the address it encodes.
+//!
+//! Negative answers follow RFC 2308: NXDOMAIN for unknown names and NOERROR with no
+//! answer for known names without that type, both with the zone's SOA in the authority
+//! section. Names outside the domain are REFUSED (no recursion). hickory truncates
+//! answers to the UDP/EDNS size and sets TC, so clients retry over TCP.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
+use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::Server;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+
+use crate::model::policy::{Policy, Subset};
+use crate::model::{Instance, State, DEFAULT_NAMESPACE};
+use crate::node::Shared;
+
+/// Most records in one answer (hickory truncates further to the packet size).
+const MAX_ANSWERS: usize = 64;
+
+/// DNS settings of a registry node.
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    /// The zone, e.g. `switchyard` for `web.service.switchyard`.
+    pub domain: String,
+    /// TTL of positive answers and the SOA minimum (negative caching), in seconds.
+    pub ttl: u32,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            domain: "switchyard".into(),
+            ttl: 5,
+        }
+    }
+}
+
+impl DnsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = !self.domain.is_empty()
+            && self.domain.len() <= 200
+            && self.domain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err(format!("dns domain {:?} is not a DNS name", self.domain));
+        }
+        if self.ttl > 86_400 {
+            return Err("dns ttl must be at most 86400 s".into());
+        }
+        Ok(())
+    }
+}
+
+/// Answers queries from the node's applied catalog.
+pub struct DnsHandler {
+    shared: Arc<Shared>,
+    /// `<domain>` lower-case, without the trailing dot.
+    domain: String,
+    origin: Name,
+    soa: Record,
+    ttl: u32,
+}
+
+/// What a query resolves to.
+struct Answer {
+    code: ResponseCode,
+    answers: Vec<Record>,
+    additionals: Vec<Record>,
+    /// Negative answers carry the SOA (RFC 2308).
+    soa: bool,
+}
+
+impl Answer {
+    fn refused() -> Self {
+        Self {
+            code: ResponseCode::Refused,
+            answers: Vec::new(),
+            additionals: Vec::new(),
+            soa: false,
+        }
+    }
+
+    fn nxdomain() -> Self {
+        Self {
+            code: ResponseCode::NXDomain,
+            answers: Vec::new(),
+            additionals: Vec::new(),
+            soa: true,
+        }
+    }
+
+    fn records(answers: Vec<Record>, additionals: Vec<Record>) -> Self {
+        let soa = answers.is_empty();
+        Self {
+            code: ResponseCode::NoError,
+            answers,
+            additionals,
+            soa,
+        }
+    }
+}
+
+/// The labels of a query name below the domain, parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Target<'a> {
+    Apex,
+    Service {
+        namespace: &'a str,
+        service: &'a str,
+        filter: Option<&'a str>,
+        srv_form: bool,
+    },
+    Addr(IpAddr),
+    Unknown,
+}
+
+fn parse_hex_ip(label: &str) -> Option<IpAddr> {
+    match label.len() {
+        8 => u32::from_str_radix(label, 16)
+            .ok()
+            .map(|v| IpAddr::V4(Ipv4Addr::from(v))),
+        32 => u128::from_str_radix(label, 16)
+            .ok()
+            .map(|v| IpAddr::V6(Ipv6Addr::from(v))),
+        _ => None,
+    }
+}
+
+fn hex_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{:08x}", u32::from(v4)),
+        IpAddr::V6(v6) => format!("{:032x}", u128::from(v6)),
+    }
+}
+
+/// Splits `labels` (below the domain, leftmost first) into what they name.
+fn parse<'a>(labels: &'a [&'a str]) -> Target<'a> {
+    // Namespace suffix: ... .<namespace>.ns
+    let (labels, namespace) = match labels {
+        [rest @ .., ns, "ns"] => (rest, *ns),
+        _ => (labels, DEFAULT_NAMESPACE),
+    };
+    match labels {
+        [] => Target::Apex,
+        [hex, "addr"] => parse_hex_ip(hex).map_or(Target::Unknown, Target::Addr),
+        [svc, "_tcp", "service"] => match svc.strip_prefix('_') {
+            Some(service) => Target::Service {
+                namespace,
+                service,
+                filter: None,
+                srv_form: true,
+            },
+            None => Target::Unknown,
+        },
+        [service, "service"] => Target::Service {
+            namespace,
+            service,
+            filter: None,
+            srv_form: false,
+        },
+        [filter, service, "service"] => Target::Service {
+            namespace,
+            service,
+            filter: Some(filter),
+            srv_form: false,
+        },
+        _ => Target::Unknown,
+    }
+}
+
+fn subset_selects(s: &Subset, i: &Instance) -> bool {
+    let range_ok = if s.version_range.is_empty() {
+        true
+    } else {
+        match (
+            semver::VersionReq::parse(&s.version_range),
+            semver::Version::parse(&i.version),
+        ) {
+            (Ok(r), Ok(v)) => r.matches(&v),
+            _ => false,
+        }
+    };
+    (s.version.is_empty() || s.version == i.version)
+        && range_ok
+        && s.labels.iter().all(|(k, v)| i.labels.get(k) == Some(v))
+}
+
+/// Whether `name` (a subset of the policy, or else a version tag) selects `i`.
+fn selects(policy: Option<&Policy>, name: &str, i: &Instance) -> bool {
+    match policy.and_then(|p| p.subsets.iter().find(|s| s.name.eq_ignore_ascii_case(name))) {
+        Some(s) => subset_selects(s, i),
+        None => i.version.eq_ignore_ascii_case(name),
+    }
+}
+
+impl DnsHandler {
+    pub fn new(shared: Arc<Shared>, config: &DnsConfig) -> Result<Self, String> {
+        let domain = config.domain.to_ascii_lowercase();
+        let origin = Name::from_ascii(format!("{domain}.")).map_err(|e| e.to_string())?;
+        let mname = Name::from_ascii(format!("ns.{domain}.")).map_err(|e| e.to_string())?;
+        let rname = Name::from_ascii(format!("hostmaster.{domain}.")).map_err(|e| e.to_string())?;
+        let soa = Record::from_rdata(
+            origin.clone(),
+            config.ttl,
+            RData::SOA(SOA::new(mname, rname, 1, 3600, 600, 86_400, config.ttl)),
+        );
+        Ok(Self {
+            shared,
+            domain,
+            origin,
+            soa,
+            ttl: config.ttl,
+        })
+    }
+
+    fn name(&self, s: &str) -> Option<Name> {
+        Name::from_ascii(format!("{s}.{}.", self.domain)).ok()
+    }
+
+    fn answer(&self, qname: &str, qtype: RecordType) -> Answer {
+        let qname = qname.trim_end_matches('.').to_ascii_lowercase();
+        let Some(below) = qname
+            .strip_suffix(&self.domain)
+            .filter(|rest| rest.is_empty() || rest.ends_with('.'))
+        else {
+            return Answer::refused();
+        };
+        let below = below.trim_end_matches('.');
+        let labels: Vec<&str> = if below.is_empty() {
+            Vec::new()
+        } else {
+            below.split('.').collect()
+        };
+        let Ok(owner) = Name::from_ascii(format!("{qname}.")) else {
+            return Answer::nxdomain();
+        };
+        match parse(&labels) {
+            Target::Unknown => Answer::nxdomain(),
+            Target::Apex => match qtype {
+                RecordType::SOA => Answer::records(vec![self.soa.clone()], Vec::new()),
+                _ => Answer::records(Vec::new(), Vec::new()),
+            },
+            Target::Addr(ip) => {
+                let rdata = match (ip, qtype) {
+                    (IpAddr::V4(v4), RecordType::A) => Some(RData::A(A(v4))),
+                    (IpAddr::V6(v6), RecordType::AAAA) => Some(RData::AAAA(AAAA(v6))),
+                    _ => None,
+                };
+                Answer::records(
+                    rdata
+                        .map(|r| Record::from_rdata(owner.clone(), self.ttl, r))
+                        .into_iter()
+                        .collect(),
+                    Vec::new(),
+                )
+            }
+            Target::Service {
+                namespace,
+                service,
+                filter,
+                srv_form,
+            } => self.service(owner, namespace, service, filter, srv_form, qtype),
+        }
+    }
+
+    fn service(
+        &self,
+        owner: Name,
+        namespace: &str,
+        service: &str,
+        filter: Option<&str>,
+        srv_form: bool,
+        qtype: RecordType,
+    ) -> Answer {
+        let catalog = self.shared.catalog.read();
+        let policy = catalog.current_policy(namespace, service);
+        let all = catalog.resolve(namespace, service, "");
+        if all.is_empty() && policy.is_none() {
+            return Answer::nxdomain();
+        }
+        let policy = policy.as_deref();
+        if let Some(f) = filter {
+            let known = policy
+                .is_some_and(|p| p.subsets.iter().any(|s| s.name.eq_ignore_ascii_case(f)))
+                || all.iter().any(|i| i.version.eq_ignore_ascii_case(f));
+            if !known {
+                return Answer::nxdomain();
+            }
+        }
+        let serving: Vec<&Instance> = all
+            .iter()
+            .map(|i| i.as_ref())
+            .filter(|i| i.state == State::Serving)
+            .filter(|i| filter.is_none_or(|f| selects(policy, f, i)))
+            .collect();
+        drop(catalog);
+
+        // (instance, weight) pairs, the weight including the split's share.
+        let split: Vec<(&str, u32)> = policy
+            .filter(|_| filter.is_none())
+            .map(|p| {
+                p.default_split
+                    .iter()
+                    .filter(|s| s.weight > 0)
+                    .map(|s| (s.subset.as_str(), s.weight))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let in_subset = |name: &str| -> Vec<&Instance> {
+            serving
+                .iter()
+                .copied()
+                .filter(|i| selects(policy, name, i))
+                .collect()
+        };
+        let mut rng = fastrand::Rng::new();
+        match qtype {
+            RecordType::SRV => {
+                let weighted: Vec<(&Instance, u64)> = if split.is_empty() {
+                    serving.iter().map(|i| (*i, u64::from(i.weight))).collect()
+                } else {
+                    split
+                        .iter()
+                        .flat_map(|(name, w)| {
+                            in_subset(name)
+                                .into_iter()
+                                .map(move |i| (i, u64::from(*w) * u64::from(i.weight)))
+                        })
+                        .collect()
+                };
+                self.srv(owner, weighted)
+            }
+            RecordType::A | RecordType::AAAA if !srv_form => {
+                let chosen: Vec<&Instance> = if split.is_empty() {
+                    serving.clone()
+                } else {
+                    // Health-aware: subsets with nothing serving are left out of the draw.
+                    let live: Vec<(Vec<&Instance>, u32)> = split
+                        .iter()
+                        .map(|(name, w)| (in_subset(name), *w))
+                        .filter(|(members, _)| !members.is_empty())
+                        .collect();
+                    let total: u64 = live.iter().map(|(_, w)| u64::from(*w)).sum();
+                    if total == 0 {
+                        Vec::new()
+                    } else {
+                        let mut point = rng.u64(..total);
+                        let mut pick = Vec::new();
+                        for (members, w) in live {
+                            if point < u64::from(w) {
+                                pick = members;
+                                break;
+                            }
+                            point -= u64::from(w);
+                        }
+                        pick
+                    }
+                };
+                self.addresses(owner, chosen, qtype, &mut rng)
+            }
+            _ => Answer::records(Vec::new(), Vec::new()),
+        }
+    }
+
+    fn addresses(
+        &self,
+        owner: Name,
+        mut chosen: Vec<&Instance>,
+        qtype: RecordType,
+        rng: &mut fastrand::Rng,
+    ) -> Answer {
+        rng.shuffle(&mut chosen);
+        let mut answers = Vec::new();
+        let mut hostnames = Vec::new();
+        for i in chosen.iter().take(MAX_ANSWERS * 4) {
+            match (i.address.parse::<IpAddr>(), qtype) {
+                (Ok(IpAddr::V4(v4)), RecordType::A) => answers.push(RData::A(A(v4))),
+                (Ok(IpAddr::V6(v6)), RecordType::AAAA) => answers.push(RData::AAAA(AAAA(v6))),
+                (Ok(_), _) => {}
+                (Err(_), _) => hostnames.push(i.address.as_str()),
+            }
+        }
+        answers.dedup();
+        if answers.is_empty() {
+            // Instances registered by hostname: one CNAME (a name has at most one).
+            if let Some(target) = hostnames
+                .first()
+                .and_then(|h| Name::from_ascii(format!("{}.", h.trim_end_matches('.'))).ok())
+            {
+                return Answer::records(
+                    vec![Record::from_rdata(
+                        owner,
+                        self.ttl,
+                        RData::CNAME(CNAME(target)),
+                    )],
+                    Vec::new(),
+                );
+            }
+        }
+        Answer::records(
+            answers
+                .into_iter()
+                .take(MAX_ANSWERS)
+                .map(|r| Record::from_rdata(owner.clone(), self.ttl, r))
+                .collect(),
+            Vec::new(),
+        )
+    }
+
+    /// RFC 2782: priority 1 for all; weight 0-65535 scaled from the effective weights.
+    fn srv(&self, owner: Name, weighted: Vec<(&Instance, u64)>) -> Answer {
+        let max = weighted.iter().map(|(_, w)| *w).max().unwrap_or(1).max(1);
+        let mut answers = Vec::new();
+        let mut additionals = Vec::new();
+        for (i, w) in weighted.into_iter().take(MAX_ANSWERS) {
+            let weight = u16::try_from((w * 65_535 / max).max(1)).unwrap_or(u16::MAX);
+            let target = match i.address.parse::<IpAddr>() {
+                Ok(ip) => {
+                    let Some(name) = self.name(&format!("{}.addr", hex_ip(ip))) else {
+                        continue;
+                    };
+                    let rdata = match ip {
+                        IpAddr::V4(v4) => RData::A(A(v4)),
+                        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+                    };
+                    additionals.push(Record::from_rdata(name.clone(), self.ttl, rdata));
+                    name
+                }
+                Err(_) => match Name::from_ascii(format!("{}.", i.address.trim_end_matches('.'))) {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                },
+            };
+            answers.push(Record::from_rdata(
+                owner.clone(),
+                self.ttl,
+                RData::SRV(SRV::new(1, weight, i.port, target)),
+            ));
+        }
+        Answer::records(answers, additionals)
+    }
+}
+
+#[tonic::async_trait]
+impl RequestHandler for DnsHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        if request.edns.is_some() {
+            builder.edns(&edns);
+        }
+        let queries = request.queries.queries();
+        let answer = if request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query
+        {
+            Answer {
+                code: ResponseCode::NotImp,
+                ..Answer::refused()
+            }
+        } else if queries.len() != 1 {
+            Answer {
+                code: ResponseCode::FormErr,
+                ..Answer::refused()
+            }
+        } else {
+            let q = &queries[0];
+            self.answer(&q.name().to_string(), q.query_type())
+        };
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = answer.code != ResponseCode::Refused;
+        metadata.recursion_available = false;
+        metadata.response_code = answer.code;
+        let soa: Vec<&Record> = if answer.soa {
+            vec![&self.soa]
+        } else {
+            Vec::new()
+        };
+        let response = builder.build(
+            metadata,
+            answer.answers.iter(),
+            std::iter::empty(),
+            soa,
+            answer.additionals.iter(),
+        );
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS response not sent");
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(hickory_server::proto::op::Header {
+                    metadata,
+                    counts: Default::default(),
+                })
+            }
+        }
+    }
+}
+
+/// Serves DNS on the given UDP socket and TCP listener until shutdown.
+pub async fn serve(
+    handler: DnsHandler,
+    udp: UdpSocket,
+    tcp: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = &handler.origin;
+    let mut server = Server::new(handler);
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(5), 64);
+    let _ = shutdown.wait_for(|s| *s).await;
+    if let Err(e) = server.shutdown_gracefully().await {
+        tracing::debug!(error = %e, "DNS server stopped with an error");
+    }
+}
+
+/// Binds both the UDP socket and the TCP listener of a DNS address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let udp = UdpSocket::bind(addr).await?;
+    // Same port for TCP (port 0: whatever UDP got).
+    let tcp = TcpListener::bind(udp.local_addr()?).await?;
+    Ok((udp, tcp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_into_targets() {
+        assert_eq!(parse(&[]), Target::Apex);
+        assert_eq!(
+            parse(&["web", "service"]),
+            Target::Service {
+                namespace: "default",
+                service: "web",
+                filter: None,
+                srv_form: false
+            }
+        );
+        assert_eq!(
+            parse(&["canary", "web", "service"]),
+            Target::Service {
+                namespace: "default",
+                service: "web",
+                filter: Some("canary"),
+                srv_form: false
+            }
+        );
+        assert_eq!(
+            parse(&["_web", "_tcp", "service"]),
+            Target::Service {
+                namespace: "default",
+                service: "web",
+                filter: None,
+                srv_form: true
+            }
+        );
+        assert_eq!(
+            parse(&["web", "service", "staging", "ns"]),
+            Target::Service {
+                namespace: "staging",
+                service: "web",
+                filter: None,
+                srv_form: false
+            }
+        );
+        assert_eq!(
+            parse(&["7f000001", "addr"]),
+            Target::Addr("127.0.0.1".parse().expect("ip"))
+        );
+        assert_eq!(parse(&["web"]), Target::Unknown);
+        assert_eq!(parse(&["web", "_tcp", "service"]), Target::Unknown);
+        assert_eq!(hex_ip("::1".parse().expect("ip")), format!("{:032x}", 1));
+    }
+}

@@ -1,0 +1,378 @@
+//! DNS with a real registry and hickory's own message codec over real UDP and TCP
+//! sockets: names, record types, negative answers, the canary split, truncation, and
+//! garbage that must not stall the server.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use support::*;
+use switchyard_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+fn query(name: &str, rtype: RecordType, id: u16) -> Message {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), rtype));
+    m
+}
+
+async fn udp(addr: SocketAddr, msg: &Message) -> Message {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    sock.send_to(&msg.to_vec().expect("encode"), addr)
+        .await
+        .expect("send");
+    let mut buf = vec![0u8; 65_535];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+        .await
+        .expect("an answer in time")
+        .expect("recv");
+    Message::from_vec(&buf[..n]).expect("decode")
+}
+
+async fn tcp(addr: SocketAddr, msg: &Message) -> Message {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let bytes = msg.to_vec().expect("encode");
+    s.write_all(&(bytes.len() as u16).to_be_bytes())
+        .await
+        .expect("len");
+    s.write_all(&bytes).await.expect("write");
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut len))
+        .await
+        .expect("in time")
+        .expect("read");
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.expect("read");
+    Message::from_vec(&buf).expect("decode")
+}
+
+fn ips(m: &Message) -> Vec<String> {
+    let mut v: Vec<String> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn reg(
+    client: &mut switchyard_proto::v1::registry_client::RegistryClient<tonic::transport::Channel>,
+    id: &str,
+    address: &str,
+    port: u32,
+    version: &str,
+) {
+    let mut i = instance("web", id, version);
+    i.address = address.into();
+    i.port = port;
+    register(client, i, 60).await;
+}
+
+#[tokio::test]
+async fn names_types_and_negative_answers() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    reg(&mut client, "web-1", "10.0.0.1", 8080, "1.0.0").await;
+    reg(&mut client, "web-2", "10.0.0.2", 8081, "2.0.0").await;
+    reg(&mut client, "web-6", "fd00::6", 8082, "2.0.0").await;
+    let mut staging = instance("api", "api-1", "1.0.0");
+    staging.namespace = "staging".into();
+    staging.address = "10.9.9.9".into();
+    register(&mut client, staging, 60).await;
+
+    let a = udp(dns, &query("web.service.switchyard.", RecordType::A, 1)).await;
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(a.metadata.authoritative);
+    assert_eq!(ips(&a), vec!["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(a.answers[0].ttl, 5);
+    let aaaa = udp(dns, &query("web.service.switchyard.", RecordType::AAAA, 2)).await;
+    assert_eq!(ips(&aaaa), vec!["fd00::6"]);
+    // Case-insensitive, and TCP answers the same.
+    let upper = tcp(dns, &query("WEB.Service.SwitchYard.", RecordType::A, 3)).await;
+    assert_eq!(ips(&upper), vec!["10.0.0.1", "10.0.0.2"]);
+    // Version filter.
+    let v2 = udp(
+        dns,
+        &query("2.0.0.web.service.switchyard.", RecordType::A, 4),
+    )
+    .await;
+    assert_eq!(
+        v2.metadata.response_code,
+        ResponseCode::NXDomain,
+        "2.0.0 has dots: not one label"
+    );
+    let v1 = udp(
+        dns,
+        &query("canary.web.service.switchyard.", RecordType::A, 5),
+    )
+    .await;
+    assert_eq!(
+        v1.metadata.response_code,
+        ResponseCode::NXDomain,
+        "no such version or subset"
+    );
+    // SRV, both forms, with resolvable targets in the additional section.
+    for name in ["_web._tcp.service.switchyard.", "web.service.switchyard."] {
+        let srv = udp(dns, &query(name, RecordType::SRV, 6)).await;
+        assert_eq!(srv.answers.len(), 3, "{name}");
+        for rec in &srv.answers {
+            let RData::SRV(s) = &rec.data else {
+                panic!("SRV expected")
+            };
+            assert!([8080, 8081, 8082].contains(&s.port));
+            assert!(
+                srv.additionals.iter().any(|a| a.name == s.target),
+                "target {} resolvable",
+                &s.target
+            );
+        }
+        let target = match &srv.answers[0].data {
+            RData::SRV(s) => s.target.clone(),
+            _ => unreachable!(),
+        };
+        let addr_type = if srv
+            .additionals
+            .iter()
+            .any(|a| a.name == target && a.record_type() == RecordType::AAAA)
+        {
+            RecordType::AAAA
+        } else {
+            RecordType::A
+        };
+        let resolved = udp(dns, &query(&target.to_ascii(), addr_type, 7)).await;
+        assert_eq!(resolved.answers.len(), 1, "{target} resolves");
+    }
+    // Other namespaces.
+    let ns = udp(
+        dns,
+        &query("api.service.staging.ns.switchyard.", RecordType::A, 8),
+    )
+    .await;
+    assert_eq!(ips(&ns), vec!["10.9.9.9"]);
+    // NODATA: a known name without that type → NOERROR, no answer, SOA in authority.
+    let nodata = udp(dns, &query("web.service.switchyard.", RecordType::MX, 9)).await;
+    assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
+    assert!(nodata.answers.is_empty());
+    assert_eq!(
+        nodata.authorities.first().map(|r| r.record_type()),
+        Some(RecordType::SOA)
+    );
+    // NXDOMAIN with SOA.
+    let nx = udp(dns, &query("nosuch.service.switchyard.", RecordType::A, 10)).await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(
+        nx.authorities.first().map(|r| r.record_type()),
+        Some(RecordType::SOA)
+    );
+    // REFUSED outside the domain: no recursion.
+    let refused = udp(dns, &query("example.com.", RecordType::A, 11)).await;
+    assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+    assert!(!refused.metadata.recursion_available);
+    // Draining instances are not answered.
+    client
+        .set_state(pb::SetStateRequest {
+            namespace: String::new(),
+            id: "web-1".into(),
+            state: pb::State::Draining as i32,
+        })
+        .await
+        .expect("drain");
+    let a = udp(dns, &query("web.service.switchyard.", RecordType::A, 12)).await;
+    assert_eq!(ips(&a), vec!["10.0.0.2"]);
+    r.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn hostnames_answer_with_cname_and_versions_filter() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    reg(&mut client, "db-1", "db-1.internal.example", 5432, "canary").await;
+    let a = udp(dns, &query("web.service.switchyard.", RecordType::A, 1)).await;
+    assert_eq!(a.answers.len(), 1);
+    assert!(
+        matches!(&a.answers[0].data, RData::CNAME(c) if c.0.to_ascii() == "db-1.internal.example.")
+    );
+    let v = udp(
+        dns,
+        &query("canary.web.service.switchyard.", RecordType::A, 2),
+    )
+    .await;
+    assert_eq!(
+        v.metadata.response_code,
+        ResponseCode::NoError,
+        "a version tag that is a DNS label"
+    );
+    assert_eq!(v.answers.len(), 1);
+    r.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn dns_follows_the_canary_split() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    reg(&mut client, "s-1", "10.0.1.1", 80, "1.0.0").await;
+    reg(&mut client, "s-2", "10.0.1.2", 80, "1.0.0").await;
+    reg(&mut client, "c-1", "10.0.2.1", 80, "2.0.0").await;
+    let mut routing = switchyard_proto::v1::routing_client::RoutingClient::new(r.channel().await);
+    let split = |e: &[(&str, u32)]| {
+        e.iter()
+            .map(|(s, w)| pb::WeightedSubset {
+                subset: s.to_string(),
+                weight: *w,
+            })
+            .collect()
+    };
+    routing
+        .put_policy(pb::PutPolicyRequest {
+            namespace: String::new(),
+            service: "web".into(),
+            policy: Some(pb::Policy {
+                subsets: vec![
+                    pb::Subset {
+                        name: "stable".into(),
+                        version: "1.0.0".into(),
+                        ..Default::default()
+                    },
+                    pb::Subset {
+                        name: "canary".into(),
+                        version: "2.0.0".into(),
+                        ..Default::default()
+                    },
+                ],
+                default_split: split(&[("stable", 80), ("canary", 20)]),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("policy");
+    let mut canary = 0;
+    const N: u16 = 1_000;
+    for id in 0..N {
+        let a = udp(dns, &query("web.service.switchyard.", RecordType::A, id)).await;
+        let got = ips(&a);
+        if got == vec!["10.0.2.1"] {
+            canary += 1;
+        } else {
+            assert_eq!(
+                got,
+                vec!["10.0.1.1", "10.0.1.2"],
+                "an answer holds one subset"
+            );
+        }
+    }
+    // Binomial(1000, 0.2): sd 12.6; 4 sd either side.
+    assert!(
+        (150..=250).contains(&canary),
+        "canary answered {canary} of {N}"
+    );
+    // Subset names resolve too, and SRV weights are split weight × instance weight.
+    let sub = udp(
+        dns,
+        &query("canary.web.service.switchyard.", RecordType::A, 1),
+    )
+    .await;
+    assert_eq!(ips(&sub), vec!["10.0.2.1"]);
+    let srv = udp(
+        dns,
+        &query("_web._tcp.service.switchyard.", RecordType::SRV, 2),
+    )
+    .await;
+    let weight_of = |ip_hex: &str| {
+        srv.answers
+            .iter()
+            .find_map(|r| match &r.data {
+                RData::SRV(s) if s.target.to_ascii().starts_with(ip_hex) => Some(s.weight),
+                _ => None,
+            })
+            .expect("srv for target")
+    };
+    let (stable_w, canary_w) = (weight_of("0a000101"), weight_of("0a000201"));
+    assert_eq!(stable_w, 65_535);
+    assert!(
+        (16_000..=16_500).contains(&canary_w),
+        "canary SRV weight {canary_w} ≈ 1/4 of stable's"
+    );
+    r.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn large_answers_are_truncated_over_udp_and_whole_over_tcp() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    for n in 0..60u32 {
+        reg(
+            &mut client,
+            &format!("web-{n}"),
+            &format!("fd00::{:x}", n + 1),
+            8000 + n,
+            "1.0.0",
+        )
+        .await;
+    }
+    let small = udp(dns, &query("web.service.switchyard.", RecordType::AAAA, 1)).await;
+    assert!(
+        small.metadata.truncation,
+        "60 AAAA records do not fit 512 bytes"
+    );
+    let whole = tcp(dns, &query("web.service.switchyard.", RecordType::AAAA, 2)).await;
+    assert!(!whole.metadata.truncation);
+    assert_eq!(whole.answers.len(), 60);
+    // With EDNS0 a larger UDP answer fits.
+    let mut big = query("web.service.switchyard.", RecordType::AAAA, 3);
+    let mut edns = Edns::new();
+    edns.set_max_payload(4096);
+    big.set_edns(edns);
+    let edns_answer = udp(dns, &big).await;
+    assert!(edns_answer.answers.len() > small.answers.len());
+    r.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_packets_never_crash_or_stall_the_server() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    reg(&mut client, "web-1", "10.0.0.1", 80, "1.0.0").await;
+    let valid = query("web.service.switchyard.", RecordType::A, 7)
+        .to_vec()
+        .expect("encode");
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut rng = fastrand::Rng::with_seed(2026);
+    // 2,000 random and truncated packets (bounded count), then a valid query must work.
+    for n in 0..2_000usize {
+        let packet: Vec<u8> = if n % 2 == 0 {
+            let len = rng.usize(0..600);
+            (0..len).map(|_| rng.u8(..)).collect()
+        } else {
+            let mut p = valid[..rng.usize(0..valid.len())].to_vec();
+            if !p.is_empty() && rng.bool() {
+                let i = rng.usize(..p.len());
+                p[i] = rng.u8(..);
+            }
+            p
+        };
+        let _ = sock.send_to(&packet, dns).await;
+    }
+    // Garbage over TCP too: a length prefix promising more than is sent, then close.
+    let mut s = TcpStream::connect(dns).await.expect("connect");
+    s.write_all(&[0xff, 0xff, 1, 2, 3]).await.expect("write");
+    drop(s);
+    let a = udp(dns, &query("web.service.switchyard.", RecordType::A, 9)).await;
+    assert_eq!(ips(&a), vec!["10.0.0.1"]);
+    let t = tcp(dns, &query("web.service.switchyard.", RecordType::A, 10)).await;
+    assert_eq!(ips(&t), vec!["10.0.0.1"]);
+    r.handle.shutdown().await;
+}
