@@ -273,6 +273,8 @@ fn dev_uses_a_temp_dir_and_removes_it_at_exit() {
             "127.0.0.1:0",
             "--dns",
             "127.0.0.1:0",
+            "--sidecar-dns",
+            "127.0.0.1:0",
         ],
         "switchyard dev:",
     );
@@ -338,7 +340,7 @@ fn sidecar_process_from_a_config_file_proxies_registers_and_drains() {
     std::fs::write(
         &file,
         format!(
-            "registry = [\"{url}\"]\nadmin = \"127.0.0.1:0\"\nhttp_proxy = \"127.0.0.1:0\"\ncache_file = \"{}\"\nservice = \"app\"\nport = {}\nversion = \"2.0.0\"\nhealth_http = \"/\"\nhealth_interval = \"200ms\"\ndrain = \"300ms\"\n",
+            "registry = [\"{url}\"]\nadmin = \"127.0.0.1:0\"\nhttp_proxy = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\ncache_file = \"{}\"\nservice = \"app\"\nport = {}\nversion = \"2.0.0\"\nhealth_http = \"/\"\nhealth_interval = \"200ms\"\ndrain = \"300ms\"\n",
             dir.path().join("cache.json").display(),
             app.port()
         ),

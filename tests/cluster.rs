@@ -262,6 +262,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
             http_proxy: None,
             upstreams: vec![],
             http_upstreams: vec![],
+            dns: None,
         },
     )
     .await

@@ -74,9 +74,30 @@ impl DnsConfig {
     }
 }
 
-/// Answers queries from the node's applied catalog.
-pub struct DnsHandler {
-    shared: Arc<Shared>,
+/// A service as DNS sees it: its instances and its routing policy.
+pub type ServiceRecords = (Vec<Arc<Instance>>, Option<Arc<Policy>>);
+
+/// Where answers come from: a registry's applied catalog, or a sidecar's cached copy.
+pub trait DnsSource: Send + Sync + Unpin + 'static {
+    /// A service's instances and routing policy; `None` when the service is unknown.
+    fn service(&self, namespace: &str, service: &str) -> Option<ServiceRecords>;
+}
+
+/// The registry's own catalog as a DNS source.
+pub struct CatalogSource(pub Arc<Shared>);
+
+impl DnsSource for CatalogSource {
+    fn service(&self, namespace: &str, service: &str) -> Option<ServiceRecords> {
+        let catalog = self.0.catalog.read();
+        let policy = catalog.current_policy(namespace, service);
+        let instances = catalog.resolve(namespace, service, "");
+        (!instances.is_empty() || policy.is_some()).then_some((instances, policy))
+    }
+}
+
+/// Answers queries from a [`DnsSource`].
+pub struct DnsHandler<S: DnsSource> {
+    source: S,
     /// `<domain>` lower-case, without the trailing dot.
     domain: String,
     origin: Name,
@@ -216,8 +237,8 @@ fn selects(policy: Option<&Policy>, name: &str, i: &Instance) -> bool {
     }
 }
 
-impl DnsHandler {
-    pub fn new(shared: Arc<Shared>, config: &DnsConfig) -> Result<Self, String> {
+impl<S: DnsSource> DnsHandler<S> {
+    pub fn new(source: S, config: &DnsConfig) -> Result<Self, String> {
         let domain = config.domain.to_ascii_lowercase();
         let origin = Name::from_ascii(format!("{domain}.")).map_err(|e| e.to_string())?;
         let mname = Name::from_ascii(format!("ns.{domain}.")).map_err(|e| e.to_string())?;
@@ -228,7 +249,7 @@ impl DnsHandler {
             RData::SOA(SOA::new(mname, rname, 1, 3600, 600, 86_400, config.ttl)),
         );
         Ok(Self {
-            shared,
+            source,
             domain,
             origin,
             soa,
@@ -295,12 +316,9 @@ impl DnsHandler {
         srv_form: bool,
         qtype: RecordType,
     ) -> Answer {
-        let catalog = self.shared.catalog.read();
-        let policy = catalog.current_policy(namespace, service);
-        let all = catalog.resolve(namespace, service, "");
-        if all.is_empty() && policy.is_none() {
+        let Some((all, policy)) = self.source.service(namespace, service) else {
             return Answer::nxdomain();
-        }
+        };
         let policy = policy.as_deref();
         if let Some(f) = filter {
             let known = policy
@@ -316,7 +334,6 @@ impl DnsHandler {
             .filter(|i| i.state == State::Serving)
             .filter(|i| filter.is_none_or(|f| selects(policy, f, i)))
             .collect();
-        drop(catalog);
 
         // (instance, weight) pairs, the weight including the split's share.
         let split: Vec<(&str, u32)> = policy
@@ -465,7 +482,7 @@ impl DnsHandler {
 }
 
 #[tonic::async_trait]
-impl RequestHandler for DnsHandler {
+impl<S: DnsSource> RequestHandler for DnsHandler<S> {
     async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
@@ -526,8 +543,8 @@ impl RequestHandler for DnsHandler {
 }
 
 /// Serves DNS on the given UDP socket and TCP listener until shutdown.
-pub async fn serve(
-    handler: DnsHandler,
+pub async fn serve<S: DnsSource>(
+    handler: DnsHandler<S>,
     udp: UdpSocket,
     tcp: TcpListener,
     mut shutdown: watch::Receiver<bool>,

@@ -394,8 +394,11 @@ pub async fn start(
         )),
     ];
     if let Some((udp, tcp)) = listeners.dns {
-        let handler = crate::dns::DnsHandler::new(shared.clone(), &shared.config.dns)
-            .map_err(StartError::Config)?;
+        let handler = crate::dns::DnsHandler::new(
+            crate::dns::CatalogSource(shared.clone()),
+            &shared.config.dns,
+        )
+        .map_err(StartError::Config)?;
         tasks.push(tokio::spawn(crate::dns::serve(
             handler,
             udp,

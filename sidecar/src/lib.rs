@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod balance;
 pub mod discovery;
+pub mod dns;
 pub mod endpoint;
 pub mod health;
 pub mod metrics;
@@ -53,6 +54,8 @@ pub struct SidecarConfig {
     pub request_timeout: Duration,
     /// The local service to register, if any.
     pub registrar: Option<RegistrarConfig>,
+    /// DNS zone and TTL (served when `SidecarListeners::dns` is given).
+    pub dns: switchyard_registry::dns::DnsConfig,
 }
 
 impl SidecarConfig {
@@ -70,6 +73,7 @@ impl SidecarConfig {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(15),
             registrar: None,
+            dns: switchyard_registry::dns::DnsConfig::default(),
         }
     }
 
@@ -85,6 +89,7 @@ impl SidecarConfig {
             }
         }
         self.lb.validate()?;
+        self.dns.validate()?;
         if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
             return Err("timeouts must be above zero".into());
         }
@@ -108,6 +113,8 @@ pub struct SidecarListeners {
     pub upstreams: Vec<(String, TcpListener)>,
     /// `(service, listener)`: HTTP, balanced per request, no Host needed.
     pub http_upstreams: Vec<(String, TcpListener)>,
+    /// UDP socket and TCP listener for DNS (same port), if DNS is served.
+    pub dns: Option<(tokio::net::UdpSocket, TcpListener)>,
 }
 
 /// A running sidecar.
@@ -116,6 +123,8 @@ pub struct SidecarHandle {
     pub http_proxy_addr: Option<SocketAddr>,
     pub upstream_addrs: Vec<(String, SocketAddr)>,
     pub http_upstream_addrs: Vec<(String, SocketAddr)>,
+    /// The DNS port (UDP and TCP), when served.
+    pub dns_addr: Option<SocketAddr>,
     pub table: Arc<EndpointTable>,
     registrar_stop: watch::Sender<bool>,
     registrar: Option<JoinHandle<()>>,
@@ -218,6 +227,25 @@ pub async fn start(
             shutdown_rx.clone(),
         )));
     }
+    let dns_addr = match &listeners.dns {
+        Some((udp, _)) => Some(udp.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    if let Some((udp, tcp)) = listeners.dns {
+        let handler = switchyard_registry::dns::DnsHandler::new(
+            dns::TableSource {
+                table: table.clone(),
+                namespace: config.discovery.namespace.clone(),
+            },
+            &config.dns,
+        )?;
+        tasks.push(tokio::spawn(switchyard_registry::dns::serve(
+            handler,
+            udp,
+            tcp,
+            shutdown_rx.clone(),
+        )));
+    }
     let registrar = config
         .registrar
         .clone()
@@ -233,6 +261,7 @@ pub async fn start(
         http_proxy_addr,
         upstream_addrs,
         http_upstream_addrs,
+        dns_addr,
         table,
         registrar_stop,
         registrar,

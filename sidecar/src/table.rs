@@ -17,6 +17,7 @@ use crate::endpoint::{Endpoint, LiveState, State};
 use crate::metrics::Metrics;
 use crate::route::CompiledPolicy;
 use switchyard_proto::v1 as pb;
+use switchyard_registry::model::{Instance as DnsInstance, Policy as DnsPolicy};
 
 /// One instance as the catalog holds it (also the disk cache's record).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +57,10 @@ pub struct ServiceView {
     pub equal_weights: bool,
     /// The service's routing policy, compiled against these endpoints.
     pub policy: Option<CompiledPolicy>,
+    /// The same instances and policy in the registry's model, for the sidecar's DNS
+    /// port (built once per update, not per query).
+    pub dns_instances: Vec<Arc<DnsInstance>>,
+    pub dns_policy: Option<Arc<DnsPolicy>>,
 }
 
 impl ServiceView {
@@ -103,6 +108,30 @@ impl ServiceView {
         let equal_weights = usable
             .windows(2)
             .all(|w| endpoints[w[0]].weight == endpoints[w[1]].weight);
+        let dns_policy = policy
+            .and_then(|p| switchyard_registry::api::policy_from_proto(p.clone()).ok())
+            .map(Arc::new);
+        let dns_instances = records
+            .values()
+            .map(|r| {
+                Arc::new(DnsInstance {
+                    namespace: String::new(),
+                    service: name.clone(),
+                    id: r.id.clone(),
+                    address: r.address.clone(),
+                    port: r.port,
+                    version: r.version.clone(),
+                    labels: r.labels.clone(),
+                    weight: r.weight,
+                    zone: r.zone.clone(),
+                    state: match r.state {
+                        State::Serving => switchyard_registry::model::State::Serving,
+                        State::Draining => switchyard_registry::model::State::Draining,
+                        State::Failing => switchyard_registry::model::State::Failing,
+                    },
+                })
+            })
+            .collect();
         let policy = policy.map(|p| CompiledPolicy::compile(&name, p, &endpoints, metrics));
         Self {
             name,
@@ -111,6 +140,8 @@ impl ServiceView {
             usable,
             equal_weights,
             policy,
+            dns_instances,
+            dns_policy,
         }
     }
 }

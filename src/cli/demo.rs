@@ -238,6 +238,7 @@ pub async fn run_demo() -> Result<(), CliError> {
             http_proxy: Some(bind().await?),
             upstreams: vec![],
             http_upstreams: vec![],
+            dns: None,
         },
     )
     .await

@@ -148,6 +148,9 @@ pub struct DevArgs {
     /// Sidecar admin address: /ready, /metrics, /endpoints.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Sidecar DNS address, answering from its cache ("off" disables).
+    #[arg(long, default_value = "127.0.0.1:15053")]
+    pub sidecar_dns: String,
     /// Sidecar HTTP proxy address (routes by Host).
     #[arg(long, default_value = "127.0.0.1:15001")]
     pub http_proxy: SocketAddr,
@@ -297,6 +300,7 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
     let url = format!("http://{}", registry.grpc_addr);
     let mut sidecar_args = super::sidecar::SidecarArgs::defaults(&url);
     sidecar_args.admin = args.admin;
+    sidecar_args.dns = args.sidecar_dns.clone();
     sidecar_args.http_proxy = args.http_proxy.to_string();
     sidecar_args.cache_file = data_dir.join("sidecar-catalog.json");
     let config = super::sidecar::config(&sidecar_args)?;

@@ -36,6 +36,13 @@ pub struct SidecarArgs {
     /// HTTP proxy address (HTTP/1.1 and h2c; routes by Host). "off" disables it.
     #[arg(long, env = "SWITCHYARD_HTTP_PROXY", default_value = "127.0.0.1:15001")]
     pub http_proxy: String,
+    /// DNS address, UDP and TCP, answering from the cached catalog ("off" disables).
+    #[arg(
+        long,
+        env = "SWITCHYARD_SIDECAR_DNS",
+        default_value = "127.0.0.1:15053"
+    )]
+    pub dns: String,
     /// TCP upstream listener, repeatable: NAME=LISTEN_ADDR, e.g. payments=127.0.0.1:9191.
     #[arg(long = "upstream", value_parser = parse_upstream)]
     pub upstreams: Vec<(String, SocketAddr)>,
@@ -135,6 +142,7 @@ struct SidecarFile {
     registry: Option<Vec<String>>,
     admin: Option<SocketAddr>,
     http_proxy: Option<String>,
+    dns: Option<String>,
     upstreams: Option<BTreeMap<String, SocketAddr>>,
     http_upstreams: Option<BTreeMap<String, SocketAddr>>,
     namespace: Option<String>,
@@ -252,6 +260,7 @@ fn merge(
         registry,
         admin,
         http_proxy,
+        dns,
         namespace,
         domain,
         cache_file,
@@ -327,6 +336,7 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
     config.lb.choice_count = args.choice_count;
     config.lb.active_request_bias = args.active_request_bias;
     config.domain = args.domain.clone();
+    config.dns.domain = args.domain.clone();
     config.connect_timeout = args.connect_timeout;
     config.request_timeout = args.request_timeout;
     if let Some(name) = &args.service {
@@ -414,7 +424,27 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
     for (name, addr) in &args.http_upstreams {
         http_upstreams.push((name.clone(), bind(*addr, "--http-upstream").await?));
     }
+    let dns = match args.dns.as_str() {
+        "off" | "" => None,
+        a => {
+            let addr: SocketAddr = a.parse().map_err(|e| {
+                CliError::new(
+                    EXIT_CONFIG,
+                    format!("invalid --dns {a:?}: {e} (HOST:PORT or off)"),
+                )
+            })?;
+            Some(switchyard_registry::dns::bind(addr).await.map_err(|e| {
+                CliError::new(
+                    EXIT_CONFIG,
+                    format!(
+                        "cannot listen on {addr} (--dns): {e}; pick another address or --dns off"
+                    ),
+                )
+            })?)
+        }
+    };
     let listeners = SidecarListeners {
+        dns,
         admin: bind(args.admin, "--admin").await?,
         http_proxy,
         upstreams,

@@ -9,6 +9,8 @@ mod registry;
 mod routing;
 
 pub use cluster::ClusterApi;
+/// Wire policy → domain policy, for other crates that receive policies over Watch.
+pub use convert::policy_from_proto;
 pub use discovery::DiscoveryApi;
 pub use registry::RegistryApi;
 pub use routing::RoutingApi;

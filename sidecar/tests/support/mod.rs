@@ -190,6 +190,11 @@ pub async fn start_sidecar_with(config: SidecarConfig, upstreams: Upstreams) -> 
             http_proxy: Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
             upstreams: upstreams.tcp,
             http_upstreams: upstreams.http,
+            dns: Some(
+                switchyard_registry::dns::bind("127.0.0.1:0".parse().expect("addr"))
+                    .await
+                    .expect("bind dns"),
+            ),
         },
     )
     .await
