@@ -350,6 +350,14 @@ pub async fn start(
             Err(e) => return Err(StartError::Raft(e.to_string())),
         }
     }
+    if cluster_size == 1 && shared.config.join.is_none() {
+        // A group of one elects itself within an election timeout: be the leader before
+        // saying "serving", so the first write does not race the election.
+        let _ = raft
+            .wait(Some(Duration::from_secs(5)))
+            .current_leader(node_id, "this single node to lead")
+            .await;
+    }
     let proposer = Proposer::new(
         raft.clone(),
         network,

@@ -144,6 +144,15 @@ impl Proposer {
     }
 
     async fn write(&self, command: Command) -> Result<Result<Reply, ProposeError>, Forward> {
+        // During an election no leader is known for a moment: wait for one (bounded)
+        // rather than failing a write that would succeed a few hundred ms later.
+        if self.raft.metrics().borrow().current_leader.is_none() {
+            let _ = self
+                .raft
+                .wait(Some(self.quorum_silence))
+                .metrics(|m| m.current_leader.is_some(), "a leader")
+                .await;
+        }
         let silent_ms = {
             let m = self.raft.metrics().borrow().clone();
             (m.state == ServerState::Leader)
