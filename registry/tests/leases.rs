@@ -230,21 +230,28 @@ async fn self_preservation_pauses_a_mass_expiry_until_renewals_recover() {
         c.self_preservation_threshold = 0.5;
     })
     .await;
-    let mut registry = reg.registry().await;
-    let mut leases = Vec::new();
+    let registry = reg.registry().await;
+    // All 30 at once (one group commit), so their deadlines fall together.
+    let mut tasks = Vec::new();
     for n in 0..30 {
-        leases.push(
+        let mut client = registry.clone();
+        tasks.push(tokio::spawn(async move {
             register(
-                &mut registry,
+                &mut client,
                 instance("web", &format!("web-{n:02}"), "1.0.0"),
-                1,
+                2,
             )
             .await
-            .lease_id,
-        );
+            .lease_id
+        }));
     }
+    let mut leases = Vec::new();
+    for t in tasks {
+        leases.push(t.await.expect("registered"));
+    }
+    let mut registry = registry;
     // Nobody renews: all 30 run out together, which looks like a network problem.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
     assert_eq!(resolve_ids(&reg, "web").await.len(), 30, "expiry paused");
     let m = reg.metrics().await;
     assert_eq!(

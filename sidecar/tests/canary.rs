@@ -139,8 +139,9 @@ async fn splits_headers_and_rollback_steer_real_requests() {
     }
     assert_eq!(stamped, N);
     let canary = s.canary.hits() - before;
-    // Binomial(2000, 0.1): sd 13.4; ±2 points is ±40 requests (3 sd).
-    assert!((160..=240).contains(&canary), "canary got {canary} of {N}");
+    // Binomial(2000, 0.1): sd 13.4. The ±2-point bound over 10,000 draws is the seeded
+    // unit test in route.rs; here, unseeded, allow ±3 points (4.5 sd).
+    assert!((140..=260).contains(&canary), "canary got {canary} of {N}");
 
     // Header route: all to canary.
     for _ in 0..200 {
