@@ -559,12 +559,21 @@ pub async fn serve<S: DnsSource>(
     }
 }
 
-/// Binds both the UDP socket and the TCP listener of a DNS address.
+/// Binds both the UDP socket and the TCP listener of a DNS address. With port 0 the
+/// kernel picks the UDP port and TCP takes the same one; when that TCP port is already
+/// taken, another pair is tried (bounded: 50 attempts).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
-    let udp = UdpSocket::bind(addr).await?;
-    // Same port for TCP (port 0: whatever UDP got).
-    let tcp = TcpListener::bind(udp.local_addr()?).await?;
-    Ok((udp, tcp))
+    let attempts = if addr.port() == 0 { 50 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free DNS port")))
 }
 
 #[cfg(test)]
