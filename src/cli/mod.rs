@@ -87,7 +87,8 @@ pub enum Command {
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
         Command::Registry(_) | Command::Dev(_) | Command::Sidecar(_) | Command::DemoBackend(_) => {
-            "info"
+            // openraft narrates every vote and append at info; keep its warnings only.
+            "info,openraft=warn"
         }
         _ => "warn",
     };
