@@ -100,7 +100,6 @@ pub struct DnsHandler<S: DnsSource> {
     source: S,
     /// `<domain>` lower-case, without the trailing dot.
     domain: String,
-    origin: Name,
     soa: Record,
     ttl: u32,
 }
@@ -244,14 +243,13 @@ impl<S: DnsSource> DnsHandler<S> {
         let mname = Name::from_ascii(format!("ns.{domain}.")).map_err(|e| e.to_string())?;
         let rname = Name::from_ascii(format!("hostmaster.{domain}.")).map_err(|e| e.to_string())?;
         let soa = Record::from_rdata(
-            origin.clone(),
+            origin,
             config.ttl,
             RData::SOA(SOA::new(mname, rname, 1, 3600, 600, 86_400, config.ttl)),
         );
         Ok(Self {
             source,
             domain,
-            origin,
             soa,
             ttl: config.ttl,
         })
@@ -549,7 +547,6 @@ pub async fn serve<S: DnsSource>(
     tcp: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let _ = &handler.origin;
     let mut server = Server::new(handler);
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64);

@@ -112,12 +112,6 @@ impl LeaseKeeper {
             .collect()
     }
 
-    /// Leases whose deadline has passed (not yet expired: e.g. held by self-preservation).
-    pub fn overdue(&self, now: Instant) -> usize {
-        let inner = self.inner.lock();
-        inner.queue.range(..(now, LeaseId::MAX)).count()
-    }
-
     /// Leases that missed a renewal: less than a third of their TTL left (clients renew
     /// every third), or overdue. Many at once means clients lost the registry, not died.
     pub fn at_risk(&self, now: Instant) -> usize {
@@ -233,8 +227,8 @@ mod tests {
             "what the checkpoint left"
         );
         assert_eq!(
-            keeper.overdue(now + Duration::from_secs(11)),
-            1,
+            keeper.next_deadline(),
+            Some(now + Duration::from_secs(10)),
             "lease 3 got the full TTL"
         );
         // A renewal or grant after the checkpoint wins over the hint.

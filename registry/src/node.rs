@@ -229,11 +229,6 @@ impl RegistryHandle {
             "registry stopped"
         );
     }
-
-    /// False once a server task has ended on its own (e.g. the gRPC server failed).
-    pub fn is_running(&self) -> bool {
-        self.tasks.iter().all(|t| !t.is_finished())
-    }
 }
 
 /// Opens the data dir, replays it, and serves gRPC and HTTP on the given listeners.
