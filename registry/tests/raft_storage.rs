@@ -34,6 +34,6 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 }
 
 #[test]
-fn openraft_storage_suite() -> Result<(), StorageError<u64>> {
-    Suite::test_all(Builder)
+fn openraft_storage_suite() -> Result<(), Box<StorageError<u64>>> {
+    Suite::test_all(Builder).map_err(Box::new)
 }

@@ -177,18 +177,14 @@ fn explain_route(table: &EndpointTable, query: &str) -> Response<Full<Bytes>> {
             );
         }
     };
-    let (candidates, equal) = match decision.subset {
-        Some(s) => (s.usable.as_slice(), s.equal_weights),
-        None => (view.usable.as_slice(), view.equal_weights),
-    };
+    let pool = decision.subset.map_or(&view.pool, |s| &s.pool);
     let picked = crate::balance::pick_from(
         &view.endpoints,
-        candidates,
-        equal,
+        pool,
         &crate::balance::LbConfig::default(),
         &mut rng,
     );
-    let line = crate::route::explain(&decision, &view.endpoints, candidates, picked);
+    let line = crate::route::explain(&decision, &view.endpoints, &pool.usable, picked);
     let why = line
         .split("; ")
         .find_map(|p| p.strip_prefix("why="))
@@ -199,7 +195,8 @@ fn explain_route(table: &EndpointTable, query: &str) -> Response<Full<Bytes>> {
         route: decision.route.unwrap_or("default"),
         subset: decision.subset.map(|s| s.name.as_str()),
         why,
-        candidates: candidates
+        candidates: pool
+            .usable
             .iter()
             .filter_map(|&i| view.endpoints.get(i))
             .map(endpoint_doc)

@@ -49,27 +49,124 @@ impl LbConfig {
     }
 }
 
+/// Most draws one weighted pick makes before it settles for the least loaded endpoint
+/// it drew. Each draw is accepted with probability `1 / (active + 1)^bias`, so at low
+/// load the first draw almost always wins; the bound keeps a pick O(1) when every
+/// endpoint is busy.
+const MAX_WEIGHTED_DRAWS: u32 = 16;
+
+/// The endpoints one pick chooses among (a service's usable endpoints, or one subset's),
+/// with what the balancer needs precomputed: built once per catalog update so a pick
+/// never scans the list.
+#[derive(Debug, Default)]
+pub struct Pool {
+    /// Indices into the view's endpoints.
+    pub usable: Vec<usize>,
+    /// True when every usable endpoint has the same weight (power of two choices).
+    pub equal_weights: bool,
+    /// Draws a position in `usable` in proportion to weight (only when weights differ).
+    alias: Alias,
+}
+
+impl Pool {
+    pub fn new(endpoints: &[Endpoint], usable: Vec<usize>) -> Self {
+        let equal_weights = usable
+            .windows(2)
+            .all(|w| endpoints[w[0]].weight == endpoints[w[1]].weight);
+        let alias = if equal_weights {
+            Alias::default()
+        } else {
+            Alias::new(usable.iter().map(|&i| endpoints[i].weight))
+        };
+        Self {
+            usable,
+            equal_weights,
+            alias,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.usable.is_empty()
+    }
+}
+
+/// Walker's alias table (Vose's construction): an O(1) draw in proportion to fixed
+/// weights, one uniform index and one coin per draw.
+#[derive(Debug, Default)]
+struct Alias {
+    /// Per slot, the chance (scaled to 2^32) that the slot keeps its own index.
+    keep: Vec<u64>,
+    /// Per slot, the index drawn when the slot does not keep its own.
+    other: Vec<u32>,
+}
+
+impl Alias {
+    fn new(weights: impl ExactSizeIterator<Item = u32>) -> Self {
+        let n = weights.len();
+        let weights: Vec<u64> = weights.map(u64::from).collect();
+        let total: u64 = weights.iter().sum();
+        if n == 0 || total == 0 {
+            return Self::default();
+        }
+        // Scaled so the average slot is exactly 2^32: slot i holds n * w_i / total.
+        const ONE: u128 = 1 << 32;
+        let mut scaled: Vec<u128> = weights
+            .iter()
+            .map(|&w| u128::from(w) * n as u128 * ONE / u128::from(total))
+            .collect();
+        let mut keep = vec![ONE as u64; n];
+        let mut other: Vec<u32> = (0..n as u32).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| scaled[i] < ONE);
+        while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+            keep[s] = scaled[s] as u64;
+            other[s] = l as u32;
+            scaled[l] = (scaled[l] + scaled[s]).saturating_sub(ONE);
+            if scaled[l] < ONE {
+                large.pop();
+                small.push(l);
+            }
+        }
+        // Whatever is left (rounding) keeps its own index: keep[i] stays 2^32.
+        Self { keep, other }
+    }
+
+    /// A position in `0..n`, or `None` for an empty table.
+    fn draw(&self, rng: &mut fastrand::Rng) -> Option<usize> {
+        let n = self.keep.len();
+        if n == 0 {
+            return None;
+        }
+        let slot = rng.usize(..n);
+        if u64::from(rng.u32(..)) < self.keep[slot] {
+            Some(slot)
+        } else {
+            self.other.get(slot).map(|&o| o as usize)
+        }
+    }
+}
+
 /// Picks an endpoint for one request or connection; `None` when none is usable.
 pub fn pick<'a>(
     view: &'a ServiceView,
     cfg: &LbConfig,
     rng: &mut fastrand::Rng,
 ) -> Option<&'a Endpoint> {
-    pick_from(&view.endpoints, &view.usable, view.equal_weights, cfg, rng)
+    pick_from(&view.endpoints, &view.pool, cfg, rng)
 }
 
-/// Least request among `usable` (indices into `endpoints`), e.g. one subset's members.
+/// Least request among a pool of `endpoints`, e.g. one subset's members.
 pub fn pick_from<'a>(
     endpoints: &'a [Endpoint],
-    usable: &[usize],
-    equal_weights: bool,
+    pool: &Pool,
     cfg: &LbConfig,
     rng: &mut fastrand::Rng,
 ) -> Option<&'a Endpoint> {
+    let usable = &pool.usable;
     match usable.len() {
         0 => None,
         1 => endpoints.get(usable[0]),
-        n if equal_weights => {
+        n if pool.equal_weights => {
             let mut best: Option<&Endpoint> = None;
             for _ in 0..cfg.choice_count.max(1) {
                 let candidate = endpoints.get(usable[rng.usize(..n)])?;
@@ -79,45 +176,54 @@ pub fn pick_from<'a>(
             }
             best
         }
-        _ => weighted(endpoints, usable, cfg.active_request_bias, rng),
+        _ => weighted(endpoints, pool, cfg.active_request_bias, rng),
     }
 }
 
-fn effective_weight(e: &Endpoint, bias: f64) -> f64 {
-    let weight = f64::from(e.weight);
-    let load = f64::from(e.live.active()) + 1.0;
+/// The share of its weight an endpoint keeps under load: `1 / (active + 1)^bias`.
+fn load_factor(e: &Endpoint, bias: f64) -> f64 {
+    let active = e.live.active();
+    if active == 0 || bias == 0.0 {
+        return 1.0;
+    }
+    let load = f64::from(active) + 1.0;
     if bias == 1.0 {
-        weight / load
-    } else if bias == 0.0 {
-        weight
+        1.0 / load
     } else {
-        weight / load.powf(bias)
+        load.powf(-bias)
     }
 }
 
+/// Envoy's unequal-weight least request, exactly in distribution, without a scan: draw in
+/// proportion to `weight` from the alias table and accept the draw with probability
+/// `1 / (active + 1)^bias`, which makes each endpoint's chance proportional to its
+/// effective weight `weight / (active + 1)^bias`. After [`MAX_WEIGHTED_DRAWS`] refusals
+/// (everything busy) the least loaded endpoint drawn wins.
 fn weighted<'a>(
     endpoints: &'a [Endpoint],
-    usable: &[usize],
+    pool: &Pool,
     bias: f64,
     rng: &mut fastrand::Rng,
 ) -> Option<&'a Endpoint> {
-    let total: f64 = usable
-        .iter()
-        .filter_map(|&i| endpoints.get(i))
-        .map(|e| effective_weight(e, bias))
-        .sum();
-    let mut target = rng.f64() * total;
-    let mut last = None;
-    for e in usable.iter().filter_map(|&i| endpoints.get(i)) {
-        let w = effective_weight(e, bias);
-        if target < w {
+    let mut best: Option<(&Endpoint, f64)> = None;
+    for _ in 0..MAX_WEIGHTED_DRAWS {
+        let Some(e) = pool
+            .alias
+            .draw(rng)
+            .and_then(|slot| pool.usable.get(slot))
+            .and_then(|&i| endpoints.get(i))
+        else {
+            break;
+        };
+        let factor = load_factor(e, bias);
+        if factor >= 1.0 || rng.f64() < factor {
             return Some(e);
         }
-        target -= w;
-        last = Some(e);
+        if best.is_none_or(|(_, f)| factor > f) {
+            best = Some((e, factor));
+        }
     }
-    // Rounding can leave a sliver past the last endpoint.
-    last
+    best.map(|(e, _)| e)
 }
 
 #[cfg(test)]
@@ -200,7 +306,7 @@ mod tests {
             (100, State::Serving),
             (100, State::Serving),
         ]);
-        assert!(v.equal_weights);
+        assert!(v.pool.equal_weights);
         let counts = simulate(&v, &LbConfig::default(), &[1, 1, 10], 2_000, 5, 7);
         let fast = (counts[0] + counts[1]) / 2;
         assert!(
@@ -217,7 +323,7 @@ mod tests {
             (150, State::Serving),
             (100, State::Serving),
         ]);
-        assert!(!v.equal_weights);
+        assert!(!v.pool.equal_weights);
         let counts = simulate(&v, &LbConfig::default(), &[1, 1, 10], 2_000, 5, 11);
         assert!(
             counts[2] * 2 < counts[0],
@@ -239,6 +345,71 @@ mod tests {
         let ratio = f64::from(counts[1]) / f64::from(counts[0]);
         // 40,000 draws: the standard error of the ratio is about 0.035.
         assert!((2.8..=3.2).contains(&ratio), "ratio {ratio}: {counts:?}");
+    }
+
+    /// Under a fixed load the weighted pick follows Envoy's effective weight
+    /// `weight / (active + 1)` exactly (in distribution), not only roughly.
+    #[test]
+    fn unequal_weights_follow_weight_over_active_plus_one() {
+        let v = view(&[
+            (100, State::Serving),
+            (300, State::Serving),
+            (200, State::Serving),
+        ]);
+        // Effective weights 100/1, 300/4, 200/2: shares 100 : 75 : 100.
+        v.endpoints[1].live.active.store(3, Ordering::Relaxed);
+        v.endpoints[2].live.active.store(1, Ordering::Relaxed);
+        let mut rng = fastrand::Rng::with_seed(9);
+        let mut counts = [0u32; 3];
+        for _ in 0..55_000 {
+            let e = pick(&v, &LbConfig::default(), &mut rng).expect("usable");
+            counts[index(&v, e)] += 1;
+        }
+        let share = |i: usize| f64::from(counts[i]) / 55_000.0;
+        for (i, want) in [(0, 100.0 / 275.0), (1, 75.0 / 275.0), (2, 100.0 / 275.0)] {
+            assert!(
+                (share(i) - want).abs() < 0.01,
+                "endpoint {i}: share {} want {want}: {counts:?}",
+                share(i)
+            );
+        }
+    }
+
+    /// The alias table draws each slot in proportion to its weight, including weights
+    /// of 1 beside 10,000 (the extremes an instance may register with).
+    #[test]
+    fn alias_table_draws_in_proportion_to_weight() {
+        let weights = [1u32, 10_000, 250, 250, 7, 3_000];
+        let alias = Alias::new(weights.iter().copied());
+        let total: u32 = weights.iter().sum();
+        let mut rng = fastrand::Rng::with_seed(3);
+        let draws = 400_000u32;
+        let mut counts = [0u32; 6];
+        for _ in 0..draws {
+            counts[alias.draw(&mut rng).expect("non-empty")] += 1;
+        }
+        for (i, w) in weights.iter().enumerate() {
+            let want = f64::from(*w) / f64::from(total);
+            let got = f64::from(counts[i]) / f64::from(draws);
+            assert!((got - want).abs() < 0.003, "slot {i}: {got} vs {want}");
+        }
+        assert!(Alias::new(std::iter::empty()).draw(&mut rng).is_none());
+    }
+
+    /// When every endpoint is far busier than the acceptance allows, a pick still ends
+    /// (bounded draws) and takes the least loaded endpoint it drew.
+    #[test]
+    fn everything_busy_still_picks_the_least_loaded_drawn() {
+        let v = view(&[(100, State::Serving), (200, State::Serving)]);
+        v.endpoints[0].live.active.store(10_000, Ordering::Relaxed);
+        v.endpoints[1].live.active.store(5_000, Ordering::Relaxed);
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut counts = [0u32; 2];
+        for _ in 0..1_000 {
+            let e = pick(&v, &LbConfig::default(), &mut rng).expect("usable");
+            counts[index(&v, e)] += 1;
+        }
+        assert!(counts[1] > 900, "{counts:?}");
     }
 
     #[test]
@@ -284,7 +455,7 @@ mod tests {
             for _ in 0..20 {
                 match pick(&v, &cfg, &mut rng) {
                     Some(e) => assert!(e.is_usable(), "seed {seed}"),
-                    None => assert!(v.usable.is_empty(), "seed {seed}"),
+                    None => assert!(v.pool.is_empty(), "seed {seed}"),
                 }
             }
         }

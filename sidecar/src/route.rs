@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use http::header::{HeaderMap, HeaderName};
 use switchyard_proto::v1 as pb;
 
+use crate::balance::Pool;
 use crate::endpoint::Endpoint;
 use crate::metrics::{Metrics, SubsetMetrics};
 
@@ -26,8 +27,8 @@ pub struct CompiledSubset {
     pub name: String,
     /// Indices into the view's endpoints.
     pub members: Vec<usize>,
-    pub usable: Vec<usize>,
-    pub equal_weights: bool,
+    /// The usable members, ready for the balancer.
+    pub pool: Pool,
     /// Per-version metric handles for requests sent through this subset.
     pub metrics: Vec<(String, SubsetMetrics)>,
 }
@@ -118,9 +119,6 @@ impl CompiledPolicy {
                 .copied()
                 .filter(|&i| endpoints[i].is_usable())
                 .collect();
-            let equal_weights = usable
-                .windows(2)
-                .all(|w| endpoints[w[0]].weight == endpoints[w[1]].weight);
             let mut versions: Vec<&str> = members
                 .iter()
                 .map(|&i| endpoints[i].version.as_str())
@@ -138,8 +136,7 @@ impl CompiledPolicy {
             CompiledSubset {
                 name: name.to_string(),
                 members,
-                usable,
-                equal_weights,
+                pool: Pool::new(endpoints, usable),
                 metrics,
             }
         };
@@ -222,7 +219,7 @@ impl CompiledPolicy {
             fail_closed: policy.fallback == pb::Fallback::Fail as i32,
         };
         for s in &compiled.subsets {
-            if s.usable.is_empty() && compiled.in_a_split(s) {
+            if s.pool.is_empty() && compiled.in_a_split(s) {
                 if compiled.fail_closed {
                     tracing::warn!(service, subset = %s.name, "subset has no healthy endpoint; its requests fail with 503 (fallback = fail)");
                 } else {
@@ -326,7 +323,7 @@ pub fn decide<'a>(
         if let Some(s) = policy
             .subsets
             .iter()
-            .find(|s| s.name == pinned && !s.usable.is_empty())
+            .find(|s| s.name == pinned && !s.pool.is_empty())
         {
             return Ok(Decision {
                 route: None,
@@ -366,7 +363,7 @@ pub fn decide<'a>(
             "service {service:?}: the split has no weight"
         )));
     };
-    if !drawn.usable.is_empty() {
+    if !drawn.pool.is_empty() {
         return Ok(Decision {
             route,
             subset: Some(drawn),
@@ -384,7 +381,7 @@ pub fn decide<'a>(
         .entries
         .iter()
         .copied()
-        .filter(|(i, _)| policy.subsets.get(*i).is_some_and(|s| !s.usable.is_empty()))
+        .filter(|(i, _)| policy.subsets.get(*i).is_some_and(|s| !s.pool.is_empty()))
         .collect();
     match draw(&healthy, key, rng).and_then(|i| policy.subsets.get(i)) {
         Some(s) => Ok(Decision {
@@ -682,7 +679,12 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["s2"]
         );
-        let line = explain(&d, &v.endpoints, &s.usable, Some(&v.endpoints[s.usable[0]]));
+        let line = explain(
+            &d,
+            &v.endpoints,
+            &s.pool.usable,
+            Some(&v.endpoints[s.pool.usable[0]]),
+        );
         assert_eq!(
             line,
             "route=default; subset=1.4.3; why=weighted split; candidates=s2:0; picked=s2"

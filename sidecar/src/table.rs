@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::balance::Pool;
 use crate::endpoint::{Endpoint, LiveState, State};
 use crate::metrics::Metrics;
 use crate::route::CompiledPolicy;
@@ -51,10 +52,9 @@ pub struct ServiceView {
     pub name: String,
     pub revision: u64,
     pub endpoints: Vec<Endpoint>,
-    /// Indices of usable endpoints, computed once per update, not per request.
-    pub usable: Vec<usize>,
-    /// True when every usable endpoint has the same weight (power of two choices).
-    pub equal_weights: bool,
+    /// The usable endpoints and the balancer's tables for them, computed once per
+    /// update, not per request.
+    pub pool: Pool,
     /// The service's routing policy, compiled against these endpoints.
     pub policy: Option<CompiledPolicy>,
     /// The same instances and policy in the registry's model, for the sidecar's DNS
@@ -105,9 +105,7 @@ impl ServiceView {
             .filter(|(_, e)| e.is_usable())
             .map(|(i, _)| i)
             .collect();
-        let equal_weights = usable
-            .windows(2)
-            .all(|w| endpoints[w[0]].weight == endpoints[w[1]].weight);
+        let pool = Pool::new(&endpoints, usable);
         let dns_policy = policy
             .and_then(|p| switchyard_registry::api::policy_from_proto(p.clone()).ok())
             .map(Arc::new);
@@ -137,8 +135,7 @@ impl ServiceView {
             name,
             revision,
             endpoints,
-            usable,
-            equal_weights,
+            pool,
             policy,
             dns_instances,
             dns_policy,

@@ -118,7 +118,7 @@ async fn errors_are_answered_clearly() {
         sidecar
             .table
             .get("drained")
-            .filter(|v| v.usable.is_empty())
+            .filter(|v| v.pool.is_empty())
             .map(|_| ())
     })
     .await;

@@ -11,6 +11,8 @@ mod routing;
 pub use cluster::ClusterApi;
 /// Wire policy → domain policy, for other crates that receive policies over Watch.
 pub use convert::policy_from_proto;
+/// Domain change → wire event, exported for the watch-encoding micro-benchmark.
+pub use convert::{delta_event, snapshot_event};
 pub use discovery::DiscoveryApi;
 pub use registry::RegistryApi;
 pub use routing::RoutingApi;

@@ -276,20 +276,11 @@ async fn proxy(
             return local(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
         }
     };
-    let (candidates, equal_weights) = match decision.subset {
-        Some(s) => (s.usable.as_slice(), s.equal_weights),
-        None => (view.usable.as_slice(), view.equal_weights),
-    };
+    let pool = decision.subset.map_or(&view.pool, |s| &s.pool);
     if let (Why::Fallback { wanted }, Some(s)) = (&decision.why, decision.subset) {
         ctx.metrics.split_fallback(&service, wanted, &s.name);
     }
-    let picked = pick_from(
-        &view.endpoints,
-        candidates,
-        equal_weights,
-        &ctx.lb,
-        &mut rng,
-    );
+    let picked = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng);
     let Some(endpoint) = picked else {
         ctx.metrics.local_reply(&service, 503);
         return local(
@@ -304,7 +295,7 @@ async fn proxy(
         .headers()
         .get(EXPLAIN_HEADER)
         .is_some_and(|v| v.as_bytes() == b"1")
-        .then(|| explain(&decision, &view.endpoints, candidates, Some(endpoint)));
+        .then(|| explain(&decision, &view.endpoints, &pool.usable, Some(endpoint)));
     if let Some(s) = decision.subset {
         if let Ok(v) = HeaderValue::from_str(&s.name) {
             req.headers_mut()

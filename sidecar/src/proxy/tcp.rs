@@ -70,22 +70,8 @@ async fn carry(ctx: &ProxyCtx, service: &str, mut downstream: TcpStream) {
             return;
         }
     };
-    let picked = match decision.subset {
-        Some(s) => pick_from(
-            &view.endpoints,
-            &s.usable,
-            s.equal_weights,
-            &ctx.lb,
-            &mut rng,
-        ),
-        None => pick_from(
-            &view.endpoints,
-            &view.usable,
-            view.equal_weights,
-            &ctx.lb,
-            &mut rng,
-        ),
-    };
+    let pool = decision.subset.map_or(&view.pool, |s| &s.pool);
+    let picked = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng);
     let Some(endpoint) = picked else {
         tracing::warn!(service, "no usable endpoint; closing the connection");
         ctx.metrics.local_reply(service, 503);
