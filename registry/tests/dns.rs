@@ -376,3 +376,38 @@ async fn malformed_packets_never_crash_or_stall_the_server() {
     assert_eq!(ips(&t), vec!["10.0.0.1"]);
     r.handle.shutdown().await;
 }
+
+/// The UDP loop answers queries only: a datagram that is itself a response gets nothing
+/// back (no reflection loops between two servers), and a query whose header reads but
+/// whose body does not gets FORMERR with its id instead of a client-side timeout.
+#[tokio::test]
+async fn responses_are_never_answered_and_unreadable_queries_get_formerr() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut buf = vec![0u8; 4096];
+
+    let mut response = query("web.service.switchyard.", RecordType::A, 11);
+    response.metadata.message_type = MessageType::Response;
+    sock.send_to(&response.to_vec().expect("encode"), dns)
+        .await
+        .expect("send");
+    let silent = tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await;
+    assert!(silent.is_err(), "a response datagram must not be answered");
+
+    // A valid header announcing one question, followed by a cut-off name.
+    let mut cut = query("web.service.switchyard.", RecordType::A, 4242)
+        .to_vec()
+        .expect("encode");
+    cut.truncate(16);
+    sock.send_to(&cut, dns).await.expect("send");
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+        .await
+        .expect("FORMERR in time")
+        .expect("recv");
+    let answer = Message::from_vec(&buf[..n]).expect("decode");
+    assert_eq!(answer.metadata.id, 4242);
+    assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(answer.metadata.message_type, MessageType::Response);
+    r.handle.shutdown().await;
+}
