@@ -135,12 +135,12 @@ impl Default for Metrics {
         );
         registry.register(
             "commit_batch_size",
-            "Commands written per durable commit (group commit)",
+            "Commands per Raft log entry: the leader packs concurrent writes into one entry (group commit)",
             commit_batch_size.clone(),
         );
         registry.register(
             "commit_seconds",
-            "Time to write and fsync one batch",
+            "Time to write and fsync one batch of Raft log entries",
             commit_seconds.clone(),
         );
         Self {

@@ -212,6 +212,8 @@ pub struct RegistryHandle {
     tasks: Vec<JoinHandle<()>>,
     raft: Raft,
     shared: Arc<Shared>,
+    /// Kept so shutdown can close the data dir itself, once every Raft task let go.
+    db: Arc<redb::Database>,
 }
 
 impl RegistryHandle {
@@ -224,10 +226,25 @@ impl RegistryHandle {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "Raft did not stop cleanly");
         }
+        // openraft's workers drop the stores on their own threads after `shutdown`
+        // returns. Wait (bounded) until only this handle holds the database, then close
+        // it here, so the data dir is released (redb's lock, its clean-shutdown write)
+        // when this returns and a restart in the same process can open it at once.
+        for _ in 0..500 {
+            if Arc::strong_count(&self.db) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&self.db) > 1 {
+            tracing::warn!("the data dir is still in use 5 s after shutdown");
+        }
         tracing::info!(
             revision = self.shared.catalog.read().revision(),
             "registry stopped"
         );
+        let db = self.db;
+        let _ = tokio::task::spawn_blocking(move || drop(db)).await;
     }
 }
 
@@ -423,6 +440,7 @@ pub async fn start(
         tasks,
         raft,
         shared,
+        db,
     })
 }
 

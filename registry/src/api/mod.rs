@@ -45,6 +45,7 @@ pub fn status(e: ProposeError) -> Status {
         ProposeError::Refused(ApplyError::NoEarlierPolicy(_)) => {
             Status::failed_precondition(e.to_string())
         }
+        ProposeError::Refused(ApplyError::Batch) => Status::invalid_argument(e.to_string()),
         ProposeError::Refused(ApplyError::TooManyInstances(_))
         | ProposeError::Refused(ApplyError::LeaseFull(..)) => {
             Status::resource_exhausted(e.to_string())

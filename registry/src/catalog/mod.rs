@@ -59,6 +59,10 @@ pub enum Command {
         to_revision: u64,
         at_ms: u64,
     },
+    /// Several commands in one log entry, applied in order exactly as if each had its
+    /// own entry: the proposer's group commit (one replication round and one fsync for
+    /// all of them). Never nested. Added last, so older logs still decode.
+    Batch(Vec<Command>),
 }
 
 impl Command {
@@ -72,6 +76,7 @@ impl Command {
             Command::CheckpointLeases { .. } => "checkpoint_leases",
             Command::PutPolicy { .. } => "put_policy",
             Command::RollbackPolicy { .. } => "rollback_policy",
+            Command::Batch(_) => "batch",
         }
     }
 }

@@ -47,6 +47,8 @@ pub enum ApplyError {
     PolicyRevisionNotFound { service: String, revision: u64 },
     #[error("service {0:?} has no earlier policy to roll back to")]
     NoEarlierPolicy(String),
+    #[error("a batch of commands must be applied one command at a time (batches do not nest)")]
+    Batch,
 }
 
 /// What the caller of a command gets back.
@@ -182,6 +184,15 @@ impl Catalog {
         ns.services.get(service)?.get(id).map(|e| &e.instance)
     }
 
+    /// Applies one command at the next index (the applied index + 1). The index is the
+    /// catalog's own sequence: one per command, including each command of a batch, so it
+    /// gives every command a distinct revision and lease id whatever the log packed
+    /// together. Every replica applies the same commands in the same order, so every
+    /// replica counts the same.
+    pub fn apply_next(&mut self, command: &Command) -> ApplyResult {
+        self.apply(self.applied_index + 1, command)
+    }
+
     /// Applies one command at `index`. Never panics on any input; on error the catalog is
     /// unchanged apart from the applied index.
     pub fn apply(&mut self, index: u64, command: &Command) -> ApplyResult {
@@ -235,6 +246,14 @@ impl Catalog {
                 to_revision,
                 at_ms,
             } => self.rollback_policy(index, namespace, service, *to_revision, *at_ms),
+            // The state machine unpacks batches; one reaching here is refused whole.
+            Command::Batch(_) => ApplyResult {
+                reply: Err(ApplyError::Batch),
+                change: None,
+                leases_granted: Vec::new(),
+                leases_removed: Vec::new(),
+                leases_checkpointed: Vec::new(),
+            },
         }
     }
 
@@ -844,6 +863,30 @@ mod tests {
             a.list_services(DEFAULT_NAMESPACE),
             b.list_services(DEFAULT_NAMESPACE)
         );
+    }
+
+    /// A batch is unpacked by the state machine; handed to the catalog whole it is
+    /// refused and changes nothing. `apply_next` numbers commands one by one.
+    #[test]
+    fn a_batch_is_refused_whole_and_apply_next_counts_each_command() {
+        let mut c = Catalog::new(Limits::default());
+        let reg = |id: &str| Command::Register {
+            instance: inst("web", id, "1.0.0"),
+            ttl_seconds: 30,
+            lease_id: None,
+        };
+        let r = c.apply_next(&Command::Batch(vec![reg("a"), reg("b")]));
+        assert_eq!(r.reply, Err(ApplyError::Batch));
+        assert!(r.change.is_none());
+        assert_eq!(c.instance_count(), 0);
+        let first = c.apply_next(&reg("a"));
+        let second = c.apply_next(&reg("b"));
+        let lease = |r: &ApplyResult| match &r.reply {
+            Ok(Reply::Registered { lease_id, .. }) => *lease_id,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(lease(&second), lease(&first) + 1);
+        assert_eq!(c.applied_index(), 3);
     }
 
     #[test]

@@ -1,15 +1,26 @@
 //! The Raft log in redb. One table holds entries by index; another holds the vote, the
-//! committed log id and the last purged log id. Each `append` is one write transaction,
-//! committed (fsync'd) before openraft is told the entries are durable.
+//! committed log id and the last purged log id.
+//!
+//! `append` only queues the entries (readable at once, as openraft requires) and wakes a
+//! flusher thread, which writes everything queued so far in one fsync'd transaction and
+//! only then tells openraft the entries are durable. So an fsync never blocks a runtime
+//! worker (with one worker, that would stall gRPC, DNS and watch fan-out for its whole
+//! duration), and appends that arrive during an fsync share the next one. Group commit
+//! of client writes happens one level up, in the proposer, because openraft 0.9 waits for
+//! each append to be flushed before it makes the next.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Condvar, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use super::alias::{Entry, LogId, StorageError, Vote};
 use super::{decode, encode, TypeConfig};
@@ -29,17 +40,35 @@ fn read_err<E: std::error::Error + 'static>(e: E) -> StorageError {
     StorageIOError::read_logs(&e).into()
 }
 
-/// The log store; cheap to clone (the database is shared).
+/// The log store; cheap to clone (the database and the queue are shared).
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
-    metrics: Option<Arc<Metrics>>,
+    inner: Arc<Inner>,
+    /// Wakes the flusher; when the last store is dropped the flusher exits.
+    wake: mpsc::Sender<()>,
     /// Mirrors the committed index for `Cluster.Status`.
     committed: Arc<AtomicU64>,
 }
 
+struct Inner {
+    db: Arc<Database>,
+    metrics: Option<Arc<Metrics>>,
+    pending: Mutex<Pending>,
+    /// Signalled after every flush, for callers that must wait for an empty queue.
+    flushed: Condvar,
+}
+
+/// Entries appended but not yet on disk, and the callbacks waiting for them. An entry
+/// leaves `entries` only after the transaction holding it committed, so a reader always
+/// finds it here or in the table.
+#[derive(Default)]
+struct Pending {
+    entries: BTreeMap<u64, (Entry, Vec<u8>)>,
+    callbacks: Vec<LogFlushed<TypeConfig>>,
+}
+
 impl LogStore {
-    /// Creates the tables if they do not exist yet.
+    /// Creates the tables if they do not exist yet and starts the flusher thread.
     pub fn new(
         db: Arc<Database>,
         metrics: Option<Arc<Metrics>>,
@@ -49,18 +78,40 @@ impl LogStore {
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Self {
+        let inner = Arc::new(Inner {
             db,
             metrics,
+            pending: Mutex::new(Pending::default()),
+            flushed: Condvar::new(),
+        });
+        let (wake, woken) = mpsc::channel();
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flusher(weak, woken))
+            .map_err(redb::Error::Io)?;
+        Ok(Self {
+            inner,
+            wake,
             committed,
         })
+    }
+
+    /// Blocks until every queued entry is on disk: truncate and purge rewrite the table
+    /// and must not race a batch in flight. Both are rare (conflicts, snapshots).
+    fn drain(&self) {
+        let mut pending = self.inner.pending.lock();
+        while !pending.entries.is_empty() {
+            let _ = self.wake.send(());
+            self.inner.flushed.wait(&mut pending);
+        }
     }
 
     fn get_meta<T: for<'a> serde::Deserialize<'a>>(
         &self,
         key: &str,
     ) -> Result<Option<T>, StorageError> {
-        let txn = self.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
         let meta = txn.open_table(META).map_err(read_err)?;
         match meta.get(key).map_err(read_err)? {
             Some(v) => Ok(Some(decode(v.value()).map_err(read_err)?)),
@@ -68,9 +119,19 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
+    /// Writes one meta key; `durable: false` leaves the fsync to the next durable commit
+    /// (redb keeps the order), for values that are only hints after a crash.
+    fn put_meta<T: serde::Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        durable: bool,
+    ) -> Result<(), StorageError> {
         let bytes = encode(value).map_err(io)?;
-        let txn = self.db.begin_write().map_err(io)?;
+        let mut txn = self.inner.db.begin_write().map_err(io)?;
+        if !durable {
+            txn.set_durability(Durability::None);
+        }
         {
             let mut meta = txn.open_table(META).map_err(io)?;
             meta.insert(key, bytes.as_slice()).map_err(io)?;
@@ -95,20 +156,91 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
-        let txn = self.db.begin_read().map_err(read_err)?;
+        if end.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
+        }
+        // Queued entries first, then the table: an entry flushed in between is in the
+        // table by the time it is read, so none is missed.
+        let mut out: BTreeMap<u64, Entry> = {
+            let pending = self.inner.pending.lock();
+            let queued = match end {
+                Some(end) => pending.entries.range(start..end),
+                None => pending.entries.range(start..),
+            };
+            queued.map(|(i, (e, _))| (*i, e.clone())).collect()
+        };
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
         let log = txn.open_table(LOG).map_err(read_err)?;
-        let mut out = Vec::new();
         let iter = match end {
-            Some(end) if end <= start => return Ok(out),
             Some(end) => log.range(start..end).map_err(read_err)?,
             None => log.range(start..).map_err(read_err)?,
         };
         for row in iter {
-            let (_, v) = row.map_err(read_err)?;
-            out.push(decode(v.value()).map_err(read_err)?);
+            let (k, v) = row.map_err(read_err)?;
+            if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(k.value()) {
+                slot.insert(decode(v.value()).map_err(read_err)?);
+            }
         }
-        Ok(out)
+        Ok(out.into_values().collect())
     }
+}
+
+/// The flusher: one transaction (one fsync) per wake-up for everything queued by then.
+fn flusher(inner: Weak<Inner>, woken: mpsc::Receiver<()>) {
+    while woken.recv().is_ok() {
+        // Coalesce the wake-ups of everything queued so far.
+        while woken.try_recv().is_ok() {}
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let (batch, callbacks) = {
+            let mut pending = inner.pending.lock();
+            let batch: Vec<(u64, Vec<u8>)> = pending
+                .entries
+                .iter()
+                .map(|(i, (_, bytes))| (*i, bytes.clone()))
+                .collect();
+            (batch, std::mem::take(&mut pending.callbacks))
+        };
+        if batch.is_empty() && callbacks.is_empty() {
+            inner.flushed.notify_all();
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let result = write_batch(&inner.db, &batch);
+        if let Some(m) = &inner.metrics {
+            m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        {
+            let mut pending = inner.pending.lock();
+            for (i, _) in &batch {
+                pending.entries.remove(i);
+            }
+        }
+        inner.flushed.notify_all();
+        for callback in callbacks {
+            let outcome = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            callback.log_io_completed(outcome);
+        }
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the Raft log could not be written; the node stops accepting writes");
+        }
+    }
+}
+
+fn write_batch(db: &Database, batch: &[(u64, Vec<u8>)]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut log = txn.open_table(LOG)?;
+        for (index, bytes) in batch {
+            log.insert(*index, bytes.as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -116,8 +248,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.get_meta(PURGED)?;
+        let queued = self
+            .inner
+            .pending
+            .lock()
+            .entries
+            .last_key_value()
+            .map(|(_, (e, _))| e.log_id);
         let last = {
-            let txn = self.db.begin_read().map_err(read_err)?;
+            let txn = self.inner.db.begin_read().map_err(read_err)?;
             let log = txn.open_table(LOG).map_err(read_err)?;
             let last = log.last().map_err(read_err)?;
             let bytes = last.map(|(_, v)| v.value().to_vec());
@@ -128,7 +267,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
-            last_log_id: last.or(last_purged),
+            last_log_id: queued.or(last).or(last_purged),
         })
     }
 
@@ -137,7 +276,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.put_meta(VOTE, vote)
+        self.put_meta(VOTE, vote, true)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -147,7 +286,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.committed
             .store(committed.map_or(0, |c| c.index), Ordering::Release);
-        self.put_meta(COMMITTED, &committed)
+        // A hint (openraft re-learns the committed index from the leader), so it rides
+        // along with the next log fsync instead of costing one of its own per write.
+        self.put_meta(COMMITTED, &committed, false)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -163,38 +304,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let started = std::time::Instant::now();
-        let mut count = 0u64;
-        let txn = self.db.begin_write().map_err(io)?;
+        // Encode everything before queueing anything: all of the entries or none.
+        let encoded = entries
+            .into_iter()
+            .map(|entry| encode(&entry).map(|bytes| (entry, bytes)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io)?;
         {
-            let mut log = txn.open_table(LOG).map_err(io)?;
-            for entry in entries {
-                let bytes = encode(&entry).map_err(io)?;
-                log.insert(entry.log_id.index, bytes.as_slice())
-                    .map_err(io)?;
-                count += 1;
+            let mut pending = self.inner.pending.lock();
+            for (entry, bytes) in encoded {
+                pending.entries.insert(entry.log_id.index, (entry, bytes));
             }
+            pending.callbacks.push(callback);
         }
-        let result = txn.commit().map_err(std::io::Error::other);
-        if let Some(m) = &self.metrics {
-            m.commit_seconds.observe(started.elapsed().as_secs_f64());
-            m.commit_batch_size.observe(count as f64);
+        // A send fails only when the flusher is gone, which the next read of the log will
+        // not notice; say so loudly.
+        if self.wake.send(()).is_err() {
+            tracing::error!("the Raft log flusher stopped; writes will not complete");
         }
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                let err = io(std::io::Error::other(e.to_string()));
-                callback.log_io_completed(Err(e));
-                Err(err)
-            }
-        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(io)?;
+        self.drain();
+        let txn = self.inner.db.begin_write().map_err(io)?;
         {
             let mut log = txn.open_table(LOG).map_err(io)?;
             log.retain_in(log_id.index.., |_, _| false).map_err(io)?;
@@ -204,8 +337,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.drain();
         let bytes = encode(&log_id).map_err(io)?;
-        let txn = self.db.begin_write().map_err(io)?;
+        let txn = self.inner.db.begin_write().map_err(io)?;
         {
             let mut meta = txn.open_table(META).map_err(io)?;
             meta.insert(PURGED, bytes.as_slice()).map_err(io)?;

@@ -25,13 +25,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{ApplyError, Command, Reply};
 
-/// What a committed command answered (the `R` of the Raft type config).
+/// What a committed entry answered (the `R` of the Raft type config): one reply, or
+/// one per command of a batch, in order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CommandReply(pub Result<Reply, ApplyError>);
+pub enum CommandReply {
+    One(Result<Reply, ApplyError>),
+    Batch(Vec<Result<Reply, ApplyError>>),
+}
 
 impl Default for CommandReply {
     fn default() -> Self {
-        CommandReply(Ok(Reply::Done { revision: 0 }))
+        CommandReply::One(Ok(Reply::Done { revision: 0 }))
     }
 }
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::alias::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use super::log_store::META;
 use super::{decode, encode, CommandReply, TypeConfig};
-use crate::catalog::{Catalog, Command, Limits, PersistedCatalog};
+use crate::catalog::{ApplyError, Catalog, Command, Limits, PersistedCatalog, Reply};
 use crate::node::Shared;
 
 const SNAPSHOT: &str = "snapshot";
@@ -162,27 +162,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     replies.push(CommandReply::default());
                 }
+                EntryPayload::Normal(Command::Batch(commands)) => {
+                    let results = commands
+                        .iter()
+                        .map(|c| apply_one(shared, &mut catalog, c))
+                        .collect();
+                    replies.push(CommandReply::Batch(results));
+                }
                 EntryPayload::Normal(command) => {
-                    let result = catalog.apply(entry.log_id.index, &command);
-                    for (id, ttl) in &result.leases_granted {
-                        shared.leases.grant(*id, *ttl);
-                    }
-                    for id in &result.leases_removed {
-                        shared.leases.remove(*id);
-                    }
-                    for (id, remaining) in &result.leases_checkpointed {
-                        shared.leases.hint(*id, *remaining);
-                    }
-                    if let Command::ExpireLeases { .. } = command {
-                        shared
-                            .metrics
-                            .lease_expiries
-                            .inc_by(result.leases_removed.len() as u64);
-                    }
-                    if let Some(change) = result.change {
-                        shared.hub.publish(change);
-                    }
-                    replies.push(CommandReply(result.reply));
+                    replies.push(CommandReply::One(apply_one(shared, &mut catalog, &command)));
                 }
             }
         }
@@ -229,4 +217,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshot: Box::new(Cursor::new(bytes)),
         }))
     }
+}
+
+/// Applies one command to the catalog and mirrors its effects: the lease keeper's
+/// clocks, expiry metrics and the watch hub.
+fn apply_one(
+    shared: &Shared,
+    catalog: &mut Catalog,
+    command: &Command,
+) -> Result<Reply, ApplyError> {
+    let result = catalog.apply_next(command);
+    for (id, ttl) in &result.leases_granted {
+        shared.leases.grant(*id, *ttl);
+    }
+    for id in &result.leases_removed {
+        shared.leases.remove(*id);
+    }
+    for (id, remaining) in &result.leases_checkpointed {
+        shared.leases.hint(*id, *remaining);
+    }
+    if let Command::ExpireLeases { .. } = command {
+        shared
+            .metrics
+            .lease_expiries
+            .inc_by(result.leases_removed.len() as u64);
+    }
+    if let Some(change) = result.change {
+        shared.hub.publish(change);
+    }
+    result.reply
 }
