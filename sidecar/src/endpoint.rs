@@ -50,6 +50,9 @@ pub struct Endpoint {
     pub id: String,
     /// `host:port`, ready for a connector.
     pub authority: String,
+    /// `authority` parsed once per catalog update, so building each request's upstream
+    /// URI copies a pointer instead of parsing text (`None` if it does not parse).
+    pub uri_authority: Option<http::uri::Authority>,
     pub version: String,
     pub labels: BTreeMap<String, String>,
     pub weight: u32,

@@ -87,9 +87,11 @@ impl ServiceView {
                     || Arc::new(LiveState::new(metrics.map(|m| m.endpoint(&name, &r.id)))),
                     |l| Arc::clone(l),
                 );
+                let authority = r.authority();
                 Endpoint {
                     id: r.id.clone(),
-                    authority: r.authority(),
+                    uri_authority: authority.parse().ok(),
+                    authority,
                     version: r.version.clone(),
                     labels: r.labels.clone(),
                     weight: r.weight.max(1),

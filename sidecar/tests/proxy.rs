@@ -79,11 +79,16 @@ async fn host_forms_headers_and_http2() {
             "x-forwarded-for added"
         );
     }
-    let (status, body) = h2_get(proxy, "web.service.switchyard").await;
+    let (status, body, upstream) = h2_get(proxy, "web.service.switchyard").await;
     assert_eq!(
         (status, body.as_str()),
         (200, "one"),
         "h2c on the same port"
+    );
+    // Only gRPC needs HTTP/2 upstream; other h2c requests reach plain HTTP/1.1 services.
+    assert_eq!(
+        upstream, "http/1.1",
+        "a non-gRPC h2c request goes upstream as HTTP/1.1"
     );
     sidecar.shutdown().await;
     registry.shutdown().await;

@@ -105,7 +105,7 @@ async fn http_upstream_needs_no_host_header() {
     // Host names something else entirely: the listener decides the service.
     let (status, body) = http_get(listen, "/anything").await;
     assert_eq!((status, body.as_str()), (200, "pay"));
-    let (status, body) = h2_get(listen, "localhost:9191").await;
+    let (status, body, _) = h2_get(listen, "localhost:9191").await;
     assert_eq!((status, body.as_str()), (200, "pay"));
 
     let (_, endpoints) = http_get(sidecar.admin_addr, "/endpoints").await;

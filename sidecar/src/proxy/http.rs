@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,10 +101,13 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let target = target.clone();
+        // Formatted once per connection, not per request.
+        let client_ip = HeaderValue::from_str(&remote.ip().to_string()).ok();
         let service = service_fn(move |req| {
             let ctx = ctx.clone();
             let target = target.clone();
-            async move { Ok::<_, Infallible>(proxy(&ctx, &target, remote, req).await) }
+            let client_ip = client_ip.clone();
+            async move { Ok::<_, Infallible>(proxy(&ctx, &target, client_ip, req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -205,84 +208,100 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
-fn add_forwarded_for(headers: &mut HeaderMap, remote: IpAddr) {
+/// Appends the client's address to `X-Forwarded-For` (or starts it).
+fn add_forwarded_for(headers: &mut HeaderMap, client_ip: Option<HeaderValue>) {
+    let Some(ip) = client_ip else {
+        return;
+    };
     let name = HeaderName::from_static("x-forwarded-for");
     let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {remote}"),
-        None => remote.to_string(),
+        Some(existing) => {
+            let joined = format!("{existing}, {}", ip.to_str().unwrap_or_default());
+            match HeaderValue::from_str(&joined) {
+                Ok(v) => v,
+                Err(_) => return,
+            }
+        }
+        None => ip,
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(name, v);
-    }
+    headers.insert(name, value);
+}
+
+/// True for gRPC (`content-type: application/grpc…`), which needs HTTP/2 end to end.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 async fn proxy(
     ctx: &ProxyCtx,
     target: &Target,
-    remote: SocketAddr,
+    client_ip: Option<HeaderValue>,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let service: Cow<'_, str> = match target {
-        Target::Service(s) => Cow::Borrowed(s.as_ref()),
+    // Looked up while the Host is borrowed from the request: no copy of it per request.
+    let lookup = match target {
+        Target::Service(s) => Ok(ctx.table.get(s).ok_or_else(|| s.to_string())),
         Target::ByHost => {
-            let host = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str().to_string())
-                .or_else(|| {
-                    req.headers()
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_string)
-                });
-            let Some(host) = host else {
-                ctx.metrics.local_reply("", 400);
-                return local(
+            let host = match req.uri().authority() {
+                Some(a) => Some(a.as_str()),
+                None => req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok()),
+            };
+            match host {
+                None => Err(local(
                     StatusCode::BAD_REQUEST,
                     "missing Host: name the service, e.g. Host: payments or payments.service.switchyard\n".into(),
-                );
-            };
-            match service_from_host(&host, &ctx.host_suffix) {
-                Some(s) => Cow::Owned(s.into_owned()),
-                None => {
-                    ctx.metrics.local_reply("", 400);
-                    return local(
+                )),
+                Some(host) => match service_from_host(host, &ctx.host_suffix) {
+                    Some(s) => Ok(ctx.table.get(&s).ok_or_else(|| s.into_owned())),
+                    None => Err(local(
                         StatusCode::BAD_REQUEST,
                         format!(
                             "Host {host:?} is not a service name: use SERVICE or SERVICE{}\n",
                             ctx.host_suffix
                         ),
-                    );
-                }
+                    )),
+                },
             }
         }
     };
-
-    let Some(view) = ctx.table.get(&service) else {
-        ctx.metrics.local_reply(&service, 503);
-        return local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "no such service {service:?} in the catalog (revision {})\n",
-                ctx.table.revision()
-            ),
-        );
+    let view = match lookup {
+        Ok(Ok(view)) => view,
+        Ok(Err(service)) => {
+            ctx.metrics.local_reply(&service, 503);
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no such service {service:?} in the catalog (revision {})\n",
+                    ctx.table.revision()
+                ),
+            );
+        }
+        Err(bad_request) => {
+            ctx.metrics.local_reply("", 400);
+            return bad_request;
+        }
     };
+    let service = view.name.as_str();
     let mut rng = fastrand::Rng::new();
-    let decision = match decide(&service, view.policy.as_ref(), req.headers(), &mut rng) {
+    let decision = match decide(service, view.policy.as_ref(), req.headers(), &mut rng) {
         Ok(d) => d,
         Err(NoRoute(why)) => {
-            ctx.metrics.local_reply(&service, 503);
+            ctx.metrics.local_reply(service, 503);
             return local(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
         }
     };
     let pool = decision.subset.map_or(&view.pool, |s| &s.pool);
     if let (Why::Fallback { wanted }, Some(s)) = (&decision.why, decision.subset) {
-        ctx.metrics.split_fallback(&service, wanted, &s.name);
+        ctx.metrics.split_fallback(service, wanted, &s.name);
     }
     let picked = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng);
     let Some(endpoint) = picked else {
-        ctx.metrics.local_reply(&service, 503);
+        ctx.metrics.local_reply(service, 503);
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -307,17 +326,33 @@ async fn proxy(
         .and_then(|s| s.metrics_for(&endpoint.version));
     let guard = ActiveGuard::new(endpoint.live.clone());
 
-    let h2 = req.version() == Version::HTTP_2;
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri = match Uri::builder()
-        .scheme("http")
-        .authority(endpoint.authority.as_str())
-        .path_and_query(path)
-        .build()
-    {
+    // gRPC needs HTTP/2 upstream; anything else goes upstream as HTTP/1.1 whatever it
+    // arrived in, as Envoy and HAProxy do by default, so an h2c client can reach a plain
+    // HTTP/1.1 service.
+    let h2 = req.version() == Version::HTTP_2 && is_grpc(req.headers());
+    let Some(authority) = endpoint.uri_authority.clone() else {
+        ctx.metrics.local_reply(service, 502);
+        return local(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "cannot address endpoint {} ({}): not a valid host:port\n",
+                endpoint.id, endpoint.authority
+            ),
+        );
+    };
+    let mut parts = ::http::uri::Parts::default();
+    parts.scheme = Some(::http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| ::http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = match Uri::from_parts(parts) {
         Ok(u) => u,
         Err(e) => {
-            ctx.metrics.local_reply(&service, 502);
+            ctx.metrics.local_reply(service, 502);
             return local(
                 StatusCode::BAD_GATEWAY,
                 format!("cannot address endpoint {}: {e}\n", endpoint.id),
@@ -331,7 +366,7 @@ async fn proxy(
         Version::HTTP_11
     };
     strip_hop_by_hop(req.headers_mut(), h2);
-    add_forwarded_for(req.headers_mut(), remote.ip());
+    add_forwarded_for(req.headers_mut(), client_ip);
 
     let started = Instant::now();
     let sent = if h2 {
@@ -367,7 +402,7 @@ async fn proxy(
         }
         Ok(Err(e)) => {
             guard.failed();
-            ctx.metrics.local_reply(&service, 502);
+            ctx.metrics.local_reply(service, 502);
             if let Some(m) = metrics {
                 m.response(502);
             }
@@ -393,7 +428,7 @@ async fn proxy(
         }
         Err(_) => {
             guard.failed();
-            ctx.metrics.local_reply(&service, 504);
+            ctx.metrics.local_reply(service, 504);
             if let Some(m) = metrics {
                 m.response(504);
             }
@@ -477,8 +512,8 @@ mod tests {
     #[test]
     fn forwarded_for_is_appended() {
         let mut h = HeaderMap::new();
-        add_forwarded_for(&mut h, "10.0.0.1".parse().expect("ip"));
-        add_forwarded_for(&mut h, "127.0.0.1".parse().expect("ip"));
+        add_forwarded_for(&mut h, Some(HeaderValue::from_static("10.0.0.1")));
+        add_forwarded_for(&mut h, Some(HeaderValue::from_static("127.0.0.1")));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
     }
 }

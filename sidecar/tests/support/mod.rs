@@ -100,6 +100,15 @@ impl Backend {
                             if let Some(s) = req.headers().get("x-switchyard-subset") {
                                 resp.headers_mut().insert("x-seen-subset", s.clone());
                             }
+                            let version = if req.version() == hyper::Version::HTTP_2 {
+                                "h2"
+                            } else {
+                                "http/1.1"
+                            };
+                            resp.headers_mut().insert(
+                                "x-seen-version",
+                                hyper::header::HeaderValue::from_static(version),
+                            );
                             Ok::<_, Infallible>(resp)
                         }
                     });
@@ -215,7 +224,8 @@ pub fn http_client() -> HttpClient {
 }
 
 /// One HTTP/2 (prior knowledge) GET to the proxy with `:authority` = `authority`.
-pub async fn h2_get(proxy: SocketAddr, authority: &str) -> (u16, String) {
+/// GET over h2c (prior knowledge): (status, body, the version the backend saw).
+pub async fn h2_get(proxy: SocketAddr, authority: &str) -> (u16, String, String) {
     let stream = tokio::net::TcpStream::connect(proxy)
         .await
         .expect("connect");
@@ -230,8 +240,14 @@ pub async fn h2_get(proxy: SocketAddr, authority: &str) -> (u16, String) {
         .expect("request");
     let resp = sender.send_request(req).await.expect("h2 response");
     let status = resp.status().as_u16();
+    let seen = resp
+        .headers()
+        .get("x-seen-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, String::from_utf8_lossy(&body).into_owned(), seen)
 }
 
 /// GET through the sidecar with a Host header: (status, body, headers).
