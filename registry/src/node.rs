@@ -10,7 +10,7 @@ use parking_lot::RwLock;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use switchyard_proto::v1::discovery_server::DiscoveryServer;
 use switchyard_proto::v1::registry_server::RegistryServer;
@@ -481,7 +481,13 @@ async fn serve_grpc(
         .add_service(routing)
         .add_service(cluster)
         .add_service(internal)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait_for(shutdown.clone()));
+        .serve_with_incoming_shutdown(
+            // tonic ignores its own TCP_NODELAY setting for a listener handed in: set it
+            // here, or Nagle holds a watch event back until the client's delayed ACK
+            // (40 ms) whenever little else is being sent.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            wait_for(shutdown.clone()),
+        );
     tokio::pin!(server);
     // Streams we do not own (a client's grpc.health.v1 Watch) never end by themselves:
     // after the grace period the server is dropped, closing them.
