@@ -17,6 +17,7 @@
 //! client's UDP size (512, or its EDNS payload) go back empty with TC set, so clients
 //! retry over TCP, which carries the whole answer.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +86,9 @@ pub type ServiceRecords = (Vec<Arc<Instance>>, Option<Arc<Policy>>);
 pub trait DnsSource: Send + Sync + Unpin + 'static {
     /// A service's instances and routing policy; `None` when the service is unknown.
     fn service(&self, namespace: &str, service: &str) -> Option<ServiceRecords>;
+    /// The catalog revision the answers come from: cached UDP answers are kept only
+    /// while it stays the same.
+    fn revision(&self) -> u64;
 }
 
 /// The registry's own catalog as a DNS source.
@@ -96,6 +100,10 @@ impl DnsSource for CatalogSource {
         let policy = catalog.current_policy(namespace, service);
         let instances = catalog.resolve(namespace, service, "");
         (!instances.is_empty() || policy.is_some()).then_some((instances, policy))
+    }
+
+    fn revision(&self) -> u64 {
+        self.0.catalog.read().revision()
     }
 }
 
@@ -115,6 +123,19 @@ struct Answer {
     additionals: Vec<Record>,
     /// Negative answers carry the SOA (RFC 2308).
     soa: bool,
+    vary: Vary,
+}
+
+/// How an answer varies between two identical queries at the same revision, which is
+/// what decides whether its encoded form may be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vary {
+    /// Always the same bytes.
+    Fixed,
+    /// The same records in a random order: a few orders are kept and served at random.
+    Shuffled,
+    /// Drawn per query (a canary split): never reused, or the split would freeze.
+    Drawn,
 }
 
 impl Answer {
@@ -124,6 +145,7 @@ impl Answer {
             answers: Vec::new(),
             additionals: Vec::new(),
             soa: false,
+            vary: Vary::Fixed,
         }
     }
 
@@ -133,6 +155,7 @@ impl Answer {
             answers: Vec::new(),
             additionals: Vec::new(),
             soa: true,
+            vary: Vary::Fixed,
         }
     }
 
@@ -143,6 +166,7 @@ impl Answer {
             answers,
             additionals,
             soa,
+            vary: Vary::Fixed,
         }
     }
 }
@@ -374,6 +398,7 @@ impl<S: DnsSource> DnsHandler<S> {
                 self.srv(owner, weighted)
             }
             RecordType::A | RecordType::AAAA if !srv_form => {
+                let mut drawn = false;
                 let chosen: Vec<&Instance> = if split.is_empty() {
                     serving.clone()
                 } else {
@@ -384,6 +409,7 @@ impl<S: DnsSource> DnsHandler<S> {
                         .filter(|(members, _)| !members.is_empty())
                         .collect();
                     let total: u64 = live.iter().map(|(_, w)| u64::from(*w)).sum();
+                    drawn = live.len() > 1;
                     if total == 0 {
                         Vec::new()
                     } else {
@@ -399,7 +425,11 @@ impl<S: DnsSource> DnsHandler<S> {
                         pick
                     }
                 };
-                self.addresses(owner, chosen, qtype, &mut rng)
+                let mut answer = self.addresses(owner, chosen, qtype, &mut rng);
+                if drawn {
+                    answer.vary = Vary::Drawn;
+                }
+                answer
             }
             _ => Answer::records(Vec::new(), Vec::new()),
         }
@@ -413,6 +443,11 @@ impl<S: DnsSource> DnsHandler<S> {
         rng: &mut fastrand::Rng,
     ) -> Answer {
         rng.shuffle(&mut chosen);
+        let vary = if chosen.len() > 1 {
+            Vary::Shuffled
+        } else {
+            Vary::Fixed
+        };
         let mut answers = Vec::new();
         let mut hostnames = Vec::new();
         for i in chosen.iter().take(MAX_ANSWERS * 4) {
@@ -440,14 +475,17 @@ impl<S: DnsSource> DnsHandler<S> {
                 );
             }
         }
-        Answer::records(
-            answers
-                .into_iter()
-                .take(MAX_ANSWERS)
-                .map(|r| Record::from_rdata(owner.clone(), self.ttl, r))
-                .collect(),
-            Vec::new(),
-        )
+        Answer {
+            vary,
+            ..Answer::records(
+                answers
+                    .into_iter()
+                    .take(MAX_ANSWERS)
+                    .map(|r| Record::from_rdata(owner.clone(), self.ttl, r))
+                    .collect(),
+                Vec::new(),
+            )
+        }
     }
 
     /// RFC 2782: priority 1 for all; weight 0-65535 scaled from the effective weights.
@@ -558,7 +596,7 @@ impl<S: DnsSource> DnsHandler<S> {
     /// and truncate with TC when the answer exceeds what the client can take (512 bytes,
     /// or its EDNS payload size). `None`: nothing to send back, e.g. the datagram was
     /// itself a response, which must never be answered (no reflection loops).
-    pub fn udp_response(&self, packet: &[u8]) -> Option<Vec<u8>> {
+    pub fn udp_response(&self, packet: &[u8]) -> Option<(Vec<u8>, Vary)> {
         let request = match Message::from_vec(packet) {
             Ok(m) => m,
             Err(_) => {
@@ -569,7 +607,8 @@ impl<S: DnsSource> DnsHandler<S> {
                 }
                 return Message::error_msg(header.id, header.op_code, ResponseCode::FormErr)
                     .to_vec()
-                    .ok();
+                    .ok()
+                    .map(|bytes| (bytes, Vary::Drawn));
             }
         };
         if request.metadata.message_type != MessageType::Query {
@@ -577,6 +616,7 @@ impl<S: DnsSource> DnsHandler<S> {
         }
         let first = request.queries.first().map(|q| (q.name(), q.query_type()));
         let answer = self.outcome(&request.metadata, request.queries.len(), first);
+        let vary = answer.vary;
         let mut response = Message::response(request.metadata.id, request.metadata.op_code);
         response.metadata = response_metadata(&request.metadata, &answer);
         let limit = match &request.edns {
@@ -596,9 +636,9 @@ impl<S: DnsSource> DnsHandler<S> {
         response.additionals = answer.additionals;
         let bytes = response.to_vec().ok()?;
         if bytes.len() <= limit {
-            Some(bytes)
+            Some((bytes, vary))
         } else {
-            response.truncate().to_vec().ok()
+            response.truncate().to_vec().ok().map(|b| (b, vary))
         }
     }
 }
@@ -655,6 +695,78 @@ pub async fn serve<S: DnsSource>(
     let _ = udp_loop.await;
 }
 
+/// Orders kept per shuffled answer: each query gets one of them at random.
+const SHUFFLED_VARIANTS: usize = 8;
+/// Datagrams answered back to back before the UDP loop lets other tasks run.
+const YIELD_EVERY: u32 = 64;
+/// Distinct queries whose answers are kept; past it the cache starts over.
+const CACHE_ENTRIES: usize = 10_000;
+
+/// Encoded UDP answers, keyed by the query datagram without its 2-byte id (so flags,
+/// question, case and EDNS all match) and valid for one source revision: a repeated
+/// query costs a copy and an id, not a decode, a lookup and an encode. Canary-split
+/// answers are never kept. Owned by the UDP loop alone, so it needs no lock.
+pub struct UdpCache {
+    revision: u64,
+    entries: HashMap<Box<[u8]>, Kept>,
+    /// The datagram being sent, reused so a kept answer costs no allocation.
+    out: Vec<u8>,
+}
+
+/// The encodings kept for one query.
+#[derive(Default)]
+struct Kept {
+    variants: Vec<Vec<u8>>,
+    /// True when no more are wanted: one fixed answer, or enough shuffled orders.
+    full: bool,
+}
+
+impl Default for UdpCache {
+    fn default() -> Self {
+        Self {
+            revision: u64::MAX,
+            entries: HashMap::new(),
+            out: Vec::with_capacity(4096),
+        }
+    }
+}
+
+impl UdpCache {
+    /// The answer to `packet`: a kept one with the request's id, or a new one (kept
+    /// when it may be reused).
+    pub fn answer<S: DnsSource>(
+        &mut self,
+        handler: &DnsHandler<S>,
+        packet: &[u8],
+        rng: &mut fastrand::Rng,
+    ) -> Option<&[u8]> {
+        let revision = handler.source.revision();
+        if revision != self.revision {
+            self.entries.clear();
+            self.revision = revision;
+        }
+        let (id, key) = (packet.get(..2)?, packet.get(2..)?);
+        if let Some(kept) = self.entries.get(key).filter(|k| k.full) {
+            let bytes = kept.variants.get(rng.usize(..kept.variants.len()))?;
+            self.out.clear();
+            self.out.extend_from_slice(bytes);
+            self.out.get_mut(..2)?.copy_from_slice(id);
+            return Some(&self.out);
+        }
+        let (bytes, vary) = handler.udp_response(packet)?;
+        if vary != Vary::Drawn && bytes.len() >= 2 {
+            if !self.entries.contains_key(key) && self.entries.len() >= CACHE_ENTRIES {
+                self.entries.clear();
+            }
+            let kept = self.entries.entry(key.into()).or_default();
+            kept.variants.push(bytes.clone());
+            kept.full = vary == Vary::Fixed || kept.variants.len() >= SHUFFLED_VARIANTS;
+        }
+        self.out = bytes;
+        Some(&self.out)
+    }
+}
+
 async fn serve_udp<S: DnsSource>(
     handler: Arc<DnsHandler<S>>,
     socket: UdpSocket,
@@ -662,11 +774,27 @@ async fn serve_udp<S: DnsSource>(
 ) {
     // Large enough for any EDNS query; longer datagrams are cut and then fail to decode.
     let mut buf = vec![0u8; 4096];
+    let mut cache = UdpCache::default();
+    let mut rng = fastrand::Rng::new();
+    let mut served: u32 = 0;
     loop {
-        let received = tokio::select! {
-            biased;
-            r = socket.recv_from(&mut buf) => r,
-            _ = shutdown.wait_for(|s| *s) => return,
+        // Drain what the socket holds without going back to the runtime per datagram;
+        // wait (for data or shutdown) only when it is empty.
+        let received = match socket.try_recv_from(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    biased;
+                    r = socket.readable() => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "DNS UDP socket failed; UDP answers stop");
+                            return;
+                        }
+                    }
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            r => r,
         };
         let (len, peer) = match received {
             Ok(r) => r,
@@ -676,11 +804,29 @@ async fn serve_udp<S: DnsSource>(
                 continue;
             }
         };
-        let Some(response) = buf.get(..len).and_then(|p| handler.udp_response(p)) else {
+        let Some(response) = buf
+            .get(..len)
+            .and_then(|p| cache.answer(&handler, p, &mut rng))
+        else {
             continue;
         };
-        if let Err(e) = socket.send_to(&response, peer).await {
+        let sent = match socket.try_send_to(response, peer) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                socket.send_to(response, peer).await
+            }
+            r => r,
+        };
+        if let Err(e) = sent {
             tracing::debug!(error = %e, %peer, "DNS UDP answer not sent");
+        }
+        // A busy socket must not starve Raft, gRPC or shutdown: the runtime gets a
+        // turn every so many datagrams.
+        served = served.wrapping_add(1);
+        if served.is_multiple_of(YIELD_EVERY) {
+            tokio::task::yield_now().await;
+            if *shutdown.borrow() {
+                return;
+            }
         }
     }
 }

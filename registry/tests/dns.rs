@@ -411,3 +411,47 @@ async fn responses_are_never_answered_and_unreadable_queries_get_formerr() {
     assert_eq!(answer.metadata.message_type, MessageType::Response);
     r.handle.shutdown().await;
 }
+
+/// Repeated queries are answered from kept encodings: each answer carries its own
+/// query's id, shuffled answers still vary in order, and a catalog change shows at once.
+#[tokio::test]
+async fn repeated_queries_get_their_own_ids_and_fresh_data_after_a_change() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    for n in 1..=4u32 {
+        reg(
+            &mut client,
+            &format!("web-{n}"),
+            &format!("10.0.0.{n}"),
+            80,
+            "1.0.0",
+        )
+        .await;
+    }
+    let mut firsts = std::collections::BTreeSet::new();
+    for id in 0..200u16 {
+        let a = udp(
+            dns,
+            &query("web.service.switchyard.", RecordType::A, 1000 + id),
+        )
+        .await;
+        assert_eq!(
+            a.metadata.id,
+            1000 + id,
+            "the answer carries the query's id"
+        );
+        assert_eq!(ips(&a).len(), 4);
+        if let Some(RData::A(first)) = a.answers.first().map(|r| &r.data) {
+            firsts.insert(first.0.to_string());
+        }
+    }
+    assert!(
+        firsts.len() > 1,
+        "answers keep varying in order: {firsts:?}"
+    );
+    reg(&mut client, "web-5", "10.0.0.5", 80, "1.0.0").await;
+    let a = udp(dns, &query("web.service.switchyard.", RecordType::A, 7)).await;
+    assert_eq!(ips(&a).len(), 5, "a registration shows in the next answer");
+    r.handle.shutdown().await;
+}

@@ -21,4 +21,8 @@ impl DnsSource for TableSource {
         let view = self.table.get(service)?;
         Some((view.dns_instances.clone(), view.dns_policy.clone()))
     }
+
+    fn revision(&self) -> u64 {
+        self.table.revision()
+    }
 }
