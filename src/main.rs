@@ -14,14 +14,19 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     cli::init_logging(&parsed);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    match cli::worker_threads(&parsed) {
-        0 => {}
+    // One worker thread means one thread: a current-thread runtime runs every task where
+    // `block_on` runs, with no work-stealing queues or cross-thread wake-ups per request.
+    let mut builder = match cli::worker_threads(&parsed) {
+        1 => tokio::runtime::Builder::new_current_thread(),
         n => {
-            builder.worker_threads(n);
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
         }
-    }
+    };
+    builder.enable_all();
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -37,17 +37,12 @@
 # Every request carries Host: web (h2: :authority web) because the sidecar routes by Host;
 # the other proxies ignore it.
 #
-# h2c and the sidecar: the sidecar keeps the downstream protocol upstream (an h2c request goes
-# to the endpoint as h2c, so gRPC works); it cannot turn h2c into HTTP/1.1, and an HTTP/1.1
-# backend answers its h2 preface with a 502. So the same backend nginx also serves the three
-# bodies as h2c (prior knowledge) on 19024-19026, registered as service web-h2, and the
-# sidecar's h2load run uses :authority web-h2. Envoy, HAProxy and nginx translate h2c to
-# HTTP/1.1 keep-alive towards 19021-19023. The h2c column is therefore h2c->h1 for them and
-# h2c->h2c for switchyard (marked in the table).
+# h2c: every proxy turns h2c downstream into HTTP/1.1 keep-alive towards the same three
+# backends (the sidecar keeps HTTP/2 upstream only for gRPC).
 #
 # Ports: 127.0.0.1:19000-19099 only (see the table below). Nothing leaves loopback.
 #   19000/19001 registry gRPC/HTTP   19010/19011 sidecar admin / HTTP proxy (h1 + h2c)
-#   19021-19023 backends (HTTP/1.1)  19024-19026 the same backends as h2c (sidecar's h2c run)
+#   19021-19023 backends (HTTP/1.1)
 #                                    19030/19031 envoy listener (h1 + h2c) / admin
 #   19040/19041 haproxy h1 / h2c     19050/19051 nginx proxy h1 / h2c
 #
@@ -106,9 +101,9 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # ----------------------------------------------------------------- processes, cleanup
 P_REG=19000; P_REG_HTTP=19001; P_SC_ADMIN=19010; P_SC=19011
-P_B=(19021 19022 19023); P_B2=(19024 19025 19026)
+P_B=(19021 19022 19023)
 P_ENVOY=19030; P_ENVOY_ADMIN=19031; P_HA=19040; P_HA_H2=19041; P_NGX=19050; P_NGX_H2=19051
-for p in $P_REG $P_REG_HTTP $P_SC_ADMIN $P_SC "${P_B[@]}" "${P_B2[@]}" $P_ENVOY $P_ENVOY_ADMIN $P_HA $P_HA_H2 $P_NGX $P_NGX_H2; do
+for p in $P_REG $P_REG_HTTP $P_SC_ADMIN $P_SC "${P_B[@]}" $P_ENVOY $P_ENVOY_ADMIN $P_HA $P_HA_H2 $P_NGX $P_NGX_H2; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "port $p is already in use" >&2; exit 1; fi
 done
 
@@ -159,9 +154,6 @@ http {
   server { listen 127.0.0.1:${P_B[0]}; location / { return 200 "ok1"; } }
   server { listen 127.0.0.1:${P_B[1]}; location / { return 200 "ok2"; } }
   server { listen 127.0.0.1:${P_B[2]}; location / { return 200 "ok3"; } }
-  server { listen 127.0.0.1:${P_B2[0]} http2; location / { return 200 "ok1"; } }
-  server { listen 127.0.0.1:${P_B2[1]} http2; location / { return 200 "ok2"; } }
-  server { listen 127.0.0.1:${P_B2[2]} http2; location / { return 200 "ok3"; } }
 }
 CONF
 nginx -c "$work/backends/nginx.conf" -p "$work/backends" & pids+=($!)
@@ -289,7 +281,7 @@ taskset -c 1 nginx -c "$work/nginx-proxy/nginx.conf" -p "$work/nginx-proxy" & pi
 pid_nginx=$!
 
 # Switchyard: registry (unpinned) + three `switchyard register` leases for service web
-# (HTTP/1.1 backends) and three for web-h2 (the same backends' h2c ports, see the top) +
+# (the HTTP/1.1 backends) +
 # the sidecar with one worker thread, pinned like the others. DNS listeners off (they would
 # bind outside the port range). The sidecar's HTTP proxy port takes HTTP/1.1 and h2c.
 mkdir -p "$work/switchyard"
@@ -300,8 +292,8 @@ for _ in $(seq 1 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$P_REG") 2>/dev/null && break
   sleep 0.1
 done
-for port in "${P_B[@]}" "${P_B2[@]}"; do
-  svc=web; [[ " ${P_B2[*]} " == *" $port "* ]] && svc=web-h2
+for port in "${P_B[@]}"; do
+  svc=web
   "$BIN" register --registry http://127.0.0.1:$P_REG --service $svc --address 127.0.0.1 --port "$port" \
     --version 1.0.0 --id "$svc-$port" >"$work/switchyard/register-$port.log" 2>&1 & pids+=($!)
 done
@@ -313,13 +305,13 @@ pid_switchyard=$!
 n=0
 for _ in $(seq 1 150); do
   n=$(curl -s "127.0.0.1:$P_SC_ADMIN/endpoints" | grep -c '"id"' || true)
-  [ "$n" = 6 ] && break
+  [ "$n" = 3 ] && break
   sleep 0.1
 done
-[ "$n" = 6 ] || { echo "sidecar never saw 6 endpoints (3 web + 3 web-h2)" >&2; cat "$work/switchyard/"*.log >&2; exit 1; }
+[ "$n" = 3 ] || { echo "sidecar never saw its 3 endpoints" >&2; cat "$work/switchyard/"*.log >&2; exit 1; }
 
 declare -A PID H1 H2 A2
-A2=([envoy]=web [haproxy]=web [nginx]=web [switchyard]=web-h2)   # h2c :authority
+A2=([envoy]=web [haproxy]=web [nginx]=web [switchyard]=web)   # h2c :authority
 PID=([envoy]=$pid_envoy [haproxy]=$pid_haproxy [nginx]=$pid_nginx [switchyard]=$pid_switchyard)
 H1=([envoy]=http://127.0.0.1:$P_ENVOY/ [haproxy]=http://127.0.0.1:$P_HA/
     [nginx]=http://127.0.0.1:$P_NGX/ [switchyard]=http://127.0.0.1:$P_SC/)
