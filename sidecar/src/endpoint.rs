@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,18 +27,12 @@ pub struct LiveState {
     pub consecutive_failures: AtomicU32,
     /// Requests or connections sent here since the sidecar started.
     pub total: AtomicU64,
-    /// Metric handles (absent in unit tests that build views without metrics).
-    pub metrics: Option<EndpointMetrics>,
+    /// Metric handles, made on the endpoint's first request: a sidecar that knows
+    /// 10,000 endpoints but calls a few keeps series (and memory) for those few.
+    pub metrics: OnceLock<EndpointMetrics>,
 }
 
 impl LiveState {
-    pub fn new(metrics: Option<EndpointMetrics>) -> Self {
-        Self {
-            metrics,
-            ..Self::default()
-        }
-    }
-
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }

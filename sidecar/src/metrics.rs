@@ -303,7 +303,12 @@ impl Metrics {
         self.catalog_revision.set(table.revision() as i64);
         self.registry_connected.set(i64::from(table.is_connected()));
         for view in table.all().values() {
-            for e in &view.endpoints {
+            // Endpoints that never carried a request have no series (see LiveState).
+            for e in view
+                .endpoints
+                .iter()
+                .filter(|e| e.live.metrics.get().is_some())
+            {
                 self.active
                     .get_or_create(&EndpointLabels {
                         service: view.name.clone(),

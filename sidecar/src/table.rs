@@ -83,10 +83,9 @@ impl ServiceView {
         let endpoints: Vec<Endpoint> = records
             .values()
             .map(|r| {
-                let live = kept.get(r.id.as_str()).map_or_else(
-                    || Arc::new(LiveState::new(metrics.map(|m| m.endpoint(&name, &r.id)))),
-                    |l| Arc::clone(l),
-                );
+                let live = kept
+                    .get(r.id.as_str())
+                    .map_or_else(|| Arc::new(LiveState::default()), |l| Arc::clone(l));
                 let authority = r.authority();
                 Endpoint {
                     id: r.id.clone(),

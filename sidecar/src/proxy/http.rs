@@ -375,7 +375,12 @@ async fn proxy(
         ctx.clients.h1.request(req)
     };
     let result = tokio::time::timeout(ctx.request_timeout, sent).await;
-    let metrics = endpoint.live.metrics.as_ref();
+    let metrics = Some(
+        endpoint
+            .live
+            .metrics
+            .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id)),
+    );
     match result {
         Ok(Ok(mut resp)) => {
             guard.succeeded();

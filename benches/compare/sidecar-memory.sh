@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sidecar memory while it tracks many endpoints (DESIGN goal: RSS below HAProxy's, < 25 MiB,
+# with 10,000 endpoints). A registry gets COUNT instances (100 per service, the load client's
+# `fill`), one sidecar (one worker thread) watches the whole namespace; once its catalog
+# holds them all, its RSS is read. (RSS under traffic is in proxy.sh, with 3 endpoints.)
+#
+#   benches/compare/sidecar-memory.sh [count]      (default 10000)
+#
+# Loopback only, ports 19500-19509. Builds the binaries.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+COUNT=${1:-10000}
+command -v taskset >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq util-linux >/dev/null; }
+cargo build --release -q -p registry-load -p switchyard
+BIN=$PWD/target/release/switchyard
+LOAD=$PWD/target/release/registry-load
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$BIN" registry --listen 127.0.0.1:19500 --http 127.0.0.1:19501 --dns off \
+  --data-dir "$work/registry" 2>"$work/registry.log" & pids+=($!)
+"$LOAD" --target switchyard --endpoints http://127.0.0.1:19500 ready >/dev/null
+"$LOAD" --target switchyard --endpoints http://127.0.0.1:19500 --count "$COUNT" --ttl 3600 fill \
+  | grep RESULT
+taskset -c 1 "$BIN" sidecar --registry http://127.0.0.1:19500 --admin 127.0.0.1:19502 \
+  --http-proxy 127.0.0.1:19503 --dns off --worker-threads 1 --cache-file "$work/cache.json" \
+  2>"$work/sidecar.log" & pids+=($!)
+sidecar=$!
+want=$((COUNT + 1))   # the fill's instances and the `ready` probe
+n=0
+for _ in $(seq 1 300); do
+  n=$(curl -s 127.0.0.1:19502/endpoints | grep -o '"id"' | wc -l || true)
+  [ "$n" -ge "$want" ] && break
+  sleep 0.1
+done
+[ "$n" -ge "$want" ] || { echo "sidecar tracks $n endpoints, want $want" >&2; exit 1; }
+rss() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$sidecar/status"; }
+echo "sidecar tracks $n endpoints: RSS $(rss) MiB"
