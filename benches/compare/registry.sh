@@ -32,22 +32,10 @@ FILL_COUNT=${FILL_COUNT:-100000}
 FILL_NODES=${FILL_NODES:-1}
 SETUPS=${SETUPS:-1 3}
 
-# Another apt run may still hold the lock: wait for its marker before using apt.
-wait_apt() {
-  [ -f /tmp/apt.log ] || return 0
-  for _ in $(seq 1 600); do
-    grep -q apt-done /tmp/apt.log && return 0
-    sleep 1
-  done
-  echo "apt still busy after 10 minutes" >&2
-  return 1
-}
 if ! command -v etcd >/dev/null 2>&1; then
-  wait_apt
   apt-get update -qq && apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 if ! command -v taskset >/dev/null 2>&1; then
-  wait_apt
   apt-get install -y -qq util-linux >/dev/null
 fi
 

@@ -32,13 +32,19 @@ taskset -c 1 "$BIN" sidecar --registry http://127.0.0.1:19500 --admin 127.0.0.1:
   --http-proxy 127.0.0.1:19503 --dns off --worker-threads 1 --cache-file "$work/cache.json" \
   2>"$work/sidecar.log" & pids+=($!)
 sidecar=$!
-want=$((COUNT + 1))   # the fill's instances and the `ready` probe
-n=0
+# Ready when the sidecar's catalog revision equals the registry's (read from /metrics, which
+# stays small; polling /endpoints would build a 10,000-entry JSON each time and inflate RSS).
+metric() { curl -s "$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
+want=$(metric 127.0.0.1:19501 switchyard_registry_revision)
+got=0
 for _ in $(seq 1 300); do
-  n=$(curl -s 127.0.0.1:19502/endpoints | grep -o '"id"' | wc -l || true)
-  [ "$n" -ge "$want" ] && break
+  got=$(metric 127.0.0.1:19502 switchyard_sidecar_catalog_revision)
+  [ "${got:-0}" = "$want" ] && break
   sleep 0.1
 done
-[ "$n" -ge "$want" ] || { echo "sidecar tracks $n endpoints, want $want" >&2; exit 1; }
+[ "${got:-0}" = "$want" ] || { echo "sidecar at revision $got, registry at $want" >&2; exit 1; }
+sleep 1
+n=$(curl -s 127.0.0.1:19502/endpoints | grep -o '"id"' | wc -l || true)
 rss() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$sidecar/status"; }
-echo "sidecar tracks $n endpoints: RSS $(rss) MiB"
+before=$(rss)
+echo "sidecar tracks $n endpoints (catalog revision $want): RSS $before MiB (and $(rss) MiB after one /endpoints listing)"
