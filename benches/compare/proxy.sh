@@ -504,8 +504,8 @@ for other in haproxy envoy; do
   echo "$row |"
 done
 echo
-echo "h2load h2c: envoy/haproxy/nginx forward h2c as HTTP/1.1 keep-alive; switchyard forwards h2c as h2c (it keeps the"
-echo "downstream protocol upstream), to the same nginx backends' h2c ports. CPU µs/req = proxy CPU time over the oha run"
+echo "h2load h2c: every proxy forwards h2c to the backends as HTTP/1.1 keep-alive (the sidecar keeps h2 only for gRPC)."
+echo "CPU µs/req = proxy CPU time over the oha run"
 echo "(per-thread schedstat, or utime+stime if a thread exited) / requests oha completed; CPU % = utime+stime over the wrk"
 echo "run (100 = one core); RSS after each round's runs. nginx: master + worker."
 total_err=0

