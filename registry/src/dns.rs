@@ -465,14 +465,18 @@ impl<S: DnsSource> DnsHandler<S> {
                 .first()
                 .and_then(|h| Name::from_ascii(format!("{}.", h.trim_end_matches('.'))).ok())
             {
-                return Answer::records(
-                    vec![Record::from_rdata(
-                        owner,
-                        self.ttl,
-                        RData::CNAME(CNAME(target)),
-                    )],
-                    Vec::new(),
-                );
+                // One of several hostnames, picked by the shuffle: kept like a shuffle.
+                return Answer {
+                    vary,
+                    ..Answer::records(
+                        vec![Record::from_rdata(
+                            owner,
+                            self.ttl,
+                            RData::CNAME(CNAME(target)),
+                        )],
+                        Vec::new(),
+                    )
+                };
             }
         }
         Answer {
@@ -701,6 +705,9 @@ const SHUFFLED_VARIANTS: usize = 8;
 const YIELD_EVERY: u32 = 64;
 /// Distinct queries whose answers are kept; past it the cache starts over.
 const CACHE_ENTRIES: usize = 10_000;
+/// Bytes of kept answers (keys included); past it the cache starts over. Clients that
+/// randomise the case of names (0x20) make many keys per name; this bounds what they cost.
+const CACHE_BYTES: usize = 16 << 20;
 
 /// Encoded UDP answers, keyed by the query datagram without its 2-byte id (so flags,
 /// question, case and EDNS all match) and valid for one source revision: a repeated
@@ -709,6 +716,8 @@ const CACHE_ENTRIES: usize = 10_000;
 pub struct UdpCache {
     revision: u64,
     entries: HashMap<Box<[u8]>, Kept>,
+    /// Bytes held in `entries` (keys and answers).
+    bytes: usize,
     /// The datagram being sent, reused so a kept answer costs no allocation.
     out: Vec<u8>,
 }
@@ -726,6 +735,7 @@ impl Default for UdpCache {
         Self {
             revision: u64::MAX,
             entries: HashMap::new(),
+            bytes: 0,
             out: Vec::with_capacity(4096),
         }
     }
@@ -743,6 +753,7 @@ impl UdpCache {
         let revision = handler.source.revision();
         if revision != self.revision {
             self.entries.clear();
+            self.bytes = 0;
             self.revision = revision;
         }
         let (id, key) = (packet.get(..2)?, packet.get(2..)?);
@@ -755,9 +766,16 @@ impl UdpCache {
         }
         let (bytes, vary) = handler.udp_response(packet)?;
         if vary != Vary::Drawn && bytes.len() >= 2 {
-            if !self.entries.contains_key(key) && self.entries.len() >= CACHE_ENTRIES {
+            if (!self.entries.contains_key(key) && self.entries.len() >= CACHE_ENTRIES)
+                || self.bytes + key.len() + bytes.len() > CACHE_BYTES
+            {
                 self.entries.clear();
+                self.bytes = 0;
             }
+            if !self.entries.contains_key(key) {
+                self.bytes += key.len();
+            }
+            self.bytes += bytes.len();
             let kept = self.entries.entry(key.into()).or_default();
             kept.variants.push(bytes.clone());
             kept.full = vary == Vary::Fixed || kept.variants.len() >= SHUFFLED_VARIANTS;
@@ -796,6 +814,15 @@ async fn serve_udp<S: DnsSource>(
             }
             r => r,
         };
+        // A busy socket must not starve Raft, gRPC or shutdown: the runtime gets a turn
+        // every so many datagrams, answered or not (a flood of junk counts too).
+        served = served.wrapping_add(1);
+        if served.is_multiple_of(YIELD_EVERY) {
+            tokio::task::yield_now().await;
+            if *shutdown.borrow() {
+                return;
+            }
+        }
         let (len, peer) = match received {
             Ok(r) => r,
             Err(e) => {
@@ -818,15 +845,6 @@ async fn serve_udp<S: DnsSource>(
         };
         if let Err(e) = sent {
             tracing::debug!(error = %e, %peer, "DNS UDP answer not sent");
-        }
-        // A busy socket must not starve Raft, gRPC or shutdown: the runtime gets a
-        // turn every so many datagrams.
-        served = served.wrapping_add(1);
-        if served.is_multiple_of(YIELD_EVERY) {
-            tokio::task::yield_now().await;
-            if *shutdown.borrow() {
-                return;
-            }
         }
     }
 }

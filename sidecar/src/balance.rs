@@ -194,11 +194,13 @@ fn load_factor(e: &Endpoint, bias: f64) -> f64 {
     }
 }
 
-/// Envoy's unequal-weight least request, exactly in distribution, without a scan: draw in
-/// proportion to `weight` from the alias table and accept the draw with probability
-/// `1 / (active + 1)^bias`, which makes each endpoint's chance proportional to its
-/// effective weight `weight / (active + 1)^bias`. After [`MAX_WEIGHTED_DRAWS`] refusals
-/// (everything busy) the least loaded endpoint drawn wins.
+/// Envoy's unequal-weight least request without a scan: draw in proportion to `weight`
+/// from the alias table and accept the draw with probability `1 / (active + 1)^bias`,
+/// which makes each accepted pick's chance proportional to the effective weight
+/// `weight / (active + 1)^bias` (exact while some draw is accepted, which is almost
+/// always at a sidecar's usual load). After [`MAX_WEIGHTED_DRAWS`] refusals (every
+/// endpoint busy, e.g. 20+ requests each) the least loaded endpoint drawn wins: still
+/// least request, no longer the exact distribution.
 fn weighted<'a>(
     endpoints: &'a [Endpoint],
     pool: &Pool,
@@ -347,7 +349,7 @@ mod tests {
         assert!((2.8..=3.2).contains(&ratio), "ratio {ratio}: {counts:?}");
     }
 
-    /// Under a fixed load the weighted pick follows Envoy's effective weight
+    /// Under a fixed, moderate load the weighted pick follows Envoy's effective weight
     /// `weight / (active + 1)` exactly (in distribution), not only roughly.
     #[test]
     fn unequal_weights_follow_weight_over_active_plus_one() {

@@ -184,13 +184,14 @@ impl Catalog {
         ns.services.get(service)?.get(id).map(|e| &e.instance)
     }
 
-    /// Applies one command at the next index (the applied index + 1). The index is the
-    /// catalog's own sequence: one per command, including each command of a batch, so it
-    /// gives every command a distinct revision and lease id whatever the log packed
-    /// together. Every replica applies the same commands in the same order, so every
-    /// replica counts the same.
-    pub fn apply_next(&mut self, command: &Command) -> ApplyResult {
-        self.apply(self.applied_index + 1, command)
+    /// Applies one command of the log entry at `log_index`, numbered with the larger of
+    /// the applied index plus one and the log index. An entry with one command keeps
+    /// its log index, as before batching, so data written by older versions replays to
+    /// the same lease ids and revisions; the commands of a batch get consecutive numbers
+    /// after it. Every replica applies the same entries in the same order, so every
+    /// replica numbers the same.
+    pub fn apply_next(&mut self, log_index: u64, command: &Command) -> ApplyResult {
+        self.apply(log_index.max(self.applied_index + 1), command)
     }
 
     /// Applies one command at `index`. Never panics on any input; on error the catalog is
@@ -866,7 +867,8 @@ mod tests {
     }
 
     /// A batch is unpacked by the state machine; handed to the catalog whole it is
-    /// refused and changes nothing. `apply_next` numbers commands one by one.
+    /// refused and changes nothing. `apply_next` keeps a lone command's log index and
+    /// numbers a batch's commands one after another.
     #[test]
     fn a_batch_is_refused_whole_and_apply_next_counts_each_command() {
         let mut c = Catalog::new(Limits::default());
@@ -875,18 +877,22 @@ mod tests {
             ttl_seconds: 30,
             lease_id: None,
         };
-        let r = c.apply_next(&Command::Batch(vec![reg("a"), reg("b")]));
+        let r = c.apply_next(1, &Command::Batch(vec![reg("a"), reg("b")]));
         assert_eq!(r.reply, Err(ApplyError::Batch));
         assert!(r.change.is_none());
         assert_eq!(c.instance_count(), 0);
-        let first = c.apply_next(&reg("a"));
-        let second = c.apply_next(&reg("b"));
+        // Two commands of one entry at log index 2: numbered 2 and 3.
+        let first = c.apply_next(2, &reg("a"));
+        let second = c.apply_next(2, &reg("b"));
         let lease = |r: &ApplyResult| match &r.reply {
             Ok(Reply::Registered { lease_id, .. }) => *lease_id,
             other => panic!("unexpected {other:?}"),
         };
-        assert_eq!(lease(&second), lease(&first) + 1);
-        assert_eq!(c.applied_index(), 3);
+        assert_eq!((lease(&first), lease(&second)), (2, 3));
+        // The next entry's own index wins when it is ahead (a blank entry was skipped).
+        let third = c.apply_next(7, &reg("c"));
+        assert_eq!(lease(&third), 7);
+        assert_eq!(c.applied_index(), 7);
     }
 
     #[test]

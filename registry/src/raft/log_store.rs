@@ -56,6 +56,10 @@ struct Inner {
     pending: Mutex<Pending>,
     /// Signalled after every flush, for callers that must wait for an empty queue.
     flushed: Condvar,
+    /// The newest log id known to be on disk: the committed-index hint never names an
+    /// entry past it (a hint ahead of the durable log would make a restart replay
+    /// entries that are not there).
+    durable: Mutex<Option<LogId>>,
 }
 
 /// Entries appended but not yet on disk, and the callbacks waiting for them. An entry
@@ -78,11 +82,13 @@ impl LogStore {
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
+        let durable = last_stored(&db).unwrap_or_default();
         let inner = Arc::new(Inner {
             db,
             metrics,
             pending: Mutex::new(Pending::default()),
             flushed: Condvar::new(),
+            durable: Mutex::new(durable),
         });
         let (wake, woken) = mpsc::channel();
         let weak = Arc::downgrade(&inner);
@@ -193,14 +199,15 @@ fn flusher(inner: Weak<Inner>, woken: mpsc::Receiver<()>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let (batch, callbacks) = {
+        let (batch, last, callbacks) = {
             let mut pending = inner.pending.lock();
             let batch: Vec<(u64, Vec<u8>)> = pending
                 .entries
                 .iter()
                 .map(|(i, (_, bytes))| (*i, bytes.clone()))
                 .collect();
-            (batch, std::mem::take(&mut pending.callbacks))
+            let last = pending.entries.values().last().map(|(e, _)| e.log_id);
+            (batch, last, std::mem::take(&mut pending.callbacks))
         };
         if batch.is_empty() && callbacks.is_empty() {
             inner.flushed.notify_all();
@@ -211,7 +218,12 @@ fn flusher(inner: Weak<Inner>, woken: mpsc::Receiver<()>) {
         if let Some(m) = &inner.metrics {
             m.commit_seconds.observe(started.elapsed().as_secs_f64());
         }
-        {
+        if result.is_ok() {
+            if last.is_some() {
+                *inner.durable.lock() = last;
+            }
+            // Only now may readers find these in the table instead. (After a failed write
+            // they stay queued: openraft stops on the error, and no reader sees a hole.)
             let mut pending = inner.pending.lock();
             for (i, _) in &batch {
                 pending.entries.remove(i);
@@ -229,6 +241,14 @@ fn flusher(inner: Weak<Inner>, woken: mpsc::Receiver<()>) {
             tracing::error!(error = %e, "the Raft log could not be written; the node stops accepting writes");
         }
     }
+}
+
+/// The log id of the newest entry in the table.
+fn last_stored(db: &Database) -> Result<Option<LogId>, redb::Error> {
+    let txn = db.begin_read()?;
+    let log = txn.open_table(LOG)?;
+    let last = log.last()?.map(|(_, v)| v.value().to_vec());
+    Ok(last.and_then(|bytes| decode::<Entry>(&bytes).ok().map(|e| e.log_id)))
 }
 
 fn write_batch(db: &Database, batch: &[(u64, Vec<u8>)]) -> Result<(), redb::Error> {
@@ -287,8 +307,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.committed
             .store(committed.map_or(0, |c| c.index), Ordering::Release);
         // A hint (openraft re-learns the committed index from the leader), so it rides
-        // along with the next log fsync instead of costing one of its own per write.
-        self.put_meta(COMMITTED, &committed, false)
+        // along with the next log fsync instead of costing one of its own per write. A
+        // follower may learn an index its own flusher has not made durable yet: the hint
+        // is clamped to what is on disk now, so whichever fsync persists it, the entries
+        // it names are there.
+        let durable = *self.inner.durable.lock();
+        let hint = match (committed, durable) {
+            (Some(c), Some(d)) if c.index > d.index => Some(d),
+            (Some(_), None) => None,
+            (c, _) => c,
+        };
+        self.put_meta(COMMITTED, &hint, false)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -333,6 +362,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             log.retain_in(log_id.index.., |_, _| false).map_err(io)?;
         }
         txn.commit().map_err(io)?;
+        *self.inner.durable.lock() = last_stored(&self.inner.db).map_err(read_err)?;
         Ok(())
     }
 

@@ -163,14 +163,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     replies.push(CommandReply::default());
                 }
                 EntryPayload::Normal(Command::Batch(commands)) => {
+                    let index = entry.log_id.index;
                     let results = commands
                         .iter()
-                        .map(|c| apply_one(shared, &mut catalog, c))
+                        .map(|c| apply_one(shared, &mut catalog, index, c))
                         .collect();
                     replies.push(CommandReply::Batch(results));
                 }
                 EntryPayload::Normal(command) => {
-                    replies.push(CommandReply::One(apply_one(shared, &mut catalog, &command)));
+                    let index = entry.log_id.index;
+                    replies.push(CommandReply::One(apply_one(
+                        shared,
+                        &mut catalog,
+                        index,
+                        &command,
+                    )));
                 }
             }
         }
@@ -219,14 +226,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// Applies one command to the catalog and mirrors its effects: the lease keeper's
-/// clocks, expiry metrics and the watch hub.
+/// Applies one command of the entry at log index `index` to the catalog and mirrors its
+/// effects: the lease keeper's clocks, expiry metrics and the watch hub.
 fn apply_one(
     shared: &Shared,
     catalog: &mut Catalog,
+    index: u64,
     command: &Command,
 ) -> Result<Reply, ApplyError> {
-    let result = catalog.apply_next(command);
+    let result = catalog.apply_next(index, command);
     for (id, ttl) in &result.leases_granted {
         shared.leases.grant(*id, *ttl);
     }

@@ -324,6 +324,12 @@ async fn proxy(
     let subset_metrics = decision
         .subset
         .and_then(|s| s.metrics_for(&endpoint.version));
+    // The endpoint's series exist from its first pick (not its first response), so a
+    // long first request already shows in active_requests.
+    endpoint
+        .live
+        .metrics
+        .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
     let guard = ActiveGuard::new(endpoint.live.clone());
 
     // gRPC needs HTTP/2 upstream; anything else goes upstream as HTTP/1.1 whatever it
@@ -375,12 +381,7 @@ async fn proxy(
         ctx.clients.h1.request(req)
     };
     let result = tokio::time::timeout(ctx.request_timeout, sent).await;
-    let metrics = Some(
-        endpoint
-            .live
-            .metrics
-            .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id)),
-    );
+    let metrics = endpoint.live.metrics.get();
     match result {
         Ok(Ok(mut resp)) => {
             guard.succeeded();

@@ -77,6 +77,11 @@ async fn carry(ctx: &ProxyCtx, service: &str, mut downstream: TcpStream) {
         ctx.metrics.local_reply(service, 503);
         return;
     };
+    // Series from the first pick, so TCP endpoints show in active_requests too.
+    endpoint
+        .live
+        .metrics
+        .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
     let guard = ActiveGuard::new(endpoint.live.clone());
     ctx.metrics.tcp_connection(service, &endpoint.id);
     let connect = TcpStream::connect(endpoint.authority.as_str());
