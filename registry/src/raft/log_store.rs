@@ -82,6 +82,7 @@ impl LogStore {
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
+        // Unreadable here means no hint is written until the next flush: safe.
         let durable = last_stored(&db).unwrap_or_default();
         let inner = Arc::new(Inner {
             db,
@@ -244,11 +245,14 @@ fn flusher(inner: Weak<Inner>, woken: mpsc::Receiver<()>) {
 }
 
 /// The log id of the newest entry in the table.
-fn last_stored(db: &Database) -> Result<Option<LogId>, redb::Error> {
-    let txn = db.begin_read()?;
-    let log = txn.open_table(LOG)?;
-    let last = log.last()?.map(|(_, v)| v.value().to_vec());
-    Ok(last.and_then(|bytes| decode::<Entry>(&bytes).ok().map(|e| e.log_id)))
+fn last_stored(db: &Database) -> Result<Option<LogId>, StorageError> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let log = txn.open_table(LOG).map_err(read_err)?;
+    let last = log.last().map_err(read_err)?;
+    match last {
+        Some((_, v)) => Ok(Some(decode::<Entry>(v.value()).map_err(read_err)?.log_id)),
+        None => Ok(None),
+    }
 }
 
 fn write_batch(db: &Database, batch: &[(u64, Vec<u8>)]) -> Result<(), redb::Error> {
@@ -275,16 +279,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .entries
             .last_key_value()
             .map(|(_, (e, _))| e.log_id);
-        let last = {
-            let txn = self.inner.db.begin_read().map_err(read_err)?;
-            let log = txn.open_table(LOG).map_err(read_err)?;
-            let last = log.last().map_err(read_err)?;
-            let bytes = last.map(|(_, v)| v.value().to_vec());
-            match bytes {
-                Some(b) => Some(decode::<Entry>(&b).map_err(read_err)?.log_id),
-                None => None,
-            }
-        };
+        let last = last_stored(&self.inner.db)?;
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: queued.or(last).or(last_purged),
@@ -362,7 +357,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             log.retain_in(log_id.index.., |_, _| false).map_err(io)?;
         }
         txn.commit().map_err(io)?;
-        *self.inner.durable.lock() = last_stored(&self.inner.db).map_err(read_err)?;
+        *self.inner.durable.lock() = last_stored(&self.inner.db)?;
         Ok(())
     }
 

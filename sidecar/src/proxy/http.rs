@@ -326,7 +326,7 @@ async fn proxy(
         .and_then(|s| s.metrics_for(&endpoint.version));
     // The endpoint's series exist from its first pick (not its first response), so a
     // long first request already shows in active_requests.
-    endpoint
+    let metrics = endpoint
         .live
         .metrics
         .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
@@ -381,15 +381,12 @@ async fn proxy(
         ctx.clients.h1.request(req)
     };
     let result = tokio::time::timeout(ctx.request_timeout, sent).await;
-    let metrics = endpoint.live.metrics.get();
     match result {
         Ok(Ok(mut resp)) => {
             guard.succeeded();
             let elapsed = started.elapsed().as_secs_f64();
-            if let Some(m) = metrics {
-                m.latency.observe(elapsed);
-                m.response(resp.status().as_u16());
-            }
+            metrics.latency.observe(elapsed);
+            metrics.response(resp.status().as_u16());
             if let Some(m) = subset_metrics {
                 m.latency.observe(elapsed);
                 m.response(resp.status().as_u16());
@@ -409,9 +406,7 @@ async fn proxy(
         Ok(Err(e)) => {
             guard.failed();
             ctx.metrics.local_reply(service, 502);
-            if let Some(m) = metrics {
-                m.response(502);
-            }
+            metrics.response(502);
             if let Some(m) = subset_metrics {
                 m.response(502);
             }
@@ -435,9 +430,7 @@ async fn proxy(
         Err(_) => {
             guard.failed();
             ctx.metrics.local_reply(service, 504);
-            if let Some(m) = metrics {
-                m.response(504);
-            }
+            metrics.response(504);
             if let Some(m) = subset_metrics {
                 m.response(504);
             }
