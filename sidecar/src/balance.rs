@@ -7,6 +7,9 @@
 //!   `bias = 0` degrades to plain weighted random.
 //!
 //! Draining and failing endpoints are never picked (the view lists only usable ones).
+//! Ejected outliers (see `endpoint::ActiveGuard::failed`) are passed over while the
+//! draws find another endpoint; when nearly all are ejected, one serves anyway (panic
+//! mode, so a bad moment never turns into no endpoint at all).
 //! The load signal (`active`) lives in each endpoint's `LiveState`, apart from the
 //! selection, as in linkerd2-proxy.
 
@@ -174,6 +177,16 @@ pub fn pick_from<'a>(
                     best = Some(candidate);
                 }
             }
+            // An ejected outlier is passed over while a few more draws find another;
+            // when every draw lands on one (most are ejected), it serves anyway.
+            if best.is_some_and(|b| b.live.is_ejected()) {
+                for _ in 0..MAX_WEIGHTED_DRAWS {
+                    let candidate = endpoints.get(usable[rng.usize(..n)])?;
+                    if !candidate.live.is_ejected() {
+                        return Some(candidate);
+                    }
+                }
+            }
             best
         }
         _ => weighted(endpoints, pool, cfg.active_request_bias, rng),
@@ -208,6 +221,7 @@ fn weighted<'a>(
     rng: &mut fastrand::Rng,
 ) -> Option<&'a Endpoint> {
     let mut best: Option<(&Endpoint, f64)> = None;
+    let mut ejected = None;
     for _ in 0..MAX_WEIGHTED_DRAWS {
         let Some(e) = pool
             .alias
@@ -217,6 +231,10 @@ fn weighted<'a>(
         else {
             break;
         };
+        if e.live.is_ejected() {
+            ejected = Some(e);
+            continue;
+        }
         let factor = load_factor(e, bias);
         if factor >= 1.0 || rng.f64() < factor {
             return Some(e);
@@ -225,7 +243,8 @@ fn weighted<'a>(
             best = Some((e, factor));
         }
     }
-    best.map(|(e, _)| e)
+    // Only ejected outliers drawn: one serves anyway rather than nothing.
+    best.map(|(e, _)| e).or(ejected)
 }
 
 #[cfg(test)]
@@ -234,7 +253,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::endpoint::State;
+    use crate::endpoint::{ActiveGuard, State, EJECT_AFTER_FAILURES};
     use crate::table::InstanceRecord;
 
     fn view(specs: &[(u32, State)]) -> ServiceView {
@@ -412,6 +431,36 @@ mod tests {
             counts[index(&v, e)] += 1;
         }
         assert!(counts[1] > 900, "{counts:?}");
+    }
+
+    /// Five consecutive failures eject an endpoint: it gets no picks while others can
+    /// take them (equal and unequal weights), and still serves when it is the only one.
+    #[test]
+    fn an_ejected_outlier_is_passed_over_while_others_serve() {
+        for weights in [[100, 100, 100], [100, 150, 200]] {
+            let v = view(&[
+                (weights[0], State::Serving),
+                (weights[1], State::Serving),
+                (weights[2], State::Serving),
+            ]);
+            let guard = ActiveGuard::new(v.endpoints[1].live.clone());
+            let ejected: Vec<bool> = (0..EJECT_AFTER_FAILURES).map(|_| guard.failed()).collect();
+            assert_eq!(ejected.iter().filter(|e| **e).count(), 1, "{ejected:?}");
+            assert!(ejected[EJECT_AFTER_FAILURES as usize - 1]);
+            drop(guard);
+            assert!(v.endpoints[1].live.is_ejected());
+            let mut rng = fastrand::Rng::with_seed(4);
+            for _ in 0..2_000 {
+                let e = pick(&v, &LbConfig::default(), &mut rng).expect("usable");
+                assert_ne!(index(&v, e), 1, "weights {weights:?}");
+            }
+        }
+        let alone = view(&[(100, State::Serving), (200, State::Serving)]);
+        for e in &alone.endpoints {
+            e.live.ejected_until_ms.store(u64::MAX, Ordering::Relaxed);
+        }
+        let mut rng = fastrand::Rng::with_seed(5);
+        assert!(pick(&alone, &LbConfig::default(), &mut rng).is_some());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,8 +24,13 @@ pub enum State {
 pub struct LiveState {
     /// Requests (HTTP) or connections (TCP) in flight right now.
     pub active: AtomicU32,
-    /// Consecutive failures (connect errors, timeouts); reset by a success.
+    /// Consecutive failures (connect errors, timeouts, 5xx); reset by a success.
     pub consecutive_failures: AtomicU32,
+    /// Outlier ejection: until when (ms on [`clock_ms`]) the balancer skips this
+    /// endpoint; 0 when it is not ejected.
+    pub ejected_until_ms: AtomicU64,
+    /// How often it was ejected: each ejection lasts longer (Envoy's back-off).
+    pub ejections: AtomicU32,
     /// Requests or connections sent here since the sidecar started.
     pub total: AtomicU64,
     /// Metric handles, made on the endpoint's first request: a sidecar that knows
@@ -55,6 +61,30 @@ pub struct Endpoint {
     pub live: Arc<LiveState>,
 }
 
+/// Consecutive failures that eject an endpoint (Envoy's `consecutive_5xx` default).
+pub const EJECT_AFTER_FAILURES: u32 = 5;
+/// An ejection lasts this long times the number of ejections so far, up to the cap.
+pub const BASE_EJECTION: Duration = Duration::from_secs(30);
+/// The longest an ejection lasts.
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// Milliseconds since the first call: the clock ejection deadlines are kept on (1, not
+/// 0, at the start, so 0 can mean "not ejected").
+pub fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+impl LiveState {
+    /// True while an outlier ejection lasts. Costs one atomic load for an endpoint that
+    /// was never ejected (no clock read on the request path).
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && clock_ms() < until
+    }
+}
+
 impl Endpoint {
     /// Serving endpoints take new traffic; draining and failing ones do not.
     pub fn is_usable(&self) -> bool {
@@ -79,10 +109,24 @@ impl ActiveGuard {
         self.live.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
-    pub fn failed(&self) {
-        self.live
+    /// Counts a failure; returns true when this one ejected the endpoint.
+    pub fn failed(&self) -> bool {
+        let failures = self
+            .live
             .consecutive_failures
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if failures < EJECT_AFTER_FAILURES || self.live.is_ejected() {
+            return false;
+        }
+        self.live.consecutive_failures.store(0, Ordering::Relaxed);
+        let times = self.live.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let lasts = BASE_EJECTION.saturating_mul(times).min(MAX_EJECTION);
+        let lasts_ms = u64::try_from(lasts.as_millis()).unwrap_or(u64::MAX);
+        self.live
+            .ejected_until_ms
+            .store(clock_ms().saturating_add(lasts_ms), Ordering::Relaxed);
+        true
     }
 }
 

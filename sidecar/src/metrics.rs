@@ -94,6 +94,8 @@ pub struct Metrics {
     pub registry_connected: Gauge<i64, AtomicI64>,
     pub watch_reconnects: Counter,
     pub tcp_connections: Family<EndpointLabels, Counter>,
+    /// Outlier ejections per endpoint.
+    ejections: Family<EndpointLabels, Counter>,
     subset_requests: Family<SubsetClassLabels, Counter>,
     subset_latency: Family<SubsetLabels, Histogram, fn() -> Histogram>,
     split_fallbacks: Family<FallbackLabels, Counter>,
@@ -117,6 +119,7 @@ impl Default for Metrics {
         let registry_connected = Gauge::default();
         let watch_reconnects = Counter::default();
         let tcp_connections = Family::default();
+        let ejections = Family::<EndpointLabels, Counter>::default();
         let subset_requests = Family::default();
         let subset_latency =
             Family::<SubsetLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -183,6 +186,11 @@ impl Default for Metrics {
             "TCP connections proxied per endpoint",
             tcp_connections.clone(),
         );
+        registry.register(
+            "ejections",
+            "Outlier ejections per endpoint (consecutive failures: connect errors, timeouts, 5xx)",
+            ejections.clone(),
+        );
         Self {
             registry,
             requests,
@@ -194,6 +202,7 @@ impl Default for Metrics {
             registry_connected,
             watch_reconnects,
             tcp_connections,
+            ejections,
             subset_requests,
             subset_latency,
             split_fallbacks,
@@ -283,6 +292,21 @@ impl Metrics {
                 service: service.to_string(),
                 endpoint: String::new(),
                 class,
+            })
+            .inc();
+    }
+
+    /// Records an outlier ejection (and says so in the log: it changes where traffic goes).
+    pub fn ejection(&self, service: &str, endpoint: &str) {
+        tracing::warn!(
+            service,
+            endpoint,
+            "endpoint ejected after consecutive failures"
+        );
+        self.ejections
+            .get_or_create(&EndpointLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
             })
             .inc();
     }

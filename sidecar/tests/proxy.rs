@@ -266,3 +266,44 @@ async fn grpc_calls_work_through_the_sidecar() {
     sidecar.shutdown().await;
     registry.shutdown().await;
 }
+
+/// Outlier ejection: an endpoint that answers 5xx five times in a row is passed over
+/// (its 5xx still reach the client), the other endpoint takes the traffic, and the
+/// ejection is counted in /metrics.
+#[tokio::test]
+async fn an_endpoint_failing_five_times_in_a_row_is_ejected() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let good = Backend::start("good", Duration::ZERO).await;
+    let bad = Backend::start("bad", Duration::ZERO).await;
+    bad.status.store(500, std::sync::atomic::Ordering::Relaxed);
+    let mut client = registry_client(&registry).await;
+    register(&mut client, "web", "good-1", good.addr, "1", 100).await;
+    register(&mut client, "web", "bad-1", bad.addr, "1", 100).await;
+    let sidecar = start_sidecar(sidecar_config(
+        vec![format!("http://{}", registry.grpc_addr)],
+        dir.path(),
+    ))
+    .await;
+    wait_endpoints(&sidecar, "web", 2).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let http = http_client();
+    let mut fives = 0;
+    for _ in 0..200 {
+        let (status, _, _) = get(&http, proxy, "web").await;
+        if status == 500 {
+            fives += 1;
+        }
+    }
+    assert_eq!(bad.hits(), 5, "five 5xx in a row, then no more traffic");
+    assert_eq!(fives, 5, "the 5xx themselves reach the client");
+    assert_eq!(good.hits(), 195);
+    let (_, metrics) = http_get(sidecar.admin_addr, "/metrics").await;
+    assert!(
+        metrics
+            .contains("switchyard_sidecar_ejections_total{service=\"web\",endpoint=\"bad-1\"} 1"),
+        "{metrics}"
+    );
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}

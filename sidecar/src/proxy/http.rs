@@ -383,7 +383,14 @@ async fn proxy(
     let result = tokio::time::timeout(ctx.request_timeout, sent).await;
     match result {
         Ok(Ok(mut resp)) => {
-            guard.succeeded();
+            // A 5xx is passed to the client as it is, and counts towards ejection.
+            if resp.status().is_server_error() {
+                if guard.failed() {
+                    ctx.metrics.ejection(service, &endpoint.id);
+                }
+            } else {
+                guard.succeeded();
+            }
             let elapsed = started.elapsed().as_secs_f64();
             metrics.latency.observe(elapsed);
             metrics.response(resp.status().as_u16());
@@ -404,7 +411,9 @@ async fn proxy(
             })
         }
         Ok(Err(e)) => {
-            guard.failed();
+            if guard.failed() {
+                ctx.metrics.ejection(service, &endpoint.id);
+            }
             ctx.metrics.local_reply(service, 502);
             metrics.response(502);
             if let Some(m) = subset_metrics {
@@ -428,7 +437,9 @@ async fn proxy(
             )
         }
         Err(_) => {
-            guard.failed();
+            if guard.failed() {
+                ctx.metrics.ejection(service, &endpoint.id);
+            }
             ctx.metrics.local_reply(service, 504);
             metrics.response(504);
             if let Some(m) = subset_metrics {

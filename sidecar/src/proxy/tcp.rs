@@ -88,12 +88,16 @@ async fn carry(ctx: &ProxyCtx, service: &str, mut downstream: TcpStream) {
     let mut upstream = match tokio::time::timeout(ctx.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            guard.failed();
+            if guard.failed() {
+                ctx.metrics.ejection(service, &endpoint.id);
+            }
             tracing::warn!(service, endpoint = %endpoint.id, error = %e, "cannot connect upstream");
             return;
         }
         Err(_) => {
-            guard.failed();
+            if guard.failed() {
+                ctx.metrics.ejection(service, &endpoint.id);
+            }
             tracing::warn!(service, endpoint = %endpoint.id, "upstream connect timed out");
             return;
         }
