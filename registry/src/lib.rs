@@ -15,15 +15,18 @@
 
 pub mod api;
 pub mod catalog;
-pub mod dns;
+pub mod dns_source;
 pub mod http;
 pub mod lease;
 pub mod metrics;
-pub mod model;
 pub mod node;
 pub mod raft;
 pub mod watch;
 pub mod writer;
+
+/// The domain model lives in `switchyard-core` (the sidecar shares it); the registry
+/// names it `crate::model` like any module of its own.
+pub(crate) use switchyard_core::model;
 
 pub use catalog::Limits;
 pub use node::{start, Listeners, RegistryConfig, RegistryHandle, StartError};

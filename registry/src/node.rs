@@ -71,7 +71,7 @@ pub struct RegistryConfig {
     /// Self-preservation applies only with at least this many leases.
     pub self_preservation_min_leases: usize,
     /// DNS zone and TTL (served when `Listeners::dns` is given).
-    pub dns: crate::dns::DnsConfig,
+    pub dns: switchyard_core::dns::DnsConfig,
 }
 
 impl RegistryConfig {
@@ -91,7 +91,7 @@ impl RegistryConfig {
             lease_checkpoint_interval: Duration::from_secs(5),
             self_preservation_threshold: 0.5,
             self_preservation_min_leases: 20,
-            dns: crate::dns::DnsConfig::default(),
+            dns: switchyard_core::dns::DnsConfig::default(),
         }
     }
 
@@ -414,12 +414,12 @@ pub async fn start(
         )),
     ];
     if let Some((udp, tcp)) = listeners.dns {
-        let handler = crate::dns::DnsHandler::new(
-            crate::dns::CatalogSource(shared.clone()),
+        let handler = switchyard_core::dns::DnsHandler::new(
+            crate::dns_source::CatalogSource(shared.clone()),
             &shared.config.dns,
         )
         .map_err(StartError::Config)?;
-        tasks.push(tokio::spawn(crate::dns::serve(
+        tasks.push(tokio::spawn(switchyard_core::dns::serve(
             handler,
             udp,
             tcp,

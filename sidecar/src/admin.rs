@@ -14,7 +14,6 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::endpoint::State;
 use crate::metrics::Metrics;
 use crate::table::EndpointTable;
 
@@ -37,10 +36,10 @@ struct ServiceDoc<'a> {
 #[derive(Serialize)]
 struct EndpointDoc<'a> {
     id: &'a str,
-    address: &'a str,
+    address: std::borrow::Cow<'a, str>,
     version: &'a str,
     weight: u32,
-    state: State,
+    state: &'static str,
     active: u32,
     total: u64,
     consecutive_failures: u32,
@@ -223,10 +222,10 @@ fn json<T: Serialize>(doc: &T) -> Response<Full<Bytes>> {
 fn endpoint_doc(e: &crate::endpoint::Endpoint) -> EndpointDoc<'_> {
     EndpointDoc {
         id: &e.id,
-        address: &e.authority,
+        address: e.authority(),
         version: &e.version,
         weight: e.weight,
-        state: e.state,
+        state: e.state.as_str(),
         active: e.live.active(),
         total: e.live.total.load(std::sync::atomic::Ordering::Relaxed),
         consecutive_failures: e

@@ -14,7 +14,6 @@
 //! selection, as in linkerd2-proxy.
 
 use crate::endpoint::Endpoint;
-use crate::table::ServiceView;
 
 /// Balancer settings; both have Envoy's defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -149,15 +148,6 @@ impl Alias {
     }
 }
 
-/// Picks an endpoint for one request or connection; `None` when none is usable.
-pub fn pick<'a>(
-    view: &'a ServiceView,
-    cfg: &LbConfig,
-    rng: &mut fastrand::Rng,
-) -> Option<&'a Endpoint> {
-    pick_from(&view.endpoints, &view.pool, cfg, rng)
-}
-
 /// Least request among a pool of `endpoints`, e.g. one subset's members.
 pub fn pick_from<'a>(
     endpoints: &'a [Endpoint],
@@ -249,38 +239,39 @@ fn weighted<'a>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::atomic::Ordering;
 
-    use super::*;
-    use crate::endpoint::{ActiveGuard, State, EJECT_AFTER_FAILURES};
-    use crate::table::InstanceRecord;
+    use switchyard_core::model::State;
 
-    fn view(specs: &[(u32, State)]) -> ServiceView {
-        let records: BTreeMap<String, InstanceRecord> = specs
+    use super::*;
+    use crate::endpoint::{test_instance, ActiveGuard, EJECT_AFTER_FAILURES};
+
+    /// What a service view holds for the balancer.
+    struct TestView {
+        endpoints: Vec<Endpoint>,
+        pool: Pool,
+    }
+
+    fn view(specs: &[(u32, State)]) -> TestView {
+        let endpoints: Vec<Endpoint> = specs
             .iter()
             .enumerate()
             .map(|(n, (weight, state))| {
-                let id = format!("e{n}");
-                (
-                    id.clone(),
-                    InstanceRecord {
-                        id,
-                        address: "127.0.0.1".into(),
-                        port: 1000 + n as u16,
-                        version: "1".into(),
-                        labels: BTreeMap::new(),
-                        weight: *weight,
-                        zone: String::new(),
-                        state: *state,
-                    },
-                )
+                Endpoint::new(test_instance(&format!("e{n}"), "1", *weight, *state), None)
             })
             .collect();
-        ServiceView::new("svc".into(), 1, &records, None, None, None)
+        let usable = (0..endpoints.len())
+            .filter(|&i| endpoints[i].is_usable())
+            .collect();
+        let pool = Pool::new(&endpoints, usable);
+        TestView { endpoints, pool }
     }
 
-    fn index(v: &ServiceView, e: &Endpoint) -> usize {
+    fn pick<'a>(v: &'a TestView, cfg: &LbConfig, rng: &mut fastrand::Rng) -> Option<&'a Endpoint> {
+        pick_from(&v.endpoints, &v.pool, cfg, rng)
+    }
+
+    fn index(v: &TestView, e: &Endpoint) -> usize {
         v.endpoints
             .iter()
             .position(|x| x.id == e.id)
@@ -290,7 +281,7 @@ mod tests {
     /// Discrete-time load: each tick `per_tick` requests arrive and each holds its
     /// endpoint for that endpoint's service time. Returns requests per endpoint.
     fn simulate(
-        v: &ServiceView,
+        v: &TestView,
         cfg: &LbConfig,
         service_ticks: &[u32],
         ticks: u32,
@@ -510,31 +501,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn live_state_survives_a_view_update() {
-        let v1 = view(&[(100, State::Serving), (100, State::Serving)]);
-        v1.endpoints[0].live.active.store(7, Ordering::Relaxed);
-        let mut records = BTreeMap::new();
-        for e in &v1.endpoints {
-            records.insert(
-                e.id.clone(),
-                InstanceRecord {
-                    id: e.id.clone(),
-                    address: "127.0.0.1".into(),
-                    port: 1,
-                    version: "2".into(),
-                    labels: BTreeMap::new(),
-                    weight: 100,
-                    zone: String::new(),
-                    state: State::Serving,
-                },
-            );
-        }
-        let v2 = ServiceView::new("svc".into(), 2, &records, None, Some(&v1), None);
-        assert_eq!(v2.endpoints[0].live.active(), 7);
-        assert_eq!(v2.endpoints[0].version, "2");
     }
 
     #[test]

@@ -1,22 +1,18 @@
 //! Endpoints as the balancer sees them, and the live state that outlives catalog updates.
+//!
+//! An [`Endpoint`] holds its instance as the one shared `Arc<Instance>` the sidecar keeps
+//! per instance (the discovery catalog, DNS answers and the disk cache hold the same
+//! pointer), plus what the request path derives from it once per update.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use switchyard_core::model::{Instance, State};
 
 use crate::metrics::EndpointMetrics;
-
-/// Whether an endpoint may take new traffic (from the registry's instance state).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum State {
-    Serving,
-    Draining,
-    Failing,
-}
 
 /// Per-endpoint counters kept beside the immutable views, keyed by endpoint id, so a
 /// catalog update that rebuilds a view keeps each endpoint's in-flight count.
@@ -44,21 +40,25 @@ impl LiveState {
     }
 }
 
-/// One instance of a service, as the proxy routes to it.
+/// One instance of a service, as the proxy routes to it. Derefs to its [`Instance`], so
+/// `endpoint.id`, `.version`, `.labels` and `.state` read the shared instance.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub id: String,
-    /// `host:port`, ready for a connector.
-    pub authority: String,
-    /// `authority` parsed once per catalog update, so building each request's upstream
+    pub instance: Arc<Instance>,
+    /// `host:port` parsed once per catalog update, so building each request's upstream
     /// URI copies a pointer instead of parsing text (`None` if it does not parse).
     pub uri_authority: Option<http::uri::Authority>,
-    pub version: String,
-    pub labels: BTreeMap<String, String>,
+    /// The instance's weight, at least 1 (the balancer divides by it).
     pub weight: u32,
-    pub zone: String,
-    pub state: State,
     pub live: Arc<LiveState>,
+}
+
+impl Deref for Endpoint {
+    type Target = Instance;
+
+    fn deref(&self) -> &Instance {
+        &self.instance
+    }
 }
 
 /// Consecutive failures that eject an endpoint (Envoy's `consecutive_5xx` default).
@@ -86,9 +86,37 @@ impl LiveState {
 }
 
 impl Endpoint {
+    /// The endpoint for `instance`, keeping `live` (the state of the same id in the
+    /// previous view) when there is one.
+    pub fn new(instance: Arc<Instance>, live: Option<Arc<LiveState>>) -> Self {
+        Self {
+            uri_authority: authority(&instance).parse().ok(),
+            weight: instance.weight.max(1),
+            live: live.unwrap_or_default(),
+            instance,
+        }
+    }
+
     /// Serving endpoints take new traffic; draining and failing ones do not.
     pub fn is_usable(&self) -> bool {
-        self.state == State::Serving
+        self.instance.state == State::Serving
+    }
+
+    /// `host:port`, with IPv6 literals bracketed, ready for a connector.
+    pub fn authority(&self) -> Cow<'_, str> {
+        match &self.uri_authority {
+            Some(a) => Cow::Borrowed(a.as_str()),
+            None => Cow::Owned(authority(&self.instance)),
+        }
+    }
+}
+
+/// `host:port` of an instance, with IPv6 literals bracketed.
+pub fn authority(i: &Instance) -> String {
+    if i.address.contains(':') {
+        format!("[{}]:{}", i.address, i.port)
+    } else {
+        format!("{}:{}", i.address, i.port)
     }
 }
 
@@ -134,4 +162,21 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.live.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Instances for unit tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_instance(id: &str, version: &str, weight: u32, state: State) -> Arc<Instance> {
+    Arc::new(Instance {
+        namespace: "default".into(),
+        service: "svc".into(),
+        id: id.into(),
+        address: "127.0.0.1".into(),
+        port: 1000,
+        version: version.into(),
+        labels: std::collections::BTreeMap::from([("track".to_string(), version.to_string())]),
+        weight,
+        zone: String::new(),
+        state,
+    })
 }

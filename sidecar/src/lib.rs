@@ -55,7 +55,7 @@ pub struct SidecarConfig {
     /// The local service to register, if any.
     pub registrar: Option<RegistrarConfig>,
     /// DNS zone and TTL (served when `SidecarListeners::dns` is given).
-    pub dns: switchyard_registry::dns::DnsConfig,
+    pub dns: switchyard_core::dns::DnsConfig,
 }
 
 impl SidecarConfig {
@@ -73,7 +73,7 @@ impl SidecarConfig {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(15),
             registrar: None,
-            dns: switchyard_registry::dns::DnsConfig::default(),
+            dns: switchyard_core::dns::DnsConfig::default(),
         }
     }
 
@@ -232,14 +232,14 @@ pub async fn start(
         None => None,
     };
     if let Some((udp, tcp)) = listeners.dns {
-        let handler = switchyard_registry::dns::DnsHandler::new(
+        let handler = switchyard_core::dns::DnsHandler::new(
             dns::TableSource {
                 table: table.clone(),
                 namespace: config.discovery.namespace.clone(),
             },
             &config.dns,
         )?;
-        tasks.push(tokio::spawn(switchyard_registry::dns::serve(
+        tasks.push(tokio::spawn(switchyard_core::dns::serve(
             handler,
             udp,
             tcp,

@@ -1,15 +1,18 @@
 //! Version-aware routing: route match → subset (weighted split, sticky hash, pinning
 //! from the previous hop) → least request inside the subset.
 //!
-//! A policy is compiled once per view update (regexes built, subsets resolved to endpoint
-//! indices, usable members precomputed), so a request only evaluates header matches and
-//! draws one number. Weighted splits sit above the per-subset balancer, as in
-//! linkerd2-proxy.
+//! Which instances a subset selects, how a split draws and the sticky hash are
+//! `switchyard_core::select`'s (the code DNS answers use too). This module adds what only
+//! the proxy needs: header matchers, each subset's usable endpoints ready for the
+//! balancer, and per-version metric handles. A policy is compiled once per view update,
+//! so a request only evaluates header matches and draws one number. Weighted splits sit
+//! above the per-subset balancer, as in linkerd2-proxy.
 
 use std::fmt::Write as _;
 
 use http::header::{HeaderMap, HeaderName};
-use switchyard_proto::v1 as pb;
+use switchyard_core::model::policy::MatchKind;
+use switchyard_core::select::{self, compile_regex, same_name, NoChoice, Selection, SplitRule};
 
 use crate::balance::Pool;
 use crate::endpoint::Endpoint;
@@ -62,11 +65,20 @@ impl Matcher {
     }
 }
 
-/// Shares of traffic over subsets (indices into the policy's subsets).
+/// A split with its sticky header parsed for the request path.
 #[derive(Debug, Default)]
 pub struct CompiledSplit {
-    pub entries: Vec<(usize, u32)>,
+    pub rule: SplitRule,
     pub sticky: Option<HeaderName>,
+}
+
+impl CompiledSplit {
+    fn new(rule: &SplitRule) -> Self {
+        Self {
+            sticky: rule.sticky.as_deref().and_then(header),
+            rule: rule.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -76,7 +88,9 @@ pub struct CompiledRoute {
     pub split: CompiledSplit,
 }
 
-/// A service's policy, ready for the request path.
+/// A service's policy, ready for the request path. `subsets` are parallel to the
+/// selection's subsets (declared, then the versions splits name), so split entries index
+/// both.
 #[derive(Debug)]
 pub struct CompiledPolicy {
     pub subsets: Vec<CompiledSubset>,
@@ -85,141 +99,92 @@ pub struct CompiledPolicy {
     pub fail_closed: bool,
 }
 
-fn version_matches(req: Option<&semver::VersionReq>, version: &str) -> bool {
-    match req {
-        None => true,
-        Some(r) => semver::Version::parse(version).is_ok_and(|v| r.matches(&v)),
-    }
-}
-
 fn header(name: &str) -> Option<HeaderName> {
     HeaderName::from_bytes(name.as_bytes()).ok()
 }
 
 impl CompiledPolicy {
-    /// Compiles a policy against a view's endpoints. The registry validated it; anything
-    /// that still fails to compile here (a regex this build rejects) is skipped with a
-    /// warning rather than taking the service down.
+    /// Compiles a selection against a view's endpoints. The registry validated the
+    /// policy; anything that still fails to compile here (a regex this build rejects)
+    /// is skipped with a warning rather than taking the service down.
     pub fn compile(
         service: &str,
-        policy: &pb::Policy,
+        selection: &Selection,
         endpoints: &[Endpoint],
         metrics: Option<&Metrics>,
     ) -> Self {
-        let mut subsets: Vec<CompiledSubset> = Vec::new();
-        let build = |name: &str, select: &dyn Fn(&Endpoint) -> bool| {
-            let members: Vec<usize> = endpoints
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| select(e))
-                .map(|(i, _)| i)
-                .collect();
-            let usable: Vec<usize> = members
-                .iter()
-                .copied()
-                .filter(|&i| endpoints[i].is_usable())
-                .collect();
-            let mut versions: Vec<&str> = members
-                .iter()
-                .map(|&i| endpoints[i].version.as_str())
-                .collect();
-            versions.sort_unstable();
-            versions.dedup();
-            let metrics = metrics
-                .map(|m| {
-                    versions
-                        .iter()
-                        .map(|v| (v.to_string(), m.subset(service, name, v)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            CompiledSubset {
-                name: name.to_string(),
-                members,
-                pool: Pool::new(endpoints, usable),
-                metrics,
-            }
-        };
-        for s in &policy.subsets {
-            let range = if s.version_range.is_empty() {
-                None
-            } else {
-                match semver::VersionReq::parse(&s.version_range) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        tracing::warn!(service, subset = %s.name, error = %e, "bad version range; the subset selects nothing");
-                        subsets.push(build(&s.name, &|_| false));
-                        continue;
-                    }
+        let subsets: Vec<CompiledSubset> = selection
+            .subsets
+            .iter()
+            .map(|s| {
+                let members: Vec<usize> = endpoints
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| s.selector.selects_instance(e))
+                    .map(|(i, _)| i)
+                    .collect();
+                let usable: Vec<usize> = members
+                    .iter()
+                    .copied()
+                    .filter(|&i| endpoints[i].is_usable())
+                    .collect();
+                let mut versions: Vec<&str> = members
+                    .iter()
+                    .map(|&i| endpoints[i].version.as_str())
+                    .collect();
+                versions.sort_unstable();
+                versions.dedup();
+                let metrics = metrics
+                    .map(|m| {
+                        versions
+                            .iter()
+                            .map(|v| (v.to_string(), m.subset(service, &s.name, v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                CompiledSubset {
+                    name: s.name.clone(),
+                    members,
+                    pool: Pool::new(endpoints, usable),
+                    metrics,
                 }
-            };
-            subsets.push(build(&s.name, &|e: &Endpoint| {
-                (s.version.is_empty() || e.version == s.version)
-                    && version_matches(range.as_ref(), &e.version)
-                    && s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))
-            }));
-        }
-        // A split may name a version instead of a subset: it gets an implicit subset.
-        let index_of = |name: &str, subsets: &mut Vec<CompiledSubset>| -> usize {
-            if let Some(i) = subsets.iter().position(|s| s.name == name) {
-                return i;
-            }
-            subsets.push(build(name, &|e: &Endpoint| e.version == name));
-            subsets.len() - 1
-        };
-        let compile_split =
-            |split: &[pb::WeightedSubset], sticky: &str, subsets: &mut Vec<CompiledSubset>| {
-                CompiledSplit {
-                    entries: split
-                        .iter()
-                        .filter(|w| w.weight > 0)
-                        .map(|w| (index_of(&w.subset, subsets), w.weight))
-                        .collect(),
-                    sticky: (!sticky.is_empty()).then(|| header(sticky)).flatten(),
-                }
-            };
+            })
+            .collect();
         let mut routes = Vec::new();
-        for r in &policy.routes {
+        'routes: for r in &selection.routes {
             let mut matchers = Vec::new();
-            let mut ok = true;
             for h in &r.headers {
-                use pb::header_match::Match;
                 let Some(name) = header(&h.name) else {
-                    ok = false;
-                    break;
+                    tracing::warn!(service, route = %r.name, header = %h.name, "bad header name; route skipped");
+                    continue 'routes;
                 };
-                matchers.push(match &h.r#match {
-                    Some(Match::Exact(v)) => Matcher::Exact(name, v.clone()),
-                    Some(Match::Prefix(v)) => Matcher::Prefix(name, v.clone()),
-                    Some(Match::Regex(v)) => match regex::RegexBuilder::new(v).size_limit(256 * 1024).build() {
+                matchers.push(match &h.kind {
+                    MatchKind::Exact(v) => Matcher::Exact(name, v.clone()),
+                    MatchKind::Prefix(v) => Matcher::Prefix(name, v.clone()),
+                    MatchKind::Regex(v) => match compile_regex(v) {
                         Ok(re) => Matcher::Regex(name, re),
                         Err(e) => {
                             tracing::warn!(service, route = %r.name, error = %e, "bad regex; route skipped");
-                            ok = false;
-                            break;
+                            continue 'routes;
                         }
                     },
-                    Some(Match::Present(_)) | None => Matcher::Present(name),
+                    MatchKind::Present => Matcher::Present(name),
                 });
             }
-            if ok {
-                let split = compile_split(&r.split, &r.sticky_header, &mut subsets);
-                routes.push(CompiledRoute {
-                    name: r.name.clone(),
-                    matchers,
-                    split,
-                });
-            }
+            routes.push(CompiledRoute {
+                name: r.name.clone(),
+                matchers,
+                split: CompiledSplit::new(&r.split),
+            });
         }
-        let default = compile_split(&policy.default_split, &policy.sticky_header, &mut subsets);
         let compiled = Self {
             subsets,
             routes,
-            default,
-            fail_closed: policy.fallback == pb::Fallback::Fail as i32,
+            default: CompiledSplit::new(&selection.default),
+            fail_closed: selection.fail_closed,
         };
-        for s in &compiled.subsets {
-            if s.pool.is_empty() && compiled.in_a_split(s) {
+        for (i, s) in compiled.subsets.iter().enumerate() {
+            if s.pool.is_empty() && selection.in_a_split(i) {
                 if compiled.fail_closed {
                     tracing::warn!(service, subset = %s.name, "subset has no healthy endpoint; its requests fail with 503 (fallback = fail)");
                 } else {
@@ -228,17 +193,6 @@ impl CompiledPolicy {
             }
         }
         compiled
-    }
-
-    fn in_a_split(&self, s: &CompiledSubset) -> bool {
-        let Some(i) = self.subsets.iter().position(|x| std::ptr::eq(x, s)) else {
-            return false;
-        };
-        self.default.entries.iter().any(|(j, _)| *j == i)
-            || self
-                .routes
-                .iter()
-                .any(|r| r.split.entries.iter().any(|(j, _)| *j == i))
     }
 }
 
@@ -270,39 +224,6 @@ pub struct Decision<'a> {
 #[derive(Debug)]
 pub struct NoRoute(pub String);
 
-/// FNV-1a: a stable hash for sticky routing, the same in every sidecar and release.
-fn sticky_hash(value: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in value {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    // Spread the low bits, which the modulo below uses.
-    h ^ (h >> 29)
-}
-
-/// Draws an entry of `entries` (subset index, weight): sticky on `key` when given. With
-/// sticky hashing, the hash picks a point on the cumulative weights, so changing the
-/// weights moves only the users whose point crosses a boundary.
-fn draw(entries: &[(usize, u32)], key: Option<&[u8]>, rng: &mut fastrand::Rng) -> Option<usize> {
-    let total: u64 = entries.iter().map(|(_, w)| u64::from(*w)).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut point = match key {
-        Some(k) => sticky_hash(k) % total,
-        None => rng.u64(..total),
-    };
-    for (subset, w) in entries {
-        let w = u64::from(*w);
-        if point < w {
-            return Some(*subset);
-        }
-        point -= w;
-    }
-    entries.last().map(|(s, _)| *s)
-}
-
 /// Chooses the subset for a request.
 pub fn decide<'a>(
     service: &str,
@@ -323,7 +244,7 @@ pub fn decide<'a>(
         if let Some(s) = policy
             .subsets
             .iter()
-            .find(|s| s.name == pinned && !s.pool.is_empty())
+            .find(|s| same_name(&s.name, pinned) && !s.pool.is_empty())
         {
             return Ok(Decision {
                 route: None,
@@ -340,7 +261,7 @@ pub fn decide<'a>(
         Some(r) => (Some(r.name.as_str()), &r.split),
         None => (None, &policy.default),
     };
-    if split.entries.is_empty() {
+    if split.rule.entries.is_empty() {
         return Ok(Decision {
             route,
             subset: None,
@@ -352,46 +273,28 @@ pub fn decide<'a>(
         .as_ref()
         .and_then(|h| headers.get(h))
         .map(|v| v.as_bytes());
-    let why = if key.is_some() {
-        Why::Sticky
-    } else {
-        Why::Split
-    };
-    let drawn = draw(&split.entries, key, rng).and_then(|i| policy.subsets.get(i));
-    let Some(drawn) = drawn else {
-        return Err(NoRoute(format!(
-            "service {service:?}: the split has no weight"
-        )));
-    };
-    if !drawn.pool.is_empty() {
-        return Ok(Decision {
+    let healthy = |i: usize| policy.subsets.get(i).is_some_and(|s| !s.pool.is_empty());
+    let name = |i: usize| policy.subsets.get(i).map_or("?", |s| s.name.as_str());
+    match select::choose(&split.rule, key, rng, policy.fail_closed, healthy) {
+        Ok(chosen) => Ok(Decision {
             route,
-            subset: Some(drawn),
-            why,
-        });
-    }
-    if policy.fail_closed {
-        return Err(NoRoute(format!(
-            "subset {:?} of service {service:?} has no healthy endpoint (fallback = fail)",
-            drawn.name
-        )));
-    }
-    // Health-aware split: the shares of subsets with healthy endpoints, renormalized.
-    let healthy: Vec<(usize, u32)> = split
-        .entries
-        .iter()
-        .copied()
-        .filter(|(i, _)| policy.subsets.get(*i).is_some_and(|s| !s.pool.is_empty()))
-        .collect();
-    match draw(&healthy, key, rng).and_then(|i| policy.subsets.get(i)) {
-        Some(s) => Ok(Decision {
-            route,
-            subset: Some(s),
-            why: Why::Fallback {
-                wanted: drawn.name.clone(),
+            subset: policy.subsets.get(chosen.subset),
+            why: match chosen.instead_of {
+                Some(wanted) => Why::Fallback {
+                    wanted: name(wanted).to_string(),
+                },
+                None if key.is_some() => Why::Sticky,
+                None => Why::Split,
             },
         }),
-        None => Err(NoRoute(format!(
+        Err(NoChoice::NoWeight) => Err(NoRoute(format!(
+            "service {service:?}: the split has no weight"
+        ))),
+        Err(NoChoice::Empty { subset }) => Err(NoRoute(format!(
+            "subset {:?} of service {service:?} has no healthy endpoint (fallback = fail)",
+            name(subset)
+        ))),
+        Err(NoChoice::NoneHealthy) => Err(NoRoute(format!(
             "no subset of service {service:?} in this split has a healthy endpoint"
         ))),
     }
@@ -442,24 +345,17 @@ mod tests {
 
     use http::HeaderValue;
 
-    use super::*;
-    use crate::endpoint::State;
-    use crate::table::{InstanceRecord, ServiceView};
+    use std::sync::Arc;
 
-    fn record(id: &str, version: &str, state: State) -> (String, InstanceRecord) {
-        (
-            id.to_string(),
-            InstanceRecord {
-                id: id.into(),
-                address: "127.0.0.1".into(),
-                port: 80,
-                version: version.into(),
-                labels: BTreeMap::from([("track".to_string(), version.to_string())]),
-                weight: 100,
-                zone: String::new(),
-                state,
-            },
-        )
+    use switchyard_core::model::{Instance, State};
+    use switchyard_proto::v1 as pb;
+
+    use super::*;
+    use crate::endpoint::test_instance;
+    use crate::table::ServiceView;
+
+    fn record(id: &str, version: &str, state: State) -> (String, Arc<Instance>) {
+        (id.to_string(), test_instance(id, version, 100, state))
     }
 
     fn split(entries: &[(&str, u32)]) -> Vec<pb::WeightedSubset> {
@@ -504,14 +400,17 @@ mod tests {
     }
 
     fn view(p: &pb::Policy, canary_state: State) -> ServiceView {
-        let records: BTreeMap<String, InstanceRecord> = [
+        let records: BTreeMap<String, Arc<Instance>> = [
             record("s1", "1.4.2", State::Serving),
             record("s2", "1.4.3", State::Serving),
             record("c1", "2.0.0", canary_state),
         ]
         .into_iter()
         .collect();
-        ServiceView::new("web".into(), 1, &records, Some(p), None, None)
+        let policy = Arc::new(
+            switchyard_core::convert::policy_from_proto(p.clone()).expect("a valid policy"),
+        );
+        ServiceView::new("web".into(), 1, &records, Some(&policy), None, None)
     }
 
     fn subset_of(v: &ServiceView, headers: &HeaderMap, rng: &mut fastrand::Rng) -> String {

@@ -11,40 +11,13 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use switchyard_core::dns::ServiceRecords;
+use switchyard_core::model::{Instance, Policy};
 
 use crate::balance::Pool;
-use crate::endpoint::{Endpoint, LiveState, State};
+use crate::endpoint::{Endpoint, LiveState};
 use crate::metrics::Metrics;
 use crate::route::CompiledPolicy;
-use switchyard_proto::v1 as pb;
-use switchyard_registry::model::{Instance as DnsInstance, Policy as DnsPolicy};
-
-/// One instance as the catalog holds it (also the disk cache's record).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub id: String,
-    pub address: String,
-    pub port: u16,
-    pub version: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    pub weight: u32,
-    #[serde(default)]
-    pub zone: String,
-    pub state: State,
-}
-
-impl InstanceRecord {
-    /// `host:port`, with IPv6 literals bracketed.
-    pub fn authority(&self) -> String {
-        if self.address.contains(':') {
-            format!("[{}]:{}", self.address, self.port)
-        } else {
-            format!("{}:{}", self.address, self.port)
-        }
-    }
-}
 
 /// Everything the proxy needs about one service at one revision.
 #[derive(Debug)]
@@ -57,18 +30,17 @@ pub struct ServiceView {
     pub pool: Pool,
     /// The service's routing policy, compiled against these endpoints.
     pub policy: Option<CompiledPolicy>,
-    /// The same instances and policy in the registry's model, for the sidecar's DNS
-    /// port (built once per update, not per query).
-    pub dns_instances: Vec<Arc<DnsInstance>>,
-    pub dns_policy: Option<Arc<DnsPolicy>>,
+    /// The same instances (the same `Arc`s) and policy for the sidecar's DNS port, with
+    /// the policy compiled for selection once per update, not per query.
+    pub dns: Arc<ServiceRecords>,
 }
 
 impl ServiceView {
     pub fn new(
         name: String,
         revision: u64,
-        records: &BTreeMap<String, InstanceRecord>,
-        policy: Option<&pb::Policy>,
+        instances: &BTreeMap<String, Arc<Instance>>,
+        policy: Option<&Arc<Policy>>,
         previous: Option<&ServiceView>,
         metrics: Option<&Metrics>,
     ) -> Self {
@@ -80,25 +52,9 @@ impl ServiceView {
                     .collect()
             })
             .unwrap_or_default();
-        let endpoints: Vec<Endpoint> = records
+        let endpoints: Vec<Endpoint> = instances
             .values()
-            .map(|r| {
-                let live = kept
-                    .get(r.id.as_str())
-                    .map_or_else(|| Arc::new(LiveState::default()), |l| Arc::clone(l));
-                let authority = r.authority();
-                Endpoint {
-                    id: r.id.clone(),
-                    uri_authority: authority.parse().ok(),
-                    authority,
-                    version: r.version.clone(),
-                    labels: r.labels.clone(),
-                    weight: r.weight.max(1),
-                    zone: r.zone.clone(),
-                    state: r.state,
-                    live,
-                }
-            })
+            .map(|i| Endpoint::new(i.clone(), kept.get(i.id.as_str()).map(|l| Arc::clone(l))))
             .collect();
         let usable: Vec<usize> = endpoints
             .iter()
@@ -107,39 +63,21 @@ impl ServiceView {
             .map(|(i, _)| i)
             .collect();
         let pool = Pool::new(&endpoints, usable);
-        let dns_policy = policy
-            .and_then(|p| switchyard_registry::api::policy_from_proto(p.clone()).ok())
-            .map(Arc::new);
-        let dns_instances = records
-            .values()
-            .map(|r| {
-                Arc::new(DnsInstance {
-                    namespace: String::new(),
-                    service: name.clone(),
-                    id: r.id.clone(),
-                    address: r.address.clone(),
-                    port: r.port,
-                    version: r.version.clone(),
-                    labels: r.labels.clone(),
-                    weight: r.weight,
-                    zone: r.zone.clone(),
-                    state: match r.state {
-                        State::Serving => switchyard_registry::model::State::Serving,
-                        State::Draining => switchyard_registry::model::State::Draining,
-                        State::Failing => switchyard_registry::model::State::Failing,
-                    },
-                })
-            })
-            .collect();
-        let policy = policy.map(|p| CompiledPolicy::compile(&name, p, &endpoints, metrics));
+        let dns = Arc::new(ServiceRecords::new(
+            instances.values().cloned().collect(),
+            policy.cloned(),
+        ));
+        let policy = dns
+            .selection
+            .as_ref()
+            .map(|s| CompiledPolicy::compile(&name, s, &endpoints, metrics));
         Self {
             name,
             revision,
             endpoints,
             pool,
             policy,
-            dns_instances,
-            dns_policy,
+            dns,
         }
     }
 }
@@ -218,5 +156,39 @@ impl EndpointTable {
             return Some(Duration::ZERO);
         }
         self.confirmed.lock().map(|t| t.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use switchyard_core::model::State;
+
+    use super::*;
+    use crate::endpoint::test_instance;
+
+    #[test]
+    fn live_state_survives_a_view_update() {
+        let one = |version: &str| -> BTreeMap<String, Arc<Instance>> {
+            ["e0", "e1"]
+                .iter()
+                .map(|id| {
+                    (
+                        id.to_string(),
+                        test_instance(id, version, 100, State::Serving),
+                    )
+                })
+                .collect()
+        };
+        let v1 = ServiceView::new("svc".into(), 1, &one("1"), None, None, None);
+        v1.endpoints[0].live.active.store(7, Ordering::Relaxed);
+        let v2 = ServiceView::new("svc".into(), 2, &one("2"), None, Some(&v1), None);
+        assert_eq!(v2.endpoints[0].live.active(), 7);
+        assert_eq!(v2.endpoints[0].version, "2");
+        assert!(
+            Arc::ptr_eq(&v2.endpoints[1].instance, &v2.dns.instances[1]),
+            "DNS and the proxy share one Arc per instance"
+        );
     }
 }

@@ -97,7 +97,7 @@ async fn the_sidecar_answers_dns_from_its_cache_even_without_a_registry() {
         sidecar
             .table
             .get("web")
-            .filter(|v| v.endpoints.len() == 2 && v.dns_policy.is_some())
+            .filter(|v| v.endpoints.len() == 2 && v.dns.policy.is_some())
             .map(|_| ())
     })
     .await;

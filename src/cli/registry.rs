@@ -368,7 +368,7 @@ async fn start_registry(
         .validate()
         .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid configuration: {e}")))?;
     let dns = match dns {
-        Some(addr) => Some(switchyard_registry::dns::bind(addr).await.map_err(|e| {
+        Some(addr) => Some(switchyard_core::dns::bind(addr).await.map_err(|e| {
             CliError::new(
                 EXIT_CONFIG,
                 format!("cannot listen on {addr} (--dns): {e}; pick another address or --dns off"),

@@ -433,7 +433,7 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
                     format!("invalid --dns {a:?}: {e} (HOST:PORT or off)"),
                 )
             })?;
-            Some(switchyard_registry::dns::bind(addr).await.map_err(|e| {
+            Some(switchyard_core::dns::bind(addr).await.map_err(|e| {
                 CliError::new(
                     EXIT_CONFIG,
                     format!(

@@ -6,7 +6,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use switchyard_benches::{request_headers, sidecar_view, Weights};
-use switchyard_sidecar::balance::{pick, pick_from, LbConfig};
+use switchyard_sidecar::balance::{pick_from, LbConfig};
 use switchyard_sidecar::route::decide;
 
 const SIZES: [usize; 4] = [10, 100, 1_000, 10_000];
@@ -19,7 +19,10 @@ fn pick_without_policy(c: &mut Criterion) {
             let view = sidecar_view(n, weights, false);
             let mut rng = fastrand::Rng::with_seed(7);
             group.bench_with_input(BenchmarkId::new(label, n), &view, |b, view| {
-                b.iter(|| pick(black_box(view), &cfg, &mut rng).map(|e| e.weight))
+                b.iter(|| {
+                    let view = black_box(view);
+                    pick_from(&view.endpoints, &view.pool, &cfg, &mut rng).map(|e| e.weight)
+                })
             });
         }
     }

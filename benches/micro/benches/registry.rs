@@ -10,9 +10,9 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use prost::Message;
 use switchyard_benches::instance;
-use switchyard_registry::api::{delta_event, snapshot_event};
+use switchyard_core::convert::{delta_event, snapshot_event};
+use switchyard_core::model::Change;
 use switchyard_registry::catalog::{Catalog, Command};
-use switchyard_registry::model::Change;
 use switchyard_registry::Limits;
 
 const BASE: usize = 10_000;

@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use switchyard_core::model::{Instance, State};
 use switchyard_proto::v1 as pb;
-use switchyard_registry::model::{Instance, State};
-use switchyard_sidecar::endpoint::State as EndpointState;
-use switchyard_sidecar::table::{InstanceRecord, ServiceView};
+use switchyard_sidecar::table::ServiceView;
 
 /// How instance weights are spread in a fixture.
 #[derive(Clone, Copy, Debug)]
@@ -24,10 +24,12 @@ pub enum Weights {
 /// A sidecar view of `n` endpoints of service `web`: 90% on version 1.4.2, 10% on 2.0.0,
 /// each with 0-3 requests in flight (a busy sidecar), optionally with a canary policy.
 pub fn sidecar_view(n: usize, weights: Weights, with_policy: bool) -> ServiceView {
-    let records: BTreeMap<String, InstanceRecord> = (0..n)
+    let records: BTreeMap<String, Arc<Instance>> = (0..n)
         .map(|i| {
             let id = format!("web-{i:05}");
-            let record = InstanceRecord {
+            let record = Instance {
+                namespace: "default".into(),
+                service: "web".into(),
                 id: id.clone(),
                 address: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
                 port: 8080,
@@ -38,12 +40,17 @@ pub fn sidecar_view(n: usize, weights: Weights, with_policy: bool) -> ServiceVie
                     Weights::Unequal => 50 + (i % 100) as u32,
                 },
                 zone: String::new(),
-                state: EndpointState::Serving,
+                state: State::Serving,
             };
-            (id, record)
+            (id, Arc::new(record))
         })
         .collect();
-    let policy = with_policy.then(canary_policy);
+    let policy = with_policy.then(|| {
+        Arc::new(
+            switchyard_core::convert::policy_from_proto(canary_policy())
+                .expect("the canary policy is valid"),
+        )
+    });
     let view = ServiceView::new("web".into(), 1, &records, policy.as_ref(), None, None);
     let mut rng = fastrand::Rng::with_seed(1);
     for e in &view.endpoints {

@@ -3,16 +3,12 @@
 //! in one place ([`status`]).
 
 mod cluster;
-mod convert;
+use switchyard_core::convert;
 mod discovery;
 mod registry;
 mod routing;
 
 pub use cluster::ClusterApi;
-/// Wire policy → domain policy, for other crates that receive policies over Watch.
-pub use convert::policy_from_proto;
-/// Domain change → wire event, exported for the watch-encoding micro-benchmark.
-pub use convert::{delta_event, snapshot_event};
 pub use discovery::DiscoveryApi;
 pub use registry::RegistryApi;
 pub use routing::RoutingApi;
@@ -20,19 +16,12 @@ pub use routing::RoutingApi;
 use tonic::Status;
 
 use crate::catalog::ApplyError;
-use crate::model::ValidationError;
 use crate::writer::ProposeError;
 
 /// Most lease ids in one `KeepAlive` message.
 pub const MAX_LEASES_PER_KEEPALIVE: usize = 1_000;
 /// Most services one `Watch` may filter on.
 pub const MAX_WATCH_SERVICES: usize = 256;
-
-impl From<ValidationError> for Status {
-    fn from(e: ValidationError) -> Self {
-        Status::invalid_argument(e.to_string())
-    }
-}
 
 /// Maps a failed proposal to the status a client can act on.
 pub fn status(e: ProposeError) -> Status {

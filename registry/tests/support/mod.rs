@@ -23,7 +23,7 @@ pub async fn start_in(config: RegistryConfig) -> RegistryHandle {
         grpc: TcpListener::bind("127.0.0.1:0").await.expect("bind grpc"),
         http: TcpListener::bind("127.0.0.1:0").await.expect("bind http"),
         dns: Some(
-            switchyard_registry::dns::bind("127.0.0.1:0".parse().expect("addr"))
+            switchyard_core::dns::bind("127.0.0.1:0".parse().expect("addr"))
                 .await
                 .expect("bind dns"),
         ),

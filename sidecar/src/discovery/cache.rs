@@ -1,19 +1,173 @@
 //! The catalog on disk, so a sidecar restarted while no registry answers still routes.
 //! Written atomically (temp file + rename) so a crash never leaves half a file.
+//!
+//! The file is JSON: `{revision, services: {service: {id: instance}}, policies: {service:
+//! protobuf bytes}}`, the format every release so far has written and read. Instances
+//! are written straight from the shared `Arc`s (no copy of the catalog) and read back
+//! through the same validation as a watch event.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use switchyard_core::convert::{policy_from_proto, policy_to_proto};
+use switchyard_core::model::{validate_instance, Instance, State};
+use switchyard_proto::v1 as pb;
 
 use super::catalog::Catalog;
 
-/// Reads the cached catalog; a missing file is `Ok(None)`, a damaged one an error.
-pub fn load(path: &Path) -> Result<Option<Catalog>, String> {
+#[derive(Serialize, Deserialize)]
+struct CacheFile<'a> {
+    revision: u64,
+    #[serde(borrow)]
+    services: BTreeMap<String, BTreeMap<String, CachedInstance<'a>>>,
+    #[serde(default)]
+    policies: BTreeMap<String, Vec<u8>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedInstance<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    address: Cow<'a, str>,
+    port: u16,
+    #[serde(borrow)]
+    version: Cow<'a, str>,
+    #[serde(default)]
+    labels: Cow<'a, BTreeMap<String, String>>,
+    weight: u32,
+    #[serde(default, borrow)]
+    zone: Cow<'a, str>,
+    state: CachedState,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum CachedState {
+    Serving,
+    Draining,
+    Failing,
+}
+
+impl From<State> for CachedState {
+    fn from(s: State) -> Self {
+        match s {
+            State::Serving => CachedState::Serving,
+            State::Draining => CachedState::Draining,
+            State::Failing => CachedState::Failing,
+        }
+    }
+}
+
+impl From<CachedState> for State {
+    fn from(s: CachedState) -> Self {
+        match s {
+            CachedState::Serving => State::Serving,
+            CachedState::Draining => State::Draining,
+            CachedState::Failing => State::Failing,
+        }
+    }
+}
+
+fn to_file(catalog: &Catalog) -> CacheFile<'_> {
+    CacheFile {
+        revision: catalog.revision,
+        services: catalog
+            .services
+            .iter()
+            .map(|(svc, instances)| {
+                let instances = instances
+                    .iter()
+                    .map(|(id, i)| {
+                        let cached = CachedInstance {
+                            id: Cow::Borrowed(&i.id),
+                            address: Cow::Borrowed(&i.address),
+                            port: i.port,
+                            version: Cow::Borrowed(&i.version),
+                            labels: Cow::Borrowed(&i.labels),
+                            weight: i.weight,
+                            zone: Cow::Borrowed(&i.zone),
+                            state: i.state.into(),
+                        };
+                        (id.clone(), cached)
+                    })
+                    .collect();
+                (svc.clone(), instances)
+            })
+            .collect(),
+        policies: catalog
+            .policies
+            .iter()
+            .map(|(svc, p)| (svc.clone(), policy_to_proto(p).encode_to_vec()))
+            .collect(),
+    }
+}
+
+fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> Catalog {
+    let mut catalog = Catalog {
+        revision: file.revision,
+        ..Catalog::default()
+    };
+    for (service, instances) in file.services {
+        let mut kept = BTreeMap::new();
+        for (id, c) in instances {
+            let instance = Instance {
+                namespace: namespace.to_string(),
+                service: service.clone(),
+                id: c.id.into_owned(),
+                address: c.address.into_owned(),
+                port: 0,
+                version: c.version.into_owned(),
+                labels: c.labels.into_owned(),
+                weight: 0,
+                zone: c.zone.into_owned(),
+                state: c.state.into(),
+            };
+            match validate_instance(instance, u32::from(c.port), c.weight) {
+                Ok(i) => {
+                    kept.insert(id, Arc::new(i));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), %service, error = %e, "a cached instance breaks the rules; left out")
+                }
+            }
+        }
+        if !kept.is_empty() {
+            catalog.services.insert(service, kept);
+        }
+    }
+    for (service, bytes) in file.policies {
+        match pb::Policy::decode(bytes.as_slice())
+            .map_err(|e| e.to_string())
+            .and_then(|p| policy_from_proto(p).map_err(|e| e.to_string()))
+        {
+            Ok(p) => {
+                catalog.policies.insert(service, Arc::new(p));
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), %service, error = %e, "a cached policy cannot be read; left out")
+            }
+        }
+    }
+    catalog
+}
+
+/// Reads the cached catalog of `namespace`; a missing file is `Ok(None)`, a damaged one
+/// an error.
+pub fn load(path: &Path, namespace: &str) -> Result<Option<Catalog>, String> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            format!(
-                "catalog cache {} is damaged ({e}); delete it or wait for a registry",
-                path.display()
-            )
-        }),
+        Ok(bytes) => serde_json::from_slice::<CacheFile<'_>>(&bytes)
+            .map(|file| Some(from_file(file, namespace, path)))
+            .map_err(|e| {
+                format!(
+                    "catalog cache {} is damaged ({e}); delete it or wait for a registry",
+                    path.display()
+                )
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read catalog cache {}: {e}", path.display())),
     }
@@ -21,7 +175,7 @@ pub fn load(path: &Path) -> Result<Option<Catalog>, String> {
 
 /// Writes the catalog atomically.
 pub fn store(path: &Path, catalog: &Catalog) -> Result<(), String> {
-    let bytes = serde_json::to_vec(catalog).map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec(&to_file(catalog)).map_err(|e| e.to_string())?;
     let tmp: PathBuf = path.with_extension("tmp");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -29,4 +183,38 @@ pub fn store(path: &Path, catalog: &Catalog) -> Result<(), String> {
     }
     std::fs::write(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot replace {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file as the previous release (0.1.0) wrote it: it still loads.
+    const OLD_RELEASE_FILE: &str = r#"{"revision":7,"services":{"web":{"web-1":{"id":"web-1","address":"127.0.0.1","port":8080,"version":"1.0.0","labels":{"zone":"eu"},"weight":100,"zone":"","state":"SERVING"},"web-2":{"id":"web-2","address":"::1","port":8081,"version":"2.0.0","weight":50,"state":"DRAINING"}}},"policies":{}}"#;
+
+    #[test]
+    fn a_file_written_by_the_previous_release_loads_and_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.json");
+        std::fs::write(&path, OLD_RELEASE_FILE).expect("write");
+        let catalog = load(&path, "default").expect("readable").expect("present");
+        assert_eq!(catalog.revision, 7);
+        let web = &catalog.services["web"];
+        assert_eq!(web["web-1"].labels["zone"], "eu");
+        assert_eq!(web["web-2"].state, State::Draining);
+        assert_eq!(web["web-2"].service, "web");
+        store(&path, &catalog).expect("store");
+        let again = load(&path, "default").expect("readable").expect("present");
+        assert_eq!(again, catalog);
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_that_says_what_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.json");
+        std::fs::write(&path, b"{not json").expect("write");
+        let e = load(&path, "default").expect_err("damaged");
+        assert!(e.contains("delete it"), "{e}");
+        assert_eq!(load(&dir.path().join("none.json"), "default"), Ok(None));
+    }
 }

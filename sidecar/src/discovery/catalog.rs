@@ -4,40 +4,43 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use prost::Message;
-use serde::{Deserialize, Serialize};
+use switchyard_core::convert::{instance_from_proto, policy_from_proto};
+use switchyard_core::model::{Instance, Policy};
 use switchyard_proto::v1 as pb;
 
-use crate::endpoint::State;
 use crate::metrics::Metrics;
-use crate::table::{EndpointTable, InstanceRecord, ServiceView, Views};
+use crate::table::{EndpointTable, ServiceView, Views};
 
-/// Services, their instances and their routing policies at one revision; also the disk
-/// cache's format (policies as their protobuf encoding).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Services, their instances and their routing policies at one revision. Each instance
+/// is one `Arc`, the same one the endpoint table, DNS and the disk cache hold.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Catalog {
     pub revision: u64,
-    pub services: BTreeMap<String, BTreeMap<String, InstanceRecord>>,
-    #[serde(default)]
-    pub policies: BTreeMap<String, Vec<u8>>,
+    pub services: BTreeMap<String, BTreeMap<String, Arc<Instance>>>,
+    pub policies: BTreeMap<String, Arc<Policy>>,
 }
 
-fn record(i: pb::Instance) -> Option<InstanceRecord> {
-    let state = match pb::State::try_from(i.state) {
-        Ok(pb::State::Draining) => State::Draining,
-        Ok(pb::State::Failing) => State::Failing,
-        _ => State::Serving,
-    };
-    Some(InstanceRecord {
-        port: u16::try_from(i.port).ok().filter(|p| *p != 0)?,
-        id: i.id,
-        address: i.address,
-        version: i.version,
-        labels: i.labels.into_iter().collect(),
-        weight: i.weight,
-        zone: i.zone,
-        state,
-    })
+/// A wire instance as the catalog keeps it: validated by the same rules the registry
+/// applies (a record that breaks them is left out, and said so, rather than routed to).
+fn record(i: pb::Instance) -> Option<Arc<Instance>> {
+    match instance_from_proto(i) {
+        Ok(instance) => Some(Arc::new(instance)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the registry sent an instance that breaks the rules; left out");
+            None
+        }
+    }
+}
+
+/// A wire policy compiled into the model once per change.
+fn policy(service: &str, p: pb::Policy) -> Option<Arc<Policy>> {
+    match policy_from_proto(p) {
+        Ok(policy) => Some(Arc::new(policy)),
+        Err(e) => {
+            tracing::warn!(service, error = %e, "the registry sent a policy this sidecar cannot read; routing without it");
+            None
+        }
+    }
 }
 
 impl Catalog {
@@ -49,8 +52,8 @@ impl Catalog {
                 self.services.clear();
                 self.policies.clear();
                 for mut svc in s.services {
-                    if let Some(p) = svc.policy.take() {
-                        self.policies.insert(svc.service.clone(), p.encode_to_vec());
+                    if let Some(p) = svc.policy.take().and_then(|p| policy(&svc.service, p)) {
+                        self.policies.insert(svc.service.clone(), p);
                     }
                     if svc.instances.is_empty() {
                         continue;
@@ -86,10 +89,9 @@ impl Catalog {
                     touched.insert(service);
                 }
                 for p in d.policies {
-                    match p.policy {
+                    match p.policy.and_then(|wire| policy(&p.service, wire)) {
                         Some(policy) => {
-                            self.policies
-                                .insert(p.service.clone(), policy.encode_to_vec());
+                            self.policies.insert(p.service.clone(), policy);
                         }
                         None => {
                             self.policies.remove(&p.service);
@@ -118,10 +120,7 @@ impl Catalog {
         let empty = BTreeMap::new();
         for name in names {
             let records = self.services.get(name);
-            let policy = self
-                .policies
-                .get(name)
-                .and_then(|bytes| pb::Policy::decode(bytes.as_slice()).ok());
+            let policy = self.policies.get(name);
             if records.is_none() && policy.is_none() {
                 views.remove(name);
                 continue;
@@ -130,7 +129,7 @@ impl Catalog {
                 name.clone(),
                 self.revision,
                 records.unwrap_or(&empty),
-                policy.as_ref(),
+                policy,
                 old.get(name).map(|v| v.as_ref()),
                 metrics,
             );

@@ -51,7 +51,7 @@ pub fn load_cache(cfg: &DiscoveryConfig, table: &EndpointTable, metrics: &Metric
     let Some(path) = &cfg.cache_file else {
         return Catalog::default();
     };
-    match cache::load(path) {
+    match cache::load(path, &cfg.namespace) {
         Ok(Some(catalog)) => {
             tracing::info!(path = %path.display(), revision = catalog.revision, services = catalog.services.len(), "loaded the catalog from the disk cache; routing on it until a registry answers");
             catalog.publish(&catalog::Touched::All, table, Some(metrics));

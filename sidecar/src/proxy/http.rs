@@ -342,7 +342,8 @@ async fn proxy(
             StatusCode::BAD_GATEWAY,
             format!(
                 "cannot address endpoint {} ({}): not a valid host:port\n",
-                endpoint.id, endpoint.authority
+                endpoint.id,
+                endpoint.authority()
             ),
         );
     };
@@ -422,12 +423,14 @@ async fn proxy(
             let what = if e.is_connect() {
                 format!(
                     "cannot connect to {} ({}) of service {service:?}",
-                    endpoint.id, endpoint.authority
+                    endpoint.id,
+                    endpoint.authority()
                 )
             } else {
                 format!(
                     "endpoint {} ({}) of service {service:?} failed",
-                    endpoint.id, endpoint.authority
+                    endpoint.id,
+                    endpoint.authority()
                 )
             };
             tracing::debug!(error = ?e, "{what}");
@@ -449,7 +452,9 @@ async fn proxy(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
                     "endpoint {} ({}) of service {service:?} did not answer within {:?}\n",
-                    endpoint.id, endpoint.authority, ctx.request_timeout
+                    endpoint.id,
+                    endpoint.authority(),
+                    ctx.request_timeout
                 ),
             )
         }

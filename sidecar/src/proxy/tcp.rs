@@ -84,7 +84,8 @@ async fn carry(ctx: &ProxyCtx, service: &str, mut downstream: TcpStream) {
         .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
     let guard = ActiveGuard::new(endpoint.live.clone());
     ctx.metrics.tcp_connection(service, &endpoint.id);
-    let connect = TcpStream::connect(endpoint.authority.as_str());
+    let authority = endpoint.authority();
+    let connect = TcpStream::connect(authority.as_ref());
     let mut upstream = match tokio::time::timeout(ctx.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -200,7 +200,7 @@ pub async fn start_sidecar_with(config: SidecarConfig, upstreams: Upstreams) -> 
             upstreams: upstreams.tcp,
             http_upstreams: upstreams.http,
             dns: Some(
-                switchyard_registry::dns::bind("127.0.0.1:0".parse().expect("addr"))
+                switchyard_core::dns::bind("127.0.0.1:0".parse().expect("addr"))
                     .await
                     .expect("bind dns"),
             ),

@@ -265,3 +265,10 @@ pub fn summary_to_proto(s: ServiceSummary) -> pb::ServiceSummary {
         versions: s.versions,
     }
 }
+
+/// A refused field becomes `INVALID_ARGUMENT` with the message naming it.
+impl From<ValidationError> for tonic::Status {
+    fn from(e: ValidationError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}

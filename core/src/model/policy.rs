@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::validate::{validate_version, ValidationError};
+use crate::select::{compile_regex, same_name};
 
 pub const MAX_SUBSETS: usize = 32;
 pub const MAX_ROUTES: usize = 32;
@@ -110,15 +111,6 @@ fn value_ok(field: &str, v: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Compiles a header regex with bounded size, as the sidecar will.
-pub fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
-    regex::RegexBuilder::new(pattern)
-        .size_limit(256 * 1024)
-        .dfa_size_limit(256 * 1024)
-        .build()
-        .map_err(|e| e.to_string())
-}
-
 fn validate_split(
     field: &str,
     split: &[Split],
@@ -172,7 +164,7 @@ pub fn validate_policy(p: &Policy, versions: &BTreeSet<String>) -> Result<(), Va
             format!("{} subsets, at most {MAX_SUBSETS}", p.subsets.len()),
         ));
     }
-    let mut names = BTreeSet::new();
+    let mut names = BTreeSet::<String>::new();
     for (i, s) in p.subsets.iter().enumerate() {
         let f = format!("policy.subsets[{i}]");
         if !subset_name_ok(&s.name) {
@@ -184,7 +176,7 @@ pub fn validate_policy(p: &Policy, versions: &BTreeSet<String>) -> Result<(), Va
                 ),
             ));
         }
-        if !names.insert(s.name.as_str()) {
+        if !names.insert(s.name.to_ascii_lowercase()) {
             return Err(ValidationError::new(
                 format!("{f}.name"),
                 format!("{:?} is declared twice", s.name),
@@ -219,7 +211,10 @@ pub fn validate_policy(p: &Policy, versions: &BTreeSet<String>) -> Result<(), Va
             value_ok(&format!("{f}.labels[{k}]"), v)?;
         }
     }
-    let known = |name: &str| names.contains(name) || versions.contains(name);
+    // Names follow the one rule of `select`: ASCII case-insensitive.
+    let known = |name: &str| {
+        names.iter().any(|n| same_name(n, name)) || versions.iter().any(|v| same_name(v, name))
+    };
     if p.routes.len() > MAX_ROUTES {
         return Err(ValidationError::new(
             "policy.routes",

@@ -1,0 +1,16 @@
+//! What a Switchyard registry and sidecar must agree on, in one crate that neither
+//! transport nor storage reaches into.
+//!
+//! A tour, in the order data flows:
+//! - [`model`]: the domain types (instances, states, policies, changes) and the rules of
+//!   DESIGN.md that validate them at the edge, with their limits. No tokio, tonic or hickory.
+//! - [`convert`]: switchyard.v1 messages ⇄ model types, in one place.
+//! - [`select`]: which instances a subset selects, the weighted and sticky draws, the
+//!   one rule for name case and the only regex builder; DNS and the proxy both call it.
+//! - [`dns`]: DNS answers from any [`dns::DnsSource`] (the registry's catalog, a sidecar's
+//!   cache): name grammar, answers, the UDP loop and cache, the hickory-server adapter.
+
+pub mod convert;
+pub mod dns;
+pub mod model;
+pub mod select;
