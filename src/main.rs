@@ -14,6 +14,14 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     cli::init_logging(&parsed);
+    // The config file is merged first: it may set the runtime's worker threads.
+    let parsed = match cli::resolve(parsed, &matches) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            return ExitCode::from(e.code);
+        }
+    };
     // One worker thread means one thread: a current-thread runtime runs every task where
     // `block_on` runs, with no work-stealing queues or cross-thread wake-ups per request.
     let mut builder = match cli::worker_threads(&parsed) {
@@ -34,7 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(parsed, &matches)) {
+    match runtime.block_on(cli::run(parsed)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", e.message);

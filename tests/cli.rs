@@ -46,8 +46,18 @@ impl Proc {
 /// Starts a process and reads its stderr until a line containing `marker`; returns the
 /// process, that line, and every line before it.
 fn start_until(args: &[&str], marker: &str) -> (Proc, String, Vec<String>) {
+    start_until_env(args, &[], marker)
+}
+
+/// `start_until` with extra environment variables.
+fn start_until_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+    marker: &str,
+) -> (Proc, String, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -524,4 +534,255 @@ fn route_verbs_change_show_and_roll_back_a_policy() {
     }
     registry.signal("-TERM");
     assert!(registry.wait(Duration::from_secs(10)).success());
+}
+
+/// The `--flag value` pairs that keep a sidecar off fixed ports and out of the working
+/// directory; the registry URL points where nothing listens unless given.
+fn sidecar_args(dir: &Path) -> Vec<String> {
+    [
+        "sidecar",
+        "--admin",
+        "127.0.0.1:0",
+        "--dns",
+        "off",
+        "--cache-file",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.join("cache.json").display().to_string()])
+    .collect()
+}
+
+#[test]
+fn sidecar_flags_without_a_variable_before_now_take_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
+    let app = hello_server();
+    let port = app.port().to_string();
+    let mut args = sidecar_args(dir.path());
+    args.extend(["--http-proxy".to_string(), "127.0.0.1:0".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut sidecar, _, _) = start_until_env(
+        &args,
+        &[
+            ("SWITCHYARD_REGISTRY", url.as_str()),
+            ("SWITCHYARD_SERVICE", "envapp"),
+            ("SWITCHYARD_PORT", port.as_str()),
+            ("SWITCHYARD_VERSION", "3.1.0"),
+            ("SWITCHYARD_ID", "envapp-1"),
+            ("SWITCHYARD_HEALTH_TCP", "true"),
+            ("SWITCHYARD_HEALTH_INTERVAL", "200ms"),
+            ("SWITCHYARD_DRAIN", "100ms"),
+        ],
+        "sidecar serving",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let json = instances_json(&url, "envapp");
+        if json[0]["state"] == "SERVING" {
+            assert_eq!(json[0]["version"], "3.1.0");
+            assert_eq!(json[0]["id"], "envapp-1");
+            assert_eq!(json[0]["port"], app.port());
+            break;
+        }
+        assert!(Instant::now() < deadline, "envapp never registered: {json}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sidecar.signal("-TERM");
+    assert!(sidecar.wait(Duration::from_secs(10)).success());
+    registry.signal("-TERM");
+    assert!(registry.wait(Duration::from_secs(10)).success());
+}
+
+/// The value of `key=` in a "... serving" line, once started with this file, env and flags.
+fn serving_value(
+    args: &[&str],
+    file: (&Path, &str),
+    env: &[(&str, &str)],
+    marker: &str,
+    key: &str,
+) -> String {
+    std::fs::write(file.0, file.1).expect("write config");
+    let (mut proc, line, _) = start_until_env(args, env, marker);
+    let value = field(&line, key).to_string();
+    proc.signal("-TERM");
+    assert!(proc.wait(Duration::from_secs(10)).success());
+    value
+}
+
+#[test]
+fn registry_precedence_is_flag_then_env_then_file_then_default() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("registry.toml");
+    let data = dir.path().join("data");
+    let base = [
+        "registry",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--config",
+        file.to_str().expect("utf-8"),
+    ];
+    let with = |extra: &[&'static str]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let run = |args: &[&str], toml: &str, env: &[(&str, &str)]| {
+        serving_value(args, (&file, toml), env, "registry serving", "dns=")
+    };
+    // The file beats the default (0.0.0.0:8600).
+    assert_eq!(run(&base, "dns = \"off\"\n", &[]), "off");
+    // The environment beats the file.
+    let v = run(
+        &base,
+        "dns = \"off\"\n",
+        &[("SWITCHYARD_DNS", "127.0.0.1:0")],
+    );
+    assert!(v.starts_with("127.0.0.1:"), "{v}");
+    // The flag beats the environment and the file.
+    let v = run(
+        &with(&["--dns", "127.0.0.1:0"]),
+        "dns = \"off\"\n",
+        &[("SWITCHYARD_DNS", "off")],
+    );
+    assert!(v.starts_with("127.0.0.1:"), "{v}");
+    let v = run(
+        &with(&["--dns", "off"]),
+        "dns = \"127.0.0.1:0\"\n",
+        &[("SWITCHYARD_DNS", "127.0.0.1:0")],
+    );
+    assert_eq!(v, "off");
+    // Without the key, the environment still applies.
+    let v = run(&base, "", &[("SWITCHYARD_DNS", "off")]);
+    assert_eq!(v, "off");
+}
+
+#[test]
+fn sidecar_precedence_is_flag_then_env_then_file_then_default() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("sidecar.toml");
+    let mut base = sidecar_args(dir.path());
+    base.extend([
+        "--registry".to_string(),
+        "http://127.0.0.1:1".to_string(),
+        "--config".to_string(),
+        file.display().to_string(),
+    ]);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
+    let with = |extra: &[&'static str]| {
+        let mut v = base.clone();
+        v.extend_from_slice(extra);
+        v
+    };
+    let run = |args: &[&str], toml: &str, env: &[(&str, &str)]| {
+        serving_value(args, (&file, toml), env, "sidecar serving", "http_proxy=")
+    };
+    // The file beats the default (127.0.0.1:15001).
+    assert_eq!(run(&base, "http_proxy = \"off\"\n", &[]), "off");
+    // The environment beats the file.
+    let v = run(
+        &base,
+        "http_proxy = \"off\"\n",
+        &[("SWITCHYARD_HTTP_PROXY", "127.0.0.1:0")],
+    );
+    assert!(v.starts_with("127.0.0.1:"), "{v}");
+    // The flag beats the environment and the file.
+    let v = run(
+        &with(&["--http-proxy", "127.0.0.1:0"]),
+        "http_proxy = \"off\"\n",
+        &[("SWITCHYARD_HTTP_PROXY", "off")],
+    );
+    assert!(v.starts_with("127.0.0.1:"), "{v}");
+    let v = run(
+        &with(&["--http-proxy", "off"]),
+        "http_proxy = \"127.0.0.1:0\"\n",
+        &[("SWITCHYARD_HTTP_PROXY", "127.0.0.1:0")],
+    );
+    assert_eq!(v, "off");
+}
+
+/// Threads of `pid` that tokio named (its workers, and its blocking pool when busy):
+/// `tokio-rt-worker`, or `tokio-runtime-worker` (cut to 15 bytes) in older tokio.
+#[cfg(target_os = "linux")]
+fn tokio_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("/proc/PID/task")
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tokio-r"))
+        })
+        .count()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn sidecar_worker_threads_from_the_config_file_size_the_runtime() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("sidecar.toml");
+    // More than the default (one per core) would start, so the default cannot pass.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let wanted = cores + 3;
+    std::fs::write(
+        &file,
+        format!("registry = [\"http://127.0.0.1:1\"]\nhttp_proxy = \"off\"\nworker_threads = {wanted}\n"),
+    )
+    .expect("write config");
+    let mut base = sidecar_args(dir.path());
+    base.extend(["--config".to_string(), file.display().to_string()]);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
+
+    let (mut sidecar, _, _) = start_until(&base, "sidecar serving");
+    let threads = tokio_threads(sidecar.0.id());
+    assert!(
+        threads >= wanted,
+        "worker_threads = {wanted} in the file, {threads} tokio threads"
+    );
+    sidecar.signal("-TERM");
+    assert!(sidecar.wait(Duration::from_secs(10)).success());
+
+    // The flag still wins over the file: one thread, no worker pool.
+    let mut one = base.clone();
+    one.extend(["--worker-threads", "1"]);
+    let (mut sidecar, _, _) = start_until(&one, "sidecar serving");
+    let threads = tokio_threads(sidecar.0.id());
+    assert!(
+        threads < wanted,
+        "--worker-threads 1 over the file's {wanted}: {threads} tokio threads"
+    );
+    sidecar.signal("-TERM");
+    assert!(sidecar.wait(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn sidecar_config_files_with_unknown_or_bad_keys_exit_64() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("sidecar.toml");
+    let path = file.to_str().expect("utf-8");
+    for (toml, flags, expected) in [
+        (
+            "helth_interval = \"1s\"\n",
+            &[][..],
+            "unknown field `helth_interval`",
+        ),
+        (
+            "config = \"other.toml\"\n",
+            &[][..],
+            "unknown field `config`",
+        ),
+        ("drain = \"soon\"\n", &[][..], "not a duration"),
+        // A bad value is refused even when a flag overrides it.
+        ("port = \"x\"\n", &["--port", "80"][..], "port"),
+    ] {
+        std::fs::write(&file, toml).expect("write config");
+        let mut args = vec!["sidecar", "--config", path];
+        args.extend_from_slice(flags);
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{toml}: {err}");
+        assert!(err.contains(expected), "{toml}: {err}");
+    }
 }

@@ -4,7 +4,8 @@ use clap::Args;
 use serde::Serialize;
 use switchyard_proto::v1 as pb;
 
-use super::register::{connect_discovery, RegistryFlag};
+use super::client::{connect_discovery, print_json, print_table, status_error};
+use super::client::{OutputFlag, RegistryFlag};
 use super::{CliError, Output};
 
 #[derive(Args, Debug)]
@@ -12,11 +13,15 @@ pub struct ServicesArgs {
     #[command(flatten)]
     pub registry: RegistryFlag,
     /// Namespace to list.
-    #[arg(long, short = 'n', default_value = "default")]
+    #[arg(
+        long,
+        short = 'n',
+        env = "SWITCHYARD_NAMESPACE",
+        default_value = "default"
+    )]
     pub namespace: String,
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
-    pub output: Output,
+    #[command(flatten)]
+    pub output: OutputFlag,
 }
 
 #[derive(Args, Debug)]
@@ -26,14 +31,18 @@ pub struct InstancesArgs {
     #[command(flatten)]
     pub registry: RegistryFlag,
     /// Namespace of the service.
-    #[arg(long, short = 'n', default_value = "default")]
+    #[arg(
+        long,
+        short = 'n',
+        env = "SWITCHYARD_NAMESPACE",
+        default_value = "default"
+    )]
     pub namespace: String,
     /// Only instances with this version tag.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_INSTANCES_VERSION")]
     pub version: Option<String>,
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
-    pub output: Output,
+    #[command(flatten)]
+    pub output: OutputFlag,
 }
 
 #[derive(Serialize)]
@@ -55,38 +64,6 @@ struct InstanceRow {
     labels: std::collections::BTreeMap<String, String>,
 }
 
-fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| CliError::new(1, format!("cannot encode JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
-}
-
-/// Prints rows as a left-aligned table under an upper-case header.
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        line(row.clone());
-    }
-}
-
 pub async fn services(args: ServicesArgs) -> Result<(), CliError> {
     let mut client = connect_discovery(&args.registry.registry).await?;
     let resp = client
@@ -94,7 +71,7 @@ pub async fn services(args: ServicesArgs) -> Result<(), CliError> {
             namespace: args.namespace.clone(),
         })
         .await
-        .map_err(|s| super::status_error("cannot list services", s))?
+        .map_err(|s| status_error("cannot list services", s))?
         .into_inner();
     let rows: Vec<ServiceRow> = resp
         .services
@@ -105,7 +82,7 @@ pub async fn services(args: ServicesArgs) -> Result<(), CliError> {
             versions: s.versions,
         })
         .collect();
-    match args.output {
+    match args.output.output {
         Output::Json => print_json(&rows),
         Output::Table => {
             if rows.is_empty() {
@@ -149,7 +126,7 @@ pub async fn instances(args: InstancesArgs) -> Result<(), CliError> {
             version: args.version.clone().unwrap_or_default(),
         })
         .await
-        .map_err(|s| super::status_error("cannot resolve", s))?
+        .map_err(|s| status_error("cannot resolve", s))?
         .into_inner();
     let rows: Vec<InstanceRow> = resp
         .instances
@@ -165,7 +142,7 @@ pub async fn instances(args: InstancesArgs) -> Result<(), CliError> {
             labels: i.labels.into_iter().collect(),
         })
         .collect();
-    match args.output {
+    match args.output.output {
         Output::Json => print_json(&rows),
         Output::Table => {
             if rows.is_empty() {

@@ -26,13 +26,17 @@ use super::{shutdown_signal, CliError, EXIT_CONFIG};
 #[derive(Args, Debug)]
 pub struct DemoBackendArgs {
     /// Version tag to answer with.
-    #[arg(long, default_value = "v1")]
+    #[arg(long, env = "SWITCHYARD_DEMO_BACKEND_VERSION", default_value = "v1")]
     pub version: String,
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_DEMO_BACKEND_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
     /// Instance id to answer with; default demo-VERSION-PORT.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_DEMO_BACKEND_ID")]
     pub id: Option<String>,
 }
 

@@ -3,26 +3,19 @@
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use switchyard_proto::v1 as pb;
-use switchyard_proto::v1::cluster_client::ClusterClient;
 
-use super::register::channel;
+use super::client::{connect_cluster, print_json, status_error, OutputFlag, RegistryFlag};
 use super::{CliError, Output};
 
 #[derive(Args, Debug)]
 pub struct MembersArgs {
     #[command(subcommand)]
     pub verb: Option<MembersVerb>,
-    /// Registry gRPC address (any member).
-    #[arg(
-        long,
-        env = "SWITCHYARD_REGISTRY",
-        default_value = "http://127.0.0.1:7400",
-        global = true
-    )]
-    pub registry: String,
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
-    pub output: Output,
+    // Any member will do.
+    #[command(flatten)]
+    pub registry: RegistryFlag,
+    #[command(flatten)]
+    pub output: OutputFlag,
 }
 
 #[derive(Subcommand, Debug)]
@@ -58,7 +51,7 @@ struct MemberDoc {
 }
 
 pub async fn run(args: MembersArgs) -> Result<(), CliError> {
-    let mut client = ClusterClient::new(channel(&args.registry).await?);
+    let mut client = connect_cluster(&args.registry.registry).await?;
     match args.verb {
         Some(MembersVerb::Add { id, address }) => {
             client
@@ -67,14 +60,14 @@ pub async fn run(args: MembersArgs) -> Result<(), CliError> {
                     address: address.clone(),
                 })
                 .await
-                .map_err(|s| super::status_error("", s))?;
+                .map_err(|s| status_error("", s))?;
             eprintln!("node {id} ({address}) added");
         }
         Some(MembersVerb::Remove { id }) => {
             client
                 .remove_member(pb::RemoveMemberRequest { id })
                 .await
-                .map_err(|s| super::status_error("", s))?;
+                .map_err(|s| status_error("", s))?;
             eprintln!("node {id} removed");
         }
         None => {}
@@ -82,7 +75,7 @@ pub async fn run(args: MembersArgs) -> Result<(), CliError> {
     let s = client
         .status(pb::StatusRequest {})
         .await
-        .map_err(|s| super::status_error("", s))?
+        .map_err(|s| status_error("", s))?
         .into_inner();
     let doc = StatusDoc {
         node_id: s.node_id,
@@ -103,11 +96,8 @@ pub async fn run(args: MembersArgs) -> Result<(), CliError> {
             })
             .collect(),
     };
-    if args.output == Output::Json {
-        let text =
-            serde_json::to_string_pretty(&doc).map_err(|e| CliError::new(1, e.to_string()))?;
-        println!("{text}");
-        return Ok(());
+    if args.output.output == Output::Json {
+        return print_json(&doc);
     }
     println!("{:<4} {:<22} {:<8} LEADER", "ID", "ADDRESS", "VOTER");
     for m in &doc.members {

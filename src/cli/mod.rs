@@ -1,6 +1,16 @@
-//! The command line: one module per verb group.
+//! The command line: one module per verb group, plus `config` (the merge of a TOML file
+//! into the server roles' flags, and the duration formats) and `client` (what the operator
+//! verbs share: connecting, errors, tables and JSON).
+//!
+//! Every flag has a `SWITCHYARD_*` environment variable, shown by `--help`: the flag's name
+//! (`--health-interval` -> `SWITCHYARD_HEALTH_INTERVAL`) where it means the same in every
+//! verb, prefixed by the verb where another verb's flag of that name means something else
+//! (the sidecar's `--dns` is `SWITCHYARD_SIDECAR_DNS`, `route match --to` is
+//! `SWITCHYARD_ROUTE_MATCH_TO`).
 
 mod catalog;
+mod client;
+mod config;
 mod demo;
 mod members;
 mod register;
@@ -105,12 +115,24 @@ pub fn init_logging(cli: &Cli) {
     }
 }
 
-pub async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
+/// Merges the server roles' `--config` files into their flags. Runs before the async
+/// runtime is built, since the merged config decides how it is built (`worker_threads`).
+pub fn resolve(mut cli: Cli, matches: &ArgMatches) -> Result<Cli, CliError> {
     let sub = matches.subcommand().map(|(_, m)| m);
+    cli.command = match cli.command {
+        Command::Registry(args) => Command::Registry(args.resolve(sub)?),
+        Command::Sidecar(args) => Command::Sidecar(Box::new(args.resolve(sub)?)),
+        other => other,
+    };
+    Ok(cli)
+}
+
+/// Runs the command; `cli` has been through [`resolve`].
+pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Registry(args) => registry::run_registry(args, sub).await,
+        Command::Registry(args) => registry::run_registry(args).await,
         Command::Dev(args) => registry::run_dev(args).await,
-        Command::Sidecar(args) => sidecar::run(*args, sub).await,
+        Command::Sidecar(args) => sidecar::run(*args).await,
         Command::Register(args) => register::run(args).await,
         Command::Services(args) => catalog::services(args).await,
         Command::Instances(args) => catalog::instances(args).await,
@@ -128,22 +150,7 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-/// A refused gRPC call as an operator error: bad input exits 64, the rest 69.
-pub fn status_error(what: &str, s: tonic::Status) -> CliError {
-    let code = match s.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
-            EXIT_CONFIG
-        }
-        _ => EXIT_UNAVAILABLE,
-    };
-    if what.is_empty() {
-        CliError::new(code, s.message().to_string())
-    } else {
-        CliError::new(code, format!("{what}: {}", s.message()))
-    }
-}
-
-/// Tokio worker threads the command asks for (0 = one per core).
+/// Tokio worker threads the command asks for (0 = one per core), after [`resolve`].
 pub fn worker_threads(cli: &Cli) -> usize {
     match &cli.command {
         Command::Sidecar(args) => args.worker_threads,

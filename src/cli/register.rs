@@ -1,121 +1,60 @@
 //! `switchyard register`: register one instance and keep its lease alive until Ctrl-C.
-//! Also the registry connection helpers shared by the operator verbs.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use clap::Args;
 use switchyard_proto::v1 as pb;
-use switchyard_proto::v1::discovery_client::DiscoveryClient;
 use switchyard_proto::v1::registry_client::RegistryClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use super::client::{connect_registry, RegistryFlag};
+use super::config::parse_ttl;
 use super::{shutdown_signal, CliError, EXIT_CONFIG, EXIT_UNAVAILABLE};
 
-/// Largest message the CLI accepts from the registry (a Watch snapshot of a big catalog).
-const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
-
-/// `--registry`, shared by every operator verb.
-#[derive(Args, Debug)]
-pub struct RegistryFlag {
-    /// Registry gRPC address.
-    #[arg(
-        long,
-        env = "SWITCHYARD_REGISTRY",
-        default_value = "http://127.0.0.1:7400"
-    )]
-    pub registry: String,
-}
-
+/// Flags of `switchyard register`. The environment variables are the sidecar's for the
+/// same fields (SWITCHYARD_SERVICE, SWITCHYARD_PORT, ...): both register a local service.
 #[derive(Args, Debug)]
 pub struct RegisterArgs {
     #[command(flatten)]
     pub registry: RegistryFlag,
     /// Service name (a DNS label).
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_SERVICE")]
     pub service: String,
     /// Address clients connect to (IP literal or hostname).
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_ADDRESS")]
     pub address: String,
     /// Port clients connect to.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_PORT")]
     pub port: u32,
     /// Version tag, e.g. 1.4.2 or canary.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_VERSION")]
     pub version: String,
     /// Instance id; default SERVICE-ADDRESS-PORT.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_ID")]
     pub id: Option<String>,
     /// Namespace.
-    #[arg(long, short = 'n', default_value = "default")]
+    #[arg(
+        long,
+        short = 'n',
+        env = "SWITCHYARD_NAMESPACE",
+        default_value = "default"
+    )]
     pub namespace: String,
-    /// Label, repeatable: --label zone=eu --label tier=web.
-    #[arg(long = "label", value_parser = super::parse_label)]
+    /// Label, repeatable: --label zone=eu --label tier=web (the variable holds one).
+    #[arg(long = "label", env = "SWITCHYARD_LABEL", value_parser = super::parse_label)]
     pub labels: Vec<(String, String)>,
     /// Load-balancing weight, 1-10000.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "SWITCHYARD_WEIGHT", default_value_t = 100)]
     pub weight: u32,
     /// Zone.
-    #[arg(long, default_value = "")]
+    #[arg(long, env = "SWITCHYARD_ZONE", default_value = "")]
     pub zone: String,
     /// Lease TTL: 10s, 1m, 1h (1 s to 1 h).
-    #[arg(long, default_value = "10s", value_parser = parse_ttl)]
+    #[arg(long, env = "SWITCHYARD_TTL", default_value = "10s", value_parser = parse_ttl)]
     pub ttl: u32,
-}
-
-/// Parses `10s`, `2m`, `1h` or a bare number of seconds.
-pub fn parse_ttl(s: &str) -> Result<u32, String> {
-    let (num, mult) = match s.strip_suffix('s') {
-        Some(n) => (n, 1),
-        None => match s.strip_suffix('m') {
-            Some(n) => (n, 60),
-            None => match s.strip_suffix('h') {
-                Some(n) => (n, 3600),
-                None => (s, 1),
-            },
-        },
-    };
-    let n: u32 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s, 2m or 1h"))?;
-    let secs = n.checked_mul(mult).ok_or("duration too long")?;
-    if !(1..=3600).contains(&secs) {
-        return Err(format!("{s} is outside 1s-1h"));
-    }
-    Ok(secs)
-}
-
-fn endpoint(url: &str) -> Result<Endpoint, CliError> {
-    Endpoint::from_shared(url.to_string())
-        .map(|e| e.connect_timeout(Duration::from_secs(3)))
-        .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid --registry {url:?}: {e}")))
-}
-
-pub async fn channel(url: &str) -> Result<Channel, CliError> {
-    endpoint(url)?.connect().await.map_err(|e| {
-        CliError::new(
-            EXIT_UNAVAILABLE,
-            format!("cannot reach the registry at {url}: {e}; is `switchyard dev` or `switchyard registry` running there? (set --registry or SWITCHYARD_REGISTRY)"),
-        )
-    })
-}
-
-pub async fn connect_discovery(url: &str) -> Result<DiscoveryClient<Channel>, CliError> {
-    Ok(DiscoveryClient::new(channel(url).await?).max_decoding_message_size(MAX_RESPONSE_BYTES))
-}
-
-pub async fn connect_routing(
-    url: &str,
-) -> Result<switchyard_proto::v1::routing_client::RoutingClient<Channel>, CliError> {
-    Ok(switchyard_proto::v1::routing_client::RoutingClient::new(
-        channel(url).await?,
-    ))
-}
-
-pub async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CliError> {
-    Ok(RegistryClient::new(channel(url).await?))
 }
 
 async fn register_once(

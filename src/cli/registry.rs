@@ -1,21 +1,23 @@
 //! `switchyard registry` and `switchyard dev`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use switchyard_registry::{Limits, Listeners, RegistryConfig, RegistryHandle};
 use tokio::net::TcpListener;
 
+use super::config::{self, parse_duration};
 use super::{shutdown_signal, CliError, EXIT_CONFIG};
 
-/// Flags of `switchyard registry`. Each also has a TOML key of the same name (with `_`)
-/// in `--config`, and an environment variable; a flag given on the command line wins
-/// over the environment, which wins over the file, which wins over the default.
-#[derive(Args, Debug)]
+/// The registry role's configuration, `switchyard registry`'s flags. Each field is a flag,
+/// a `SWITCHYARD_*` environment variable and a key of the `--config` TOML file (the field's
+/// name); a flag wins over the environment, which wins over the file, which wins over the
+/// default (see [`config::overlay_file`]). Unknown keys in the file are an error.
+#[derive(Args, Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct RegistryArgs {
     /// gRPC address (Registry, Discovery, grpc.health.v1).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:7400")]
@@ -54,23 +56,28 @@ pub struct RegistryArgs {
     #[arg(long, env = "SWITCHYARD_NODE_ID", default_value_t = 1)]
     pub node_id: u64,
     /// Every member at first start, this node included: ID=HOST:PORT,... (gRPC
-    /// addresses). Empty: a single-node group.
+    /// addresses). Empty: a single-node group. In the file: a table id -> address.
     #[arg(long, env = "SWITCHYARD_PEERS", value_delimiter = ',', value_parser = parse_peer, conflicts_with = "join")]
+    #[serde(with = "peers")]
     pub peers: Vec<(u64, String)>,
     /// Join a running cluster through any member's gRPC address (HOST:PORT).
     #[arg(long, env = "SWITCHYARD_JOIN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
     /// Address peers and clients use for this node; default: --listen (0.0.0.0 read as
     /// 127.0.0.1).
     #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
     /// Raft heartbeat; a leader is suspected dead after 5-10 heartbeats of silence.
-    #[arg(long, env = "SWITCHYARD_HEARTBEAT", default_value = "100ms", value_parser = super::sidecar::parse_duration)]
-    pub heartbeat: std::time::Duration,
+    #[arg(long, env = "SWITCHYARD_HEARTBEAT", default_value = "100ms", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub heartbeat: Duration,
     /// How often the leader checkpoints every lease's remaining TTL into the log, for a
     /// new leader to honour (0s: never; a new leader then gives full TTLs).
-    #[arg(long, env = "SWITCHYARD_LEASE_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = super::sidecar::parse_duration)]
-    pub lease_checkpoint_interval: std::time::Duration,
+    #[arg(long, env = "SWITCHYARD_LEASE_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub lease_checkpoint_interval: Duration,
     /// Pause expiry while more than this share of leases missed their renewals at once
     /// (1.0 disables self-preservation).
     #[arg(
@@ -88,32 +95,67 @@ pub struct RegistryArgs {
     pub self_preservation_min_leases: usize,
     /// TOML file with any of the keys above.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
 }
 
-/// The keys `--config` may hold; unknown keys are an error, not silently ignored.
-#[derive(Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields)]
-struct RegistryFile {
-    listen: Option<SocketAddr>,
-    http: Option<SocketAddr>,
-    dns: Option<String>,
-    dns_domain: Option<String>,
-    dns_ttl: Option<u32>,
-    data_dir: Option<PathBuf>,
-    max_instances: Option<usize>,
-    watch_buffer: Option<usize>,
-    watch_history: Option<usize>,
-    max_watchers: Option<usize>,
-    snapshot_every: Option<u64>,
-    node_id: Option<u64>,
-    peers: Option<BTreeMap<String, String>>,
-    join: Option<String>,
-    advertise: Option<String>,
-    heartbeat: Option<String>,
-    lease_checkpoint_interval: Option<String>,
-    self_preservation_threshold: Option<f64>,
-    self_preservation_min_leases: Option<usize>,
+impl RegistryArgs {
+    /// The flags merged with `--config` (if any): the one place precedence is applied.
+    pub fn resolve(self, matches: Option<&ArgMatches>) -> Result<Self, CliError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let mut merged = config::overlay_file(&self, matches, &path)?;
+        merged.config = Some(path);
+        Ok(merged)
+    }
+
+    /// The library's config (validated by `start_registry` before it binds anything).
+    fn registry_config(&self) -> RegistryConfig {
+        let mut config = RegistryConfig::new(self.data_dir.clone());
+        config.limits = Limits {
+            max_instances: self.max_instances,
+            ..Limits::default()
+        };
+        config.watch_buffer = self.watch_buffer;
+        config.watch_history = self.watch_history;
+        config.max_watchers = self.max_watchers;
+        config.snapshot_every = self.snapshot_every;
+        config.node_id = self.node_id;
+        config.peers = self.peers.iter().cloned().collect();
+        config.join = self.join.clone();
+        config.advertise = self.advertise.clone();
+        config.heartbeat = self.heartbeat;
+        config.lease_checkpoint_interval = self.lease_checkpoint_interval;
+        config.self_preservation_threshold = self.self_preservation_threshold;
+        config.self_preservation_min_leases = self.self_preservation_min_leases;
+        config.dns.domain = self.dns_domain.clone();
+        config.dns.ttl = self.dns_ttl;
+        config
+    }
+}
+
+/// `peers` in the file: a table `{ 1 = "host:7400", 2 = ... }`, every entry checked as
+/// the flag's ID=HOST:PORT.
+mod peers {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[(u64, String)], s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(|(id, addr)| (id.to_string(), addr))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, String)>, D::Error> {
+        BTreeMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(id, addr)| super::parse_peer(&format!("{id}={addr}")))
+            .collect::<Result<_, _>>()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 fn parse_peer(s: &str) -> Result<(u64, String), String> {
@@ -130,149 +172,40 @@ fn parse_peer(s: &str) -> Result<(u64, String), String> {
     Ok((id, addr.trim().to_string()))
 }
 
-/// Flags of `switchyard dev`.
+/// The dev role's configuration, `switchyard dev`'s flags: the registry's and the
+/// sidecar's addresses, with the environment variables those roles use for them. The
+/// embedded sidecar otherwise runs on its defaults.
 #[derive(Args, Debug)]
 pub struct DevArgs {
     /// Keep the catalog here instead of in a temporary directory removed at exit.
     #[arg(long, env = "SWITCHYARD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Registry gRPC address.
-    #[arg(long, default_value = "127.0.0.1:7400")]
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
     /// Registry HTTP address for /metrics and /health.
-    #[arg(long, default_value = "127.0.0.1:7401")]
+    #[arg(long, env = "SWITCHYARD_HTTP", default_value = "127.0.0.1:7401")]
     pub http: SocketAddr,
     /// Registry DNS address ("off" disables DNS).
-    #[arg(long, default_value = "127.0.0.1:8600")]
+    #[arg(long, env = "SWITCHYARD_DNS", default_value = "127.0.0.1:8600")]
     pub dns: String,
     /// Sidecar admin address: /ready, /metrics, /endpoints.
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
     /// Sidecar DNS address, answering from its cache ("off" disables).
-    #[arg(long, default_value = "127.0.0.1:15053")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_SIDECAR_DNS",
+        default_value = "127.0.0.1:15053"
+    )]
     pub sidecar_dns: String,
     /// Sidecar HTTP proxy address (routes by Host).
-    #[arg(long, default_value = "127.0.0.1:15001")]
+    #[arg(long, env = "SWITCHYARD_HTTP_PROXY", default_value = "127.0.0.1:15001")]
     pub http_proxy: SocketAddr,
 }
 
-fn read_file(path: &Path) -> Result<RegistryFile, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        CliError::new(
-            EXIT_CONFIG,
-            format!("cannot read --config {}: {e}", path.display()),
-        )
-    })?;
-    toml::from_str(&text).map_err(|e| {
-        CliError::new(
-            EXIT_CONFIG,
-            format!("invalid --config {}: {e}", path.display()),
-        )
-    })
-}
-
-/// Applies the file's values to every field the user left at its default.
-fn merge(
-    args: &mut RegistryArgs,
-    file: RegistryFile,
-    matches: Option<&ArgMatches>,
-) -> Result<(), CliError> {
-    let defaulted = |id: &str| {
-        matches.is_none_or(|m| matches!(m.value_source(id), Some(ValueSource::DefaultValue) | None))
-    };
-    macro_rules! take {
-        ($($field:ident),*) => {$(
-            if let Some(v) = file.$field {
-                if defaulted(stringify!($field)) {
-                    args.$field = v;
-                }
-            }
-        )*};
-    }
-    take!(
-        listen,
-        http,
-        dns,
-        dns_domain,
-        dns_ttl,
-        data_dir,
-        max_instances,
-        watch_buffer,
-        watch_history,
-        max_watchers,
-        snapshot_every,
-        node_id,
-        self_preservation_threshold,
-        self_preservation_min_leases
-    );
-    if let Some(v) = file.lease_checkpoint_interval {
-        if defaulted("lease_checkpoint_interval") {
-            args.lease_checkpoint_interval = super::sidecar::parse_duration(&v).map_err(|e| {
-                CliError::new(
-                    EXIT_CONFIG,
-                    format!("invalid lease_checkpoint_interval in --config: {e}"),
-                )
-            })?;
-        }
-    }
-    if let Some(v) = file.join {
-        if defaulted("join") {
-            args.join = Some(v);
-        }
-    }
-    if let Some(v) = file.advertise {
-        if defaulted("advertise") {
-            args.advertise = Some(v);
-        }
-    }
-    if let Some(v) = file.heartbeat {
-        if defaulted("heartbeat") {
-            args.heartbeat = super::sidecar::parse_duration(&v).map_err(|e| {
-                CliError::new(EXIT_CONFIG, format!("invalid heartbeat in --config: {e}"))
-            })?;
-        }
-    }
-    if let Some(v) = file.peers {
-        if defaulted("peers") {
-            let mut peers = Vec::new();
-            for (id, addr) in v {
-                peers.push(parse_peer(&format!("{id}={addr}")).map_err(|e| {
-                    CliError::new(EXIT_CONFIG, format!("invalid peers in --config: {e}"))
-                })?);
-            }
-            args.peers = peers;
-        }
-    }
-    Ok(())
-}
-
-pub async fn run_registry(
-    mut args: RegistryArgs,
-    matches: Option<&ArgMatches>,
-) -> Result<(), CliError> {
-    if let Some(path) = args.config.clone() {
-        let file = read_file(&path)?;
-        merge(&mut args, file, matches)?;
-    }
-    let mut config = RegistryConfig::new(args.data_dir.clone());
-    config.limits = Limits {
-        max_instances: args.max_instances,
-        ..Limits::default()
-    };
-    config.watch_buffer = args.watch_buffer;
-    config.watch_history = args.watch_history;
-    config.max_watchers = args.max_watchers;
-    config.snapshot_every = args.snapshot_every;
-    config.node_id = args.node_id;
-    config.peers = args.peers.iter().cloned().collect();
-    config.join = args.join.clone();
-    config.advertise = args.advertise.clone();
-    config.heartbeat = args.heartbeat;
-    config.lease_checkpoint_interval = args.lease_checkpoint_interval;
-    config.self_preservation_threshold = args.self_preservation_threshold;
-    config.self_preservation_min_leases = args.self_preservation_min_leases;
-    config.dns.domain = args.dns_domain.clone();
-    config.dns.ttl = args.dns_ttl;
+pub async fn run_registry(args: RegistryArgs) -> Result<(), CliError> {
+    let config = args.registry_config();
     serve(config, args.listen, args.http, dns_addr(&args.dns)?).await
 }
 
@@ -298,7 +231,7 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
     )
     .await?;
     let url = format!("http://{}", registry.grpc_addr);
-    let mut sidecar_args = super::sidecar::SidecarArgs::defaults(&url);
+    let mut sidecar_args = super::sidecar::SidecarArgs::defaults(&url)?;
     sidecar_args.admin = args.admin;
     sidecar_args.dns = args.sidecar_dns.clone();
     sidecar_args.http_proxy = args.http_proxy.to_string();

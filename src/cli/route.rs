@@ -9,27 +9,27 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::routing_client::RoutingClient;
 use tonic::transport::Channel;
 
-use super::register::connect_routing;
+use super::client::{connect_routing, print_json, status_error, OutputFlag, RegistryFlag};
+use super::config::rfc3339;
 use super::{CliError, Output};
 
 #[derive(Args, Debug)]
 pub struct RouteArgs {
     #[command(subcommand)]
     pub verb: RouteVerb,
-    /// Registry gRPC address.
+    #[command(flatten)]
+    pub registry: RegistryFlag,
+    /// Namespace of the service.
     #[arg(
         long,
-        env = "SWITCHYARD_REGISTRY",
-        default_value = "http://127.0.0.1:7400",
+        short = 'n',
+        env = "SWITCHYARD_NAMESPACE",
+        default_value = "default",
         global = true
     )]
-    pub registry: String,
-    /// Namespace of the service.
-    #[arg(long, short = 'n', default_value = "default", global = true)]
     pub namespace: String,
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
-    pub output: Output,
+    #[command(flatten)]
+    pub output: OutputFlag,
 }
 
 #[derive(Subcommand, Debug)]
@@ -44,26 +44,30 @@ pub enum RouteVerb {
         #[arg(required = true, value_parser = parse_weight)]
         weights: Vec<(String, u32)>,
         /// Hash this request header to keep each user on one subset.
-        #[arg(long)]
+        #[arg(long, env = "SWITCHYARD_ROUTE_SPLIT_STICKY")]
         sticky: Option<String>,
     },
     /// Send requests matching headers to a subset: `route match web --header x-canary=true --to canary`.
     Match {
         service: String,
         /// NAME=VALUE (exact) or NAME (present); repeatable, all must match.
-        #[arg(long = "header", required = true)]
+        #[arg(
+            long = "header",
+            required = true,
+            env = "SWITCHYARD_ROUTE_MATCH_HEADER"
+        )]
         headers: Vec<String>,
         /// Match values as a prefix instead of exactly.
-        #[arg(long, conflicts_with = "regex")]
+        #[arg(long, conflicts_with = "regex", env = "SWITCHYARD_ROUTE_MATCH_PREFIX")]
         prefix: bool,
         /// Match values as a regular expression.
-        #[arg(long)]
+        #[arg(long, env = "SWITCHYARD_ROUTE_MATCH_REGEX")]
         regex: bool,
         /// The subset (or version) to send them to.
-        #[arg(long)]
+        #[arg(long, env = "SWITCHYARD_ROUTE_MATCH_TO")]
         to: String,
         /// Route name (replaces a route of the same name); default: the first header.
-        #[arg(long)]
+        #[arg(long, env = "SWITCHYARD_ROUTE_MATCH_NAME")]
         name: Option<String>,
     },
     /// Blue-green switch: send 100% to one subset and drop header routes.
@@ -72,13 +76,14 @@ pub enum RouteVerb {
     Subset {
         service: String,
         name: String,
-        #[arg(long)]
+        /// Exact version tag.
+        #[arg(long, env = "SWITCHYARD_ROUTE_SUBSET_VERSION")]
         version: Option<String>,
         /// Semver range, e.g. ^1.4 or ">=2.0.0, <3".
-        #[arg(long)]
+        #[arg(long, env = "SWITCHYARD_ROUTE_SUBSET_RANGE")]
         range: Option<String>,
-        /// KEY=VALUE, repeatable.
-        #[arg(long = "label", value_parser = super::parse_label)]
+        /// KEY=VALUE, repeatable (the variable holds one).
+        #[arg(long = "label", value_parser = super::parse_label, env = "SWITCHYARD_ROUTE_SUBSET_LABEL")]
         labels: Vec<(String, String)>,
     },
     /// What happens when a chosen subset has no healthy endpoint.
@@ -94,7 +99,8 @@ pub enum RouteVerb {
     /// Restore an earlier revision (default: the one before the current) as a new change.
     Rollback {
         service: String,
-        #[arg(long = "to")]
+        /// The revision to restore.
+        #[arg(long = "to", env = "SWITCHYARD_ROUTE_ROLLBACK_TO")]
         to_revision: Option<u64>,
     },
 }
@@ -120,7 +126,7 @@ async fn current(
             service: service.to_string(),
         })
         .await
-        .map_err(|s| super::status_error("", s))?
+        .map_err(|s| status_error("", s))?
         .into_inner()
         .current)
 }
@@ -144,7 +150,7 @@ async fn change(
             policy: Some(policy),
         })
         .await
-        .map_err(|s| super::status_error("", s))?
+        .map_err(|s| status_error("", s))?
         .into_inner()
         .revision;
     eprintln!("policy of {service} changed at revision {revision}");
@@ -169,28 +175,6 @@ fn matcher(h: &pb::HeaderMatch) -> String {
         Some(Match::Regex(v)) => format!("{}~/{v}/", h.name),
         Some(Match::Present(_)) | None => format!("{} present", h.name),
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` from Unix milliseconds (civil-from-days, proleptic Gregorian).
-pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
 }
 
 #[derive(Serialize)]
@@ -273,7 +257,7 @@ async fn show(
     service: &str,
 ) -> Result<(), CliError> {
     let Some(record) = current(client, &args.namespace, service).await? else {
-        if args.output == Output::Json {
+        if args.output.output == Output::Json {
             println!("null");
         } else {
             println!("{service} has no routing policy: least request over every instance");
@@ -281,7 +265,7 @@ async fn show(
         return Ok(());
     };
     let d = doc(service, &record);
-    if args.output == Output::Json {
+    if args.output.output == Output::Json {
         return print_json(&d);
     }
     println!(
@@ -321,12 +305,6 @@ async fn show(
     Ok(())
 }
 
-fn print_json<T: Serialize>(v: &T) -> Result<(), CliError> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| CliError::new(1, e.to_string()))?;
-    println!("{text}");
-    Ok(())
-}
-
 fn upsert_route(p: &mut pb::Policy, route: pb::Route) {
     match p.routes.iter_mut().find(|r| r.name == route.name) {
         Some(r) => *r = route,
@@ -335,7 +313,7 @@ fn upsert_route(p: &mut pb::Policy, route: pb::Route) {
 }
 
 pub async fn run(args: RouteArgs) -> Result<(), CliError> {
-    let mut client = connect_routing(&args.registry).await?;
+    let mut client = connect_routing(&args.registry.registry).await?;
     match &args.verb {
         RouteVerb::Show { service } => show(&mut client, &args, service).await,
         RouteVerb::Split {
@@ -453,7 +431,7 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                     policy: None,
                 })
                 .await
-                .map_err(|s| super::status_error("", s))?
+                .map_err(|s| status_error("", s))?
                 .into_inner()
                 .revision;
             println!("policy of {service} cleared at revision {revision}");
@@ -466,11 +444,11 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                     service: service.clone(),
                 })
                 .await
-                .map_err(|s| super::status_error("", s))?
+                .map_err(|s| status_error("", s))?
                 .into_inner()
                 .records;
             let docs: Vec<PolicyDoc> = records.iter().map(|r| doc(service, r)).collect();
-            if args.output == Output::Json {
+            if args.output.output == Output::Json {
                 return print_json(&docs);
             }
             if docs.is_empty() {
@@ -509,7 +487,7 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                     to_revision: to_revision.unwrap_or(0),
                 })
                 .await
-                .map_err(|s| super::status_error("", s))?
+                .map_err(|s| status_error("", s))?
                 .into_inner();
             eprintln!(
                 "policy of {service} {} at revision {}",
@@ -520,15 +498,5 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
             );
             show(&mut client, &args, service).await
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_formats_unix_milliseconds() {
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::rfc3339(1_795_700_000_000), "2026-11-26T13:33:20Z");
-        assert_eq!(super::rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
     }
 }

@@ -1,26 +1,27 @@
 //! `switchyard sidecar`: the per-service proxy, registrar and catalog cache.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use switchyard_sidecar::health::{Check, HealthConfig};
 use switchyard_sidecar::{
     LocalService, RegistrarConfig, SidecarConfig, SidecarHandle, SidecarListeners,
 };
 use tokio::net::TcpListener;
 
-use super::register::parse_ttl;
+use super::config::{self, parse_duration, parse_ttl};
 use super::{shutdown_signal, CliError, EXIT_CONFIG};
 
-/// Flags of `switchyard sidecar`. Each also has a TOML key of the same name (with `_`)
-/// in `--config`; a flag or environment variable wins over the file, which wins over the
-/// default.
-#[derive(Args, Debug, Clone)]
+/// The sidecar role's configuration, `switchyard sidecar`'s flags. Each field is a flag, a
+/// `SWITCHYARD_*` environment variable and a key of the `--config` TOML file (the field's
+/// name); a flag wins over the environment, which wins over the file, which wins over the
+/// default (see [`config::overlay_file`]). Unknown keys in the file are an error.
+/// Repeatable flags are tables in the file (`upstreams`, `http_upstreams`, `labels`).
+#[derive(Args, Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct SidecarArgs {
     /// Registry gRPC URLs, comma-separated; the sidecar fails over between them.
     #[arg(
@@ -43,11 +44,15 @@ pub struct SidecarArgs {
         default_value = "127.0.0.1:15053"
     )]
     pub dns: String,
-    /// TCP upstream listener, repeatable: NAME=LISTEN_ADDR, e.g. payments=127.0.0.1:9191.
-    #[arg(long = "upstream", value_parser = parse_upstream)]
+    /// TCP upstream listener, repeatable: NAME=LISTEN_ADDR, e.g. payments=127.0.0.1:9191
+    /// (the variable holds a comma-separated list).
+    #[arg(long = "upstream", env = "SWITCHYARD_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
+    #[serde(with = "config::pairs")]
     pub upstreams: Vec<(String, SocketAddr)>,
-    /// HTTP upstream listener, repeatable: NAME=LISTEN_ADDR (no Host header needed).
-    #[arg(long = "http-upstream", value_parser = parse_upstream)]
+    /// HTTP upstream listener, repeatable: NAME=LISTEN_ADDR (no Host header needed; the
+    /// variable holds a comma-separated list).
+    #[arg(long = "http-upstream", env = "SWITCHYARD_HTTP_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
+    #[serde(with = "config::pairs")]
     pub http_upstreams: Vec<(String, SocketAddr)>,
     /// Namespace to watch and register in.
     #[arg(
@@ -58,7 +63,7 @@ pub struct SidecarArgs {
     )]
     pub namespace: String,
     /// DNS domain used in Host names (SERVICE.service.DOMAIN).
-    #[arg(long, default_value = "switchyard")]
+    #[arg(long, env = "SWITCHYARD_DOMAIN", default_value = "switchyard")]
     pub domain: String,
     /// Where the last catalog is kept, so a restart without a registry still routes.
     #[arg(
@@ -68,121 +73,111 @@ pub struct SidecarArgs {
     )]
     pub cache_file: PathBuf,
     /// Endpoints sampled per pick when weights are equal (power of two choices = 2).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "SWITCHYARD_CHOICE_COUNT", default_value_t = 2)]
     pub choice_count: u32,
     /// Exponent on in-flight requests when weights differ: weight / (active + 1)^bias.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "SWITCHYARD_ACTIVE_REQUEST_BIAS", default_value_t = 1.0)]
     pub active_request_bias: f64,
     /// Upstream connect timeout.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
     pub connect_timeout: Duration,
     /// Time an upstream has to send response headers (504 after).
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
     pub request_timeout: Duration,
     /// Local service to register (needs --port and --version).
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_SERVICE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// Port of the local service.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// Version tag of the local service.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_VERSION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     /// Address peers use to reach the local service.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, env = "SWITCHYARD_ADDRESS", default_value = "127.0.0.1")]
     pub address: String,
     /// Instance id; default SERVICE-ADDRESS-PORT.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// Label of the local service, repeatable: KEY=VALUE.
-    #[arg(long = "label", value_parser = super::parse_label)]
+    /// Label of the local service, repeatable: KEY=VALUE (the variable holds one).
+    #[arg(long = "label", env = "SWITCHYARD_LABEL", value_parser = super::parse_label)]
+    #[serde(with = "config::pairs")]
     pub labels: Vec<(String, String)>,
     /// Load-balancing weight of the local service, 1-10000.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "SWITCHYARD_WEIGHT", default_value_t = 100)]
     pub weight: u32,
     /// Lease TTL of the local service.
-    #[arg(long, default_value = "10s", value_parser = parse_ttl)]
+    #[arg(long, env = "SWITCHYARD_TTL", default_value = "10s", value_parser = parse_ttl)]
+    #[serde(with = "config::ttl")]
     pub ttl: u32,
     /// Health check: GET this path on the local port (2xx/3xx = healthy).
-    #[arg(long, conflicts_with_all = ["health_tcp", "health_grpc"])]
+    #[arg(long, env = "SWITCHYARD_HEALTH_HTTP", conflicts_with_all = ["health_tcp", "health_grpc"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health_http: Option<String>,
     /// Health check: TCP connect to the local port.
-    #[arg(long, conflicts_with = "health_grpc")]
+    #[arg(long, env = "SWITCHYARD_HEALTH_TCP", conflicts_with = "health_grpc")]
     pub health_tcp: bool,
     /// Health check: grpc.health.v1 Check on the local port.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_HEALTH_GRPC")]
     pub health_grpc: bool,
     /// Time between health checks.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_HEALTH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
     pub health_interval: Duration,
     /// Time a health check may take.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_HEALTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
     pub health_timeout: Duration,
     /// Consecutive passes to become healthy again.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "SWITCHYARD_HEALTHY_THRESHOLD", default_value_t = 2)]
     pub healthy_threshold: u32,
     /// Consecutive failures to be marked FAILING.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "SWITCHYARD_UNHEALTHY_THRESHOLD", default_value_t = 3)]
     pub unhealthy_threshold: u32,
     /// On SIGTERM: time between DRAINING and deregistration.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_DRAIN", default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
     pub drain: Duration,
-    /// Tokio worker threads (0 = one per core).
+    /// Tokio worker threads (0 = one per core, 1 = a single-threaded runtime).
     #[arg(long, env = "SWITCHYARD_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
     /// TOML file with any of the keys above.
     #[arg(long, env = "SWITCHYARD_SIDECAR_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
 }
 
-/// The keys `--config` may hold.
-#[derive(Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields)]
-struct SidecarFile {
-    registry: Option<Vec<String>>,
-    admin: Option<SocketAddr>,
-    http_proxy: Option<String>,
-    dns: Option<String>,
-    upstreams: Option<BTreeMap<String, SocketAddr>>,
-    http_upstreams: Option<BTreeMap<String, SocketAddr>>,
-    namespace: Option<String>,
-    domain: Option<String>,
-    cache_file: Option<PathBuf>,
-    choice_count: Option<u32>,
-    active_request_bias: Option<f64>,
-    connect_timeout: Option<String>,
-    request_timeout: Option<String>,
-    service: Option<String>,
-    port: Option<u16>,
-    version: Option<String>,
-    address: Option<String>,
-    id: Option<String>,
-    labels: Option<BTreeMap<String, String>>,
-    weight: Option<u32>,
-    ttl: Option<String>,
-    health_http: Option<String>,
-    health_tcp: Option<bool>,
-    health_grpc: Option<bool>,
-    health_interval: Option<String>,
-    health_timeout: Option<String>,
-    healthy_threshold: Option<u32>,
-    unhealthy_threshold: Option<u32>,
-    drain: Option<String>,
-    worker_threads: Option<usize>,
-}
-
 impl SidecarArgs {
-    /// The flags' defaults, pointed at one registry (for `switchyard dev`).
-    pub fn defaults(registry: &str) -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            args: SidecarArgs,
-        }
-        let mut args = Wrapper::parse_from(["switchyard-sidecar"]).args;
+    /// The flags' defaults, pointed at one registry (for `switchyard dev`). Environment
+    /// variables are not read: dev's sidecar is configured by dev's own flags only.
+    pub fn defaults(registry: &str) -> Result<Self, CliError> {
+        use clap::{Command, FromArgMatches};
+        let internal =
+            |e: clap::Error| CliError::new(1, format!("internal: sidecar defaults: {e}"));
+        let cmd = Self::augment_args(Command::new("switchyard-sidecar"))
+            .mut_args(|a| a.env(None::<&str>));
+        let matches = cmd
+            .try_get_matches_from(["switchyard-sidecar"])
+            .map_err(internal)?;
+        let mut args = Self::from_arg_matches(&matches).map_err(internal)?;
         args.registry = vec![registry.to_string()];
-        args
+        Ok(args)
+    }
+
+    /// The flags merged with `--config` (if any): the one place precedence is applied.
+    pub fn resolve(self, matches: Option<&ArgMatches>) -> Result<Self, CliError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let mut merged = config::overlay_file(&self, matches, &path)?;
+        merged.config = Some(path);
+        Ok(merged)
     }
 }
 
@@ -194,137 +189,6 @@ fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
         .parse()
         .map_err(|e| format!("{addr:?} is not a listen address: {e}"))?;
     Ok((name.to_string(), addr))
-}
-
-/// Parses `250ms`, `5s`, `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration like 250ms, 5s or 2m");
-    if let Some(n) = s.strip_suffix("ms") {
-        return n.parse().map(Duration::from_millis).map_err(|_| bad());
-    }
-    let (n, mult) = match (s.strip_suffix('s'), s.strip_suffix('m')) {
-        (Some(n), _) => (n, 1),
-        (_, Some(n)) => (n, 60),
-        _ => (s, 1),
-    };
-    let n: u64 = n.parse().map_err(|_| bad())?;
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
-}
-
-fn read_file(path: &Path) -> Result<SidecarFile, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        CliError::new(
-            EXIT_CONFIG,
-            format!("cannot read --config {}: {e}", path.display()),
-        )
-    })?;
-    toml::from_str(&text).map_err(|e| {
-        CliError::new(
-            EXIT_CONFIG,
-            format!("invalid --config {}: {e}", path.display()),
-        )
-    })
-}
-
-fn merge(
-    args: &mut SidecarArgs,
-    file: SidecarFile,
-    matches: Option<&ArgMatches>,
-) -> Result<(), CliError> {
-    let defaulted = |id: &str| {
-        matches.is_none_or(|m| matches!(m.value_source(id), Some(ValueSource::DefaultValue) | None))
-    };
-    let dur = |key: &str, v: String| {
-        parse_duration(&v)
-            .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid {key} in --config: {e}")))
-    };
-    macro_rules! take {
-        ($($field:ident),*) => {$(
-            if let Some(v) = file.$field {
-                if defaulted(stringify!($field)) {
-                    args.$field = v;
-                }
-            }
-        )*};
-    }
-    macro_rules! take_some {
-        ($($field:ident),*) => {$(
-            if let Some(v) = file.$field {
-                if defaulted(stringify!($field)) {
-                    args.$field = Some(v);
-                }
-            }
-        )*};
-    }
-    take!(
-        registry,
-        admin,
-        http_proxy,
-        dns,
-        namespace,
-        domain,
-        cache_file,
-        choice_count,
-        active_request_bias,
-        address,
-        weight,
-        health_tcp,
-        health_grpc,
-        healthy_threshold,
-        unhealthy_threshold,
-        worker_threads
-    );
-    take_some!(service, port, version, id, health_http);
-    if let Some(v) = file.upstreams {
-        if defaulted("upstreams") {
-            args.upstreams = v.into_iter().collect();
-        }
-    }
-    if let Some(v) = file.http_upstreams {
-        if defaulted("http_upstreams") {
-            args.http_upstreams = v.into_iter().collect();
-        }
-    }
-    if let Some(v) = file.labels {
-        if defaulted("labels") {
-            args.labels = v.into_iter().collect();
-        }
-    }
-    macro_rules! take_dur {
-        ($($field:ident),*) => {$(
-            if let Some(v) = file.$field {
-                if defaulted(stringify!($field)) {
-                    args.$field = dur(stringify!($field), v)?;
-                }
-            }
-        )*};
-    }
-    take_dur!(
-        connect_timeout,
-        request_timeout,
-        health_interval,
-        health_timeout,
-        drain
-    );
-    if let Some(v) = file.ttl {
-        if defaulted("ttl") {
-            args.ttl = parse_ttl(&v)
-                .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid ttl in --config: {e}")))?;
-        }
-    }
-    Ok(())
-}
-
-/// Reads `--config` (if any) into the flags the user left at their defaults.
-pub fn resolve(
-    mut args: SidecarArgs,
-    matches: Option<&ArgMatches>,
-) -> Result<SidecarArgs, CliError> {
-    if let Some(path) = args.config.clone() {
-        let file = read_file(&path)?;
-        merge(&mut args, file, matches)?;
-    }
-    Ok(args)
 }
 
 /// Builds the library config from the flags.
@@ -405,16 +269,27 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CliError> {
     })
 }
 
-/// Binds every listener the flags ask for and starts the sidecar.
+/// `off` (or empty) disables a listener; anything else is a listen address.
+fn optional_addr(value: &str, flag: &str) -> Result<Option<SocketAddr>, CliError> {
+    match value {
+        "off" | "" => Ok(None),
+        a => a.parse().map(Some).map_err(|e| {
+            CliError::new(
+                EXIT_CONFIG,
+                format!("invalid {flag} {a:?}: {e} (HOST:PORT or off)"),
+            )
+        }),
+    }
+}
+
+/// Binds every listener the flags ask for and starts the sidecar. Every address is
+/// parsed before the first socket is bound.
 pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarHandle, CliError> {
-    let http_proxy = match args.http_proxy.as_str() {
-        "off" | "" => None,
-        a => {
-            let addr: SocketAddr = a.parse().map_err(|e| {
-                CliError::new(EXIT_CONFIG, format!("invalid --http-proxy {a:?}: {e}"))
-            })?;
-            Some(bind(addr, "--http-proxy").await?)
-        }
+    let http_proxy_addr = optional_addr(&args.http_proxy, "--http-proxy")?;
+    let dns_addr = optional_addr(&args.dns, "--dns")?;
+    let http_proxy = match http_proxy_addr {
+        Some(addr) => Some(bind(addr, "--http-proxy").await?),
+        None => None,
     };
     let mut upstreams = Vec::new();
     for (name, addr) in &args.upstreams {
@@ -424,24 +299,14 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
     for (name, addr) in &args.http_upstreams {
         http_upstreams.push((name.clone(), bind(*addr, "--http-upstream").await?));
     }
-    let dns = match args.dns.as_str() {
-        "off" | "" => None,
-        a => {
-            let addr: SocketAddr = a.parse().map_err(|e| {
-                CliError::new(
-                    EXIT_CONFIG,
-                    format!("invalid --dns {a:?}: {e} (HOST:PORT or off)"),
-                )
-            })?;
-            Some(switchyard_core::dns::bind(addr).await.map_err(|e| {
-                CliError::new(
-                    EXIT_CONFIG,
-                    format!(
-                        "cannot listen on {addr} (--dns): {e}; pick another address or --dns off"
-                    ),
-                )
-            })?)
-        }
+    let dns = match dns_addr {
+        Some(addr) => Some(switchyard_core::dns::bind(addr).await.map_err(|e| {
+            CliError::new(
+                EXIT_CONFIG,
+                format!("cannot listen on {addr} (--dns): {e}; pick another address or --dns off"),
+            )
+        })?),
+        None => None,
     };
     let listeners = SidecarListeners {
         dns,
@@ -455,9 +320,9 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
         .map_err(|e| CliError::new(EXIT_CONFIG, e))
 }
 
-pub async fn run(args: SidecarArgs, matches: Option<&ArgMatches>) -> Result<(), CliError> {
+/// Runs the sidecar with flags already merged with `--config` ([`SidecarArgs::resolve`]).
+pub async fn run(args: SidecarArgs) -> Result<(), CliError> {
     let stop = shutdown_signal();
-    let args = resolve(args, matches)?;
     let config = config(&args)?;
     let handle = start(&args, config).await?;
     stop.await;

@@ -1,0 +1,125 @@
+//! What every operator verb shares: the `--registry` and `--output` flags, connecting to
+//! the registry, turning a refused call into an exit status, and printing tables and JSON.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+use switchyard_proto::v1::cluster_client::ClusterClient;
+use switchyard_proto::v1::discovery_client::DiscoveryClient;
+use switchyard_proto::v1::registry_client::RegistryClient;
+use switchyard_proto::v1::routing_client::RoutingClient;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{CliError, Output, EXIT_CONFIG, EXIT_UNAVAILABLE};
+
+/// Largest message the CLI accepts from the registry (a Watch snapshot of a big catalog).
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
+/// `--registry`, shared by every operator verb (global: it may follow a subcommand).
+#[derive(Args, Debug)]
+pub struct RegistryFlag {
+    /// Registry gRPC address.
+    #[arg(
+        long,
+        env = "SWITCHYARD_REGISTRY",
+        default_value = "http://127.0.0.1:7400",
+        global = true
+    )]
+    pub registry: String,
+}
+
+/// `--output`, shared by the verbs that print (global: it may follow a subcommand).
+#[derive(Args, Debug)]
+pub struct OutputFlag {
+    /// Output format.
+    #[arg(
+        long,
+        short = 'o',
+        value_enum,
+        env = "SWITCHYARD_OUTPUT",
+        default_value_t = Output::Table,
+        global = true
+    )]
+    pub output: Output,
+}
+
+fn endpoint(url: &str) -> Result<Endpoint, CliError> {
+    Endpoint::from_shared(url.to_string())
+        .map(|e| e.connect_timeout(Duration::from_secs(3)))
+        .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid --registry {url:?}: {e}")))
+}
+
+/// One connection to the registry at `url`; exit 69 with a hint when nothing answers.
+pub async fn channel(url: &str) -> Result<Channel, CliError> {
+    endpoint(url)?.connect().await.map_err(|e| {
+        CliError::new(
+            EXIT_UNAVAILABLE,
+            format!("cannot reach the registry at {url}: {e}; is `switchyard dev` or `switchyard registry` running there? (set --registry or SWITCHYARD_REGISTRY)"),
+        )
+    })
+}
+
+pub async fn connect_discovery(url: &str) -> Result<DiscoveryClient<Channel>, CliError> {
+    Ok(DiscoveryClient::new(channel(url).await?).max_decoding_message_size(MAX_RESPONSE_BYTES))
+}
+
+pub async fn connect_routing(url: &str) -> Result<RoutingClient<Channel>, CliError> {
+    Ok(RoutingClient::new(channel(url).await?))
+}
+
+pub async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CliError> {
+    Ok(RegistryClient::new(channel(url).await?))
+}
+
+pub async fn connect_cluster(url: &str) -> Result<ClusterClient<Channel>, CliError> {
+    Ok(ClusterClient::new(channel(url).await?))
+}
+
+/// A refused gRPC call as an operator error: bad input exits 64, the rest 69.
+pub fn status_error(what: &str, s: tonic::Status) -> CliError {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+            EXIT_CONFIG
+        }
+        _ => EXIT_UNAVAILABLE,
+    };
+    if what.is_empty() {
+        CliError::new(code, s.message().to_string())
+    } else {
+        CliError::new(code, format!("{what}: {}", s.message()))
+    }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::new(1, format!("cannot encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Prints rows as a left-aligned table under an upper-case header.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
