@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::table::EndpointTable;
 
@@ -64,7 +65,7 @@ pub async fn serve(
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let r = route(&table, &metrics, req);
+                let r = dispatch(&table, &metrics, req);
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = http1::Builder::new()
@@ -168,12 +169,12 @@ fn explain_route(table: &EndpointTable, query: &str) -> Response<Full<Bytes>> {
     let mut rng = fastrand::Rng::new();
     let decision = match crate::route::decide(&service, view.policy.as_ref(), &headers, &mut rng) {
         Ok(d) => d,
-        Err(crate::route::NoRoute(why)) => {
-            return respond(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("{why}\n"),
-            );
+        Err(crate::route::NoRoute(reason)) => {
+            let e = ProxyError::NoRoute {
+                service: service.clone(),
+                reason,
+            };
+            return respond(e.status(), "text/plain", format!("{e}\n"));
         }
     };
     let pool = decision.subset.map_or(&view.pool, |s| &s.pool);
@@ -203,6 +204,22 @@ fn explain_route(table: &EndpointTable, query: &str) -> Response<Full<Bytes>> {
         would_pick: picked.map(|e| e.id.as_str()),
     };
     json(&doc)
+}
+
+/// The metrics text, with the gauges read from the table refreshed first.
+fn scrape(metrics: &Metrics, table: &EndpointTable) -> String {
+    metrics.set_catalog(table.age(), table.revision(), table.is_connected());
+    for view in table.all().values() {
+        // Endpoints that never carried a request have no series (see LiveState).
+        for e in view
+            .endpoints
+            .iter()
+            .filter(|e| e.live.metrics.get().is_some())
+        {
+            metrics.set_active(&view.name, &e.id, e.live.active());
+        }
+    }
+    metrics.encode()
 }
 
 fn json<T: Serialize>(doc: &T) -> Response<Full<Bytes>> {
@@ -235,7 +252,7 @@ fn endpoint_doc(e: &crate::endpoint::Endpoint) -> EndpointDoc<'_> {
     }
 }
 
-fn route(
+fn dispatch(
     table: &EndpointTable,
     metrics: &Metrics,
     req: Request<Incoming>,
@@ -266,7 +283,7 @@ fn route(
         "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(table),
+            scrape(metrics, table),
         ),
         "/endpoints" => {
             let views = table.all();

@@ -1,16 +1,22 @@
 //! The Switchyard sidecar as a library.
 //!
-//! A tour, in the order a request meets it:
-//! - [`discovery`]: one `Watch` stream to a registry (reconnect, failover, resume, disk
-//!   cache) feeding the [`table`].
-//! - [`table`]: per-service immutable views swapped atomically; [`endpoint`] holds the
-//!   live per-endpoint state (in-flight counts) that survives each swap.
+//! A tour, from the leaves up (each module imports only those before it):
+//! - [`metrics`]: Prometheus handles; per-endpoint ones are made on first use.
+//! - [`endpoint`]: an endpoint is the shared `Arc<Instance>` plus the live state
+//!   (in-flight counts, ejection) that survives every catalog update.
 //! - [`balance`]: least request (power of two choices, or weighted by
-//!   `weight / (active + 1)^bias`).
-//! - [`proxy`]: the HTTP listener (HTTP/1.1 + h2c, by Host or fixed upstream) and TCP
-//!   upstream listeners.
-//! - [`registrar`] and [`health`]: register the local service, probe it, drain it.
-//! - [`admin`] and [`metrics`]: `/ready`, `/metrics`, `/endpoints`.
+//!   `weight / (active + 1)^bias`) over a [`balance::Pool`] of usable endpoints.
+//! - [`route`]: header matches and per-subset pools over `switchyard_core::select`,
+//!   which decides subsets, splits and sticky hashing (the code DNS uses too).
+//! - [`table`]: per-service immutable views swapped atomically; readers never lock.
+//! - [`error`]: why the sidecar answered a request itself, which side failed and
+//!   whether a retry is safe, mapped to HTTP in one place.
+//! - Then what reads the table: [`discovery`] (one `Watch` stream: reconnect,
+//!   failover, resume, disk cache), [`proxy`] (HTTP/1.1 + h2c by Host or fixed
+//!   upstream, and TCP upstream listeners), [`admin`] (`/ready`, `/metrics`,
+//!   `/endpoints`, `/explain`) and [`dns`] (the core DNS answers over the table).
+//! - Beside them: [`registrar`] and [`health`] register the local service, probe it
+//!   and drain it.
 //!
 //! [`start`] takes a config and listeners bound by the caller and returns a handle with
 //! the real addresses and a graceful `shutdown` (drain, deregister, finish in-flight).
@@ -20,6 +26,7 @@ pub mod balance;
 pub mod discovery;
 pub mod dns;
 pub mod endpoint;
+pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
@@ -205,7 +212,7 @@ pub async fn start(
         tasks.push(tokio::spawn(proxy::http::serve(
             l,
             ctx.clone(),
-            proxy::http::Target::ByHost,
+            proxy::http::ServiceBy::Host,
             shutdown_rx.clone(),
         )));
     }
@@ -214,7 +221,7 @@ pub async fn start(
         tasks.push(tokio::spawn(proxy::http::serve(
             l,
             ctx.clone(),
-            proxy::http::Target::Service(service.into()),
+            proxy::http::ServiceBy::Fixed(service.into()),
             shutdown_rx.clone(),
         )));
     }

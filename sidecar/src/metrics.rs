@@ -11,8 +11,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::table::EndpointTable;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub service: String,
@@ -320,27 +318,26 @@ impl Metrics {
             .inc();
     }
 
-    /// Refreshes the gauges read from the table, then encodes everything.
-    pub fn encode(&self, table: &EndpointTable) -> String {
-        self.catalog_age
-            .set(table.age().map_or(-1.0, |a| a.as_secs_f64()));
-        self.catalog_revision.set(table.revision() as i64);
-        self.registry_connected.set(i64::from(table.is_connected()));
-        for view in table.all().values() {
-            // Endpoints that never carried a request have no series (see LiveState).
-            for e in view
-                .endpoints
-                .iter()
-                .filter(|e| e.live.metrics.get().is_some())
-            {
-                self.active
-                    .get_or_create(&EndpointLabels {
-                        service: view.name.clone(),
-                        endpoint: e.id.clone(),
-                    })
-                    .set(i64::from(e.live.active()));
-            }
-        }
+    /// Sets the gauges that describe the catalog (read from the table at scrape time).
+    pub fn set_catalog(&self, age: Option<std::time::Duration>, revision: u64, connected: bool) {
+        self.catalog_age.set(age.map_or(-1.0, |a| a.as_secs_f64()));
+        self.catalog_revision
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+        self.registry_connected.set(i64::from(connected));
+    }
+
+    /// Sets an endpoint's in-flight gauge (read from its live state at scrape time).
+    pub fn set_active(&self, service: &str, endpoint: &str, active: u32) {
+        self.active
+            .get_or_create(&EndpointLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .set(i64::from(active));
+    }
+
+    /// Everything in Prometheus' text format.
+    pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8192);
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

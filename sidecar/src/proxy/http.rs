@@ -30,6 +30,8 @@ use super::body::ProxyBody;
 use super::ProxyCtx;
 use crate::balance::pick_from;
 use crate::endpoint::ActiveGuard;
+use crate::error::ProxyError;
+use crate::metrics::{EndpointMetrics, SubsetMetrics};
 use crate::route::{decide, explain, NoRoute, Why, EXPLAIN_HEADER, SUBSET_HEADER};
 
 /// Most downstream connections one listener serves at once.
@@ -62,20 +64,20 @@ impl Clients {
     }
 }
 
-/// Which service a listener sends requests to.
+/// How a listener learns which service a request is for.
 #[derive(Clone, Debug)]
-pub enum Target {
+pub enum ServiceBy {
     /// Read the service from `Host` / `:authority`.
-    ByHost,
+    Host,
     /// Always this service (a `--http-upstream` listener).
-    Service(Arc<str>),
+    Fixed(Arc<str>),
 }
 
 /// Serves one HTTP listener until shutdown, then lets in-flight requests finish.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ProxyCtx>,
-    target: Target,
+    target: ServiceBy,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -236,14 +238,30 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 async fn proxy(
     ctx: &ProxyCtx,
-    target: &Target,
+    target: &ServiceBy,
+    client_ip: Option<HeaderValue>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    match forward(ctx, target, client_ip, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            ctx.metrics.local_reply(e.service(), e.status().as_u16());
+            local(e.status(), format!("{e}\n"))
+        }
+    }
+}
+
+/// Routes and forwards one request; every answer the sidecar makes itself is an `Err`.
+async fn forward(
+    ctx: &ProxyCtx,
+    target: &ServiceBy,
     client_ip: Option<HeaderValue>,
     mut req: Request<Incoming>,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, ProxyError> {
     // Looked up while the Host is borrowed from the request: no copy of it per request.
-    let lookup = match target {
-        Target::Service(s) => Ok(ctx.table.get(s).ok_or_else(|| s.to_string())),
-        Target::ByHost => {
+    let view = match target {
+        ServiceBy::Fixed(s) => ctx.table.get(s).ok_or_else(|| s.to_string()),
+        ServiceBy::Host => {
             let host = match req.uri().authority() {
                 Some(a) => Some(a.as_str()),
                 None => req
@@ -251,64 +269,44 @@ async fn proxy(
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok()),
             };
-            match host {
-                None => Err(local(
-                    StatusCode::BAD_REQUEST,
-                    "missing Host: name the service, e.g. Host: payments or payments.service.switchyard\n".into(),
-                )),
-                Some(host) => match service_from_host(host, &ctx.host_suffix) {
-                    Some(s) => Ok(ctx.table.get(&s).ok_or_else(|| s.into_owned())),
-                    None => Err(local(
-                        StatusCode::BAD_REQUEST,
-                        format!(
-                            "Host {host:?} is not a service name: use SERVICE or SERVICE{}\n",
-                            ctx.host_suffix
-                        ),
-                    )),
-                },
+            let Some(host) = host else {
+                return Err(ProxyError::MissingHost {
+                    suffix: ctx.host_suffix.clone(),
+                });
+            };
+            match service_from_host(host, &ctx.host_suffix) {
+                Some(s) => ctx.table.get(&s).ok_or_else(|| s.into_owned()),
+                None => {
+                    return Err(ProxyError::BadHost {
+                        host: host.to_string(),
+                        suffix: ctx.host_suffix.clone(),
+                    })
+                }
             }
         }
-    };
-    let view = match lookup {
-        Ok(Ok(view)) => view,
-        Ok(Err(service)) => {
-            ctx.metrics.local_reply(&service, 503);
-            return local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "no such service {service:?} in the catalog (revision {})\n",
-                    ctx.table.revision()
-                ),
-            );
-        }
-        Err(bad_request) => {
-            ctx.metrics.local_reply("", 400);
-            return bad_request;
-        }
-    };
+    }
+    .map_err(|service| ProxyError::UnknownService {
+        service,
+        revision: ctx.table.revision(),
+    })?;
     let service = view.name.as_str();
     let mut rng = fastrand::Rng::new();
-    let decision = match decide(service, view.policy.as_ref(), req.headers(), &mut rng) {
-        Ok(d) => d,
-        Err(NoRoute(why)) => {
-            ctx.metrics.local_reply(service, 503);
-            return local(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
-        }
-    };
+    let decision = decide(service, view.policy.as_ref(), req.headers(), &mut rng).map_err(
+        |NoRoute(reason)| ProxyError::NoRoute {
+            service: service.to_string(),
+            reason,
+        },
+    )?;
     let pool = decision.subset.map_or(&view.pool, |s| &s.pool);
     if let (Why::Fallback { wanted }, Some(s)) = (&decision.why, decision.subset) {
         ctx.metrics.split_fallback(service, wanted, &s.name);
     }
     let picked = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng);
     let Some(endpoint) = picked else {
-        ctx.metrics.local_reply(service, 503);
-        return local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "service {service:?} has no usable endpoint ({} registered, none SERVING)\n",
-                view.endpoints.len()
-            ),
-        );
+        return Err(ProxyError::NoEndpoint {
+            service: service.to_string(),
+            registered: view.endpoints.len(),
+        });
     };
     let explanation = req
         .headers()
@@ -336,16 +334,13 @@ async fn proxy(
     // arrived in, as Envoy and HAProxy do by default, so an h2c client can reach a plain
     // HTTP/1.1 service.
     let h2 = req.version() == Version::HTTP_2 && is_grpc(req.headers());
+    let bad_address = || ProxyError::BadAddress {
+        service: service.to_string(),
+        endpoint: endpoint.id.clone(),
+        authority: endpoint.authority().into_owned(),
+    };
     let Some(authority) = endpoint.uri_authority.clone() else {
-        ctx.metrics.local_reply(service, 502);
-        return local(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "cannot address endpoint {} ({}): not a valid host:port\n",
-                endpoint.id,
-                endpoint.authority()
-            ),
-        );
+        return Err(bad_address());
     };
     let mut parts = ::http::uri::Parts::default();
     parts.scheme = Some(::http::uri::Scheme::HTTP);
@@ -356,16 +351,7 @@ async fn proxy(
             .cloned()
             .unwrap_or_else(|| ::http::uri::PathAndQuery::from_static("/")),
     );
-    let uri = match Uri::from_parts(parts) {
-        Ok(u) => u,
-        Err(e) => {
-            ctx.metrics.local_reply(service, 502);
-            return local(
-                StatusCode::BAD_GATEWAY,
-                format!("cannot address endpoint {}: {e}\n", endpoint.id),
-            );
-        }
-    };
+    let uri = Uri::from_parts(parts).map_err(|_| bad_address())?;
     *req.uri_mut() = uri;
     *req.version_mut() = if h2 {
         Version::HTTP_2
@@ -406,59 +392,72 @@ async fn proxy(
                         .insert(HeaderName::from_static(EXPLAIN_HEADER), v);
                 }
             }
-            resp.map(|body| ProxyBody::Upstream {
+            Ok(resp.map(|body| ProxyBody::Upstream {
                 body,
                 _guard: guard,
-            })
+            }))
         }
         Ok(Err(e)) => {
-            if guard.failed() {
-                ctx.metrics.ejection(service, &endpoint.id);
-            }
-            ctx.metrics.local_reply(service, 502);
-            metrics.response(502);
-            if let Some(m) = subset_metrics {
-                m.response(502);
-            }
-            let what = if e.is_connect() {
-                format!(
-                    "cannot connect to {} ({}) of service {service:?}",
-                    endpoint.id,
-                    endpoint.authority()
-                )
+            let (endpoint_id, authority) = (endpoint.id.clone(), endpoint.authority().into_owned());
+            let err = if e.is_connect() {
+                ProxyError::Connect {
+                    service: service.to_string(),
+                    endpoint: endpoint_id,
+                    authority,
+                    cause: root_cause(&e),
+                }
             } else {
-                format!(
-                    "endpoint {} ({}) of service {service:?} failed",
-                    endpoint.id,
-                    endpoint.authority()
-                )
+                ProxyError::Upstream {
+                    service: service.to_string(),
+                    endpoint: endpoint_id,
+                    authority,
+                    cause: root_cause(&e),
+                }
             };
-            tracing::debug!(error = ?e, "{what}");
-            local(
-                StatusCode::BAD_GATEWAY,
-                format!("{what}: {}\n", root_cause(&e)),
-            )
+            tracing::debug!(error = ?e, "{err}");
+            Err(upstream_failed(ctx, &guard, metrics, subset_metrics, err))
         }
         Err(_) => {
-            if guard.failed() {
-                ctx.metrics.ejection(service, &endpoint.id);
-            }
-            ctx.metrics.local_reply(service, 504);
-            metrics.response(504);
-            if let Some(m) = subset_metrics {
-                m.response(504);
-            }
-            local(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "endpoint {} ({}) of service {service:?} did not answer within {:?}\n",
-                    endpoint.id,
-                    endpoint.authority(),
-                    ctx.request_timeout
-                ),
-            )
+            let err = ProxyError::Timeout {
+                service: service.to_string(),
+                endpoint: endpoint.id.clone(),
+                authority: endpoint.authority().into_owned(),
+                timeout: ctx.request_timeout,
+            };
+            Err(upstream_failed(ctx, &guard, metrics, subset_metrics, err))
         }
     }
+}
+
+/// Books an upstream failure against its endpoint (ejection, per-endpoint and
+/// per-subset responses) before the error is answered.
+fn upstream_failed(
+    ctx: &ProxyCtx,
+    guard: &ActiveGuard,
+    metrics: &EndpointMetrics,
+    subset_metrics: Option<&SubsetMetrics>,
+    err: ProxyError,
+) -> ProxyError {
+    if err.counts_against_endpoint() && guard.failed() {
+        if let ProxyError::Connect {
+            service, endpoint, ..
+        }
+        | ProxyError::Upstream {
+            service, endpoint, ..
+        }
+        | ProxyError::Timeout {
+            service, endpoint, ..
+        } = &err
+        {
+            ctx.metrics.ejection(service, endpoint);
+        }
+    }
+    let code = err.status().as_u16();
+    metrics.response(code);
+    if let Some(m) = subset_metrics {
+        m.response(code);
+    }
+    err
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

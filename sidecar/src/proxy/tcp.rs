@@ -11,6 +11,7 @@ use tokio::sync::{watch, Semaphore};
 use super::ProxyCtx;
 use crate::balance::pick_from;
 use crate::endpoint::ActiveGuard;
+use crate::error::{ProxyError, Side};
 use crate::route::{decide, NoRoute};
 use http::HeaderMap;
 
@@ -51,32 +52,44 @@ pub async fn serve(
     }
 }
 
-async fn carry(ctx: &ProxyCtx, service: &str, mut downstream: TcpStream) {
-    let Some(view) = ctx.table.get(service) else {
-        tracing::warn!(
-            service,
-            "no such service in the catalog; closing the connection"
-        );
-        ctx.metrics.local_reply(service, 503);
-        return;
-    };
+async fn carry(ctx: &ProxyCtx, service: &str, downstream: TcpStream) {
+    if let Err(e) = connect_and_copy(ctx, service, downstream).await {
+        tracing::warn!(service, side = ?e.side(), "{e}; closing the connection");
+        if e.side() != Side::Upstream {
+            ctx.metrics.local_reply(service, e.status().as_u16());
+        }
+    }
+}
+
+/// Picks an endpoint, connects and copies both ways; errors are the same [`ProxyError`]s
+/// the HTTP proxy answers with.
+async fn connect_and_copy(
+    ctx: &ProxyCtx,
+    service: &str,
+    mut downstream: TcpStream,
+) -> Result<(), ProxyError> {
+    let view = ctx
+        .table
+        .get(service)
+        .ok_or_else(|| ProxyError::UnknownService {
+            service: service.to_string(),
+            revision: ctx.table.revision(),
+        })?;
     // The policy's default split applies to connections too (there are no headers).
     let mut rng = fastrand::Rng::new();
-    let decision = match decide(service, view.policy.as_ref(), &HeaderMap::new(), &mut rng) {
-        Ok(d) => d,
-        Err(NoRoute(why)) => {
-            tracing::warn!(service, "{why}; closing the connection");
-            ctx.metrics.local_reply(service, 503);
-            return;
-        }
-    };
+    let decision = decide(service, view.policy.as_ref(), &HeaderMap::new(), &mut rng).map_err(
+        |NoRoute(reason)| ProxyError::NoRoute {
+            service: service.to_string(),
+            reason,
+        },
+    )?;
     let pool = decision.subset.map_or(&view.pool, |s| &s.pool);
-    let picked = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng);
-    let Some(endpoint) = picked else {
-        tracing::warn!(service, "no usable endpoint; closing the connection");
-        ctx.metrics.local_reply(service, 503);
-        return;
-    };
+    let endpoint = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng).ok_or_else(|| {
+        ProxyError::NoEndpoint {
+            service: service.to_string(),
+            registered: view.endpoints.len(),
+        }
+    })?;
     // Series from the first pick, so TCP endpoints show in active_requests too.
     endpoint
         .live
@@ -86,25 +99,25 @@ async fn carry(ctx: &ProxyCtx, service: &str, mut downstream: TcpStream) {
     ctx.metrics.tcp_connection(service, &endpoint.id);
     let authority = endpoint.authority();
     let connect = TcpStream::connect(authority.as_ref());
+    let failed = |cause: String| {
+        if guard.failed() {
+            ctx.metrics.ejection(service, &endpoint.id);
+        }
+        ProxyError::Connect {
+            service: service.to_string(),
+            endpoint: endpoint.id.clone(),
+            authority: authority.to_string(),
+            cause,
+        }
+    };
     let mut upstream = match tokio::time::timeout(ctx.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            if guard.failed() {
-                ctx.metrics.ejection(service, &endpoint.id);
-            }
-            tracing::warn!(service, endpoint = %endpoint.id, error = %e, "cannot connect upstream");
-            return;
-        }
-        Err(_) => {
-            if guard.failed() {
-                ctx.metrics.ejection(service, &endpoint.id);
-            }
-            tracing::warn!(service, endpoint = %endpoint.id, "upstream connect timed out");
-            return;
-        }
+        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Err(_) => return Err(failed(format!("timed out after {:?}", ctx.connect_timeout))),
     };
     guard.succeeded();
     let _ = upstream.set_nodelay(true);
     let _ = downstream.set_nodelay(true);
     let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    Ok(())
 }
