@@ -37,7 +37,7 @@ use tokio::sync::watch;
 
 use crate::model::policy::{Policy, Subset};
 use crate::model::{Instance, State, DEFAULT_NAMESPACE};
-use crate::node::Shared;
+use crate::shared::Shared;
 
 /// Most records in one answer (UDP answers are further bounded by the packet size).
 const MAX_ANSWERS: usize = 64;

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod config;
 pub mod dns;
 pub mod http;
 pub mod lease;
@@ -22,8 +23,10 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod raft;
+pub mod shared;
 pub mod watch;
 pub mod writer;
 
 pub use catalog::Limits;
-pub use node::{start, Listeners, RegistryConfig, RegistryHandle, StartError};
+pub use config::{Listeners, RegistryConfig, StartError};
+pub use node::{start, RegistryHandle};

@@ -2,11 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,187 +18,15 @@ use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
 use switchyard_proto::v1::cluster_server::ClusterServer;
 
 use crate::api::{ClusterApi, DiscoveryApi, RegistryApi, RoutingApi};
-use crate::catalog::{Catalog, Command, Limits};
-use crate::lease::LeaseKeeper;
-use crate::metrics::Metrics;
+use crate::catalog::Command;
+use crate::config::{Listeners, RegistryConfig, StartError, MAX_REQUEST_BYTES};
 use crate::raft::alias::Raft;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, MAX_RAFT_MESSAGE};
 use crate::raft::service::RaftService;
 use crate::raft::state_machine::StateMachine;
-use crate::watch::WatchHub;
+use crate::shared::Shared;
 use crate::writer::Proposer;
-
-/// Largest gRPC message the registry accepts (a registration is well under 8 KiB; a
-/// `KeepAlive` message of 1,000 lease ids is about 10 KiB).
-pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
-/// How a registry node behaves; every field has a default that suits one node.
-#[derive(Clone, Debug)]
-pub struct RegistryConfig {
-    /// Where the log and snapshots live.
-    pub data_dir: PathBuf,
-    pub limits: Limits,
-    /// Changes a watcher may fall behind before it is resynced with a snapshot.
-    pub watch_buffer: usize,
-    /// Changes kept so a watcher can resume from a revision without a snapshot.
-    pub watch_history: usize,
-    /// Log entries between snapshots (which bound the log on disk).
-    pub snapshot_every: u64,
-    /// Most open Watch streams per node.
-    pub max_watchers: usize,
-    /// This node's Raft id (1 for a single node).
-    pub node_id: u64,
-    /// Every voting member at first start, this node included: id -> gRPC address.
-    /// Empty means a single-node group of this node alone.
-    pub peers: BTreeMap<u64, String>,
-    /// The address peers and clients use to reach this node; default: the listener's
-    /// address, with 0.0.0.0 read as 127.0.0.1.
-    pub advertise: Option<String>,
-    /// Join a running cluster through this node's gRPC address instead of starting a
-    /// group: this node asks to be added as a member and waits.
-    pub join: Option<String>,
-    /// Raft heartbeat; elections start after 5-10 heartbeats of silence.
-    pub heartbeat: Duration,
-    /// How often the leader checkpoints every lease's remaining TTL into the log
-    /// (zero: never; a new leader then gives every lease its full TTL).
-    pub lease_checkpoint_interval: Duration,
-    /// Self-preservation: when more than this share of the leases is past its deadline
-    /// at once, expiry pauses (1.0 disables it).
-    pub self_preservation_threshold: f64,
-    /// Self-preservation applies only with at least this many leases.
-    pub self_preservation_min_leases: usize,
-    /// DNS zone and TTL (served when `Listeners::dns` is given).
-    pub dns: crate::dns::DnsConfig,
-}
-
-impl RegistryConfig {
-    pub fn new(data_dir: PathBuf) -> Self {
-        Self {
-            data_dir,
-            limits: Limits::default(),
-            watch_buffer: 1_024,
-            watch_history: 10_000,
-            snapshot_every: 10_000,
-            max_watchers: 10_000,
-            node_id: 1,
-            peers: BTreeMap::new(),
-            advertise: None,
-            join: None,
-            heartbeat: Duration::from_millis(100),
-            lease_checkpoint_interval: Duration::from_secs(5),
-            self_preservation_threshold: 0.5,
-            self_preservation_min_leases: 20,
-            dns: crate::dns::DnsConfig::default(),
-        }
-    }
-
-    /// Checks the configuration before any socket is used.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.limits.max_instances == 0 {
-            return Err("max_instances must be at least 1".into());
-        }
-        if self.watch_buffer == 0 || self.watch_buffer > 1_000_000 {
-            return Err("watch_buffer must be 1-1000000".into());
-        }
-        if self.watch_history == 0 || self.watch_history > 10_000_000 {
-            return Err("watch_history must be 1-10000000".into());
-        }
-        if self.snapshot_every == 0 {
-            return Err("snapshot_every must be at least 1".into());
-        }
-        if self.max_watchers == 0 {
-            return Err("max_watchers must be at least 1".into());
-        }
-        if self.node_id == 0 {
-            return Err("node_id must be at least 1".into());
-        }
-        if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
-            return Err(format!(
-                "peers must include this node (id {}): list every member as ID=ADDR",
-                self.node_id
-            ));
-        }
-        if self.heartbeat < Duration::from_millis(10) || self.heartbeat > Duration::from_secs(5) {
-            return Err("heartbeat must be 10ms-5s".into());
-        }
-        self.dns.validate()?;
-        if !(0.0..=1.0).contains(&self.self_preservation_threshold)
-            || self.self_preservation_threshold == 0.0
-        {
-            return Err("self_preservation_threshold must be above 0 and at most 1".into());
-        }
-        Ok(())
-    }
-}
-
-/// Sockets bound by the caller (tests bind port 0 and read the real address back).
-pub struct Listeners {
-    pub grpc: TcpListener,
-    pub http: TcpListener,
-    /// UDP socket and TCP listener for DNS (same port), if DNS is served.
-    pub dns: Option<(tokio::net::UdpSocket, TcpListener)>,
-}
-
-/// Why a node did not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("cannot use data dir {dir}: {reason}")]
-    Store { dir: PathBuf, reason: String },
-    #[error("cannot start Raft: {0}")]
-    Raft(String),
-    #[error("cannot start the writer thread: {0}")]
-    Thread(std::io::Error),
-    #[error("cannot read the listener address: {0}")]
-    Addr(std::io::Error),
-}
-
-/// State shared by the writer, the API handlers and the background tasks.
-pub struct Shared {
-    /// Lock order: `catalog` before the hub's and the lease keeper's own locks. Nobody
-    /// holds it across an `.await`.
-    pub catalog: RwLock<Catalog>,
-    pub hub: WatchHub,
-    pub leases: LeaseKeeper,
-    pub metrics: Arc<Metrics>,
-    pub config: RegistryConfig,
-    /// Flips to `true` once when the node starts shutting down.
-    pub shutdown: watch::Receiver<bool>,
-    /// The highest committed log index this node knows (saved by the log store).
-    pub committed: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Shared {
-    /// Empty shared state for a node with this config (the catalog is filled by the
-    /// state machine from its snapshot and the Raft log).
-    pub fn new(config: RegistryConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
-        let catalog = Catalog::new(config.limits);
-        Arc::new(Shared {
-            hub: WatchHub::new(
-                config.watch_buffer,
-                config.watch_history,
-                catalog.revision(),
-            ),
-            catalog: RwLock::new(catalog),
-            // Leases get their clocks from the applies Raft replays and, in full, when
-            // this node becomes leader (see `leadership_loop`).
-            leases: LeaseKeeper::default(),
-            metrics: Arc::new(Metrics::default()),
-            config,
-            shutdown,
-            committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        })
-    }
-
-    /// Sets the catalog gauges after an apply.
-    pub fn refresh_gauges(&self, catalog: &Catalog) {
-        self.metrics.instances.set(catalog.instance_count() as i64);
-        self.metrics.leases.set(catalog.lease_count() as i64);
-        self.metrics.revision.set(catalog.revision() as i64);
-    }
-}
 
 /// A running registry node.
 pub struct RegistryHandle {
@@ -279,17 +105,17 @@ pub async fn start(
     let db = Arc::new(db);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let snapshot_every = config.snapshot_every;
-    let shared = Shared::new(config, shutdown_rx.clone());
+    let shared = Shared::new(config.shared(), shutdown_rx.clone());
     let log_store = LogStore::new(
         db.clone(),
         Some(shared.metrics.clone()),
         shared.committed.clone(),
     )
     .map_err(|e| StartError::Store {
-        dir: shared.config.data_dir.clone(),
+        dir: config.data_dir.clone(),
         reason: e.to_string(),
     })?;
-    let state_machine = StateMachine::open(shared.clone(), db.clone(), shared.config.limits)
+    let state_machine = StateMachine::open(shared.clone(), db.clone(), config.limits)
         .map_err(|e| StartError::Raft(e.to_string()))?;
     {
         let catalog = shared.catalog.read();
@@ -298,13 +124,13 @@ pub async fn start(
         // gets a snapshot.
         shared.hub.reset(catalog.revision());
         tracing::info!(
-            data_dir = %shared.config.data_dir.display(),
+            data_dir = %config.data_dir.display(),
             revision = catalog.revision(),
             instances = catalog.instance_count(),
             "snapshot loaded; Raft replays the log after it"
         );
     }
-    let heartbeat = shared.config.heartbeat.as_millis() as u64;
+    let heartbeat = config.heartbeat.as_millis() as u64;
     let raft_config = openraft::Config {
         cluster_name: "switchyard".into(),
         heartbeat_interval: heartbeat,
@@ -319,7 +145,7 @@ pub async fn start(
     .validate()
     .map_err(|e| StartError::Raft(e.to_string()))?;
     let network = Network::default();
-    let node_id = shared.config.node_id;
+    let node_id = config.node_id;
     let raft = openraft::Raft::new(
         node_id,
         Arc::new(raft_config),
@@ -329,18 +155,17 @@ pub async fn start(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
-    let advertise = shared.config.advertise.clone().unwrap_or_else(|| {
+    let advertise = config.advertise.clone().unwrap_or_else(|| {
         if grpc_addr.ip().is_unspecified() {
             format!("127.0.0.1:{}", grpc_addr.port())
         } else {
             grpc_addr.to_string()
         }
     });
-    let members: BTreeMap<u64, openraft::BasicNode> = if shared.config.peers.is_empty() {
+    let members: BTreeMap<u64, openraft::BasicNode> = if config.peers.is_empty() {
         BTreeMap::from([(node_id, openraft::BasicNode::new(advertise.clone()))])
     } else {
-        shared
-            .config
+        config
             .peers
             .iter()
             .map(|(id, addr)| (*id, openraft::BasicNode::new(addr.clone())))
@@ -349,7 +174,7 @@ pub async fn start(
     let cluster_size = members.len();
     // Pristine nodes start the group; on an initialized node this is refused, harmlessly.
     // A joining node waits to be added instead (see `join_loop`).
-    if shared.config.join.is_none() {
+    if config.join.is_none() {
         match raft.initialize(members).await {
             Ok(()) => tracing::info!(
                 node_id,
@@ -362,7 +187,7 @@ pub async fn start(
             Err(e) => return Err(StartError::Raft(e.to_string())),
         }
     }
-    if cluster_size == 1 && shared.config.join.is_none() {
+    if cluster_size == 1 && config.join.is_none() {
         // A group of one elects itself within an election timeout: be the leader before
         // saying "serving", so the first write does not race the election.
         let _ = raft
@@ -373,7 +198,7 @@ pub async fn start(
     let proposer = Proposer::new(
         raft.clone(),
         network,
-        shared.config.heartbeat * 20,
+        config.heartbeat * 20,
         cluster_size,
         Some(shared.metrics.clone()),
     );
@@ -382,6 +207,8 @@ pub async fn start(
         tokio::spawn(expiry_loop(
             shared.clone(),
             proposer.clone(),
+            config.self_preservation_threshold,
+            config.self_preservation_min_leases,
             shutdown_rx.clone(),
         )),
         tokio::spawn(serve_grpc(
@@ -398,10 +225,11 @@ pub async fn start(
         tokio::spawn(checkpoint_loop(
             shared.clone(),
             proposer.clone(),
+            config.lease_checkpoint_interval,
             shutdown_rx.clone(),
         )),
         tokio::spawn(join_loop(
-            shared.config.join.clone(),
+            config.join.clone(),
             node_id,
             advertise.clone(),
             raft.clone(),
@@ -414,11 +242,9 @@ pub async fn start(
         )),
     ];
     if let Some((udp, tcp)) = listeners.dns {
-        let handler = crate::dns::DnsHandler::new(
-            crate::dns::CatalogSource(shared.clone()),
-            &shared.config.dns,
-        )
-        .map_err(StartError::Config)?;
+        let handler =
+            crate::dns::DnsHandler::new(crate::dns::CatalogSource(shared.clone()), &config.dns)
+                .map_err(StartError::Config)?;
         tasks.push(tokio::spawn(crate::dns::serve(
             handler,
             udp,
@@ -506,7 +332,13 @@ async fn serve_grpc(
 }
 
 /// Proposes `ExpireLeases` for leases whose deadline passed, promptly after it passes.
-async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watch::Receiver<bool>) {
+async fn expiry_loop(
+    shared: Arc<Shared>,
+    proposer: Proposer,
+    threshold: f64,
+    min_leases: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut retry = Duration::from_millis(100);
     let mut preserving = false;
     loop {
@@ -518,22 +350,19 @@ async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watc
         // likely a network problem between clients and the registry than a mass death.
         if proposer.is_leader() {
             let total = shared.leases.len();
-            let cfg = &shared.config;
-            let overdue = if total >= cfg.self_preservation_min_leases {
+            let overdue = if total >= min_leases {
                 shared.leases.at_risk(now)
             } else {
                 0
             };
             let share = overdue as f64 / total.max(1) as f64;
-            let too_many = total >= cfg.self_preservation_min_leases
-                && share > cfg.self_preservation_threshold
-                && cfg.self_preservation_threshold < 1.0;
+            let too_many = total >= min_leases && share > threshold && threshold < 1.0;
             if too_many {
                 if !preserving {
                     tracing::warn!(
                         overdue,
                         leases = total,
-                        threshold = cfg.self_preservation_threshold,
+                        threshold,
                         "self-preservation: {:.0}% of leases missed their renewals at once; expiry paused until renewals recover",
                         share * 100.0
                     );
@@ -722,9 +551,9 @@ async fn join_loop(
 async fn checkpoint_loop(
     shared: Arc<Shared>,
     proposer: Proposer,
+    interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let interval = shared.config.lease_checkpoint_interval;
     if interval.is_zero() {
         return;
     }

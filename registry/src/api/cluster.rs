@@ -13,7 +13,7 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::cluster_client::ClusterClient;
 use switchyard_proto::v1::cluster_server::Cluster;
 
-use crate::node::Shared;
+use crate::shared::Shared;
 use crate::writer::Proposer;
 
 pub struct ClusterApi {

@@ -15,7 +15,7 @@ use super::status;
 use crate::catalog::{Command, Reply};
 use crate::model::policy::{validate_policy, MAX_POLICY_BYTES};
 use crate::model::{validate_name, validate_namespace};
-use crate::node::Shared;
+use crate::shared::Shared;
 use crate::writer::Proposer;
 
 pub struct RoutingApi {

@@ -18,7 +18,7 @@ use super::alias::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMem
 use super::log_store::META;
 use super::{decode, encode, CommandReply, TypeConfig};
 use crate::catalog::{ApplyError, Catalog, Command, Limits, PersistedCatalog, Reply};
-use crate::node::Shared;
+use crate::shared::Shared;
 
 const SNAPSHOT: &str = "snapshot";
 
