@@ -115,11 +115,11 @@ pub async fn start(
         dir: config.data_dir.clone(),
         reason: e.to_string(),
     })?;
-    let state_machine = StateMachine::open(shared.clone(), db.clone(), config.limits)
+    let state_machine = StateMachine::open(shared.apply_handle(), db.clone())
         .map_err(|e| StartError::Raft(e.to_string()))?;
     {
         let catalog = shared.catalog.read();
-        shared.refresh_gauges(&catalog);
+        shared.metrics.set_catalog_gauges(&catalog);
         // Changes before the snapshot are not in the history: a resume from before it
         // gets a snapshot.
         shared.hub.reset(catalog.revision());

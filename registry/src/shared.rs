@@ -29,9 +29,9 @@ pub struct SharedConfig {
 pub struct Shared {
     /// Lock order: `catalog` before the hub's and the lease keeper's own locks. Nobody
     /// holds it across an `.await`.
-    pub catalog: RwLock<Catalog>,
-    pub hub: WatchHub,
-    pub leases: LeaseKeeper,
+    pub catalog: Arc<RwLock<Catalog>>,
+    pub hub: Arc<WatchHub>,
+    pub leases: Arc<LeaseKeeper>,
     pub metrics: Arc<Metrics>,
     pub config: SharedConfig,
     /// Flips to `true` once when the node starts shutting down.
@@ -46,15 +46,15 @@ impl Shared {
     pub fn new(config: SharedConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
         let catalog = Catalog::new(config.limits);
         Arc::new(Shared {
-            hub: WatchHub::new(
+            hub: Arc::new(WatchHub::new(
                 config.watch_buffer,
                 config.watch_history,
                 catalog.revision(),
-            ),
-            catalog: RwLock::new(catalog),
+            )),
+            catalog: Arc::new(RwLock::new(catalog)),
             // Leases get their clocks from the applies Raft replays and, in full, when
             // this node becomes leader (see `leadership_loop`).
-            leases: LeaseKeeper::default(),
+            leases: Arc::new(LeaseKeeper::default()),
             metrics: Arc::new(Metrics::default()),
             config,
             shutdown,
@@ -62,10 +62,27 @@ impl Shared {
         })
     }
 
-    /// Sets the catalog gauges after an apply.
-    pub fn refresh_gauges(&self, catalog: &Catalog) {
-        self.metrics.instances.set(catalog.instance_count() as i64);
-        self.metrics.leases.set(catalog.lease_count() as i64);
-        self.metrics.revision.set(catalog.revision() as i64);
+    /// The parts the Raft state machine applies commands to.
+    pub fn apply_handle(&self) -> ApplyHandle {
+        ApplyHandle {
+            catalog: self.catalog.clone(),
+            hub: self.hub.clone(),
+            leases: self.leases.clone(),
+            metrics: self.metrics.clone(),
+            limits: self.config.limits,
+        }
     }
+}
+
+/// What applying a command touches, and nothing more: the catalog it changes, the lease
+/// keeper whose clocks it mirrors, the hub it publishes the change to, and the metrics it
+/// updates. The Raft state machine holds this instead of the whole [`Shared`].
+#[derive(Clone)]
+pub struct ApplyHandle {
+    pub catalog: Arc<RwLock<Catalog>>,
+    pub hub: Arc<WatchHub>,
+    pub leases: Arc<LeaseKeeper>,
+    pub metrics: Arc<Metrics>,
+    /// The catalog's bounds, for one rebuilt from a snapshot.
+    pub limits: Limits,
 }

@@ -23,12 +23,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
             .map_err(|e| openraft::StorageIOError::write(&e))?;
         let db = Arc::new(db);
         let config = RegistryConfig::new(dir.path().to_path_buf());
-        let limits = config.limits;
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let shared = Shared::new(config.shared(), rx);
         let log = LogStore::new(db.clone(), None, Arc::new(AtomicU64::new(0)))
             .map_err(|e| openraft::StorageIOError::write(&e))?;
-        let sm = StateMachine::open(shared, db, limits)?;
+        let sm = StateMachine::open(shared.apply_handle(), db)?;
         Ok((dir, log, sm))
     }
 }
