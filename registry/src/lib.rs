@@ -3,7 +3,6 @@
 //! A tour, in the order a write travels:
 //! - [`api`]: the gRPC services (`Registry`, `Discovery`); validate at the edge, convert
 //!   wire types to [`model`] types, propose commands.
-//! - [`writer`]: proposes commands through Raft, forwarding from followers to the leader.
 //! - [`raft`]: openraft glue: the log in redb (fsync'd batches), the state machine that
 //!   applies commands to the [`catalog`], the peer network and the internal service.
 //! - [`catalog`]: the deterministic state machine, `apply(index, Command)`.
@@ -25,7 +24,6 @@ pub mod node;
 pub mod raft;
 pub mod shared;
 pub mod watch;
-pub mod writer;
 
 pub use catalog::Limits;
 pub use config::{Listeners, RegistryConfig, StartError};

@@ -23,10 +23,10 @@ use crate::config::{Listeners, RegistryConfig, StartError, MAX_REQUEST_BYTES};
 use crate::raft::alias::Raft;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, MAX_RAFT_MESSAGE};
+use crate::raft::propose::Proposer;
 use crate::raft::service::RaftService;
 use crate::raft::state_machine::StateMachine;
 use crate::shared::Shared;
-use crate::writer::Proposer;
 
 /// A running registry node.
 pub struct RegistryHandle {

@@ -13,8 +13,8 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::cluster_client::ClusterClient;
 use switchyard_proto::v1::cluster_server::Cluster;
 
+use crate::raft::propose::Proposer;
 use crate::shared::Shared;
-use crate::writer::Proposer;
 
 pub struct ClusterApi {
     shared: Arc<Shared>,

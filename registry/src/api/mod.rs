@@ -21,7 +21,7 @@ use tonic::Status;
 
 use crate::catalog::ApplyError;
 use crate::model::ValidationError;
-use crate::writer::ProposeError;
+use crate::raft::propose::ProposeError;
 
 /// Most lease ids in one `KeepAlive` message.
 pub const MAX_LEASES_PER_KEEPALIVE: usize = 1_000;

@@ -7,6 +7,8 @@
 //!   persisted form, kept in the same redb file.
 //! - [`network`]: one cached tonic channel per peer; Raft messages travel as
 //!   postcard-encoded bytes over the internal `RaftInternal` service.
+//! - [`propose`]: the write path: the leader's group commit, and forwarding from a
+//!   follower to the leader over the internal service.
 //! - [`service`]: that service's server side, including `Forward` for writes that reach a
 //!   follower.
 
@@ -16,6 +18,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod propose;
 pub mod service;
 pub mod state_machine;
 
