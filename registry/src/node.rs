@@ -18,10 +18,14 @@ use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
 use switchyard_proto::v1::cluster_server::ClusterServer;
 
 use crate::api::{ClusterApi, DiscoveryApi, RegistryApi, RoutingApi};
-use crate::catalog::Command;
 use crate::config::{Listeners, RegistryConfig, StartError, MAX_REQUEST_BYTES};
+use crate::lease::checkpoint::checkpoint_loop;
+use crate::lease::expiry::expiry_loop;
+use crate::lease::preservation::Preservation;
 use crate::raft::alias::Raft;
+use crate::raft::leadership::leadership_loop;
 use crate::raft::log_store::LogStore;
+use crate::raft::membership::join_loop;
 use crate::raft::network::{Network, MAX_RAFT_MESSAGE};
 use crate::raft::propose::Proposer;
 use crate::raft::service::RaftService;
@@ -173,7 +177,7 @@ pub async fn start(
     };
     let cluster_size = members.len();
     // Pristine nodes start the group; on an initialized node this is refused, harmlessly.
-    // A joining node waits to be added instead (see `join_loop`).
+    // A joining node waits to be added instead (see `raft::membership`).
     if config.join.is_none() {
         match raft.initialize(members).await {
             Ok(()) => tracing::info!(
@@ -207,8 +211,10 @@ pub async fn start(
         tokio::spawn(expiry_loop(
             shared.clone(),
             proposer.clone(),
-            config.self_preservation_threshold,
-            config.self_preservation_min_leases,
+            Preservation {
+                threshold: config.self_preservation_threshold,
+                min_leases: config.self_preservation_min_leases,
+            },
             shutdown_rx.clone(),
         )),
         tokio::spawn(serve_grpc(
@@ -328,264 +334,5 @@ async fn serve_grpc(
             }
         }
         _ = grace => tracing::warn!("gRPC streams still open {SHUTDOWN_GRACE:?} after shutdown; closing them"),
-    }
-}
-
-/// Proposes `ExpireLeases` for leases whose deadline passed, promptly after it passes.
-async fn expiry_loop(
-    shared: Arc<Shared>,
-    proposer: Proposer,
-    threshold: f64,
-    min_leases: usize,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut retry = Duration::from_millis(100);
-    let mut preserving = false;
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        let now = tokio::time::Instant::now();
-        // Self-preservation (Eureka): a mass of leases running out together is more
-        // likely a network problem between clients and the registry than a mass death.
-        if proposer.is_leader() {
-            let total = shared.leases.len();
-            let overdue = if total >= min_leases {
-                shared.leases.at_risk(now)
-            } else {
-                0
-            };
-            let share = overdue as f64 / total.max(1) as f64;
-            let too_many = total >= min_leases && share > threshold && threshold < 1.0;
-            if too_many {
-                if !preserving {
-                    tracing::warn!(
-                        overdue,
-                        leases = total,
-                        threshold,
-                        "self-preservation: {:.0}% of leases missed their renewals at once; expiry paused until renewals recover",
-                        share * 100.0
-                    );
-                    shared.metrics.self_preservation.set(1);
-                    preserving = true;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                }
-                continue;
-            }
-            if preserving {
-                tracing::info!(
-                    overdue,
-                    leases = total,
-                    "self-preservation over: renewals recovered; expiring the rest"
-                );
-                shared.metrics.self_preservation.set(0);
-                preserving = false;
-            }
-        }
-        // Only the leader runs lease clocks (the etcd model).
-        let expired = if proposer.is_leader() {
-            shared.leases.take_expired(now)
-        } else {
-            Vec::new()
-        };
-        if !expired.is_empty() {
-            tracing::info!(
-                leases = expired.len(),
-                "leases expired; removing their instances"
-            );
-            let leases: Vec<(u64, u64)> = {
-                let catalog = shared.catalog.read();
-                expired
-                    .iter()
-                    .filter_map(|id| catalog.lease_granted_at(*id).map(|g| (*id, g)))
-                    .collect()
-            };
-            if let Err(e) = proposer.propose(Command::ExpireLeases { leases }).await {
-                // Nothing was removed: put the clocks back (unless a Register already
-                // re-granted a lease) and retry after a pause, still listening for
-                // shutdown.
-                tracing::warn!(error = %e, ?retry, "could not expire leases; will retry");
-                for id in expired {
-                    if !shared.leases.contains(id) && shared.catalog.read().has_lease(id) {
-                        shared.leases.grant(id, 1);
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(retry) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                }
-                retry = (retry * 2).min(Duration::from_secs(5));
-            } else {
-                retry = Duration::from_millis(100);
-            }
-            continue;
-        }
-        let next = shared
-            .leases
-            .next_deadline()
-            .unwrap_or(now + Duration::from_secs(1))
-            .min(now + Duration::from_secs(1));
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = shared.leases.changed() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-    }
-}
-
-/// Least time a new leader gives a checkpointed lease, so live clients can reconnect
-/// and renew after the election.
-const LEADER_GRACE: Duration = Duration::from_secs(3);
-
-/// Watches Raft's role. On becoming leader, every lease gets its full TTL again (or what
-/// its checkpoint left) before anything can expire, so a leader change never
-/// mass-expires instances and repeated elections do not keep dead ones alive.
-async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::Receiver<bool>) {
-    let mut metrics = raft.metrics();
-    let mut was_leader = false;
-    loop {
-        let is_leader = {
-            let m = metrics.borrow_and_update();
-            let g = &shared.metrics;
-            g.raft_term.set(m.current_term as i64);
-            g.raft_leader.set(m.current_leader.unwrap_or(0) as i64);
-            g.raft_is_leader
-                .set(i64::from(m.state == openraft::ServerState::Leader));
-            g.raft_applied_index
-                .set(m.last_applied.map_or(0, |l| l.index) as i64);
-            g.raft_commit_index
-                .set(shared.committed.load(std::sync::atomic::Ordering::Acquire) as i64);
-            if let Some(replication) = &m.replication {
-                let last = m.last_log_index.unwrap_or(0);
-                for (peer, matched) in replication {
-                    let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
-                    g.raft_replication_lag
-                        .get_or_create(&crate::metrics::PeerLabels {
-                            peer: peer.to_string(),
-                        })
-                        .set(lag as i64);
-                }
-            }
-            m.state == openraft::ServerState::Leader
-        };
-        if is_leader && !was_leader {
-            let catalog = shared.catalog.read();
-            let total = catalog.lease_count();
-            let honoured = shared.leases.promote(catalog.leases(), LEADER_GRACE);
-            tracing::info!(
-                leases = total,
-                checkpointed = honoured,
-                "this node leads now; leases restart with their full TTL, or what their last checkpoint left (at least {LEADER_GRACE:?})"
-            );
-        }
-        was_leader = is_leader;
-        tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-    }
-}
-
-/// With `--join`: asks the given node to add this one until it is a member (bounded:
-/// 120 attempts, one a second).
-async fn join_loop(
-    join: Option<String>,
-    node_id: u64,
-    advertise: String,
-    raft: Raft,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let Some(target) = join else {
-        return;
-    };
-    let url = if target.starts_with("http") {
-        target.clone()
-    } else {
-        format!("http://{target}")
-    };
-    for attempt in 1..=120u32 {
-        let is_member = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == node_id);
-        if is_member {
-            tracing::info!(node_id, "joined the cluster as a voter");
-            return;
-        }
-        let result = async {
-            let mut client =
-                switchyard_proto::v1::cluster_client::ClusterClient::connect(url.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-            client
-                .add_member(switchyard_proto::v1::AddMemberRequest {
-                    id: node_id,
-                    address: advertise.clone(),
-                })
-                .await
-                .map_err(|s| s.message().to_string())
-        }
-        .await;
-        match result {
-            Ok(_) => {
-                tracing::info!(node_id, via = %target, "asked to join; waiting for the membership to apply")
-            }
-            Err(e) => tracing::warn!(node_id, via = %target, attempt, "cannot join yet: {e}"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-    }
-    tracing::error!(node_id, via = %target, "gave up joining after 120 attempts; restart with --join pointing at a running member");
-}
-
-/// On the leader, every `lease_checkpoint_interval`: writes each lease's remaining TTL
-/// to the log, in batches of 1,000, for a future leader to honour.
-async fn checkpoint_loop(
-    shared: Arc<Shared>,
-    proposer: Proposer,
-    interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    if interval.is_zero() {
-        return;
-    }
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        if !proposer.is_leader() {
-            continue;
-        }
-        let remaining = shared.leases.remaining();
-        let batches: Vec<Vec<(u64, u64, u64)>> = {
-            let catalog = shared.catalog.read();
-            remaining
-                .iter()
-                .filter_map(|(id, ms)| catalog.lease_granted_at(*id).map(|g| (*id, g, *ms)))
-                .collect::<Vec<_>>()
-                .chunks(crate::lease::MAX_EXPIRE_BATCH)
-                .map(<[_]>::to_vec)
-                .collect()
-        };
-        for leases in batches {
-            match proposer.propose(Command::CheckpointLeases { leases }).await {
-                Ok(_) => {
-                    shared.metrics.lease_checkpoints.inc();
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "lease checkpoint skipped");
-                    break;
-                }
-            }
-        }
     }
 }

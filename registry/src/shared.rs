@@ -53,7 +53,7 @@ impl Shared {
             )),
             catalog: Arc::new(RwLock::new(catalog)),
             // Leases get their clocks from the applies Raft replays and, in full, when
-            // this node becomes leader (see `leadership_loop`).
+            // this node becomes leader (see `raft::leadership`).
             leases: Arc::new(LeaseKeeper::default()),
             metrics: Arc::new(Metrics::default()),
             config,
