@@ -1,4 +1,6 @@
-//! Starting and stopping a registry node: storage, Raft, lease clock, gRPC and HTTP.
+//! Starting and stopping a registry node: storage, Raft, the background loops (lease
+//! expiry and checkpoints in [`crate::lease`], leadership and membership in
+//! [`crate::raft`]), and the gRPC, HTTP and DNS servers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

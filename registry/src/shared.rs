@@ -25,7 +25,8 @@ pub struct SharedConfig {
     pub max_watchers: usize,
 }
 
-/// State shared by the writer, the API handlers and the background tasks.
+/// State shared by the API handlers, HTTP, DNS and the background loops (the Raft state
+/// machine gets only its [`ApplyHandle`] slice of it).
 pub struct Shared {
     /// Lock order: `catalog` before the hub's and the lease keeper's own locks. Nobody
     /// holds it across an `.await`.
@@ -79,6 +80,7 @@ impl Shared {
 /// updates. The Raft state machine holds this instead of the whole [`Shared`].
 #[derive(Clone)]
 pub struct ApplyHandle {
+    /// The same lock as [`Shared::catalog`], with the same lock order.
     pub catalog: Arc<RwLock<Catalog>>,
     pub hub: Arc<WatchHub>,
     pub leases: Arc<LeaseKeeper>,
