@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use switchyard_core::dns::{DnsSource, ServiceRecords};
 
-use crate::node::Shared;
+use crate::shared::Shared;
 
 /// The registry's own catalog as a DNS source.
 pub struct CatalogSource(pub Arc<Shared>);

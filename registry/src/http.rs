@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::node::Shared;
+use crate::shared::Shared;
 
 /// Serves until the shutdown flag is set. Each connection is its own task; requests are
 /// tiny, so no per-connection limits beyond hyper's header limits are needed.

@@ -1,32 +1,43 @@
 //! The Switchyard registry as a library.
 //!
-//! A tour, in the order a write travels:
-//! - [`api`]: the gRPC services (`Registry`, `Discovery`); validate at the edge, convert
-//!   wire types to [`model`] types, propose commands.
-//! - [`writer`]: proposes commands through Raft, forwarding from followers to the leader.
-//! - [`raft`]: openraft glue: the log in redb (fsync'd batches), the state machine that
-//!   applies commands to the [`catalog`], the peer network and the internal service.
-//! - [`catalog`]: the deterministic state machine, `apply(index, Command)`.
+//! A tour, in the order a write travels and its effects flow out:
+//! - [`config`]: [`RegistryConfig`] (validated before any socket is used), the caller's
+//!   bound [`Listeners`], and [`StartError`].
+//! - [`api`]: the gRPC services (`Registry`, `Discovery`, `Routing`, `Cluster`); validate
+//!   at the edge, convert wire types to [`model`] types, propose commands.
+//! - [`raft`]: openraft glue: [`raft::propose`] writes commands (group commit on the
+//!   leader, forwarding from followers), [`raft::log_store`] keeps the log in redb
+//!   (fsync'd batches), [`raft::state_machine`] applies committed commands to the
+//!   [`catalog`], [`raft::network`] and [`raft::service`] carry peer traffic,
+//!   [`raft::leadership`] and [`raft::membership`] follow the role and join a cluster.
+//! - [`catalog`]: the deterministic state machine, `apply(index, Command)`, one file per
+//!   concern.
 //! - [`watch`]: the hub that fans applied changes out to Watch streams.
-//! - [`lease`]: the leader's in-memory lease deadlines and the expiry loop's input.
+//! - [`lease`]: the leader's in-memory lease deadlines, its expiry and checkpoint loops,
+//!   and self-preservation.
+//! - [`shared`]: the state every reader and loop shares (catalog, hub, lease keeper,
+//!   metrics, shutdown flag), and the narrower slice the state machine applies to.
+//! - [`dns_source`]: the catalog as a source of `switchyard_core::dns` answers.
 //! - [`http`] and [`metrics`]: `/metrics` and `/health`.
 //! - [`node`]: wires it together; [`start`] takes a config and bound listeners and
 //!   returns a handle with the real addresses and a graceful `shutdown`.
 
 pub mod api;
 pub mod catalog;
+pub mod config;
 pub mod dns_source;
 pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod shared;
 pub mod watch;
-pub mod writer;
 
 /// The domain model lives in `switchyard-core` (the sidecar shares it); the registry
 /// names it `crate::model` like any module of its own.
 pub(crate) use switchyard_core::model;
 
 pub use catalog::Limits;
-pub use node::{start, Listeners, RegistryConfig, RegistryHandle, StartError};
+pub use config::{Listeners, RegistryConfig, StartError};
+pub use node::{start, RegistryHandle};

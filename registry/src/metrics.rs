@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::catalog::Catalog;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
     pub method: &'static str,
@@ -168,6 +170,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Sets the catalog gauges (after an apply or a snapshot load).
+    pub fn set_catalog_gauges(&self, catalog: &Catalog) {
+        self.instances.set(catalog.instance_count() as i64);
+        self.leases.set(catalog.lease_count() as i64);
+        self.revision.set(catalog.revision() as i64);
+    }
+
     /// Counts a finished unary call by method and status, and passes the result on.
     pub fn observe<T>(
         &self,

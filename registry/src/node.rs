@@ -1,12 +1,12 @@
-//! Starting and stopping a registry node: storage, Raft, lease clock, gRPC and HTTP.
+//! Starting and stopping a registry node: storage, Raft, the background loops (lease
+//! expiry and checkpoints in [`crate::lease`], leadership and membership in
+//! [`crate::raft`]), and the gRPC, HTTP and DNS servers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,187 +20,19 @@ use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
 use switchyard_proto::v1::cluster_server::ClusterServer;
 
 use crate::api::{ClusterApi, DiscoveryApi, RegistryApi, RoutingApi};
-use crate::catalog::{Catalog, Command, Limits};
-use crate::lease::LeaseKeeper;
-use crate::metrics::Metrics;
+use crate::config::{Listeners, RegistryConfig, StartError, MAX_REQUEST_BYTES};
+use crate::lease::checkpoint::checkpoint_loop;
+use crate::lease::expiry::expiry_loop;
+use crate::lease::preservation::Preservation;
 use crate::raft::alias::Raft;
+use crate::raft::leadership::leadership_loop;
 use crate::raft::log_store::LogStore;
+use crate::raft::membership::join_loop;
 use crate::raft::network::{Network, MAX_RAFT_MESSAGE};
+use crate::raft::propose::Proposer;
 use crate::raft::service::RaftService;
 use crate::raft::state_machine::StateMachine;
-use crate::watch::WatchHub;
-use crate::writer::Proposer;
-
-/// Largest gRPC message the registry accepts (a registration is well under 8 KiB; a
-/// `KeepAlive` message of 1,000 lease ids is about 10 KiB).
-pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
-/// How a registry node behaves; every field has a default that suits one node.
-#[derive(Clone, Debug)]
-pub struct RegistryConfig {
-    /// Where the log and snapshots live.
-    pub data_dir: PathBuf,
-    pub limits: Limits,
-    /// Changes a watcher may fall behind before it is resynced with a snapshot.
-    pub watch_buffer: usize,
-    /// Changes kept so a watcher can resume from a revision without a snapshot.
-    pub watch_history: usize,
-    /// Log entries between snapshots (which bound the log on disk).
-    pub snapshot_every: u64,
-    /// Most open Watch streams per node.
-    pub max_watchers: usize,
-    /// This node's Raft id (1 for a single node).
-    pub node_id: u64,
-    /// Every voting member at first start, this node included: id -> gRPC address.
-    /// Empty means a single-node group of this node alone.
-    pub peers: BTreeMap<u64, String>,
-    /// The address peers and clients use to reach this node; default: the listener's
-    /// address, with 0.0.0.0 read as 127.0.0.1.
-    pub advertise: Option<String>,
-    /// Join a running cluster through this node's gRPC address instead of starting a
-    /// group: this node asks to be added as a member and waits.
-    pub join: Option<String>,
-    /// Raft heartbeat; elections start after 5-10 heartbeats of silence.
-    pub heartbeat: Duration,
-    /// How often the leader checkpoints every lease's remaining TTL into the log
-    /// (zero: never; a new leader then gives every lease its full TTL).
-    pub lease_checkpoint_interval: Duration,
-    /// Self-preservation: when more than this share of the leases is past its deadline
-    /// at once, expiry pauses (1.0 disables it).
-    pub self_preservation_threshold: f64,
-    /// Self-preservation applies only with at least this many leases.
-    pub self_preservation_min_leases: usize,
-    /// DNS zone and TTL (served when `Listeners::dns` is given).
-    pub dns: switchyard_core::dns::DnsConfig,
-}
-
-impl RegistryConfig {
-    pub fn new(data_dir: PathBuf) -> Self {
-        Self {
-            data_dir,
-            limits: Limits::default(),
-            watch_buffer: 1_024,
-            watch_history: 10_000,
-            snapshot_every: 10_000,
-            max_watchers: 10_000,
-            node_id: 1,
-            peers: BTreeMap::new(),
-            advertise: None,
-            join: None,
-            heartbeat: Duration::from_millis(100),
-            lease_checkpoint_interval: Duration::from_secs(5),
-            self_preservation_threshold: 0.5,
-            self_preservation_min_leases: 20,
-            dns: switchyard_core::dns::DnsConfig::default(),
-        }
-    }
-
-    /// Checks the configuration before any socket is used.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.limits.max_instances == 0 {
-            return Err("max_instances must be at least 1".into());
-        }
-        if self.watch_buffer == 0 || self.watch_buffer > 1_000_000 {
-            return Err("watch_buffer must be 1-1000000".into());
-        }
-        if self.watch_history == 0 || self.watch_history > 10_000_000 {
-            return Err("watch_history must be 1-10000000".into());
-        }
-        if self.snapshot_every == 0 {
-            return Err("snapshot_every must be at least 1".into());
-        }
-        if self.max_watchers == 0 {
-            return Err("max_watchers must be at least 1".into());
-        }
-        if self.node_id == 0 {
-            return Err("node_id must be at least 1".into());
-        }
-        if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
-            return Err(format!(
-                "peers must include this node (id {}): list every member as ID=ADDR",
-                self.node_id
-            ));
-        }
-        if self.heartbeat < Duration::from_millis(10) || self.heartbeat > Duration::from_secs(5) {
-            return Err("heartbeat must be 10ms-5s".into());
-        }
-        self.dns.validate()?;
-        if !(0.0..=1.0).contains(&self.self_preservation_threshold)
-            || self.self_preservation_threshold == 0.0
-        {
-            return Err("self_preservation_threshold must be above 0 and at most 1".into());
-        }
-        Ok(())
-    }
-}
-
-/// Sockets bound by the caller (tests bind port 0 and read the real address back).
-pub struct Listeners {
-    pub grpc: TcpListener,
-    pub http: TcpListener,
-    /// UDP socket and TCP listener for DNS (same port), if DNS is served.
-    pub dns: Option<(tokio::net::UdpSocket, TcpListener)>,
-}
-
-/// Why a node did not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("cannot use data dir {dir}: {reason}")]
-    Store { dir: PathBuf, reason: String },
-    #[error("cannot start Raft: {0}")]
-    Raft(String),
-    #[error("cannot start the writer thread: {0}")]
-    Thread(std::io::Error),
-    #[error("cannot read the listener address: {0}")]
-    Addr(std::io::Error),
-}
-
-/// State shared by the writer, the API handlers and the background tasks.
-pub struct Shared {
-    /// Lock order: `catalog` before the hub's and the lease keeper's own locks. Nobody
-    /// holds it across an `.await`.
-    pub catalog: RwLock<Catalog>,
-    pub hub: WatchHub,
-    pub leases: LeaseKeeper,
-    pub metrics: Arc<Metrics>,
-    pub config: RegistryConfig,
-    /// Flips to `true` once when the node starts shutting down.
-    pub shutdown: watch::Receiver<bool>,
-    /// The highest committed log index this node knows (saved by the log store).
-    pub committed: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Shared {
-    /// Empty shared state for a node with this config (the catalog is filled by the
-    /// state machine from its snapshot and the Raft log).
-    pub fn new(config: RegistryConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
-        let catalog = Catalog::new(config.limits);
-        Arc::new(Shared {
-            hub: WatchHub::new(
-                config.watch_buffer,
-                config.watch_history,
-                catalog.revision(),
-            ),
-            catalog: RwLock::new(catalog),
-            // Leases get their clocks from the applies Raft replays and, in full, when
-            // this node becomes leader (see `leadership_loop`).
-            leases: LeaseKeeper::default(),
-            metrics: Arc::new(Metrics::default()),
-            config,
-            shutdown,
-            committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        })
-    }
-
-    /// Sets the catalog gauges after an apply.
-    pub fn refresh_gauges(&self, catalog: &Catalog) {
-        self.metrics.instances.set(catalog.instance_count() as i64);
-        self.metrics.leases.set(catalog.lease_count() as i64);
-        self.metrics.revision.set(catalog.revision() as i64);
-    }
-}
+use crate::shared::Shared;
 
 /// A running registry node.
 pub struct RegistryHandle {
@@ -279,32 +111,32 @@ pub async fn start(
     let db = Arc::new(db);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let snapshot_every = config.snapshot_every;
-    let shared = Shared::new(config, shutdown_rx.clone());
+    let shared = Shared::new(config.shared(), shutdown_rx.clone());
     let log_store = LogStore::new(
         db.clone(),
         Some(shared.metrics.clone()),
         shared.committed.clone(),
     )
     .map_err(|e| StartError::Store {
-        dir: shared.config.data_dir.clone(),
+        dir: config.data_dir.clone(),
         reason: e.to_string(),
     })?;
-    let state_machine = StateMachine::open(shared.clone(), db.clone(), shared.config.limits)
+    let state_machine = StateMachine::open(shared.apply_handle(), db.clone())
         .map_err(|e| StartError::Raft(e.to_string()))?;
     {
         let catalog = shared.catalog.read();
-        shared.refresh_gauges(&catalog);
+        shared.metrics.set_catalog_gauges(&catalog);
         // Changes before the snapshot are not in the history: a resume from before it
         // gets a snapshot.
         shared.hub.reset(catalog.revision());
         tracing::info!(
-            data_dir = %shared.config.data_dir.display(),
+            data_dir = %config.data_dir.display(),
             revision = catalog.revision(),
             instances = catalog.instance_count(),
             "snapshot loaded; Raft replays the log after it"
         );
     }
-    let heartbeat = shared.config.heartbeat.as_millis() as u64;
+    let heartbeat = config.heartbeat.as_millis() as u64;
     let raft_config = openraft::Config {
         cluster_name: "switchyard".into(),
         heartbeat_interval: heartbeat,
@@ -319,7 +151,7 @@ pub async fn start(
     .validate()
     .map_err(|e| StartError::Raft(e.to_string()))?;
     let network = Network::default();
-    let node_id = shared.config.node_id;
+    let node_id = config.node_id;
     let raft = openraft::Raft::new(
         node_id,
         Arc::new(raft_config),
@@ -329,18 +161,17 @@ pub async fn start(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
-    let advertise = shared.config.advertise.clone().unwrap_or_else(|| {
+    let advertise = config.advertise.clone().unwrap_or_else(|| {
         if grpc_addr.ip().is_unspecified() {
             format!("127.0.0.1:{}", grpc_addr.port())
         } else {
             grpc_addr.to_string()
         }
     });
-    let members: BTreeMap<u64, openraft::BasicNode> = if shared.config.peers.is_empty() {
+    let members: BTreeMap<u64, openraft::BasicNode> = if config.peers.is_empty() {
         BTreeMap::from([(node_id, openraft::BasicNode::new(advertise.clone()))])
     } else {
-        shared
-            .config
+        config
             .peers
             .iter()
             .map(|(id, addr)| (*id, openraft::BasicNode::new(addr.clone())))
@@ -348,8 +179,8 @@ pub async fn start(
     };
     let cluster_size = members.len();
     // Pristine nodes start the group; on an initialized node this is refused, harmlessly.
-    // A joining node waits to be added instead (see `join_loop`).
-    if shared.config.join.is_none() {
+    // A joining node waits to be added instead (see `raft::membership`).
+    if config.join.is_none() {
         match raft.initialize(members).await {
             Ok(()) => tracing::info!(
                 node_id,
@@ -362,7 +193,7 @@ pub async fn start(
             Err(e) => return Err(StartError::Raft(e.to_string())),
         }
     }
-    if cluster_size == 1 && shared.config.join.is_none() {
+    if cluster_size == 1 && config.join.is_none() {
         // A group of one elects itself within an election timeout: be the leader before
         // saying "serving", so the first write does not race the election.
         let _ = raft
@@ -373,7 +204,7 @@ pub async fn start(
     let proposer = Proposer::new(
         raft.clone(),
         network,
-        shared.config.heartbeat * 20,
+        config.heartbeat * 20,
         cluster_size,
         Some(shared.metrics.clone()),
     );
@@ -382,6 +213,10 @@ pub async fn start(
         tokio::spawn(expiry_loop(
             shared.clone(),
             proposer.clone(),
+            Preservation {
+                threshold: config.self_preservation_threshold,
+                min_leases: config.self_preservation_min_leases,
+            },
             shutdown_rx.clone(),
         )),
         tokio::spawn(serve_grpc(
@@ -398,10 +233,11 @@ pub async fn start(
         tokio::spawn(checkpoint_loop(
             shared.clone(),
             proposer.clone(),
+            config.lease_checkpoint_interval,
             shutdown_rx.clone(),
         )),
         tokio::spawn(join_loop(
-            shared.config.join.clone(),
+            config.join.clone(),
             node_id,
             advertise.clone(),
             raft.clone(),
@@ -416,7 +252,7 @@ pub async fn start(
     if let Some((udp, tcp)) = listeners.dns {
         let handler = switchyard_core::dns::DnsHandler::new(
             crate::dns_source::CatalogSource(shared.clone()),
-            &shared.config.dns,
+            &config.dns,
         )
         .map_err(StartError::Config)?;
         tasks.push(tokio::spawn(switchyard_core::dns::serve(
@@ -502,261 +338,5 @@ async fn serve_grpc(
             }
         }
         _ = grace => tracing::warn!("gRPC streams still open {SHUTDOWN_GRACE:?} after shutdown; closing them"),
-    }
-}
-
-/// Proposes `ExpireLeases` for leases whose deadline passed, promptly after it passes.
-async fn expiry_loop(shared: Arc<Shared>, proposer: Proposer, mut shutdown: watch::Receiver<bool>) {
-    let mut retry = Duration::from_millis(100);
-    let mut preserving = false;
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        let now = tokio::time::Instant::now();
-        // Self-preservation (Eureka): a mass of leases running out together is more
-        // likely a network problem between clients and the registry than a mass death.
-        if proposer.is_leader() {
-            let total = shared.leases.len();
-            let cfg = &shared.config;
-            let overdue = if total >= cfg.self_preservation_min_leases {
-                shared.leases.at_risk(now)
-            } else {
-                0
-            };
-            let share = overdue as f64 / total.max(1) as f64;
-            let too_many = total >= cfg.self_preservation_min_leases
-                && share > cfg.self_preservation_threshold
-                && cfg.self_preservation_threshold < 1.0;
-            if too_many {
-                if !preserving {
-                    tracing::warn!(
-                        overdue,
-                        leases = total,
-                        threshold = cfg.self_preservation_threshold,
-                        "self-preservation: {:.0}% of leases missed their renewals at once; expiry paused until renewals recover",
-                        share * 100.0
-                    );
-                    shared.metrics.self_preservation.set(1);
-                    preserving = true;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                }
-                continue;
-            }
-            if preserving {
-                tracing::info!(
-                    overdue,
-                    leases = total,
-                    "self-preservation over: renewals recovered; expiring the rest"
-                );
-                shared.metrics.self_preservation.set(0);
-                preserving = false;
-            }
-        }
-        // Only the leader runs lease clocks (the etcd model).
-        let expired = if proposer.is_leader() {
-            shared.leases.take_expired(now)
-        } else {
-            Vec::new()
-        };
-        if !expired.is_empty() {
-            tracing::info!(
-                leases = expired.len(),
-                "leases expired; removing their instances"
-            );
-            let leases: Vec<(u64, u64)> = {
-                let catalog = shared.catalog.read();
-                expired
-                    .iter()
-                    .filter_map(|id| catalog.lease_granted_at(*id).map(|g| (*id, g)))
-                    .collect()
-            };
-            if let Err(e) = proposer.propose(Command::ExpireLeases { leases }).await {
-                // Nothing was removed: put the clocks back (unless a Register already
-                // re-granted a lease) and retry after a pause, still listening for
-                // shutdown.
-                tracing::warn!(error = %e, ?retry, "could not expire leases; will retry");
-                for id in expired {
-                    if !shared.leases.contains(id) && shared.catalog.read().has_lease(id) {
-                        shared.leases.grant(id, 1);
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(retry) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                }
-                retry = (retry * 2).min(Duration::from_secs(5));
-            } else {
-                retry = Duration::from_millis(100);
-            }
-            continue;
-        }
-        let next = shared
-            .leases
-            .next_deadline()
-            .unwrap_or(now + Duration::from_secs(1))
-            .min(now + Duration::from_secs(1));
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = shared.leases.changed() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-    }
-}
-
-/// Least time a new leader gives a checkpointed lease, so live clients can reconnect
-/// and renew after the election.
-const LEADER_GRACE: Duration = Duration::from_secs(3);
-
-/// Watches Raft's role. On becoming leader, every lease gets its full TTL again (or what
-/// its checkpoint left) before anything can expire, so a leader change never
-/// mass-expires instances and repeated elections do not keep dead ones alive.
-async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::Receiver<bool>) {
-    let mut metrics = raft.metrics();
-    let mut was_leader = false;
-    loop {
-        let is_leader = {
-            let m = metrics.borrow_and_update();
-            let g = &shared.metrics;
-            g.raft_term.set(m.current_term as i64);
-            g.raft_leader.set(m.current_leader.unwrap_or(0) as i64);
-            g.raft_is_leader
-                .set(i64::from(m.state == openraft::ServerState::Leader));
-            g.raft_applied_index
-                .set(m.last_applied.map_or(0, |l| l.index) as i64);
-            g.raft_commit_index
-                .set(shared.committed.load(std::sync::atomic::Ordering::Acquire) as i64);
-            if let Some(replication) = &m.replication {
-                let last = m.last_log_index.unwrap_or(0);
-                for (peer, matched) in replication {
-                    let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
-                    g.raft_replication_lag
-                        .get_or_create(&crate::metrics::PeerLabels {
-                            peer: peer.to_string(),
-                        })
-                        .set(lag as i64);
-                }
-            }
-            m.state == openraft::ServerState::Leader
-        };
-        if is_leader && !was_leader {
-            let catalog = shared.catalog.read();
-            let total = catalog.lease_count();
-            let honoured = shared.leases.promote(catalog.leases(), LEADER_GRACE);
-            tracing::info!(
-                leases = total,
-                checkpointed = honoured,
-                "this node leads now; leases restart with their full TTL, or what their last checkpoint left (at least {LEADER_GRACE:?})"
-            );
-        }
-        was_leader = is_leader;
-        tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-    }
-}
-
-/// With `--join`: asks the given node to add this one until it is a member (bounded:
-/// 120 attempts, one a second).
-async fn join_loop(
-    join: Option<String>,
-    node_id: u64,
-    advertise: String,
-    raft: Raft,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let Some(target) = join else {
-        return;
-    };
-    let url = if target.starts_with("http") {
-        target.clone()
-    } else {
-        format!("http://{target}")
-    };
-    for attempt in 1..=120u32 {
-        let is_member = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == node_id);
-        if is_member {
-            tracing::info!(node_id, "joined the cluster as a voter");
-            return;
-        }
-        let result = async {
-            let mut client =
-                switchyard_proto::v1::cluster_client::ClusterClient::connect(url.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-            client
-                .add_member(switchyard_proto::v1::AddMemberRequest {
-                    id: node_id,
-                    address: advertise.clone(),
-                })
-                .await
-                .map_err(|s| s.message().to_string())
-        }
-        .await;
-        match result {
-            Ok(_) => {
-                tracing::info!(node_id, via = %target, "asked to join; waiting for the membership to apply")
-            }
-            Err(e) => tracing::warn!(node_id, via = %target, attempt, "cannot join yet: {e}"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-    }
-    tracing::error!(node_id, via = %target, "gave up joining after 120 attempts; restart with --join pointing at a running member");
-}
-
-/// On the leader, every `lease_checkpoint_interval`: writes each lease's remaining TTL
-/// to the log, in batches of 1,000, for a future leader to honour.
-async fn checkpoint_loop(
-    shared: Arc<Shared>,
-    proposer: Proposer,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let interval = shared.config.lease_checkpoint_interval;
-    if interval.is_zero() {
-        return;
-    }
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        if !proposer.is_leader() {
-            continue;
-        }
-        let remaining = shared.leases.remaining();
-        let batches: Vec<Vec<(u64, u64, u64)>> = {
-            let catalog = shared.catalog.read();
-            remaining
-                .iter()
-                .filter_map(|(id, ms)| catalog.lease_granted_at(*id).map(|g| (*id, g, *ms)))
-                .collect::<Vec<_>>()
-                .chunks(crate::lease::MAX_EXPIRE_BATCH)
-                .map(<[_]>::to_vec)
-                .collect()
-        };
-        for leases in batches {
-            match proposer.propose(Command::CheckpointLeases { leases }).await {
-                Ok(_) => {
-                    shared.metrics.lease_checkpoints.inc();
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "lease checkpoint skipped");
-                    break;
-                }
-            }
-        }
     }
 }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::StorageError;
-use switchyard_registry::node::Shared;
 use switchyard_registry::raft::log_store::LogStore;
 use switchyard_registry::raft::state_machine::StateMachine;
 use switchyard_registry::raft::TypeConfig;
+use switchyard_registry::shared::Shared;
 use switchyard_registry::RegistryConfig;
 
 struct Builder;
@@ -23,12 +23,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
             .map_err(|e| openraft::StorageIOError::write(&e))?;
         let db = Arc::new(db);
         let config = RegistryConfig::new(dir.path().to_path_buf());
-        let limits = config.limits;
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        let shared = Shared::new(config, rx);
+        let shared = Shared::new(config.shared(), rx);
         let log = LogStore::new(db.clone(), None, Arc::new(AtomicU64::new(0)))
             .map_err(|e| openraft::StorageIOError::write(&e))?;
-        let sm = StateMachine::open(shared, db, limits)?;
+        let sm = StateMachine::open(shared.apply_handle(), db)?;
         Ok((dir, log, sm))
     }
 }

@@ -13,8 +13,8 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::cluster_client::ClusterClient;
 use switchyard_proto::v1::cluster_server::Cluster;
 
-use crate::node::Shared;
-use crate::writer::Proposer;
+use crate::raft::propose::Proposer;
+use crate::shared::Shared;
 
 pub struct ClusterApi {
     shared: Arc<Shared>,

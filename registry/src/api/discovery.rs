@@ -18,7 +18,7 @@ use super::convert::{
 };
 use super::MAX_WATCH_SERVICES;
 use crate::model::{validate_name, validate_namespace, validate_version, Change, Revision};
-use crate::node::Shared;
+use crate::shared::Shared;
 use crate::watch::filter;
 
 pub struct DiscoveryApi {

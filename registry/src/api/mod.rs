@@ -16,7 +16,7 @@ pub use routing::RoutingApi;
 use tonic::Status;
 
 use crate::catalog::ApplyError;
-use crate::writer::ProposeError;
+use crate::raft::propose::ProposeError;
 
 /// Most lease ids in one `KeepAlive` message.
 pub const MAX_LEASES_PER_KEEPALIVE: usize = 1_000;

@@ -16,8 +16,8 @@ use super::convert::{instance_from_proto, state_from_proto};
 use super::{status, MAX_LEASES_PER_KEEPALIVE};
 use crate::catalog::{Command, Reply};
 use crate::model::{validate_id, validate_namespace, validate_ttl};
-use crate::node::Shared;
-use crate::writer::Proposer;
+use crate::raft::propose::Proposer;
+use crate::shared::Shared;
 
 pub struct RegistryApi {
     shared: Arc<Shared>,

@@ -15,8 +15,8 @@ use super::status;
 use crate::catalog::{Command, Reply};
 use crate::model::policy::{validate_policy, MAX_POLICY_BYTES};
 use crate::model::{validate_name, validate_namespace};
-use crate::node::Shared;
-use crate::writer::Proposer;
+use crate::raft::propose::Proposer;
+use crate::shared::Shared;
 
 pub struct RoutingApi {
     shared: Arc<Shared>,

@@ -4,79 +4,28 @@
 //! command, and iteration is over ordered maps. Two replicas that apply the same commands
 //! in the same order hold the same catalog, which is what lets the cluster feed this
 //! through Raft unchanged.
+//!
+//! A tour, in the order data flows:
+//! - `command.rs`: [`Command`], the change as the log carries it.
+//! - `apply.rs`: the [`Catalog`]'s state, its [`Limits`], and `apply`, which hands each
+//!   command to its concern and returns an [`ApplyResult`] (the [`Reply`] or
+//!   [`ApplyError`], the change for watchers, the lease bookkeeping).
+//! - `instances.rs`: register, deregister, set a state.
+//! - `leases.rs`: which instances each lease keeps alive; expiry and checkpoints.
+//! - `policies.rs`: routing policies and their kept history; put and rollback.
+//! - `queries.rs`: reads of the applied state (snapshots, resolve, service lists).
+//! - `persist.rs`: the snapshot form, [`PersistedCatalog`], and the rebuild from it.
 
-mod state;
+mod apply;
+mod command;
+mod instances;
+mod leases;
+mod persist;
+mod policies;
+mod queries;
+#[cfg(test)]
+mod testing;
 
-pub use state::{ApplyError, ApplyResult, Catalog, Limits, PersistedCatalog, Reply};
-
-use serde::{Deserialize, Serialize};
-
-use crate::model::{Instance, LeaseId, Policy, State};
-
-/// A change to the catalog, as written to the log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Command {
-    /// Adds or updates an instance. With `lease_id` the instance joins that lease;
-    /// without it, it keeps its current lease or gets a new one with `ttl_seconds`.
-    Register {
-        instance: Instance,
-        ttl_seconds: u32,
-        lease_id: Option<LeaseId>,
-    },
-    Deregister {
-        namespace: String,
-        id: String,
-    },
-    SetState {
-        namespace: String,
-        id: String,
-        state: State,
-    },
-    /// Proposed by the lease keeper: removes the leases and every instance they hold.
-    /// Each lease is named with the index that last granted it (as the proposer saw it);
-    /// one granted again since is left alone.
-    ExpireLeases {
-        leases: Vec<(LeaseId, u64)>,
-    },
-    /// The leader's slow, batched record of each lease's remaining TTL: (lease, the index
-    /// that last granted it, remaining milliseconds). A new leader honours it instead of
-    /// a full TTL, so repeated elections cannot keep a dead instance alive forever.
-    CheckpointLeases {
-        leases: Vec<(LeaseId, u64, u64)>,
-    },
-    /// Sets (or with `None` clears) a service's routing policy. `at_ms` is the proposer's
-    /// wall clock, recorded in the history; apply never reads a clock itself.
-    PutPolicy {
-        namespace: String,
-        service: String,
-        policy: Option<Policy>,
-        at_ms: u64,
-    },
-    /// Restores a kept policy revision (0: the one before the current) as a new change.
-    RollbackPolicy {
-        namespace: String,
-        service: String,
-        to_revision: u64,
-        at_ms: u64,
-    },
-    /// Several commands in one log entry, applied in order exactly as if each had its
-    /// own entry: the proposer's group commit (one replication round and one fsync for
-    /// all of them). Never nested. Added last, so older logs still decode.
-    Batch(Vec<Command>),
-}
-
-impl Command {
-    /// A short name for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Command::Register { .. } => "register",
-            Command::Deregister { .. } => "deregister",
-            Command::SetState { .. } => "set_state",
-            Command::ExpireLeases { .. } => "expire_leases",
-            Command::CheckpointLeases { .. } => "checkpoint_leases",
-            Command::PutPolicy { .. } => "put_policy",
-            Command::RollbackPolicy { .. } => "rollback_policy",
-            Command::Batch(_) => "batch",
-        }
-    }
-}
+pub use apply::{ApplyError, ApplyResult, Catalog, Limits, Reply};
+pub use command::Command;
+pub use persist::PersistedCatalog;

@@ -7,15 +7,23 @@
 //!   persisted form, kept in the same redb file.
 //! - [`network`]: one cached tonic channel per peer; Raft messages travel as
 //!   postcard-encoded bytes over the internal `RaftInternal` service.
+//! - [`propose`]: the write path: the leader's group commit, and forwarding from a
+//!   follower to the leader over the internal service.
 //! - [`service`]: that service's server side, including `Forward` for writes that reach a
 //!   follower.
+//! - [`leadership`]: follows Raft's role into the metrics; a new leader restarts every
+//!   lease clock.
+//! - [`membership`]: a `--join`ing node asks a member to add it.
 
 // openraft's trait methods return its `StorageError` (over 200 bytes); our helpers return
 // the same type so `?` works, and boxing it would only add a conversion at every call.
 #![allow(clippy::result_large_err)]
 
+pub mod leadership;
 pub mod log_store;
+pub mod membership;
 pub mod network;
+pub mod propose;
 pub mod service;
 pub mod state_machine;
 

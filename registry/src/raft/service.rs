@@ -7,9 +7,9 @@ use switchyard_proto::internal::raft_internal_server::RaftInternal;
 use switchyard_proto::internal::RaftMessage;
 
 use super::alias::Raft;
+use super::propose::{ProposeError, Proposer, WireError};
 use super::{decode, encode};
 use crate::catalog::Command;
-use crate::writer::{ProposeError, Proposer};
 
 pub struct RaftService {
     raft: Raft,
@@ -63,10 +63,10 @@ impl RaftInternal for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         let command: Command = decode(&request.into_inner().data).map_err(bad)?;
         let result = self.proposer.propose_here(command).await;
-        let wire: Result<crate::catalog::Reply, crate::writer::WireError> = match result {
+        let wire: Result<crate::catalog::Reply, WireError> = match result {
             Ok(r) => Ok(r),
-            Err(ProposeError::Refused(e)) => Err(crate::writer::WireError::Refused(e)),
-            Err(e) => Err(crate::writer::WireError::Unavailable(e.to_string())),
+            Err(ProposeError::Refused(e)) => Err(WireError::Refused(e)),
+            Err(e) => Err(WireError::Unavailable(e.to_string())),
         };
         reply(&wire)
     }

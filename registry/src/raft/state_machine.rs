@@ -1,7 +1,8 @@
 //! The Raft state machine: committed commands applied to the in-memory catalog.
 //!
 //! Applying also publishes each change to the watch hub and mirrors leases into the
-//! lease keeper (only the leader's keeper expires anything). Snapshots are the catalog's
+//! lease keeper (only the leader's keeper expires anything). It reaches them through an
+//! [`ApplyHandle`], which holds those parts and nothing else of the node. Snapshots are the catalog's
 //! persisted form plus the Raft metadata, kept in redb beside the log; at start the last
 //! snapshot is loaded and openraft replays the committed log after it.
 
@@ -17,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::alias::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use super::log_store::META;
 use super::{decode, encode, CommandReply, TypeConfig};
-use crate::catalog::{ApplyError, Catalog, Command, Limits, PersistedCatalog, Reply};
-use crate::node::Shared;
+use crate::catalog::{ApplyError, Catalog, Command, PersistedCatalog, Reply};
+use crate::shared::ApplyHandle;
 
 const SNAPSHOT: &str = "snapshot";
 
@@ -47,18 +48,14 @@ fn snap_err<E: std::error::Error + 'static>(e: E) -> StorageError {
 
 #[derive(Clone)]
 pub struct StateMachine {
-    shared: Arc<Shared>,
+    target: ApplyHandle,
     db: Arc<Database>,
     applied: Arc<Mutex<Applied>>,
 }
 
 impl StateMachine {
     /// Loads the last snapshot (if any) into the catalog.
-    pub fn open(
-        shared: Arc<Shared>,
-        db: Arc<Database>,
-        limits: Limits,
-    ) -> Result<Self, StorageError> {
+    pub fn open(target: ApplyHandle, db: Arc<Database>) -> Result<Self, StorageError> {
         let mut applied = Applied::default();
         let stored = {
             let txn = db.begin_read().map_err(snap_err)?;
@@ -70,10 +67,10 @@ impl StateMachine {
             let file: SnapshotFile = decode(&bytes).map_err(snap_err)?;
             applied.last_applied = file.meta.last_log_id;
             applied.membership = file.meta.last_membership.clone();
-            *shared.catalog.write() = Catalog::from_persisted(limits, file.catalog);
+            *target.catalog.write() = Catalog::from_persisted(target.limits, file.catalog);
         }
         Ok(Self {
-            shared,
+            target,
             db,
             applied: Arc::new(Mutex::new(applied)),
         })
@@ -91,25 +88,25 @@ impl StateMachine {
 
     /// Replaces the whole catalog (snapshot install): watchers resync, leases restart.
     fn replace(&self, file: SnapshotFile) {
-        let catalog = Catalog::from_persisted(self.shared.config.limits, file.catalog);
-        let mut current = self.shared.catalog.write();
+        let catalog = Catalog::from_persisted(self.target.limits, file.catalog);
+        let mut current = self.target.catalog.write();
         *current = catalog;
-        self.shared.leases.clear();
+        self.target.leases.clear();
         for (id, ttl) in current.leases() {
-            self.shared.leases.grant(id, ttl);
+            self.target.leases.grant(id, ttl);
         }
-        self.shared.hub.reset(current.revision());
+        self.target.hub.reset(current.revision());
         let mut applied = self.applied.lock();
         applied.last_applied = file.meta.last_log_id;
         applied.membership = file.meta.last_membership;
-        self.shared.refresh_gauges(&current);
+        self.target.metrics.set_catalog_gauges(&current);
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (file, bytes) = {
-            let catalog = self.shared.catalog.read();
+            let catalog = self.target.catalog.read();
             let mut applied = self.applied.lock();
             applied.snapshots_built += 1;
             let last = applied.last_applied;
@@ -150,9 +147,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let shared = &self.shared;
+        let target = &self.target;
         let mut replies = Vec::new();
-        let mut catalog = shared.catalog.write();
+        let mut catalog = target.catalog.write();
         let mut applied = self.applied.lock();
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
@@ -166,14 +163,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let index = entry.log_id.index;
                     let results = commands
                         .iter()
-                        .map(|c| apply_one(shared, &mut catalog, index, c))
+                        .map(|c| apply_one(target, &mut catalog, index, c))
                         .collect();
                     replies.push(CommandReply::Batch(results));
                 }
                 EntryPayload::Normal(command) => {
                     let index = entry.log_id.index;
                     replies.push(CommandReply::One(apply_one(
-                        shared,
+                        target,
                         &mut catalog,
                         index,
                         &command,
@@ -181,7 +178,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        shared.refresh_gauges(&catalog);
+        target.metrics.set_catalog_gauges(&catalog);
         Ok(replies)
     }
 
@@ -229,29 +226,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// Applies one command of the entry at log index `index` to the catalog and mirrors its
 /// effects: the lease keeper's clocks, expiry metrics and the watch hub.
 fn apply_one(
-    shared: &Shared,
+    target: &ApplyHandle,
     catalog: &mut Catalog,
     index: u64,
     command: &Command,
 ) -> Result<Reply, ApplyError> {
     let result = catalog.apply_next(index, command);
     for (id, ttl) in &result.leases_granted {
-        shared.leases.grant(*id, *ttl);
+        target.leases.grant(*id, *ttl);
     }
     for id in &result.leases_removed {
-        shared.leases.remove(*id);
+        target.leases.remove(*id);
     }
     for (id, remaining) in &result.leases_checkpointed {
-        shared.leases.hint(*id, *remaining);
+        target.leases.hint(*id, *remaining);
     }
     if let Command::ExpireLeases { .. } = command {
-        shared
+        target
             .metrics
             .lease_expiries
             .inc_by(result.leases_removed.len() as u64);
     }
     if let Some(change) = result.change {
-        shared.hub.publish(change);
+        target.hub.publish(change);
     }
     result.reply
 }

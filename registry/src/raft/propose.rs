@@ -22,10 +22,10 @@ use serde::{Deserialize, Serialize};
 use switchyard_proto::internal::RaftMessage;
 use tokio::sync::{mpsc, oneshot};
 
+use super::alias::{NodeId, Raft};
+use super::network::Network;
+use super::{decode, encode, CommandReply};
 use crate::catalog::{ApplyError, Command, Reply};
-use crate::raft::alias::{NodeId, Raft};
-use crate::raft::network::Network;
-use crate::raft::{decode, encode, CommandReply};
 
 /// How long a write may wait to commit before the client is told no quorum answered.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -4,6 +4,13 @@
 //! deadlines pass, the expiry loop proposes one `ExpireLeases` command for the batch. A
 //! node that starts (or, in a cluster, becomes leader) gives every lease its full TTL
 //! first, so a restart never mass-expires instances.
+//!
+//! - this file: [`LeaseKeeper`], the deadline table (grant, renew, promote on becoming
+//!   leader, take what expired).
+//! - [`expiry`]: the leader's loop that proposes `ExpireLeases` for what expired.
+//! - [`preservation`]: self-preservation, the pure decision to pause expiry when too many
+//!   leases miss their renewals at once.
+//! - [`checkpoint`]: the leader's loop that records remaining TTLs in the log.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -13,6 +20,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::model::LeaseId;
+
+pub mod checkpoint;
+pub mod expiry;
+pub mod preservation;
 
 /// Most leases expired by one command, so one apply stays short.
 pub const MAX_EXPIRE_BATCH: usize = 1_000;
@@ -112,16 +123,14 @@ impl LeaseKeeper {
             .collect()
     }
 
-    /// Leases that missed a renewal: less than a third of their TTL left (clients renew
-    /// every third), or overdue. Many at once means clients lost the registry, not died.
+    /// How many leases missed a renewal ([`preservation::at_risk`]). Many at once means
+    /// clients lost the registry, not died.
     pub fn at_risk(&self, now: Instant) -> usize {
         let inner = self.inner.lock();
         inner
             .leases
             .values()
-            .filter(|(deadline, ttl)| {
-                deadline.saturating_duration_since(now) < Duration::from_secs(u64::from(*ttl)) / 3
-            })
+            .filter(|(deadline, ttl)| preservation::at_risk(*deadline, *ttl, now))
             .count()
     }
 

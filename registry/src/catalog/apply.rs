@@ -1,0 +1,296 @@
+//! The catalog's state and its one way in: [`Catalog::apply`] dispatches each command to
+//! the file of its concern and returns an [`ApplyResult`] (reply, change, lease
+//! bookkeeping).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::Command;
+use crate::model::{Change, Instance, LeaseId, PolicyRecord, Revision};
+
+/// Bounds the state machine enforces itself, so that a replica never grows without limit
+/// whatever the log holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Instances across every namespace.
+    pub max_instances: usize,
+    /// Instances that may share one lease.
+    pub max_instances_per_lease: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_instances: 1_000_000,
+            max_instances_per_lease: 1_000,
+        }
+    }
+}
+
+/// Why a well-formed command could not be applied to the current state. Apply leaves the
+/// catalog untouched when it returns one of these.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ApplyError {
+    #[error("lease {0} does not exist (it expired or was never granted): register without lease_id to get a new one")]
+    LeaseNotFound(LeaseId),
+    #[error("instance {id:?} is not registered in namespace {namespace:?}")]
+    InstanceNotFound { namespace: String, id: String },
+    #[error(
+        "the registry holds its maximum of {0} instances: deregister some or raise --max-instances"
+    )]
+    TooManyInstances(usize),
+    #[error("lease {0} already holds its maximum of {1} instances: register with another lease")]
+    LeaseFull(LeaseId, usize),
+    #[error("service {service:?} has no kept policy revision {revision}: see its history for the revisions to roll back to")]
+    PolicyRevisionNotFound { service: String, revision: u64 },
+    #[error("service {0:?} has no earlier policy to roll back to")]
+    NoEarlierPolicy(String),
+    #[error("a batch of commands must be applied one command at a time (batches do not nest)")]
+    Batch,
+}
+
+/// What the caller of a command gets back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Registered {
+        lease_id: LeaseId,
+        ttl_seconds: u32,
+        revision: Revision,
+    },
+    Done {
+        revision: Revision,
+    },
+    Policy {
+        record: PolicyRecord,
+    },
+}
+
+/// Everything one apply produced: the reply, the change for watchers (if anything
+/// visible changed) and the lease bookkeeping the leader's lease keeper must mirror.
+#[derive(Debug)]
+pub struct ApplyResult {
+    pub reply: Result<Reply, ApplyError>,
+    pub change: Option<Change>,
+    /// Leases created or given a new TTL: (id, ttl_seconds).
+    pub leases_granted: Vec<(LeaseId, u32)>,
+    pub leases_removed: Vec<LeaseId>,
+    /// Checkpoints that still apply (the lease was not granted again since): (lease,
+    /// remaining milliseconds).
+    pub leases_checkpointed: Vec<(LeaseId, u64)>,
+}
+
+impl ApplyResult {
+    pub(super) fn refused(err: ApplyError) -> Self {
+        Self {
+            reply: Err(err),
+            change: None,
+            leases_granted: Vec::new(),
+            leases_removed: Vec::new(),
+            leases_checkpointed: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Entry {
+    pub(super) instance: Arc<Instance>,
+    pub(super) lease: LeaseId,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct Namespace {
+    /// service -> id -> entry
+    pub(super) services: BTreeMap<String, BTreeMap<String, Entry>>,
+    /// id -> service, so ids are unique within the namespace.
+    pub(super) ids: HashMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Lease {
+    pub(super) ttl_seconds: u32,
+    /// Index of the last command that granted or re-granted the lease. An expiry names
+    /// the value it saw, so a Register that reused the lease after the leader's clock
+    /// ran out (but before the expiry was applied) keeps it alive.
+    pub(super) granted_at: u64,
+    /// (namespace, id) of every instance the lease keeps alive.
+    pub(super) owners: BTreeSet<(String, String)>,
+}
+
+/// The catalog: namespaces, services, instances and leases, plus the revision.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub(super) limits: Limits,
+    pub(super) applied_index: u64,
+    pub(super) revision: Revision,
+    pub(super) namespaces: BTreeMap<String, Namespace>,
+    pub(super) leases: BTreeMap<LeaseId, Lease>,
+    pub(super) instance_count: usize,
+    /// (namespace, service) -> recorded policy changes, oldest first; the last is current.
+    pub(super) policies: BTreeMap<(String, String), VecDeque<PolicyRecord>>,
+}
+
+impl Catalog {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// The index of the last applied command (changing or not).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// The index of the last command that changed the catalog.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// Applies one command of the log entry at `log_index`, numbered with the larger of
+    /// the applied index plus one and the log index. An entry with one command keeps
+    /// its log index, as before batching, so data written by older versions replays to
+    /// the same lease ids and revisions; the commands of a batch get consecutive numbers
+    /// after it. Every replica applies the same entries in the same order, so every
+    /// replica numbers the same.
+    pub fn apply_next(&mut self, log_index: u64, command: &Command) -> ApplyResult {
+        self.apply(log_index.max(self.applied_index + 1), command)
+    }
+
+    /// Applies one command at `index`. Never panics on any input; on error the catalog is
+    /// unchanged apart from the applied index.
+    pub fn apply(&mut self, index: u64, command: &Command) -> ApplyResult {
+        self.applied_index = self.applied_index.max(index);
+        match command {
+            Command::Register {
+                instance,
+                ttl_seconds,
+                lease_id,
+            } => self.register(index, instance, *ttl_seconds, *lease_id),
+            Command::Deregister { namespace, id } => self.deregister(index, namespace, id),
+            Command::SetState {
+                namespace,
+                id,
+                state,
+            } => self.set_state(index, namespace, id, *state),
+            Command::ExpireLeases { leases } => self.expire(index, leases),
+            Command::CheckpointLeases { leases } => self.checkpoint(leases),
+            Command::PutPolicy {
+                namespace,
+                service,
+                policy,
+                at_ms,
+            } => self.record_policy(
+                index,
+                namespace,
+                service,
+                policy.clone().map(Arc::new),
+                *at_ms,
+                "put".to_string(),
+            ),
+            Command::RollbackPolicy {
+                namespace,
+                service,
+                to_revision,
+                at_ms,
+            } => self.rollback_policy(index, namespace, service, *to_revision, *at_ms),
+            // The state machine unpacks batches; one reaching here is refused whole.
+            Command::Batch(_) => ApplyResult {
+                reply: Err(ApplyError::Batch),
+                change: None,
+                leases_granted: Vec::new(),
+                leases_removed: Vec::new(),
+                leases_checkpointed: Vec::new(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::testing::{fingerprint, inst, run, script};
+    use crate::model::{State, DEFAULT_NAMESPACE};
+
+    #[test]
+    fn the_same_commands_give_the_same_catalog() {
+        let a = run(&script());
+        let b = run(&script());
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        // Lease 1 (a and d) and lease 3 (c) expired; b moved to api on its own lease.
+        let ids: Vec<_> = a
+            .snapshot(DEFAULT_NAMESPACE, &[])
+            .into_iter()
+            .flat_map(|s| s.instances)
+            .map(|i| (i.service.clone(), i.id.clone()))
+            .collect();
+        assert_eq!(ids, vec![("api".to_string(), "b".to_string())]);
+        assert_eq!(a.instance_count(), 1);
+        assert_eq!(a.lease_count(), 1);
+    }
+
+    /// A batch is unpacked by the state machine; handed to the catalog whole it is
+    /// refused and changes nothing. `apply_next` keeps a lone command's log index and
+    /// numbers a batch's commands one after another.
+    #[test]
+    fn a_batch_is_refused_whole_and_apply_next_counts_each_command() {
+        let mut c = Catalog::new(Limits::default());
+        let reg = |id: &str| Command::Register {
+            instance: inst("web", id, "1.0.0"),
+            ttl_seconds: 30,
+            lease_id: None,
+        };
+        let r = c.apply_next(1, &Command::Batch(vec![reg("a"), reg("b")]));
+        assert_eq!(r.reply, Err(ApplyError::Batch));
+        assert!(r.change.is_none());
+        assert_eq!(c.instance_count(), 0);
+        // Two commands of one entry at log index 2: numbered 2 and 3.
+        let first = c.apply_next(2, &reg("a"));
+        let second = c.apply_next(2, &reg("b"));
+        let lease = |r: &ApplyResult| match &r.reply {
+            Ok(Reply::Registered { lease_id, .. }) => *lease_id,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!((lease(&first), lease(&second)), (2, 3));
+        // The next entry's own index wins when it is ahead (a blank entry was skipped).
+        let third = c.apply_next(7, &reg("c"));
+        assert_eq!(lease(&third), 7);
+        assert_eq!(c.applied_index(), 7);
+    }
+
+    #[test]
+    fn refused_commands_change_nothing_but_the_applied_index() {
+        let mut c = run(&script()[..3]);
+        let before = c.to_persisted();
+        for cmd in [
+            Command::Register {
+                instance: inst("web", "z", "1"),
+                ttl_seconds: 10,
+                lease_id: Some(777),
+            },
+            Command::Deregister {
+                namespace: DEFAULT_NAMESPACE.into(),
+                id: "zz".into(),
+            },
+            Command::SetState {
+                namespace: "other".into(),
+                id: "a".into(),
+                state: State::Failing,
+            },
+        ] {
+            let r = c.apply(c.applied_index() + 1, &cmd);
+            assert!(r.reply.is_err());
+            assert!(r.change.is_none());
+            assert!(r.leases_granted.is_empty() && r.leases_removed.is_empty());
+        }
+        let after = c.to_persisted();
+        assert_eq!(before.revision, after.revision);
+        assert_eq!(
+            format!("{:?}", before.instances),
+            format!("{:?}", after.instances)
+        );
+        assert_eq!(before.leases, after.leases);
+    }
+}

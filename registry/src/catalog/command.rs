@@ -1,0 +1,73 @@
+//! [`Command`]: a change to the catalog, as written to the Raft log.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Instance, LeaseId, Policy, State};
+
+/// A change to the catalog, as written to the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Adds or updates an instance. With `lease_id` the instance joins that lease;
+    /// without it, it keeps its current lease or gets a new one with `ttl_seconds`.
+    Register {
+        instance: Instance,
+        ttl_seconds: u32,
+        lease_id: Option<LeaseId>,
+    },
+    Deregister {
+        namespace: String,
+        id: String,
+    },
+    SetState {
+        namespace: String,
+        id: String,
+        state: State,
+    },
+    /// Proposed by the lease keeper: removes the leases and every instance they hold.
+    /// Each lease is named with the index that last granted it (as the proposer saw it);
+    /// one granted again since is left alone.
+    ExpireLeases {
+        leases: Vec<(LeaseId, u64)>,
+    },
+    /// The leader's slow, batched record of each lease's remaining TTL: (lease, the index
+    /// that last granted it, remaining milliseconds). A new leader honours it instead of
+    /// a full TTL, so repeated elections cannot keep a dead instance alive forever.
+    CheckpointLeases {
+        leases: Vec<(LeaseId, u64, u64)>,
+    },
+    /// Sets (or with `None` clears) a service's routing policy. `at_ms` is the proposer's
+    /// wall clock, recorded in the history; apply never reads a clock itself.
+    PutPolicy {
+        namespace: String,
+        service: String,
+        policy: Option<Policy>,
+        at_ms: u64,
+    },
+    /// Restores a kept policy revision (0: the one before the current) as a new change.
+    RollbackPolicy {
+        namespace: String,
+        service: String,
+        to_revision: u64,
+        at_ms: u64,
+    },
+    /// Several commands in one log entry, applied in order exactly as if each had its
+    /// own entry: the proposer's group commit (one replication round and one fsync for
+    /// all of them). Never nested. Added last, so older logs still decode.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Register { .. } => "register",
+            Command::Deregister { .. } => "deregister",
+            Command::SetState { .. } => "set_state",
+            Command::ExpireLeases { .. } => "expire_leases",
+            Command::CheckpointLeases { .. } => "checkpoint_leases",
+            Command::PutPolicy { .. } => "put_policy",
+            Command::RollbackPolicy { .. } => "rollback_policy",
+            Command::Batch(_) => "batch",
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The catalog's snapshot form: [`PersistedCatalog`] serializes compactly and rebuilds
+//! exactly, dropping what is inconsistent rather than trusting it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::apply::{Entry, Lease, Limits};
+use super::Catalog;
+use crate::model::{Instance, LeaseId, PolicyRecord, Revision};
+
+/// The catalog as written to a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedCatalog {
+    pub(super) applied_index: u64,
+    pub(super) revision: Revision,
+    pub(super) instances: Vec<(Instance, LeaseId)>,
+    /// (id, ttl_seconds, granted_at)
+    pub(super) leases: Vec<(LeaseId, u32, u64)>,
+    pub(super) policies: Vec<((String, String), Vec<PolicyRecord>)>,
+}
+
+impl Catalog {
+    /// The catalog in a form that serializes compactly and rebuilds exactly.
+    pub fn to_persisted(&self) -> PersistedCatalog {
+        let instances = self
+            .namespaces
+            .values()
+            .flat_map(|ns| ns.services.values())
+            .flat_map(|svc| svc.values())
+            .map(|e| ((*e.instance).clone(), e.lease))
+            .collect();
+        PersistedCatalog {
+            applied_index: self.applied_index,
+            revision: self.revision,
+            instances,
+            leases: self
+                .leases
+                .iter()
+                .map(|(id, l)| (*id, l.ttl_seconds, l.granted_at))
+                .collect(),
+            policies: self
+                .policies
+                .iter()
+                .map(|(k, h)| (k.clone(), h.iter().cloned().collect()))
+                .collect(),
+        }
+    }
+
+    /// Rebuilds a catalog from a snapshot. Inconsistent entries (an instance naming a
+    /// lease the snapshot lacks) are dropped rather than trusted.
+    pub fn from_persisted(limits: Limits, p: PersistedCatalog) -> Self {
+        let mut c = Catalog::new(limits);
+        c.applied_index = p.applied_index;
+        c.revision = p.revision;
+        for (id, ttl, granted_at) in p.leases {
+            c.leases.insert(
+                id,
+                Lease {
+                    ttl_seconds: ttl,
+                    granted_at,
+                    owners: BTreeSet::new(),
+                },
+            );
+        }
+        for (instance, lease) in p.instances {
+            let Some(l) = c.leases.get_mut(&lease) else {
+                continue;
+            };
+            l.owners
+                .insert((instance.namespace.clone(), instance.id.clone()));
+            let ns = c.namespaces.entry(instance.namespace.clone()).or_default();
+            ns.ids.insert(instance.id.clone(), instance.service.clone());
+            ns.services
+                .entry(instance.service.clone())
+                .or_default()
+                .insert(
+                    instance.id.clone(),
+                    Entry {
+                        instance: Arc::new(instance),
+                        lease,
+                    },
+                );
+            c.instance_count += 1;
+        }
+        c.leases.retain(|_, l| !l.owners.is_empty());
+        c.policies = p
+            .policies
+            .into_iter()
+            .map(|(k, h)| (k, h.into_iter().collect()))
+            .collect();
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::catalog::testing::{fingerprint, run, script};
+    use crate::catalog::{Catalog, Limits};
+    use crate::model::DEFAULT_NAMESPACE;
+
+    #[test]
+    fn a_snapshot_rebuilds_the_same_catalog() {
+        let a = run(&script()[..5]);
+        let b = Catalog::from_persisted(Limits::default(), a.to_persisted());
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_eq!(a.instance_count(), b.instance_count());
+        assert_eq!(
+            a.list_services(DEFAULT_NAMESPACE),
+            b.list_services(DEFAULT_NAMESPACE)
+        );
+    }
+}

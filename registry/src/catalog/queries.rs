@@ -1,0 +1,81 @@
+//! Reads of the applied catalog for the API, DNS and watch snapshots: a namespace's
+//! services, one service's instances, service summaries.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::Catalog;
+use crate::model::{Instance, ServiceSummary, ServiceView};
+
+impl Catalog {
+    /// The services of a namespace (all, or only `services`), sorted by name: those with
+    /// instances and those with only a policy.
+    pub fn snapshot(&self, namespace: &str, services: &[String]) -> Vec<ServiceView> {
+        let wanted = |name: &str| services.is_empty() || services.iter().any(|s| s == name);
+        let mut out: BTreeMap<&str, ServiceView> = BTreeMap::new();
+        if let Some(ns) = self.namespaces.get(namespace) {
+            for (name, instances) in ns.services.iter().filter(|(n, _)| wanted(n)) {
+                out.insert(
+                    name,
+                    ServiceView {
+                        service: name.clone(),
+                        instances: instances.values().map(|e| e.instance.clone()).collect(),
+                        policy: None,
+                    },
+                );
+            }
+        }
+        for ((ns, name), history) in &self.policies {
+            if ns != namespace || !wanted(name) {
+                continue;
+            }
+            let Some(policy) = history.back().and_then(|r| r.policy.clone()) else {
+                continue;
+            };
+            out.entry(name)
+                .or_insert_with(|| ServiceView {
+                    service: name.clone(),
+                    instances: Vec::new(),
+                    policy: None,
+                })
+                .policy = Some(policy);
+        }
+        out.into_values().collect()
+    }
+
+    /// The instances of one service, optionally of one version.
+    pub fn resolve(&self, namespace: &str, service: &str, version: &str) -> Vec<Arc<Instance>> {
+        self.namespaces
+            .get(namespace)
+            .and_then(|ns| ns.services.get(service))
+            .map(|instances| {
+                instances
+                    .values()
+                    .filter(|e| version.is_empty() || e.instance.version == version)
+                    .map(|e| e.instance.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// One summary per service of a namespace, sorted by name.
+    pub fn list_services(&self, namespace: &str) -> Vec<ServiceSummary> {
+        let Some(ns) = self.namespaces.get(namespace) else {
+            return Vec::new();
+        };
+        ns.services
+            .iter()
+            .map(|(name, instances)| {
+                let versions: BTreeSet<&str> = instances
+                    .values()
+                    .map(|e| e.instance.version.as_str())
+                    .collect();
+                ServiceSummary {
+                    name: name.clone(),
+                    instance_count: u32::try_from(instances.len()).unwrap_or(u32::MAX),
+                    versions: versions.into_iter().map(str::to_string).collect(),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,148 @@
+//! How a registry node is configured and what it is given to start: [`RegistryConfig`]
+//! (checked by `validate` before any socket is used), the caller's bound [`Listeners`],
+//! and [`StartError`] for a node that did not start.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::catalog::Limits;
+use crate::shared::SharedConfig;
+
+/// Largest gRPC message the registry accepts (a registration is well under 8 KiB; a
+/// `KeepAlive` message of 1,000 lease ids is about 10 KiB).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// How a registry node behaves; every field has a default that suits one node.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Where the log and snapshots live.
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    /// Changes a watcher may fall behind before it is resynced with a snapshot.
+    pub watch_buffer: usize,
+    /// Changes kept so a watcher can resume from a revision without a snapshot.
+    pub watch_history: usize,
+    /// Log entries between snapshots (which bound the log on disk).
+    pub snapshot_every: u64,
+    /// Most open Watch streams per node.
+    pub max_watchers: usize,
+    /// This node's Raft id (1 for a single node).
+    pub node_id: u64,
+    /// Every voting member at first start, this node included: id -> gRPC address.
+    /// Empty means a single-node group of this node alone.
+    pub peers: BTreeMap<u64, String>,
+    /// The address peers and clients use to reach this node; default: the listener's
+    /// address, with 0.0.0.0 read as 127.0.0.1.
+    pub advertise: Option<String>,
+    /// Join a running cluster through this node's gRPC address instead of starting a
+    /// group: this node asks to be added as a member and waits.
+    pub join: Option<String>,
+    /// Raft heartbeat; elections start after 5-10 heartbeats of silence.
+    pub heartbeat: Duration,
+    /// How often the leader checkpoints every lease's remaining TTL into the log
+    /// (zero: never; a new leader then gives every lease its full TTL).
+    pub lease_checkpoint_interval: Duration,
+    /// Self-preservation: when more than this share of the leases is past its deadline
+    /// at once, expiry pauses (1.0 disables it).
+    pub self_preservation_threshold: f64,
+    /// Self-preservation applies only with at least this many leases.
+    pub self_preservation_min_leases: usize,
+    /// DNS zone and TTL (served when `Listeners::dns` is given).
+    pub dns: switchyard_core::dns::DnsConfig,
+}
+
+impl RegistryConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            limits: Limits::default(),
+            watch_buffer: 1_024,
+            watch_history: 10_000,
+            snapshot_every: 10_000,
+            max_watchers: 10_000,
+            node_id: 1,
+            peers: BTreeMap::new(),
+            advertise: None,
+            join: None,
+            heartbeat: Duration::from_millis(100),
+            lease_checkpoint_interval: Duration::from_secs(5),
+            self_preservation_threshold: 0.5,
+            self_preservation_min_leases: 20,
+            dns: switchyard_core::dns::DnsConfig::default(),
+        }
+    }
+
+    /// Checks the configuration before any socket is used.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.limits.max_instances == 0 {
+            return Err("max_instances must be at least 1".into());
+        }
+        if self.watch_buffer == 0 || self.watch_buffer > 1_000_000 {
+            return Err("watch_buffer must be 1-1000000".into());
+        }
+        if self.watch_history == 0 || self.watch_history > 10_000_000 {
+            return Err("watch_history must be 1-10000000".into());
+        }
+        if self.snapshot_every == 0 {
+            return Err("snapshot_every must be at least 1".into());
+        }
+        if self.max_watchers == 0 {
+            return Err("max_watchers must be at least 1".into());
+        }
+        if self.node_id == 0 {
+            return Err("node_id must be at least 1".into());
+        }
+        if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
+            return Err(format!(
+                "peers must include this node (id {}): list every member as ID=ADDR",
+                self.node_id
+            ));
+        }
+        if self.heartbeat < Duration::from_millis(10) || self.heartbeat > Duration::from_secs(5) {
+            return Err("heartbeat must be 10ms-5s".into());
+        }
+        self.dns.validate()?;
+        if !(0.0..=1.0).contains(&self.self_preservation_threshold)
+            || self.self_preservation_threshold == 0.0
+        {
+            return Err("self_preservation_threshold must be above 0 and at most 1".into());
+        }
+        Ok(())
+    }
+
+    /// The part of this configuration the request handlers and the catalog's owners read.
+    pub fn shared(&self) -> SharedConfig {
+        SharedConfig {
+            limits: self.limits,
+            watch_buffer: self.watch_buffer,
+            watch_history: self.watch_history,
+            max_watchers: self.max_watchers,
+        }
+    }
+}
+
+/// Sockets bound by the caller (tests bind port 0 and read the real address back).
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+    /// UDP socket and TCP listener for DNS (same port), if DNS is served.
+    pub dns: Option<(tokio::net::UdpSocket, TcpListener)>,
+}
+
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot use data dir {dir}: {reason}")]
+    Store { dir: PathBuf, reason: String },
+    #[error("cannot start Raft: {0}")]
+    Raft(String),
+    #[error("cannot start the writer thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot read the listener address: {0}")]
+    Addr(std::io::Error),
+}

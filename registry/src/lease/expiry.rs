@@ -1,0 +1,115 @@
+//! The leader's expiry loop: proposes `ExpireLeases` for the leases whose deadline
+//! passed, promptly after it passes, at most [`MAX_EXPIRE_BATCH`](super::MAX_EXPIRE_BATCH)
+//! a command, unless [self-preservation](super::preservation) holds expiry back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::preservation::{Decision, Preservation};
+use crate::catalog::Command;
+use crate::raft::propose::Proposer;
+use crate::shared::Shared;
+
+/// Proposes `ExpireLeases` for leases whose deadline passed, promptly after it passes.
+pub async fn expiry_loop(
+    shared: Arc<Shared>,
+    proposer: Proposer,
+    preservation: Preservation,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut retry = Duration::from_millis(100);
+    let mut preserving = false;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        // Self-preservation (Eureka): a mass of leases running out together is more
+        // likely a network problem between clients and the registry than a mass death.
+        if proposer.is_leader() {
+            let total = shared.leases.len();
+            let overdue = if preservation.applies(total) {
+                shared.leases.at_risk(now)
+            } else {
+                0
+            };
+            if let Decision::Pause { share } = preservation.decide(total, overdue) {
+                if !preserving {
+                    tracing::warn!(
+                        overdue,
+                        leases = total,
+                        threshold = preservation.threshold,
+                        "self-preservation: {:.0}% of leases missed their renewals at once; expiry paused until renewals recover",
+                        share * 100.0
+                    );
+                    shared.metrics.self_preservation.set(1);
+                    preserving = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                continue;
+            }
+            if preserving {
+                tracing::info!(
+                    overdue,
+                    leases = total,
+                    "self-preservation over: renewals recovered; expiring the rest"
+                );
+                shared.metrics.self_preservation.set(0);
+                preserving = false;
+            }
+        }
+        // Only the leader runs lease clocks (the etcd model).
+        let expired = if proposer.is_leader() {
+            shared.leases.take_expired(now)
+        } else {
+            Vec::new()
+        };
+        if !expired.is_empty() {
+            tracing::info!(
+                leases = expired.len(),
+                "leases expired; removing their instances"
+            );
+            let leases: Vec<(u64, u64)> = {
+                let catalog = shared.catalog.read();
+                expired
+                    .iter()
+                    .filter_map(|id| catalog.lease_granted_at(*id).map(|g| (*id, g)))
+                    .collect()
+            };
+            if let Err(e) = proposer.propose(Command::ExpireLeases { leases }).await {
+                // Nothing was removed: put the clocks back (unless a Register already
+                // re-granted a lease) and retry after a pause, still listening for
+                // shutdown.
+                tracing::warn!(error = %e, ?retry, "could not expire leases; will retry");
+                for id in expired {
+                    if !shared.leases.contains(id) && shared.catalog.read().has_lease(id) {
+                        shared.leases.grant(id, 1);
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                retry = (retry * 2).min(Duration::from_secs(5));
+            } else {
+                retry = Duration::from_millis(100);
+            }
+            continue;
+        }
+        let next = shared
+            .leases
+            .next_deadline()
+            .unwrap_or(now + Duration::from_secs(1))
+            .min(now + Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = shared.leases.changed() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}

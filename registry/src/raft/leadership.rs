@@ -1,0 +1,63 @@
+//! The leadership loop: mirrors Raft's role, term and indexes into the metrics, and on
+//! becoming leader restarts every lease clock (the etcd model: only the leader runs them).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::alias::Raft;
+use crate::shared::Shared;
+
+/// Least time a new leader gives a checkpointed lease, so live clients can reconnect
+/// and renew after the election.
+const LEADER_GRACE: Duration = Duration::from_secs(3);
+
+/// Watches Raft's role. On becoming leader, every lease gets its full TTL again (or what
+/// its checkpoint left) before anything can expire, so a leader change never
+/// mass-expires instances and repeated elections do not keep dead ones alive.
+pub async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::Receiver<bool>) {
+    let mut metrics = raft.metrics();
+    let mut was_leader = false;
+    loop {
+        let is_leader = {
+            let m = metrics.borrow_and_update();
+            let g = &shared.metrics;
+            g.raft_term.set(m.current_term as i64);
+            g.raft_leader.set(m.current_leader.unwrap_or(0) as i64);
+            g.raft_is_leader
+                .set(i64::from(m.state == openraft::ServerState::Leader));
+            g.raft_applied_index
+                .set(m.last_applied.map_or(0, |l| l.index) as i64);
+            g.raft_commit_index
+                .set(shared.committed.load(std::sync::atomic::Ordering::Acquire) as i64);
+            if let Some(replication) = &m.replication {
+                let last = m.last_log_index.unwrap_or(0);
+                for (peer, matched) in replication {
+                    let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
+                    g.raft_replication_lag
+                        .get_or_create(&crate::metrics::PeerLabels {
+                            peer: peer.to_string(),
+                        })
+                        .set(lag as i64);
+                }
+            }
+            m.state == openraft::ServerState::Leader
+        };
+        if is_leader && !was_leader {
+            let catalog = shared.catalog.read();
+            let total = catalog.lease_count();
+            let honoured = shared.leases.promote(catalog.leases(), LEADER_GRACE);
+            tracing::info!(
+                leases = total,
+                checkpointed = honoured,
+                "this node leads now; leases restart with their full TTL, or what their last checkpoint left (at least {LEADER_GRACE:?})"
+            );
+        }
+        was_leader = is_leader;
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! [`Shared`]: the node's state that the API handlers, the HTTP endpoints, DNS and the
+//! background loops all read: the catalog, the watch hub, the lease keeper, the metrics,
+//! the shutdown flag and the committed index.
+//!
+//! A leaf: it names the parts it holds and nothing that uses them, so every server and
+//! loop can depend on it without a circle back to the node that starts them.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+use crate::catalog::{Catalog, Limits};
+use crate::lease::LeaseKeeper;
+use crate::metrics::Metrics;
+use crate::watch::WatchHub;
+
+/// The part of the node's configuration that the shared state and its readers need
+/// (see [`RegistryConfig`](crate::RegistryConfig) for what each field means).
+#[derive(Clone, Copy, Debug)]
+pub struct SharedConfig {
+    pub limits: Limits,
+    pub watch_buffer: usize,
+    pub watch_history: usize,
+    pub max_watchers: usize,
+}
+
+/// State shared by the API handlers, HTTP, DNS and the background loops (the Raft state
+/// machine gets only its [`ApplyHandle`] slice of it).
+pub struct Shared {
+    /// Lock order: `catalog` before the hub's and the lease keeper's own locks. Nobody
+    /// holds it across an `.await`.
+    pub catalog: Arc<RwLock<Catalog>>,
+    pub hub: Arc<WatchHub>,
+    pub leases: Arc<LeaseKeeper>,
+    pub metrics: Arc<Metrics>,
+    pub config: SharedConfig,
+    /// Flips to `true` once when the node starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    /// The highest committed log index this node knows (saved by the log store).
+    pub committed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Shared {
+    /// Empty shared state for a node with this config (the catalog is filled by the
+    /// state machine from its snapshot and the Raft log).
+    pub fn new(config: SharedConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+        let catalog = Catalog::new(config.limits);
+        Arc::new(Shared {
+            hub: Arc::new(WatchHub::new(
+                config.watch_buffer,
+                config.watch_history,
+                catalog.revision(),
+            )),
+            catalog: Arc::new(RwLock::new(catalog)),
+            // Leases get their clocks from the applies Raft replays and, in full, when
+            // this node becomes leader (see `raft::leadership`).
+            leases: Arc::new(LeaseKeeper::default()),
+            metrics: Arc::new(Metrics::default()),
+            config,
+            shutdown,
+            committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        })
+    }
+
+    /// The parts the Raft state machine applies commands to.
+    pub fn apply_handle(&self) -> ApplyHandle {
+        ApplyHandle {
+            catalog: self.catalog.clone(),
+            hub: self.hub.clone(),
+            leases: self.leases.clone(),
+            metrics: self.metrics.clone(),
+            limits: self.config.limits,
+        }
+    }
+}
+
+/// What applying a command touches, and nothing more: the catalog it changes, the lease
+/// keeper whose clocks it mirrors, the hub it publishes the change to, and the metrics it
+/// updates. The Raft state machine holds this instead of the whole [`Shared`].
+#[derive(Clone)]
+pub struct ApplyHandle {
+    /// The same lock as [`Shared::catalog`], with the same lock order.
+    pub catalog: Arc<RwLock<Catalog>>,
+    pub hub: Arc<WatchHub>,
+    pub leases: Arc<LeaseKeeper>,
+    pub metrics: Arc<Metrics>,
+    /// The catalog's bounds, for one rebuilt from a snapshot.
+    pub limits: Limits,
+}
