@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::model::policy::{Fallback, HeaderMatch, MatchKind, Route, Split, Subset};
 use crate::model::{
-    validate_instance, Change, Instance, InstanceRef, Policy, PolicyRecord, ServiceSummary,
-    ServiceView, State, ValidationError,
+    validate_instance, Change, Instance, InstanceRef, Policy, PolicyRecord, ServiceSnapshot,
+    ServiceSummary, State, ValidationError,
 };
 
 /// Reads a wire state. `STATE_UNSPECIFIED` becomes `default` (None = refuse it).
@@ -82,7 +82,7 @@ fn ref_to_proto(r: &InstanceRef) -> pb::InstanceRef {
     }
 }
 
-pub fn service_to_proto(v: &ServiceView) -> pb::ServiceState {
+pub fn service_to_proto(v: &ServiceSnapshot) -> pb::ServiceState {
     pb::ServiceState {
         service: v.service.clone(),
         instances: v.instances.iter().map(|i| instance_to_proto(i)).collect(),
@@ -230,7 +230,7 @@ fn policy_state(service: &str, policy: &Option<Arc<Policy>>) -> pb::ServiceState
     }
 }
 
-pub fn snapshot_event(revision: u64, services: &[ServiceView]) -> pb::WatchEvent {
+pub fn snapshot_event(revision: u64, services: &[ServiceSnapshot]) -> pb::WatchEvent {
     pb::WatchEvent {
         revision,
         kind: Some(pb::watch_event::Kind::Snapshot(pb::Snapshot {

@@ -126,7 +126,7 @@ impl Change {
 
 /// All instances of one service, as served to snapshots and `Resolve`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ServiceView {
+pub struct ServiceSnapshot {
     pub service: String,
     pub instances: Vec<Arc<Instance>>,
     pub policy: Option<Arc<Policy>>,

@@ -5,19 +5,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::Catalog;
-use crate::model::{Instance, ServiceSummary, ServiceView};
+use crate::model::{Instance, ServiceSnapshot, ServiceSummary};
 
 impl Catalog {
     /// The services of a namespace (all, or only `services`), sorted by name: those with
     /// instances and those with only a policy.
-    pub fn snapshot(&self, namespace: &str, services: &[String]) -> Vec<ServiceView> {
+    pub fn snapshot(&self, namespace: &str, services: &[String]) -> Vec<ServiceSnapshot> {
         let wanted = |name: &str| services.is_empty() || services.iter().any(|s| s == name);
-        let mut out: BTreeMap<&str, ServiceView> = BTreeMap::new();
+        let mut out: BTreeMap<&str, ServiceSnapshot> = BTreeMap::new();
         if let Some(ns) = self.namespaces.get(namespace) {
             for (name, instances) in ns.services.iter().filter(|(n, _)| wanted(n)) {
                 out.insert(
                     name,
-                    ServiceView {
+                    ServiceSnapshot {
                         service: name.clone(),
                         instances: instances.values().map(|e| e.instance.clone()).collect(),
                         policy: None,
@@ -33,7 +33,7 @@ impl Catalog {
                 continue;
             };
             out.entry(name)
-                .or_insert_with(|| ServiceView {
+                .or_insert_with(|| ServiceSnapshot {
                     service: name.clone(),
                     instances: Vec::new(),
                     policy: None,

@@ -17,7 +17,7 @@ use switchyard_core::convert::{policy_from_proto, policy_to_proto};
 use switchyard_core::model::{validate_instance, Instance, State};
 use switchyard_proto::v1 as pb;
 
-use super::catalog::Catalog;
+use super::catalog::LocalCatalog;
 
 #[derive(Serialize, Deserialize)]
 struct CacheFile<'a> {
@@ -73,7 +73,7 @@ impl From<CachedState> for State {
     }
 }
 
-fn to_file(catalog: &Catalog) -> CacheFile<'_> {
+fn to_file(catalog: &LocalCatalog) -> CacheFile<'_> {
     CacheFile {
         revision: catalog.revision,
         services: catalog
@@ -107,10 +107,10 @@ fn to_file(catalog: &Catalog) -> CacheFile<'_> {
     }
 }
 
-fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> Catalog {
-    let mut catalog = Catalog {
+fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> LocalCatalog {
+    let mut catalog = LocalCatalog {
         revision: file.revision,
-        ..Catalog::default()
+        ..LocalCatalog::default()
     };
     for (service, instances) in file.services {
         let mut kept = BTreeMap::new();
@@ -158,7 +158,7 @@ fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> Catalog {
 
 /// Reads the cached catalog of `namespace`; a missing file is `Ok(None)`, a damaged one
 /// an error.
-pub fn load(path: &Path, namespace: &str) -> Result<Option<Catalog>, String> {
+pub fn load(path: &Path, namespace: &str) -> Result<Option<LocalCatalog>, String> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice::<CacheFile<'_>>(&bytes)
             .map(|file| Some(from_file(file, namespace, path)))
@@ -174,7 +174,7 @@ pub fn load(path: &Path, namespace: &str) -> Result<Option<Catalog>, String> {
 }
 
 /// Writes the catalog atomically.
-pub fn store(path: &Path, catalog: &Catalog) -> Result<(), String> {
+pub fn store(path: &Path, catalog: &LocalCatalog) -> Result<(), String> {
     let bytes = serde_json::to_vec(&to_file(catalog)).map_err(|e| e.to_string())?;
     let tmp: PathBuf = path.with_extension("tmp");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -14,7 +14,7 @@ use crate::table::{EndpointTable, ServiceView, Views};
 /// Services, their instances and their routing policies at one revision. Each instance
 /// is one `Arc`, the same one the endpoint table, DNS and the disk cache hold.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Catalog {
+pub struct LocalCatalog {
     pub revision: u64,
     pub services: BTreeMap<String, BTreeMap<String, Arc<Instance>>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
@@ -43,7 +43,7 @@ fn policy(service: &str, p: pb::Policy) -> Option<Arc<Policy>> {
     }
 }
 
-impl Catalog {
+impl LocalCatalog {
     /// Applies one watch event; returns the services it touched (all, for a snapshot).
     pub fn apply(&mut self, event: pb::WatchEvent) -> Touched {
         self.revision = event.revision;

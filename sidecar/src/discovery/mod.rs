@@ -20,7 +20,7 @@ use tonic::transport::Endpoint;
 
 use crate::metrics::Metrics;
 use crate::table::EndpointTable;
-use catalog::Catalog;
+use catalog::LocalCatalog;
 
 /// Largest Watch message accepted (a snapshot of a very large catalog).
 const MAX_EVENT_BYTES: usize = 256 * 1024 * 1024;
@@ -47,9 +47,9 @@ pub fn backoff(cfg: &DiscoveryConfig, attempt: u32, rng: &mut fastrand::Rng) -> 
 }
 
 /// Loads the disk cache into the table, if there is one.
-pub fn load_cache(cfg: &DiscoveryConfig, table: &EndpointTable, metrics: &Metrics) -> Catalog {
+pub fn load_cache(cfg: &DiscoveryConfig, table: &EndpointTable, metrics: &Metrics) -> LocalCatalog {
     let Some(path) = &cfg.cache_file else {
-        return Catalog::default();
+        return LocalCatalog::default();
     };
     match cache::load(path, &cfg.namespace) {
         Ok(Some(catalog)) => {
@@ -57,10 +57,10 @@ pub fn load_cache(cfg: &DiscoveryConfig, table: &EndpointTable, metrics: &Metric
             catalog.publish(&catalog::Touched::All, table, Some(metrics));
             catalog
         }
-        Ok(None) => Catalog::default(),
+        Ok(None) => LocalCatalog::default(),
         Err(e) => {
             tracing::warn!("{e}");
-            Catalog::default()
+            LocalCatalog::default()
         }
     }
 }
@@ -70,7 +70,7 @@ pub async fn run(
     cfg: DiscoveryConfig,
     table: Arc<EndpointTable>,
     metrics: Arc<Metrics>,
-    mut catalog: Catalog,
+    mut catalog: LocalCatalog,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut rng = fastrand::Rng::new();
@@ -116,7 +116,7 @@ async fn stream_from(
     cfg: &DiscoveryConfig,
     table: &EndpointTable,
     metrics: &Metrics,
-    catalog: &mut Catalog,
+    catalog: &mut LocalCatalog,
     dirty: &mut bool,
     attempt: &mut u32,
     shutdown: &mut watch::Receiver<bool>,
@@ -188,7 +188,7 @@ async fn stream_from(
 }
 
 /// Writes the catalog to the disk cache when it changed since the last write.
-async fn persist(cfg: &DiscoveryConfig, catalog: &Catalog, dirty: &mut bool) {
+async fn persist(cfg: &DiscoveryConfig, catalog: &LocalCatalog, dirty: &mut bool) {
     let Some(path) = cfg.cache_file.clone() else {
         return;
     };
