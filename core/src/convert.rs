@@ -233,6 +233,7 @@ fn policy_state(service: &str, policy: &Option<Arc<Policy>>) -> pb::ServiceState
 pub fn snapshot_event(revision: u64, services: &[ServiceSnapshot]) -> pb::WatchEvent {
     pb::WatchEvent {
         revision,
+        cluster_id: String::new(),
         kind: Some(pb::watch_event::Kind::Snapshot(pb::Snapshot {
             services: services.iter().map(service_to_proto).collect(),
         })),
@@ -242,6 +243,7 @@ pub fn snapshot_event(revision: u64, services: &[ServiceSnapshot]) -> pb::WatchE
 pub fn delta_event(change: &Change) -> pb::WatchEvent {
     pb::WatchEvent {
         revision: change.revision,
+        cluster_id: String::new(),
         kind: Some(pb::watch_event::Kind::Delta(pb::Delta {
             upserted: change
                 .upserted

@@ -228,6 +228,7 @@ pub async fn start(
         tokio::spawn(leadership_loop(
             shared.clone(),
             raft.clone(),
+            proposer.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(checkpoint_loop(

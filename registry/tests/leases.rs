@@ -42,6 +42,7 @@ async fn keep_alive_holds_an_instance_past_three_ttls_and_silence_expires_it() {
             namespace: String::new(),
             services: vec!["web".into()],
             since_revision: 0,
+            cluster_id: String::new(),
         })
         .await
         .expect("watch")

@@ -33,6 +33,26 @@ async fn state(url: String) -> (u64, Vec<(String, String)>) {
     (revision, ids)
 }
 
+/// The cluster id a watcher is told (waits for the first leader to commit it).
+async fn cluster_id(url: String) -> String {
+    eventually(Duration::from_secs(5), || {
+        let url = url.clone();
+        async move {
+            let mut d = switchyard_proto::v1::discovery_client::DiscoveryClient::connect(url)
+                .await
+                .ok()?;
+            let mut s = d
+                .watch(pb::WatchRequest::default())
+                .await
+                .ok()?
+                .into_inner();
+            let event = s.message().await.ok()??;
+            (!event.cluster_id.is_empty()).then_some(event.cluster_id)
+        }
+    })
+    .await
+}
+
 async fn restart_keeps(snapshot_every: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = || {
@@ -55,13 +75,15 @@ async fn restart_keeps(snapshot_every: u64) {
         })
         .await
         .expect("deregister");
-    let before = state(url).await;
+    let before = state(url.clone()).await;
+    let id = cluster_id(url).await;
     first.shutdown().await;
 
     let second = start_in(config()).await;
     let url = format!("http://{}", second.grpc_addr);
     let after = state(url.clone()).await;
     assert_eq!(after, before, "same instances at the same revision");
+    assert_eq!(cluster_id(url.clone()).await, id, "the cluster id is kept");
     assert!(after.0 >= 4);
 
     // The lease came back, with its full TTL, and renews.

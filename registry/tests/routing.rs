@@ -94,6 +94,7 @@ async fn policies_are_recorded_watched_and_rolled_back() {
             namespace: String::new(),
             services: vec!["web".into()],
             since_revision: 0,
+            cluster_id: String::new(),
         })
         .await
         .expect("watch")

@@ -181,6 +181,7 @@ async fn other_requests_validate_their_fields() {
                 namespace: String::new(),
                 services: vec!["ok".into(), "NOT_OK".into()],
                 since_revision: 0,
+                cluster_id: String::new(),
             })
             .await
             .expect_err("bad service filter"),
@@ -192,6 +193,7 @@ async fn other_requests_validate_their_fields() {
                 namespace: String::new(),
                 services: (0..257).map(|n| format!("s{n}")).collect(),
                 since_revision: 0,
+                cluster_id: String::new(),
             })
             .await
             .expect_err("too many services"),

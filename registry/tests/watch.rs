@@ -16,6 +16,7 @@ fn watch_all(since: u64) -> pb::WatchRequest {
         namespace: String::new(),
         services: vec![],
         since_revision: since,
+        cluster_id: String::new(),
     }
 }
 
@@ -113,6 +114,7 @@ async fn watch_filters_by_service_and_namespace() {
             namespace: String::new(),
             services: vec!["payments".into()],
             since_revision: 0,
+            cluster_id: String::new(),
         })
         .await
         .expect("watch")
@@ -299,4 +301,45 @@ async fn shutdown_ends_open_watch_streams() {
         .await
         .expect("stream ends");
     assert!(!matches!(end, Ok(Some(_))), "no event after shutdown");
+}
+
+/// A revision is meaningful only in the cluster that issued it: a watcher that brings
+/// another cluster's id (its registry was wiped, or its cache came from elsewhere) gets
+/// a snapshot whatever `since_revision` says; one of this cluster resumes with deltas.
+#[tokio::test]
+async fn a_watcher_from_another_cluster_starts_over_with_a_snapshot() {
+    let reg = TestRegistry::start().await;
+    let mut registry = reg.registry().await;
+    let mut discovery = reg.discovery().await;
+    register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
+    register(&mut registry, instance("web", "web-2", "1.0.0"), 30).await;
+    let ours = eventually(WAIT, || {
+        let mut discovery = discovery.clone();
+        async move {
+            let mut s = discovery.watch(watch_all(0)).await.ok()?.into_inner();
+            let e = next_event(&mut s, WAIT).await;
+            (!e.cluster_id.is_empty()).then_some(e.cluster_id)
+        }
+    })
+    .await;
+    let first = |mut req: pb::WatchRequest, id: &str| {
+        req.cluster_id = id.to_string();
+        let mut discovery = discovery.clone();
+        async move {
+            let mut s = discovery.watch(req).await.expect("watch").into_inner();
+            next_event(&mut s, WAIT).await
+        }
+    };
+    let resumed = first(watch_all(1), &ours).await;
+    assert!(
+        matches!(resumed.kind, Some(pb::watch_event::Kind::Delta(_))),
+        "same cluster: deltas since revision 1"
+    );
+    assert_eq!(resumed.cluster_id, ours, "every event carries the id");
+    let other = first(watch_all(1), "0123456789abcdef0123456789abcdef").await;
+    assert!(
+        matches!(other.kind, Some(pb::watch_event::Kind::Snapshot(_))),
+        "another cluster's revision is not trusted: {other:?}"
+    );
+    assert_eq!(other.cluster_id, ours);
 }

@@ -137,3 +137,100 @@ fn backoff_is_jittered_exponential_and_capped() {
         );
     }
 }
+
+/// A sidecar that fails over to a registry of another cluster (here: one whose data was
+/// wiped and whose new history has passed the sidecar's revision) must not apply that
+/// registry's deltas on top of its old catalog: the cluster id makes it start over with
+/// a snapshot. Before cluster ids it kept the old endpoints and missed the new ones.
+#[tokio::test]
+async fn failing_over_to_another_cluster_replaces_the_catalog() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let old = start_registry(&dir.path().join("old")).await;
+    let new = start_registry(&dir.path().join("new")).await;
+    let addr = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 2], port));
+    let mut old_client = registry_client(&old).await;
+    for i in 0..3 {
+        register(
+            &mut old_client,
+            "web",
+            &format!("old-{i}"),
+            addr(9000 + i),
+            "1",
+            100,
+        )
+        .await;
+    }
+    let mut new_client = registry_client(&new).await;
+    for i in 0..12 {
+        register(
+            &mut new_client,
+            "web",
+            &format!("new-{i}"),
+            addr(9100 + i),
+            "2",
+            100,
+        )
+        .await;
+    }
+    let sidecar = start_sidecar(sidecar_config(
+        vec![
+            format!("http://{}", old.grpc_addr),
+            format!("http://{}", new.grpc_addr),
+        ],
+        dir.path(),
+    ))
+    .await;
+    wait_endpoints(&sidecar, "web", 3).await;
+    old.shutdown().await;
+    let ids = |sidecar: &switchyard_sidecar::SidecarHandle| -> Vec<String> {
+        let mut ids: Vec<String> = sidecar
+            .table
+            .get("web")
+            .map(|v| v.endpoints.iter().map(|e| e.id.clone()).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    };
+    let mut want: Vec<String> = (0..12).map(|i| format!("new-{i}")).collect();
+    want.sort();
+    eventually(Duration::from_secs(10), || {
+        let got = ids(&sidecar);
+        let want = want.clone();
+        async move { (got == want).then_some(()) }
+    })
+    .await;
+    sidecar.shutdown().await;
+    new.shutdown().await;
+}
+
+/// A cache file left by a sidecar of another cluster, at the very revision this registry
+/// is at, used to be trusted for ever (the resume found no deltas to send). Its cluster
+/// id now makes the registry send a snapshot, which replaces the foreign endpoints.
+#[tokio::test]
+async fn a_cache_file_from_another_cluster_is_replaced_by_a_snapshot() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let mut client = registry_client(&registry).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 2], 9000));
+    let revision = register(&mut client, "web", "ours", addr, "1", 100).await;
+    let foreign = format!(
+        r#"{{"revision":{revision},"cluster_id":"0123456789abcdef0123456789abcdef","services":{{"web":{{"theirs":{{"id":"theirs","address":"127.0.0.3","port":9000,"version":"1","weight":100,"state":"SERVING"}}}}}},"policies":{{}}}}"#
+    );
+    std::fs::write(dir.path().join("catalog.json"), foreign).expect("write cache");
+    let sidecar = start_sidecar(sidecar_config(
+        vec![format!("http://{}", registry.grpc_addr)],
+        dir.path(),
+    ))
+    .await;
+    eventually(Duration::from_secs(10), || {
+        let ids: Vec<String> = sidecar
+            .table
+            .get("web")
+            .map(|v| v.endpoints.iter().map(|e| e.id.clone()).collect())
+            .unwrap_or_default();
+        async move { (ids == ["ours"]).then_some(()) }
+    })
+    .await;
+    sidecar.shutdown().await;
+    registry.shutdown().await;
+}

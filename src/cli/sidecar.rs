@@ -66,10 +66,13 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_DOMAIN", default_value = "switchyard")]
     pub domain: String,
     /// Where the last catalog is kept, so a restart without a registry still routes.
+    /// Default: sidecar-catalog.json in the state directory: $STATE_DIRECTORY (systemd's
+    /// StateDirectory=), else $XDG_STATE_HOME/switchyard, else ~/.local/state/switchyard
+    /// (never the working directory, where another sidecar's file may lie).
     #[arg(
         long,
         env = "SWITCHYARD_CACHE_FILE",
-        default_value = "switchyard-sidecar-catalog.json"
+        default_value_os_t = default_cache_file()
     )]
     pub cache_file: PathBuf,
     /// Endpoints sampled per pick when weights are equal (power of two choices = 2).
@@ -329,4 +332,18 @@ pub async fn run(args: SidecarArgs) -> Result<(), CliError> {
     tracing::info!("shutting down: draining the local service, finishing in-flight requests");
     handle.shutdown().await;
     Ok(())
+}
+
+/// The sidecar's default cache file, in a state directory (see `--cache-file`).
+fn default_cache_file() -> PathBuf {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let dir = var("STATE_DIRECTORY")
+        .or_else(|| var("XDG_STATE_HOME").map(|d| d.join("switchyard")))
+        .or_else(|| var("HOME").map(|h| h.join(".local/state/switchyard")))
+        .unwrap_or_else(|| std::env::temp_dir().join("switchyard"));
+    dir.join("sidecar-catalog.json")
 }

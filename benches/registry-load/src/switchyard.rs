@@ -64,6 +64,7 @@ pub async fn watch(channel: Channel, service: &str) -> Result<BoxStream<Vec<Stri
             namespace: NAMESPACE.to_owned(),
             services: vec![service.to_owned()],
             since_revision: 0,
+            cluster_id: String::new(),
         })
         .await?
         .into_inner();

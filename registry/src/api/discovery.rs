@@ -88,11 +88,18 @@ impl DiscoveryApi {
 
         // Subscribe and read the starting state under one read lock: every change is
         // then either in that state or on the receiver, never both, never neither.
-        let (rx, first) = {
+        let (rx, first, cluster_id) = {
             let catalog = self.shared.catalog.read();
             let rx = self.shared.hub.subscribe();
             let current = catalog.revision();
-            let resumed = (req.since_revision > 0 && req.since_revision <= current)
+            // A revision is only meaningful in the cluster that issued it: a watcher that
+            // last heard from another cluster (or from this one before its data was
+            // wiped) starts over with a snapshot, whatever number it brings.
+            let same_cluster = req.cluster_id.is_empty() || req.cluster_id == catalog.cluster_id();
+            if !same_cluster {
+                tracing::info!(theirs = %req.cluster_id, ours = %catalog.cluster_id(), since = req.since_revision, "a watcher resumes from another cluster's revision; sending a snapshot");
+            }
+            let resumed = (same_cluster && req.since_revision > 0 && req.since_revision <= current)
                 .then(|| self.shared.hub.since(req.since_revision))
                 .flatten();
             let first: Vec<pb::WatchEvent> = match resumed {
@@ -106,7 +113,7 @@ impl DiscoveryApi {
                     &catalog.snapshot(&namespace, &services),
                 )],
             };
-            (rx, first)
+            (rx, first, catalog.cluster_id().to_string())
         };
 
         // Counted now, so a burst cannot overshoot max_watchers; uncounted when the stream
@@ -121,6 +128,7 @@ impl DiscoveryApi {
             changes: BroadcastStream::new(rx),
             shutdown,
             seen: 0,
+            cluster_id,
         }))
     }
 }
@@ -141,20 +149,34 @@ struct WatchEvents {
     shutdown: WatchStream<bool>,
     /// The newest revision this watcher has been sent (in an event or a snapshot).
     seen: Revision,
+    /// Stamped on every event; read again from the catalog while still empty (a watch
+    /// opened in the moment before the first leader committed the id).
+    cluster_id: String,
 }
 
 impl WatchEvents {
     fn snapshot(&mut self) -> pb::WatchEvent {
         self.shared.metrics.watch_resyncs.inc();
-        let event = {
+        let mut event = {
             let catalog = self.shared.catalog.read();
+            // A reset (a snapshot installed from the leader) may bring the id.
+            self.cluster_id = catalog.cluster_id().to_string();
             snapshot_event(
                 catalog.revision(),
                 &catalog.snapshot(&self.namespace, &self.services),
             )
         };
+        event.cluster_id.clone_from(&self.cluster_id);
         // Changes still on the receiver up to here are in the snapshot.
         self.seen = event.revision;
+        event
+    }
+
+    fn stamped(&mut self, mut event: pb::WatchEvent) -> pb::WatchEvent {
+        if self.cluster_id.is_empty() {
+            self.cluster_id = self.shared.catalog.read().cluster_id().to_string();
+        }
+        event.cluster_id.clone_from(&self.cluster_id);
         event
     }
 }
@@ -166,7 +188,7 @@ impl Stream for WatchEvents {
         let this = self.get_mut();
         if let Some(event) = this.first.next() {
             this.seen = this.seen.max(event.revision);
-            return Poll::Ready(Some(Ok(event)));
+            return Poll::Ready(Some(Ok(this.stamped(event))));
         }
         // The node is stopping: end the stream so clients reconnect elsewhere at once.
         if let Poll::Ready(stopping) = Pin::new(&mut this.shutdown).poll_next(cx) {
@@ -192,7 +214,8 @@ impl Stream for WatchEvents {
             }
             this.seen = change.revision;
             if let Some(c) = filter(&change, &this.namespace, &this.services) {
-                return Poll::Ready(Some(Ok(delta_event(&c))));
+                let event = delta_event(&c);
+                return Poll::Ready(Some(Ok(this.stamped(event))));
             }
         }
     }

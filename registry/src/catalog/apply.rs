@@ -129,6 +129,8 @@ pub struct Catalog {
     pub(super) instance_count: usize,
     /// (namespace, service) -> recorded policy changes, oldest first; the last is current.
     pub(super) policies: BTreeMap<(String, String), VecDeque<PolicyRecord>>,
+    /// Set once by [`Command::InitCluster`]; empty until the first leader commits it.
+    pub(super) cluster_id: String,
 }
 
 impl Catalog {
@@ -155,6 +157,11 @@ impl Catalog {
     /// the same lease ids and revisions; the commands of a batch get consecutive numbers
     /// after it. Every replica applies the same entries in the same order, so every
     /// replica numbers the same.
+    /// The cluster's id (empty until the first leader committed one).
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
     pub fn apply_next(&mut self, log_index: u64, command: &Command) -> ApplyResult {
         self.apply(log_index.max(self.applied_index + 1), command)
     }
@@ -196,6 +203,17 @@ impl Catalog {
                 to_revision,
                 at_ms,
             } => self.rollback_policy(index, namespace, service, *to_revision, *at_ms),
+            Command::InitCluster { id } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id.clone_from(id);
+                }
+                ApplyResult {
+                    reply: Ok(Reply::Done {
+                        revision: self.revision,
+                    }),
+                    ..ApplyResult::refused(ApplyError::Batch)
+                }
+            }
             // The state machine unpacks batches; one reaching here is refused whole.
             Command::Batch(_) => ApplyResult {
                 reply: Err(ApplyError::Batch),

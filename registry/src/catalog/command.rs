@@ -54,6 +54,14 @@ pub enum Command {
     /// own entry: the proposer's group commit (one replication round and one fsync for
     /// all of them). Never nested. Added last, so older logs still decode.
     Batch(Vec<Command>),
+    /// Names the cluster, once: proposed by the first leader that finds the catalog
+    /// without an id (at bootstrap, or the first election after an upgrade). Applied only
+    /// while the catalog has none, so every replica keeps the first. Watchers compare it
+    /// so that a revision from another (or a wiped) cluster is never trusted. Only a
+    /// leader originates it. Added last, so older logs still decode.
+    InitCluster {
+        id: String,
+    },
 }
 
 impl Command {
@@ -68,6 +76,7 @@ impl Command {
             Command::PutPolicy { .. } => "put_policy",
             Command::RollbackPolicy { .. } => "rollback_policy",
             Command::Batch(_) => "batch",
+            Command::InitCluster { .. } => "init_cluster",
         }
     }
 }

@@ -24,8 +24,8 @@ mod persist;
 mod policies;
 mod queries;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use apply::{ApplyError, ApplyResult, Catalog, Limits, Reply};
 pub use command::Command;
-pub use persist::PersistedCatalog;
+pub use persist::{PersistedCatalog, PersistedCatalogV0};

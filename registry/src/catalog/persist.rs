@@ -19,6 +19,46 @@ pub struct PersistedCatalog {
     /// (id, ttl_seconds, granted_at)
     pub(super) leases: Vec<(LeaseId, u32, u64)>,
     pub(super) policies: Vec<((String, String), Vec<PolicyRecord>)>,
+    /// Added after the first release: snapshots written before it decode through
+    /// [`PersistedCatalogV0`] and get an empty id (the next leader commits one).
+    pub(super) cluster_id: String,
+}
+
+/// The snapshot form written before the cluster id existed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedCatalogV0 {
+    applied_index: u64,
+    revision: Revision,
+    instances: Vec<(Instance, LeaseId)>,
+    leases: Vec<(LeaseId, u32, u64)>,
+    policies: Vec<((String, String), Vec<PolicyRecord>)>,
+}
+
+#[cfg(test)]
+impl PersistedCatalogV0 {
+    /// The old form of a current snapshot (what a release before the id wrote).
+    pub fn from_current_for_test(p: &PersistedCatalog) -> Self {
+        Self {
+            applied_index: p.applied_index,
+            revision: p.revision,
+            instances: p.instances.clone(),
+            leases: p.leases.clone(),
+            policies: p.policies.clone(),
+        }
+    }
+}
+
+impl From<PersistedCatalogV0> for PersistedCatalog {
+    fn from(v: PersistedCatalogV0) -> Self {
+        Self {
+            applied_index: v.applied_index,
+            revision: v.revision,
+            instances: v.instances,
+            leases: v.leases,
+            policies: v.policies,
+            cluster_id: String::new(),
+        }
+    }
 }
 
 impl Catalog {
@@ -45,6 +85,7 @@ impl Catalog {
                 .iter()
                 .map(|(k, h)| (k.clone(), h.iter().cloned().collect()))
                 .collect(),
+            cluster_id: self.cluster_id.clone(),
         }
     }
 
@@ -54,6 +95,7 @@ impl Catalog {
         let mut c = Catalog::new(limits);
         c.applied_index = p.applied_index;
         c.revision = p.revision;
+        c.cluster_id = p.cluster_id;
         for (id, ttl, granted_at) in p.leases {
             c.leases.insert(
                 id,

@@ -3,7 +3,7 @@
 use super::{Catalog, Command, Limits};
 use crate::model::{Instance, State, DEFAULT_NAMESPACE};
 
-pub(super) fn inst(service: &str, id: &str, version: &str) -> Instance {
+pub(crate) fn inst(service: &str, id: &str, version: &str) -> Instance {
     Instance {
         namespace: DEFAULT_NAMESPACE.into(),
         service: service.into(),
@@ -18,7 +18,7 @@ pub(super) fn inst(service: &str, id: &str, version: &str) -> Instance {
     }
 }
 
-pub(super) fn reg(i: Instance) -> Command {
+pub(crate) fn reg(i: Instance) -> Command {
     Command::Register {
         instance: i,
         ttl_seconds: 10,
@@ -27,7 +27,7 @@ pub(super) fn reg(i: Instance) -> Command {
 }
 
 /// A fixed script touching every command, including refused ones.
-pub(super) fn script() -> Vec<Command> {
+pub(crate) fn script() -> Vec<Command> {
     vec![
         reg(inst("web", "a", "1")),
         reg(inst("web", "b", "2")),
@@ -54,7 +54,7 @@ pub(super) fn script() -> Vec<Command> {
     ]
 }
 
-pub(super) fn run(commands: &[Command]) -> Catalog {
+pub(crate) fn run(commands: &[Command]) -> Catalog {
     let mut c = Catalog::new(Limits::default());
     for (i, cmd) in commands.iter().enumerate() {
         let _ = c.apply(i as u64 + 1, cmd);
@@ -62,6 +62,6 @@ pub(super) fn run(commands: &[Command]) -> Catalog {
     c
 }
 
-pub(super) fn fingerprint(c: &Catalog) -> String {
+pub(crate) fn fingerprint(c: &Catalog) -> String {
     format!("{:?}", c.to_persisted())
 }

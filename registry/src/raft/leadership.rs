@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::alias::Raft;
+use super::propose::Proposer;
+use crate::catalog::Command;
 use crate::shared::Shared;
 
 /// Least time a new leader gives a checkpointed lease, so live clients can reconnect
@@ -16,7 +18,12 @@ const LEADER_GRACE: Duration = Duration::from_secs(3);
 /// Watches Raft's role. On becoming leader, every lease gets its full TTL again (or what
 /// its checkpoint left) before anything can expire, so a leader change never
 /// mass-expires instances and repeated elections do not keep dead ones alive.
-pub async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watch::Receiver<bool>) {
+pub async fn leadership_loop(
+    shared: Arc<Shared>,
+    raft: Raft,
+    proposer: Proposer,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut metrics = raft.metrics();
     let mut was_leader = false;
     loop {
@@ -45,6 +52,9 @@ pub async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watc
             m.state == openraft::ServerState::Leader
         };
         if is_leader && !was_leader {
+            if shared.catalog.read().cluster_id().is_empty() {
+                tokio::spawn(name_the_cluster(shared.clone(), proposer.clone()));
+            }
             let catalog = shared.catalog.read();
             let total = catalog.lease_count();
             let honoured = shared.leases.promote(catalog.leases(), LEADER_GRACE);
@@ -59,5 +69,28 @@ pub async fn leadership_loop(shared: Arc<Shared>, raft: Raft, mut shutdown: watc
             changed = metrics.changed() => if changed.is_err() { return },
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Commits a cluster id when the catalog has none (a new cluster, or the first election
+/// after an upgrade from a release without ids). Bounded: a leader that loses its term
+/// meanwhile stops, and the next one tries again.
+async fn name_the_cluster(shared: Arc<Shared>, proposer: Proposer) {
+    let id = format!("{:032x}", fastrand::u128(..));
+    for _ in 0..20 {
+        if !shared.catalog.read().cluster_id().is_empty() || !proposer.is_leader() {
+            return;
+        }
+        match proposer
+            .propose_here(Command::InitCluster { id: id.clone() })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(cluster_id = %shared.catalog.read().cluster_id(), "the cluster has an id; watchers compare it before trusting a revision");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "cluster id not committed yet; trying again"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

@@ -62,6 +62,7 @@ impl RaftInternal for RaftService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let command: Command = decode(&request.into_inner().data).map_err(bad)?;
+        check_forwarded(&command)?;
         let result = self.proposer.propose_here(command).await;
         let wire: Result<crate::catalog::Reply, WireError> = match result {
             Ok(r) => Ok(r),
@@ -69,5 +70,119 @@ impl RaftInternal for RaftService {
             Err(e) => Err(WireError::Unavailable(e.to_string())),
         };
         reply(&wire)
+    }
+}
+
+/// The leader checks a forwarded command again instead of trusting the follower: only
+/// commands a client may cause are accepted, each under the same rules as at the edge.
+/// Commands only a leader originates (lease expiry and checkpoints, the cluster id) and
+/// batches (the leader builds those itself) are refused.
+fn check_forwarded(command: &Command) -> Result<(), Status> {
+    use crate::model::policy::validate_policy;
+    use crate::model::{validate_id, validate_instance, validate_namespace, validate_ttl};
+    let invalid = |e: crate::model::ValidationError| Status::invalid_argument(e.to_string());
+    match command {
+        Command::Register {
+            instance,
+            ttl_seconds,
+            ..
+        } => {
+            validate_ttl("ttl_seconds", *ttl_seconds).map_err(invalid)?;
+            let checked =
+                validate_instance(instance.clone(), u32::from(instance.port), instance.weight)
+                    .map_err(invalid)?;
+            if &checked != instance {
+                return Err(Status::invalid_argument(
+                    "forwarded instance is not in the form the edge produces",
+                ));
+            }
+        }
+        Command::Deregister { namespace, id } | Command::SetState { namespace, id, .. } => {
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            validate_id("id", id).map_err(invalid)?;
+        }
+        Command::PutPolicy {
+            namespace,
+            service,
+            policy,
+            ..
+        } => {
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            crate::model::validate_name("service", service).map_err(invalid)?;
+            if let Some(p) = policy {
+                // Every bound and rule but "names a known version", which the leader's
+                // apply cannot know cheaply here: accept the names the policy uses.
+                let names = p
+                    .default_split
+                    .iter()
+                    .chain(p.routes.iter().flat_map(|r| r.split.iter()))
+                    .map(|s| s.subset.clone())
+                    .collect();
+                validate_policy(p, &names).map_err(invalid)?;
+            }
+        }
+        Command::RollbackPolicy {
+            namespace, service, ..
+        } => {
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            crate::model::validate_name("service", service).map_err(invalid)?;
+        }
+        Command::ExpireLeases { .. }
+        | Command::CheckpointLeases { .. }
+        | Command::InitCluster { .. }
+        | Command::Batch(_) => {
+            return Err(Status::permission_denied(format!(
+                "{} is proposed by the leader itself and never accepted from a peer",
+                command.kind()
+            )))
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Instance, State};
+
+    fn register(service: &str, ttl_seconds: u32) -> Command {
+        Command::Register {
+            instance: Instance {
+                namespace: "default".into(),
+                service: service.into(),
+                id: "web-1".into(),
+                address: "127.0.0.1".into(),
+                port: 8080,
+                version: "1.0.0".into(),
+                labels: Default::default(),
+                weight: 100,
+                zone: String::new(),
+                state: State::Serving,
+            },
+            ttl_seconds,
+            lease_id: None,
+        }
+    }
+
+    /// What the hostile probe forwarded: an expiry of every lease, and a registration
+    /// the edge would refuse. Both are refused by the leader now.
+    #[test]
+    fn forwarded_commands_are_checked_again_and_internal_ones_refused() {
+        assert!(check_forwarded(&register("web", 10)).is_ok());
+        let e = check_forwarded(&register("EVIL SERVICE!", 10)).expect_err("bad name");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = check_forwarded(&register("web", 4_294_967)).expect_err("136-year TTL");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        for internal in [
+            Command::ExpireLeases {
+                leases: vec![(1, 1)],
+            },
+            Command::CheckpointLeases { leases: vec![] },
+            Command::InitCluster { id: "x".into() },
+            Command::Batch(vec![register("web", 10)]),
+        ] {
+            let e = check_forwarded(&internal).expect_err("leader-only");
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{internal:?}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::alias::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use super::log_store::META;
 use super::{decode, encode, CommandReply, TypeConfig};
-use crate::catalog::{ApplyError, Catalog, Command, PersistedCatalog, Reply};
+use crate::catalog::{ApplyError, Catalog, Command, PersistedCatalog, PersistedCatalogV0, Reply};
 use crate::shared::ApplyHandle;
 
 const SNAPSHOT: &str = "snapshot";
@@ -28,6 +28,24 @@ const SNAPSHOT: &str = "snapshot";
 struct SnapshotFile {
     meta: SnapshotMeta,
     catalog: PersistedCatalog,
+}
+
+/// A snapshot as written before the catalog carried a cluster id.
+#[derive(Deserialize)]
+struct SnapshotFileV0 {
+    meta: SnapshotMeta,
+    catalog: PersistedCatalogV0,
+}
+
+/// Reads a snapshot in the current form, or in the form before the cluster id.
+fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotFile, postcard::Error> {
+    decode::<SnapshotFile>(bytes).or_else(|e| match decode::<SnapshotFileV0>(bytes) {
+        Ok(old) => Ok(SnapshotFile {
+            meta: old.meta,
+            catalog: old.catalog.into(),
+        }),
+        Err(_) => Err(e),
+    })
 }
 
 /// Raft bookkeeping that changes together with the catalog (under its write lock).
@@ -64,7 +82,7 @@ impl StateMachine {
             got.map(|v| v.value().to_vec())
         };
         if let Some(bytes) = stored {
-            let file: SnapshotFile = decode(&bytes).map_err(snap_err)?;
+            let file = decode_snapshot(&bytes).map_err(snap_err)?;
             applied.last_applied = file.meta.last_log_id;
             applied.membership = file.meta.last_membership.clone();
             *target.catalog.write() = Catalog::from_persisted(target.limits, file.catalog);
@@ -196,7 +214,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let mut file: SnapshotFile = decode(&bytes).map_err(snap_err)?;
+        let mut file = decode_snapshot(&bytes).map_err(snap_err)?;
         file.meta = meta.clone();
         let stored = encode(&file).map_err(sm_err)?;
         self.store_snapshot(&stored)?;
@@ -215,7 +233,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(bytes) = stored else {
             return Ok(None);
         };
-        let file: SnapshotFile = decode(&bytes).map_err(snap_err)?;
+        let file = decode_snapshot(&bytes).map_err(snap_err)?;
         Ok(Some(Snapshot {
             meta: file.meta,
             snapshot: Box::new(Cursor::new(bytes)),
@@ -251,4 +269,45 @@ fn apply_one(
         target.hub.publish(change);
     }
     result.reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::testing::{run, script};
+    use crate::catalog::Limits;
+
+    /// A snapshot written before the cluster id existed still loads (with no id, which
+    /// the next leader then commits); a current one keeps its id.
+    #[test]
+    fn snapshots_from_before_the_cluster_id_still_decode() {
+        let mut catalog = run(&script()[..5]);
+        catalog.apply_next(100, &Command::InitCluster { id: "abc".into() });
+        let current = catalog.to_persisted();
+        let old = PersistedCatalogV0::from_current_for_test(&current);
+        #[derive(Serialize)]
+        struct OldFile<'a> {
+            meta: SnapshotMeta,
+            catalog: &'a PersistedCatalogV0,
+        }
+        let bytes = encode(&OldFile {
+            meta: SnapshotMeta::default(),
+            catalog: &old,
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("an old snapshot decodes");
+        let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
+        assert_eq!(rebuilt.instance_count(), catalog.instance_count());
+        assert_eq!(rebuilt.cluster_id(), "");
+        let bytes = encode(&SnapshotFile {
+            meta: SnapshotMeta::default(),
+            catalog: current,
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("decodes");
+        assert_eq!(
+            Catalog::from_persisted(Limits::default(), file.catalog).cluster_id(),
+            "abc"
+        );
+    }
 }

@@ -26,6 +26,9 @@ struct CacheFile<'a> {
     services: BTreeMap<String, BTreeMap<String, CachedInstance<'a>>>,
     #[serde(default)]
     policies: BTreeMap<String, Vec<u8>>,
+    /// The registry cluster the catalog came from (absent in files of 0.1.0).
+    #[serde(default, borrow)]
+    cluster_id: Cow<'a, str>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,12 +107,14 @@ fn to_file(catalog: &LocalCatalog) -> CacheFile<'_> {
             .iter()
             .map(|(svc, p)| (svc.clone(), policy_to_proto(p).encode_to_vec()))
             .collect(),
+        cluster_id: Cow::Borrowed(&catalog.cluster_id),
     }
 }
 
 fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> LocalCatalog {
     let mut catalog = LocalCatalog {
         revision: file.revision,
+        cluster_id: file.cluster_id.into_owned(),
         ..LocalCatalog::default()
     };
     for (service, instances) in file.services {
@@ -203,9 +208,12 @@ mod tests {
         assert_eq!(web["web-1"].labels["zone"], "eu");
         assert_eq!(web["web-2"].state, State::Draining);
         assert_eq!(web["web-2"].service, "web");
+        assert_eq!(catalog.cluster_id, "", "0.1.0 files have no cluster id");
+        let mut catalog = catalog;
+        catalog.cluster_id = "0123456789abcdef0123456789abcdef".into();
         store(&path, &catalog).expect("store");
         let again = load(&path, "default").expect("readable").expect("present");
-        assert_eq!(again, catalog);
+        assert_eq!(again, catalog, "the cluster id is kept with the catalog");
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub struct LocalCatalog {
     pub revision: u64,
     pub services: BTreeMap<String, BTreeMap<String, Arc<Instance>>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
+    /// The registry cluster this copy came from (`WatchEvent.cluster_id`): sent back on
+    /// resume, so a revision is never trusted by another or a wiped cluster.
+    pub cluster_id: String,
 }
 
 /// A wire instance as the catalog keeps it: validated by the same rules the registry
@@ -45,8 +48,21 @@ fn policy(service: &str, p: pb::Policy) -> Option<Arc<Policy>> {
 
 impl LocalCatalog {
     /// Applies one watch event; returns the services it touched (all, for a snapshot).
+    /// Whether an event may be applied to this copy: a snapshot always may (it replaces
+    /// everything); a delta only when it comes from the cluster this copy came from (or
+    /// either side does not know its cluster yet).
+    pub fn same_cluster(&self, event: &pb::WatchEvent) -> bool {
+        matches!(event.kind, Some(pb::watch_event::Kind::Snapshot(_)))
+            || event.cluster_id.is_empty()
+            || self.cluster_id.is_empty()
+            || event.cluster_id == self.cluster_id
+    }
+
     pub fn apply(&mut self, event: pb::WatchEvent) -> Touched {
         self.revision = event.revision;
+        if !event.cluster_id.is_empty() {
+            self.cluster_id = event.cluster_id;
+        }
         match event.kind {
             Some(pb::watch_event::Kind::Snapshot(s)) => {
                 self.services.clear();

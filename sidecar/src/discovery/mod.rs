@@ -140,6 +140,7 @@ async fn stream_from(
                 namespace: cfg.namespace.clone(),
                 services: Vec::new(),
                 since_revision: catalog.revision,
+                cluster_id: catalog.cluster_id.clone(),
             })
             .await
             .map(|r| r.into_inner())
@@ -168,6 +169,15 @@ async fn stream_from(
         tokio::select! {
             msg = stream.message() => match msg {
                 Ok(Some(event)) => {
+                    if !catalog.same_cluster(&event) {
+                        // The registry checks the id before it sends deltas; a delta
+                        // from another cluster is never applied. Start over with a
+                        // snapshot (the table keeps routing on what it has meanwhile).
+                        tracing::warn!(registry = url, ours = %catalog.cluster_id, theirs = %event.cluster_id, "the registry belongs to another cluster; asking for a snapshot");
+                        catalog.revision = 0;
+                        catalog.cluster_id.clear();
+                        return false;
+                    }
                     let touched = catalog.apply(event);
                     catalog.publish(&touched, table, Some(metrics));
                     *dirty = true;
