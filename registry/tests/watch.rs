@@ -310,7 +310,7 @@ async fn shutdown_ends_open_watch_streams() {
 async fn a_watcher_from_another_cluster_starts_over_with_a_snapshot() {
     let reg = TestRegistry::start().await;
     let mut registry = reg.registry().await;
-    let mut discovery = reg.discovery().await;
+    let discovery = reg.discovery().await;
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
     register(&mut registry, instance("web", "web-2", "1.0.0"), 30).await;
     let ours = eventually(WAIT, || {
