@@ -786,3 +786,29 @@ fn sidecar_config_files_with_unknown_or_bad_keys_exit_64() {
         assert!(err.contains(expected), "{toml}: {err}");
     }
 }
+
+/// A normal single-node restart must log nothing at ERROR: openraft's "Can not
+/// initialize" (the group already exists) is expected, so the node does not ask for it.
+#[test]
+fn a_normal_restart_logs_no_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().to_str().expect("utf-8 path");
+    let args = [
+        "registry",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+        "--dns",
+        "off",
+    ];
+    for round in 0..2 {
+        let (mut proc, _, before) = start_until(&args, "registry serving");
+        let errors: Vec<&String> = before.iter().filter(|l| l.contains("ERROR")).collect();
+        assert!(errors.is_empty(), "start {round} logged {errors:#?}");
+        proc.signal("-TERM");
+        assert!(proc.wait(Duration::from_secs(10)).success());
+    }
+}

@@ -178,9 +178,14 @@ pub async fn start(
             .collect()
     };
     let cluster_size = members.len();
-    // Pristine nodes start the group; on an initialized node this is refused, harmlessly.
-    // A joining node waits to be added instead (see `raft::membership`).
-    if config.join.is_none() {
+    // Pristine nodes start the group. A joining node waits to be added instead (see `raft::membership`).
+    // Asking an initialized group to initialize makes openraft log an ERROR on every
+    // normal restart; ask only a pristine node.
+    let pristine = !raft
+        .is_initialized()
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+    if config.join.is_none() && pristine {
         match raft.initialize(members).await {
             Ok(()) => tracing::info!(
                 node_id,
