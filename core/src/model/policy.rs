@@ -83,11 +83,10 @@ pub struct PolicyRecord {
     pub reason: String,
 }
 
+/// Subset names are DNS labels (`<subset>.<service>.service.<domain>` names them), so
+/// the same rule as service names: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
 fn subset_name_ok(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    super::validate::validate_name("", s).is_ok()
 }
 
 fn header_name_ok(s: &str) -> bool {
@@ -171,7 +170,7 @@ pub fn validate_policy(p: &Policy, versions: &BTreeSet<String>) -> Result<(), Va
             return Err(ValidationError::new(
                 format!("{f}.name"),
                 format!(
-                    "{:?} is not a subset name: 1-63 of A-Z a-z 0-9 - _ .",
+                    "{:?} is not a subset name: a DNS label, 1-63 of a-z 0-9 - (not at either end)",
                     s.name
                 ),
             ));
@@ -361,6 +360,12 @@ mod tests {
         let mut p = base();
         p.subsets[1].name = "stable".into();
         assert_eq!(field(&p), "policy.subsets[1].name");
+        // Subset names are DNS labels: DNS names them.
+        for bad in ["can.ary", "Canary", "canary_1", "-canary"] {
+            let mut p = base();
+            p.subsets[1].name = bad.into();
+            assert_eq!(field(&p), "policy.subsets[1].name", "{bad}");
+        }
         let mut p = base();
         p.routes[0].headers[0].name = "X-Canary".into();
         assert_eq!(field(&p), "policy.routes[0].headers[0].name");

@@ -98,7 +98,25 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), ValidationError> {
             format!("{} contains whitespace or control characters", shown(value)),
         ));
     }
+    if value.chars().any(is_invisible_format) {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{} contains bidirectional or invisible formatting characters (they reorder what logs and tables show)",
+                shown(value)
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Unicode format characters that change how text around them is displayed without
+/// showing themselves: bidirectional embeddings, overrides and isolates (the "Trojan
+/// Source" characters), marks, and zero-width characters.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// Version tags: `[A-Za-z0-9._+-]{1,64}`, e.g. `1.4.2` or `canary`.
@@ -135,7 +153,13 @@ pub fn validate_ttl(field: &str, ttl_seconds: u32) -> Result<u32, ValidationErro
 
 fn validate_address(field: &str, value: &str) -> Result<(), ValidationError> {
     if let Ok(ip) = value.parse::<IpAddr>() {
-        if ip.is_unspecified() || ip.is_multicast() {
+        // An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address it carries.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || broadcast {
             return Err(ValidationError::new(
                 field,
                 format!("{value} is not an address a client can connect to"),
@@ -151,6 +175,21 @@ fn validate_address(field: &str, value: &str) -> Result<(), ValidationError> {
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
+    // RFC 1123 §2.1: the top label is never all-numeric, or resolvers read the name as
+    // an address (`1234` is 0.0.4.210 to inet_aton, `0` is 0.0.0.0).
+    let numeric_top = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|top| !top.is_empty() && top.bytes().all(|b| b.is_ascii_digit()));
+    if numeric_top {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{} is not an IP address, and as a hostname its last label is all digits (RFC 1123), which resolvers read as an address",
+                shown(value)
+            ),
+        ));
+    }
     if !host.is_empty() && host.len() <= MAX_HOSTNAME_LEN && host.split('.').all(valid_label) {
         Ok(())
     } else {
@@ -276,6 +315,42 @@ mod tests {
 
     fn field_of(r: Result<Instance, ValidationError>) -> String {
         r.expect_err("should be refused").field
+    }
+
+    /// What the hostile probe registered: each is refused now, naming the field.
+    #[test]
+    fn addresses_and_ids_that_mislead_are_refused() {
+        for bad in [
+            "255.255.255.255",
+            "::ffff:0.0.0.0",
+            "::ffff:224.0.0.1",
+            "1234",
+            "0",
+            "10.0.0.999",
+            "host.123",
+        ] {
+            let mut i = good();
+            i.address = bad.into();
+            assert_eq!(
+                field_of(validate_instance(i, 80, 0)),
+                "instance.address",
+                "{bad}"
+            );
+        }
+        for ok in ["::ffff:10.0.0.1", "web-1.example", "a1", "3com.example"] {
+            let mut i = good();
+            i.address = ok.into();
+            assert!(validate_instance(i, 80, 0).is_ok(), "{ok}");
+        }
+        for bad in ["web\u{202E}1", "web\u{2066}x", "web\u{200B}", "\u{FEFF}web"] {
+            let mut i = good();
+            i.id = bad.into();
+            assert_eq!(
+                field_of(validate_instance(i, 80, 0)),
+                "instance.id",
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
