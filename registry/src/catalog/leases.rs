@@ -18,6 +18,11 @@ impl Catalog {
         self.leases.iter().map(|(id, l)| (*id, l.ttl_seconds))
     }
 
+    /// A lease's own TTL, as granted.
+    pub fn lease_ttl(&self, id: LeaseId) -> Option<u32> {
+        self.leases.get(&id).map(|l| l.ttl_seconds)
+    }
+
     pub fn has_lease(&self, id: LeaseId) -> bool {
         self.leases.contains_key(&id)
     }

@@ -8,9 +8,26 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::preservation::{Decision, Preservation};
-use crate::catalog::Command;
+use super::LeaseKeeper;
+use crate::catalog::{Catalog, Command};
+use crate::model::LeaseId;
 use crate::raft::propose::Proposer;
 use crate::shared::Shared;
+
+/// After an expiry that could not be committed (no quorum), the leases' clocks run again:
+/// each runs out a second after now, unless renewed before, and keeps its own TTL (a
+/// renewal meanwhile answers and extends by that TTL, not by the second). Leases a
+/// Register re-granted meanwhile, or the catalog no longer has, are left alone.
+fn put_back(leases: &LeaseKeeper, catalog: &Catalog, expired: &[LeaseId]) {
+    for &id in expired {
+        if leases.contains(id) {
+            continue;
+        }
+        if let Some(ttl) = catalog.lease_ttl(id) {
+            leases.retry(id, ttl, Duration::from_secs(1));
+        }
+    }
+}
 
 /// Proposes `ExpireLeases` for leases whose deadline passed, promptly after it passes.
 pub async fn expiry_loop(
@@ -86,11 +103,7 @@ pub async fn expiry_loop(
                 // re-granted a lease) and retry after a pause, still listening for
                 // shutdown.
                 tracing::warn!(error = %e, ?retry, "could not expire leases; will retry");
-                for id in expired {
-                    if !shared.leases.contains(id) && shared.catalog.read().has_lease(id) {
-                        shared.leases.grant(id, 1);
-                    }
-                }
+                put_back(&shared.leases, &shared.catalog.read(), &expired);
                 tokio::select! {
                     _ = tokio::time::sleep(retry) => {}
                     _ = shutdown.wait_for(|stop| *stop) => return,
@@ -111,5 +124,50 @@ pub async fn expiry_loop(
             _ = shared.leases.changed() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::testing::{inst, reg};
+
+    /// The hostile probe's finding: after a failed expiry proposal (leader without
+    /// quorum) renewals answered `ttl_seconds: 1`, and an instance renewing on schedule
+    /// was expired once quorum returned. The lease keeps its own TTL now.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_put_back_after_a_failed_expiry_keeps_its_ttl() {
+        let mut catalog = Catalog::default();
+        let Command::Register { instance, .. } = reg(inst("web", "web-1", "1.0.0")) else {
+            unreachable!("reg builds a Register");
+        };
+        catalog.apply_next(
+            1,
+            &Command::Register {
+                instance,
+                ttl_seconds: 30,
+                lease_id: None,
+            },
+        );
+        let (id, ttl) = catalog.leases().next().expect("a lease");
+        assert_eq!(ttl, 30);
+        let leases = LeaseKeeper::default();
+        leases.grant(id, ttl);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let expired = leases.take_expired(tokio::time::Instant::now());
+        assert_eq!(expired, vec![id]);
+        put_back(&leases, &catalog, &expired);
+        let mut out = Vec::new();
+        leases.renew(&[id], &mut out);
+        assert_eq!(
+            out,
+            vec![(id, Some(30))],
+            "renewals answer the lease's own TTL"
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(
+            leases.take_expired(tokio::time::Instant::now()).is_empty(),
+            "renewed for 30 s, not 1 s"
+        );
     }
 }

@@ -66,6 +66,15 @@ impl LeaseKeeper {
         self.changed.notify_one();
     }
 
+    /// Puts a lease's clock back to run out again after `after`, keeping its own TTL for
+    /// the renewals that come before (an expiry that could not be committed).
+    pub fn retry(&self, id: LeaseId, ttl_seconds: u32, after: Duration) {
+        let mut inner = self.inner.lock();
+        inner.set(id, Instant::now() + after, ttl_seconds);
+        drop(inner);
+        self.changed.notify_one();
+    }
+
     pub fn remove(&self, id: LeaseId) {
         let mut inner = self.inner.lock();
         if let Some((old, _)) = inner.leases.remove(&id) {
