@@ -29,6 +29,18 @@ fn put_back(leases: &LeaseKeeper, catalog: &Catalog, expired: &[LeaseId]) {
     }
 }
 
+/// A node that stops leading stops preserving: only the leader runs lease clocks, so
+/// its gauge must not keep saying 1 as a follower (a false alert after an election).
+/// Returns true when it was preserving.
+fn step_down(preserving: &mut bool, gauge: &prometheus_client::metrics::gauge::Gauge) -> bool {
+    if !*preserving {
+        return false;
+    }
+    gauge.set(0);
+    *preserving = false;
+    true
+}
+
 /// Proposes `ExpireLeases` for leases whose deadline passed, promptly after it passes.
 pub async fn expiry_loop(
     shared: Arc<Shared>,
@@ -79,6 +91,10 @@ pub async fn expiry_loop(
                 shared.metrics.self_preservation.set(0);
                 preserving = false;
             }
+        } else if step_down(&mut preserving, &shared.metrics.self_preservation) {
+            tracing::info!(
+                "self-preservation ends here: this node no longer leads (the leader decides now)"
+            );
         }
         // Only the leader runs lease clocks (the etcd model).
         let expired = if proposer.is_leader() {
@@ -130,6 +146,17 @@ pub async fn expiry_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_demoted_leader_stops_saying_it_preserves() {
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let mut preserving = true;
+        gauge.set(1);
+        assert!(step_down(&mut preserving, &gauge));
+        assert_eq!(gauge.get(), 0);
+        assert!(!preserving);
+        assert!(!step_down(&mut preserving, &gauge), "only once");
+    }
     use crate::catalog::testing::{inst, reg};
 
     /// The hostile probe's finding: after a failed expiry proposal (leader without
