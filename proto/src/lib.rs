@@ -3,6 +3,8 @@
 //! Only transport lives here. Each crate converts these types to its own domain types in
 //! one place, so the wire format can grow without touching business rules.
 
+pub mod codec;
+
 /// Messages and services of package `switchyard.v1`.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

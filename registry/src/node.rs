@@ -294,6 +294,49 @@ pub(crate) async fn wait_for(mut rx: watch::Receiver<bool>) {
 /// How long shutdown waits for open gRPC streams before closing them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// HTTP/2 streams one client connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
+
+/// tonic answers a message over the size limit with OUT_OF_RANGE; gRPC's convention (and
+/// what clients retry on differently) is RESOURCE_EXHAUSTED. Rewrites the status of such
+/// answers, in the headers (trailers-only responses) or the trailers, and says what the
+/// limit is.
+fn oversized_is_resource_exhausted(
+    resp: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt;
+    let mut resp = resp;
+    rewrite_oversized(resp.headers_mut());
+    resp.map(|body| {
+        tonic::body::Body::new(body.map_frame(|frame| match frame.into_trailers() {
+            Ok(mut trailers) => {
+                rewrite_oversized(&mut trailers);
+                http_body::Frame::trailers(trailers)
+            }
+            Err(frame) => frame,
+        }))
+    })
+}
+
+fn rewrite_oversized(headers: &mut http::HeaderMap) {
+    let oversized = headers
+        .get("grpc-status")
+        .is_some_and(|s| s.as_bytes() == b"11")
+        && headers
+            .get("grpc-message")
+            // Percent-encoded (tonic encodes spaces).
+            .is_some_and(|m| m.as_bytes().windows(11).any(|w| w == b"too%20large"));
+    if oversized {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "the request message is larger than 1 MiB, the registry's limit per message",
+            ),
+        );
+    }
+}
+
 async fn serve_grpc(
     shared: Arc<Shared>,
     proposer: Proposer,
@@ -317,6 +360,12 @@ async fn serve_grpc(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Streams per connection (KeepAlive and Watch streams a client never reads hold
+        // memory): a bound per connection, on top of max_watchers.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_is_resource_exhausted,
+        ))
         .add_service(health_service)
         .add_service(registry)
         .add_service(discovery)

@@ -159,8 +159,21 @@ impl Registry for RegistryApi {
                 };
                 let req = match msg {
                     Some(Some(Ok(req))) => req,
-                    // The client closed its side or the connection broke.
-                    Some(Some(Err(_)) | None) => return,
+                    // A message that does not decode or is over the limit: say so (the
+                    // stream used to end with OK and no answer).
+                    Some(Some(Err(status))) => {
+                        let status = match status.code() {
+                            Code::OutOfRange => Status::resource_exhausted(format!(
+                                "a KeepAlive message is larger than {} bytes; send at most {MAX_LEASES_PER_KEEPALIVE} lease ids per message",
+                                crate::config::MAX_REQUEST_BYTES
+                            )),
+                            _ => status,
+                        };
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    // The client closed its side.
+                    Some(None) => return,
                     None => {
                         let _ = tx
                             .send(Err(Status::unavailable(
