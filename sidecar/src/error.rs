@@ -24,6 +24,10 @@ pub enum ProxyError {
     MissingHost { suffix: String },
     #[error("Host {host:?} is not a service name: use SERVICE or SERVICE{suffix}")]
     BadHost { host: String, suffix: String },
+    /// The caller's request body broke while it was being sent upstream (a bad chunk
+    /// header, a short body, a reset): the caller's fault, not the endpoint's.
+    #[error("the request body for service {service:?} is malformed or was cut short: {cause}")]
+    BadRequestBody { service: String, cause: String },
     #[error("no such service {service:?} in the catalog (revision {revision})")]
     UnknownService { service: String, revision: u64 },
     /// The routing policy leaves nothing to send to (`reason` says why).
@@ -63,7 +67,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::MissingHost { .. } | ProxyError::BadHost { .. } => Side::Downstream,
+            ProxyError::MissingHost { .. }
+            | ProxyError::BadHost { .. }
+            | ProxyError::BadRequestBody { .. } => Side::Downstream,
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoint { .. }
@@ -90,7 +96,9 @@ impl ProxyError {
     /// The HTTP answer for this error; the one place errors become status codes.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost { .. } | ProxyError::BadHost { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::MissingHost { .. }
+            | ProxyError::BadHost { .. }
+            | ProxyError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -106,6 +114,7 @@ impl ProxyError {
         match self {
             ProxyError::MissingHost { .. } | ProxyError::BadHost { .. } => "",
             ProxyError::UnknownService { service, .. }
+            | ProxyError::BadRequestBody { service, .. }
             | ProxyError::NoRoute { service, .. }
             | ProxyError::BadAddress { service, .. }
             | ProxyError::NoEndpoint { service, .. }
@@ -159,6 +168,13 @@ mod tests {
             !timeout.retry_safe(),
             "a timed-out request may have reached the app"
         );
+        let bad_body = ProxyError::BadRequestBody {
+            service: "web".into(),
+            cause: "invalid chunk size line".into(),
+        };
+        assert_eq!(bad_body.side(), Side::Downstream);
+        assert_eq!(bad_body.status(), StatusCode::BAD_REQUEST);
+        assert!(!bad_body.counts_against_endpoint() && !bad_body.retry_safe());
         assert_eq!(
             connect().to_string(),
             "cannot connect to web-1 (127.0.0.1:1) of service \"web\": connection refused"

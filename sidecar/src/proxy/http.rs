@@ -4,9 +4,11 @@
 //! A request names its service by `Host`/`:authority` (`payments`,
 //! `payments.service.switchyard`, either with a port) on the shared `--http-proxy`
 //! listener, or implicitly on a per-upstream `--http-upstream` listener. Errors are
-//! answered here, with a body that says what went wrong: 400 for a Host that is no
-//! service name, 503 when the service is unknown or has no usable endpoint, 502 when the
-//! upstream fails, 504 when it is too slow.
+//! answered here, with a body that says what went wrong ([`ProxyError`] picks the
+//! status): 400 for a Host that is no service name or a request body that
+//! breaks on its way upstream (never counted against the endpoint), 503 when the
+//! service is unknown or has no usable endpoint, 502 when the upstream fails, 504 when
+//! it is too slow.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -26,7 +28,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use super::body::ProxyBody;
+use super::body::{DownstreamBody, ProxyBody};
 use super::ProxyCtx;
 use crate::balance::pick_from;
 use crate::endpoint::ActiveGuard;
@@ -42,8 +44,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Pooled upstream clients: one speaking HTTP/1.1, one HTTP/2 (prior knowledge). A
 /// request goes upstream in the protocol it arrived in, so gRPC stays HTTP/2.
 pub(crate) struct Clients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, DownstreamBody>,
+    h2: Client<HttpConnector, DownstreamBody>,
 }
 
 impl Clients {
@@ -360,6 +362,9 @@ async fn forward(
     };
     strip_hop_by_hop(req.headers_mut(), h2);
     add_forwarded_for(req.headers_mut(), client_ip);
+    let (head, body) = req.into_parts();
+    let (body, body_failure) = DownstreamBody::new(body);
+    let req = Request::from_parts(head, body);
 
     let started = Instant::now();
     let sent = if h2 {
@@ -370,9 +375,10 @@ async fn forward(
     let result = tokio::time::timeout(ctx.request_timeout, sent).await;
     match result {
         Ok(Ok(mut resp)) => {
-            // A 5xx is passed to the client as it is, and counts towards ejection.
+            // A 5xx is passed to the client as it is, and counts towards ejection
+            // unless the caller's body broke (the app may have answered that).
             if resp.status().is_server_error() {
-                if guard.failed() {
+                if body_failure.get().is_none() && guard.failed() {
                     ctx.metrics.ejection(service, &endpoint.id);
                 }
             } else {
@@ -398,6 +404,16 @@ async fn forward(
             }))
         }
         Ok(Err(e)) => {
+            // hyper reports a broken request body as a failed request: if it was the
+            // caller's body, the endpoint did nothing wrong.
+            if let Some(cause) = body_failure.get() {
+                let err = ProxyError::BadRequestBody {
+                    service: service.to_string(),
+                    cause: cause.to_string(),
+                };
+                tracing::debug!(error = ?e, "{err}");
+                return Err(err);
+            }
             let (endpoint_id, authority) = (endpoint.id.clone(), endpoint.authority().into_owned());
             let err = if e.is_connect() {
                 ProxyError::Connect {
