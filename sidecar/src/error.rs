@@ -24,6 +24,9 @@ pub enum ProxyError {
     MissingHost { suffix: String },
     #[error("Host {host:?} is not a service name: use SERVICE or SERVICE{suffix}")]
     BadHost { host: String, suffix: String },
+    /// More than one `Host` field (RFC 9112 §3.2: answer 400).
+    #[error("{count} Host headers: a request carries exactly one")]
+    DuplicateHost { count: usize },
     /// The caller's request body broke while it was being sent upstream (a bad chunk
     /// header, a short body, a reset): the caller's fault, not the endpoint's.
     #[error("the request body for service {service:?} is malformed or was cut short: {cause}")]
@@ -69,6 +72,7 @@ impl ProxyError {
         match self {
             ProxyError::MissingHost { .. }
             | ProxyError::BadHost { .. }
+            | ProxyError::DuplicateHost { .. }
             | ProxyError::BadRequestBody { .. } => Side::Downstream,
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
@@ -98,6 +102,7 @@ impl ProxyError {
         match self {
             ProxyError::MissingHost { .. }
             | ProxyError::BadHost { .. }
+            | ProxyError::DuplicateHost { .. }
             | ProxyError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
@@ -112,7 +117,9 @@ impl ProxyError {
     /// The service the error is about, for metric labels ("" when none is known).
     pub fn service(&self) -> &str {
         match self {
-            ProxyError::MissingHost { .. } | ProxyError::BadHost { .. } => "",
+            ProxyError::MissingHost { .. }
+            | ProxyError::BadHost { .. }
+            | ProxyError::DuplicateHost { .. } => "",
             ProxyError::UnknownService { service, .. }
             | ProxyError::BadRequestBody { service, .. }
             | ProxyError::NoRoute { service, .. }
@@ -168,13 +175,18 @@ mod tests {
             !timeout.retry_safe(),
             "a timed-out request may have reached the app"
         );
-        let bad_body = ProxyError::BadRequestBody {
-            service: "web".into(),
-            cause: "invalid chunk size line".into(),
-        };
-        assert_eq!(bad_body.side(), Side::Downstream);
-        assert_eq!(bad_body.status(), StatusCode::BAD_REQUEST);
-        assert!(!bad_body.counts_against_endpoint() && !bad_body.retry_safe());
+        for downstream in [
+            ProxyError::DuplicateHost { count: 2 },
+            ProxyError::BadRequestBody {
+                service: "web".into(),
+                cause: "invalid chunk size line".into(),
+            },
+        ] {
+            assert_eq!(downstream.side(), Side::Downstream, "{downstream}");
+            assert_eq!(downstream.status(), StatusCode::BAD_REQUEST, "{downstream}");
+            assert!(!downstream.counts_against_endpoint(), "{downstream}");
+            assert!(!downstream.retry_safe(), "{downstream}");
+        }
         assert_eq!(
             connect().to_string(),
             "cannot connect to web-1 (127.0.0.1:1) of service \"web\": connection refused"

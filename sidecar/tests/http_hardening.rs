@@ -227,3 +227,41 @@ async fn a_malformed_request_body_is_a_400_and_does_not_eject_the_endpoint() {
     );
     setup.stop().await;
 }
+
+// Point 11: two Host headers are a 400 (RFC 9112 §3.2), whichever names a service.
+#[tokio::test]
+async fn two_host_headers_are_a_400() {
+    let setup = Setup::new(|_| {}).await;
+    for hosts in ["Host: web\r\nHost: other\r\n", "Host: web\r\nHost: web\r\n"] {
+        let (code, body) = raw(setup.proxy, &get(hosts)).await;
+        assert_eq!(code, 400, "{hosts:?}: {body}");
+        assert!(body.contains("2 Host headers"), "{body}");
+    }
+    assert_eq!(setup.backend.hits(), 0, "nothing reached the app");
+    let (code, body) = raw(setup.proxy, &get("Host: web\r\n")).await;
+    assert_eq!((code, body.as_str()), (200, "host=web;xff=127.0.0.1"));
+    setup.stop().await;
+}
+
+// Point 11: `Connection` may name hop-by-hop headers, but not Host or X-Forwarded-For.
+#[tokio::test]
+async fn connection_cannot_remove_host_or_the_forwarded_for_chain() {
+    let setup = Setup::new(|_| {}).await;
+    let (code, body) = raw(
+        setup.proxy,
+        "GET /hello HTTP/1.1\r\nHost: web\r\nConnection: close, host\r\n\r\n",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "host=web;xff=127.0.0.1"));
+    let (code, body) = raw(
+        setup.proxy,
+        "GET /hello HTTP/1.1\r\nHost: web\r\nX-Forwarded-For: 10.0.0.1\r\n\
+         Connection: close, X-Forwarded-For\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "host=web;xff=10.0.0.1, 127.0.0.1")
+    );
+    setup.stop().await;
+}

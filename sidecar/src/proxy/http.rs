@@ -5,7 +5,7 @@
 //! `payments.service.switchyard`, either with a port) on the shared `--http-proxy`
 //! listener, or implicitly on a per-upstream `--http-upstream` listener. Errors are
 //! answered here, with a body that says what went wrong ([`ProxyError`] picks the
-//! status): 400 for a Host that is no service name or a request body that
+//! status): 400 for a Host that is no service name, two Hosts, or a request body that
 //! breaks on its way upstream (never counted against the endpoint), 503 when the
 //! service is unknown or has no usable endpoint, 502 when the upstream fails, 504 when
 //! it is too slow.
@@ -190,8 +190,22 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
 ];
 
+/// True for a header that a `Connection` token may not remove: those the proxy itself
+/// relies on or sets. `Host` (what the app routes on), `X-Forwarded-For` (the chain of
+/// callers: `Connection: x-forwarded-for` would erase it), the sidecar's subset header,
+/// and the framing headers hyper handles (`Content-Length`; `Transfer-Encoding` is
+/// removed anyway and re-framed by hyper).
+fn protected(name: &HeaderName) -> bool {
+    name == header::HOST
+        || name == header::CONTENT_LENGTH
+        || name == header::TRANSFER_ENCODING
+        || name.as_str() == "x-forwarded-for"
+        || name.as_str() == SUBSET_HEADER
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set and any named in
-/// `Connection`. `TE: trailers` survives on HTTP/2, where gRPC requires it.
+/// `Connection`, except [`protected`] ones (such tokens are ignored). `TE: trailers`
+/// survives on HTTP/2, where gRPC requires it.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -199,6 +213,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !protected(n))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -260,6 +275,12 @@ async fn forward(
     client_ip: Option<HeaderValue>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // RFC 9112 §3.2: a request with more than one Host is answered 400 (the proxy would
+    // route on one while the app might read the other).
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(ProxyError::DuplicateHost { count: hosts });
+    }
     // Looked up while the Host is borrowed from the request: no copy of it per request.
     let view = match target {
         ServiceBy::Fixed(s) => ctx.table.get(s).ok_or_else(|| s.to_string()),
@@ -537,6 +558,28 @@ mod tests {
         assert!(h1.contains_key("x-kept"));
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key(header::TE), "gRPC keeps TE: trailers");
+    }
+
+    #[test]
+    fn connection_cannot_name_the_headers_the_proxy_relies_on() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static(
+                "Host, X-Forwarded-For, content-length, x-switchyard-subset, x-private",
+            ),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("web"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(SUBSET_HEADER, HeaderValue::from_static("v2"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 4, "{h:?}");
+        assert!(!h.contains_key("x-private"));
+        for kept in ["host", "x-forwarded-for", "content-length", SUBSET_HEADER] {
+            assert!(h.contains_key(kept), "{kept}: {h:?}");
+        }
     }
 
     #[test]
