@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -195,6 +195,166 @@ async fn raw(proxy: SocketAddr, request: &str) -> (u16, String) {
 
 fn get(extra_headers: &str) -> String {
     format!("GET /hello HTTP/1.1\r\n{extra_headers}Connection: close\r\n\r\n")
+}
+
+/// How long until the peer closes `s` (reads return 0 or fail), at most `limit`.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(started + limit),
+            s.read(&mut buf),
+        )
+        .await
+        {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+// Point 7: the limit is lowered to 50 and 300 sockets that never send a byte are
+// opened; a real client still gets through (the oldest idle sockets make room), and
+// most of the idle ones are closed.
+#[tokio::test]
+async fn a_flood_of_idle_sockets_does_not_lock_new_clients_out() {
+    let setup = Setup::new(|c| {
+        c.max_connections = 50;
+        // Long timeouts: only eviction can make room here.
+        c.idle_timeout = Duration::from_secs(60);
+        c.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(setup.proxy).await.expect("connect"));
+    }
+    // Until the proxy has accepted them all (the last ones evict earlier ones).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, body) = raw(setup.proxy, &get("Host: web\r\n")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(setup.backend.hits(), 1);
+    let mut closed = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(50)).await.is_some() {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 240,
+        "only {closed} of 300 idle sockets were closed at a limit of 50"
+    );
+    // A connection with a request in flight is never the one evicted.
+    let slow = tokio::spawn(raw(
+        setup.proxy,
+        "GET /slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(setup.proxy).await.expect("connect"));
+    }
+    let (code, body) = slow.await.expect("slow request");
+    assert_eq!(code, 200, "{body}");
+    drop(idle);
+    setup.stop().await;
+}
+
+// Point 7: hyper's HTTP/1 header-read timeout closes a connection that sends half a
+// request head (the idle timeout is long, so it is not what closes it).
+#[tokio::test]
+async fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
+    let setup = Setup::new(|c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut s = TcpStream::connect(setup.proxy).await.expect("connect");
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: web\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let after = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("closed within 5 s");
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed after {after:?}"
+    );
+    assert_eq!(setup.backend.hits(), 0);
+    setup.stop().await;
+}
+
+// Point 7: with no request in flight for the idle timeout, a connection is closed:
+// a socket that never sends a byte, a kept-alive HTTP/1.1 connection and an h2c
+// connection; a request in flight longer than the idle timeout is not cut.
+#[tokio::test]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let setup = Setup::new(|c| {
+        c.idle_timeout = Duration::from_millis(300);
+        // Long, so the HTTP/1 closes below are the idle timeout's.
+        c.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let limit = Duration::from_secs(5);
+
+    let mut silent = TcpStream::connect(setup.proxy).await.expect("connect");
+    let after = closed_within(&mut silent, limit)
+        .await
+        .expect("a silent socket is closed");
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed after {after:?}"
+    );
+
+    // HTTP/1.1 keep-alive: one request, then nothing.
+    let mut h1 = TcpStream::connect(setup.proxy).await.expect("connect");
+    h1.write_all(b"GET /hello HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(limit, h1.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(
+        closed_within(&mut h1, limit).await.is_some(),
+        "an idle HTTP/1.1 connection is closed"
+    );
+
+    // h2c: one request, then nothing; the connection ends (GOAWAY, then close).
+    let stream = TcpStream::connect(setup.proxy).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("http://web/hello")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.expect("body");
+    tokio::time::timeout(limit, conn)
+        .await
+        .expect("an idle h2c connection is closed")
+        .expect("join")
+        .ok();
+
+    // A request slower than the idle timeout is not an idle connection.
+    let (code, body) = raw(
+        setup.proxy,
+        "GET /slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    setup.stop().await;
 }
 
 // Point 8: a request body with a bad chunk header is the caller's error: 400, never

@@ -1,7 +1,7 @@
 //! The bodies the proxy handles: the response it returns (the upstream's body, holding
 //! the endpoint's active-request guard until the last byte is sent, or a short local
-//! answer), and the caller's request body on its way upstream ([`DownstreamBody`],
-//! which remembers whether it broke).
+//! answer), the caller's request body on its way upstream ([`DownstreamBody`], which
+//! remembers whether it broke) and [`Guarded`], a body that holds a value until it ends.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -104,6 +104,32 @@ impl Body for DownstreamBody {
             let _ = this.failed.set(e.to_string());
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `body`, holding `guard` until the body is dropped (sent or abandoned).
+pub struct Guarded<B, G> {
+    pub body: B,
+    pub guard: G,
+}
+
+impl<B: Body + Unpin, G: Unpin> Body for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
