@@ -24,6 +24,13 @@ pub enum ProxyError {
     MissingHost { suffix: String },
     #[error("Host {host:?} is not a service name: use SERVICE or SERVICE{suffix}")]
     BadHost { host: String, suffix: String },
+    /// More than one `Host` field (RFC 9112 §3.2: answer 400).
+    #[error("{count} Host headers: a request carries exactly one")]
+    DuplicateHost { count: usize },
+    /// The caller's request body broke while it was being sent upstream (a bad chunk
+    /// header, a short body, a reset): the caller's fault, not the endpoint's.
+    #[error("the request body for service {service:?} is malformed or was cut short: {cause}")]
+    BadRequestBody { service: String, cause: String },
     #[error("no such service {service:?} in the catalog (revision {revision})")]
     UnknownService { service: String, revision: u64 },
     /// The routing policy leaves nothing to send to (`reason` says why).
@@ -63,7 +70,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::MissingHost { .. } | ProxyError::BadHost { .. } => Side::Downstream,
+            ProxyError::MissingHost { .. }
+            | ProxyError::BadHost { .. }
+            | ProxyError::DuplicateHost { .. }
+            | ProxyError::BadRequestBody { .. } => Side::Downstream,
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoint { .. }
@@ -90,7 +100,10 @@ impl ProxyError {
     /// The HTTP answer for this error; the one place errors become status codes.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost { .. } | ProxyError::BadHost { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::MissingHost { .. }
+            | ProxyError::BadHost { .. }
+            | ProxyError::DuplicateHost { .. }
+            | ProxyError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -104,8 +117,11 @@ impl ProxyError {
     /// The service the error is about, for metric labels ("" when none is known).
     pub fn service(&self) -> &str {
         match self {
-            ProxyError::MissingHost { .. } | ProxyError::BadHost { .. } => "",
+            ProxyError::MissingHost { .. }
+            | ProxyError::BadHost { .. }
+            | ProxyError::DuplicateHost { .. } => "",
             ProxyError::UnknownService { service, .. }
+            | ProxyError::BadRequestBody { service, .. }
             | ProxyError::NoRoute { service, .. }
             | ProxyError::BadAddress { service, .. }
             | ProxyError::NoEndpoint { service, .. }
@@ -159,6 +175,18 @@ mod tests {
             !timeout.retry_safe(),
             "a timed-out request may have reached the app"
         );
+        for downstream in [
+            ProxyError::DuplicateHost { count: 2 },
+            ProxyError::BadRequestBody {
+                service: "web".into(),
+                cause: "invalid chunk size line".into(),
+            },
+        ] {
+            assert_eq!(downstream.side(), Side::Downstream, "{downstream}");
+            assert_eq!(downstream.status(), StatusCode::BAD_REQUEST, "{downstream}");
+            assert!(!downstream.counts_against_endpoint(), "{downstream}");
+            assert!(!downstream.retry_safe(), "{downstream}");
+        }
         assert_eq!(
             connect().to_string(),
             "cannot connect to web-1 (127.0.0.1:1) of service \"web\": connection refused"

@@ -59,6 +59,15 @@ pub struct SidecarConfig {
     pub domain: String,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// HTTP proxy: time a caller has to send a request head (HTTP/1; hyper's
+    /// header-read timeout, also between kept-alive requests).
+    pub header_read_timeout: Duration,
+    /// HTTP proxy: a downstream connection with no request in flight this long is
+    /// closed (HTTP/1 and HTTP/2).
+    pub idle_timeout: Duration,
+    /// HTTP proxy: most downstream connections per listener; at the limit the oldest
+    /// idle one is closed to admit a new one.
+    pub max_connections: usize,
     /// The local service to register, if any.
     pub registrar: Option<RegistrarConfig>,
     /// DNS zone and TTL (served when `SidecarListeners::dns` is given).
@@ -79,6 +88,9 @@ impl SidecarConfig {
             domain: "switchyard".into(),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(15),
+            header_read_timeout: proxy::http::HEADER_READ_TIMEOUT,
+            idle_timeout: proxy::http::IDLE_TIMEOUT,
+            max_connections: proxy::http::MAX_CONNECTIONS,
             registrar: None,
             dns: switchyard_core::dns::DnsConfig::default(),
         }
@@ -97,8 +109,15 @@ impl SidecarConfig {
         }
         self.lb.validate()?;
         self.dns.validate()?;
-        if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
+        if self.connect_timeout.is_zero()
+            || self.request_timeout.is_zero()
+            || self.header_read_timeout.is_zero()
+            || self.idle_timeout.is_zero()
+        {
             return Err("timeouts must be above zero".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
         }
         if let Some(r) = &self.registrar {
             if r.service.port == 0 {
@@ -184,6 +203,11 @@ pub async fn start(
         &config.domain,
         config.connect_timeout,
         config.request_timeout,
+        proxy::http::ConnLimits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
+        },
     ));
     let admin_addr = addr(&listeners.admin).map_err(|e| e.to_string())?;
     let http_proxy_addr = match &listeners.http_proxy {

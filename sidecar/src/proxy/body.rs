@@ -1,7 +1,10 @@
-//! The response body the proxy returns: the upstream's body (holding the endpoint's
-//! active-request guard until the last byte is sent) or a short local answer.
+//! The bodies the proxy handles: the response it returns (the upstream's body, holding
+//! the endpoint's active-request guard until the last byte is sent, or a short local
+//! answer), the caller's request body on its way upstream ([`DownstreamBody`], which
+//! remembers whether it broke) and [`Guarded`], a body that holds a value until it ends.
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -51,5 +54,89 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
             ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
+    }
+}
+
+/// The caller's request body as sent upstream. When it fails (a bad chunk header, a
+/// body shorter than its Content-Length, a reset), hyper's client reports only that the
+/// request failed; [`DownstreamBody::failure`] tells the proxy the fault was the
+/// caller's, so it answers 400 and does not count it against the endpoint.
+pub struct DownstreamBody {
+    body: Incoming,
+    failed: Arc<OnceLock<String>>,
+}
+
+/// Set once the downstream body has failed, with what hyper said.
+#[derive(Clone, Default)]
+pub struct BodyFailure(Arc<OnceLock<String>>);
+
+impl BodyFailure {
+    /// Why the downstream body failed, if it did.
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
+impl DownstreamBody {
+    pub fn new(body: Incoming) -> (Self, BodyFailure) {
+        let failure = BodyFailure::default();
+        (
+            Self {
+                body,
+                failed: failure.0.clone(),
+            },
+            failure,
+        )
+    }
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            let _ = this.failed.set(e.to_string());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `body`, holding `guard` until the body is dropped (sent or abandoned).
+pub struct Guarded<B, G> {
+    pub body: B,
+    pub guard: G,
+}
+
+impl<B: Body + Unpin, G: Unpin> Body for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

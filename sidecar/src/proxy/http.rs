@@ -4,13 +4,20 @@
 //! A request names its service by `Host`/`:authority` (`payments`,
 //! `payments.service.switchyard`, either with a port) on the shared `--http-proxy`
 //! listener, or implicitly on a per-upstream `--http-upstream` listener. Errors are
-//! answered here, with a body that says what went wrong: 400 for a Host that is no
-//! service name, 503 when the service is unknown or has no usable endpoint, 502 when the
-//! upstream fails, 504 when it is too slow.
+//! answered here, with a body that says what went wrong ([`ProxyError`] picks the
+//! status): 400 for a Host that is no service name, two Hosts, or a request body that
+//! breaks on its way upstream (never counted against the endpoint), 503 when the
+//! service is unknown or has no usable endpoint, 502 when the upstream fails, 504 when
+//! it is too slow.
+//!
+//! Each connection has a header-read timeout (HTTP/1), an idle timeout (no request in
+//! flight, HTTP/1 and HTTP/2) and a place under a per-listener limit that a flood of
+//! idle sockets cannot take from new clients ([`ConnLimits`]).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,13 +27,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
 
-use super::body::ProxyBody;
+use super::body::{DownstreamBody, Guarded, ProxyBody};
 use super::ProxyCtx;
 use crate::balance::pick_from;
 use crate::endpoint::ActiveGuard;
@@ -34,16 +42,140 @@ use crate::error::ProxyError;
 use crate::metrics::{EndpointMetrics, SubsetMetrics};
 use crate::route::{decide, explain, NoRoute, Why, EXPLAIN_HEADER, SUBSET_HEADER};
 
-/// Most downstream connections one listener serves at once.
+/// Default for the most downstream connections one listener keeps open at once
+/// ([`ConnLimits::max_connections`]).
 pub const MAX_CONNECTIONS: usize = 10_000;
+/// Default time a caller has to send a request's head ([`ConnLimits::header_read_timeout`]).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a connection may sit with no request in flight
+/// ([`ConnLimits::idle_timeout`]).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long shutdown waits for in-flight requests before closing connections.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long an idle connection told to close (timed out or evicted) may take to say
+/// goodbye (HTTP/2 GOAWAY) before its socket is dropped, once nothing is in flight.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What one downstream connection may hold, per HTTP listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// HTTP/1: the time from starting to wait for a request head to having all of it
+    /// (hyper's `header_read_timeout`; slowloris). hyper starts this clock whenever it
+    /// waits for a head, also between requests on a kept-alive connection, so an idle
+    /// HTTP/1 connection closes after the smaller of this and `idle_timeout` (as
+    /// HAProxy's `timeout http-keep-alive` falls back to `timeout http-request`).
+    pub header_read_timeout: Duration,
+    /// HTTP/1 and HTTP/2: a connection with no request in flight for this long is
+    /// closed (HTTP/2 with GOAWAY). Counts from accept, so a socket that never sends
+    /// a byte (which hyper's HTTP/1 timer does not see: the protocol is not yet known)
+    /// is closed too.
+    pub idle_timeout: Duration,
+    /// Most connections kept open at once; at the limit the oldest idle one is closed
+    /// to make room (see [`Conns::admit`]).
+    pub max_connections: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// One open downstream connection, as the listener's bookkeeping sees it.
+struct Conn {
+    accepted: Instant,
+    /// Requests whose response has not been fully sent yet.
+    in_flight: AtomicUsize,
+    /// When the last request finished, in ms since `accepted`.
+    idle_since_ms: AtomicU64,
+    /// Told once: close when idle (evicted to make room for a new connection).
+    evict: Notify,
+}
+
+impl Conn {
+    /// How long it has had no request in flight (`None` while one is).
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        Some(self.accepted.elapsed().saturating_sub(since))
+    }
+}
+
+/// Marks a request in flight on its connection until dropped with the response body.
+struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    fn begin(conn: &Arc<Conn>) -> Self {
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(conn.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = u64::try_from(self.0.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.idle_since_ms.store(now, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A listener's open connections, in accept order.
+struct Conns {
+    open: Mutex<BTreeMap<u64, Arc<Conn>>>,
+    max: usize,
+}
+
+impl Conns {
+    /// Makes room for connection `id`, or says there is none.
+    ///
+    /// At the limit the oldest connection with no request in flight is told to close
+    /// and stops counting at once, rather than the new one being refused: otherwise a
+    /// flood of sockets that never send a request would lock every real client out
+    /// until the idle timeout (which the flood can renew forever). Real clients keep
+    /// being served as long as they send a request before `max` newer connections
+    /// arrive, and a connection with a request in flight is never evicted. Only when
+    /// every open connection is busy is the new one refused. (The other choice,
+    /// headroom reserved for "good" clients, needs a way to tell them apart that an
+    /// attacker cannot imitate; the oldest-idle rule needs none.) An evicted socket
+    /// lingers at most [`CLOSE_GRACE`] once idle, so the file descriptors in use stay
+    /// near `max`.
+    fn admit(&self, id: u64) -> Option<Arc<Conn>> {
+        let mut open = self.open.lock();
+        if open.len() >= self.max {
+            let victim = open
+                .iter()
+                .find(|(_, c)| c.in_flight.load(Ordering::Acquire) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some(c) = open.remove(&victim) {
+                c.evict.notify_one();
+            }
+        }
+        let conn = Arc::new(Conn {
+            accepted: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            evict: Notify::new(),
+        });
+        open.insert(id, conn.clone());
+        Some(conn)
+    }
+
+    fn remove(&self, id: u64) {
+        self.open.lock().remove(&id);
+    }
+}
 
 /// Pooled upstream clients: one speaking HTTP/1.1, one HTTP/2 (prior knowledge). A
 /// request goes upstream in the protocol it arrived in, so gRPC stays HTTP/2.
 pub(crate) struct Clients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, DownstreamBody>,
+    h2: Client<HttpConnector, DownstreamBody>,
 }
 
 impl Clients {
@@ -80,9 +212,20 @@ pub async fn serve(
     target: ServiceBy,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limits = ctx.conn_limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let conns = Arc::new(Conns {
+        open: Mutex::new(BTreeMap::new()),
+        max: limits.max_connections.max(1),
+    });
+    // Every connection task holds a sender; `recv` returns `None` once all are gone.
+    let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
+    let mut next_id = 0u64;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -96,8 +239,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "connection limit reached; closing the new connection");
+        next_id += 1;
+        let id = next_id;
+        let Some(conn_state) = conns.admit(id) else {
+            tracing::warn!(%remote, "connection limit reached, every connection busy; closing the new one");
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -105,27 +250,94 @@ pub async fn serve(
         let target = target.clone();
         // Formatted once per connection, not per request.
         let client_ip = HeaderValue::from_str(&remote.ip().to_string()).ok();
+        let tracked = conn_state.clone();
         let service = service_fn(move |req| {
+            let in_flight = InFlight::begin(&tracked);
             let ctx = ctx.clone();
             let target = target.clone();
             let client_ip = client_ip.clone();
-            async move { Ok::<_, Infallible>(proxy(&ctx, &target, client_ip, req).await) }
+            async move {
+                let resp = proxy(&ctx, &target, client_ip, req).await;
+                Ok::<_, Infallible>(resp.map(|body| Guarded {
+                    body,
+                    guard: in_flight,
+                }))
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let conn = graceful.watch(conn);
+        let conns = conns.clone();
+        let shutdown = shutdown.clone();
+        let open = open_tx.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
+            run_connection(conn, &conn_state, limits.idle_timeout, shutdown).await;
+            conns.remove(id);
+            drop(open);
         });
     }
     drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    drop(open_tx);
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_closed.recv())
         .await
         .is_err()
     {
         tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing");
+    }
+}
+
+/// Drives one connection to its end: closes it gracefully (HTTP/1: after the request
+/// in flight; HTTP/2: GOAWAY) at shutdown, after `idle` with no request in flight, or
+/// when evicted; an idle connection that has not gone [`CLOSE_GRACE`] after being told
+/// is dropped. At shutdown, [`serve`] bounds the wait instead.
+async fn run_connection<F>(
+    conn: F,
+    state: &Conn,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    F: GracefulConnection,
+    F::Error: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let check = tokio::time::sleep(idle);
+    tokio::pin!(check);
+    // Some(forced) once told to close; forced: drop it after CLOSE_GRACE if idle.
+    let mut closing: Option<bool> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "downstream connection ended");
+                }
+                return;
+            }
+            _ = crate::stopped(&mut shutdown), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(false);
+            }
+            _ = state.evict.notified(), if closing.is_none() => {
+                tracing::debug!("connection limit reached: closing the oldest idle connection");
+                conn.as_mut().graceful_shutdown();
+                closing = Some(true);
+                check.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
+            _ = check.as_mut() => {
+                let now = tokio::time::Instant::now();
+                match (closing, state.idle_for()) {
+                    (Some(true), Some(_)) => return,
+                    (Some(_), _) => check.as_mut().reset(now + CLOSE_GRACE),
+                    (None, Some(d)) if d >= idle => {
+                        tracing::debug!(?idle, "closing an idle connection");
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(true);
+                        check.as_mut().reset(now + CLOSE_GRACE);
+                    }
+                    (None, Some(d)) => check.as_mut().reset(now + (idle - d)),
+                    (None, None) => check.as_mut().reset(now + idle),
+                }
+            }
+        }
     }
 }
 
@@ -188,8 +400,22 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
 ];
 
+/// True for a header that a `Connection` token may not remove: those the proxy itself
+/// relies on or sets. `Host` (what the app routes on), `X-Forwarded-For` (the chain of
+/// callers: `Connection: x-forwarded-for` would erase it), the sidecar's subset header,
+/// and the framing headers hyper handles (`Content-Length`; `Transfer-Encoding` is
+/// removed anyway and re-framed by hyper).
+fn protected(name: &HeaderName) -> bool {
+    name == header::HOST
+        || name == header::CONTENT_LENGTH
+        || name == header::TRANSFER_ENCODING
+        || name.as_str() == "x-forwarded-for"
+        || name.as_str() == SUBSET_HEADER
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set and any named in
-/// `Connection`. `TE: trailers` survives on HTTP/2, where gRPC requires it.
+/// `Connection`, except [`protected`] ones (such tokens are ignored). `TE: trailers`
+/// survives on HTTP/2, where gRPC requires it.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -197,6 +423,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !protected(n))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -258,6 +485,12 @@ async fn forward(
     client_ip: Option<HeaderValue>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // RFC 9112 §3.2: a request with more than one Host is answered 400 (the proxy would
+    // route on one while the app might read the other).
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(ProxyError::DuplicateHost { count: hosts });
+    }
     // Looked up while the Host is borrowed from the request: no copy of it per request.
     let view = match target {
         ServiceBy::Fixed(s) => ctx.table.get(s).ok_or_else(|| s.to_string()),
@@ -360,6 +593,9 @@ async fn forward(
     };
     strip_hop_by_hop(req.headers_mut(), h2);
     add_forwarded_for(req.headers_mut(), client_ip);
+    let (head, body) = req.into_parts();
+    let (body, body_failure) = DownstreamBody::new(body);
+    let req = Request::from_parts(head, body);
 
     let started = Instant::now();
     let sent = if h2 {
@@ -370,9 +606,10 @@ async fn forward(
     let result = tokio::time::timeout(ctx.request_timeout, sent).await;
     match result {
         Ok(Ok(mut resp)) => {
-            // A 5xx is passed to the client as it is, and counts towards ejection.
+            // A 5xx is passed to the client as it is, and counts towards ejection
+            // unless the caller's body broke (the app may have answered that).
             if resp.status().is_server_error() {
-                if guard.failed() {
+                if body_failure.get().is_none() && guard.failed() {
                     ctx.metrics.ejection(service, &endpoint.id);
                 }
             } else {
@@ -398,6 +635,16 @@ async fn forward(
             }))
         }
         Ok(Err(e)) => {
+            // hyper reports a broken request body as a failed request: if it was the
+            // caller's body, the endpoint did nothing wrong.
+            if let Some(cause) = body_failure.get() {
+                let err = ProxyError::BadRequestBody {
+                    service: service.to_string(),
+                    cause: cause.to_string(),
+                };
+                tracing::debug!(error = ?e, "{err}");
+                return Err(err);
+            }
             let (endpoint_id, authority) = (endpoint.id.clone(), endpoint.authority().into_owned());
             let err = if e.is_connect() {
                 ProxyError::Connect {
@@ -521,6 +768,28 @@ mod tests {
         assert!(h1.contains_key("x-kept"));
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key(header::TE), "gRPC keeps TE: trailers");
+    }
+
+    #[test]
+    fn connection_cannot_name_the_headers_the_proxy_relies_on() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static(
+                "Host, X-Forwarded-For, content-length, x-switchyard-subset, x-private",
+            ),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("web"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(SUBSET_HEADER, HeaderValue::from_static("v2"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 4, "{h:?}");
+        assert!(!h.contains_key("x-private"));
+        for kept in ["host", "x-forwarded-for", "content-length", SUBSET_HEADER] {
+            assert!(h.contains_key(kept), "{kept}: {h:?}");
+        }
     }
 
     #[test]

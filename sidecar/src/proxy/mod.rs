@@ -20,6 +20,8 @@ pub struct ProxyCtx {
     pub host_suffix: String,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Timeouts and limit for downstream HTTP connections.
+    pub conn_limits: http::ConnLimits,
     pub(crate) clients: http::Clients,
 }
 
@@ -31,6 +33,7 @@ impl ProxyCtx {
         domain: &str,
         connect_timeout: Duration,
         request_timeout: Duration,
+        conn_limits: http::ConnLimits,
     ) -> Self {
         Self {
             table,
@@ -39,6 +42,7 @@ impl ProxyCtx {
             host_suffix: format!(".service.{domain}"),
             connect_timeout,
             request_timeout,
+            conn_limits,
             clients: http::Clients::new(connect_timeout),
         }
     }

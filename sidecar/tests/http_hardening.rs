@@ -1,0 +1,427 @@
+//! The HTTP proxy against hostile callers (issue 13, points 7, 8 and 11): idle and
+//! half-sent connections are closed and cannot lock new clients out, a broken request
+//! body is the caller's 400 and never ejects an endpoint, and the framing rules (one
+//! Host; `Connection` cannot remove Host or X-Forwarded-For) hold.
+//!
+//! Self-contained: the few lines of setup it needs are copied here.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::registry_client::RegistryClient;
+use switchyard_registry::{Listeners, RegistryConfig, RegistryHandle};
+use switchyard_sidecar::{SidecarConfig, SidecarHandle, SidecarListeners};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A registry, one backend registered as `web`, and a sidecar routing to it.
+struct Setup {
+    _dir: tempfile::TempDir,
+    registry: RegistryHandle,
+    sidecar: SidecarHandle,
+    proxy: SocketAddr,
+    backend: Backend,
+}
+
+impl Setup {
+    async fn new(tune: impl FnOnce(&mut SidecarConfig)) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let registry = switchyard_registry::start(
+            RegistryConfig::new(dir.path().join("reg")),
+            Listeners {
+                grpc: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                http: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                dns: None,
+            },
+        )
+        .await
+        .expect("registry starts");
+        let backend = Backend::start().await;
+        register(&registry, backend.addr).await;
+        let mut config = SidecarConfig::new(vec![format!("http://{}", registry.grpc_addr)]);
+        config.discovery.backoff_max = Duration::from_millis(500);
+        tune(&mut config);
+        let sidecar = start_sidecar(config, dir.path()).await;
+        let proxy = sidecar.http_proxy_addr.expect("proxy");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sidecar.table.get("web").map_or(0, |v| v.endpoints.len()) != 1 {
+            assert!(Instant::now() < deadline, "the sidecar never saw web");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Setup {
+            _dir: dir,
+            registry,
+            sidecar,
+            proxy,
+            backend,
+        }
+    }
+
+    async fn stop(self) {
+        self.sidecar.shutdown().await;
+        self.registry.shutdown().await;
+    }
+}
+
+async fn start_sidecar(config: SidecarConfig, _dir: &Path) -> SidecarHandle {
+    switchyard_sidecar::start(
+        config,
+        SidecarListeners {
+            admin: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            http_proxy: Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
+            upstreams: vec![],
+            http_upstreams: vec![],
+            dns: None,
+        },
+    )
+    .await
+    .expect("sidecar starts")
+}
+
+async fn register(registry: &RegistryHandle, addr: SocketAddr) {
+    let mut client = RegistryClient::connect(format!("http://{}", registry.grpc_addr))
+        .await
+        .expect("connect registry");
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(pb::Instance {
+                namespace: String::new(),
+                service: "web".into(),
+                id: "web-1".into(),
+                address: addr.ip().to_string(),
+                port: u32::from(addr.port()),
+                version: "1".into(),
+                labels: Default::default(),
+                weight: 100,
+                zone: String::new(),
+                state: 0,
+            }),
+            ttl_seconds: 60,
+            lease_id: 0,
+        })
+        .await
+        .expect("register");
+}
+
+/// An HTTP/1.1 + h2c backend that reads the whole request body, then answers with
+/// the Host and X-Forwarded-For it saw; `/slow` answers after 700 ms.
+struct Backend {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    async fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<Incoming>| {
+                        let counted = counted.clone();
+                        async move {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            let seen = |name: &str| {
+                                req.headers()
+                                    .get_all(name)
+                                    .iter()
+                                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                                    .collect::<Vec<_>>()
+                                    .join(" | ")
+                            };
+                            let text =
+                                format!("host={};xff={}", seen("host"), seen("x-forwarded-for"));
+                            let slow = req.uri().path() == "/slow";
+                            let ok = req.into_body().collect().await.is_ok();
+                            if slow {
+                                tokio::time::sleep(Duration::from_millis(700)).await;
+                            }
+                            let mut resp = hyper::Response::new(Full::new(Bytes::from(text)));
+                            if !ok {
+                                *resp.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, hits }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+/// Sends `request` as is on a new connection and reads until the proxy closes it:
+/// (status, body). Bounded: fails after 5 s.
+async fn raw(proxy: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the proxy answers and closes within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn get(extra_headers: &str) -> String {
+    format!("GET /hello HTTP/1.1\r\n{extra_headers}Connection: close\r\n\r\n")
+}
+
+/// How long until the peer closes `s` (reads return 0 or fail), at most `limit`.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(started + limit),
+            s.read(&mut buf),
+        )
+        .await
+        {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+// Point 7: the limit is lowered to 50 and 300 sockets that never send a byte are
+// opened; a real client still gets through (the oldest idle sockets make room), and
+// most of the idle ones are closed.
+#[tokio::test]
+async fn a_flood_of_idle_sockets_does_not_lock_new_clients_out() {
+    let setup = Setup::new(|c| {
+        c.max_connections = 50;
+        // Long timeouts: only eviction can make room here.
+        c.idle_timeout = Duration::from_secs(60);
+        c.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(setup.proxy).await.expect("connect"));
+    }
+    // Until the proxy has accepted them all (the last ones evict earlier ones).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, body) = raw(setup.proxy, &get("Host: web\r\n")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(setup.backend.hits(), 1);
+    let mut closed = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(50)).await.is_some() {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 240,
+        "only {closed} of 300 idle sockets were closed at a limit of 50"
+    );
+    // A connection with a request in flight is never the one evicted.
+    let slow = tokio::spawn(raw(
+        setup.proxy,
+        "GET /slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(setup.proxy).await.expect("connect"));
+    }
+    let (code, body) = slow.await.expect("slow request");
+    assert_eq!(code, 200, "{body}");
+    drop(idle);
+    setup.stop().await;
+}
+
+// Point 7: hyper's HTTP/1 header-read timeout closes a connection that sends half a
+// request head (the idle timeout is long, so it is not what closes it).
+#[tokio::test]
+async fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
+    let setup = Setup::new(|c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut s = TcpStream::connect(setup.proxy).await.expect("connect");
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: web\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let after = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("closed within 5 s");
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed after {after:?}"
+    );
+    assert_eq!(setup.backend.hits(), 0);
+    setup.stop().await;
+}
+
+// Point 7: with no request in flight for the idle timeout, a connection is closed:
+// a socket that never sends a byte, a kept-alive HTTP/1.1 connection and an h2c
+// connection; a request in flight longer than the idle timeout is not cut.
+#[tokio::test]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let setup = Setup::new(|c| {
+        c.idle_timeout = Duration::from_millis(300);
+        // Long, so the HTTP/1 closes below are the idle timeout's.
+        c.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let limit = Duration::from_secs(5);
+
+    let mut silent = TcpStream::connect(setup.proxy).await.expect("connect");
+    let after = closed_within(&mut silent, limit)
+        .await
+        .expect("a silent socket is closed");
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed after {after:?}"
+    );
+
+    // HTTP/1.1 keep-alive: one request, then nothing.
+    let mut h1 = TcpStream::connect(setup.proxy).await.expect("connect");
+    h1.write_all(b"GET /hello HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(limit, h1.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(
+        closed_within(&mut h1, limit).await.is_some(),
+        "an idle HTTP/1.1 connection is closed"
+    );
+
+    // h2c: one request, then nothing; the connection ends (GOAWAY, then close).
+    let stream = TcpStream::connect(setup.proxy).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("http://web/hello")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.expect("body");
+    tokio::time::timeout(limit, conn)
+        .await
+        .expect("an idle h2c connection is closed")
+        .expect("join")
+        .ok();
+
+    // A request slower than the idle timeout is not an idle connection.
+    let (code, body) = raw(
+        setup.proxy,
+        "GET /slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    setup.stop().await;
+}
+
+// Point 8: a request body with a bad chunk header is the caller's error: 400, never
+// counted against the endpoint (six of them would have ejected it), and the next good
+// request is served by the same endpoint.
+#[tokio::test]
+async fn a_malformed_request_body_is_a_400_and_does_not_eject_the_endpoint() {
+    let setup = Setup::new(|_| {}).await;
+    let bad = "POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\
+               Connection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n";
+    for i in 0..6 {
+        let (code, body) = raw(setup.proxy, bad).await;
+        assert_eq!(code, 400, "request {i}: {body}");
+        assert!(body.contains("request body"), "request {i}: {body}");
+    }
+    let view = setup.sidecar.table.get("web").expect("web");
+    let live = &view.endpoints[0].live;
+    assert!(
+        !live.is_ejected(),
+        "a bad caller ejected a healthy endpoint"
+    );
+    assert_eq!(live.consecutive_failures.load(Ordering::Relaxed), 0);
+    let hits = setup.backend.hits();
+    let (code, body) = raw(setup.proxy, &get("Host: web\r\n")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        setup.backend.hits(),
+        hits + 1,
+        "the good request reached web"
+    );
+    setup.stop().await;
+}
+
+// Point 11: two Host headers are a 400 (RFC 9112 §3.2), whichever names a service.
+#[tokio::test]
+async fn two_host_headers_are_a_400() {
+    let setup = Setup::new(|_| {}).await;
+    for hosts in ["Host: web\r\nHost: other\r\n", "Host: web\r\nHost: web\r\n"] {
+        let (code, body) = raw(setup.proxy, &get(hosts)).await;
+        assert_eq!(code, 400, "{hosts:?}: {body}");
+        assert!(body.contains("2 Host headers"), "{body}");
+    }
+    assert_eq!(setup.backend.hits(), 0, "nothing reached the app");
+    let (code, body) = raw(setup.proxy, &get("Host: web\r\n")).await;
+    assert_eq!((code, body.as_str()), (200, "host=web;xff=127.0.0.1"));
+    setup.stop().await;
+}
+
+// Point 11: `Connection` may name hop-by-hop headers, but not Host or X-Forwarded-For.
+#[tokio::test]
+async fn connection_cannot_remove_host_or_the_forwarded_for_chain() {
+    let setup = Setup::new(|_| {}).await;
+    let (code, body) = raw(
+        setup.proxy,
+        "GET /hello HTTP/1.1\r\nHost: web\r\nConnection: close, host\r\n\r\n",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "host=web;xff=127.0.0.1"));
+    let (code, body) = raw(
+        setup.proxy,
+        "GET /hello HTTP/1.1\r\nHost: web\r\nX-Forwarded-For: 10.0.0.1\r\n\
+         Connection: close, X-Forwarded-For\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "host=web;xff=10.0.0.1, 127.0.0.1")
+    );
+    setup.stop().await;
+}
