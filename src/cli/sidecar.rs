@@ -89,6 +89,23 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     #[serde(with = "config::duration")]
     pub request_timeout: Duration,
+    /// Time a client has to send a request's headers (also the keep-alive wait between
+    /// HTTP/1.1 requests); the connection is closed after it.
+    #[arg(long, env = "SWITCHYARD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub header_read_timeout: Duration,
+    /// A client connection with no request in flight for this long is closed.
+    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub idle_timeout: Duration,
+    /// Client connections per HTTP listener; at the limit the oldest idle one is closed to
+    /// admit a new client.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_DOWNSTREAM_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub max_downstream_connections: usize,
     /// Local service to register (needs --port and --version).
     #[arg(long, env = "SWITCHYARD_SERVICE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,6 +223,9 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
     config.dns.domain = args.domain.clone();
     config.connect_timeout = args.connect_timeout;
     config.request_timeout = args.request_timeout;
+    config.header_read_timeout = args.header_read_timeout;
+    config.idle_timeout = args.idle_timeout;
+    config.max_connections = args.max_downstream_connections;
     if let Some(name) = &args.service {
         let port = args
             .port
