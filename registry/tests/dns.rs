@@ -21,6 +21,11 @@ fn query(name: &str, rtype: RecordType, id: u16) -> Message {
 }
 
 async fn udp(addr: SocketAddr, msg: &Message) -> Message {
+    udp_sized(addr, msg).await.1
+}
+
+/// The answer and its size on the wire.
+async fn udp_sized(addr: SocketAddr, msg: &Message) -> (usize, Message) {
     let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     sock.send_to(&msg.to_vec().expect("encode"), addr)
         .await
@@ -30,7 +35,15 @@ async fn udp(addr: SocketAddr, msg: &Message) -> Message {
         .await
         .expect("an answer in time")
         .expect("recv");
-    Message::from_vec(&buf[..n]).expect("decode")
+    (n, Message::from_vec(&buf[..n]).expect("decode"))
+}
+
+fn with_edns(mut m: Message, payload: u16, version: u8) -> Message {
+    let mut edns = Edns::new();
+    edns.set_max_payload(payload);
+    edns.set_version(version);
+    m.set_edns(edns);
+    m
 }
 
 async fn tcp(addr: SocketAddr, msg: &Message) -> Message {
@@ -453,5 +466,188 @@ async fn repeated_queries_get_their_own_ids_and_fresh_data_after_a_change() {
     reg(&mut client, "web-5", "10.0.0.5", 80, "1.0.0").await;
     let a = udp(dns, &query("web.service.switchyard.", RecordType::A, 7)).await;
     assert_eq!(ips(&a).len(), 5, "a registration shows in the next answer");
+    r.handle.shutdown().await;
+}
+
+/// Point 13 of issue 13, truncation: an answer too large for UDP keeps the whole records
+/// that fit (TC set, the client may retry over TCP) instead of coming back empty; the UDP
+/// size is the client's EDNS size within 512..=1232; dropped additional records alone
+/// never set TC (RFC 2181 §9).
+#[tokio::test]
+async fn truncated_answers_keep_the_records_that_fit_within_512_to_1232_bytes() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    for n in 0..60u32 {
+        reg(
+            &mut client,
+            &format!("web-{n}"),
+            &format!("fd00::{:x}", n + 1),
+            8000 + n,
+            "1.0.0",
+        )
+        .await;
+    }
+    for n in 0..8u32 {
+        let mut i = instance("api", &format!("api-{n}"), "1.0.0");
+        i.address = format!("10.0.3.{}", n + 1);
+        register(&mut client, i, 60).await;
+    }
+    let registered: Vec<String> = (1..=60).map(|n| format!("fd00::{n:x}")).collect();
+    let aaaa = || query("web.service.switchyard.", RecordType::AAAA, 1);
+    let check = |(size, m): &(usize, Message), limit: usize| {
+        assert!(*size <= limit, "{size} bytes over {limit}");
+        assert!(
+            m.metadata.truncation,
+            "60 AAAA records do not fit {limit} bytes"
+        );
+        let got = ips(m);
+        assert!(!got.is_empty(), "a truncated answer keeps what fits");
+        assert!(got.len() < 60);
+        assert!(got.windows(2).all(|w| w[0] != w[1]), "no duplicates");
+        assert!(got.iter().all(|ip| registered.contains(ip)));
+        got.len()
+    };
+    let plain = check(&udp_sized(dns, &aaaa()).await, 512);
+    // An EDNS size below 512 counts as 512; above 1232 as 1232 (no fragments).
+    let tiny = check(&udp_sized(dns, &with_edns(aaaa(), 100, 0)).await, 512);
+    let big = check(&udp_sized(dns, &with_edns(aaaa(), 4096, 0)).await, 1232);
+    let max = check(&udp_sized(dns, &with_edns(aaaa(), 65_535, 0)).await, 1232);
+    let exact = check(&udp_sized(dns, &with_edns(aaaa(), 1232, 0)).await, 1232);
+    assert!(
+        plain > 10 && tiny <= plain,
+        "{plain} plain, {tiny} with EDNS 100"
+    );
+    assert!(
+        big > plain && big == max && big == exact,
+        "{big} {max} {exact}"
+    );
+    // TCP has no such limit.
+    let whole = tcp(dns, &aaaa()).await;
+    assert!(!whole.metadata.truncation);
+    assert_eq!(whole.answers.len(), 60);
+
+    // 8 SRV records fit 512 bytes, their 8 A targets in the additional section do not:
+    // all 8 SRV records, the targets that fit, and no TC.
+    let (size, srv) = udp_sized(
+        dns,
+        &query("_api._tcp.service.switchyard.", RecordType::SRV, 2),
+    )
+    .await;
+    assert!(size <= 512);
+    assert!(!srv.metadata.truncation, "only additionals were dropped");
+    assert_eq!(srv.answers.len(), 8);
+    assert!(
+        srv.additionals.len() < 8,
+        "{} additionals",
+        srv.additionals.len()
+    );
+    for extra in &srv.additionals {
+        assert!(srv
+            .answers
+            .iter()
+            .any(|a| matches!(&a.data, RData::SRV(s) if s.target == extra.name)));
+    }
+    let with_room = udp(
+        dns,
+        &with_edns(
+            query("_api._tcp.service.switchyard.", RecordType::SRV, 3),
+            1232,
+            0,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (with_room.answers.len(), with_room.additionals.len()),
+        (8, 8)
+    );
+    // 60 SRV records do not fit: some SRV records, no additionals, TC.
+    let (size, srv) = udp_sized(
+        dns,
+        &query("_web._tcp.service.switchyard.", RecordType::SRV, 4),
+    )
+    .await;
+    assert!(size <= 512);
+    assert!(srv.metadata.truncation);
+    assert!(!srv.answers.is_empty() && srv.answers.len() < 60);
+    assert!(srv.additionals.is_empty());
+    r.handle.shutdown().await;
+}
+
+/// RFC 6891 §6.1.3: EDNS versions above 0 get BADVERS (extended RCODE 16) with an OPT
+/// record of version 0, over UDP and TCP.
+#[tokio::test]
+async fn edns_versions_above_zero_get_badvers() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    reg(&mut client, "web-1", "10.0.0.1", 80, "1.0.0").await;
+    let q = || with_edns(query("web.service.switchyard.", RecordType::A, 21), 1232, 1);
+    for (transport, m) in [("udp", udp(dns, &q()).await), ("tcp", tcp(dns, &q()).await)] {
+        assert_eq!(
+            u16::from(m.metadata.response_code),
+            16,
+            "{transport}: BADVERS"
+        );
+        assert_eq!(m.metadata.id, 21);
+        assert!(m.answers.is_empty(), "{transport}");
+        let edns = m.edns.as_ref().expect("an OPT record");
+        assert_eq!(edns.version(), 0, "{transport}: the version we speak");
+    }
+    // Version 0 still answers.
+    let ok = udp(
+        dns,
+        &with_edns(query("web.service.switchyard.", RecordType::A, 22), 1232, 0),
+    )
+    .await;
+    assert_eq!(ok.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(ips(&ok), vec!["10.0.0.1"]);
+    r.handle.shutdown().await;
+}
+
+/// No zone transfers: AXFR and IXFR are REFUSED over UDP and TCP. ANY is answered like
+/// any type the name lacks (NOERROR, no records, the SOA): small, no amplification.
+#[tokio::test]
+async fn zone_transfers_are_refused_and_any_stays_small() {
+    let r = TestRegistry::start().await;
+    let dns = r.handle.dns_addr.expect("dns");
+    let mut client = r.registry().await;
+    for n in 1..=20u32 {
+        reg(
+            &mut client,
+            &format!("web-{n}"),
+            &format!("10.0.0.{n}"),
+            80,
+            "1.0.0",
+        )
+        .await;
+    }
+    for qtype in [RecordType::AXFR, RecordType::IXFR] {
+        for name in ["switchyard.", "web.service.switchyard."] {
+            let u = udp(dns, &query(name, qtype, 31)).await;
+            assert_eq!(
+                u.metadata.response_code,
+                ResponseCode::Refused,
+                "{qtype} {name} udp"
+            );
+            assert!(u.answers.is_empty());
+        }
+    }
+    let t = tcp(dns, &query("switchyard.", RecordType::AXFR, 32)).await;
+    assert_eq!(
+        t.metadata.response_code,
+        ResponseCode::Refused,
+        "AXFR over TCP"
+    );
+    assert!(t.answers.is_empty());
+    let any = query("web.service.switchyard.", RecordType::ANY, 33);
+    let asked = any.to_vec().expect("encode").len();
+    let (size, m) = udp_sized(dns, &any).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.answers.is_empty());
+    assert!(
+        size < 3 * asked,
+        "ANY: {size} bytes for a {asked}-byte query"
+    );
     r.handle.shutdown().await;
 }

@@ -23,6 +23,8 @@ pub struct DnsHandler<S: DnsSource> {
     domain: String,
     pub(super) soa: Record,
     ttl: u32,
+    /// [`DnsConfig::rate_limit`], applied by the UDP loop.
+    pub(super) rate_limit: u32,
 }
 
 /// What a query resolves to.
@@ -96,6 +98,7 @@ impl<S: DnsSource> DnsHandler<S> {
             domain,
             soa,
             ttl: config.ttl,
+            rate_limit: config.rate_limit,
         })
     }
 
@@ -104,13 +107,23 @@ impl<S: DnsSource> DnsHandler<S> {
     }
 
     /// The answer to a request's question section, or the error code when the request
-    /// is no plain query with exactly one question.
+    /// is no plain query with exactly one question. `edns_version` is the version of the
+    /// request's OPT record, if it has one.
     pub(super) fn outcome(
         &self,
         request: &Metadata,
         question_count: usize,
         first: Option<(&Name, RecordType)>,
+        edns_version: Option<u8>,
     ) -> Answer {
+        // RFC 6891 §6.1.3: only EDNS version 0 is implemented; a higher one gets BADVERS
+        // (extended RCODE 16, carried in the response's OPT record) before anything else.
+        if edns_version.is_some_and(|v| v > 0) {
+            return Answer {
+                code: ResponseCode::BADVERS,
+                ..Answer::refused()
+            };
+        }
         if request.message_type != MessageType::Query || request.op_code != OpCode::Query {
             return Answer {
                 code: ResponseCode::NotImp,
@@ -118,6 +131,13 @@ impl<S: DnsSource> DnsHandler<S> {
             };
         }
         match first {
+            // No zone transfers, over UDP or TCP: the zone is the live catalog, not a zone
+            // to copy. RFC 5936 §2.2.1 lets a server refuse a transfer for policy reasons
+            // with REFUSED (what BIND answers when allow-transfer denies the client), and
+            // §4.2 leaves AXFR over UDP undefined; IXFR (RFC 1995) is refused alike.
+            Some((_, RecordType::AXFR | RecordType::IXFR)) if question_count == 1 => {
+                Answer::refused()
+            }
             Some((name, qtype)) if question_count == 1 => self.answer(name, qtype),
             _ => Answer {
                 code: ResponseCode::FormErr,
@@ -269,6 +289,8 @@ impl<S: DnsSource> DnsHandler<S> {
                 }
                 answer
             }
+            // Other types, ANY included, have no records here: NODATA. RFC 8482 lets ANY
+            // get less than every RRset; this ~100-byte answer amplifies nothing.
             _ => Answer::records(Vec::new(), Vec::new()),
         }
     }
@@ -367,7 +389,7 @@ impl<S: DnsSource> DnsHandler<S> {
 /// The header of a response to `request` carrying `answer`'s code.
 pub(super) fn response_metadata(request: &Metadata, answer: &Answer) -> Metadata {
     let mut metadata = Metadata::response_from_request(request);
-    metadata.authoritative = answer.code != ResponseCode::Refused;
+    metadata.authoritative = !matches!(answer.code, ResponseCode::Refused | ResponseCode::BADVERS);
     metadata.recursion_available = false;
     metadata.response_code = answer.code;
     metadata

@@ -3,6 +3,7 @@
 //! In the order a query travels:
 //! - [`udp`]: the UDP loop (decode, answer, encode in place) and its cache of encoded
 //!   answers; [`server`]: TCP through hickory-server (the only file naming it).
+//! - `rrl`: the per-source-prefix response rate limit of the UDP loop.
 //! - [`name`]: the grammar of names below the zone.
 //! - [`answer`]: what a name answers, with the RFCs it follows; subsets and splits come
 //!   from [`crate::select`], the same code the proxy uses.
@@ -20,6 +21,7 @@
 
 pub mod answer;
 pub mod name;
+mod rrl;
 mod server;
 pub mod udp;
 
@@ -43,13 +45,22 @@ pub struct DnsConfig {
     pub domain: String,
     /// TTL of positive answers and the SOA minimum (negative caching), in seconds.
     pub ttl: u32,
+    /// UDP responses per second to one source prefix (IPv4 /24, IPv6 /56), with a burst
+    /// of as many; past it every second response is a TC=1 "slip" (the client retries
+    /// over TCP) and the others are dropped, as BIND's RRL does. 0 turns it off; loopback
+    /// sources are never limited (dns/rrl.rs).
+    pub rate_limit: u32,
 }
+
+/// The default of [`DnsConfig::rate_limit`].
+pub const DEFAULT_RATE_LIMIT: u32 = 200;
 
 impl Default for DnsConfig {
     fn default() -> Self {
         Self {
             domain: "switchyard".into(),
             ttl: 5,
+            rate_limit: DEFAULT_RATE_LIMIT,
         }
     }
 }

@@ -39,7 +39,8 @@ impl<S: DnsSource> RequestHandler for SharedHandler<S> {
         let first = queries
             .first()
             .map(|q| (q.original().name(), q.query_type()));
-        let answer = handler.outcome(&request.metadata, queries.len(), first);
+        let edns_version = request.edns.as_ref().map(|e| e.version());
+        let answer = handler.outcome(&request.metadata, queries.len(), first, edns_version);
         let metadata = response_metadata(&request.metadata, &answer);
         let soa: Vec<&Record> = if answer.soa {
             vec![&handler.soa]

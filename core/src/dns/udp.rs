@@ -4,19 +4,21 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hickory_proto::op::{Edns, Header, Message, MessageType, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, Metadata, ResponseCode};
+use hickory_proto::rr::Record;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use super::answer::{response_metadata, DnsHandler, Vary};
+use super::rrl::{RateLimiter, Verdict};
 use super::DnsSource;
 
 impl<S: DnsSource> DnsHandler<S> {
-    /// The whole UDP exchange for one datagram: decode (hickory-proto), answer, encode,
-    /// and truncate with TC when the answer exceeds what the client can take (512 bytes,
-    /// or its EDNS payload size). `None`: nothing to send back, e.g. the datagram was
-    /// itself a response, which must never be answered (no reflection loops).
+    /// The whole UDP exchange for one datagram: decode (hickory-proto), answer, encode
+    /// within what the client can take (`udp_limit`), trimmed by `fit`. `None`:
+    /// nothing to send back, e.g. the datagram was itself a response, which must never be
+    /// answered (no reflection loops).
     pub fn udp_response(&self, packet: &[u8]) -> Option<(Vec<u8>, Vary)> {
         let request = match Message::from_vec(packet) {
             Ok(m) => m,
@@ -36,32 +38,125 @@ impl<S: DnsSource> DnsHandler<S> {
             return None;
         }
         let first = request.queries.first().map(|q| (q.name(), q.query_type()));
-        let answer = self.outcome(&request.metadata, request.queries.len(), first);
+        let edns_version = request.edns.as_ref().map(|e| e.version());
+        let answer = self.outcome(
+            &request.metadata,
+            request.queries.len(),
+            first,
+            edns_version,
+        );
         let vary = answer.vary;
         let mut response = Message::response(request.metadata.id, request.metadata.op_code);
         response.metadata = response_metadata(&request.metadata, &answer);
-        let limit = match &request.edns {
-            Some(edns) => {
-                let mut ours = Edns::new();
-                ours.set_max_payload(EDNS_PAYLOAD);
-                response.edns = Some(ours);
-                usize::from(edns.max_payload()).max(PLAIN_UDP_PAYLOAD)
-            }
-            None => PLAIN_UDP_PAYLOAD,
-        };
+        let limit = udp_limit(request.edns.as_ref());
+        // RFC 6891 §6.1.1: an EDNS query gets an OPT record back (BADVERS included, whose
+        // upper RCODE bits travel in it).
+        response.edns = request.edns.as_ref().map(|_| our_edns());
         response.queries = request.queries;
         if answer.soa {
             response.authorities.push(self.soa.clone());
         }
-        response.answers = answer.answers;
-        response.additionals = answer.additionals;
-        let bytes = response.to_vec().ok()?;
-        if bytes.len() <= limit {
-            Some((bytes, vary))
+        fit(response, answer.answers, answer.additionals, limit).map(|bytes| (bytes, vary))
+    }
+
+    /// The "slip" sent instead of a rate-limited answer now and then: the question with
+    /// TC=1 and no records, never larger than the query, so a real client retries over
+    /// TCP (not rate-limited) while a spoofed victim gets no amplification. `None` for a
+    /// datagram that is no readable query. Never kept by the [`UdpCache`].
+    pub(super) fn slip_response(&self, packet: &[u8]) -> Option<Vec<u8>> {
+        let request = Message::from_vec(packet).ok()?;
+        if request.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+        response.metadata = Metadata::response_from_request(&request.metadata);
+        response.metadata.recursion_available = false;
+        response.metadata.truncation = true;
+        response.edns = request.edns.as_ref().map(|_| our_edns());
+        response.queries = request.queries;
+        response.to_vec().ok()
+    }
+}
+
+/// The OPT record of our EDNS responses: version 0, our payload size.
+fn our_edns() -> Edns {
+    let mut ours = Edns::new();
+    ours.set_max_payload(EDNS_PAYLOAD);
+    ours
+}
+
+/// The largest UDP answer for a query: 512 bytes without EDNS (RFC 1035 §4.2.1; there are
+/// no DNS cookies here, so no query counts as coming from a verified source), else the
+/// client's EDNS payload size bounded by ours (1232, so answers never fragment) and at
+/// least 512 (RFC 6891 §6.2.5: smaller values are treated as 512).
+fn udp_limit(edns: Option<&Edns>) -> usize {
+    match edns {
+        Some(edns) => usize::from(edns.max_payload().min(EDNS_PAYLOAD)).max(PLAIN_UDP_PAYLOAD),
+        None => PLAIN_UDP_PAYLOAD,
+    }
+}
+
+/// Encodes `response` with `answers` and `additionals`, within `limit` bytes:
+/// 1. everything, when it fits;
+/// 2. else all answers and as many additional records as fit, without TC: RFC 2181 §9
+///    lets additional data go without truncation (SRV targets missing here still resolve
+///    by their own `<hex-ip>.addr` query);
+/// 3. else as many answer records as fit, no additionals, and TC=1.
+///
+/// Step 3 is where RFC 2181 §9 ("a truncated response must not contain partial RRsets")
+/// meets a zone whose every answer is one RRset (all A, AAAA or SRV records of a name):
+/// sending whole RRsets only would send nothing, which is what a client without TCP
+/// fallback then resolves to. Like Consul, which cuts A and SRV answers to what fits the
+/// UDP size, a truncated answer here keeps a prefix of the (shuffled, or split-drawn)
+/// records: each is a usable address on its own, and TC tells clients that can to get
+/// the whole set over TCP. Every record kept is whole; the header counts match.
+/// Additionals are never the reason for TC.
+fn fit(
+    mut response: Message,
+    answers: Vec<Record>,
+    additionals: Vec<Record>,
+    limit: usize,
+) -> Option<Vec<u8>> {
+    let fits = |m: &Message| m.to_vec().ok().filter(|b| b.len() <= limit);
+    response.answers = answers;
+    response.additionals = additionals;
+    if let Some(bytes) = fits(&response) {
+        return Some(bytes);
+    }
+    let additionals = std::mem::take(&mut response.additionals);
+    if fits(&response).is_some() {
+        let n = longest_prefix(additionals.len(), |n| {
+            response.additionals = additionals[..n].to_vec();
+            fits(&response).is_some()
+        });
+        response.additionals = additionals[..n].to_vec();
+        return fits(&response);
+    }
+    let answers = std::mem::take(&mut response.answers);
+    response.metadata.truncation = true;
+    let n = longest_prefix(answers.len(), |n| {
+        response.answers = answers[..n].to_vec();
+        fits(&response).is_some()
+    });
+    response.answers = answers[..n].to_vec();
+    // Even the bare question does not fit (not possible within 512 bytes, but cheap to
+    // handle): the header and question alone, as hickory truncates.
+    fits(&response).or_else(|| response.truncate().to_vec().ok())
+}
+
+/// The largest `n` in `0..=len` for which `ok(n)` holds, given that `ok` holds for every
+/// `n` below one for which it holds (longer prefixes encode longer) and for 0.
+fn longest_prefix(len: usize, mut ok: impl FnMut(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, len);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if ok(mid) {
+            lo = mid;
         } else {
-            response.truncate().to_vec().ok().map(|b| (b, vary))
+            hi = mid - 1;
         }
     }
+    lo
 }
 
 /// Largest UDP answer for a client that sent no EDNS (RFC 1035).
@@ -158,7 +253,18 @@ impl UdpCache {
 pub(super) async fn serve_udp<S: DnsSource>(
     handler: Arc<DnsHandler<S>>,
     socket: UdpSocket,
+    shutdown: watch::Receiver<bool>,
+) {
+    let limiter = RateLimiter::new(handler.rate_limit);
+    serve_udp_with(handler, socket, shutdown, limiter).await;
+}
+
+/// The UDP loop with a given rate limiter (tests limit loopback sources too).
+async fn serve_udp_with<S: DnsSource>(
+    handler: Arc<DnsHandler<S>>,
+    socket: UdpSocket,
     mut shutdown: watch::Receiver<bool>,
+    mut limiter: RateLimiter,
 ) {
     // Large enough for any EDNS query; longer datagrams are cut and then fail to decode.
     let mut buf = vec![0u8; 4096];
@@ -201,10 +307,21 @@ pub(super) async fn serve_udp<S: DnsSource>(
                 continue;
             }
         };
-        let Some(response) = buf
-            .get(..len)
-            .and_then(|p| cache.answer(&handler, p, &mut rng))
-        else {
+        let Some(packet) = buf.get(..len) else {
+            continue;
+        };
+        // Rate-limited responses bypass the cache both ways: a slip is built here and
+        // never kept, and a dropped query is not even decoded.
+        let slip;
+        let response = match limiter.check(peer.ip()) {
+            Verdict::Answer => cache.answer(&handler, packet, &mut rng),
+            Verdict::Slip => {
+                slip = handler.slip_response(packet);
+                slip.as_deref()
+            }
+            Verdict::Drop => None,
+        };
+        let Some(response) = response else {
             continue;
         };
         let sent = match socket.try_send_to(response, peer) {
@@ -216,5 +333,139 @@ pub(super) async fn serve_udp<S: DnsSource>(
         if let Err(e) = sent {
             tracing::debug!(error = %e, %peer, "DNS UDP answer not sent");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The rate limit end to end: the real UDP loop on 127.0.0.1 with loopback limited
+    //! (the default exempts it), hickory's codec on the client side.
+
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use hickory_proto::op::{OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    use super::*;
+    use crate::dns::{DnsConfig, ServiceRecords};
+    use crate::model::{Instance, State};
+
+    struct OneService(Arc<ServiceRecords>);
+
+    impl DnsSource for OneService {
+        fn service(&self, _: &str, service: &str) -> Option<Arc<ServiceRecords>> {
+            (service == "web").then(|| self.0.clone())
+        }
+        fn revision(&self) -> u64 {
+            1
+        }
+    }
+
+    fn handler() -> DnsHandler<OneService> {
+        let web = Arc::new(Instance {
+            namespace: "default".into(),
+            service: "web".into(),
+            id: "web-1".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            version: "1.0.0".into(),
+            labels: BTreeMap::new(),
+            weight: 100,
+            zone: String::new(),
+            state: State::Serving,
+        });
+        let source = OneService(Arc::new(ServiceRecords::new(vec![web], None)));
+        DnsHandler::new(source, &DnsConfig::default()).expect("handler")
+    }
+
+    fn query(id: u16) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        let name = Name::from_ascii("web.service.switchyard.").expect("name");
+        m.add_query(Query::query(name, RecordType::A));
+        m.to_vec().expect("encode")
+    }
+
+    #[tokio::test]
+    async fn over_the_rate_a_source_gets_slips_or_nothing_and_slips_are_never_kept() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let (stop, shutdown) = watch::channel(false);
+        let rate = 20;
+        let serving = tokio::spawn(serve_udp_with(
+            Arc::new(handler()),
+            server,
+            shutdown,
+            RateLimiter::with_loopback(rate),
+        ));
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let sent = 200u16;
+        for id in 0..sent {
+            client.send_to(&query(id), addr).await.expect("send");
+        }
+        let (mut answered, mut slipped) = (0u32, 0u32);
+        let mut buf = vec![0u8; 4096];
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await
+        {
+            let m = Message::from_vec(&buf[..n]).expect("decode");
+            assert!(m.metadata.id < sent);
+            if m.metadata.truncation {
+                assert!(
+                    m.answers.is_empty() && m.additionals.is_empty(),
+                    "a slip is empty"
+                );
+                assert_eq!(m.queries.len(), 1, "a slip carries the question");
+                assert!(n <= query(0).len(), "a slip is no larger than the query");
+                slipped += 1;
+            } else {
+                assert_eq!(m.answers.len(), 1);
+                answered += 1;
+            }
+        }
+        // The burst (20), plus what refills while the 200 queries arrive; of the rest,
+        // every second one slips.
+        assert!(
+            (rate..rate + 10).contains(&answered),
+            "{answered} answered of {sent}"
+        );
+        let limited = u32::from(sent).saturating_sub(answered);
+        assert!(
+            ((limited / 2).saturating_sub(5)..=limited / 2 + 5).contains(&slipped),
+            "{slipped} slips of {limited} limited"
+        );
+        // The bucket refills; the same query (its answer kept by now) is answered whole,
+        // not with a kept slip.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for id in 1000..1005u16 {
+            client.send_to(&query(id), addr).await.expect("send");
+            let (n, _) = tokio::time::timeout(Duration::from_secs(3), client.recv_from(&mut buf))
+                .await
+                .expect("an answer in time")
+                .expect("recv");
+            let m = Message::from_vec(&buf[..n]).expect("decode");
+            assert_eq!(m.metadata.id, id);
+            assert!(!m.metadata.truncation, "refilled: a whole answer");
+            assert_eq!(m.answers.len(), 1);
+        }
+        stop.send(true).expect("stop");
+        tokio::time::timeout(Duration::from_secs(3), serving)
+            .await
+            .expect("the loop stops")
+            .expect("join");
+    }
+
+    #[test]
+    fn the_udp_limit_is_the_clients_edns_size_within_512_and_1232() {
+        let edns = |size: u16| {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            e
+        };
+        assert_eq!(udp_limit(None), 512);
+        assert_eq!(udp_limit(Some(&edns(100))), 512);
+        assert_eq!(udp_limit(Some(&edns(1000))), 1000);
+        assert_eq!(udp_limit(Some(&edns(4096))), 1232);
+        assert_eq!(udp_limit(Some(&edns(65_535))), 1232);
     }
 }
