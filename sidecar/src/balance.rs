@@ -473,31 +473,37 @@ mod tests {
         assert!(pick(&view(&[]), &LbConfig::default(), &mut rng).is_none());
     }
 
-    /// Property: over many random tables and loads, a pick is always a usable endpoint,
-    /// and there is a pick exactly when some endpoint is usable.
-    #[test]
-    fn property_picks_are_usable_and_exist_iff_something_is_usable() {
-        for seed in 0..500u64 {
-            let mut rng = fastrand::Rng::with_seed(seed);
-            let n = rng.usize(0..12);
-            let specs: Vec<(u32, State)> = (0..n)
-                .map(|_| {
-                    let state = [State::Serving, State::Draining, State::Failing][rng.usize(..3)];
-                    (rng.u32(1..=10_000), state)
-                })
-                .collect();
-            let v = view(&specs);
-            for e in &v.endpoints {
-                e.live.active.store(rng.u32(0..50), Ordering::Relaxed);
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Over random tables and loads, a pick is always a usable endpoint, and there is
+        /// a pick exactly when some endpoint is usable.
+        #[test]
+        fn property_picks_are_usable_and_exist_iff_something_is_usable(
+            specs in proptest::collection::vec((1..=10_000u32, 0..3usize, 0..50u32), 0..12),
+            choice_count in 1..=5u32,
+            bias in 0.0..3.0f64,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let states = [State::Serving, State::Draining, State::Failing];
+            let v = view(
+                &specs
+                    .iter()
+                    .map(|(w, s, _)| (*w, states[*s]))
+                    .collect::<Vec<_>>(),
+            );
+            for (e, (_, _, active)) in v.endpoints.iter().zip(&specs) {
+                e.live.active.store(*active, Ordering::Relaxed);
             }
             let cfg = LbConfig {
-                choice_count: rng.u32(1..=5),
-                active_request_bias: rng.f64() * 3.0,
+                choice_count,
+                active_request_bias: bias,
             };
+            let mut rng = fastrand::Rng::with_seed(seed);
             for _ in 0..20 {
                 match pick(&v, &cfg, &mut rng) {
-                    Some(e) => assert!(e.is_usable(), "seed {seed}"),
-                    None => assert!(v.pool.is_empty(), "seed {seed}"),
+                    Some(e) => proptest::prop_assert!(e.is_usable()),
+                    None => proptest::prop_assert!(v.pool.is_empty()),
                 }
             }
         }
