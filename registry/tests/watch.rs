@@ -1,23 +1,13 @@
 //! Watch: snapshot then deltas, service filters, resume from a revision, resync of a
 //! watcher that falls behind.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
 use switchyard_proto::v1 as pb;
+use switchyard_testkit::*;
 use tonic::transport::Endpoint;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-fn watch_all(since: u64) -> pb::WatchRequest {
-    pb::WatchRequest {
-        namespace: String::new(),
-        services: vec![],
-        since_revision: since,
-    }
-}
 
 #[tokio::test]
 async fn a_watcher_sees_registrations_and_deregistrations() {
@@ -90,15 +80,7 @@ async fn set_state_reaches_watchers_and_resolve() {
     let mut view = View::default();
     view.apply(next_event(&mut stream, WAIT).await);
     assert_eq!(view.instances["api-1"].state, pb::State::Draining as i32);
-    let resolved = discovery
-        .resolve(pb::ResolveRequest {
-            namespace: String::new(),
-            service: "api".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("resolve")
-        .into_inner();
+    let resolved = resolve(&mut discovery, "api").await;
     assert_eq!(resolved.instances[0].state, pb::State::Draining as i32);
     reg.handle.shutdown().await;
 }
