@@ -16,15 +16,7 @@ async fn keep_alive_holds_an_instance_past_three_ttls_and_silence_expires_it() {
     assert_eq!(lease.ttl_seconds, 1);
 
     let mut discovery = reg.discovery().await;
-    let mut watch = discovery
-        .watch(pb::WatchRequest {
-            namespace: String::new(),
-            services: vec!["web".into()],
-            since_revision: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut watch = open_watch(&mut discovery, watch_of(&["web"], 0)).await;
     next_event(&mut watch, WAIT).await;
 
     let (tx, mut responses) = keep_alive(&mut registry, 4).await;

@@ -59,15 +59,7 @@ async fn policies_are_recorded_watched_and_rolled_back() {
     let mut registry = reg.registry().await;
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
     let mut discovery = reg.discovery().await;
-    let mut watch = discovery
-        .watch(pb::WatchRequest {
-            namespace: String::new(),
-            services: vec!["web".into()],
-            since_revision: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut watch = open_watch(&mut discovery, watch_of(&["web"], 0)).await;
     next_event(&mut watch, WAIT).await;
 
     let mut client = reg.routing().await;

@@ -33,7 +33,8 @@ pub use backend::Backend;
 pub use fake::FakeRegistry;
 pub use http::{http_get, metric};
 pub use proto::{
-    canary_policy, instance, instance_at, resolve, resolve_ids, split, watch_all, View,
+    canary_policy, instance, instance_at, open_watch, resolve, resolve_ids, split, watch_all,
+    watch_of, View,
 };
 pub use registry::{keep_alive, register, register_at, start_at, start_in, TestRegistry};
 pub use wait::{assert_eventually, eventually, next_event};

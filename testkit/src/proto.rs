@@ -90,6 +90,14 @@ pub fn watch_all(since: u64) -> pb::WatchRequest {
     }
 }
 
+/// A watch of the given services in the default namespace, resuming after `since`.
+pub fn watch_of(services: &[&str], since: u64) -> pb::WatchRequest {
+    pb::WatchRequest {
+        services: services.iter().map(|s| s.to_string()).collect(),
+        ..watch_all(since)
+    }
+}
+
 /// One service's state in a snapshot.
 pub fn service_state(
     service: &str,
@@ -217,4 +225,12 @@ impl View {
             None => panic!("event without kind"),
         }
     }
+}
+
+/// Opens a watch stream with `request`.
+pub async fn open_watch(
+    client: &mut DiscoveryClient<Channel>,
+    request: pb::WatchRequest,
+) -> tonic::Streaming<pb::WatchEvent> {
+    client.watch(request).await.expect("watch").into_inner()
 }

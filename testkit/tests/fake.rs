@@ -19,11 +19,7 @@ async fn pushes_reach_watchers_resolve_and_list_services() {
         ],
     ));
     let mut client = DiscoveryClient::connect(fake.url()).await.expect("connect");
-    let mut stream = client
-        .watch(watch_all(0))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut client, watch_all(0)).await;
     let mut view = View::default();
     view.apply(next_event(&mut stream, WAIT).await);
     assert_eq!((view.revision, view.snapshots), (3, 1));
@@ -56,11 +52,7 @@ async fn a_resume_at_the_current_revision_gets_nothing_and_dropped_streams_end()
     let fake = FakeRegistry::start().await;
     let rev = fake.upsert(vec![instance("web", "web-1", "1.0.0")]);
     let mut client = DiscoveryClient::connect(fake.url()).await.expect("connect");
-    let mut stream = client
-        .watch(watch_all(rev))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut client, watch_all(rev)).await;
     assert_eq!(fake.watchers(), 1);
     // Nothing is sent for a resume at the current revision: the next message is the
     // end of the stream once the fake drops it.
