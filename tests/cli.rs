@@ -38,6 +38,7 @@ impl Proc {
                 Instant::now() < deadline,
                 "process did not exit within {limit:?}"
             );
+            // Poll interval of a wait bounded by its deadline (a real process's output).
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -165,6 +166,7 @@ fn register_list_and_deregister_through_the_cli() {
     assert_eq!(json[0]["versions"][0], "1.0.0");
 
     // Held past its 2 s TTL by keep-alive.
+    // Wall time on purpose: a real process's keep-alive holds the 2 s TTL past it.
     std::thread::sleep(Duration::from_millis(3_000));
     let table = run(&["instances", "web", "--registry", &url]);
     let text = String::from_utf8_lossy(&table.stdout);
@@ -370,6 +372,7 @@ fn sidecar_process_from_a_config_file_proxies_registers_and_drains() {
             break;
         }
         assert!(Instant::now() < deadline, "app never registered: {json}");
+        // Poll interval of a wait bounded by its deadline (a real process).
         std::thread::sleep(Duration::from_millis(100));
     }
     // The sidecar routes to the service it registered (its own catalog has it too).
@@ -380,6 +383,7 @@ fn sidecar_process_from_a_config_file_proxies_registers_and_drains() {
             break;
         }
         assert!(Instant::now() < deadline, "no route to app: {reply}");
+        // Poll interval of a wait bounded by its deadline (a real process).
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -586,6 +590,7 @@ fn sidecar_flags_without_a_variable_before_now_take_one() {
             break;
         }
         assert!(Instant::now() < deadline, "envapp never registered: {json}");
+        // Poll interval of a wait bounded by its deadline (a real process).
         std::thread::sleep(Duration::from_millis(100));
     }
     sidecar.signal("-TERM");

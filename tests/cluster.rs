@@ -10,6 +10,7 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::cluster_client::ClusterClient;
 use switchyard_proto::v1::discovery_client::DiscoveryClient;
 use switchyard_proto::v1::registry_client::RegistryClient;
+use switchyard_testkit::{assert_eventually, http_get, instance, resolve_ids};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -100,18 +101,8 @@ async fn leader_of(nodes: &[Node], limit: Duration) -> u64 {
             }
         }
         assert!(Instant::now() < deadline, "no leader within {limit:?}");
+        // Poll interval of a wait bounded by `deadline`; the nodes are real processes.
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn instance(id: &str) -> pb::Instance {
-    pb::Instance {
-        service: "web".into(),
-        id: id.into(),
-        address: "127.0.0.1".into(),
-        port: 8080,
-        version: "1.0.0".into(),
-        ..Default::default()
     }
 }
 
@@ -124,7 +115,7 @@ async fn register(url: &str, id: &str, ttl: u32) -> Result<pb::RegisterResponse,
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     RegistryClient::new(channel)
         .register(pb::RegisterRequest {
-            instance: Some(instance(id)),
+            instance: Some(instance("web", id, "1.0.0")),
             ttl_seconds: ttl,
             lease_id: 0,
         })
@@ -136,19 +127,7 @@ async fn ids(url: &str) -> Vec<String> {
     let mut d = DiscoveryClient::connect(url.to_string())
         .await
         .expect("connect");
-    let mut ids: Vec<String> = d
-        .resolve(pb::ResolveRequest {
-            namespace: String::new(),
-            service: "web".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("resolve")
-        .into_inner()
-        .instances
-        .into_iter()
-        .map(|i| i.id)
-        .collect();
+    let mut ids = resolve_ids(&mut d, "web").await;
     ids.sort();
     ids
 }
@@ -167,11 +146,13 @@ fn keep_alive(
             }
             let url = &urls[n % urls.len()];
             let Ok(mut client) = RegistryClient::connect(url.clone()).await else {
+                // Pause before retrying a registry that does not answer (a renewer's pace).
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
             let (tx, rx) = mpsc::channel(4);
             let Ok(resp) = client.keep_alive(ReceiverStream::new(rx)).await else {
+                // Pause before retrying a registry that does not answer (a renewer's pace).
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
@@ -188,7 +169,10 @@ fn keep_alive(
                     break;
                 }
                 match tokio::time::timeout(Duration::from_secs(2), resp.message()).await {
-                    Ok(Ok(Some(_))) => tokio::time::sleep(Duration::from_millis(1000)).await,
+                    Ok(Ok(Some(_))) => {
+                        // The renewer's pace: one keep-alive a second keeps 5 s leases alive.
+                        tokio::time::sleep(Duration::from_millis(1000)).await
+                    }
                     _ => break,
                 }
             }
@@ -267,14 +251,12 @@ async fn three_registry_processes_survive_losing_the_leader() {
     )
     .await
     .expect("sidecar");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sidecar.table.get("web").map_or(0, |v| v.endpoints.len()) < 30 {
-        assert!(
-            Instant::now() < deadline,
-            "sidecar never saw the 30 instances"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually(
+        Duration::from_secs(10),
+        "the sidecar sees the 30 instances",
+        || async { sidecar.table.get("web").map_or(0, |v| v.endpoints.len()) >= 30 },
+    )
+    .await;
 
     // A dead instance: TTL 6 s, never renewed, registered 3 s before the kill. With its
     // checkpoints honoured the new leader gives it max(3 s left, 3 s grace) from the
@@ -282,6 +264,8 @@ async fn three_registry_processes_survive_losing_the_leader() {
     register(&follower, "dead-one", 6)
         .await
         .expect("register the dead one");
+    // Wall time on purpose: the dead instance's lease must have run for 3 s of the
+    // real processes' clocks before the kill.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // kill -9 the leader; measure until a surviving node accepts a write.
@@ -299,6 +283,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
                 break 'retry;
             }
         }
+        // Retry pace while measuring the failover (the measurement is wall time).
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let failover = written.expect("a new leader accepted a write");
@@ -325,7 +310,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
                 {
                     report.push_str(&format!("node {} log: {l}\n", n.id));
                 }
-                let m = http_get(&n.http, "/metrics").await;
+                let m = http_get(n.http.parse().expect("addr"), "/metrics").await.1;
                 for l in m.lines().filter(|l| {
                     l.contains("self_preservation ")
                         || l.contains("raft_is_leader ")
@@ -337,6 +322,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
             }
             panic!("the dead instance outlived its checkpointed TTL:\n{report}");
         }
+        // Poll interval of a wait bounded by `deadline` (with a report on failure).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
@@ -346,6 +332,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
 
     // Every acknowledged registration is still there, and none expires because of the
     // election: wait past the 5 s TTL, renewing through the survivors.
+    // Wall time on purpose: nothing may expire over the real processes' lease clocks.
     tokio::time::sleep(Duration::from_secs(6).saturating_sub(killed_at.elapsed())).await;
     let present = ids(&survivors[0]).await;
     for id in &acknowledged {
@@ -358,7 +345,9 @@ async fn three_registry_processes_survive_losing_the_leader() {
         .expect("node")
         .http
         .clone();
-    let metrics = http_get(&leader_http, "/metrics").await;
+    let metrics = http_get(leader_http.parse().expect("addr"), "/metrics")
+        .await
+        .1;
     let expiries: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("switchyard_registry_lease_expiries_total "))
@@ -370,13 +359,15 @@ async fn three_registry_processes_survive_losing_the_leader() {
     );
 
     // The sidecar failed over and sees a write made after the failover.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sidecar.table.get("web").map_or(0, |v| v.endpoints.len()) < 31
-        || !sidecar.table.is_connected()
-    {
-        assert!(Instant::now() < deadline, "the sidecar did not fail over");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually(
+        Duration::from_secs(10),
+        "the sidecar fails over",
+        || async {
+            sidecar.table.get("web").map_or(0, |v| v.endpoints.len()) >= 31
+                && sidecar.table.is_connected()
+        },
+    )
+    .await;
 
     // The old leader restarts and catches up.
     let old = nodes
@@ -414,6 +405,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
             Instant::now() < deadline,
             "the restarted node did not catch up"
         );
+        // Poll interval of a wait bounded by `deadline`; the nodes are real processes.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(ids(&old_url).await, ids(&survivors[0]).await);
@@ -430,6 +422,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
         n.kill9();
     }
     let last_url = nodes.iter().find(|n| n.id == last).expect("last").url();
+    // Wall time on purpose: the last node must have lost its peers' heartbeats.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let asked = Instant::now();
     let err = register(&last_url, "no-quorum", 30)
@@ -444,17 +437,6 @@ async fn three_registry_processes_survive_losing_the_leader() {
     );
     assert!(ids(&last_url).await.len() >= 30, "reads still answer");
     sidecar.shutdown().await;
-}
-
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,6 +518,7 @@ async fn a_node_joins_a_running_registry_and_is_removed_again() {
             break;
         }
         assert!(Instant::now() < deadline, "node 2 did not join");
+        // Poll interval of a wait bounded by `deadline`; the nodes are real processes.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // `switchyard members remove` through the CLI.
@@ -548,18 +531,12 @@ async fn a_node_joins_a_running_registry_and_is_removed_again() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let members = status(&first.url()).await.map(|s| s.members.len());
-        if members == Some(1) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node 2 still a member: {members:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_eventually(
+        Duration::from_secs(10),
+        "node 2 is no longer a member",
+        || async { status(&first.url()).await.map(|s| s.members.len()) == Some(1) },
+    )
+    .await;
     // The single remaining node still takes writes alone.
     register(&first.url(), "after-remove", 60)
         .await

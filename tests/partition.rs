@@ -173,6 +173,7 @@ fn wait<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
             return v;
         }
         assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        // Poll interval of `wait`, bounded by `limit` (real processes).
         std::thread::sleep(Duration::from_millis(100));
     }
 }

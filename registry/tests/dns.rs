@@ -2,80 +2,15 @@
 //! sockets: names, record types, negative answers, the canary split, truncation, and
 //! garbage that must not stall the server.
 
-mod support;
-
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
-use support::*;
+use hickory_proto::op::{Edns, Message, MessageType, ResponseCode};
+use hickory_proto::rr::{RData, RecordType};
 use switchyard_proto::v1 as pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use switchyard_testkit::dns::{ips, query, tcp, udp, udp_sized, with_edns};
+use switchyard_testkit::*;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
-
-fn query(name: &str, rtype: RecordType, id: u16) -> Message {
-    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
-    m.add_query(Query::query(Name::from_ascii(name).expect("name"), rtype));
-    m
-}
-
-async fn udp(addr: SocketAddr, msg: &Message) -> Message {
-    udp_sized(addr, msg).await.1
-}
-
-/// The answer and its size on the wire.
-async fn udp_sized(addr: SocketAddr, msg: &Message) -> (usize, Message) {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-    sock.send_to(&msg.to_vec().expect("encode"), addr)
-        .await
-        .expect("send");
-    let mut buf = vec![0u8; 65_535];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
-        .await
-        .expect("an answer in time")
-        .expect("recv");
-    (n, Message::from_vec(&buf[..n]).expect("decode"))
-}
-
-fn with_edns(mut m: Message, payload: u16, version: u8) -> Message {
-    let mut edns = Edns::new();
-    edns.set_max_payload(payload);
-    edns.set_version(version);
-    m.set_edns(edns);
-    m
-}
-
-async fn tcp(addr: SocketAddr, msg: &Message) -> Message {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let bytes = msg.to_vec().expect("encode");
-    s.write_all(&(bytes.len() as u16).to_be_bytes())
-        .await
-        .expect("len");
-    s.write_all(&bytes).await.expect("write");
-    let mut len = [0u8; 2];
-    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut len))
-        .await
-        .expect("in time")
-        .expect("read");
-    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
-    s.read_exact(&mut buf).await.expect("read");
-    Message::from_vec(&buf).expect("decode")
-}
-
-fn ips(m: &Message) -> Vec<String> {
-    let mut v: Vec<String> = m
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0.to_string()),
-            RData::AAAA(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 async fn reg(
     client: &mut switchyard_proto::v1::registry_client::RegistryClient<tonic::transport::Channel>,
@@ -238,7 +173,7 @@ async fn dns_follows_the_canary_split() {
     reg(&mut client, "s-1", "10.0.1.1", 80, "1.0.0").await;
     reg(&mut client, "s-2", "10.0.1.2", 80, "1.0.0").await;
     reg(&mut client, "c-1", "10.0.2.1", 80, "2.0.0").await;
-    let mut routing = switchyard_proto::v1::routing_client::RoutingClient::new(r.channel().await);
+    let mut routing = r.routing().await;
     let split = |e: &[(&str, u32)]| {
         e.iter()
             .map(|(s, w)| pb::WeightedSubset {
@@ -253,16 +188,8 @@ async fn dns_follows_the_canary_split() {
             service: "web".into(),
             policy: Some(pb::Policy {
                 subsets: vec![
-                    pb::Subset {
-                        name: "stable".into(),
-                        version: "1.0.0".into(),
-                        ..Default::default()
-                    },
-                    pb::Subset {
-                        name: "canary".into(),
-                        version: "2.0.0".into(),
-                        ..Default::default()
-                    },
+                    proto::subset("stable", "1.0.0"),
+                    proto::subset("canary", "2.0.0"),
                 ],
                 default_split: split(&[("stable", 80), ("canary", 20)]),
                 ..Default::default()

@@ -3,13 +3,11 @@
 //! stream, which used to end with OK and no answer), and bytes that are not protobuf are
 //! INVALID_ARGUMENT (prost's codec said INTERNAL).
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
-use support::*;
 use switchyard_proto::v1 as pb;
+use switchyard_testkit::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -104,7 +102,7 @@ impl Decoder for RawDecoder {
 async fn bytes_that_are_not_protobuf_are_invalid_argument() {
     let reg = TestRegistry::start().await;
     let mut grpc = tonic::client::Grpc::new(reg.channel().await);
-    let path = http::uri::PathAndQuery::from_static("/switchyard.v1.Registry/Register");
+    let path = ::http::uri::PathAndQuery::from_static("/switchyard.v1.Registry/Register");
     // Field 1 (instance) as a length-delimited value whose nested field 3 (id) is a
     // string holding invalid UTF-8; then a truncated varint.
     for body in [

@@ -1,12 +1,9 @@
 //! Group commit: concurrent registrations share fsyncs, and every one of them is durable
 //! and acknowledged (nothing is lost or answered twice by batching).
 
-mod support;
-
-use support::*;
-use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::discovery_client::DiscoveryClient;
 use switchyard_registry::RegistryConfig;
+use switchyard_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_registrations_share_fsyncs_and_all_survive_a_restart() {
@@ -62,15 +59,7 @@ async fn concurrent_registrations_share_fsyncs_and_all_survive_a_restart() {
     let mut discovery = DiscoveryClient::connect(format!("http://{}", restarted.grpc_addr))
         .await
         .expect("connect");
-    let resolved = discovery
-        .resolve(pb::ResolveRequest {
-            namespace: String::new(),
-            service: "web".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("resolve")
-        .into_inner();
+    let resolved = resolve(&mut discovery, "web").await;
     assert_eq!(resolved.instances.len(), N);
     restarted.shutdown().await;
 }

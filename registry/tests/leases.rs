@@ -1,33 +1,12 @@
 //! Leases: keep-alive keeps instances, silence expires them promptly, unknown leases
 //! answer found=false, re-registering is idempotent.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
 use switchyard_proto::v1 as pb;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use switchyard_testkit::*;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-async fn resolve_ids(reg: &TestRegistry, service: &str) -> Vec<String> {
-    let mut discovery = reg.discovery().await;
-    discovery
-        .resolve(pb::ResolveRequest {
-            namespace: String::new(),
-            service: service.into(),
-            version: String::new(),
-        })
-        .await
-        .expect("resolve")
-        .into_inner()
-        .instances
-        .into_iter()
-        .map(|i| i.id)
-        .collect()
-}
 
 #[tokio::test]
 async fn keep_alive_holds_an_instance_past_three_ttls_and_silence_expires_it() {
@@ -37,24 +16,10 @@ async fn keep_alive_holds_an_instance_past_three_ttls_and_silence_expires_it() {
     assert_eq!(lease.ttl_seconds, 1);
 
     let mut discovery = reg.discovery().await;
-    let mut watch = discovery
-        .watch(pb::WatchRequest {
-            namespace: String::new(),
-            services: vec!["web".into()],
-            since_revision: 0,
-            cluster_id: String::new(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut watch = open_watch(&mut discovery, watch_of(&["web"], 0)).await;
     next_event(&mut watch, WAIT).await;
 
-    let (tx, rx) = mpsc::channel(4);
-    let mut responses = registry
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .expect("keep-alive")
-        .into_inner();
+    let (tx, mut responses) = keep_alive(&mut registry, 4).await;
     let started = Instant::now();
     let mut last_renewal = Instant::now();
     while started.elapsed() < Duration::from_millis(3_500) {
@@ -72,9 +37,13 @@ async fn keep_alive_holds_an_instance_past_three_ttls_and_silence_expires_it() {
         assert!(resp.leases[0].found, "lease still known");
         assert_eq!(resp.leases[0].ttl_seconds, 1);
         last_renewal = Instant::now();
+        // The renewer's pace: four renewals per 1 s TTL on the registry's real clock.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert_eq!(resolve_ids(&reg, "web").await, vec!["web-1"]);
+    assert_eq!(
+        resolve_ids(&mut reg.discovery().await, "web").await,
+        vec!["web-1"]
+    );
 
     // Stop renewing: the watcher sees the removal shortly after the TTL ends.
     drop(tx);
@@ -95,7 +64,9 @@ async fn keep_alive_holds_an_instance_past_three_ttls_and_silence_expires_it() {
         waited < Duration::from_millis(2_500),
         "promptly after the TTL: {waited:?}"
     );
-    assert!(resolve_ids(&reg, "web").await.is_empty());
+    assert!(resolve_ids(&mut reg.discovery().await, "web")
+        .await
+        .is_empty());
     let m = reg.metrics().await;
     assert_eq!(
         metric(&m, "switchyard_registry_lease_expiries_total"),
@@ -111,12 +82,7 @@ async fn unknown_and_expired_leases_answer_found_false_and_many_renew_at_once() 
     let mut registry = reg.registry().await;
     let a = register(&mut registry, instance("web", "web-a", "1.0.0"), 30).await;
     let b = register(&mut registry, instance("web", "web-b", "1.0.0"), 30).await;
-    let (tx, rx) = mpsc::channel(4);
-    let mut responses = registry
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .expect("keep-alive")
-        .into_inner();
+    let (tx, mut responses) = keep_alive(&mut registry, 4).await;
     tx.send(pb::KeepAliveRequest {
         lease_ids: vec![a.lease_id, 424_242, b.lease_id],
     })
@@ -164,7 +130,10 @@ async fn re_registering_the_same_id_is_idempotent() {
     let updated = register(&mut registry, instance("web", "web-1", "1.1.0"), 10).await;
     assert_eq!(updated.lease_id, first.lease_id);
     assert!(updated.revision > first.revision);
-    assert_eq!(resolve_ids(&reg, "web").await, vec!["web-1"]);
+    assert_eq!(
+        resolve_ids(&mut reg.discovery().await, "web").await,
+        vec!["web-1"]
+    );
     let m = reg.metrics().await;
     assert_eq!(metric(&m, "switchyard_registry_instances"), Some(1.0));
     assert_eq!(metric(&m, "switchyard_registry_leases"), Some(1.0));
@@ -196,8 +165,13 @@ async fn instances_can_share_a_lease_and_expire_together() {
     assert!(err.message().contains("lease 999999"), "{}", err.message());
 
     eventually(WAIT, || async {
-        (resolve_ids(&reg, "web").await.is_empty() && resolve_ids(&reg, "api").await.is_empty())
-            .then_some(())
+        (resolve_ids(&mut reg.discovery().await, "web")
+            .await
+            .is_empty()
+            && resolve_ids(&mut reg.discovery().await, "api")
+                .await
+                .is_empty())
+        .then_some(())
     })
     .await;
     reg.handle.shutdown().await;
@@ -207,12 +181,7 @@ async fn instances_can_share_a_lease_and_expire_together() {
 async fn too_many_ids_in_one_keep_alive_is_refused() {
     let reg = TestRegistry::start().await;
     let mut registry = reg.registry().await;
-    let (tx, rx) = mpsc::channel(1);
-    let mut responses = registry
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .expect("keep-alive")
-        .into_inner();
+    let (tx, mut responses) = keep_alive(&mut registry, 1).await;
     tx.send(pb::KeepAliveRequest {
         lease_ids: (0..1_001).collect(),
     })
@@ -252,8 +221,13 @@ async fn self_preservation_pauses_a_mass_expiry_until_renewals_recover() {
     }
     let mut registry = registry;
     // Nobody renews: all 30 run out together, which looks like a network problem.
+    // Wall time on purpose: expiry must stay paused past the 2 s TTL of the real lease clock.
     tokio::time::sleep(Duration::from_millis(3_000)).await;
-    assert_eq!(resolve_ids(&reg, "web").await.len(), 30, "expiry paused");
+    assert_eq!(
+        resolve_ids(&mut reg.discovery().await, "web").await.len(),
+        30,
+        "expiry paused"
+    );
     let m = reg.metrics().await;
     assert_eq!(
         metric(&m, "switchyard_registry_self_preservation"),
@@ -266,12 +240,7 @@ async fn self_preservation_pauses_a_mass_expiry_until_renewals_recover() {
 
     // Two thirds come back: the share of dead leases drops below the threshold, expiry
     // resumes and removes only the ten that stay silent.
-    let (tx, rx) = mpsc::channel(4);
-    let mut responses = registry
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .expect("keep-alive")
-        .into_inner();
+    let (tx, mut responses) = keep_alive(&mut registry, 4).await;
     let alive: Vec<u64> = leases[..20].to_vec();
     let renewer = tokio::spawn(async move {
         for _ in 0..40 {
@@ -285,11 +254,12 @@ async fn self_preservation_pauses_a_mass_expiry_until_renewals_recover() {
                 return;
             }
             let _ = responses.message().await;
+            // The renewer's pace: four renewals per 2 s TTL on the registry's real clock.
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
     eventually(Duration::from_secs(8), || async {
-        (resolve_ids(&reg, "web").await.len() == 20).then_some(())
+        (resolve_ids(&mut reg.discovery().await, "web").await.len() == 20).then_some(())
     })
     .await;
     let m = reg.metrics().await;

@@ -1,15 +1,11 @@
 //! Durability: registrations, the revision and leases survive a restart on the same
 //! data dir, from the log alone and from a snapshot plus the log after it.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
 use switchyard_proto::v1 as pb;
 use switchyard_registry::RegistryConfig;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use switchyard_testkit::*;
 
 async fn state(url: String) -> (u64, Vec<(String, String)>) {
     let mut discovery = switchyard_proto::v1::discovery_client::DiscoveryClient::connect(url)
@@ -18,15 +14,7 @@ async fn state(url: String) -> (u64, Vec<(String, String)>) {
     let mut ids = Vec::new();
     let mut revision = 0;
     for svc in ["web", "api"] {
-        let r = discovery
-            .resolve(pb::ResolveRequest {
-                namespace: String::new(),
-                service: svc.into(),
-                version: String::new(),
-            })
-            .await
-            .expect("resolve")
-            .into_inner();
+        let r = resolve(&mut discovery, svc).await;
         revision = r.revision;
         ids.extend(r.instances.into_iter().map(|i| (i.id, i.version)));
     }
@@ -90,12 +78,7 @@ async fn restart_keeps(snapshot_every: u64) {
     let mut registry = switchyard_proto::v1::registry_client::RegistryClient::connect(url)
         .await
         .expect("connect");
-    let (tx, rx) = mpsc::channel(1);
-    let mut responses = registry
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .expect("keep-alive")
-        .into_inner();
+    let (tx, mut responses) = keep_alive(&mut registry, 1).await;
     tx.send(pb::KeepAliveRequest {
         lease_ids: vec![kept.lease_id],
     })

@@ -1,59 +1,29 @@
 //! The Routing service: put, get, history, rollback; policies in watch streams;
 //! validation naming the field; durability.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::routing_client::RoutingClient;
+use switchyard_testkit::*;
 use tonic::transport::Channel;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn split(entries: &[(&str, u32)]) -> Vec<pb::WeightedSubset> {
-    entries
-        .iter()
-        .map(|(s, w)| pb::WeightedSubset {
-            subset: s.to_string(),
-            weight: *w,
-        })
-        .collect()
-}
-
+/// The shared canary policy, with a version range, a regex header match and a route
+/// weight of 1, so the registry keeps every field as given.
 fn policy(default: &[(&str, u32)]) -> pb::Policy {
-    pb::Policy {
-        subsets: vec![
-            pb::Subset {
-                name: "stable".into(),
-                version: "1.0.0".into(),
-                ..Default::default()
-            },
-            pb::Subset {
-                name: "canary".into(),
-                version_range: ">=2.0.0, <3".into(),
-                ..Default::default()
-            },
-        ],
-        routes: vec![pb::Route {
-            name: "testers".into(),
-            headers: vec![pb::HeaderMatch {
-                name: "x-canary".into(),
-                r#match: Some(pb::header_match::Match::Regex("^(true|1)$".into())),
-            }],
-            split: split(&[("canary", 1)]),
-            sticky_header: String::new(),
-        }],
-        default_split: split(default),
-        fallback: pb::Fallback::Default as i32,
-        sticky_header: String::new(),
-    }
-}
-
-async fn routing(reg: &TestRegistry) -> RoutingClient<Channel> {
-    RoutingClient::new(reg.channel().await)
+    let mut p = canary_policy(default);
+    p.subsets[1] = pb::Subset {
+        name: "canary".into(),
+        version_range: ">=2.0.0, <3".into(),
+        ..Default::default()
+    };
+    let route = &mut p.routes[0];
+    route.headers[0].r#match = Some(pb::header_match::Match::Regex("^(true|1)$".into()));
+    route.split = split(&[("canary", 1)]);
+    p
 }
 
 async fn put(
@@ -89,19 +59,10 @@ async fn policies_are_recorded_watched_and_rolled_back() {
     let mut registry = reg.registry().await;
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
     let mut discovery = reg.discovery().await;
-    let mut watch = discovery
-        .watch(pb::WatchRequest {
-            namespace: String::new(),
-            services: vec!["web".into()],
-            since_revision: 0,
-            cluster_id: String::new(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut watch = open_watch(&mut discovery, watch_of(&["web"], 0)).await;
     next_event(&mut watch, WAIT).await;
 
-    let mut client = routing(&reg).await;
+    let mut client = reg.routing().await;
     let first = put(&mut client, "web", Some(policy(&[("stable", 100)])))
         .await
         .expect("put");
@@ -136,15 +97,7 @@ async fn policies_are_recorded_watched_and_rolled_back() {
     );
 
     // Resolve and a fresh snapshot carry the policy.
-    let resolved = discovery
-        .resolve(pb::ResolveRequest {
-            namespace: String::new(),
-            service: "web".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("resolve")
-        .into_inner();
+    let resolved = resolve(&mut discovery, "web").await;
     assert_eq!(resolved.policy.map(|p| p.default_split.len()), Some(2));
 
     // Rollback (to the previous) is itself a new recorded change.
@@ -226,7 +179,7 @@ async fn policies_are_recorded_watched_and_rolled_back() {
 #[tokio::test]
 async fn history_is_bounded() {
     let reg = TestRegistry::start().await;
-    let mut client = routing(&reg).await;
+    let mut client = reg.routing().await;
     let mut registry = reg.registry().await;
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
     for n in 1..=55u32 {
@@ -259,7 +212,7 @@ async fn bad_policies_are_refused_naming_the_field_and_never_recorded() {
     let reg = TestRegistry::start().await;
     let mut registry = reg.registry().await;
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
-    let mut client = routing(&reg).await;
+    let mut client = reg.routing().await;
     let mut cases: Vec<(&str, pb::Policy)> = Vec::new();
     cases.push((
         "policy.default_split[1].subset",

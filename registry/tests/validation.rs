@@ -1,10 +1,8 @@
 //! Every data-model rule is enforced at the edge with INVALID_ARGUMENT naming the field,
 //! and a refused request changes nothing.
 
-mod support;
-
-use support::*;
 use switchyard_proto::v1 as pb;
+use switchyard_testkit::*;
 use tonic::Code;
 
 async fn refused(reg: &TestRegistry, req: pb::RegisterRequest) -> tonic::Status {

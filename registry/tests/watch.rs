@@ -1,24 +1,13 @@
 //! Watch: snapshot then deltas, service filters, resume from a revision, resync of a
 //! watcher that falls behind.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
 use switchyard_proto::v1 as pb;
+use switchyard_testkit::*;
 use tonic::transport::Endpoint;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-fn watch_all(since: u64) -> pb::WatchRequest {
-    pb::WatchRequest {
-        namespace: String::new(),
-        services: vec![],
-        since_revision: since,
-        cluster_id: String::new(),
-    }
-}
 
 #[tokio::test]
 async fn a_watcher_sees_registrations_and_deregistrations() {
@@ -27,11 +16,7 @@ async fn a_watcher_sees_registrations_and_deregistrations() {
     let mut discovery = reg.discovery().await;
     register(&mut registry, instance("web", "web-1", "1.0.0"), 30).await;
 
-    let mut stream = discovery
-        .watch(watch_all(0))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut discovery, watch_all(0)).await;
     let mut view = View::default();
     view.apply(next_event(&mut stream, WAIT).await);
     assert_eq!(view.snapshots, 1, "the first event is a snapshot");
@@ -74,11 +59,7 @@ async fn set_state_reaches_watchers_and_resolve() {
     let mut registry = reg.registry().await;
     let mut discovery = reg.discovery().await;
     register(&mut registry, instance("api", "api-1", "2.0.0"), 30).await;
-    let mut stream = discovery
-        .watch(watch_all(0))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut discovery, watch_all(0)).await;
     next_event(&mut stream, WAIT).await;
     registry
         .set_state(pb::SetStateRequest {
@@ -91,15 +72,7 @@ async fn set_state_reaches_watchers_and_resolve() {
     let mut view = View::default();
     view.apply(next_event(&mut stream, WAIT).await);
     assert_eq!(view.instances["api-1"].state, pb::State::Draining as i32);
-    let resolved = discovery
-        .resolve(pb::ResolveRequest {
-            namespace: String::new(),
-            service: "api".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("resolve")
-        .into_inner();
+    let resolved = resolve(&mut discovery, "api").await;
     assert_eq!(resolved.instances[0].state, pb::State::Draining as i32);
     reg.handle.shutdown().await;
 }
@@ -109,16 +82,7 @@ async fn watch_filters_by_service_and_namespace() {
     let reg = TestRegistry::start().await;
     let mut registry = reg.registry().await;
     let mut discovery = reg.discovery().await;
-    let mut stream = discovery
-        .watch(pb::WatchRequest {
-            namespace: String::new(),
-            services: vec!["payments".into()],
-            since_revision: 0,
-            cluster_id: String::new(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut discovery, watch_of(&["payments"], 0)).await;
     let first = next_event(&mut stream, WAIT).await;
     assert!(
         matches!(first.kind, Some(pb::watch_event::Kind::Snapshot(ref s)) if s.services.is_empty())
@@ -158,11 +122,7 @@ async fn a_watcher_resumes_from_a_revision_without_a_snapshot() {
     let second = register(&mut registry, instance("web", "web-2", "1.0.0"), 30).await;
     let third = register(&mut registry, instance("web", "web-3", "1.0.0"), 30).await;
 
-    let mut stream = discovery
-        .watch(watch_all(first.revision))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut discovery, watch_all(first.revision)).await;
     let mut revisions = Vec::new();
     for _ in 0..2 {
         let e = next_event(&mut stream, WAIT).await;
@@ -175,11 +135,7 @@ async fn a_watcher_resumes_from_a_revision_without_a_snapshot() {
     assert_eq!(revisions, vec![second.revision, third.revision]);
 
     // Resuming from the current revision sends nothing until the next change.
-    let mut caught_up = discovery
-        .watch(watch_all(third.revision))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut caught_up = open_watch(&mut discovery, watch_all(third.revision)).await;
     let fourth = register(&mut registry, instance("web", "web-4", "1.0.0"), 30).await;
     assert_eq!(
         next_event(&mut caught_up, WAIT).await.revision,
@@ -202,11 +158,7 @@ async fn a_resume_older_than_the_history_gets_a_snapshot() {
         )
         .await;
     }
-    let mut stream = discovery
-        .watch(watch_all(first.revision))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut discovery, watch_all(first.revision)).await;
     let mut view = View::default();
     view.apply(next_event(&mut stream, WAIT).await);
     assert_eq!(view.snapshots, 1);
@@ -227,11 +179,7 @@ async fn a_lagging_watcher_is_resynced_and_never_slows_registration() {
         .await
         .expect("connect");
     let mut discovery = switchyard_proto::v1::discovery_client::DiscoveryClient::new(slow);
-    let mut stream = discovery
-        .watch(watch_all(0))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut discovery, watch_all(0)).await;
     let mut view = View::default();
     view.apply(next_event(&mut stream, WAIT).await);
 
@@ -288,11 +236,7 @@ async fn a_lagging_watcher_is_resynced_and_never_slows_registration() {
 async fn shutdown_ends_open_watch_streams() {
     let reg = TestRegistry::start().await;
     let mut discovery = reg.discovery().await;
-    let mut stream = discovery
-        .watch(watch_all(0))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = open_watch(&mut discovery, watch_all(0)).await;
     next_event(&mut stream, WAIT).await;
     tokio::time::timeout(WAIT, reg.handle.shutdown())
         .await

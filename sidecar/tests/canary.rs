@@ -13,45 +13,6 @@ use support::*;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::routing_client::RoutingClient;
 
-fn split(entries: &[(&str, u32)]) -> Vec<pb::WeightedSubset> {
-    entries
-        .iter()
-        .map(|(s, w)| pb::WeightedSubset {
-            subset: s.to_string(),
-            weight: *w,
-        })
-        .collect()
-}
-
-fn policy(default: &[(&str, u32)]) -> pb::Policy {
-    pb::Policy {
-        subsets: vec![
-            pb::Subset {
-                name: "stable".into(),
-                version: "1.0.0".into(),
-                ..Default::default()
-            },
-            pb::Subset {
-                name: "canary".into(),
-                version: "2.0.0".into(),
-                ..Default::default()
-            },
-        ],
-        routes: vec![pb::Route {
-            name: "testers".into(),
-            headers: vec![pb::HeaderMatch {
-                name: "x-canary".into(),
-                r#match: Some(pb::header_match::Match::Exact("true".into())),
-            }],
-            split: split(&[("canary", 100)]),
-            sticky_header: String::new(),
-        }],
-        default_split: split(default),
-        fallback: pb::Fallback::Default as i32,
-        sticky_header: String::new(),
-    }
-}
-
 struct Setup {
     _dir: tempfile::TempDir,
     registry: switchyard_registry::RegistryHandle,
@@ -72,9 +33,9 @@ async fn setup() -> Setup {
     ];
     let canary = Backend::start("canary-1", Duration::ZERO).await;
     for b in &stable {
-        register(&mut client, "web", &b.name, b.addr, "1.0.0", 100).await;
+        register_at(&mut client, "web", &b.name, b.addr, "1.0.0", 100).await;
     }
-    register(&mut client, "web", &canary.name, canary.addr, "2.0.0", 100).await;
+    register_at(&mut client, "web", &canary.name, canary.addr, "2.0.0", 100).await;
     let sidecar = start_sidecar(sidecar_config(vec![url.clone()], dir.path())).await;
     wait_endpoints(&sidecar, "web", 3).await;
     let routing = RoutingClient::connect(url).await.expect("connect");
@@ -114,7 +75,11 @@ async fn splits_headers_and_rollback_steer_real_requests() {
     let mut s = setup().await;
     let proxy = s.sidecar.http_proxy_addr.expect("proxy");
     let http = http_client();
-    let first = put(&mut s, Some(policy(&[("stable", 90), ("canary", 10)]))).await;
+    let first = put(
+        &mut s,
+        Some(canary_policy(&[("stable", 90), ("canary", 10)])),
+    )
+    .await;
 
     const N: usize = 2_000;
     let before = s.canary.hits();
@@ -170,7 +135,7 @@ async fn splits_headers_and_rollback_steer_real_requests() {
     }
 
     // Rollback to 100% stable.
-    put(&mut s, Some(policy(&[("stable", 100)]))).await;
+    put(&mut s, Some(canary_policy(&[("stable", 100)]))).await;
     let restored = s
         .routing
         .rollback_policy(pb::RollbackPolicyRequest {
@@ -225,7 +190,7 @@ async fn splits_headers_and_rollback_steer_real_requests() {
 async fn a_policy_change_under_load_drops_no_request() {
     let mut s = setup().await;
     let proxy = s.sidecar.http_proxy_addr.expect("proxy");
-    put(&mut s, Some(policy(&[("stable", 100)]))).await;
+    put(&mut s, Some(canary_policy(&[("stable", 100)]))).await;
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -247,16 +212,28 @@ async fn a_policy_change_under_load_drops_no_request() {
             failures
         }));
     }
+    // Between changes, wait for the load to move on (100 more requests) instead of a
+    // fixed time: every change lands with requests in flight before and after it.
+    let load_moves_on = || {
+        let sent = sent.clone();
+        let until = sent.load(Ordering::Relaxed) + 100;
+        async move {
+            assert_eventually(Duration::from_secs(10), "the load runs", || async {
+                sent.load(Ordering::Relaxed) >= until
+            })
+            .await;
+        }
+    };
     for weights in [
         [("stable", 90), ("canary", 10)],
         [("stable", 50), ("canary", 50)],
         [("stable", 0), ("canary", 100)],
         [("stable", 100), ("canary", 0)],
     ] {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        put(&mut s, Some(policy(&weights))).await;
+        load_moves_on().await;
+        put(&mut s, Some(canary_policy(&weights))).await;
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    load_moves_on().await;
     stop.store(true, Ordering::Relaxed);
     let mut failures = 0;
     for t in tasks {
@@ -288,7 +265,11 @@ async fn a_canary_with_no_healthy_endpoint_gets_nothing() {
     })
     .await
     .expect("fail the canary");
-    put(&mut s, Some(policy(&[("stable", 90), ("canary", 10)]))).await;
+    put(
+        &mut s,
+        Some(canary_policy(&[("stable", 90), ("canary", 10)])),
+    )
+    .await;
     let http = http_client();
     for _ in 0..500 {
         let (status, body, _) = get(&http, proxy, "web").await;
@@ -309,7 +290,7 @@ async fn a_canary_with_no_healthy_endpoint_gets_nothing() {
     assert!(count > 10.0, "{line}");
 
     // With fallback = fail, the canary's share fails clearly instead.
-    let mut p = policy(&[("stable", 50), ("canary", 50)]);
+    let mut p = canary_policy(&[("stable", 50), ("canary", 50)]);
     p.fallback = pb::Fallback::Fail as i32;
     put(&mut s, Some(p)).await;
     let mut refused = 0;
@@ -333,14 +314,14 @@ async fn the_subset_header_pins_the_second_hop() {
     let api_stable = Backend::start("api-stable", Duration::ZERO).await;
     let api_canary = Backend::start("api-canary", Duration::ZERO).await;
     let mut reg = registry_client(&s.registry).await;
-    register(&mut reg, "api", "api-stable", api_stable.addr, "1.0.0", 100).await;
-    register(&mut reg, "api", "api-canary", api_canary.addr, "2.0.0", 100).await;
+    register_at(&mut reg, "api", "api-stable", api_stable.addr, "1.0.0", 100).await;
+    register_at(&mut reg, "api", "api-canary", api_canary.addr, "2.0.0", 100).await;
     let revision = s
         .routing
         .put_policy(pb::PutPolicyRequest {
             namespace: String::new(),
             service: "api".into(),
-            policy: Some(policy(&[("stable", 100)])),
+            policy: Some(canary_policy(&[("stable", 100)])),
         })
         .await
         .expect("put")
@@ -352,7 +333,7 @@ async fn the_subset_header_pins_the_second_hop() {
         async move { (t.revision() >= revision).then_some(()) }
     })
     .await;
-    put(&mut s, Some(policy(&[("canary", 100)]))).await;
+    put(&mut s, Some(canary_policy(&[("canary", 100)]))).await;
 
     let http = http_client();
     // Hop 1: web picks canary and stamps it; the app passes the header on (here: we do).

@@ -3,95 +3,38 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use support::dns::{ask, ips, srv_ports};
 use support::*;
 use switchyard_proto::v1 as pb;
-use tokio::net::UdpSocket;
-
-async fn ask(addr: SocketAddr, name: &str, rtype: RecordType) -> Message {
-    let mut m = Message::new(7, MessageType::Query, OpCode::Query);
-    m.add_query(Query::query(Name::from_ascii(name).expect("name"), rtype));
-    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-    sock.send_to(&m.to_vec().expect("encode"), addr)
-        .await
-        .expect("send");
-    let mut buf = vec![0u8; 4096];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
-        .await
-        .expect("answer in time")
-        .expect("recv");
-    Message::from_vec(&buf[..n]).expect("decode")
-}
-
-fn ips(m: &Message) -> Vec<String> {
-    let mut v: Vec<String> = m
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 #[tokio::test]
 async fn the_sidecar_answers_dns_from_its_cache_even_without_a_registry() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
-    let mut client = registry_client(&registry).await;
-    for (id, port, version) in [("s-1", 9001, "1.0.0"), ("c-1", 9002, "2.0.0")] {
-        register(
-            &mut client,
+    let fake = FakeRegistry::start().await;
+    let policy = pb::Policy {
+        subsets: vec![proto::subset("canary", "2.0.0")],
+        default_split: split(&[("1.0.0", 100), ("canary", 0)]),
+        ..Default::default()
+    };
+    fake.push(proto::snapshot(
+        1,
+        vec![proto::service_state(
             "web",
-            id,
-            format!("127.0.0.1:{port}").parse().expect("addr"),
-            version,
-            100,
-        )
-        .await;
-    }
-    let mut routing = switchyard_proto::v1::routing_client::RoutingClient::connect(format!(
-        "http://{}",
-        registry.grpc_addr
-    ))
-    .await
-    .expect("connect");
-    routing
-        .put_policy(pb::PutPolicyRequest {
-            namespace: String::new(),
-            service: "web".into(),
-            policy: Some(pb::Policy {
-                subsets: vec![pb::Subset {
-                    name: "canary".into(),
-                    version: "2.0.0".into(),
-                    ..Default::default()
-                }],
-                default_split: vec![
-                    pb::WeightedSubset {
-                        subset: "1.0.0".into(),
-                        weight: 100,
-                    },
-                    pb::WeightedSubset {
-                        subset: "canary".into(),
-                        weight: 0,
-                    },
-                ],
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("policy");
-    let sidecar = start_sidecar(sidecar_config(
-        vec![format!("http://{}", registry.grpc_addr)],
-        dir.path(),
-    ))
-    .await;
+            [("s-1", 9001, "1.0.0"), ("c-1", 9002, "2.0.0")]
+                .into_iter()
+                .map(|(id, port, version)| {
+                    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+                    instance_at("web", id, addr, version, 100)
+                })
+                .collect(),
+            Some(policy),
+        )],
+    ));
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
     let dns = sidecar.dns_addr.expect("sidecar dns");
     eventually(Duration::from_secs(5), || async {
         sidecar
@@ -109,15 +52,7 @@ async fn the_sidecar_answers_dns_from_its_cache_even_without_a_registry() {
         assert_eq!(a.answers.len(), 1);
     }
     let srv = ask(dns, "_web._tcp.service.switchyard.", RecordType::SRV).await;
-    let ports: Vec<u16> = srv
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::SRV(s) => Some(s.port),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(ports, vec![9001], "weight-0 subsets get no SRV");
+    assert_eq!(srv_ports(&srv), vec![9001], "weight-0 subsets get no SRV");
     let canary = ask(dns, "canary.web.service.switchyard.", RecordType::A).await;
     assert_eq!(ips(&canary), vec!["127.0.0.1"]);
     assert_eq!(
@@ -129,8 +64,7 @@ async fn the_sidecar_answers_dns_from_its_cache_even_without_a_registry() {
     );
 
     // The registry goes away: the sidecar still answers from its catalog.
-    drop(client);
-    registry.shutdown().await;
+    fake.shutdown().await;
     eventually(Duration::from_secs(5), || async {
         (!sidecar.table.is_connected()).then_some(())
     })

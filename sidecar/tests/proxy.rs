@@ -1,4 +1,5 @@
-//! The HTTP proxy end to end: a real registry, real backends, a real sidecar.
+//! The HTTP proxy end to end: real backends and a real sidecar, fed its catalog by a
+//! fake registry (the proxy needs a catalog, not Raft).
 
 mod support;
 
@@ -10,19 +11,17 @@ use switchyard_proto::v1 as pb;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_balanced_and_a_slow_backend_gets_fewer() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
+    let fake = FakeRegistry::start().await;
     let fast_a = Backend::start("fast-a", Duration::ZERO).await;
     let fast_b = Backend::start("fast-b", Duration::ZERO).await;
     let slow = Backend::start("slow", Duration::from_millis(40)).await;
-    let mut client = registry_client(&registry).await;
-    for b in [&fast_a, &fast_b, &slow] {
-        register(&mut client, "web", &b.name, b.addr, "1.0.0", 100).await;
-    }
-    let sidecar = start_sidecar(sidecar_config(
-        vec![format!("http://{}", registry.grpc_addr)],
-        dir.path(),
-    ))
-    .await;
+    fake.upsert(
+        [&fast_a, &fast_b, &slow]
+            .iter()
+            .map(|b| instance_at("web", &b.name, b.addr, "1.0.0", 100))
+            .collect(),
+    );
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
     wait_endpoints(&sidecar, "web", 3).await;
     let proxy = sidecar.http_proxy_addr.expect("proxy");
 
@@ -48,21 +47,16 @@ async fn requests_are_balanced_and_a_slow_backend_gets_fewer() {
         slow.hits()
     );
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
 }
 
 #[tokio::test]
 async fn host_forms_headers_and_http2() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
+    let fake = FakeRegistry::start().await;
     let backend = Backend::start("one", Duration::ZERO).await;
-    let mut client = registry_client(&registry).await;
-    register(&mut client, "web", "one", backend.addr, "1.0.0", 100).await;
-    let sidecar = start_sidecar(sidecar_config(
-        vec![format!("http://{}", registry.grpc_addr)],
-        dir.path(),
-    ))
-    .await;
+    fake.upsert(vec![instance_at("web", "one", backend.addr, "1.0.0", 100)]);
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
     wait_endpoints(&sidecar, "web", 1).await;
     let proxy = sidecar.http_proxy_addr.expect("proxy");
     let http = http_client();
@@ -91,31 +85,27 @@ async fn host_forms_headers_and_http2() {
         "a non-gRPC h2c request goes upstream as HTTP/1.1"
     );
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
 }
 
 #[tokio::test]
 async fn errors_are_answered_clearly() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
+    let fake = FakeRegistry::start().await;
     let slow = Backend::start("slow", Duration::from_millis(2_000)).await;
     let gone = Backend::start("gone", Duration::ZERO).await;
     let gone_addr = gone.addr;
     gone.stop();
     drop(gone);
-    let mut client = registry_client(&registry).await;
-    register(&mut client, "slow", "slow-1", slow.addr, "1", 100).await;
-    register(&mut client, "down", "down-1", gone_addr, "1", 100).await;
-    register(&mut client, "drained", "d-1", slow.addr, "1", 100).await;
-    client
-        .set_state(pb::SetStateRequest {
-            namespace: String::new(),
-            id: "d-1".into(),
+    fake.upsert(vec![
+        instance_at("slow", "slow-1", slow.addr, "1", 100),
+        instance_at("down", "down-1", gone_addr, "1", 100),
+        pb::Instance {
             state: pb::State::Draining as i32,
-        })
-        .await
-        .expect("drain");
-    let mut config = sidecar_config(vec![format!("http://{}", registry.grpc_addr)], dir.path());
+            ..instance_at("drained", "d-1", slow.addr, "1", 100)
+        },
+    ]);
+    let mut config = sidecar_config(vec![fake.url()], dir.path());
     config.request_timeout = Duration::from_millis(300);
     let sidecar = start_sidecar(config).await;
     wait_endpoints(&sidecar, "drained", 1).await;
@@ -151,34 +141,25 @@ async fn errors_are_answered_clearly() {
     let (_, metrics) = http_get(sidecar.admin_addr, "/metrics").await;
     assert!(metrics.contains("switchyard_sidecar_local_replies_total{service=\"nosuch\",endpoint=\"\",class=\"5xx\"} 1"), "{metrics}");
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_deregistered_backend_stops_getting_traffic_within_a_second() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
+    let fake = FakeRegistry::start().await;
     let a = Backend::start("a", Duration::ZERO).await;
     let b = Backend::start("b", Duration::ZERO).await;
-    let mut client = registry_client(&registry).await;
-    register(&mut client, "web", "a", a.addr, "1", 100).await;
-    register(&mut client, "web", "b", b.addr, "1", 100).await;
-    let sidecar = start_sidecar(sidecar_config(
-        vec![format!("http://{}", registry.grpc_addr)],
-        dir.path(),
-    ))
-    .await;
+    fake.upsert(vec![
+        instance_at("web", "a", a.addr, "1", 100),
+        instance_at("web", "b", b.addr, "1", 100),
+    ]);
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
     wait_endpoints(&sidecar, "web", 2).await;
     let proxy = sidecar.http_proxy_addr.expect("proxy");
     let http = http_client();
 
-    client
-        .deregister(pb::DeregisterRequest {
-            namespace: String::new(),
-            id: "b".into(),
-        })
-        .await
-        .expect("deregister");
+    fake.remove("web", "b");
     let deregistered = Instant::now();
     // Within a second, a run of 50 requests all land on a.
     loop {
@@ -199,7 +180,7 @@ async fn a_deregistered_backend_stops_getting_traffic_within_a_second() {
         deregistered.elapsed()
     );
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
 }
 
 #[tokio::test]
@@ -208,7 +189,7 @@ async fn grpc_calls_work_through_the_sidecar() {
     use tonic_health::pb::HealthCheckRequest;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
+    let fake = FakeRegistry::start().await;
     // A real tonic server: the standard health service.
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -223,13 +204,8 @@ async fn grpc_calls_work_through_the_sidecar() {
             .add_service(health)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let mut client = registry_client(&registry).await;
-    register(&mut client, "payments", "pay-1", grpc_addr, "1", 100).await;
-    let sidecar = start_sidecar(sidecar_config(
-        vec![format!("http://{}", registry.grpc_addr)],
-        dir.path(),
-    ))
-    .await;
+    fake.upsert(vec![instance_at("payments", "pay-1", grpc_addr, "1", 100)]);
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
     wait_endpoints(&sidecar, "payments", 1).await;
 
     let proxy = sidecar.http_proxy_addr.expect("proxy");
@@ -264,7 +240,7 @@ async fn grpc_calls_work_through_the_sidecar() {
         .expect_err("gRPC status passes through");
     assert_eq!(missing.code(), tonic::Code::NotFound);
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
 }
 
 /// Outlier ejection: an endpoint that answers 5xx five times in a row is passed over
@@ -273,18 +249,15 @@ async fn grpc_calls_work_through_the_sidecar() {
 #[tokio::test]
 async fn an_endpoint_failing_five_times_in_a_row_is_ejected() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
+    let fake = FakeRegistry::start().await;
     let good = Backend::start("good", Duration::ZERO).await;
     let bad = Backend::start("bad", Duration::ZERO).await;
     bad.status.store(500, std::sync::atomic::Ordering::Relaxed);
-    let mut client = registry_client(&registry).await;
-    register(&mut client, "web", "good-1", good.addr, "1", 100).await;
-    register(&mut client, "web", "bad-1", bad.addr, "1", 100).await;
-    let sidecar = start_sidecar(sidecar_config(
-        vec![format!("http://{}", registry.grpc_addr)],
-        dir.path(),
-    ))
-    .await;
+    fake.upsert(vec![
+        instance_at("web", "good-1", good.addr, "1", 100),
+        instance_at("web", "bad-1", bad.addr, "1", 100),
+    ]);
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
     wait_endpoints(&sidecar, "web", 2).await;
     let proxy = sidecar.http_proxy_addr.expect("proxy");
     let http = http_client();
@@ -305,5 +278,5 @@ async fn an_endpoint_failing_five_times_in_a_row_is_ejected() {
         "{metrics}"
     );
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
 }

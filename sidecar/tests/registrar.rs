@@ -14,15 +14,8 @@ use switchyard_sidecar::{LocalService, RegistrarConfig};
 async fn state_of(
     client: &mut switchyard_proto::v1::discovery_client::DiscoveryClient<tonic::transport::Channel>,
 ) -> Option<i32> {
-    client
-        .resolve(pb::ResolveRequest {
-            namespace: String::new(),
-            service: "app".into(),
-            version: String::new(),
-        })
+    resolve(client, "app")
         .await
-        .expect("resolve")
-        .into_inner()
         .instances
         .first()
         .map(|i| i.state)
@@ -75,6 +68,7 @@ async fn the_local_service_is_registered_health_checked_and_drained() {
     .await;
 
     // Held past two TTLs by the registrar's keep-alive.
+    // Wall time on purpose: the real registry's lease clock must run past two TTLs.
     tokio::time::sleep(Duration::from_millis(2_200)).await;
     assert_eq!(state_of(&mut discovery).await, Some(serving));
 
@@ -109,7 +103,7 @@ async fn the_local_service_is_registered_health_checked_and_drained() {
 
     // Shutdown with a request in flight: DRAINING, then gone, and the request completes.
     let slow = Backend::start("slow", Duration::from_millis(1_000)).await;
-    register(&mut reg, "slow", "slow-1", slow.addr, "1", 100).await;
+    register_at(&mut reg, "slow", "slow-1", slow.addr, "1", 100).await;
     wait_endpoints(&sidecar, "slow", 1).await;
     let proxy = sidecar.http_proxy_addr.expect("proxy");
     let in_flight = tokio::spawn(async move { get(&http_client(), proxy, "slow").await });

@@ -1,11 +1,15 @@
-//! The catalog outlives the registry: routing continues while it is down, a restarted
-//! sidecar routes from its disk cache, and the client fails over across registries.
+//! The catalog outlives the registry: routing continues while it is down (a real
+//! registry restarted on its address and data), a restarted sidecar routes from its disk
+//! cache, the client fails over across registries and resumes from the last revision it
+//! saw (fake registries: these need a catalog, not Raft).
 
 mod support;
 
 use std::time::Duration;
 
 use support::*;
+
+const WAIT: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn routing_continues_while_the_registry_is_down_and_resumes_after() {
@@ -15,7 +19,7 @@ async fn routing_continues_while_the_registry_is_down_and_resumes_after() {
     let grpc = registry.grpc_addr;
     let backend = Backend::start("one", Duration::ZERO).await;
     let mut client = registry_client(&registry).await;
-    register(&mut client, "web", "one", backend.addr, "1", 100).await;
+    register_at(&mut client, "web", "one", backend.addr, "1", 100).await;
     let sidecar = start_sidecar(sidecar_config(vec![format!("http://{grpc}")], dir.path())).await;
     wait_endpoints(&sidecar, "web", 1).await;
     let proxy = sidecar.http_proxy_addr.expect("proxy");
@@ -32,9 +36,13 @@ async fn routing_continues_while_the_registry_is_down_and_resumes_after() {
     for _ in 0..20 {
         assert_eq!(get(&http, proxy, "web").await.1, "one");
     }
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let (_, endpoints) = http_get(sidecar.admin_addr, "/endpoints").await;
-    let doc: serde_json::Value = serde_json::from_str(&endpoints).expect("json");
+    // The catalog ages while no registry confirms it: poll until it is a second old.
+    let doc = eventually(WAIT, || async {
+        let (_, endpoints) = http_get(sidecar.admin_addr, "/endpoints").await;
+        let doc: serde_json::Value = serde_json::from_str(&endpoints).expect("json");
+        (doc["catalog_age_seconds"].as_f64() >= Some(1.0)).then_some(doc)
+    })
+    .await;
     assert_eq!(doc["registry_connected"], false);
     assert!(
         doc["catalog_age_seconds"].as_f64().expect("age") >= 1.0,
@@ -47,14 +55,14 @@ async fn routing_continues_while_the_registry_is_down_and_resumes_after() {
     );
 
     // The registry comes back on the same address with its data: the sidecar reconnects.
-    let registry = start_registry_on(&reg_dir, &grpc.to_string()).await;
+    let registry = start_registry_on(&reg_dir, grpc).await;
     eventually(Duration::from_secs(10), || async {
         sidecar.table.is_connected().then_some(())
     })
     .await;
     let mut client = registry_client(&registry).await;
     let second = Backend::start("two", Duration::ZERO).await;
-    register(&mut client, "web", "two", second.addr, "1", 100).await;
+    register_at(&mut client, "web", "two", second.addr, "1", 100).await;
     wait_endpoints(&sidecar, "web", 2).await;
     sidecar.shutdown().await;
     registry.shutdown().await;
@@ -63,16 +71,14 @@ async fn routing_continues_while_the_registry_is_down_and_resumes_after() {
 #[tokio::test]
 async fn a_sidecar_restarted_without_a_registry_routes_from_its_disk_cache() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
-    let url = format!("http://{}", registry.grpc_addr);
+    let fake = FakeRegistry::start().await;
+    let url = fake.url();
     let backend = Backend::start("cached", Duration::ZERO).await;
-    let mut client = registry_client(&registry).await;
-    register(&mut client, "web", "cached", backend.addr, "1", 100).await;
+    fake.upsert(vec![instance_at("web", "cached", backend.addr, "1", 100)]);
     let first = start_sidecar(sidecar_config(vec![url.clone()], dir.path())).await;
     wait_endpoints(&first, "web", 1).await;
     first.shutdown().await;
-    drop(client);
-    registry.shutdown().await;
+    fake.shutdown().await;
     assert!(dir.path().join("catalog.json").exists(), "cache written");
 
     let second = start_sidecar(sidecar_config(vec![url], dir.path())).await;
@@ -92,16 +98,12 @@ async fn a_sidecar_restarted_without_a_registry_routes_from_its_disk_cache() {
 #[tokio::test]
 async fn the_client_fails_over_to_the_next_registry() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
+    let fake = FakeRegistry::start().await;
     let backend = Backend::start("b", Duration::ZERO).await;
-    let mut client = registry_client(&registry).await;
-    register(&mut client, "web", "b", backend.addr, "1", 100).await;
+    fake.upsert(vec![instance_at("web", "b", backend.addr, "1", 100)]);
     // The first registry in the list does not answer (nothing listens on port 1).
     let sidecar = start_sidecar(sidecar_config(
-        vec![
-            "http://127.0.0.1:1".into(),
-            format!("http://{}", registry.grpc_addr),
-        ],
+        vec!["http://127.0.0.1:1".into(), fake.url()],
         dir.path(),
     ))
     .await;
@@ -113,7 +115,105 @@ async fn the_client_fails_over_to_the_next_registry() {
     wait_endpoints(&sidecar, "web", 1).await;
     assert_eq!(http_get(sidecar.admin_addr, "/ready").await.0, 200);
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
+}
+
+/// Only a fake registry shows this: after the stream drops, the sidecar watches again
+/// from the last revision it applied, and the registry need send only what came after.
+#[tokio::test]
+async fn after_the_stream_drops_the_sidecar_resumes_from_the_last_revision_it_saw() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = FakeRegistry::start().await;
+    let a = Backend::start("a", Duration::ZERO).await;
+    let b = Backend::start("b", Duration::ZERO).await;
+    let c = Backend::start("c", Duration::ZERO).await;
+    fake.push(proto::snapshot_of(
+        7,
+        vec![instance_at("web", "a", a.addr, "1", 100)],
+    ));
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
+    assert_eq!(
+        fake.nth_watch(1, WAIT).await.since_revision,
+        0,
+        "a fresh sidecar (no disk cache) asks for everything"
+    );
+    wait_endpoints(&sidecar, "web", 1).await;
+    let rev = fake.upsert(vec![instance_at("web", "b", b.addr, "1", 100)]);
+    assert_eq!(rev, 8);
+    wait_endpoints(&sidecar, "web", 2).await;
+
+    fake.drop_streams();
+    let resumed = fake.nth_watch(2, WAIT).await;
+    assert_eq!(
+        resumed.since_revision, 8,
+        "resumes after the last event applied"
+    );
+    // At revision 8 the fake sends nothing on connect: the next delta is all it gets.
+    assert_eventually(WAIT, "the sidecar is watching again", || async {
+        fake.watchers() == 1 && sidecar.table.is_connected()
+    })
+    .await;
+    assert_eq!(sidecar.table.revision(), 8);
+    fake.upsert(vec![instance_at("web", "c", c.addr, "1", 100)]);
+    wait_endpoints(&sidecar, "web", 3).await;
+    assert_eq!(sidecar.table.revision(), 9);
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let http = http_client();
+    for _ in 0..30 {
+        assert_eq!(get(&http, proxy, "web").await.0, 200);
+    }
+    assert!(
+        c.hits() > 0,
+        "the endpoint added after the resume gets traffic"
+    );
+    sidecar.shutdown().await;
+    fake.shutdown().await;
+}
+
+/// While the registry fails the stream and refuses every new watch, the sidecar keeps
+/// routing on its last catalog, keeps retrying from the revision it holds, and takes the
+/// registry's changes again once it answers.
+#[tokio::test]
+async fn the_last_catalog_keeps_serving_while_the_registry_refuses_watches() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = FakeRegistry::start().await;
+    let one = Backend::start("one", Duration::ZERO).await;
+    let rev = fake.upsert(vec![instance_at("web", "one", one.addr, "1", 100)]);
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
+    wait_endpoints(&sidecar, "web", 1).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+
+    fake.refuse_watches();
+    fake.fail_streams(tonic::Status::unavailable("going away"));
+    assert_eventually(WAIT, "the sidecar notices", || async {
+        !sidecar.table.is_connected()
+    })
+    .await;
+    // Two refused retries at least (the backoff is at most 500 ms here).
+    fake.nth_watch(3, WAIT).await;
+    let http = http_client();
+    for _ in 0..20 {
+        assert_eq!(get(&http, proxy, "web").await.1, "one");
+    }
+    assert!(!sidecar.table.is_connected());
+    assert!(
+        fake.requests()[1..].iter().all(|r| r.since_revision == rev),
+        "every retry resumes from revision {rev}: {:?}",
+        fake.requests()
+    );
+
+    fake.accept_watches();
+    assert_eventually(
+        Duration::from_secs(10),
+        "the sidecar reconnects",
+        || async { sidecar.table.is_connected() },
+    )
+    .await;
+    let two = Backend::start("two", Duration::ZERO).await;
+    fake.upsert(vec![instance_at("web", "two", two.addr, "1", 100)]);
+    wait_endpoints(&sidecar, "web", 2).await;
+    sidecar.shutdown().await;
+    fake.shutdown().await;
 }
 
 #[test]
@@ -150,7 +250,7 @@ async fn failing_over_to_another_cluster_replaces_the_catalog() {
     let addr = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 2], port));
     let mut old_client = registry_client(&old).await;
     for i in 0..3 {
-        register(
+        register_at(
             &mut old_client,
             "web",
             &format!("old-{i}"),
@@ -162,7 +262,7 @@ async fn failing_over_to_another_cluster_replaces_the_catalog() {
     }
     let mut new_client = registry_client(&new).await;
     for i in 0..12 {
-        register(
+        register_at(
             &mut new_client,
             "web",
             &format!("new-{i}"),
@@ -212,7 +312,7 @@ async fn a_cache_file_from_another_cluster_is_replaced_by_a_snapshot() {
     let registry = start_registry(&dir.path().join("reg")).await;
     let mut client = registry_client(&registry).await;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 2], 9000));
-    let revision = register(&mut client, "web", "ours", addr, "1", 100).await;
+    let revision = register_at(&mut client, "web", "ours", addr, "1", 100).await;
     let foreign = format!(
         r#"{{"revision":{revision},"cluster_id":"0123456789abcdef0123456789abcdef","services":{{"web":{{"theirs":{{"id":"theirs","address":"127.0.0.3","port":9000,"version":"1","weight":100,"state":"SERVING"}}}}}},"policies":{{}}}}"#
     );

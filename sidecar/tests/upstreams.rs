@@ -1,5 +1,6 @@
 //! Per-upstream listeners, as apps configure them in Consul Connect: TCP with
-//! least-connections per connection, and HTTP with no Host header needed.
+//! least-connections per connection, and HTTP with no Host header needed. The catalog
+//! comes from a fake registry.
 
 mod support;
 
@@ -36,12 +37,11 @@ async fn echo(name: &'static str) -> std::net::SocketAddr {
 #[tokio::test]
 async fn tcp_upstream_balances_connections_by_least_connections() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
-    let mut client = registry_client(&registry).await;
+    let fake = FakeRegistry::start().await;
     for name in ["e1", "e2", "e3"] {
-        register(&mut client, "echo", name, echo(name).await, "1", 100).await;
+        fake.upsert(vec![instance_at("echo", name, echo(name).await, "1", 100)]);
     }
-    let mut config = sidecar_config(vec![format!("http://{}", registry.grpc_addr)], dir.path());
+    let mut config = sidecar_config(vec![fake.url()], dir.path());
     // Sample (nearly) every endpoint per pick: plain least-connections, no luck involved.
     config.lb.choice_count = 50;
     let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -81,19 +81,24 @@ async fn tcp_upstream_balances_connections_by_least_connections() {
     );
     drop(conns);
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
 }
 
 #[tokio::test]
 async fn http_upstream_needs_no_host_header() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = start_registry(&dir.path().join("reg")).await;
+    let fake = FakeRegistry::start().await;
     let backend = Backend::start("pay", Duration::ZERO).await;
-    let mut client = registry_client(&registry).await;
-    register(&mut client, "payments", "pay-1", backend.addr, "1", 100).await;
+    fake.upsert(vec![instance_at(
+        "payments",
+        "pay-1",
+        backend.addr,
+        "1",
+        100,
+    )]);
     let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let sidecar = start_sidecar_with(
-        sidecar_config(vec![format!("http://{}", registry.grpc_addr)], dir.path()),
+        sidecar_config(vec![fake.url()], dir.path()),
         Upstreams {
             tcp: vec![],
             http: vec![("payments".into(), http)],
@@ -119,5 +124,5 @@ async fn http_upstream_needs_no_host_header() {
     );
     assert!(metrics.contains("switchyard_sidecar_request_duration_seconds_count{service=\"payments\",endpoint=\"pay-1\"} 2"));
     sidecar.shutdown().await;
-    registry.shutdown().await;
+    fake.shutdown().await;
 }

@@ -1,0 +1,148 @@
+//! A real registry (one Raft member) on ephemeral loopback ports with a temp data dir,
+//! and real tonic clients to talk to it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::discovery_client::DiscoveryClient;
+use switchyard_proto::v1::registry_client::RegistryClient;
+use switchyard_proto::v1::routing_client::RoutingClient;
+use switchyard_registry::{Listeners, RegistryConfig, RegistryHandle};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::instance_at;
+
+/// A registry and the temp dir holding its data (removed when this is dropped).
+pub struct TestRegistry {
+    pub handle: RegistryHandle,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts a registry with `config`, gRPC, HTTP and DNS all on `127.0.0.1:0`.
+pub async fn start_in(config: RegistryConfig) -> RegistryHandle {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    start_on(config, grpc).await
+}
+
+/// Starts a registry with `config` on a given gRPC address (a restart on the address
+/// its clients already know); HTTP and DNS on `127.0.0.1:0`.
+pub async fn start_at(config: RegistryConfig, grpc: SocketAddr) -> RegistryHandle {
+    let grpc = TcpListener::bind(grpc).await.expect("bind grpc");
+    start_on(config, grpc).await
+}
+
+async fn start_on(config: RegistryConfig, grpc: TcpListener) -> RegistryHandle {
+    let listeners = Listeners {
+        grpc,
+        http: TcpListener::bind("127.0.0.1:0").await.expect("bind http"),
+        dns: Some(
+            switchyard_core::dns::bind("127.0.0.1:0".parse().expect("addr"))
+                .await
+                .expect("bind dns"),
+        ),
+    };
+    switchyard_registry::start(config, listeners)
+        .await
+        .expect("registry starts")
+}
+
+impl TestRegistry {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the default config changed by `tune`.
+    pub async fn start_with(tune: impl FnOnce(&mut RegistryConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = RegistryConfig::new(dir.path().to_path_buf());
+        tune(&mut config);
+        let handle = start_in(config).await;
+        Self { handle, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.handle.grpc_addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn registry(&self) -> RegistryClient<Channel> {
+        RegistryClient::new(self.channel().await)
+    }
+
+    pub async fn discovery(&self) -> DiscoveryClient<Channel> {
+        DiscoveryClient::new(self.channel().await)
+    }
+
+    pub async fn routing(&self) -> RoutingClient<Channel> {
+        RoutingClient::new(self.channel().await)
+    }
+
+    /// The Prometheus text from the HTTP port.
+    pub async fn metrics(&self) -> String {
+        crate::http::http_get(self.handle.http_addr, "/metrics")
+            .await
+            .1
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Registers `instance` with a fresh lease of `ttl_seconds`.
+pub async fn register(
+    client: &mut RegistryClient<Channel>,
+    instance: pb::Instance,
+    ttl_seconds: u32,
+) -> pb::RegisterResponse {
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(instance),
+            ttl_seconds,
+            lease_id: 0,
+        })
+        .await
+        .expect("register")
+        .into_inner()
+}
+
+/// Registers `addr` as an instance of `service` (TTL 60 s); returns its revision.
+pub async fn register_at(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+    id: &str,
+    addr: SocketAddr,
+    version: &str,
+    weight: u32,
+) -> u64 {
+    register(client, instance_at(service, id, addr, version, weight), 60)
+        .await
+        .revision
+}
+
+/// Opens a KeepAlive stream: the sender to renew through (holding `buffer` requests)
+/// and the registry's answers.
+pub async fn keep_alive(
+    client: &mut RegistryClient<Channel>,
+    buffer: usize,
+) -> (
+    tokio::sync::mpsc::Sender<pb::KeepAliveRequest>,
+    tonic::Streaming<pb::KeepAliveResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(buffer);
+    let responses = client
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("keep-alive")
+        .into_inner();
+    (tx, responses)
+}
