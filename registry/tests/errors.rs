@@ -1,7 +1,7 @@
 //! Unclear errors the hostile probe found, each answered with the gRPC code a client can
-//! act on: a message over the limit is RESOURCE_EXHAUSTED (unary and inside a KeepAlive
-//! stream, which used to end with OK and no answer), and bytes that are not protobuf are
-//! INVALID_ARGUMENT (prost's codec said INTERNAL).
+//! act on: a KeepAlive message over the limit is RESOURCE_EXHAUSTED (the stream used to
+//! end with OK and no answer; the unary case is in validation.rs), and bytes that are not
+//! protobuf are INVALID_ARGUMENT (prost's codec said INTERNAL).
 
 use std::time::Duration;
 
@@ -12,28 +12,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
-
-fn huge_instance() -> pb::Instance {
-    let mut i = instance("web", "web-1", "1.0.0");
-    i.labels.insert("big".into(), "x".repeat(2 * 1024 * 1024));
-    i
-}
-
-#[tokio::test]
-async fn a_message_over_the_limit_is_resource_exhausted() {
-    let reg = TestRegistry::start().await;
-    let mut registry = reg.registry().await;
-    let err = registry
-        .register(pb::RegisterRequest {
-            instance: Some(huge_instance()),
-            ttl_seconds: 10,
-            lease_id: 0,
-        })
-        .await
-        .expect_err("over 1 MiB");
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("1 MiB"), "{}", err.message());
-}
 
 #[tokio::test]
 async fn an_oversized_keepalive_message_ends_the_stream_with_a_clear_error() {

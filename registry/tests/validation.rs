@@ -228,7 +228,14 @@ async fn oversized_messages_are_refused_before_decoding() {
         }),
     )
     .await;
-    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    // gRPC's code for "too large" (tonic says OUT_OF_RANGE; the registry rewrites it).
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("1 MiB"), "{}", status.message());
     reg.handle.shutdown().await;
 }
 

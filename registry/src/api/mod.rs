@@ -7,6 +7,7 @@ use switchyard_core::convert;
 mod discovery;
 mod registry;
 mod routing;
+pub(crate) mod server;
 
 pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;

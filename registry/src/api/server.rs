@@ -1,0 +1,132 @@
+//! The gRPC server of a node: every public service, the peer service, health, and the
+//! limits and error mapping that apply to all of them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+
+use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
+use switchyard_proto::v1::cluster_server::ClusterServer;
+use switchyard_proto::v1::discovery_server::DiscoveryServer;
+use switchyard_proto::v1::registry_server::RegistryServer;
+use switchyard_proto::v1::routing_server::RoutingServer;
+
+use super::{ClusterApi, DiscoveryApi, RegistryApi, RoutingApi};
+use crate::config::MAX_REQUEST_BYTES;
+use crate::raft::network::MAX_RAFT_MESSAGE;
+use crate::raft::propose::Proposer;
+use crate::raft::service::RaftService;
+use crate::shared::Shared;
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// How long shutdown waits for open gRPC streams before closing them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// HTTP/2 streams one client connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
+
+/// tonic answers a message over the size limit with OUT_OF_RANGE; gRPC's convention (and
+/// what clients retry on differently) is RESOURCE_EXHAUSTED. Rewrites the status of such
+/// answers, in the headers (trailers-only responses) or the trailers, and says what the
+/// limit is.
+fn oversized_is_resource_exhausted(
+    resp: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt;
+    let mut resp = resp;
+    rewrite_oversized(resp.headers_mut());
+    resp.map(|body| {
+        tonic::body::Body::new(body.map_frame(|frame| match frame.into_trailers() {
+            Ok(mut trailers) => {
+                rewrite_oversized(&mut trailers);
+                http_body::Frame::trailers(trailers)
+            }
+            Err(frame) => frame,
+        }))
+    })
+}
+
+fn rewrite_oversized(headers: &mut http::HeaderMap) {
+    let oversized = headers
+        .get("grpc-status")
+        .is_some_and(|s| s.as_bytes() == b"11")
+        && headers
+            .get("grpc-message")
+            // Percent-encoded (tonic encodes spaces).
+            .is_some_and(|m| m.as_bytes().windows(11).any(|w| w == b"too%20large"));
+    if oversized {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "the request message is larger than 1 MiB, the registry's limit per message",
+            ),
+        );
+    }
+}
+
+pub(crate) async fn serve_grpc(
+    shared: Arc<Shared>,
+    proposer: Proposer,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RegistryServer<RegistryApi>>().await;
+    health.set_serving::<DiscoveryServer<DiscoveryApi>>().await;
+    health.set_serving::<RoutingServer<RoutingApi>>().await;
+    let routing = RoutingServer::new(RoutingApi::new(shared.clone(), proposer.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
+    let internal =
+        RaftInternalServer::new(RaftService::new(proposer.raft().clone(), proposer.clone()))
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let registry = RegistryServer::new(RegistryApi::new(shared.clone(), proposer))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let discovery = DiscoveryServer::new(DiscoveryApi::new(shared))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Streams per connection (KeepAlive and Watch streams a client never reads hold
+        // memory): a bound per connection, on top of max_watchers.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_is_resource_exhausted,
+        ))
+        .add_service(health_service)
+        .add_service(registry)
+        .add_service(discovery)
+        .add_service(routing)
+        .add_service(cluster)
+        .add_service(internal)
+        .serve_with_incoming_shutdown(
+            // tonic ignores its own TCP_NODELAY setting for a listener handed in: set it
+            // here, or Nagle holds a watch event back until the client's delayed ACK
+            // (40 ms) whenever little else is being sent.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            wait_for(shutdown.clone()),
+        );
+    tokio::pin!(server);
+    // Streams we do not own (a client's grpc.health.v1 Watch) never end by themselves:
+    // after the grace period the server is dropped, closing them.
+    let grace = async {
+        wait_for(shutdown).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = &mut server => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }
+        _ = grace => tracing::warn!("gRPC streams still open {SHUTDOWN_GRACE:?} after shutdown; closing them"),
+    }
+}
