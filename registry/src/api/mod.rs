@@ -37,6 +37,7 @@ pub fn status(e: ProposeError) -> Status {
         }
         ProposeError::Refused(ApplyError::Batch) => Status::invalid_argument(e.to_string()),
         ProposeError::Refused(ApplyError::TooManyInstances(_))
+        | ProposeError::Refused(ApplyError::TooManyPolicies(..))
         | ProposeError::Refused(ApplyError::LeaseFull(..)) => {
             Status::resource_exhausted(e.to_string())
         }

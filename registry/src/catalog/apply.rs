@@ -18,6 +18,9 @@ pub struct Limits {
     pub max_instances: usize,
     /// Instances that may share one lease.
     pub max_instances_per_lease: usize,
+    /// Services with a routing policy (or its kept history) per namespace: each keeps up
+    /// to 50 revisions of up to 16 KiB, and every sidecar of the namespace holds them.
+    pub max_policies_per_namespace: usize,
 }
 
 impl Default for Limits {
@@ -25,6 +28,7 @@ impl Default for Limits {
         Self {
             max_instances: 1_000_000,
             max_instances_per_lease: 1_000,
+            max_policies_per_namespace: 1_000,
         }
     }
 }
@@ -41,6 +45,8 @@ pub enum ApplyError {
         "the registry holds its maximum of {0} instances: deregister some or raise --max-instances"
     )]
     TooManyInstances(usize),
+    #[error("namespace {0:?} already has routing policies for its maximum of {1} services: clear some (route clear) or use another namespace")]
+    TooManyPolicies(String, usize),
     #[error("lease {0} already holds its maximum of {1} instances: register with another lease")]
     LeaseFull(LeaseId, usize),
     #[error("service {service:?} has no kept policy revision {revision}: see its history for the revisions to roll back to")]

@@ -152,6 +152,7 @@ mod tests {
         let mut c = Catalog::new(Limits {
             max_instances: 10,
             max_instances_per_lease: 2,
+            ..Limits::default()
         });
         let _ = c.apply(1, &reg(inst("web", "a", "1")));
         for (n, id) in ["b", "c"].iter().enumerate() {

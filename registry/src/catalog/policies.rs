@@ -38,16 +38,27 @@ impl Catalog {
         at_ms: u64,
         reason: String,
     ) -> ApplyResult {
+        let key = (namespace.to_string(), service.to_string());
+        if policy.is_some() && !self.policies.contains_key(&key) {
+            let held = self
+                .policies
+                .range((namespace.to_string(), String::new())..)
+                .take_while(|((ns, _), _)| ns == namespace)
+                .count();
+            if held >= self.limits.max_policies_per_namespace {
+                return ApplyResult::refused(ApplyError::TooManyPolicies(
+                    namespace.to_string(),
+                    self.limits.max_policies_per_namespace,
+                ));
+            }
+        }
         let record = PolicyRecord {
             revision: index,
             at_ms,
             policy: policy.clone(),
             reason,
         };
-        let history = self
-            .policies
-            .entry((namespace.to_string(), service.to_string()))
-            .or_default();
+        let history = self.policies.entry(key).or_default();
         history.push_back(record.clone());
         while history.len() > MAX_POLICY_HISTORY {
             history.pop_front();
@@ -108,5 +119,60 @@ impl Catalog {
             at_ms,
             format!("rollback to {}", target.revision),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::testing::{inst, reg};
+    use crate::catalog::{Command, Limits};
+    use crate::model::policy::Fallback;
+
+    fn put(service: &str) -> Command {
+        Command::PutPolicy {
+            namespace: "default".into(),
+            service: service.into(),
+            policy: Some(Policy {
+                subsets: Vec::new(),
+                routes: Vec::new(),
+                default_split: Vec::new(),
+                fallback: Fallback::Default,
+                sticky_header: String::new(),
+            }),
+            at_ms: 1,
+        }
+    }
+
+    /// The hostile probe put 6,000 policies on names nothing registered: every sidecar
+    /// held them and ListServices showed none. Now a namespace holds a bounded number,
+    /// refused clearly past it (nothing applied), and policy-only services are listed.
+    #[test]
+    fn policies_per_namespace_are_bounded_and_policy_only_services_are_listed() {
+        let mut c = Catalog::new(Limits {
+            max_policies_per_namespace: 2,
+            ..Limits::default()
+        });
+        let _ = c.apply_next(1, &reg(inst("web", "web-1", "1.0.0")));
+        assert!(c.apply_next(2, &put("web")).reply.is_ok());
+        assert!(c.apply_next(3, &put("ghost")).reply.is_ok());
+        let before = c.revision();
+        let refused = c.apply_next(4, &put("another"));
+        assert!(
+            matches!(refused.reply, Err(ApplyError::TooManyPolicies(_, 2))),
+            "{:?}",
+            refused.reply
+        );
+        assert_eq!(c.revision(), before, "nothing applied");
+        assert!(
+            c.apply_next(5, &put("web")).reply.is_ok(),
+            "changing one is fine"
+        );
+        let names: Vec<(String, u32)> = c
+            .list_services("default")
+            .into_iter()
+            .map(|s| (s.name, s.instance_count))
+            .collect();
+        assert_eq!(names, vec![("ghost".into(), 0), ("web".into(), 1)]);
     }
 }

@@ -58,12 +58,28 @@ impl Catalog {
             .unwrap_or_default()
     }
 
-    /// One summary per service of a namespace, sorted by name.
+    /// One summary per service of a namespace, sorted by name: those with instances, and
+    /// those that have only a routing policy (instance count 0), so every policy a
+    /// sidecar holds is visible.
     pub fn list_services(&self, namespace: &str) -> Vec<ServiceSummary> {
-        let Some(ns) = self.namespaces.get(namespace) else {
-            return Vec::new();
-        };
-        ns.services
+        let empty = Default::default();
+        let services = self
+            .namespaces
+            .get(namespace)
+            .map_or(&empty, |ns| &ns.services);
+        let policy_only = self
+            .policies
+            .range((namespace.to_string(), String::new())..)
+            .take_while(|((ns, _), _)| ns == namespace)
+            .filter(|((_, svc), h)| {
+                !services.contains_key(svc) && h.back().is_some_and(|r| r.policy.is_some())
+            })
+            .map(|((_, svc), _)| ServiceSummary {
+                name: svc.clone(),
+                instance_count: 0,
+                versions: Vec::new(),
+            });
+        let mut all: Vec<ServiceSummary> = services
             .iter()
             .map(|(name, instances)| {
                 let versions: BTreeSet<&str> = instances
@@ -76,6 +92,9 @@ impl Catalog {
                     versions: versions.into_iter().map(str::to_string).collect(),
                 }
             })
-            .collect()
+            .collect();
+        all.extend(policy_only);
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 }
