@@ -351,6 +351,8 @@ mod tests {
     use switchyard_proto::v1 as pb;
 
     use super::*;
+    use switchyard_testkit::proto::{canary_policy, split};
+
     use crate::endpoint::test_instance;
     use crate::table::ServiceView;
 
@@ -358,45 +360,16 @@ mod tests {
         (id.to_string(), test_instance(id, version, 100, state))
     }
 
-    fn split(entries: &[(&str, u32)]) -> Vec<pb::WeightedSubset> {
-        entries
-            .iter()
-            .map(|(s, w)| pb::WeightedSubset {
-                subset: s.to_string(),
-                weight: *w,
-            })
-            .collect()
-    }
-
+    /// The shared canary policy, with `stable` as a semver range (`^1.4`) instead of one
+    /// version, so both kinds of subset are exercised.
     fn policy(default: &[(&str, u32)]) -> pb::Policy {
-        pb::Policy {
-            subsets: vec![
-                pb::Subset {
-                    name: "stable".into(),
-                    version: String::new(),
-                    version_range: "^1.4".into(),
-                    labels: Default::default(),
-                },
-                pb::Subset {
-                    name: "canary".into(),
-                    version: "2.0.0".into(),
-                    version_range: String::new(),
-                    labels: Default::default(),
-                },
-            ],
-            routes: vec![pb::Route {
-                name: "testers".into(),
-                headers: vec![pb::HeaderMatch {
-                    name: "x-canary".into(),
-                    r#match: Some(pb::header_match::Match::Exact("true".into())),
-                }],
-                split: split(&[("canary", 100)]),
-                sticky_header: String::new(),
-            }],
-            default_split: split(default),
-            fallback: pb::Fallback::Default as i32,
-            sticky_header: String::new(),
-        }
+        let mut p = canary_policy(default);
+        p.subsets[0] = pb::Subset {
+            name: "stable".into(),
+            version_range: "^1.4".into(),
+            ..Default::default()
+        };
+        p
     }
 
     fn view(p: &pb::Policy, canary_state: State) -> ServiceView {
