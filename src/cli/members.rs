@@ -27,7 +27,13 @@ pub enum MembersVerb {
         address: String,
     },
     /// Remove a node from the cluster.
-    Remove { id: u64 },
+    Remove {
+        id: u64,
+        /// Remove even when the voters left would not have a live majority (the cluster
+        /// then stops taking writes until enough of them are back).
+        #[arg(long, env = "SWITCHYARD_MEMBERS_REMOVE_FORCE")]
+        force: bool,
+    },
 }
 
 #[derive(Serialize)]
@@ -63,9 +69,9 @@ pub async fn run(args: MembersArgs) -> Result<(), CliError> {
                 .map_err(|s| status_error("", s))?;
             eprintln!("node {id} ({address}) added");
         }
-        Some(MembersVerb::Remove { id }) => {
+        Some(MembersVerb::Remove { id, force }) => {
             client
-                .remove_member(pb::RemoveMemberRequest { id })
+                .remove_member(pb::RemoveMemberRequest { id, force })
                 .await
                 .map_err(|s| status_error("", s))?;
             eprintln!("node {id} removed");

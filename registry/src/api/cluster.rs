@@ -23,6 +23,8 @@ pub struct ClusterApi {
 
 /// Membership changes can take a while (a learner catching up).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new member has to replicate the log before it is made a voter.
+const CATCH_UP: Duration = Duration::from_secs(10);
 
 fn role(state: ServerState) -> &'static str {
     match state {
@@ -124,25 +126,98 @@ impl ClusterApi {
         let raft = self.proposer.raft();
         let node = BasicNode::new(req.address.clone());
         // Learner first (it catches up without counting toward the quorum), then voter.
-        match tokio::time::timeout(CHANGE_TIMEOUT, raft.add_learner(req.id, node, true)).await {
-            Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "node {} did not catch up within {CHANGE_TIMEOUT:?}",
-                    req.id
-                )))
-            }
-            Ok(Err(e)) => {
-                return Err(Status::unavailable(format!(
-                    "cannot add node {} as a learner: {e}",
-                    req.id
-                )))
-            }
-            Ok(Ok(_)) => {}
+        // Not "blocking": openraft's blocking add_learner gives up waiting after half a
+        // second and reports success anyway, which is how a node that never answered was
+        // promoted to voter. The catch-up is checked here instead.
+        let added =
+            match tokio::time::timeout(CHANGE_TIMEOUT, raft.add_learner(req.id, node, false)).await
+            {
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "adding node {} as a learner did not commit within {CHANGE_TIMEOUT:?}",
+                        req.id
+                    )))
+                }
+                Ok(Err(e)) => {
+                    return Err(Status::unavailable(format!(
+                        "cannot add node {} as a learner: {e}",
+                        req.id
+                    )))
+                }
+                Ok(Ok(r)) => r,
+            };
+        let upto = added.log_id.index;
+        let caught_up = raft
+            .wait(Some(CATCH_UP))
+            .metrics(
+                |m| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&req.id))
+                        .and_then(|matched| matched.as_ref())
+                        .is_some_and(|l| l.index >= upto)
+                },
+                "the new learner catches up",
+            )
+            .await;
+        if caught_up.is_err() {
+            // Never promote a node that has not replicated the log: the cluster would be
+            // one failure from stopping. Take the learner out again.
+            let _ = self
+                .change(ChangeMembers::RemoveNodes(BTreeSet::from([req.id])))
+                .await;
+            return Err(Status::failed_precondition(format!(
+                "node {} at {} did not catch up with the log within {CATCH_UP:?}: is it running, reachable at that address and started with --join? It was not added",
+                req.id, req.address
+            )));
         }
         self.change(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])))
             .await?;
         tracing::info!(id = req.id, address = %req.address, "member added");
         Ok(self.members())
+    }
+
+    /// Refuses a removal after which the voters left would not have a majority that
+    /// answers now (each is asked for its status, briefly): the cluster would stop taking
+    /// writes. A stopped member is taken out first, or the removal forced.
+    async fn check_quorum_without(
+        &self,
+        id: u64,
+        members: &pb::MembersResponse,
+    ) -> Result<(), Status> {
+        let me = self.proposer.raft().metrics().borrow().id;
+        let left: Vec<&pb::Member> = members
+            .members
+            .iter()
+            .filter(|m| m.voter && m.id != id)
+            .collect();
+        let mut live = 0;
+        for m in &left {
+            if m.id == me || self.answers(&m.address).await {
+                live += 1;
+            }
+        }
+        let need = left.len() / 2 + 1;
+        if live < need {
+            return Err(Status::failed_precondition(format!(
+                "removing node {id} leaves {} voters of which {live} answer, and a majority is {need}: the cluster would stop taking writes. Bring the others back first, or pass --force",
+                left.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the member at `addr` answers a status call within a second.
+    async fn answers(&self, addr: &str) -> bool {
+        let Ok(channel) = self.proposer.network().channel(addr) else {
+            return false;
+        };
+        let mut client = ClusterClient::new(channel);
+        let call = client.status(pb::StatusRequest {});
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), call).await,
+            Ok(Ok(_))
+        )
     }
 
     async fn remove(&self, req: pb::RemoveMemberRequest) -> Result<pb::MembersResponse, Status> {
@@ -159,6 +234,9 @@ impl ClusterApi {
         if member.voter {
             if members.members.iter().filter(|m| m.voter).count() == 1 {
                 return Err(Status::failed_precondition("cannot remove the last voter"));
+            }
+            if !req.force {
+                self.check_quorum_without(req.id, &members).await?;
             }
             self.change(ChangeMembers::RemoveVoters(BTreeSet::from([req.id])))
                 .await?;
