@@ -741,7 +741,14 @@ fn sidecar_worker_threads_from_the_config_file_size_the_runtime() {
     let base: Vec<&str> = base.iter().map(String::as_str).collect();
 
     let (mut sidecar, _, _) = start_until(&base, "sidecar serving");
-    let threads = tokio_threads(sidecar.0.id());
+    // A worker names itself once it runs, which on a busy machine can be a moment after
+    // the runtime started: poll (bounded) rather than count once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut threads = tokio_threads(sidecar.0.id());
+    while threads < wanted && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        threads = tokio_threads(sidecar.0.id());
+    }
     assert!(
         threads >= wanted,
         "worker_threads = {wanted} in the file, {threads} tokio threads"
