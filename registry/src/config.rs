@@ -29,6 +29,9 @@ pub struct RegistryConfig {
     pub snapshot_every: u64,
     /// Most open Watch streams per node.
     pub max_watchers: usize,
+    /// Most open KeepAlive streams per node (each holds a task and buffers; a client
+    /// that opens them and never reads must not grow the node without bound).
+    pub max_keepalive_streams: usize,
     /// This node's Raft id (1 for a single node).
     pub node_id: u64,
     /// Every voting member at first start, this node included: id -> gRPC address.
@@ -63,6 +66,7 @@ impl RegistryConfig {
             watch_history: 10_000,
             snapshot_every: 10_000,
             max_watchers: 10_000,
+            max_keepalive_streams: 10_000,
             node_id: 1,
             peers: BTreeMap::new(),
             advertise: None,
@@ -92,6 +96,9 @@ impl RegistryConfig {
         if self.max_watchers == 0 {
             return Err("max_watchers must be at least 1".into());
         }
+        if self.max_keepalive_streams == 0 {
+            return Err("max_keepalive_streams must be at least 1".into());
+        }
         if self.node_id == 0 {
             return Err("node_id must be at least 1".into());
         }
@@ -120,6 +127,7 @@ impl RegistryConfig {
             watch_buffer: self.watch_buffer,
             watch_history: self.watch_history,
             max_watchers: self.max_watchers,
+            max_keepalive_streams: self.max_keepalive_streams,
         }
     }
 }

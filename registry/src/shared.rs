@@ -23,6 +23,7 @@ pub struct SharedConfig {
     pub watch_buffer: usize,
     pub watch_history: usize,
     pub max_watchers: usize,
+    pub max_keepalive_streams: usize,
 }
 
 /// State shared by the API handlers, HTTP, DNS and the background loops (the Raft state

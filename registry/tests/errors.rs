@@ -95,3 +95,54 @@ async fn bytes_that_are_not_protobuf_are_invalid_argument() {
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     }
 }
+
+/// KeepAlive streams are bounded per node (the probe opened 10,000 never-read ones:
+/// 96 -> 447 MB): past the cap a new stream is RESOURCE_EXHAUSTED saying what to do, and
+/// a closed stream frees its slot.
+#[tokio::test]
+async fn keepalive_streams_are_bounded_per_node() {
+    let reg = TestRegistry::start_with(|c| c.max_keepalive_streams = 2).await;
+    let mut registry = reg.registry().await;
+    let lease = register(&mut registry, instance("web", "web-1", "1.0.0"), 30)
+        .await
+        .lease_id;
+    let open = |mut registry: switchyard_proto::v1::registry_client::RegistryClient<
+        tonic::transport::Channel,
+    >| async move {
+        let (tx, rx) = mpsc::channel(2);
+        let stream = registry.keep_alive(ReceiverStream::new(rx)).await;
+        (tx, stream)
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (tx, stream) = open(registry.clone()).await;
+        let mut stream = stream.expect("under the cap").into_inner();
+        tx.send(pb::KeepAliveRequest {
+            lease_ids: vec![lease],
+        })
+        .await
+        .expect("send");
+        let answer = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("an answer");
+        assert!(answer.leases[0].found);
+        held.push((tx, stream));
+    }
+    let (_tx, third) = open(registry.clone()).await;
+    let err = third.expect_err("over the cap");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("max_keepalive_streams"),
+        "{}",
+        err.message()
+    );
+    // Closing one stream frees its slot.
+    drop(held.pop());
+    eventually(Duration::from_secs(5), || {
+        let registry = registry.clone();
+        async move { open(registry).await.1.ok().map(|_| ()) }
+    })
+    .await;
+}

@@ -49,6 +49,13 @@ pub struct RegistryArgs {
     /// Most open Watch streams.
     #[arg(long, env = "SWITCHYARD_MAX_WATCHERS", default_value_t = 10_000)]
     pub max_watchers: usize,
+    /// Most open KeepAlive streams (one per registered client; many leases fit in one).
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_KEEPALIVE_STREAMS",
+        default_value_t = 10_000
+    )]
+    pub max_keepalive_streams: usize,
     /// Log entries between snapshots of the catalog.
     #[arg(long, env = "SWITCHYARD_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
@@ -120,6 +127,7 @@ impl RegistryArgs {
         config.watch_buffer = self.watch_buffer;
         config.watch_history = self.watch_history;
         config.max_watchers = self.max_watchers;
+        config.max_keepalive_streams = self.max_keepalive_streams;
         config.snapshot_every = self.snapshot_every;
         config.node_id = self.node_id;
         config.peers = self.peers.iter().cloned().collect();

@@ -22,11 +22,39 @@ use crate::shared::Shared;
 pub struct RegistryApi {
     shared: Arc<Shared>,
     proposer: Proposer,
+    /// KeepAlive streams open on this node (relayed ones included), bounded by
+    /// `max_keepalive_streams`.
+    keepalives: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one open KeepAlive stream for as long as it lives.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamSlot {
+    /// A slot, or `None` when `max` streams are open already.
+    fn take(open: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| StreamSlot(open.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl RegistryApi {
     pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
-        Self { shared, proposer }
+        Self {
+            shared,
+            proposer,
+            keepalives: Arc::default(),
+        }
     }
 
     async fn register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
@@ -125,6 +153,12 @@ impl Registry for RegistryApi {
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let max = self.shared.config.max_keepalive_streams;
+        let Some(slot) = StreamSlot::take(&self.keepalives, max) else {
+            return Err(Status::resource_exhausted(format!(
+                "this node already serves {max} KeepAlive streams: renew many leases in one stream (up to {MAX_LEASES_PER_KEEPALIVE} per message), use another node, or raise max_keepalive_streams"
+            )));
+        };
         self.shared.metrics.grpc("KeepAlive", Code::Ok);
         if !self.proposer.is_leader() {
             // Only the leader runs lease clocks: relay the stream to it.
@@ -144,6 +178,11 @@ impl Registry for RegistryApi {
                 .keep_alive(outbound)
                 .await?
                 .into_inner();
+            // The slot lives as long as the relayed stream.
+            let relayed = relayed.map(move |r| {
+                let _slot = &slot;
+                r
+            });
             return Ok(Response::new(Box::pin(relayed)));
         }
         let mut inbound = request.into_inner();
@@ -151,6 +190,8 @@ impl Registry for RegistryApi {
         let (tx, rx) = mpsc::channel(16);
         let mut shutdown = shared.shutdown.clone();
         tokio::spawn(async move {
+            // Counted until this task ends (the client went away or the node stops).
+            let _slot = slot;
             let mut renewed = Vec::new();
             loop {
                 let msg = tokio::select! {
