@@ -268,20 +268,22 @@ impl<S: DnsSource> DnsHandler<S> {
                 };
                 // Health-aware, as in the proxy: a subset with nothing serving gives its
                 // share to the others (or, with fallback = fail, answers nothing).
-                let live: Vec<usize> = split
+                // Each subset's serving members, selected once per query.
+                let mut groups: Vec<(usize, Vec<&Instance>)> = split
                     .entries
                     .iter()
-                    .map(|(i, _)| *i)
-                    .filter(|i| !members(*i).is_empty())
+                    .map(|(i, _)| (*i, members(*i)))
+                    .filter(|(_, m)| !m.is_empty())
                     .collect();
-                let varies = live.len() > 1
-                    || (selection.fail_closed
-                        && !live.is_empty()
-                        && live.len() < split.entries.len());
+                let live = groups.len();
+                let varies =
+                    live > 1 || (selection.fail_closed && live > 0 && live < split.entries.len());
                 let chosen = choose(split, None, &mut rng, selection.fail_closed, |i| {
-                    live.contains(&i)
+                    groups.iter().any(|(g, _)| *g == i)
                 })
-                .map(|c| members(c.subset))
+                .ok()
+                .and_then(|c| groups.iter().position(|(g, _)| *g == c.subset))
+                .map(|at| groups.swap_remove(at).1)
                 .unwrap_or_default();
                 let mut answer = self.addresses(owner, chosen, qtype, &mut rng);
                 if varies {
