@@ -2,6 +2,9 @@
 //!
 //! Only transport lives here. Each crate converts these types to its own domain types in
 //! one place, so the wire format can grow without touching business rules.
+//!
+//! Modules: [`v1`] (the public API) and [`internal`] (registry peers), both generated
+//! with [`codec::EdgeCodec`], prost's codec with decode errors as `INVALID_ARGUMENT`.
 
 pub mod codec;
 
