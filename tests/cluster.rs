@@ -53,8 +53,14 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Starts node `id`; its peer listener is its own entry in `peers`.
 fn spawn(id: u64, grpc: &str, http: &str, peers: &str, dir: &Path) -> Child {
     let log = std::fs::File::create(dir.join(format!("node{id}.log"))).expect("log file");
+    let own = format!("{id}=");
+    let peer_listen = peers
+        .split(',')
+        .find_map(|p| p.strip_prefix(own.as_str()))
+        .expect("peers name this node");
     Command::new(BIN)
         .args([
             "registry",
@@ -62,6 +68,8 @@ fn spawn(id: u64, grpc: &str, http: &str, peers: &str, dir: &Path) -> Child {
             &id.to_string(),
             "--peers",
             peers,
+            "--peer-listen",
+            peer_listen,
             "--listen",
             grpc,
             "--http",
@@ -184,10 +192,8 @@ fn keep_alive(
 async fn three_registry_processes_survive_losing_the_leader() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (g, _))| format!("{}=127.0.0.1:{g}", i + 1))
+    let peers = (0..3)
+        .map(|i| format!("{}=127.0.0.1:{}", i + 1, free_port()))
         .collect::<Vec<_>>()
         .join(",");
     let mut nodes: Vec<Node> = ports
@@ -457,6 +463,8 @@ async fn a_node_joins_a_running_registry_and_is_removed_again() {
                     "off",
                     "--listen",
                     &first_grpc,
+                    "--peer-listen",
+                    "127.0.0.1:0",
                     "--http",
                     &format!("127.0.0.1:{h1}"),
                 ])
@@ -491,6 +499,8 @@ async fn a_node_joins_a_running_registry_and_is_removed_again() {
                     &first_grpc,
                     "--listen",
                     &second_grpc,
+                    "--peer-listen",
+                    &format!("127.0.0.1:{}", free_port()),
                     "--http",
                     &format!("127.0.0.1:{h2}"),
                 ])

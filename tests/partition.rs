@@ -121,7 +121,7 @@ fn setup(dir: &std::path::Path) -> Option<Lab> {
         assert!(ip(&["-n", &ns, "link", "set", "lo", "up"]));
     }
     let peers = (1..=3)
-        .map(|i| format!("{i}={NET}.{i}:7400"))
+        .map(|i| format!("{i}={NET}.{i}:7402"))
         .collect::<Vec<_>>()
         .join(",");
     for i in 1..=3usize {
@@ -143,6 +143,8 @@ fn setup(dir: &std::path::Path) -> Option<Lab> {
                 &peers,
                 "--listen",
                 &format!("{NET}.{i}:7400"),
+                "--peer-listen",
+                &format!("{NET}.{i}:7402"),
                 "--http",
                 &format!("{NET}.{i}:7401"),
             ])

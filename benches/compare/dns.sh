@@ -76,7 +76,7 @@ ip() { printf '10.1.%d.%d' "$1" "$2"; }
 hexip() { printf '%02x%02x%02x%02x' 10 1 "$1" "$2"; }
 
 # --- registry ------------------------------------------------------------------------
-taskset -c 1 "$BIN" registry --listen "$GRPC" --http "$HTTP" --dns "127.0.0.1:$REG_DNS_PORT" \
+taskset -c 1 "$BIN" registry --listen "$GRPC" --peer-listen 127.0.0.1:0 --http "$HTTP" --dns "127.0.0.1:$REG_DNS_PORT" \
   --dns-ttl "$TTL" --data-dir "$work/registry" 2>"$work/registry.log" & pids+=($!)
 reg_pid=$!
 for _ in $(seq 1 100); do curl -sf "http://$HTTP/health" >/dev/null 2>&1 && break; sleep 0.1; done

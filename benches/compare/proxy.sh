@@ -285,7 +285,7 @@ pid_nginx=$!
 # the sidecar with one worker thread, pinned like the others. DNS listeners off (they would
 # bind outside the port range). The sidecar's HTTP proxy port takes HTTP/1.1 and h2c.
 mkdir -p "$work/switchyard"
-"$BIN" registry --listen 127.0.0.1:$P_REG --http 127.0.0.1:$P_REG_HTTP --dns off \
+"$BIN" registry --listen 127.0.0.1:$P_REG --peer-listen 127.0.0.1:0 --http 127.0.0.1:$P_REG_HTTP --dns off \
   --data-dir "$work/switchyard/registry" 2>"$work/switchyard/registry.log" & pids+=($!)
 for _ in $(seq 1 100); do
   curl -sf -o /dev/null "127.0.0.1:$P_REG_HTTP/health" && break

@@ -86,15 +86,15 @@ start() {
   done
   if [ "$target" = switchyard ]; then
     if [ "$nodes" = 1 ]; then
-      "${SRV[@]}" "$SY" registry --listen 127.0.0.1:19200 --http 127.0.0.1:19201 --dns off \
+      "${SRV[@]}" "$SY" registry --listen 127.0.0.1:19200 --peer-listen 127.0.0.1:19202 --http 127.0.0.1:19201 --dns off \
         --data-dir "$dir/n1" 2>"$dir/n1.log" &
       server_pids+=($!)
       endpoints=http://127.0.0.1:19200
     else
-      local peers=1=127.0.0.1:19210,2=127.0.0.1:19220,3=127.0.0.1:19230
+      local peers=1=127.0.0.1:19212,2=127.0.0.1:19222,3=127.0.0.1:19232
       for i in 1 2 3; do
         "${SRV[@]}" "$SY" registry --node-id "$i" --peers "$peers" \
-          --listen "127.0.0.1:192${i}0" --http "127.0.0.1:192${i}1" --dns off \
+          --listen "127.0.0.1:192${i}0" --peer-listen "127.0.0.1:192${i}2" --http "127.0.0.1:192${i}1" --dns off \
           --data-dir "$dir/n$i" 2>"$dir/n$i.log" &
         server_pids+=($!)
       done

@@ -41,7 +41,7 @@ http {
 }
 CONF
 nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
-"$BIN" registry --listen 127.0.0.1:17400 --http 127.0.0.1:17401 --data-dir "$work/registry" 2>"$work/registry.log" & pids+=($!)
+"$BIN" registry --listen 127.0.0.1:17400 --peer-listen 127.0.0.1:0 --http 127.0.0.1:17401 --data-dir "$work/registry" 2>"$work/registry.log" & pids+=($!)
 sleep 0.5
 for port in 18081 18082 18083; do
   "$BIN" register --registry http://127.0.0.1:17400 --service web --address 127.0.0.1 --port "$port" \

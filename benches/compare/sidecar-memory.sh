@@ -23,7 +23,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN" registry --listen 127.0.0.1:19500 --http 127.0.0.1:19501 --dns off \
+"$BIN" registry --listen 127.0.0.1:19500 --peer-listen 127.0.0.1:0 --http 127.0.0.1:19501 --dns off \
   --data-dir "$work/registry" 2>"$work/registry.log" & pids+=($!)
 "$LOAD" --target switchyard --endpoints http://127.0.0.1:19500 ready >/dev/null
 "$LOAD" --target switchyard --endpoints http://127.0.0.1:19500 --count "$COUNT" --ttl 3600 fill \

@@ -34,14 +34,15 @@ pub struct RegistryConfig {
     pub max_keepalive_streams: usize,
     /// This node's Raft id (1 for a single node).
     pub node_id: u64,
-    /// Every voting member at first start, this node included: id -> gRPC address.
-    /// Empty means a single-node group of this node alone.
+    /// Every voting member at first start, this node included: id -> peer address
+    /// (`Listeners::peer`, port 7402 by default). Empty means a single-node group of this
+    /// node alone.
     pub peers: BTreeMap<u64, String>,
-    /// The address peers and clients use to reach this node; default: the listener's
-    /// address, with 0.0.0.0 read as 127.0.0.1.
+    /// The peer address other members use to reach this node (Raft and forwarded
+    /// writes); default: the peer listener's address, with 0.0.0.0 read as 127.0.0.1.
     pub advertise: Option<String>,
-    /// Join a running cluster through this node's gRPC address instead of starting a
-    /// group: this node asks to be added as a member and waits.
+    /// Join a running cluster through a member's gRPC (or peer) address instead of
+    /// starting a group: this node asks to be added as a member and waits.
     pub join: Option<String>,
     /// Raft heartbeat; elections start after 5-10 heartbeats of silence.
     pub heartbeat: Duration,
@@ -134,7 +135,12 @@ impl RegistryConfig {
 
 /// Sockets bound by the caller (tests bind port 0 and read the real address back).
 pub struct Listeners {
+    /// The client port: Registry, Discovery, Routing, Cluster, health.
     pub grpc: TcpListener,
+    /// The peer port: Raft and forwarded writes (`switchyard.internal.v1.RaftInternal`)
+    /// and `Cluster` for membership changes handed to the leader. Never the client port,
+    /// so a client cannot reach the internal service by accident of a shared listener.
+    pub peer: TcpListener,
     pub http: TcpListener,
     /// UDP socket and TCP listener for DNS (same port), if DNS is served.
     pub dns: Option<(tokio::net::UdpSocket, TcpListener)>,

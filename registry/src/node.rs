@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::server::serve_grpc;
+use crate::api::server::{serve_grpc, serve_peer};
 use crate::config::{Listeners, RegistryConfig, StartError};
 use crate::lease::checkpoint::checkpoint_loop;
 use crate::lease::expiry::expiry_loop;
@@ -27,6 +27,8 @@ use crate::shared::Shared;
 /// A running registry node.
 pub struct RegistryHandle {
     pub grpc_addr: SocketAddr,
+    /// The peer port (Raft, forwarding): what `--peers` and `--advertise` name.
+    pub peer_addr: SocketAddr,
     pub http_addr: SocketAddr,
     /// The DNS port (UDP and TCP), when served.
     pub dns_addr: Option<SocketAddr>,
@@ -77,6 +79,7 @@ pub async fn start(
 ) -> Result<RegistryHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
     let grpc_addr = listeners.grpc.local_addr().map_err(StartError::Addr)?;
+    let peer_addr = listeners.peer.local_addr().map_err(StartError::Addr)?;
     let http_addr = listeners.http.local_addr().map_err(StartError::Addr)?;
     let dns_addr = match &listeners.dns {
         Some((udp, _)) => Some(udp.local_addr().map_err(StartError::Addr)?),
@@ -152,10 +155,10 @@ pub async fn start(
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
-        if grpc_addr.ip().is_unspecified() {
-            format!("127.0.0.1:{}", grpc_addr.port())
+        if peer_addr.ip().is_unspecified() {
+            format!("127.0.0.1:{}", peer_addr.port())
         } else {
-            grpc_addr.to_string()
+            peer_addr.to_string()
         }
     });
     let members: BTreeMap<u64, openraft::BasicNode> = if config.peers.is_empty() {
@@ -220,6 +223,12 @@ pub async fn start(
             listeners.grpc,
             shutdown_rx.clone(),
         )),
+        tokio::spawn(serve_peer(
+            shared.clone(),
+            proposer.clone(),
+            listeners.peer,
+            shutdown_rx.clone(),
+        )),
         tokio::spawn(leadership_loop(
             shared.clone(),
             raft.clone(),
@@ -260,12 +269,14 @@ pub async fn start(
     }
     tracing::info!(
         grpc = %grpc_addr,
+        peer = %peer_addr,
         http = %http_addr,
         dns = %dns_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         "registry serving"
     );
     Ok(RegistryHandle {
         grpc_addr,
+        peer_addr,
         http_addr,
         dns_addr,
         shutdown: shutdown_tx,

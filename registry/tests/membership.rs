@@ -54,7 +54,8 @@ fn free_addr() -> SocketAddr {
 async fn a_removal_that_leaves_no_live_majority_is_refused_unless_forced() {
     let dir = tempfile::tempdir().expect("temp dir");
     let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let peers: BTreeMap<u64, String> = addrs
+    let peer_addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let peers: BTreeMap<u64, String> = peer_addrs
         .iter()
         .enumerate()
         .map(|(i, a)| (i as u64 + 1, a.to_string()))
@@ -66,9 +67,9 @@ async fn a_removal_that_leaves_no_live_majority_is_refused_unless_forced() {
         c
     };
     let (n1, n2, n3) = tokio::join!(
-        start_at(config(1), addrs[0]),
-        start_at(config(2), addrs[1]),
-        start_at(config(3), addrs[2]),
+        start_at(config(1), addrs[0], peer_addrs[0]),
+        start_at(config(2), addrs[1], peer_addrs[1]),
+        start_at(config(3), addrs[2], peer_addrs[2]),
     );
     let url = |a: SocketAddr| format!("http://{a}");
     // Three voters, one of them then stopped: removing a live one would leave two voters

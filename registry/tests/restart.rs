@@ -115,6 +115,9 @@ async fn a_second_process_on_the_same_data_dir_is_refused_clearly() {
         grpc: tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind"),
+        peer: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
         http: tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind"),

@@ -40,6 +40,7 @@ impl Setup {
             RegistryConfig::new(dir.path().join("reg")),
             Listeners {
                 grpc: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                peer: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
                 http: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
                 dns: None,
             },

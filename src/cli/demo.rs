@@ -226,6 +226,7 @@ pub async fn run_demo() -> Result<(), CliError> {
         RegistryConfig::new(dir.path().join("registry")),
         Listeners {
             grpc: bind().await?,
+            peer: bind().await?,
             http: bind().await?,
             dns: None,
         },

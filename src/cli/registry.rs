@@ -22,6 +22,10 @@ pub struct RegistryArgs {
     /// gRPC address (Registry, Discovery, grpc.health.v1).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:7400")]
     pub listen: SocketAddr,
+    /// Peer address: Raft and writes forwarded to the leader (never served on
+    /// --listen). Firewall it to the other registry nodes.
+    #[arg(long, env = "SWITCHYARD_PEER_LISTEN", default_value = "0.0.0.0:7402")]
+    pub peer_listen: SocketAddr,
     /// HTTP address for /metrics and /health.
     #[arg(long, env = "SWITCHYARD_HTTP", default_value = "0.0.0.0:7401")]
     pub http: SocketAddr,
@@ -62,17 +66,18 @@ pub struct RegistryArgs {
     /// This node's Raft id.
     #[arg(long, env = "SWITCHYARD_NODE_ID", default_value_t = 1)]
     pub node_id: u64,
-    /// Every member at first start, this node included: ID=HOST:PORT,... (gRPC
-    /// addresses). Empty: a single-node group. In the file: a table id -> address.
+    /// Every member at first start, this node included: ID=HOST:PORT,... (peer
+    /// addresses, --peer-listen). Empty: a single-node group. In the file: a table id ->
+    /// address.
     #[arg(long, env = "SWITCHYARD_PEERS", value_delimiter = ',', value_parser = parse_peer, conflicts_with = "join")]
     #[serde(with = "peers")]
     pub peers: Vec<(u64, String)>,
-    /// Join a running cluster through any member's gRPC address (HOST:PORT).
+    /// Join a running cluster through any member's gRPC or peer address (HOST:PORT).
     #[arg(long, env = "SWITCHYARD_JOIN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
-    /// Address peers and clients use for this node; default: --listen (0.0.0.0 read as
-    /// 127.0.0.1).
+    /// Peer address the other members use for this node; default: --peer-listen
+    /// (0.0.0.0 read as 127.0.0.1).
     #[arg(long, env = "SWITCHYARD_ADVERTISE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
@@ -143,7 +148,7 @@ impl RegistryArgs {
     }
 }
 
-/// `peers` in the file: a table `{ 1 = "host:7400", 2 = ... }`, every entry checked as
+/// `peers` in the file: a table `{ 1 = "host:7402", 2 = ... }`, every entry checked as
 /// the flag's ID=HOST:PORT.
 mod peers {
     use std::collections::BTreeMap;
@@ -191,6 +196,9 @@ pub struct DevArgs {
     /// Registry gRPC address.
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
+    /// Registry peer address (Raft; a dev registry has no peers, but the port is open).
+    #[arg(long, env = "SWITCHYARD_PEER_LISTEN", default_value = "127.0.0.1:7402")]
+    pub peer_listen: SocketAddr,
     /// Registry HTTP address for /metrics and /health.
     #[arg(long, env = "SWITCHYARD_HTTP", default_value = "127.0.0.1:7401")]
     pub http: SocketAddr,
@@ -214,7 +222,13 @@ pub struct DevArgs {
 
 pub async fn run_registry(args: RegistryArgs) -> Result<(), CliError> {
     let config = args.registry_config();
-    serve(config, args.listen, args.http, dns_addr(&args.dns)?).await
+    let addrs = Addrs {
+        listen: args.listen,
+        peer: args.peer_listen,
+        http: args.http,
+        dns: dns_addr(&args.dns)?,
+    };
+    serve(config, addrs).await
 }
 
 pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
@@ -231,13 +245,13 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
             (Some(temp), path)
         }
     };
-    let registry = start_registry(
-        RegistryConfig::new(data_dir.join("registry")),
-        args.listen,
-        args.http,
-        dns_addr(&args.dns)?,
-    )
-    .await?;
+    let addrs = Addrs {
+        listen: args.listen,
+        peer: args.peer_listen,
+        http: args.http,
+        dns: dns_addr(&args.dns)?,
+    };
+    let registry = start_registry(RegistryConfig::new(data_dir.join("registry")), addrs).await?;
     let url = format!("http://{}", registry.grpc_addr);
     let mut sidecar_args = super::sidecar::SidecarArgs::defaults(&url)?;
     sidecar_args.admin = args.admin;
@@ -299,16 +313,19 @@ fn dns_addr(value: &str) -> Result<Option<SocketAddr>, CliError> {
     }
 }
 
-async fn start_registry(
-    config: RegistryConfig,
+/// Where a registry listens (from the flags).
+struct Addrs {
     listen: SocketAddr,
+    peer: SocketAddr,
     http: SocketAddr,
     dns: Option<SocketAddr>,
-) -> Result<RegistryHandle, CliError> {
+}
+
+async fn start_registry(config: RegistryConfig, addrs: Addrs) -> Result<RegistryHandle, CliError> {
     config
         .validate()
         .map_err(|e| CliError::new(EXIT_CONFIG, format!("invalid configuration: {e}")))?;
-    let dns = match dns {
+    let dns = match addrs.dns {
         Some(addr) => Some(switchyard_core::dns::bind(addr).await.map_err(|e| {
             CliError::new(
                 EXIT_CONFIG,
@@ -318,8 +335,9 @@ async fn start_registry(
         None => None,
     };
     let listeners = Listeners {
-        grpc: bind(listen, "--listen").await?,
-        http: bind(http, "--http").await?,
+        grpc: bind(addrs.listen, "--listen").await?,
+        peer: bind(addrs.peer, "--peer-listen").await?,
+        http: bind(addrs.http, "--http").await?,
         dns,
     };
     switchyard_registry::start(config, listeners)
@@ -327,14 +345,9 @@ async fn start_registry(
         .map_err(|e| CliError::new(1, e.to_string()))
 }
 
-async fn serve(
-    config: RegistryConfig,
-    listen: SocketAddr,
-    http: SocketAddr,
-    dns: Option<SocketAddr>,
-) -> Result<(), CliError> {
+async fn serve(config: RegistryConfig, addrs: Addrs) -> Result<(), CliError> {
     let stop = shutdown_signal();
-    let handle = start_registry(config, listen, http, dns).await?;
+    let handle = start_registry(config, addrs).await?;
     stop.await;
     tracing::info!("shutting down: finishing in-flight writes, closing streams");
     handle.shutdown().await;

@@ -20,22 +20,30 @@ pub struct TestRegistry {
     pub dir: tempfile::TempDir,
 }
 
-/// Starts a registry with `config`, gRPC, HTTP and DNS all on `127.0.0.1:0`.
+/// Starts a registry with `config`, gRPC, peer, HTTP and DNS all on `127.0.0.1:0`.
 pub async fn start_in(config: RegistryConfig) -> RegistryHandle {
     let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-    start_on(config, grpc).await
+    let peer = TcpListener::bind("127.0.0.1:0").await.expect("bind peer");
+    start_on(config, grpc, peer).await
 }
 
-/// Starts a registry with `config` on a given gRPC address (a restart on the address
-/// its clients already know); HTTP and DNS on `127.0.0.1:0`.
-pub async fn start_at(config: RegistryConfig, grpc: SocketAddr) -> RegistryHandle {
+/// Starts a registry with `config` on given gRPC and peer addresses (a cluster member
+/// whose peers must be known beforehand, or a restart on the addresses its clients and
+/// peers already know); HTTP and DNS on `127.0.0.1:0`.
+pub async fn start_at(
+    config: RegistryConfig,
+    grpc: SocketAddr,
+    peer: SocketAddr,
+) -> RegistryHandle {
     let grpc = TcpListener::bind(grpc).await.expect("bind grpc");
-    start_on(config, grpc).await
+    let peer = TcpListener::bind(peer).await.expect("bind peer");
+    start_on(config, grpc, peer).await
 }
 
-async fn start_on(config: RegistryConfig, grpc: TcpListener) -> RegistryHandle {
+async fn start_on(config: RegistryConfig, grpc: TcpListener, peer: TcpListener) -> RegistryHandle {
     let listeners = Listeners {
         grpc,
+        peer,
         http: TcpListener::bind("127.0.0.1:0").await.expect("bind http"),
         dns: Some(
             switchyard_core::dns::bind("127.0.0.1:0".parse().expect("addr"))

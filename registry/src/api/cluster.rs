@@ -117,7 +117,7 @@ impl ClusterApi {
             || req.address.parse::<std::net::SocketAddr>().is_err() && !req.address.contains(':')
         {
             return Err(Status::invalid_argument(
-                "invalid address: use HOST:PORT of the node's gRPC listener",
+                "invalid address: use HOST:PORT of the node's peer listener (--peer-listen, port 7402 by default)",
             ));
         }
         if let Some(mut leader) = self.leader_client().await? {
@@ -167,7 +167,7 @@ impl ClusterApi {
                 .change(ChangeMembers::RemoveNodes(BTreeSet::from([req.id])))
                 .await;
             return Err(Status::failed_precondition(format!(
-                "node {} at {} did not catch up with the log within {CATCH_UP:?}: is it running, reachable at that address and started with --join? It was not added",
+                "node {} at {} did not catch up with the log within {CATCH_UP:?}: is it running, is that its peer address (--peer-listen) and was it started with --join? It was not added",
                 req.id, req.address
             )));
         }

@@ -1,5 +1,10 @@
-//! The gRPC server of a node: every public service, the peer service, health, and the
-//! limits and error mapping that apply to all of them.
+//! The gRPC servers of a node: the client port (every public service and health) and
+//! the peer port (Raft, forwarded writes, and `Cluster` for membership changes a
+//! follower hands to the leader), with the limits and error mapping that apply to them.
+//!
+//! The internal service is never served on the client port: it takes commands a client
+//! must not send (lease expiry) and Raft messages that can depose a leader, so it lives
+//! on a listener operators firewall off (and that mutual TLS will guard).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,10 +90,6 @@ pub(crate) async fn serve_grpc(
     let routing = RoutingServer::new(RoutingApi::new(shared.clone(), proposer.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
-    let internal =
-        RaftInternalServer::new(RaftService::new(proposer.raft().clone(), proposer.clone()))
-            .max_decoding_message_size(MAX_RAFT_MESSAGE)
-            .max_encoding_message_size(MAX_RAFT_MESSAGE);
     let registry = RegistryServer::new(RegistryApi::new(shared.clone(), proposer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let discovery = DiscoveryServer::new(DiscoveryApi::new(shared))
@@ -106,7 +107,6 @@ pub(crate) async fn serve_grpc(
         .add_service(discovery)
         .add_service(routing)
         .add_service(cluster)
-        .add_service(internal)
         .serve_with_incoming_shutdown(
             // tonic ignores its own TCP_NODELAY setting for a listener handed in: set it
             // here, or Nagle holds a watch event back until the client's delayed ACK
@@ -114,6 +114,41 @@ pub(crate) async fn serve_grpc(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             wait_for(shutdown.clone()),
         );
+    finish("gRPC", server, shutdown).await;
+}
+
+/// Serves the peer port: `RaftInternal` (Raft RPCs, `Forward`) and `Cluster` (a
+/// follower hands membership changes to the leader here, and members ask each other for
+/// their status).
+pub(crate) async fn serve_peer(
+    shared: Arc<Shared>,
+    proposer: Proposer,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) {
+    let cluster = ClusterServer::new(ClusterApi::new(shared, proposer.clone()));
+    let internal =
+        RaftInternalServer::new(RaftService::new(proposer.raft().clone(), proposer.clone()))
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .add_service(internal)
+        .add_service(cluster)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            wait_for(shutdown.clone()),
+        );
+    finish("peer gRPC", server, shutdown).await;
+}
+
+/// Runs a server until it ends, or until the grace period after shutdown has passed.
+async fn finish(
+    name: &str,
+    server: impl std::future::Future<Output = Result<(), tonic::transport::Error>>,
+    shutdown: watch::Receiver<bool>,
+) {
     tokio::pin!(server);
     // Streams we do not own (a client's grpc.health.v1 Watch) never end by themselves:
     // after the grace period the server is dropped, closing them.
@@ -124,9 +159,9 @@ pub(crate) async fn serve_grpc(
     tokio::select! {
         result = &mut server => {
             if let Err(e) = result {
-                tracing::error!(error = %e, "gRPC server failed");
+                tracing::error!(error = %e, "{name} server failed");
             }
         }
-        _ = grace => tracing::warn!("gRPC streams still open {SHUTDOWN_GRACE:?} after shutdown; closing them"),
+        _ = grace => tracing::warn!("{name} streams still open {SHUTDOWN_GRACE:?} after shutdown; closing them"),
     }
 }

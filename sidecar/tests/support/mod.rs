@@ -24,9 +24,11 @@ pub async fn start_registry(dir: &Path) -> RegistryHandle {
     start_in(RegistryConfig::new(dir.to_path_buf())).await
 }
 
-/// A real registry with its data in `dir` on the gRPC address `grpc` (a restart).
+/// A real registry with its data in `dir` on the gRPC address `grpc` (a restart; a
+/// single node never calls its own peer port, so that one may change).
 pub async fn start_registry_on(dir: &Path, grpc: SocketAddr) -> RegistryHandle {
-    start_at(RegistryConfig::new(dir.to_path_buf()), grpc).await
+    let peer = "127.0.0.1:0".parse().expect("addr");
+    start_at(RegistryConfig::new(dir.to_path_buf()), grpc, peer).await
 }
 
 pub async fn registry_client(handle: &RegistryHandle) -> RegistryClient<Channel> {
