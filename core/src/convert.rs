@@ -3,11 +3,12 @@
 use switchyard_proto::v1 as pb;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::model::policy::{Fallback, HeaderMatch, MatchKind, Route, Split, Subset};
 use crate::model::{
-    validate_instance, Change, Instance, InstanceRef, Policy, PolicyRecord, ServiceSnapshot,
-    ServiceSummary, State, ValidationError,
+    validate_instance, Change, Instance, InstanceRef, Policy, PolicyRecord, Resilience, RetryOn,
+    ServiceSnapshot, ServiceSummary, State, ValidationError,
 };
 
 /// Reads a wire state. `STATE_UNSPECIFIED` becomes `default` (None = refuse it).
@@ -162,7 +163,97 @@ pub fn policy_from_proto(p: pb::Policy) -> Result<Policy, ValidationError> {
         default_split: split_from_proto(p.default_split),
         fallback,
         sticky_header: p.sticky_header,
+        resilience: match p.resilience {
+            Some(r) => resilience_from_proto(r)?,
+            None => Resilience::default(),
+        },
     })
+}
+
+/// Reads wire resilience settings: negative values and unknown `retry_on` names are
+/// refused here, naming the field; the ranges by `validate_resilience`.
+pub fn resilience_from_proto(r: pb::Resilience) -> Result<Resilience, ValidationError> {
+    let field = |name: &str| format!("policy.resilience.{name}");
+    let ms = |name: &str, v: Option<i64>| -> Result<Option<Duration>, ValidationError> {
+        match v {
+            None => Ok(None),
+            Some(v) => u64::try_from(v)
+                .map(|v| Some(Duration::from_millis(v)))
+                .map_err(|_| ValidationError::new(field(name), format!("{v} is negative"))),
+        }
+    };
+    let count = |name: &str, v: Option<i32>| -> Result<Option<u32>, ValidationError> {
+        match v {
+            None => Ok(None),
+            Some(v) => u32::try_from(v)
+                .map(Some)
+                .map_err(|_| ValidationError::new(field(name), format!("{v} is negative"))),
+        }
+    };
+    let retry_on = if r.retry_on.is_empty() {
+        None
+    } else if r.retry_on.len() > crate::model::resilience::MAX_RETRY_ON {
+        return Err(ValidationError::new(
+            field("retry_on"),
+            format!(
+                "{} conditions, at most {}",
+                r.retry_on.len(),
+                crate::model::resilience::MAX_RETRY_ON
+            ),
+        ));
+    } else {
+        let mut on = Vec::with_capacity(r.retry_on.len());
+        for name in &r.retry_on {
+            let parsed = RetryOn::parse(name).ok_or_else(|| {
+                ValidationError::new(
+                    field("retry_on"),
+                    format!("{:?} is not one of connect-failure, refused-stream, reset, 5xx, gateway-error, unavailable, resource-exhausted or an HTTP status 100-599", name.chars().take(64).collect::<String>()),
+                )
+            })?;
+            if !on.contains(&parsed) {
+                on.push(parsed);
+            }
+        }
+        Some(on)
+    };
+    Ok(Resilience {
+        timeout: ms("timeout_ms", r.timeout_ms)?,
+        per_try_timeout: ms("per_try_timeout_ms", r.per_try_timeout_ms)?,
+        retries: count("retries", r.retries)?,
+        retry_on,
+        retry_budget_percent: count("retry_budget_percent", r.retry_budget_percent)?,
+        min_retries_per_second: count("min_retries_per_second", r.min_retries_per_second)?,
+        max_connections: count("max_connections", r.max_connections)?,
+        max_pending: count("max_pending", r.max_pending)?,
+        max_requests: count("max_requests", r.max_requests)?,
+        max_retries: count("max_retries", r.max_retries)?,
+        slow_start: ms("slow_start_ms", r.slow_start_ms)?,
+        eject_after: count("eject_after", r.eject_after)?,
+        max_ejection_percent: count("max_ejection_percent", r.max_ejection_percent)?,
+        panic_below_percent: count("panic_below_percent", r.panic_below_percent)?,
+    })
+}
+
+pub fn resilience_to_proto(r: &Resilience) -> pb::Resilience {
+    // Domain values are validated (at most an hour, at most a million), so they fit.
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis().min(i64::MAX as u128) as i64);
+    let count = |v: Option<u32>| v.map(|v| v.min(i32::MAX as u32) as i32);
+    pb::Resilience {
+        timeout_ms: ms(r.timeout),
+        per_try_timeout_ms: ms(r.per_try_timeout),
+        retries: count(r.retries),
+        retry_on: r.retry_on.iter().flatten().map(|o| o.name()).collect(),
+        retry_budget_percent: count(r.retry_budget_percent),
+        min_retries_per_second: count(r.min_retries_per_second),
+        max_connections: count(r.max_connections),
+        max_pending: count(r.max_pending),
+        max_requests: count(r.max_requests),
+        max_retries: count(r.max_retries),
+        slow_start_ms: ms(r.slow_start),
+        eject_after: count(r.eject_after),
+        max_ejection_percent: count(r.max_ejection_percent),
+        panic_below_percent: count(r.panic_below_percent),
+    }
 }
 
 pub fn policy_to_proto(p: &Policy) -> pb::Policy {
@@ -210,6 +301,7 @@ pub fn policy_to_proto(p: &Policy) -> pb::Policy {
             Fallback::Fail => pb::Fallback::Fail as i32,
         },
         sticky_header: p.sticky_header.clone(),
+        resilience: (!p.resilience.is_empty()).then(|| resilience_to_proto(&p.resilience)),
     }
 }
 

@@ -333,6 +333,7 @@ mod tests {
                 .collect(),
             fallback: Fallback::Default,
             sticky_header: String::new(),
+            resilience: Default::default(),
         }
     }
 

@@ -138,6 +138,7 @@ mod tests {
                 default_split,
                 fallback: Fallback::Default,
                 sticky_header: String::new(),
+                resilience: Default::default(),
             });
             let view = Arc::new(ServiceView::new("web".into(), 1, &instances, Some(&policy), None, None));
             let table = Arc::new(EndpointTable::default());

@@ -78,6 +78,7 @@ pub fn canary_policy(default: &[(&str, u32)]) -> pb::Policy {
         default_split: split(default),
         fallback: pb::Fallback::Default as i32,
         sticky_header: String::new(),
+        resilience: None,
     }
 }
 

@@ -79,6 +79,7 @@ pub fn canary_policy() -> pb::Policy {
         default_split: vec![share("1.4.2", 90), share("2.0.0", 10)],
         fallback: pb::Fallback::Default as i32,
         sticky_header: String::new(),
+        resilience: None,
     }
 }
 

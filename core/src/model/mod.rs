@@ -4,6 +4,7 @@
 //! machine and the rules can be tested (and later replicated) without any transport.
 
 pub mod policy;
+pub mod resilience;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use policy::{Policy, PolicyRecord};
+pub use resilience::{Resilience, ResilienceSettings, RetryOn};
 pub use validate::{
     validate_id, validate_instance, validate_name, validate_namespace, validate_ttl,
     validate_version, ValidationError, DEFAULT_TTL_SECONDS, DEFAULT_WEIGHT, MAX_ID_LEN, MAX_LABELS,

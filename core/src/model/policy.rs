@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::resilience::{validate_resilience, Resilience};
 use super::validate::{validate_version, ValidationError};
 use crate::select::{compile_regex, same_name};
 
@@ -71,6 +72,10 @@ pub struct Policy {
     pub default_split: Vec<Split>,
     pub fallback: Fallback,
     pub sticky_header: String,
+    /// Timeouts, retries, limits and ejection for the service (unset fields: the
+    /// sidecar's defaults).
+    #[serde(default)]
+    pub resilience: Resilience,
 }
 
 /// One recorded change of a service's policy.
@@ -275,7 +280,7 @@ pub fn validate_policy(p: &Policy, versions: &BTreeSet<String>) -> Result<(), Va
             "not a lower-case header name",
         ));
     }
-    Ok(())
+    validate_resilience(&p.resilience)
 }
 
 #[cfg(test)]
@@ -322,6 +327,7 @@ mod tests {
             ],
             fallback: Fallback::Default,
             sticky_header: String::new(),
+            resilience: Default::default(),
         }
     }
 

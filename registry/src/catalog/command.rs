@@ -1,11 +1,10 @@
 //! [`Command`]: a change to the catalog, as written to the Raft log.
 
-use serde::{Deserialize, Serialize};
-
 use crate::model::{Instance, LeaseId, Policy, State};
 
-/// A change to the catalog, as written to the log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A change to the catalog, as written to the log. Its bytes are read and written in
+/// [`super::legacy`], which also reads the forms older releases wrote.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     /// Adds or updates an instance. With `lease_id` the instance joins that lease;
     /// without it, it keeps its current lease or gets a new one with `ttl_seconds`.

@@ -15,11 +15,14 @@
 //! - `policies.rs`: routing policies and their kept history; put and rollback.
 //! - `queries.rs`: reads of the applied state (snapshots, resolve, service lists).
 //! - `persist.rs`: the snapshot form, [`PersistedCatalog`], and the rebuild from it.
+//! - `legacy.rs`: the bytes of a [`Command`], and mirrors of what older releases wrote
+//!   (log entries and snapshots), so an upgraded node still opens its data dir.
 
 mod apply;
 mod command;
 mod instances;
 mod leases;
+mod legacy;
 mod persist;
 mod policies;
 mod queries;
@@ -28,4 +31,4 @@ pub(crate) mod testing;
 
 pub use apply::{ApplyError, ApplyResult, Catalog, Limits, Reply};
 pub use command::Command;
-pub use persist::{PersistedCatalog, PersistedCatalogV0};
+pub use persist::{PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::apply::{Entry, Lease, Limits};
+use super::legacy::PolicyRecordV1;
 use super::Catalog;
 use crate::model::{Instance, LeaseId, PolicyRecord, Revision};
 
@@ -24,6 +25,18 @@ pub struct PersistedCatalog {
     pub(super) cluster_id: String,
 }
 
+/// The snapshot form written before policies carried resilience settings (read through
+/// [`super::legacy`]'s mirrors of the old policy).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedCatalogV1 {
+    applied_index: u64,
+    revision: Revision,
+    instances: Vec<(Instance, LeaseId)>,
+    leases: Vec<(LeaseId, u32, u64)>,
+    policies: Vec<((String, String), Vec<PolicyRecordV1>)>,
+    cluster_id: String,
+}
+
 /// The snapshot form written before the cluster id existed.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PersistedCatalogV0 {
@@ -31,7 +44,24 @@ pub struct PersistedCatalogV0 {
     revision: Revision,
     instances: Vec<(Instance, LeaseId)>,
     leases: Vec<(LeaseId, u32, u64)>,
-    policies: Vec<((String, String), Vec<PolicyRecord>)>,
+    policies: Vec<((String, String), Vec<PolicyRecordV1>)>,
+}
+
+#[cfg(test)]
+fn old_policies(
+    p: &[((String, String), Vec<PolicyRecord>)],
+) -> Vec<((String, String), Vec<PolicyRecordV1>)> {
+    p.iter()
+        .map(|(k, h)| (k.clone(), h.iter().map(PolicyRecordV1::from).collect()))
+        .collect()
+}
+
+fn new_policies(
+    p: Vec<((String, String), Vec<PolicyRecordV1>)>,
+) -> Vec<((String, String), Vec<PolicyRecord>)> {
+    p.into_iter()
+        .map(|(k, h)| (k, h.into_iter().map(PolicyRecord::from).collect()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -43,7 +73,22 @@ impl PersistedCatalogV0 {
             revision: p.revision,
             instances: p.instances.clone(),
             leases: p.leases.clone(),
-            policies: p.policies.clone(),
+            policies: old_policies(&p.policies),
+        }
+    }
+}
+
+#[cfg(test)]
+impl PersistedCatalogV1 {
+    /// The old form of a current snapshot (what a release before resilience wrote).
+    pub fn from_current_for_test(p: &PersistedCatalog) -> Self {
+        Self {
+            applied_index: p.applied_index,
+            revision: p.revision,
+            instances: p.instances.clone(),
+            leases: p.leases.clone(),
+            policies: old_policies(&p.policies),
+            cluster_id: p.cluster_id.clone(),
         }
     }
 }
@@ -55,8 +100,21 @@ impl From<PersistedCatalogV0> for PersistedCatalog {
             revision: v.revision,
             instances: v.instances,
             leases: v.leases,
-            policies: v.policies,
+            policies: new_policies(v.policies),
             cluster_id: String::new(),
+        }
+    }
+}
+
+impl From<PersistedCatalogV1> for PersistedCatalog {
+    fn from(v: PersistedCatalogV1) -> Self {
+        Self {
+            applied_index: v.applied_index,
+            revision: v.revision,
+            instances: v.instances,
+            leases: v.leases,
+            policies: new_policies(v.policies),
+            cluster_id: v.cluster_id,
         }
     }
 }

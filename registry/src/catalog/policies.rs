@@ -139,6 +139,7 @@ mod tests {
                 default_split: Vec::new(),
                 fallback: Fallback::Default,
                 sticky_header: String::new(),
+                resilience: Default::default(),
             }),
             at_ms: 1,
         }

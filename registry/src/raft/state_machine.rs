@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use super::alias::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use super::log_store::META;
 use super::{decode, encode, CommandReply, TypeConfig};
-use crate::catalog::{ApplyError, Catalog, Command, PersistedCatalog, PersistedCatalogV0, Reply};
+use crate::catalog::{
+    ApplyError, Catalog, Command, PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1, Reply,
+};
 use crate::shared::ApplyHandle;
 
 const SNAPSHOT: &str = "snapshot";
@@ -30,6 +32,13 @@ struct SnapshotFile {
     catalog: PersistedCatalog,
 }
 
+/// A snapshot as written before policies carried resilience settings.
+#[derive(Deserialize)]
+struct SnapshotFileV1 {
+    meta: SnapshotMeta,
+    catalog: PersistedCatalogV1,
+}
+
 /// A snapshot as written before the catalog carried a cluster id.
 #[derive(Deserialize)]
 struct SnapshotFileV0 {
@@ -37,15 +46,25 @@ struct SnapshotFileV0 {
     catalog: PersistedCatalogV0,
 }
 
-/// Reads a snapshot in the current form, or in the form before the cluster id.
+/// Reads a snapshot in the current form, or in an older one (newest first: postcard
+/// reads bytes of an older form as garbage or as too short, never as a valid newer one
+/// that would have to be told apart).
 fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotFile, postcard::Error> {
-    decode::<SnapshotFile>(bytes).or_else(|e| match decode::<SnapshotFileV0>(bytes) {
-        Ok(old) => Ok(SnapshotFile {
-            meta: old.meta,
-            catalog: old.catalog.into(),
-        }),
-        Err(_) => Err(e),
-    })
+    decode::<SnapshotFile>(bytes)
+        .or_else(|e| match decode::<SnapshotFileV1>(bytes) {
+            Ok(old) => Ok(SnapshotFile {
+                meta: old.meta,
+                catalog: old.catalog.into(),
+            }),
+            Err(_) => Err(e),
+        })
+        .or_else(|e| match decode::<SnapshotFileV0>(bytes) {
+            Ok(old) => Ok(SnapshotFile {
+                meta: old.meta,
+                catalog: old.catalog.into(),
+            }),
+            Err(_) => Err(e),
+        })
 }
 
 /// Raft bookkeeping that changes together with the catalog (under its write lock).
@@ -309,5 +328,50 @@ mod tests {
             Catalog::from_persisted(Limits::default(), file.catalog).cluster_id(),
             "abc"
         );
+    }
+
+    /// A snapshot written before policies carried resilience settings still loads, with
+    /// its policies and their history (and no resilience overrides).
+    #[test]
+    fn snapshots_from_before_resilience_still_decode() {
+        let mut catalog = run(&script());
+        catalog.apply_next(100, &Command::InitCluster { id: "abc".into() });
+        let policy = crate::model::Policy {
+            subsets: Vec::new(),
+            routes: Vec::new(),
+            default_split: Vec::new(),
+            fallback: crate::model::policy::Fallback::Default,
+            sticky_header: "x-user".into(),
+            resilience: Default::default(),
+        };
+        catalog.apply_next(
+            101,
+            &Command::PutPolicy {
+                namespace: "default".into(),
+                service: "web".into(),
+                policy: Some(policy.clone()),
+                at_ms: 5,
+            },
+        );
+        let current = catalog.to_persisted();
+        let old = PersistedCatalogV1::from_current_for_test(&current);
+        #[derive(Serialize)]
+        struct OldFile<'a> {
+            meta: SnapshotMeta,
+            catalog: &'a PersistedCatalogV1,
+        }
+        let bytes = encode(&OldFile {
+            meta: SnapshotMeta::default(),
+            catalog: &old,
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("an old snapshot decodes");
+        let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
+        assert_eq!(rebuilt.cluster_id(), "abc");
+        assert_eq!(
+            rebuilt.current_policy("default", "web").as_deref(),
+            Some(&policy)
+        );
+        assert_eq!(rebuilt.policy_history("default", "web").len(), 1);
     }
 }

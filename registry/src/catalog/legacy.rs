@@ -1,0 +1,391 @@
+//! The log's and snapshots' older forms, so a data dir written by an earlier release
+//! still opens.
+//!
+//! postcard is not self-describing: a struct that gains a field no longer reads its old
+//! bytes. So the current types are written as they are, and what was written before a
+//! change is read through a mirror of the old shape here:
+//!
+//! - [`PolicyV1`]: a policy before it carried resilience settings. Log entries keep
+//!   their old variant (`PutPolicy` at its old place, read as `PolicyV1`); new ones are
+//!   written as the variant appended last (`PutPolicyV2`). [`Command`] itself has one
+//!   `PutPolicy`: the wire enums below exist only on the way to and from bytes.
+//! - snapshots: see [`crate::catalog::persist`] for the versions of the catalog's form.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::command::Command;
+use crate::model::policy::{Fallback, Route, Split, Subset};
+use crate::model::{Instance, LeaseId, Policy, PolicyRecord, Resilience, State};
+
+/// A policy as written before resilience settings existed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyV1 {
+    pub subsets: Vec<Subset>,
+    pub routes: Vec<Route>,
+    pub default_split: Vec<Split>,
+    pub fallback: Fallback,
+    pub sticky_header: String,
+}
+
+impl From<PolicyV1> for Policy {
+    fn from(p: PolicyV1) -> Self {
+        Policy {
+            subsets: p.subsets,
+            routes: p.routes,
+            default_split: p.default_split,
+            fallback: p.fallback,
+            sticky_header: p.sticky_header,
+            resilience: Resilience::default(),
+        }
+    }
+}
+
+impl From<&Policy> for PolicyV1 {
+    /// The old shape of a current policy (its resilience dropped): for tests that write
+    /// what an older release wrote.
+    fn from(p: &Policy) -> Self {
+        PolicyV1 {
+            subsets: p.subsets.clone(),
+            routes: p.routes.clone(),
+            default_split: p.default_split.clone(),
+            fallback: p.fallback,
+            sticky_header: p.sticky_header.clone(),
+        }
+    }
+}
+
+/// A history record as written before resilience settings existed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecordV1 {
+    pub revision: u64,
+    pub at_ms: u64,
+    pub policy: Option<Arc<PolicyV1>>,
+    pub reason: String,
+}
+
+impl From<PolicyRecordV1> for PolicyRecord {
+    fn from(r: PolicyRecordV1) -> Self {
+        PolicyRecord {
+            revision: r.revision,
+            at_ms: r.at_ms,
+            policy: r.policy.map(|p| Arc::new(Policy::from((*p).clone()))),
+            reason: r.reason,
+        }
+    }
+}
+
+impl From<&PolicyRecord> for PolicyRecordV1 {
+    fn from(r: &PolicyRecord) -> Self {
+        PolicyRecordV1 {
+            revision: r.revision,
+            at_ms: r.at_ms,
+            policy: r.policy.as_deref().map(|p| Arc::new(PolicyV1::from(p))),
+            reason: r.reason.clone(),
+        }
+    }
+}
+
+/// [`Command`] as it is read from bytes: every variant ever written, in the order they
+/// were added (postcard names a variant by its place).
+#[derive(Deserialize)]
+enum CommandIn {
+    Register {
+        instance: Instance,
+        ttl_seconds: u32,
+        lease_id: Option<LeaseId>,
+    },
+    Deregister {
+        namespace: String,
+        id: String,
+    },
+    SetState {
+        namespace: String,
+        id: String,
+        state: State,
+    },
+    ExpireLeases {
+        leases: Vec<(LeaseId, u64)>,
+    },
+    CheckpointLeases {
+        leases: Vec<(LeaseId, u64, u64)>,
+    },
+    PutPolicyV1 {
+        namespace: String,
+        service: String,
+        policy: Option<PolicyV1>,
+        at_ms: u64,
+    },
+    RollbackPolicy {
+        namespace: String,
+        service: String,
+        to_revision: u64,
+        at_ms: u64,
+    },
+    Batch(Vec<Command>),
+    InitCluster {
+        id: String,
+    },
+    PutPolicyV2 {
+        namespace: String,
+        service: String,
+        policy: Option<Policy>,
+        at_ms: u64,
+    },
+}
+
+/// [`Command`] as it is written: borrowed, so encoding copies nothing. Variants in the
+/// same places as [`CommandIn`]; `PutPolicyV1` is never written again.
+#[derive(Serialize)]
+enum CommandOut<'a> {
+    Register {
+        instance: &'a Instance,
+        ttl_seconds: u32,
+        lease_id: Option<LeaseId>,
+    },
+    Deregister {
+        namespace: &'a str,
+        id: &'a str,
+    },
+    SetState {
+        namespace: &'a str,
+        id: &'a str,
+        state: State,
+    },
+    ExpireLeases {
+        leases: &'a [(LeaseId, u64)],
+    },
+    CheckpointLeases {
+        leases: &'a [(LeaseId, u64, u64)],
+    },
+    #[allow(dead_code)]
+    PutPolicyV1 {},
+    RollbackPolicy {
+        namespace: &'a str,
+        service: &'a str,
+        to_revision: u64,
+        at_ms: u64,
+    },
+    Batch(&'a [Command]),
+    InitCluster {
+        id: &'a str,
+    },
+    PutPolicyV2 {
+        namespace: &'a str,
+        service: &'a str,
+        policy: &'a Option<Policy>,
+        at_ms: u64,
+    },
+}
+
+impl Serialize for Command {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let out = match self {
+            Command::Register {
+                instance,
+                ttl_seconds,
+                lease_id,
+            } => CommandOut::Register {
+                instance,
+                ttl_seconds: *ttl_seconds,
+                lease_id: *lease_id,
+            },
+            Command::Deregister { namespace, id } => CommandOut::Deregister { namespace, id },
+            Command::SetState {
+                namespace,
+                id,
+                state,
+            } => CommandOut::SetState {
+                namespace,
+                id,
+                state: *state,
+            },
+            Command::ExpireLeases { leases } => CommandOut::ExpireLeases { leases },
+            Command::CheckpointLeases { leases } => CommandOut::CheckpointLeases { leases },
+            Command::PutPolicy {
+                namespace,
+                service,
+                policy,
+                at_ms,
+            } => CommandOut::PutPolicyV2 {
+                namespace,
+                service,
+                policy,
+                at_ms: *at_ms,
+            },
+            Command::RollbackPolicy {
+                namespace,
+                service,
+                to_revision,
+                at_ms,
+            } => CommandOut::RollbackPolicy {
+                namespace,
+                service,
+                to_revision: *to_revision,
+                at_ms: *at_ms,
+            },
+            Command::Batch(commands) => CommandOut::Batch(commands),
+            Command::InitCluster { id } => CommandOut::InitCluster { id },
+        };
+        out.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match CommandIn::deserialize(d)? {
+            CommandIn::Register {
+                instance,
+                ttl_seconds,
+                lease_id,
+            } => Command::Register {
+                instance,
+                ttl_seconds,
+                lease_id,
+            },
+            CommandIn::Deregister { namespace, id } => Command::Deregister { namespace, id },
+            CommandIn::SetState {
+                namespace,
+                id,
+                state,
+            } => Command::SetState {
+                namespace,
+                id,
+                state,
+            },
+            CommandIn::ExpireLeases { leases } => Command::ExpireLeases { leases },
+            CommandIn::CheckpointLeases { leases } => Command::CheckpointLeases { leases },
+            CommandIn::PutPolicyV1 {
+                namespace,
+                service,
+                policy,
+                at_ms,
+            } => Command::PutPolicy {
+                namespace,
+                service,
+                policy: policy.map(Policy::from),
+                at_ms,
+            },
+            CommandIn::PutPolicyV2 {
+                namespace,
+                service,
+                policy,
+                at_ms,
+            } => Command::PutPolicy {
+                namespace,
+                service,
+                policy,
+                at_ms,
+            },
+            CommandIn::RollbackPolicy {
+                namespace,
+                service,
+                to_revision,
+                at_ms,
+            } => Command::RollbackPolicy {
+                namespace,
+                service,
+                to_revision,
+                at_ms,
+            },
+            CommandIn::Batch(commands) => Command::Batch(commands),
+            CommandIn::InitCluster { id } => Command::InitCluster { id },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::raft::{decode, encode};
+
+    fn policy(resilience: Resilience) -> Policy {
+        Policy {
+            subsets: Vec::new(),
+            routes: Vec::new(),
+            default_split: Vec::new(),
+            fallback: Fallback::Default,
+            sticky_header: "x-user".into(),
+            resilience,
+        }
+    }
+
+    /// What the release before resilience wrote for a PutPolicy: the derived encoding
+    /// of the old enum, whose sixth variant carried the old policy.
+    #[derive(Serialize)]
+    #[allow(dead_code)]
+    enum OldCommand {
+        Register,
+        Deregister,
+        SetState,
+        ExpireLeases,
+        CheckpointLeases,
+        PutPolicy {
+            namespace: String,
+            service: String,
+            policy: Option<PolicyV1>,
+            at_ms: u64,
+        },
+    }
+
+    #[test]
+    fn a_put_policy_from_before_resilience_still_decodes() {
+        let old = OldCommand::PutPolicy {
+            namespace: "default".into(),
+            service: "web".into(),
+            policy: Some(PolicyV1::from(&policy(Resilience::default()))),
+            at_ms: 7,
+        };
+        let bytes = encode(&old).expect("encode");
+        let read: Command = decode(&bytes).expect("old bytes decode");
+        assert_eq!(
+            read,
+            Command::PutPolicy {
+                namespace: "default".into(),
+                service: "web".into(),
+                policy: Some(policy(Resilience::default())),
+                at_ms: 7,
+            }
+        );
+    }
+
+    #[test]
+    fn every_command_round_trips_with_its_resilience() {
+        let with = policy(Resilience {
+            retries: Some(2),
+            timeout: Some(Duration::from_secs(3)),
+            ..Default::default()
+        });
+        let commands = vec![
+            Command::PutPolicy {
+                namespace: "default".into(),
+                service: "web".into(),
+                policy: Some(with.clone()),
+                at_ms: 1,
+            },
+            Command::Batch(vec![
+                Command::Deregister {
+                    namespace: "default".into(),
+                    id: "a".into(),
+                },
+                Command::PutPolicy {
+                    namespace: "default".into(),
+                    service: "web".into(),
+                    policy: None,
+                    at_ms: 2,
+                },
+            ]),
+            Command::InitCluster { id: "c".into() },
+            Command::ExpireLeases {
+                leases: vec![(1, 2)],
+            },
+        ];
+        for c in commands {
+            let bytes = encode(&c).expect("encode");
+            assert_eq!(decode::<Command>(&bytes).expect("decode"), c);
+        }
+    }
+}
