@@ -23,7 +23,7 @@ use crate::raft::network::Network;
 use crate::raft::propose::Proposer;
 use crate::raft::state_machine::StateMachine;
 use crate::shared::Shared;
-use crate::storage_health::StorageFailure;
+use crate::storage_health::{describe_io_error, describe_open_error, StorageFailure};
 
 /// A running registry node.
 pub struct RegistryHandle {
@@ -103,16 +103,12 @@ pub async fn start(
         dir: dir.clone(),
         reason,
     };
-    std::fs::create_dir_all(&dir).map_err(|e| store_err(e.to_string()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| store_err(describe_io_error(&dir, &e)))?;
     let path = dir.join("registry.redb");
     let db = tokio::task::spawn_blocking(move || redb::Database::create(path))
         .await
         .map_err(|e| store_err(e.to_string()))?
-        .map_err(|e| {
-            store_err(format!(
-                "{e} (is another switchyard process using this --data-dir?)"
-            ))
-        })?;
+        .map_err(|e| store_err(describe_open_error(&dir, &e)))?;
     let db = Arc::new(db);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let snapshot_every = config.snapshot_every;
@@ -123,7 +119,12 @@ pub async fn start(
         shared.committed.clone(),
         Some(shared.storage.clone()),
     )
-    .map_err(|e| store_err(e.to_string()))?;
+    .map_err(|e| {
+        store_err(match &e {
+            redb::Error::Io(io) => describe_io_error(&dir, io),
+            other => other.to_string(),
+        })
+    })?;
     let state_machine = StateMachine::open(shared.apply_handle(), db.clone())
         .map_err(|e| StartError::Raft(e.to_string()))?;
     {

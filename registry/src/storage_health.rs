@@ -11,9 +11,13 @@
 //! `/health`, and [`RegistryHandle::failed`](crate::RegistryHandle::failed), on which the
 //! `switchyard registry` binary exits non-zero so its supervisor restarts it; the
 //! restart replays the log, which holds every write that was acknowledged).
+//!
+//! Also here: the words for an I/O error met while opening the data dir at start
+//! ([`describe_open_error`]), so "disk full" and "permission denied" are told apart from
+//! "another process holds the file".
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -72,6 +76,7 @@ fn hint_for(errno: Option<i32>) -> &'static str {
         Some(13) | Some(1) => "permission denied: the switchyard user needs read and write access",
         Some(30) => "the filesystem is read-only: remount it read-write",
         Some(5) => "the disk reports I/O errors: check it (dmesg) before restarting",
+        Some(20) => "a part of the path is a file, not a directory: choose another --data-dir",
         _ => "check the disk",
     }
 }
@@ -208,6 +213,34 @@ pub async fn not_serving_on_failure(
     }
 }
 
+/// The reason an I/O error on the data dir at start is given, in the operator's terms:
+/// a full disk and missing permissions say so, instead of a hint about another process.
+pub fn describe_io_error(dir: &Path, e: &std::io::Error) -> String {
+    match (e.kind(), e.raw_os_error()) {
+        (std::io::ErrorKind::PermissionDenied, _) | (_, Some(1)) => format!(
+            "permission denied on {}: the switchyard user needs read and write access to it ({e})",
+            dir.display()
+        ),
+        (std::io::ErrorKind::StorageFull, _) | (_, Some(28)) => format!(
+            "the disk holding {} is full ({e}): free space on it and start again",
+            dir.display()
+        ),
+        _ => format!("{e} ({})", hint_for(e.raw_os_error())),
+    }
+}
+
+/// [`describe_io_error`] for redb's error on opening the database file. Only redb's
+/// "already open" (its file lock is held) means another process uses the data dir.
+pub fn describe_open_error(dir: &Path, e: &redb::DatabaseError) -> String {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            format!("{e} (is another switchyard process using this --data-dir?)")
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => describe_io_error(dir, io),
+        other => other.to_string(),
+    }
+}
+
 /// The OS's words for a redb error: the `std::io::Error` inside it when there is one
 /// ("No space left on device (os error 28)"), else redb's own text.
 pub fn os_text(e: &redb::Error) -> String {
@@ -223,6 +256,39 @@ mod tests {
 
     fn health() -> StorageHealth {
         StorageHealth::new("/var/lib/switchyard".into(), Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn permission_denied_at_start_says_so_and_names_the_dir() {
+        let dir = Path::new("/var/lib/switchyard");
+        let e = std::io::Error::from_raw_os_error(13);
+        let said = describe_io_error(dir, &e);
+        assert!(
+            said.starts_with("permission denied on /var/lib/switchyard: the switchyard user needs read and write access"),
+            "{said}"
+        );
+        assert!(!said.contains("another switchyard process"), "{said}");
+        let said = describe_open_error(
+            dir,
+            &redb::DatabaseError::Storage(redb::StorageError::Io(e)),
+        );
+        assert!(said.starts_with("permission denied on"), "{said}");
+    }
+
+    #[test]
+    fn a_full_disk_at_start_says_so() {
+        let said = describe_io_error(Path::new("/data"), &std::io::Error::from_raw_os_error(28));
+        assert!(said.contains("the disk holding /data is full"), "{said}");
+        assert!(said.contains("No space left on device"), "{said}");
+    }
+
+    #[test]
+    fn only_a_held_lock_suggests_another_process() {
+        let said = describe_open_error(
+            Path::new("/data"),
+            &redb::DatabaseError::DatabaseAlreadyOpen,
+        );
+        assert!(said.contains("is another switchyard process using this --data-dir?"));
     }
 
     #[test]

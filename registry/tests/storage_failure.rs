@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use switchyard_proto::v1 as pb;
-use switchyard_registry::RegistryConfig;
+use switchyard_registry::{Listeners, RegistryConfig};
 use switchyard_testkit::{http_get, instance, keep_alive, metric, resolve_ids, start_in, Tmpfs};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -164,4 +164,37 @@ async fn a_full_data_dir_makes_the_node_say_so_everywhere() {
     tokio::time::timeout(Duration::from_secs(20), handle.shutdown())
         .await
         .expect("a node whose storage failed still shuts down");
+}
+
+/// A data dir that cannot be created says why in the operator's terms and does not
+/// blame another process. (Root ignores permission bits, so the case here is a parent
+/// that is a regular file, ENOTDIR; EACCES and ENOSPC are covered on the mapping
+/// function in `storage_health`.)
+#[tokio::test]
+async fn a_data_dir_that_cannot_be_created_says_why() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").expect("write");
+    let data = file.join("data");
+    let listeners = Listeners {
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        http: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        dns: None,
+    };
+    let said = match switchyard_registry::start(RegistryConfig::new(data.clone()), listeners).await
+    {
+        Ok(_) => panic!("a data dir under a file cannot be used"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        said.contains(&data.display().to_string())
+            && said.contains("Not a directory (os error 20)")
+            && said.contains("not a directory: choose another --data-dir"),
+        "{said}"
+    );
+    assert!(!said.contains("another switchyard process"), "{said}");
 }
