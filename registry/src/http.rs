@@ -1,4 +1,6 @@
-//! The registry's HTTP port: `/metrics` (Prometheus text) and `/health`.
+//! The registry's HTTP port: `/metrics` (Prometheus text) and `/health` (200 while
+//! serving; 503 while stopping, or for good once the data dir cannot be written, with
+//! the dir and the OS error in the body).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -57,17 +59,31 @@ fn dispatch(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         (&Method::GET, "/health") => {
             let stopping = *shared.shutdown.borrow();
-            let revision = shared.catalog.read().revision();
-            let (code, status) = if stopping {
-                (StatusCode::SERVICE_UNAVAILABLE, "stopping")
-            } else {
-                (StatusCode::OK, "serving")
+            let failure = shared.storage.failure();
+            let mut health = Health {
+                status: "serving",
+                revision: shared.catalog.read().revision(),
+                data_dir: None,
+                error: None,
+                errno: None,
+                message: None,
             };
-            respond(
-                code,
-                "application/json",
-                format!("{{\"status\":\"{status}\",\"revision\":{revision}}}\n"),
-            )
+            let code = if let Some(f) = &failure {
+                health.status = "storage_failed";
+                health.data_dir = Some(f.dir.display().to_string());
+                health.error = Some(&f.error);
+                health.errno = f.os_error();
+                health.message = Some(f.to_string());
+                StatusCode::SERVICE_UNAVAILABLE
+            } else if stopping {
+                health.status = "stopping";
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            // Serializing plain strings and numbers cannot fail.
+            let body = serde_json::to_string(&health).unwrap_or_default();
+            respond(code, "application/json", format!("{body}\n"))
         }
         (_, "/metrics" | "/health") => respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -80,6 +96,21 @@ fn dispatch(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             "not found: try /metrics or /health\n".into(),
         ),
     }
+}
+
+/// The `/health` body; the storage fields only once the data dir cannot be written.
+#[derive(serde::Serialize)]
+struct Health<'a> {
+    status: &'static str,
+    revision: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errno: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
 }
 
 fn respond(code: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

@@ -18,6 +18,8 @@
 //! - [`shared`]: the state every reader and loop shares (catalog, hub, lease keeper,
 //!   metrics, shutdown flag), and the narrower slice the state machine applies to.
 //! - [`dns_source`]: the catalog as a source of `switchyard_core::dns` answers.
+//! - [`storage_health`]: whether the data dir can still be written; a failed write
+//!   makes the node unhealthy for good (it must restart), and the words for disk errors.
 //! - [`http`] and [`metrics`]: `/metrics` and `/health`.
 //! - [`node`]: wires it together; [`start`] takes a config and bound listeners and
 //!   returns a handle with the real addresses and a graceful `shutdown`.
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod shared;
+pub mod storage_health;
 pub mod watch;
 
 /// The domain model lives in `switchyard-core` (the sidecar shares it); the registry
@@ -41,3 +44,4 @@ pub(crate) use switchyard_core::model;
 pub use catalog::Limits;
 pub use config::{Listeners, RegistryConfig, StartError};
 pub use node::{start, RegistryHandle};
+pub use storage_health::StorageFailure;

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub proposals: Family<OutcomeLabels, Counter>,
     pub self_preservation: Gauge<i64, AtomicI64>,
     pub lease_checkpoints: Counter,
+    pub storage_failed: Gauge<i64, AtomicI64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +72,12 @@ impl Default for Metrics {
         let proposals = Family::default();
         let self_preservation = Gauge::default();
         let lease_checkpoints = Counter::default();
+        let storage_failed = Gauge::default();
+        registry.register(
+            "storage_failed",
+            "1 once a write or fsync of the data dir failed: the node stops serving and must restart",
+            storage_failed.clone(),
+        );
         registry.register(
             "self_preservation",
             "1 while lease expiry is paused because too many leases would expire at once",
@@ -165,6 +172,7 @@ impl Default for Metrics {
             proposals,
             self_preservation,
             lease_checkpoints,
+            storage_failed,
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::raft::network::Network;
 use crate::raft::propose::Proposer;
 use crate::raft::state_machine::StateMachine;
 use crate::shared::Shared;
+use crate::storage_health::{describe_io_error, describe_open_error, StorageFailure};
 
 /// A running registry node.
 pub struct RegistryHandle {
@@ -41,6 +42,20 @@ pub struct RegistryHandle {
 }
 
 impl RegistryHandle {
+    /// Resolves once a write or fsync of the data dir failed (at once if one already
+    /// did). The node then serves reads but no writes, says NOT_SERVING, and cannot
+    /// recover in this process (see [`crate::storage_health`]): the embedder should
+    /// [`shutdown`](Self::shutdown) and start it again, which the `switchyard registry`
+    /// binary does by exiting non-zero for its supervisor.
+    pub async fn failed(&self) -> Arc<StorageFailure> {
+        self.shared.storage.failed().await
+    }
+
+    /// The storage failure, if there was one.
+    pub fn failure(&self) -> Option<Arc<StorageFailure>> {
+        self.shared.storage.failure()
+    }
+
     /// Stops accepting work, ends every stream, waits for in-flight writes to land.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
@@ -91,28 +106,27 @@ pub async fn start(
         dir: dir.clone(),
         reason,
     };
-    std::fs::create_dir_all(&dir).map_err(|e| store_err(e.to_string()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| store_err(describe_io_error(&dir, &e)))?;
     let path = dir.join("registry.redb");
     let db = tokio::task::spawn_blocking(move || redb::Database::create(path))
         .await
         .map_err(|e| store_err(e.to_string()))?
-        .map_err(|e| {
-            store_err(format!(
-                "{e} (is another switchyard process using this --data-dir?)"
-            ))
-        })?;
+        .map_err(|e| store_err(describe_open_error(&dir, &e)))?;
     let db = Arc::new(db);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let snapshot_every = config.snapshot_every;
-    let shared = Shared::new(config.shared(), shutdown_rx.clone());
+    let shared = Shared::new(config.shared(), dir.clone(), shutdown_rx.clone());
     let log_store = LogStore::new(
         db.clone(),
         Some(shared.metrics.clone()),
         shared.committed.clone(),
+        Some(shared.storage.clone()),
     )
-    .map_err(|e| StartError::Store {
-        dir: config.data_dir.clone(),
-        reason: e.to_string(),
+    .map_err(|e| {
+        store_err(match &e {
+            redb::Error::Io(io) => describe_io_error(&dir, io),
+            other => other.to_string(),
+        })
     })?;
     let state_machine = StateMachine::open(shared.apply_handle(), db.clone())
         .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -205,9 +219,15 @@ pub async fn start(
         config.heartbeat * 20,
         cluster_size,
         Some(shared.metrics.clone()),
+        shared.storage.clone(),
     );
 
     let mut tasks = vec![
+        tokio::spawn(crate::storage_health::watch_raft(
+            raft.clone(),
+            shared.storage.clone(),
+            shutdown_rx.clone(),
+        )),
         tokio::spawn(expiry_loop(
             shared.clone(),
             proposer.clone(),

@@ -1,10 +1,11 @@
 //! [`Shared`]: the node's state that the API handlers, the HTTP endpoints, DNS and the
 //! background loops all read: the catalog, the watch hub, the lease keeper, the metrics,
-//! the shutdown flag and the committed index.
+//! the shutdown flag, the committed index and whether the data dir can still be written.
 //!
 //! A leaf: it names the parts it holds and nothing that uses them, so every server and
 //! loop can depend on it without a circle back to the node that starts them.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use crate::catalog::{Catalog, Limits};
 use crate::lease::LeaseKeeper;
 use crate::metrics::Metrics;
+use crate::storage_health::StorageHealth;
 use crate::watch::WatchHub;
 
 /// The part of the node's configuration that the shared state and its readers need
@@ -40,13 +42,20 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// The highest committed log index this node knows (saved by the log store).
     pub committed: Arc<std::sync::atomic::AtomicU64>,
+    /// Healthy until a write or fsync of the data dir fails; failed for good after.
+    pub storage: StorageHealth,
 }
 
 impl Shared {
-    /// Empty shared state for a node with this config (the catalog is filled by the
-    /// state machine from its snapshot and the Raft log).
-    pub fn new(config: SharedConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+    /// Empty shared state for a node with this config and data dir (the catalog is
+    /// filled by the state machine from its snapshot and the Raft log).
+    pub fn new(
+        config: SharedConfig,
+        data_dir: PathBuf,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Self> {
         let catalog = Catalog::new(config.limits);
+        let metrics = Arc::new(Metrics::default());
         Arc::new(Shared {
             hub: Arc::new(WatchHub::new(
                 config.watch_buffer,
@@ -57,7 +66,8 @@ impl Shared {
             // Leases get their clocks from the applies Raft replays and, in full, when
             // this node becomes leader (see `raft::leadership`).
             leases: Arc::new(LeaseKeeper::default()),
-            metrics: Arc::new(Metrics::default()),
+            storage: StorageHealth::new(data_dir, metrics.clone()),
+            metrics,
             config,
             shutdown,
             committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),

@@ -24,8 +24,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let db = Arc::new(db);
         let config = RegistryConfig::new(dir.path().to_path_buf());
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        let shared = Shared::new(config.shared(), rx);
-        let log = LogStore::new(db.clone(), None, Arc::new(AtomicU64::new(0)))
+        let shared = Shared::new(config.shared(), dir.path().to_path_buf(), rx);
+        let log = LogStore::new(db.clone(), None, Arc::new(AtomicU64::new(0)), None)
             .map_err(|e| openraft::StorageIOError::write(&e))?;
         let sm = StateMachine::open(shared.apply_handle(), db)?;
         Ok((dir, log, sm))
@@ -44,7 +44,7 @@ async fn the_committed_hint_is_clamped_to_the_durable_log() {
     use openraft::storage::RaftLogStorage;
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Arc::new(redb::Database::create(dir.path().join("registry.redb")).expect("db"));
-    let mut log = LogStore::new(db, None, Arc::new(AtomicU64::new(0))).expect("log store");
+    let mut log = LogStore::new(db, None, Arc::new(AtomicU64::new(0)), None).expect("log store");
     let ahead = openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 5);
     log.save_committed(Some(ahead)).await.expect("save");
     assert_eq!(log.read_committed().await.expect("read"), None);

@@ -27,6 +27,9 @@ use tracing_subscriber::EnvFilter;
 pub const EXIT_CONFIG: u8 = 64;
 /// Exit status when the registry cannot be reached (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit status of a registry whose data dir could not be written (a full disk, lost
+/// permissions, a failed fsync; sysexits EX_IOERR): its supervisor should restart it.
+pub const EXIT_STORAGE: u8 = 74;
 
 /// A failed command: what to tell the operator, and the exit status.
 #[derive(Debug)]

@@ -10,7 +10,7 @@ use switchyard_registry::{Limits, Listeners, RegistryConfig, RegistryHandle};
 use tokio::net::TcpListener;
 
 use super::config::{self, parse_duration};
-use super::{shutdown_signal, CliError, EXIT_CONFIG};
+use super::{shutdown_signal, CliError, EXIT_CONFIG, EXIT_STORAGE};
 
 /// The registry role's configuration, `switchyard registry`'s flags. Each field is a flag,
 /// a `SWITCHYARD_*` environment variable and a key of the `--config` TOML file (the field's
@@ -284,11 +284,19 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
             .http_proxy_addr
             .map_or_else(String::new, |a| a.to_string())
     );
-    stop.await;
+    let failed = tokio::select! {
+        _ = stop => None,
+        failure = registry.failed() => Some(failure),
+    };
     tracing::info!("shutting down: sidecar first, then the registry");
     sidecar.shutdown().await;
-    registry.shutdown().await;
-    Ok(())
+    match failed {
+        Some(failure) => Err(exit_on_storage_failure(registry, &failure).await),
+        None => {
+            registry.shutdown().await;
+            Ok(())
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, CliError> {
@@ -348,8 +356,45 @@ async fn start_registry(config: RegistryConfig, addrs: Addrs) -> Result<Registry
 async fn serve(config: RegistryConfig, addrs: Addrs) -> Result<(), CliError> {
     let stop = shutdown_signal();
     let handle = start_registry(config, addrs).await?;
-    stop.await;
-    tracing::info!("shutting down: finishing in-flight writes, closing streams");
-    handle.shutdown().await;
-    Ok(())
+    let failed = tokio::select! {
+        _ = stop => None,
+        failure = handle.failed() => Some(failure),
+    };
+    match failed {
+        Some(failure) => Err(exit_on_storage_failure(handle, &failure).await),
+        None => {
+            tracing::info!("shutting down: finishing in-flight writes, closing streams");
+            handle.shutdown().await;
+            Ok(())
+        }
+    }
+}
+
+/// How long a registry whose storage failed may take to stop before it exits anyway.
+const FAILED_STOP_LIMIT: Duration = Duration::from_secs(15);
+
+/// A registry whose data dir cannot be written is stopped (bounded) and the process
+/// exits with [`EXIT_STORAGE`]. Exiting, rather than recovering in place, because
+/// openraft 0.9's core ends for good on a storage error and redb refuses the file after
+/// one I/O error; a restart by the supervisor (systemd `Restart=on-failure`, Kubernetes,
+/// compose `restart:`) reopens both, replays the log (which holds every acknowledged
+/// write) and rejoins once the disk takes writes again.
+async fn exit_on_storage_failure(
+    handle: RegistryHandle,
+    failure: &switchyard_registry::StorageFailure,
+) -> CliError {
+    tracing::error!(
+        data_dir = %failure.dir.display(),
+        "stopping: the data dir cannot be written; exiting with status {EXIT_STORAGE} for the supervisor to restart this node"
+    );
+    if tokio::time::timeout(FAILED_STOP_LIMIT, handle.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the registry did not stop within {FAILED_STOP_LIMIT:?}; exiting anyway");
+    }
+    CliError::new(
+        EXIT_STORAGE,
+        format!("{failure}; exiting with status {EXIT_STORAGE}: restart this node once the data dir takes writes again (it replays its log and rejoins)"),
+    )
 }

@@ -18,6 +18,7 @@
 //! - [`dns`]: DNS queries over UDP and TCP with hickory-proto's message codec.
 //! - [`backend`]: HTTP/1.1 + h2c backends that count their requests and can be slowed,
 //!   made to fail or stopped.
+//! - [`tmpfs`]: a small tmpfs (root only) to fill up under a registry's data dir.
 //!
 //! Everything binds `127.0.0.1:0`; nothing waits on a bare sleep.
 
@@ -27,6 +28,7 @@ pub mod fake;
 pub mod http;
 pub mod proto;
 pub mod registry;
+pub mod tmpfs;
 pub mod wait;
 
 pub use backend::Backend;
@@ -37,4 +39,5 @@ pub use proto::{
     watch_of, View,
 };
 pub use registry::{keep_alive, register, register_at, start_at, start_in, TestRegistry};
+pub use tmpfs::Tmpfs;
 pub use wait::{assert_eventually, eventually, next_event};

@@ -42,6 +42,8 @@ pub fn status(e: ProposeError) -> Status {
             Status::resource_exhausted(e.to_string())
         }
         ProposeError::Storage(_)
+        | ProposeError::StorageFailed(_)
+        | ProposeError::RaftStopped(_)
         | ProposeError::ShuttingDown
         | ProposeError::NoLeader(_)
         | ProposeError::NoQuorum(_)

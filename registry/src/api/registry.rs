@@ -159,6 +159,14 @@ impl Registry for RegistryApi {
                 "this node already serves {max} KeepAlive streams: renew many leases in one stream (up to {MAX_LEASES_PER_KEEPALIVE} per message), use another node, or raise max_keepalive_streams"
             )));
         };
+        // A node whose storage failed has a stopped Raft that may still name itself the
+        // leader: relaying to that address would loop back here. Its lease clocks are
+        // dead too, so renewing here would lie: send the client elsewhere.
+        if let Some(failure) = self.shared.storage.failure() {
+            return Err(Status::unavailable(format!(
+                "{failure}; this node renews no leases until it restarts: reconnect to another node"
+            )));
+        }
         self.shared.metrics.grpc("KeepAlive", Code::Ok);
         if !self.proposer.is_leader() {
             // Only the leader runs lease clocks: relay the stream to it.
@@ -189,20 +197,23 @@ impl Registry for RegistryApi {
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(16);
         let mut shutdown = shared.shutdown.clone();
+        let storage = shared.storage.clone();
         tokio::spawn(async move {
             // Counted until this task ends (the client went away or the node stops).
             let _slot = slot;
             let mut renewed = Vec::new();
             loop {
+                // Err: the node stops serving this stream (shutdown, or storage failed).
                 let msg = tokio::select! {
-                    m = inbound.next() => Some(m),
-                    _ = shutdown.wait_for(|s| *s) => None,
+                    m = inbound.next() => Ok(m),
+                    _ = shutdown.wait_for(|s| *s) => Err(None),
+                    failure = storage.failed() => Err(Some(failure)),
                 };
                 let req = match msg {
-                    Some(Some(Ok(req))) => req,
+                    Ok(Some(Ok(req))) => req,
                     // A message that does not decode or is over the limit: say so (the
                     // stream used to end with OK and no answer).
-                    Some(Some(Err(status))) => {
+                    Ok(Some(Err(status))) => {
                         let status = match status.code() {
                             Code::OutOfRange => Status::resource_exhausted(format!(
                                 "a KeepAlive message is larger than {} bytes; send at most {MAX_LEASES_PER_KEEPALIVE} lease ids per message",
@@ -214,12 +225,20 @@ impl Registry for RegistryApi {
                         return;
                     }
                     // The client closed its side.
-                    Some(None) => return,
-                    None => {
+                    Ok(None) => return,
+                    Err(None) => {
                         let _ = tx
                             .send(Err(Status::unavailable(
                                 "the registry is shutting down; reconnect to another node",
                             )))
+                            .await;
+                        return;
+                    }
+                    Err(Some(failure)) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "{failure}; this node renews no leases until it restarts: reconnect to another node"
+                            ))))
                             .await;
                         return;
                     }

@@ -87,6 +87,16 @@ pub(crate) async fn serve_grpc(
     health.set_serving::<RegistryServer<RegistryApi>>().await;
     health.set_serving::<DiscoveryServer<DiscoveryApi>>().await;
     health.set_serving::<RoutingServer<RoutingApi>>().await;
+    tokio::spawn(crate::storage_health::not_serving_on_failure(
+        shared.storage.clone(),
+        health.clone(),
+        vec![
+            <RegistryServer<RegistryApi> as tonic::server::NamedService>::NAME,
+            <DiscoveryServer<DiscoveryApi> as tonic::server::NamedService>::NAME,
+            <RoutingServer<RoutingApi> as tonic::server::NamedService>::NAME,
+        ],
+        shutdown.clone(),
+    ));
     let routing = RoutingServer::new(RoutingApi::new(shared.clone(), proposer.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));

@@ -8,6 +8,12 @@
 //! duration), and appends that arrive during an fsync share the next one. Group commit
 //! of client writes happens one level up, in the proposer, because openraft 0.9 waits for
 //! each append to be flushed before it makes the next.
+//!
+//! Durability contract: openraft learns that an entry is stored (and so may count it
+//! toward a commit and answer the client) only from the callback, which runs after the
+//! transaction holding it committed with an fsync. A failed write or fsync is passed to
+//! the callback as an error, never swallowed, and reported to the node's
+//! [`StorageHealth`] before that, so the node is unhealthy before openraft stops.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -25,6 +31,7 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 use super::alias::{Entry, LogId, StorageError, Vote};
 use super::{decode, encode, TypeConfig};
 use crate::metrics::Metrics;
+use crate::storage_health::{os_text, StorageHealth};
 
 pub const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
@@ -60,6 +67,11 @@ struct Inner {
     /// entry past it (a hint ahead of the durable log would make a restart replay
     /// entries that are not there).
     durable: Mutex<Option<LogId>>,
+    /// Told of a failed write before openraft is (see the module doc).
+    storage: Option<StorageHealth>,
+    /// Set by the first failed flush: redb refuses every later write to the file, so
+    /// queued entries will never drain.
+    write_failed: std::sync::atomic::AtomicBool,
 }
 
 /// Entries appended but not yet on disk, and the callbacks waiting for them. An entry
@@ -72,11 +84,13 @@ struct Pending {
 }
 
 impl LogStore {
-    /// Creates the tables if they do not exist yet and starts the flusher thread.
+    /// Creates the tables if they do not exist yet and starts the flusher thread. A
+    /// failed log write is reported to `storage` (tests of the store alone pass `None`).
     pub fn new(
         db: Arc<Database>,
         metrics: Option<Arc<Metrics>>,
         committed: Arc<AtomicU64>,
+        storage: Option<StorageHealth>,
     ) -> Result<Self, redb::Error> {
         let txn = db.begin_write()?;
         txn.open_table(LOG)?;
@@ -90,6 +104,8 @@ impl LogStore {
             pending: Mutex::new(Pending::default()),
             flushed: Condvar::new(),
             durable: Mutex::new(durable),
+            storage,
+            write_failed: std::sync::atomic::AtomicBool::new(false),
         });
         let (wake, woken) = mpsc::channel();
         let weak = Arc::downgrade(&inner);
@@ -105,13 +121,20 @@ impl LogStore {
     }
 
     /// Blocks until every queued entry is on disk: truncate and purge rewrite the table
-    /// and must not race a batch in flight. Both are rare (conflicts, snapshots).
-    fn drain(&self) {
+    /// and must not race a batch in flight. Both are rare (conflicts, snapshots). After a
+    /// failed flush the queue never empties: that is an error, not a wait forever.
+    fn drain(&self) -> Result<(), StorageError> {
         let mut pending = self.inner.pending.lock();
         while !pending.entries.is_empty() {
+            if self.inner.write_failed.load(Ordering::Acquire) {
+                return Err(io(std::io::Error::other(
+                    "an earlier write of the Raft log failed",
+                )));
+            }
             let _ = self.wake.send(());
             self.inner.flushed.wait(&mut pending);
         }
+        Ok(())
     }
 
     fn get_meta<T: for<'a> serde::Deserialize<'a>>(
@@ -230,16 +253,25 @@ fn flusher(inner: Weak<Inner>, woken: mpsc::Receiver<()>) {
                 pending.entries.remove(i);
             }
         }
+        if let Err(e) = &result {
+            inner.write_failed.store(true, Ordering::Release);
+            // Before the callbacks: the node is unhealthy before openraft stops on them.
+            match &inner.storage {
+                Some(storage) => {
+                    storage.fail("writing the Raft log", os_text(e));
+                }
+                None => tracing::error!(error = %e, "the Raft log could not be written"),
+            }
+        }
         inner.flushed.notify_all();
         for callback in callbacks {
             let outcome = match &result {
                 Ok(()) => Ok(()),
+                // Keep the kind (StorageFull, PermissionDenied) for openraft's error.
+                Err(redb::Error::Io(io)) => Err(std::io::Error::new(io.kind(), io.to_string())),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
             };
             callback.log_io_completed(outcome);
-        }
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the Raft log could not be written; the node stops accepting writes");
         }
     }
 }
@@ -350,7 +382,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.drain();
+        self.drain()?;
         let txn = self.inner.db.begin_write().map_err(io)?;
         {
             let mut log = txn.open_table(LOG).map_err(io)?;
@@ -362,7 +394,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.drain();
+        self.drain()?;
         let bytes = encode(&log_id).map_err(io)?;
         let txn = self.inner.db.begin_write().map_err(io)?;
         {

@@ -4,7 +4,9 @@
 //!
 //! Writes fail fast with `UNAVAILABLE` when no leader is known, or when this node leads
 //! but has not heard from a majority recently (it may be on the small side of a
-//! partition), instead of hanging until a quorum returns.
+//! partition), instead of hanging until a quorum returns. Once this node's data dir
+//! cannot be written ([`crate::storage_health`]) every write is refused with
+//! `UNAVAILABLE` naming the dir and the OS error: its Raft has stopped for good.
 //!
 //! Group commit: on the leader, commands go through one batcher task. While one log entry
 //! is being replicated and fsync'd, the commands that arrive meanwhile queue up, and the
@@ -26,6 +28,7 @@ use super::alias::{NodeId, Raft};
 use super::network::Network;
 use super::{decode, encode, CommandReply};
 use crate::catalog::{ApplyError, Command, Reply};
+use crate::storage_health::{StorageFailure, StorageHealth};
 
 /// How long a write may wait to commit before the client is told no quorum answered.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +46,13 @@ pub enum ProposeError {
     Storage(String),
     #[error("the registry is shutting down; retry on another node")]
     ShuttingDown,
+    /// This node's data dir cannot be written; it stopped taking writes until restarted.
+    /// A write that met the failure was not acknowledged; in a cluster it may still
+    /// commit through another node, so retry it (registrations are idempotent).
+    #[error("{0}; this node takes no writes until it restarts: retry on another node")]
+    StorageFailed(Arc<StorageFailure>),
+    #[error("Raft stopped on this node ({0}); it takes no writes until it restarts: retry on another node")]
+    RaftStopped(String),
     #[error("no registry leader is elected: {0}")]
     NoLeader(String),
     #[error("{0}")]
@@ -74,6 +84,7 @@ struct Core {
     /// A leader that has not heard from a majority for this long refuses writes.
     quorum_silence: Duration,
     cluster_size_hint: usize,
+    storage: StorageHealth,
 }
 
 /// One command waiting for the batcher, and where its outcome goes.
@@ -90,12 +101,14 @@ impl Proposer {
         quorum_silence: Duration,
         cluster_size_hint: usize,
         metrics: Option<Arc<crate::metrics::Metrics>>,
+        storage: StorageHealth,
     ) -> Self {
         let core = Arc::new(Core {
             raft,
             network,
             quorum_silence,
             cluster_size_hint,
+            storage,
         });
         let (queue, queued) = mpsc::channel(QUEUE);
         tokio::spawn(batcher(core.clone(), queued, metrics.clone()));
@@ -159,6 +172,9 @@ impl Proposer {
     async fn submit(&self, command: Command) -> Result<Result<Reply, ProposeError>, Forward> {
         if let Command::Batch(_) = command {
             return Ok(Err(ProposeError::Refused(ApplyError::Batch)));
+        }
+        if let Some(failure) = self.core.storage.failure() {
+            return Err(Forward::Failed(ProposeError::StorageFailed(failure)));
         }
         if !self.core.is_leader() {
             return self.core.write(command).await.map(one);
@@ -301,9 +317,22 @@ impl Core {
             Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
                 Err(Forward::Failed(ProposeError::Storage(e.to_string())))
             }
-            Ok(Err(RaftError::Fatal(e))) => {
-                tracing::error!(error = %e, "Raft stopped");
-                Err(Forward::Failed(ProposeError::ShuttingDown))
+            Ok(Err(RaftError::Fatal(e))) => Err(Forward::Failed(self.stopped(e))),
+        }
+    }
+
+    /// Why a write met a stopped Raft: a storage failure (recorded here when the log
+    /// store did not record it first), our own shutdown, or anything else.
+    fn stopped(&self, fatal: openraft::error::Fatal<NodeId>) -> ProposeError {
+        if let openraft::error::Fatal::StorageError(e) = &fatal {
+            return ProposeError::StorageFailed(self.storage.fail("Raft storage", e));
+        }
+        match (self.storage.failure(), fatal) {
+            (Some(failure), _) => ProposeError::StorageFailed(failure),
+            (None, openraft::error::Fatal::Stopped) => ProposeError::ShuttingDown,
+            (None, other) => {
+                tracing::error!(error = %other, "Raft stopped");
+                ProposeError::RaftStopped(other.to_string())
             }
         }
     }
