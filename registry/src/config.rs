@@ -84,6 +84,14 @@ impl RegistryConfig {
         if self.limits.max_instances == 0 {
             return Err("max_instances must be at least 1".into());
         }
+        if self.limits.max_policies_per_namespace == 0
+            || self.limits.max_policy_bytes_per_namespace == 0
+        {
+            return Err(
+                "max_policies_per_namespace and max_policy_bytes_per_namespace must be at least 1"
+                    .into(),
+            );
+        }
         if self.watch_buffer == 0 || self.watch_buffer > 1_000_000 {
             return Err("watch_buffer must be 1-1000000".into());
         }
