@@ -43,3 +43,4 @@ pub use catalog::{
 };
 pub use config::{Listeners, RegistryConfig, StartError};
 pub use node::{start, RegistryHandle};
+pub use watch::budget::DEFAULT_MAX_WATCH_BUFFER_BYTES;

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::catalog::{Catalog, Limits};
 use crate::lease::LeaseKeeper;
 use crate::metrics::Metrics;
+use crate::watch::budget::WatchBudget;
 use crate::watch::WatchHub;
 
 /// The part of the node's configuration that the shared state and its readers need
@@ -23,6 +24,7 @@ pub struct SharedConfig {
     pub watch_buffer: usize,
     pub watch_history: usize,
     pub max_watchers: usize,
+    pub max_watch_buffer_bytes: usize,
     pub max_keepalive_streams: usize,
 }
 
@@ -33,6 +35,8 @@ pub struct Shared {
     /// holds it across an `.await`.
     pub catalog: Arc<RwLock<Catalog>>,
     pub hub: Arc<WatchHub>,
+    /// Bytes of watch events built and not yet sent, for the whole node.
+    pub watch_budget: Arc<WatchBudget>,
     pub leases: Arc<LeaseKeeper>,
     pub metrics: Arc<Metrics>,
     pub config: SharedConfig,
@@ -47,7 +51,12 @@ impl Shared {
     /// state machine from its snapshot and the Raft log).
     pub fn new(config: SharedConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
         let catalog = Catalog::new(config.limits);
+        let metrics = Arc::new(Metrics::default());
         Arc::new(Shared {
+            watch_budget: Arc::new(WatchBudget::new(
+                config.max_watch_buffer_bytes,
+                metrics.watch_buffered_bytes.clone(),
+            )),
             hub: Arc::new(WatchHub::new(
                 config.watch_buffer,
                 config.watch_history,
@@ -57,7 +66,7 @@ impl Shared {
             // Leases get their clocks from the applies Raft replays and, in full, when
             // this node becomes leader (see `raft::leadership`).
             leases: Arc::new(LeaseKeeper::default()),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             config,
             shutdown,
             committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),

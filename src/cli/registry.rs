@@ -63,6 +63,15 @@ pub struct RegistryArgs {
         default_value_t = switchyard_registry::DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE
     )]
     pub max_policy_history_bytes_per_namespace: usize,
+    /// Bytes of watch events built but not yet taken by their watchers' connections, for
+    /// the whole node: a watcher whose next event does not fit is closed with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_WATCH_BUFFER_BYTES",
+        default_value_t = switchyard_registry::DEFAULT_MAX_WATCH_BUFFER_BYTES
+    )]
+    pub max_watch_buffer_bytes: usize,
     /// Changes a watcher may fall behind before it is resynced with a snapshot.
     #[arg(long, env = "SWITCHYARD_WATCH_BUFFER", default_value_t = 1_024)]
     pub watch_buffer: usize,
@@ -150,6 +159,7 @@ impl RegistryArgs {
             max_policy_history_bytes_per_namespace: self.max_policy_history_bytes_per_namespace,
             ..Limits::default()
         };
+        config.max_watch_buffer_bytes = self.max_watch_buffer_bytes;
         config.watch_buffer = self.watch_buffer;
         config.watch_history = self.watch_history;
         config.max_watchers = self.max_watchers;

@@ -8,6 +8,7 @@ mod discovery;
 mod registry;
 mod routing;
 pub(crate) mod server;
+mod watch_route;
 
 pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;
