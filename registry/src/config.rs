@@ -29,6 +29,9 @@ pub struct RegistryConfig {
     pub snapshot_every: u64,
     /// Most open Watch streams per node.
     pub max_watchers: usize,
+    /// Bytes of watch events built and not yet taken by their watchers' connections,
+    /// for the node (see [`crate::watch::budget`]).
+    pub max_watch_buffer_bytes: usize,
     /// Most open KeepAlive streams per node (each holds a task and buffers; a client
     /// that opens them and never reads must not grow the node without bound).
     pub max_keepalive_streams: usize,
@@ -67,6 +70,7 @@ impl RegistryConfig {
             watch_history: 10_000,
             snapshot_every: 10_000,
             max_watchers: 10_000,
+            max_watch_buffer_bytes: crate::watch::budget::DEFAULT_MAX_WATCH_BUFFER_BYTES,
             max_keepalive_streams: 10_000,
             node_id: 1,
             peers: BTreeMap::new(),
@@ -85,6 +89,14 @@ impl RegistryConfig {
         if self.limits.max_instances == 0 {
             return Err("max_instances must be at least 1".into());
         }
+        if self.limits.max_policies_per_namespace == 0
+            || self.limits.max_policy_bytes_per_namespace == 0
+        {
+            return Err(
+                "max_policies_per_namespace and max_policy_bytes_per_namespace must be at least 1"
+                    .into(),
+            );
+        }
         if self.watch_buffer == 0 || self.watch_buffer > 1_000_000 {
             return Err("watch_buffer must be 1-1000000".into());
         }
@@ -96,6 +108,9 @@ impl RegistryConfig {
         }
         if self.max_watchers == 0 {
             return Err("max_watchers must be at least 1".into());
+        }
+        if self.max_watch_buffer_bytes < 1024 * 1024 {
+            return Err("max_watch_buffer_bytes must be at least 1048576 (1 MiB)".into());
         }
         if self.max_keepalive_streams == 0 {
             return Err("max_keepalive_streams must be at least 1".into());
@@ -128,6 +143,7 @@ impl RegistryConfig {
             watch_buffer: self.watch_buffer,
             watch_history: self.watch_history,
             max_watchers: self.max_watchers,
+            max_watch_buffer_bytes: self.max_watch_buffer_bytes,
             max_keepalive_streams: self.max_keepalive_streams,
         }
     }

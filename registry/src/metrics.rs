@@ -26,6 +26,10 @@ pub struct Metrics {
     pub lease_expiries: Counter,
     pub watchers: Gauge<i64, AtomicI64>,
     pub watch_resyncs: Counter,
+    /// Bytes of watch events built and not yet taken by their connections (the node's
+    /// watch buffer budget in use; see `watch::budget`).
+    pub watch_buffered_bytes: Gauge<i64, AtomicI64>,
+    pub watch_buffer_closes: Counter,
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub commit_batch_size: Histogram,
     pub commit_seconds: Histogram,
@@ -60,6 +64,8 @@ impl Default for Metrics {
         let lease_expiries = Counter::default();
         let watchers = Gauge::default();
         let watch_resyncs = Counter::default();
+        let watch_buffered_bytes = Gauge::default();
+        let watch_buffer_closes = Counter::default();
         let grpc_requests = Family::default();
         let commit_batch_size = Histogram::new(exponential_buckets(1.0, 4.0, 7));
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 8));
@@ -138,6 +144,16 @@ impl Default for Metrics {
             watch_resyncs.clone(),
         );
         registry.register(
+            "watch_buffered_bytes",
+            "Bytes of watch events built but not yet taken by their watchers' connections (bounded by --max-watch-buffer-bytes)",
+            watch_buffered_bytes.clone(),
+        );
+        registry.register(
+            "watch_buffer_closes",
+            "Watch streams closed with RESOURCE_EXHAUSTED because the node's watch buffer was full",
+            watch_buffer_closes.clone(),
+        );
+        registry.register(
             "grpc_requests",
             "gRPC requests by method and status code",
             grpc_requests.clone(),
@@ -160,6 +176,8 @@ impl Default for Metrics {
             lease_expiries,
             watchers,
             watch_resyncs,
+            watch_buffered_bytes,
+            watch_buffer_closes,
             grpc_requests,
             commit_batch_size,
             commit_seconds,

@@ -15,6 +15,7 @@ use crate::catalog::{Catalog, Limits};
 use crate::lease::LeaseKeeper;
 use crate::metrics::Metrics;
 use crate::storage_health::StorageHealth;
+use crate::watch::budget::WatchBudget;
 use crate::watch::WatchHub;
 
 /// The part of the node's configuration that the shared state and its readers need
@@ -25,6 +26,7 @@ pub struct SharedConfig {
     pub watch_buffer: usize,
     pub watch_history: usize,
     pub max_watchers: usize,
+    pub max_watch_buffer_bytes: usize,
     pub max_keepalive_streams: usize,
 }
 
@@ -35,6 +37,8 @@ pub struct Shared {
     /// holds it across an `.await`.
     pub catalog: Arc<RwLock<Catalog>>,
     pub hub: Arc<WatchHub>,
+    /// Bytes of watch events built and not yet sent, for the whole node.
+    pub watch_budget: Arc<WatchBudget>,
     pub leases: Arc<LeaseKeeper>,
     pub metrics: Arc<Metrics>,
     pub config: SharedConfig,
@@ -57,6 +61,10 @@ impl Shared {
         let catalog = Catalog::new(config.limits);
         let metrics = Arc::new(Metrics::default());
         Arc::new(Shared {
+            watch_budget: Arc::new(WatchBudget::new(
+                config.max_watch_buffer_bytes,
+                metrics.watch_buffered_bytes.clone(),
+            )),
             hub: Arc::new(WatchHub::new(
                 config.watch_buffer,
                 config.watch_history,

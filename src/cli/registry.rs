@@ -44,6 +44,38 @@ pub struct RegistryArgs {
     /// Most instances the registry holds.
     #[arg(long, env = "SWITCHYARD_MAX_INSTANCES", default_value_t = 1_000_000)]
     pub max_instances: usize,
+    /// Services with a routing policy (or its kept history) per namespace.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_POLICIES_PER_NAMESPACE",
+        default_value_t = 1_000
+    )]
+    pub max_policies_per_namespace: usize,
+    /// Bytes of current routing policies per namespace (encoded; every sidecar of the
+    /// namespace holds them): a put past it is refused.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_POLICY_BYTES_PER_NAMESPACE",
+        default_value_t = switchyard_registry::DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE
+    )]
+    pub max_policy_bytes_per_namespace: usize,
+    /// Bytes of superseded policy records kept for history and rollback per namespace:
+    /// past it the oldest are dropped.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE",
+        default_value_t = switchyard_registry::DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE
+    )]
+    pub max_policy_history_bytes_per_namespace: usize,
+    /// Bytes of watch events built but not yet taken by their watchers' connections, for
+    /// the whole node: a watcher whose next event does not fit is closed with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_WATCH_BUFFER_BYTES",
+        default_value_t = switchyard_registry::DEFAULT_MAX_WATCH_BUFFER_BYTES
+    )]
+    pub max_watch_buffer_bytes: usize,
     /// Changes a watcher may fall behind before it is resynced with a snapshot.
     #[arg(long, env = "SWITCHYARD_WATCH_BUFFER", default_value_t = 1_024)]
     pub watch_buffer: usize,
@@ -127,8 +159,12 @@ impl RegistryArgs {
         let mut config = RegistryConfig::new(self.data_dir.clone());
         config.limits = Limits {
             max_instances: self.max_instances,
+            max_policies_per_namespace: self.max_policies_per_namespace,
+            max_policy_bytes_per_namespace: self.max_policy_bytes_per_namespace,
+            max_policy_history_bytes_per_namespace: self.max_policy_history_bytes_per_namespace,
             ..Limits::default()
         };
+        config.max_watch_buffer_bytes = self.max_watch_buffer_bytes;
         config.watch_buffer = self.watch_buffer;
         config.watch_history = self.watch_history;
         config.max_watchers = self.max_watchers;

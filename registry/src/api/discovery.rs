@@ -64,7 +64,11 @@ impl DiscoveryApi {
         })
     }
 
-    fn watch(&self, req: pb::WatchRequest) -> Result<WatchResponse, Status> {
+    /// Opens a Watch stream: checks the request and the node's bounds, subscribes, and
+    /// notes where the watcher starts. Nothing is built yet: the starting snapshot (or
+    /// the deltas since `since_revision`) is built when the stream is first polled,
+    /// i.e. when its connection has room for it.
+    pub(crate) fn open_watch(&self, req: pb::WatchRequest) -> Result<WatchEvents, Status> {
         let namespace = validate_namespace("namespace", &req.namespace)?;
         if req.services.len() > MAX_WATCH_SERVICES {
             return Err(Status::invalid_argument(format!(
@@ -85,10 +89,17 @@ impl DiscoveryApi {
                 self.shared.config.max_watchers
             )));
         }
+        let budget = &self.shared.watch_budget;
+        if budget.is_full() {
+            self.shared.metrics.watch_buffer_closes.inc();
+            return Err(buffer_full(budget.held(), budget.cap()));
+        }
 
-        // Subscribe and read the starting state under one read lock: every change is
-        // then either in that state or on the receiver, never both, never neither.
-        let (rx, first, cluster_id) = {
+        // Subscribe and take the starting point under one read lock: every change is
+        // then either in the starting state or on the receiver, never both, never
+        // neither (a snapshot built later, at a newer revision, skips the receiver's
+        // changes up to it).
+        let (rx, resumed, cluster_id) = {
             let catalog = self.shared.catalog.read();
             let rx = self.shared.hub.subscribe();
             let current = catalog.revision();
@@ -99,38 +110,37 @@ impl DiscoveryApi {
             if !same_cluster {
                 tracing::info!(theirs = %req.cluster_id, ours = %catalog.cluster_id(), since = req.since_revision, "a watcher resumes from another cluster's revision; sending a snapshot");
             }
+            // The changes themselves are shared with the hub's history: holding them
+            // costs a pointer each, and each becomes an event only when it is sent.
             let resumed = (same_cluster && req.since_revision > 0 && req.since_revision <= current)
                 .then(|| self.shared.hub.since(req.since_revision))
                 .flatten();
-            let first: Vec<pb::WatchEvent> = match resumed {
-                Some(changes) => changes
-                    .iter()
-                    .filter_map(|c| filter(c, &namespace, &services))
-                    .map(|c| delta_event(&c))
-                    .collect(),
-                None => vec![snapshot_event(
-                    current,
-                    &catalog.snapshot(&namespace, &services),
-                )],
-            };
-            (rx, first, catalog.cluster_id().to_string())
+            (rx, resumed, catalog.cluster_id().to_string())
         };
 
         // Counted now, so a burst cannot overshoot max_watchers; uncounted when the stream
         // is dropped (client gone, node stopping).
         self.shared.metrics.watchers.inc();
         let shutdown = WatchStream::from_changes(self.shared.shutdown.clone());
-        Ok(Box::pin(WatchEvents {
+        Ok(WatchEvents {
             shared: self.shared.clone(),
             namespace,
             services,
-            first: first.into_iter(),
+            snapshot_first: resumed.is_none(),
+            first: resumed.unwrap_or_default().into_iter(),
             changes: BroadcastStream::new(rx),
             shutdown,
             seen: 0,
             cluster_id,
-        }))
+        })
     }
+}
+
+/// The status of a watcher closed because the node's watch buffer is full.
+pub(crate) fn buffer_full(held: usize, cap: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "this node holds {held} bytes of watch events its watchers have not read, at most {cap} (max_watch_buffer_bytes): read the Watch stream as events arrive, reconnect (with since_revision to resume), or watch from another node"
+    ))
 }
 
 type WatchResponse = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -139,12 +149,17 @@ type WatchResponse = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> +
 /// when it falls behind the hub. It is a plain stream polled by the connection that
 /// carries it, with no task or channel of its own per watcher: a change reaches 1,000
 /// watchers with a third fewer wake-ups. A client that reads slowly is not polled, falls
-/// behind the hub's buffer, and gets a snapshot; the registry never waits for it.
-struct WatchEvents {
+/// behind the hub's buffer, and gets a snapshot; the registry never waits for it. Every
+/// event is built when polled, so an unpolled watcher holds no event (what it was sent
+/// and has not read is bounded by `watch::budget`).
+pub(crate) struct WatchEvents {
     shared: Arc<Shared>,
     namespace: String,
     services: Vec<String>,
-    first: std::vec::IntoIter<pb::WatchEvent>,
+    /// Start with a snapshot (no resume from a revision).
+    snapshot_first: bool,
+    /// The changes a resuming watcher missed, from the hub's history.
+    first: std::vec::IntoIter<Arc<Change>>,
     changes: BroadcastStream<Arc<Change>>,
     shutdown: WatchStream<bool>,
     /// The newest revision this watcher has been sent (in an event or a snapshot).
@@ -156,7 +171,6 @@ struct WatchEvents {
 
 impl WatchEvents {
     fn snapshot(&mut self) -> pb::WatchEvent {
-        self.shared.metrics.watch_resyncs.inc();
         let mut event = {
             let catalog = self.shared.catalog.read();
             // A reset (a snapshot installed from the leader) may bring the id.
@@ -186,9 +200,15 @@ impl Stream for WatchEvents {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let Some(event) = this.first.next() {
-            this.seen = this.seen.max(event.revision);
-            return Poll::Ready(Some(Ok(this.stamped(event))));
+        if std::mem::take(&mut this.snapshot_first) {
+            return Poll::Ready(Some(Ok(this.snapshot())));
+        }
+        for change in this.first.by_ref() {
+            this.seen = this.seen.max(change.revision);
+            if let Some(c) = filter(&change, &this.namespace, &this.services) {
+                let event = delta_event(&c);
+                return Poll::Ready(Some(Ok(this.stamped(event))));
+            }
         }
         // The node is stopping: end the stream so clients reconnect elsewhere at once.
         if let Poll::Ready(stopping) = Pin::new(&mut this.shutdown).poll_next(cx) {
@@ -202,11 +222,13 @@ impl Stream for WatchEvents {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
                     tracing::debug!(missed, namespace = %this.namespace, "watcher fell behind; resyncing with a snapshot");
+                    this.shared.metrics.watch_resyncs.inc();
                     return Poll::Ready(Some(Ok(this.snapshot())));
                 }
                 Poll::Ready(Some(Ok(change))) => change,
             };
             if change.reset {
+                this.shared.metrics.watch_resyncs.inc();
                 return Poll::Ready(Some(Ok(this.snapshot())));
             }
             if change.revision <= this.seen {
@@ -235,7 +257,11 @@ impl Discovery for DiscoveryApi {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let r = self.watch(request.into_inner());
+        // Served through `watch_route` on the node's server (which bounds the bytes a
+        // watcher holds); this path is for a DiscoveryServer used without it.
+        let r = self
+            .open_watch(request.into_inner())
+            .map(|events| Box::pin(events) as WatchResponse);
         self.shared.metrics.observe("Watch", r).map(Response::new)
     }
 

@@ -8,6 +8,7 @@ mod discovery;
 mod registry;
 mod routing;
 pub(crate) mod server;
+mod watch_route;
 
 pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;
@@ -32,12 +33,17 @@ pub fn status(e: ProposeError) -> Status {
         | ProposeError::Refused(ApplyError::PolicyRevisionNotFound { .. }) => {
             Status::not_found(e.to_string())
         }
+        ProposeError::Refused(ApplyError::PolicyTooLarge { .. }) => {
+            Status::invalid_argument(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::NoPolicyToClear(_)) => Status::not_found(e.to_string()),
         ProposeError::Refused(ApplyError::NoEarlierPolicy(_)) => {
             Status::failed_precondition(e.to_string())
         }
         ProposeError::Refused(ApplyError::Batch) => Status::invalid_argument(e.to_string()),
         ProposeError::Refused(ApplyError::TooManyInstances(_))
         | ProposeError::Refused(ApplyError::TooManyPolicies(..))
+        | ProposeError::Refused(ApplyError::PolicyBytesExceeded { .. })
         | ProposeError::Refused(ApplyError::LeaseFull(..)) => {
             Status::resource_exhausted(e.to_string())
         }

@@ -15,7 +15,7 @@ use super::status;
 use crate::catalog::{Command, Reply};
 use crate::model::policy::{validate_policy, MAX_POLICY_BYTES};
 use crate::model::{validate_name, validate_namespace};
-use crate::raft::propose::Proposer;
+use crate::raft::propose::{ProposeError, Proposer};
 use crate::shared::Shared;
 
 pub struct RoutingApi {
@@ -71,6 +71,13 @@ impl RoutingApi {
                 Some(policy)
             }
         };
+        // The catalog's own bounds, on this node's state: a request over one is refused
+        // here with apply's message, without a log entry (apply checks again).
+        self.shared
+            .catalog
+            .read()
+            .check_policy(&namespace, &req.service, policy.as_ref())
+            .map_err(|e| status(ProposeError::Refused(e)))?;
         let reply = self
             .proposer
             .propose(Command::PutPolicy {

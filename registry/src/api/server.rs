@@ -102,8 +102,10 @@ pub(crate) async fn serve_grpc(
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
     let registry = RegistryServer::new(RegistryApi::new(shared.clone(), proposer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let discovery = DiscoveryServer::new(DiscoveryApi::new(shared))
+    let discovery = DiscoveryServer::new(DiscoveryApi::new(shared.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    // Watch is served by its own route, which bounds what unread streams hold.
+    let discovery = super::watch_route::WatchRoute::new(discovery, shared);
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         // Streams per connection (KeepAlive and Watch streams a client never reads hold

@@ -21,6 +21,35 @@ pub struct Limits {
     /// Services with a routing policy (or its kept history) per namespace: each keeps up
     /// to 50 revisions of up to 16 KiB, and every sidecar of the namespace holds them.
     pub max_policies_per_namespace: usize,
+    /// Encoded bytes of the current policies of one namespace: what every sidecar that
+    /// watches the namespace holds in memory and in its cache file. A put or rollback
+    /// that would grow it past this is refused.
+    #[serde(default = "default_max_policy_bytes_per_namespace")]
+    pub max_policy_bytes_per_namespace: usize,
+    /// Bytes of superseded policy records kept for history and rollback per namespace
+    /// (registry memory and snapshots only; sidecars never hold history). Past it the
+    /// namespace's oldest superseded records are dropped, never a current policy, so a
+    /// put is never refused for its history.
+    #[serde(default = "default_max_policy_history_bytes_per_namespace")]
+    pub max_policy_history_bytes_per_namespace: usize,
+}
+
+/// 4 MiB: the count bound times the per-policy bound (1,000 × 16 KiB) is already 16 MiB,
+/// so a 16 MiB cap would bound nothing; real policies encode to 0.2-2 KiB, and a sidecar
+/// watching its namespace holds the current ones decoded (several times their encoded
+/// size) against a memory goal of 25 MiB.
+pub const DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE: usize = 4 * 1024 * 1024;
+/// 16 MiB: without it a namespace could keep 1,000 × 50 × 16 KiB = 800 MiB of history in
+/// every replica and snapshot; 16 MiB still keeps all 50 revisions of 300 services with
+/// 1 KiB policies.
+pub const DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE: usize = 16 * 1024 * 1024;
+
+fn default_max_policy_bytes_per_namespace() -> usize {
+    DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE
+}
+
+fn default_max_policy_history_bytes_per_namespace() -> usize {
+    DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE
 }
 
 impl Default for Limits {
@@ -29,6 +58,8 @@ impl Default for Limits {
             max_instances: 1_000_000,
             max_instances_per_lease: 1_000,
             max_policies_per_namespace: 1_000,
+            max_policy_bytes_per_namespace: DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE,
+            max_policy_history_bytes_per_namespace: DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
         }
     }
 }
@@ -47,6 +78,20 @@ pub enum ApplyError {
     TooManyInstances(usize),
     #[error("namespace {0:?} already has routing policies for its maximum of {1} services: clear some (route clear) or use another namespace")]
     TooManyPolicies(String, usize),
+    #[error("the policy of {service:?} encodes to {bytes} bytes, at most {limit} allowed: use fewer or shorter subsets, routes and header matches")]
+    PolicyTooLarge {
+        service: String,
+        bytes: usize,
+        limit: usize,
+    },
+    #[error("namespace {namespace:?} would hold {would_hold} bytes of current routing policies, at most {limit} (--max-policy-bytes-per-namespace): make policies smaller, clear unused ones (route clear), use another namespace, or raise the limit on every registry node")]
+    PolicyBytesExceeded {
+        namespace: String,
+        would_hold: usize,
+        limit: usize,
+    },
+    #[error("service {0:?} has no routing policy to clear")]
+    NoPolicyToClear(String),
     #[error("lease {0} already holds its maximum of {1} instances: register with another lease")]
     LeaseFull(LeaseId, usize),
     #[error("service {service:?} has no kept policy revision {revision}: see its history for the revisions to roll back to")]
@@ -135,6 +180,9 @@ pub struct Catalog {
     pub(super) instance_count: usize,
     /// (namespace, service) -> recorded policy changes, oldest first; the last is current.
     pub(super) policies: BTreeMap<(String, String), VecDeque<PolicyRecord>>,
+    /// Per namespace, the bytes its policies hold (derived from `policies`, kept in step
+    /// by `policies.rs` and rebuilt with the catalog from a snapshot).
+    pub(super) policy_bytes: BTreeMap<String, super::policies::PolicyBytes>,
     /// Set once by [`Command::InitCluster`]; empty until the first leader commits it.
     pub(super) cluster_id: String,
 }

@@ -29,6 +29,10 @@ mod queries;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use apply::{ApplyError, ApplyResult, Catalog, Limits, Reply};
+pub use apply::{
+    ApplyError, ApplyResult, Catalog, Limits, Reply, DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE,
+    DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
+};
 pub use command::Command;
 pub use persist::{PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1};
+pub use policies::policy_bytes;

@@ -190,6 +190,7 @@ impl Catalog {
             .into_iter()
             .map(|(k, h)| (k, h.into_iter().collect()))
             .collect();
+        c.recount_policy_bytes();
         c
     }
 }

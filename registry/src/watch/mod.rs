@@ -4,6 +4,11 @@
 //! watcher can slow registration. A watcher that falls more than the buffer behind gets
 //! `Lagged` from its receiver and is resynced with a fresh snapshot. The history lets a
 //! reconnecting client resume from the revision it last saw without a full snapshot.
+//!
+//! [`budget`] bounds the bytes of events built for watchers and not yet taken by their
+//! connections, per watcher and per node.
+
+pub mod budget;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
