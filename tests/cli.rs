@@ -832,3 +832,104 @@ fn a_normal_restart_logs_no_error() {
         assert!(proc.wait(Duration::from_secs(10)).success());
     }
 }
+
+/// `route resilience` writes the service's overrides into its policy: shown by `route
+/// show`, one recorded revision each in `route history`, undone by `route rollback`, and
+/// bad values refused by the registry naming the field.
+#[test]
+fn route_resilience_sets_shows_records_and_refuses_bad_values() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
+    let route = |args: &[&str]| {
+        let mut all = vec!["route"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--registry", &url]);
+        run(&all)
+    };
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = ok(&route(&[
+        "resilience",
+        "web",
+        "--timeout",
+        "3s",
+        "--per-try-timeout",
+        "500ms",
+        "--retries",
+        "2",
+        "--retry-on",
+        "connect-failure,503",
+    ]));
+    assert!(
+        shown.contains(
+            "resilience:    timeout=3s per-try-timeout=500ms retries=2 retry-on=connect-failure,503"
+        ),
+        "{shown}"
+    );
+    let shown = ok(&route(&["resilience", "web", "--max-requests", "100"]));
+    assert!(shown.contains("retries=2"), "kept: {shown}");
+    assert!(shown.contains("max-requests=100"), "{shown}");
+    let shown = ok(&route(&["show", "web"]));
+    assert!(shown.contains("max-requests=100"), "{shown}");
+
+    // Bad values: refused by name, nothing recorded.
+    for (flags, field) in [
+        (
+            &["--per-try-timeout", "5s"][..],
+            "policy.resilience.per_try_timeout_ms",
+        ),
+        (&["--retries", "-1"][..], "policy.resilience.retries"),
+        (
+            &["--max-connections", "0"][..],
+            "policy.resilience.max_connections",
+        ),
+        (
+            &["--retry-budget", "101"][..],
+            "policy.resilience.retry_budget_percent",
+        ),
+        (
+            &["--panic-below", "150"][..],
+            "policy.resilience.panic_below_percent",
+        ),
+        (
+            &["--retry-on", "sometimes"][..],
+            "policy.resilience.retry_on",
+        ),
+    ] {
+        let mut args = vec!["resilience", "web"];
+        args.extend_from_slice(flags);
+        let out = route(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} accepted");
+        assert!(err.contains(field), "{flags:?}: {err}");
+        assert!(
+            err.contains("INVALID_ARGUMENT") || err.contains("invalid"),
+            "{err}"
+        );
+    }
+
+    let history = ok(&route(&["history", "web"]));
+    assert_eq!(
+        history.lines().count(),
+        3,
+        "a header and two changes: {history}"
+    );
+    assert!(history.contains("RESILIENCE"), "{history}");
+    let shown = ok(&route(&["rollback", "web"]));
+    assert!(!shown.contains("max-requests"), "rolled back: {shown}");
+    assert!(shown.contains("retries=2"), "{shown}");
+    let shown = ok(&route(&["resilience", "web", "--reset"]));
+    assert!(
+        shown.contains("resilience:    (sidecar defaults)"),
+        "{shown}"
+    );
+    let json = ok(&route(&["show", "web", "--output", "json"]));
+    assert!(json.contains("\"resilience\": {}"), "{json}");
+    drop(registry);
+}

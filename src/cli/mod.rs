@@ -16,6 +16,7 @@ mod members;
 mod register;
 mod registry;
 mod route;
+mod route_resilience;
 mod sidecar;
 
 use std::io::IsTerminal;

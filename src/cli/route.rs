@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 
 use super::client::{connect_routing, print_json, status_error, OutputFlag, RegistryFlag};
 use super::config::rfc3339;
+use super::route_resilience::{describe, summary, ResilienceFlags};
 use super::{CliError, Output};
 
 #[derive(Args, Debug)]
@@ -91,6 +92,14 @@ pub enum RouteVerb {
         service: String,
         #[arg(value_parser = ["default", "fail"])]
         mode: String,
+    },
+    /// Timeouts, retries, circuit-breaker limits, slow start, ejection and panic mode:
+    /// `route resilience web --retries 2 --per-try-timeout 500ms`. Unset flags keep
+    /// their value; with no flags it shows the policy.
+    Resilience {
+        service: String,
+        #[command(flatten)]
+        flags: ResilienceFlags,
     },
     /// Remove the policy (plain least request over every instance).
     Clear { service: String },
@@ -188,6 +197,10 @@ struct PolicyDoc {
     default_split: String,
     sticky_header: String,
     fallback: &'static str,
+    /// The service's overrides of the sidecars' resilience defaults, flag -> value.
+    resilience: std::collections::BTreeMap<&'static str, String>,
+    #[serde(skip)]
+    resilience_summary: String,
 }
 
 #[derive(Serialize)]
@@ -248,6 +261,8 @@ fn doc(service: &str, r: &pb::PolicyRecord) -> PolicyDoc {
         } else {
             "default"
         },
+        resilience: describe(p.resilience.as_ref()).into_iter().collect(),
+        resilience_summary: summary(p.resilience.as_ref()),
     }
 }
 
@@ -302,6 +317,7 @@ async fn show(
     };
     println!("default split: {}{sticky}", d.default_split);
     println!("fallback:      {}", d.fallback);
+    println!("resilience:    {}", d.resilience_summary);
     Ok(())
 }
 
@@ -423,6 +439,12 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
             })
             .await
         }
+        RouteVerb::Resilience { service, flags } => {
+            if flags.is_empty() {
+                return show(&mut client, &args, service).await;
+            }
+            change(&mut client, &args, service, |p| flags.apply(p)).await
+        }
         RouteVerb::Clear { service } => {
             let revision = client
                 .put_policy(pb::PutPolicyRequest {
@@ -456,8 +478,8 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                 return Ok(());
             }
             println!(
-                "{:<9} {:<21} {:<16} {:<7} DEFAULT SPLIT",
-                "REVISION", "TIME", "REASON", "ROUTES"
+                "{:<9} {:<21} {:<16} {:<7} {:<24} RESILIENCE",
+                "REVISION", "TIME", "REASON", "ROUTES", "DEFAULT SPLIT"
             );
             for (d, r) in docs.iter().zip(&records) {
                 let split = if r.policy.is_none() {
@@ -465,13 +487,19 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                 } else {
                     d.default_split.clone()
                 };
+                let resilience = if r.policy.is_none() {
+                    String::new()
+                } else {
+                    d.resilience_summary.clone()
+                };
                 println!(
-                    "{:<9} {:<21} {:<16} {:<7} {}",
+                    "{:<9} {:<21} {:<16} {:<7} {:<24} {}",
                     d.revision,
                     d.updated_at,
                     d.reason,
                     d.routes.len(),
-                    split
+                    split,
+                    resilience
                 );
             }
             Ok(())
