@@ -839,7 +839,7 @@ fn a_normal_restart_logs_no_error() {
 #[test]
 fn route_resilience_sets_shows_records_and_refuses_bad_values() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
+    let (registry, url) = start_registry(&dir.path().join("reg"), &[]);
     let route = |args: &[&str]| {
         let mut all = vec!["route"];
         all.extend_from_slice(args);
