@@ -1,6 +1,7 @@
-//! Per-service counters that outlive catalog updates: circuit-breaker limits (Envoy's:
-//! connections, pending requests, active requests, active retries) and the retry
-//! budget (Linkerd's rate over a 10 s window, Envoy's share of active requests).
+//! Per-service counters that outlive catalog updates: circuit-breaker limits (Envoy's
+//! active requests and active retries; its connection and pending-request limits are
+//! not enforced yet) and the retry budget (Linkerd's rate over a 10 s window, Envoy's
+//! share of active requests).
 //!
 //! Everything is an atomic with an RAII guard: the request path never locks, and a
 //! request that ends any way at all (answered, timed out, cancelled by its caller)
@@ -9,13 +10,9 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::Notify;
-
 /// Which circuit-breaker limit refused a request (`limit` label, error text).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
-    Connections,
-    Pending,
     Requests,
     Retries,
 }
@@ -23,8 +20,6 @@ pub enum Limit {
 impl Limit {
     pub fn name(self) -> &'static str {
         match self {
-            Limit::Connections => "max_connections",
-            Limit::Pending => "max_pending",
             Limit::Requests => "max_requests",
             Limit::Retries => "max_retries",
         }
@@ -105,16 +100,6 @@ pub struct ServiceLimits {
     pub active_requests: AtomicU32,
     /// Retry attempts in flight (until their response head arrives).
     pub active_retries: AtomicU32,
-    /// Upstream connections open to the service's endpoints.
-    pub connections: AtomicU32,
-    /// Requests waiting for an upstream connection.
-    pub pending: AtomicU32,
-    /// The limits on the two above, set from the current view (the connector that
-    /// counts connections outlives views).
-    pub max_connections: AtomicU32,
-    pub max_pending: AtomicU32,
-    /// Told when a connection closes, so a pending request can take its place.
-    pub connection_freed: Notify,
     pub budget: RetryBudget,
 }
 
@@ -127,8 +112,6 @@ pub struct Permit {
 
 fn counter(l: &ServiceLimits, which: Limit) -> &AtomicU32 {
     match which {
-        Limit::Connections => &l.connections,
-        Limit::Pending => &l.pending,
         Limit::Requests => &l.active_requests,
         Limit::Retries => &l.active_retries,
     }
@@ -154,9 +137,6 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         counter(&self.limits, self.which).fetch_sub(1, Ordering::AcqRel);
-        if self.which == Limit::Connections {
-            self.limits.connection_freed.notify_one();
-        }
     }
 }
 

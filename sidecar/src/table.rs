@@ -82,14 +82,6 @@ impl ServiceView {
             _ => defaults.clone(),
         };
         let limits = previous.map_or_else(Arc::default, |p| p.limits.clone());
-        limits.max_connections.store(
-            resilience.settings.max_connections,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        limits.max_pending.store(
-            resilience.settings.max_pending,
-            std::sync::atomic::Ordering::Relaxed,
-        );
         let policy = dns
             .selection
             .as_ref()
