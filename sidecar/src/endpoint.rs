@@ -71,9 +71,14 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// Milliseconds since the first call: the clock ejection deadlines are kept on (1, not
 /// 0, at the start, so 0 can mean "not ejected").
 pub fn clock_ms() -> u64 {
+    clock_ms_at(Instant::now())
+}
+
+/// [`clock_ms`] at `t`: lets the request path reuse the `Instant` it already read.
+pub fn clock_ms_at(t: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    u64::try_from(t.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX) + 1
 }
 
 impl LiveState {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::limits::Limit;
+
 /// Which side of the sidecar an error belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -58,12 +60,24 @@ pub enum ProxyError {
         authority: String,
         cause: String,
     },
-    #[error("endpoint {endpoint} ({authority}) of service {service:?} did not answer within {timeout:?}")]
+    /// No response head in time: `per_try` for one attempt's timeout, otherwise the
+    /// request timeout, which bounds every attempt together.
+    #[error("service {service:?} did not answer within {timeout:?} ({}; {attempts} attempt(s), the last to {endpoint} ({authority}))", if *per_try { "per-try timeout" } else { "request timeout" })]
     Timeout {
         service: String,
         endpoint: String,
         authority: String,
         timeout: Duration,
+        per_try: bool,
+        attempts: u32,
+    },
+    /// A circuit-breaker limit of the service is reached: answered at once (503 with
+    /// `x-envoy-overloaded: true`) rather than queued.
+    #[error("service {service:?} is at its {} limit ({max}): request refused at once", limit.name())]
+    Overloaded {
+        service: String,
+        limit: Limit,
+        max: u32,
     },
 }
 
@@ -77,6 +91,7 @@ impl ProxyError {
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoint { .. }
+            | ProxyError::Overloaded { .. }
             | ProxyError::BadAddress { .. } => Side::Local,
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
@@ -106,6 +121,7 @@ impl ProxyError {
             | ProxyError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
+            | ProxyError::Overloaded { .. }
             | ProxyError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadAddress { .. }
             | ProxyError::Connect { .. }
@@ -125,6 +141,7 @@ impl ProxyError {
             | ProxyError::NoRoute { service, .. }
             | ProxyError::BadAddress { service, .. }
             | ProxyError::NoEndpoint { service, .. }
+            | ProxyError::Overloaded { service, .. }
             | ProxyError::Connect { service, .. }
             | ProxyError::Upstream { service, .. }
             | ProxyError::Timeout { service, .. } => service,
@@ -169,8 +186,25 @@ mod tests {
             endpoint: "web-1".into(),
             authority: "127.0.0.1:1".into(),
             timeout: Duration::from_secs(15),
+            per_try: false,
+            attempts: 2,
         };
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            timeout.to_string(),
+            "service \"web\" did not answer within 15s (request timeout; 2 attempt(s), the last to web-1 (127.0.0.1:1))"
+        );
+        let over = ProxyError::Overloaded {
+            service: "web".into(),
+            limit: Limit::Requests,
+            max: 1024,
+        };
+        assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!over.counts_against_endpoint() && !over.retry_safe());
+        assert_eq!(
+            over.to_string(),
+            "service \"web\" is at its max_requests limit (1024): request refused at once"
+        );
         assert!(
             !timeout.retry_safe(),
             "a timed-out request may have reached the app"

@@ -8,6 +8,9 @@
 //!   `weight / (active + 1)^bias`) over a [`balance::Pool`] of usable endpoints.
 //! - [`route`]: header matches and per-subset pools over `switchyard_core::select`,
 //!   which decides subsets, splits and sticky hashing (the code DNS uses too).
+//! - [`resilience`] and [`limits`]: each service's timeouts, retry conditions and
+//!   circuit-breaker limits, resolved once per update, and the atomic counters and
+//!   retry budget that outlive updates.
 //! - [`table`]: per-service immutable views swapped atomically; readers never lock.
 //! - [`error`]: why the sidecar answered a request itself, which side failed and
 //!   whether a retry is safe, mapped to HTTP in one place.
@@ -28,9 +31,11 @@ pub mod dns;
 pub mod endpoint;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod registrar;
+pub mod resilience;
 pub mod route;
 pub mod table;
 
@@ -38,6 +43,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_core::model::resilience::ResilienceSettings;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -58,7 +64,14 @@ pub struct SidecarConfig {
     /// DNS domain for Host matching (`payments.service.<domain>`).
     pub domain: String,
     pub connect_timeout: Duration,
-    pub request_timeout: Duration,
+    /// Timeouts, retries, retry budget and circuit-breaker limits for every service
+    /// whose policy does not override them (`resilience.timeout` is the request
+    /// timeout: it bounds every attempt of a request together).
+    pub resilience: ResilienceSettings,
+    /// An upstream connection unused this long is closed (below the usual server
+    /// keep-alive timeouts, so the sidecar closes first rather than reusing a
+    /// connection the server is closing).
+    pub upstream_idle_timeout: Duration,
     /// HTTP proxy: time a caller has to send a request head (HTTP/1; hyper's
     /// header-read timeout, also between kept-alive requests).
     pub header_read_timeout: Duration,
@@ -87,7 +100,8 @@ impl SidecarConfig {
             lb: LbConfig::default(),
             domain: "switchyard".into(),
             connect_timeout: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(15),
+            resilience: ResilienceSettings::default(),
+            upstream_idle_timeout: proxy::http::UPSTREAM_IDLE_TIMEOUT,
             header_read_timeout: proxy::http::HEADER_READ_TIMEOUT,
             idle_timeout: proxy::http::IDLE_TIMEOUT,
             max_connections: proxy::http::MAX_CONNECTIONS,
@@ -109,8 +123,16 @@ impl SidecarConfig {
         }
         self.lb.validate()?;
         self.dns.validate()?;
+        switchyard_core::model::resilience::validate_resilience(&self.resilience.as_overrides())
+            .map_err(|e| {
+                format!(
+                    "{}: {}",
+                    e.field.trim_start_matches("policy.resilience."),
+                    e.reason
+                )
+            })?;
         if self.connect_timeout.is_zero()
-            || self.request_timeout.is_zero()
+            || self.upstream_idle_timeout.is_zero()
             || self.header_read_timeout.is_zero()
             || self.idle_timeout.is_zero()
         {
@@ -190,7 +212,7 @@ pub async fn start(
     listeners: SidecarListeners,
 ) -> Result<SidecarHandle, String> {
     config.validate()?;
-    let table = Arc::new(EndpointTable::default());
+    let table = Arc::new(EndpointTable::new(config.resilience.clone()));
     let metrics = Arc::new(Metrics::default());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (registrar_stop, registrar_rx) = watch::channel(false);
@@ -202,7 +224,7 @@ pub async fn start(
         config.lb,
         &config.domain,
         config.connect_timeout,
-        config.request_timeout,
+        config.upstream_idle_timeout,
         proxy::http::ConnLimits {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,

@@ -12,6 +12,18 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub service: String,
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub service: String,
     pub endpoint: String,
@@ -97,6 +109,9 @@ pub struct Metrics {
     subset_requests: Family<SubsetClassLabels, Counter>,
     subset_latency: Family<SubsetLabels, Histogram, fn() -> Histogram>,
     split_fallbacks: Family<FallbackLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+    retry_budget_exhausted: Family<ServiceLabels, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -124,6 +139,24 @@ impl Default for Metrics {
                 latency_histogram,
             );
         let split_fallbacks = Family::default();
+        let retries = Family::<RetryLabels, Counter>::default();
+        let retry_budget_exhausted = Family::<ServiceLabels, Counter>::default();
+        let overflows = Family::<OverflowLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retries by service and reason (connect-failure, refused-stream, reset, per-try-timeout, unavailable, resource-exhausted, or the status)",
+            retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not made because the service's retry budget (share of requests over 10 s plus a floor per second) was spent",
+            retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "overflows",
+            "Requests refused at once (503, x-envoy-overloaded) or retries not made, by circuit-breaker limit",
+            overflows.clone(),
+        );
         registry.register(
             "subset_requests",
             "Proxied requests by service, subset, version and status class (5xx = errors)",
@@ -204,6 +237,9 @@ impl Default for Metrics {
             subset_requests,
             subset_latency,
             split_fallbacks,
+            retries,
+            retry_budget_exhausted,
+            overflows,
         }
     }
 }
@@ -276,6 +312,33 @@ impl Metrics {
                 service: service.to_string(),
                 from: from.to_string(),
                 to: to.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a retry (the retry path only: a lookup by label is fine there).
+    pub fn retry(&self, service: &str, reason: String) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                service: service.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn retry_budget_exhausted(&self, service: &str) {
+        self.retry_budget_exhausted
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn overflow(&self, service: &str, limit: &'static str) {
+        self.overflows
+            .get_or_create(&OverflowLabels {
+                service: service.to_string(),
+                limit,
             })
             .inc();
     }

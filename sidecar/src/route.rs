@@ -383,7 +383,15 @@ mod tests {
         let policy = Arc::new(
             switchyard_core::convert::policy_from_proto(p.clone()).expect("a valid policy"),
         );
-        ServiceView::new("web".into(), 1, &records, Some(&policy), None, None)
+        ServiceView::new(
+            "web".into(),
+            1,
+            &records,
+            Some(&policy),
+            None,
+            None,
+            &Default::default(),
+        )
     }
 
     fn subset_of(v: &ServiceView, headers: &HeaderMap, rng: &mut fastrand::Rng) -> String {

@@ -12,11 +12,14 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use switchyard_core::dns::ServiceRecords;
+use switchyard_core::model::resilience::ResilienceSettings;
 use switchyard_core::model::{Instance, Policy};
 
 use crate::balance::Pool;
 use crate::endpoint::{Endpoint, LiveState};
+use crate::limits::ServiceLimits;
 use crate::metrics::Metrics;
+use crate::resilience::Resolved;
 use crate::route::CompiledPolicy;
 
 /// Everything the proxy needs about one service at one revision.
@@ -33,6 +36,12 @@ pub struct ServiceView {
     /// The same instances (the same `Arc`s) and policy for the sidecar's DNS port, with
     /// the policy compiled for selection once per update, not per query.
     pub dns: Arc<ServiceRecords>,
+    /// Timeouts, retries and limits: the sidecar's defaults with the policy's
+    /// overrides, resolved once per update (shared with every service that has none).
+    pub resilience: Arc<Resolved>,
+    /// Circuit-breaker counters and the retry budget, carried over from the previous
+    /// view like each endpoint's live state.
+    pub limits: Arc<ServiceLimits>,
 }
 
 impl ServiceView {
@@ -43,6 +52,7 @@ impl ServiceView {
         policy: Option<&Arc<Policy>>,
         previous: Option<&ServiceView>,
         metrics: Option<&Metrics>,
+        defaults: &Arc<Resolved>,
     ) -> Self {
         let kept: HashMap<&str, &Arc<LiveState>> = previous
             .map(|p| {
@@ -67,6 +77,11 @@ impl ServiceView {
             instances.values().cloned().collect(),
             policy.cloned(),
         ));
+        let resilience = match policy.map(|p| &p.resilience) {
+            Some(r) if !r.is_empty() => Arc::new(defaults.with(r)),
+            _ => defaults.clone(),
+        };
+        let limits = previous.map_or_else(Arc::default, |p| p.limits.clone());
         let policy = dns
             .selection
             .as_ref()
@@ -78,6 +93,8 @@ impl ServiceView {
             pool,
             policy,
             dns,
+            resilience,
+            limits,
         }
     }
 }
@@ -95,21 +112,35 @@ pub struct EndpointTable {
     connected: AtomicBool,
     /// When a registry last confirmed the catalog (the stream was open at that time).
     confirmed: Mutex<Option<Instant>>,
+    /// The sidecar's resilience defaults, which views of services without overrides
+    /// share.
+    defaults: Arc<Resolved>,
 }
 
 impl Default for EndpointTable {
     fn default() -> Self {
+        Self::new(ResilienceSettings::default())
+    }
+}
+
+impl EndpointTable {
+    /// An empty table whose views resolve resilience over `defaults`.
+    pub fn new(defaults: ResilienceSettings) -> Self {
         Self {
             views: ArcSwap::from_pointee(HashMap::new()),
             revision: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             confirmed: Mutex::new(None),
+            defaults: Arc::new(Resolved::new(defaults)),
         }
     }
-}
 
-impl EndpointTable {
+    /// The sidecar's resilience defaults, resolved.
+    pub fn defaults(&self) -> &Arc<Resolved> {
+        &self.defaults
+    }
+
     /// The current view of a service: one atomic load, no lock.
     pub fn get(&self, service: &str) -> Option<Arc<ServiceView>> {
         self.views.load().get(service).cloned()
@@ -181,9 +212,10 @@ mod tests {
                 })
                 .collect()
         };
-        let v1 = ServiceView::new("svc".into(), 1, &one("1"), None, None, None);
+        let defaults = Arc::new(Resolved::new(ResilienceSettings::default()));
+        let v1 = ServiceView::new("svc".into(), 1, &one("1"), None, None, None, &defaults);
         v1.endpoints[0].live.active.store(7, Ordering::Relaxed);
-        let v2 = ServiceView::new("svc".into(), 2, &one("2"), None, Some(&v1), None);
+        let v2 = ServiceView::new("svc".into(), 2, &one("2"), None, Some(&v1), None, &defaults);
         assert_eq!(v2.endpoints[0].live.active(), 7);
         assert_eq!(v2.endpoints[0].version, "2");
         assert!(

@@ -106,7 +106,7 @@ async fn errors_are_answered_clearly() {
         },
     ]);
     let mut config = sidecar_config(vec![fake.url()], dir.path());
-    config.request_timeout = Duration::from_millis(300);
+    config.resilience.timeout = Duration::from_millis(300);
     let sidecar = start_sidecar(config).await;
     wait_endpoints(&sidecar, "drained", 1).await;
     eventually(Duration::from_secs(5), || async {

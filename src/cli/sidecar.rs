@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{ArgMatches, Args};
 use serde::{Deserialize, Serialize};
+use switchyard_core::model::resilience::{ResilienceSettings, RetryOn};
 use switchyard_sidecar::health::{Check, HealthConfig};
 use switchyard_sidecar::{
     LocalService, RegistrarConfig, SidecarConfig, SidecarHandle, SidecarListeners,
@@ -85,10 +86,47 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     #[serde(with = "config::duration")]
     pub connect_timeout: Duration,
-    /// Time an upstream has to send response headers (504 after).
+    /// Time a request has to get its response headers, all attempts together (504
+    /// after); a service's policy may set its own.
     #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     #[serde(with = "config::duration")]
     pub request_timeout: Duration,
+    /// Time one attempt has to get its response headers before it is retried (0s:
+    /// none, only --request-timeout).
+    #[arg(long, env = "SWITCHYARD_PER_TRY_TIMEOUT", default_value = "0s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub per_try_timeout: Duration,
+    /// Retries after the first attempt, 0-10, to another endpoint where there is one.
+    #[arg(long, env = "SWITCHYARD_RETRIES", default_value_t = 1)]
+    pub retries: u32,
+    /// What is retried, comma-separated: connect-failure, refused-stream, reset (never
+    /// reached the app: any method), 5xx, gateway-error, unavailable,
+    /// resource-exhausted, or a status code (idempotent requests only).
+    #[arg(
+        long,
+        env = "SWITCHYARD_RETRY_ON",
+        default_value = "connect-failure,refused-stream,reset,gateway-error,unavailable"
+    )]
+    pub retry_on: String,
+    /// Retries may add this share to the request rate (over 10 s) and to the requests
+    /// in flight, in percent.
+    #[arg(long, env = "SWITCHYARD_RETRY_BUDGET", default_value_t = 20)]
+    pub retry_budget: u32,
+    /// Retries allowed per second whatever the request rate (over 10 s).
+    #[arg(long, env = "SWITCHYARD_MIN_RETRIES_PER_SECOND", default_value_t = 10)]
+    pub min_retries_per_second: u32,
+    /// Circuit breaker: most requests in flight to one service (503 with
+    /// x-envoy-overloaded: true above it).
+    #[arg(long, env = "SWITCHYARD_MAX_REQUESTS", default_value_t = 1024)]
+    pub max_requests: u32,
+    /// Circuit breaker: most retries in flight to one service (at least; the retry
+    /// budget's share of active requests may allow more).
+    #[arg(long, env = "SWITCHYARD_MAX_RETRIES", default_value_t = 3)]
+    pub max_retries: u32,
+    /// An upstream connection unused for this long is closed.
+    #[arg(long, env = "SWITCHYARD_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub upstream_idle_timeout: Duration,
     /// Time a client has to send a request's headers (also the keep-alive wait between
     /// HTTP/1.1 requests); the connection is closed after it.
     #[arg(long, env = "SWITCHYARD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -222,7 +260,27 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
     config.domain = args.domain.clone();
     config.dns.domain = args.domain.clone();
     config.connect_timeout = args.connect_timeout;
-    config.request_timeout = args.request_timeout;
+    let mut retry_on = Vec::new();
+    for name in args.retry_on.split(',').filter(|n| !n.trim().is_empty()) {
+        retry_on.push(RetryOn::parse(name).ok_or_else(|| {
+            bad(format!(
+                "--retry-on {name:?}: use connect-failure, refused-stream, reset, 5xx, \
+                 gateway-error, unavailable, resource-exhausted or a status code"
+            ))
+        })?);
+    }
+    config.resilience = ResilienceSettings {
+        timeout: args.request_timeout,
+        per_try_timeout: (!args.per_try_timeout.is_zero()).then_some(args.per_try_timeout),
+        retries: args.retries,
+        retry_on,
+        retry_budget_percent: args.retry_budget,
+        min_retries_per_second: args.min_retries_per_second,
+        max_requests: args.max_requests,
+        max_retries: args.max_retries,
+        ..ResilienceSettings::default()
+    };
+    config.upstream_idle_timeout = args.upstream_idle_timeout;
     config.header_read_timeout = args.header_read_timeout;
     config.idle_timeout = args.idle_timeout;
     config.max_connections = args.max_downstream_connections;

@@ -148,6 +148,7 @@ impl LocalCatalog {
                 policy,
                 old.get(name).map(|v| v.as_ref()),
                 metrics,
+                table.defaults(),
             );
             views.insert(name.clone(), Arc::new(view));
         }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::endpoint::ActiveGuard;
+use crate::limits::Permit;
 
 pub enum ProxyBody {
     Upstream {
@@ -18,6 +19,8 @@ pub enum ProxyBody {
         /// Dropped with the body: the request stops counting as active only when its
         /// response has been streamed (or abandoned).
         _guard: ActiveGuard,
+        /// The request's place under the service's `max_requests`, held as long.
+        _permit: Permit,
     },
     Local(Option<Bytes>),
 }
@@ -112,6 +115,59 @@ impl Body for DownstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A request body on its way upstream: the caller's, streamed, or a copy kept in
+/// memory so a retry can send it again (see `proxy::retry`).
+pub enum UpstreamBody {
+    Stream(DownstreamBody),
+    Full {
+        data: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    },
+}
+
+impl UpstreamBody {
+    pub fn empty() -> Self {
+        UpstreamBody::Full {
+            data: None,
+            trailers: None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Full { data, trailers } => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Stream(b) => b.is_end_stream(),
+            UpstreamBody::Full { data, trailers } => data.is_none() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Stream(b) => b.size_hint(),
+            UpstreamBody::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
     }
 }
 

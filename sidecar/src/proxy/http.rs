@@ -34,12 +34,15 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::body::{DownstreamBody, Guarded, ProxyBody};
+use super::body::{DownstreamBody, Guarded, ProxyBody, UpstreamBody};
+use super::retry::{self, Prepared};
 use super::ProxyCtx;
 use crate::balance::pick_from;
-use crate::endpoint::ActiveGuard;
+use crate::endpoint::{clock_ms_at, ActiveGuard};
 use crate::error::ProxyError;
+use crate::limits::{Limit, Permit};
 use crate::metrics::{EndpointMetrics, SubsetMetrics};
+use crate::resilience::{backoff, is_idempotent, Failure};
 use crate::route::{decide, explain, NoRoute, Why, EXPLAIN_HEADER, SUBSET_HEADER};
 
 /// Default for the most downstream connections one listener keeps open at once
@@ -174,23 +177,26 @@ impl Conns {
 /// Pooled upstream clients: one speaking HTTP/1.1, one HTTP/2 (prior knowledge). A
 /// request goes upstream in the protocol it arrived in, so gRPC stays HTTP/2.
 pub(crate) struct Clients {
-    h1: Client<HttpConnector, DownstreamBody>,
-    h2: Client<HttpConnector, DownstreamBody>,
+    h1: Client<HttpConnector, UpstreamBody>,
+    h2: Client<HttpConnector, UpstreamBody>,
 }
 
+/// Default time an upstream connection may sit unused in the pool.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
 impl Clients {
-    pub(crate) fn new(connect_timeout: Duration) -> Self {
+    pub(crate) fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         connector.enforce_http(true);
         let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(idle_timeout)
             .pool_max_idle_per_host(256)
             .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(idle_timeout)
             .build(connector);
         Self { h1, h2 }
     }
@@ -463,33 +469,77 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// What a listener answers for one request: the upstream's response, or the sidecar's
+/// own answer (with `x-envoy-overloaded` for a circuit-breaker limit, and the
+/// explanation when the caller asked for one).
 async fn proxy(
     ctx: &ProxyCtx,
     target: &ServiceBy,
     client_ip: Option<HeaderValue>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    match forward(ctx, target, client_ip, req).await {
+    let explain_wanted = req
+        .headers()
+        .get(EXPLAIN_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
+    match forward(ctx, target, client_ip, req, explain_wanted).await {
         Ok(resp) => resp,
-        Err(e) => {
+        Err(Refused { err: e, explain }) => {
             ctx.metrics.local_reply(e.service(), e.status().as_u16());
-            local(e.status(), format!("{e}\n"))
+            let mut r = local(e.status(), format!("{e}\n"));
+            if matches!(e, ProxyError::Overloaded { .. }) {
+                r.headers_mut().insert(
+                    HeaderName::from_static(OVERLOADED_HEADER),
+                    HeaderValue::from_static("true"),
+                );
+            }
+            if let Some(v) = explain.and_then(|t| HeaderValue::from_str(&t).ok()) {
+                r.headers_mut()
+                    .insert(HeaderName::from_static(EXPLAIN_HEADER), v);
+            }
+            r
         }
     }
 }
 
-/// Routes and forwards one request; every answer the sidecar makes itself is an `Err`.
+/// Set to `true` on a 503 the sidecar answers because a circuit-breaker limit is
+/// reached (Envoy's header, which clients already know: do not retry here at once).
+pub const OVERLOADED_HEADER: &str = "x-envoy-overloaded";
+
+/// An answer the sidecar makes itself, with what `x-switchyard-explain` should say.
+struct Refused {
+    err: ProxyError,
+    explain: Option<String>,
+}
+
+impl From<ProxyError> for Refused {
+    fn from(err: ProxyError) -> Self {
+        Self { err, explain: None }
+    }
+}
+
+/// Appends one clause to an explanation, if one was asked for.
+fn note(explanation: &mut Option<String>, clause: std::fmt::Arguments<'_>) {
+    if let Some(text) = explanation {
+        use std::fmt::Write as _;
+        let _ = write!(text, "; {clause}");
+    }
+}
+
+/// Routes and forwards one request, retrying what the service's policy allows; every
+/// answer the sidecar makes itself is an `Err`.
 async fn forward(
     ctx: &ProxyCtx,
     target: &ServiceBy,
     client_ip: Option<HeaderValue>,
     mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+    explain_wanted: bool,
+) -> Result<Response<ProxyBody>, Refused> {
     // RFC 9112 §3.2: a request with more than one Host is answered 400 (the proxy would
     // route on one while the app might read the other).
     let hosts = req.headers().get_all(header::HOST).iter().count();
     if hosts > 1 {
-        return Err(ProxyError::DuplicateHost { count: hosts });
+        return Err(ProxyError::DuplicateHost { count: hosts }.into());
     }
     // Looked up while the Host is borrowed from the request: no copy of it per request.
     let view = match target {
@@ -505,7 +555,8 @@ async fn forward(
             let Some(host) = host else {
                 return Err(ProxyError::MissingHost {
                     suffix: ctx.host_suffix.clone(),
-                });
+                }
+                .into());
             };
             match service_from_host(host, &ctx.host_suffix) {
                 Some(s) => ctx.table.get(&s).ok_or_else(|| s.into_owned()),
@@ -513,7 +564,8 @@ async fn forward(
                     return Err(ProxyError::BadHost {
                         host: host.to_string(),
                         suffix: ctx.host_suffix.clone(),
-                    })
+                    }
+                    .into())
                 }
             }
         }
@@ -523,6 +575,30 @@ async fn forward(
         revision: ctx.table.revision(),
     })?;
     let service = view.name.as_str();
+    let settings = &view.resilience.settings;
+    let policy = &view.resilience.retry;
+    // The circuit breaker first: a refused request costs no pick and no buffering, and
+    // is answered at once rather than queued.
+    let Some(permit) = Permit::try_take(&view.limits, Limit::Requests, settings.max_requests)
+    else {
+        ctx.metrics.overflow(service, Limit::Requests.name());
+        return Err(Refused {
+            explain: explain_wanted.then(|| {
+                format!(
+                    "limit={} ({}) reached: refused at once, not queued",
+                    Limit::Requests.name(),
+                    settings.max_requests
+                )
+            }),
+            err: ProxyError::Overloaded {
+                service: service.to_string(),
+                limit: Limit::Requests,
+                max: settings.max_requests,
+            },
+        });
+    };
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started) + settings.timeout;
     let mut rng = fastrand::Rng::new();
     let decision = decide(service, view.policy.as_ref(), req.headers(), &mut rng).map_err(
         |NoRoute(reason)| ProxyError::NoRoute {
@@ -535,57 +611,32 @@ async fn forward(
         ctx.metrics.split_fallback(service, wanted, &s.name);
     }
     let picked = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng);
-    let Some(endpoint) = picked else {
+    let Some(mut endpoint) = picked else {
         return Err(ProxyError::NoEndpoint {
             service: service.to_string(),
             registered: view.endpoints.len(),
-        });
+        }
+        .into());
     };
-    let explanation = req
-        .headers()
-        .get(EXPLAIN_HEADER)
-        .is_some_and(|v| v.as_bytes() == b"1")
-        .then(|| explain(&decision, &view.endpoints, &pool.usable, Some(endpoint)));
+    let mut explanation =
+        explain_wanted.then(|| explain(&decision, &view.endpoints, &pool.usable, Some(endpoint)));
     if let Some(s) = decision.subset {
         if let Ok(v) = HeaderValue::from_str(&s.name) {
             req.headers_mut()
                 .insert(HeaderName::from_static(SUBSET_HEADER), v);
         }
     }
-    let subset_metrics = decision
-        .subset
-        .and_then(|s| s.metrics_for(&endpoint.version));
-    // The endpoint's series exist from its first pick (not its first response), so a
-    // long first request already shows in active_requests.
-    let metrics = endpoint
-        .live
-        .metrics
-        .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
-    let guard = ActiveGuard::new(endpoint.live.clone());
 
     // gRPC needs HTTP/2 upstream; anything else goes upstream as HTTP/1.1 whatever it
     // arrived in, as Envoy and HAProxy do by default, so an h2c client can reach a plain
     // HTTP/1.1 service.
-    let h2 = req.version() == Version::HTTP_2 && is_grpc(req.headers());
-    let bad_address = || ProxyError::BadAddress {
-        service: service.to_string(),
-        endpoint: endpoint.id.clone(),
-        authority: endpoint.authority().into_owned(),
-    };
-    let Some(authority) = endpoint.uri_authority.clone() else {
-        return Err(bad_address());
-    };
-    let mut parts = ::http::uri::Parts::default();
-    parts.scheme = Some(::http::uri::Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(
-        req.uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| ::http::uri::PathAndQuery::from_static("/")),
-    );
-    let uri = Uri::from_parts(parts).map_err(|_| bad_address())?;
-    *req.uri_mut() = uri;
+    let grpc = is_grpc(req.headers());
+    let h2 = req.version() == Version::HTTP_2 && grpc;
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| ::http::uri::PathAndQuery::from_static("/"));
     *req.version_mut() = if h2 {
         Version::HTTP_2
     } else {
@@ -593,87 +644,370 @@ async fn forward(
     };
     strip_hop_by_hop(req.headers_mut(), h2);
     add_forwarded_for(req.headers_mut(), client_ip);
+    let idempotent = is_idempotent(req.method(), req.headers());
     let (head, body) = req.into_parts();
-    let (body, body_failure) = DownstreamBody::new(body);
-    let req = Request::from_parts(head, body);
 
-    let started = Instant::now();
-    let sent = if h2 {
-        ctx.clients.h2.request(req)
-    } else {
-        ctx.clients.h1.request(req)
-    };
-    let result = tokio::time::timeout(ctx.request_timeout, sent).await;
-    match result {
-        Ok(Ok(mut resp)) => {
-            // A 5xx is passed to the client as it is, and counts towards ejection
-            // unless the caller's body broke (the app may have answered that).
-            if resp.status().is_server_error() {
-                if body_failure.get().is_none() && guard.failed() {
-                    ctx.metrics.ejection(service, &endpoint.id);
-                }
-            } else {
-                guard.succeeded();
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            metrics.latency.observe(elapsed);
-            metrics.response(resp.status().as_u16());
-            if let Some(m) = subset_metrics {
-                m.latency.observe(elapsed);
-                m.response(resp.status().as_u16());
-            }
-            strip_hop_by_hop(resp.headers_mut(), true);
-            if let Some(text) = explanation {
-                if let Ok(v) = HeaderValue::from_str(&text) {
-                    resp.headers_mut()
-                        .insert(HeaderName::from_static(EXPLAIN_HEADER), v);
-                }
-            }
-            Ok(resp.map(|body| ProxyBody::Upstream {
-                body,
-                _guard: guard,
-            }))
-        }
+    let prepared = match tokio::time::timeout_at(deadline, retry::prepare(body, policy)).await {
+        Ok(Ok(p)) => p,
         Ok(Err(e)) => {
-            // hyper reports a broken request body as a failed request: if it was the
-            // caller's body, the endpoint did nothing wrong.
-            if let Some(cause) = body_failure.get() {
-                let err = ProxyError::BadRequestBody {
-                    service: service.to_string(),
-                    cause: cause.to_string(),
-                };
-                tracing::debug!(error = ?e, "{err}");
-                return Err(err);
+            return Err(ProxyError::BadRequestBody {
+                service: service.to_string(),
+                cause: e.to_string(),
             }
-            let (endpoint_id, authority) = (endpoint.id.clone(), endpoint.authority().into_owned());
-            let err = if e.is_connect() {
-                ProxyError::Connect {
-                    service: service.to_string(),
-                    endpoint: endpoint_id,
-                    authority,
-                    cause: root_cause(&e),
-                }
-            } else {
-                ProxyError::Upstream {
-                    service: service.to_string(),
-                    endpoint: endpoint_id,
-                    authority,
-                    cause: root_cause(&e),
-                }
-            };
-            tracing::debug!(error = ?e, "{err}");
-            Err(upstream_failed(ctx, &guard, metrics, subset_metrics, err))
+            .into())
         }
         Err(_) => {
-            let err = ProxyError::Timeout {
+            return Err(ProxyError::BadRequestBody {
                 service: service.to_string(),
-                endpoint: endpoint.id.clone(),
-                authority: endpoint.authority().into_owned(),
-                timeout: ctx.request_timeout,
-            };
-            Err(upstream_failed(ctx, &guard, metrics, subset_metrics, err))
+                cause: format!(
+                    "not received within the request timeout ({:?})",
+                    settings.timeout
+                ),
+            }
+            .into())
         }
+    };
+    // `replay`: the body again for a retry; `None` when this request is tried once.
+    let (mut next_body, replay, body_failure) = match prepared {
+        Prepared::Stream(b) => {
+            let (b, failure) = DownstreamBody::new(b);
+            (Some(UpstreamBody::Stream(b)), None, Some(failure))
+        }
+        Prepared::Full { data, trailers } => (
+            Some(UpstreamBody::Full {
+                data: data.clone(),
+                trailers: trailers.clone(),
+            }),
+            Some((data, trailers)),
+            None,
+        ),
+    };
+    let retryable = replay.is_some();
+    if retryable {
+        view.limits.budget.deposit(clock_ms_at(started) / 1_000);
     }
+
+    let mut head = Some(head);
+    let mut attempt: u32 = 0;
+    let mut tried: Vec<&crate::endpoint::Endpoint> = Vec::new();
+    let mut retry_permit: Option<Permit> = None;
+    loop {
+        let last_chance = !retryable || attempt >= policy.retries;
+        let subset_metrics = decision
+            .subset
+            .and_then(|s| s.metrics_for(&endpoint.version));
+        // The endpoint's series exist from its first pick (not its first response), so
+        // a long first request already shows in active_requests.
+        let metrics = endpoint
+            .live
+            .metrics
+            .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
+        let guard = ActiveGuard::new(endpoint.live.clone());
+        let bad_address = || ProxyError::BadAddress {
+            service: service.to_string(),
+            endpoint: endpoint.id.clone(),
+            authority: endpoint.authority().into_owned(),
+        };
+        let Some(authority) = endpoint.uri_authority.clone() else {
+            return Err(bad_address().into());
+        };
+        let mut parts = ::http::uri::Parts::default();
+        parts.scheme = Some(::http::uri::Scheme::HTTP);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(path.clone());
+        let uri = Uri::from_parts(parts).map_err(|_| bad_address())?;
+        // The head is copied only while a retry may still need it.
+        let mut req = match (last_chance, head.as_ref()) {
+            (false, Some(h)) => {
+                let mut r = Request::new(());
+                *r.method_mut() = h.method.clone();
+                *r.version_mut() = h.version;
+                *r.headers_mut() = h.headers.clone();
+                r
+            }
+            _ => match head.take() {
+                Some(h) => Request::from_parts(h, ()),
+                None => return Err(bad_address().into()),
+            },
+        };
+        *req.uri_mut() = uri;
+        let body = next_body.take().unwrap_or_else(|| match &replay {
+            Some((data, trailers)) => UpstreamBody::Full {
+                data: data.clone(),
+                trailers: trailers.clone(),
+            },
+            None => UpstreamBody::empty(),
+        });
+        let req = req.map(|()| body);
+
+        let try_started = Instant::now();
+        let try_deadline = settings.per_try_timeout.map_or(deadline, |p| {
+            (tokio::time::Instant::from_std(try_started) + p).min(deadline)
+        });
+        let sent = if h2 {
+            ctx.clients.h2.request(req)
+        } else {
+            ctx.clients.h1.request(req)
+        };
+        let outcome = tokio::time::timeout_at(try_deadline, sent).await;
+        // A retry counts as active until its answer starts.
+        drop(retry_permit.take());
+        let body_broke = || body_failure.as_ref().and_then(|f| f.get());
+        // What to answer if this attempt is not retried, and why it could be.
+        let (failure, answer) = match outcome {
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                let failure = if last_chance {
+                    None
+                } else {
+                    retry::classify_response(policy, status, resp.headers(), grpc)
+                        .filter(|f| policy.allows(*f, idempotent))
+                };
+                match failure {
+                    None => {
+                        return Ok(respond(
+                            ctx,
+                            service,
+                            endpoint,
+                            resp,
+                            guard,
+                            permit,
+                            metrics,
+                            subset_metrics,
+                            try_started,
+                            body_broke().is_some(),
+                            explanation,
+                        ))
+                    }
+                    Some(f) => (f, Ok(resp)),
+                }
+            }
+            Ok(Err(e)) => {
+                // hyper reports a broken request body as a failed request: if it was the
+                // caller's body, the endpoint did nothing wrong.
+                if let Some(cause) = body_broke() {
+                    let err = ProxyError::BadRequestBody {
+                        service: service.to_string(),
+                        cause: cause.to_string(),
+                    };
+                    tracing::debug!(error = ?e, "{err}");
+                    return Err(err.into());
+                }
+                let (endpoint_id, authority) =
+                    (endpoint.id.clone(), endpoint.authority().into_owned());
+                let err = if e.is_connect() {
+                    ProxyError::Connect {
+                        service: service.to_string(),
+                        endpoint: endpoint_id,
+                        authority,
+                        cause: root_cause(&e),
+                    }
+                } else {
+                    ProxyError::Upstream {
+                        service: service.to_string(),
+                        endpoint: endpoint_id,
+                        authority,
+                        cause: root_cause(&e),
+                    }
+                };
+                tracing::debug!(error = ?e, "{err}");
+                let err = upstream_failed(ctx, &guard, metrics, subset_metrics, err);
+                let f = retry::classify_error(&e, e.is_connect());
+                if last_chance || !policy.allows(f, idempotent) {
+                    return Err(Refused {
+                        err,
+                        explain: explanation,
+                    });
+                }
+                (f, Err(err))
+            }
+            Err(_) => {
+                let per_try = try_deadline < deadline;
+                let err = ProxyError::Timeout {
+                    service: service.to_string(),
+                    endpoint: endpoint.id.clone(),
+                    authority: endpoint.authority().into_owned(),
+                    timeout: match settings.per_try_timeout {
+                        Some(p) if per_try => p,
+                        _ => settings.timeout,
+                    },
+                    per_try,
+                    attempts: attempt + 1,
+                };
+                let err = upstream_failed(ctx, &guard, metrics, subset_metrics, err);
+                if !per_try || last_chance || !policy.allows(Failure::PerTryTimeout, idempotent) {
+                    return Err(Refused {
+                        err,
+                        explain: explanation,
+                    });
+                }
+                (Failure::PerTryTimeout, Err(err))
+            }
+        };
+
+        // A retry is allowed by the policy; the retry limit and the budget decide.
+        let max_retries = view
+            .limits
+            .retry_concurrency(settings.retry_budget_percent, settings.max_retries);
+        let denied = match Permit::try_take(&view.limits, Limit::Retries, max_retries) {
+            None => {
+                ctx.metrics.overflow(service, Limit::Retries.name());
+                Some(
+                    format_args!(
+                        "not retried: {} ({max_retries}) reached",
+                        Limit::Retries.name()
+                    )
+                    .to_string(),
+                )
+            }
+            Some(p) => {
+                if view.limits.budget.withdraw(
+                    clock_ms_at(Instant::now()) / 1_000,
+                    settings.retry_budget_percent,
+                    settings.min_retries_per_second,
+                ) {
+                    retry_permit = Some(p);
+                    None
+                } else {
+                    ctx.metrics.retry_budget_exhausted(service);
+                    Some("not retried: retry budget exhausted".to_string())
+                }
+            }
+        };
+        let pause = backoff(attempt, &mut rng);
+        let denied = denied.or_else(|| {
+            (tokio::time::Instant::now() + pause >= deadline)
+                .then(|| "not retried: the request timeout is too near".to_string())
+        });
+        if let Some(why) = denied {
+            tracing::debug!(service, endpoint = %endpoint.id, reason = %failure.reason(), "{why}");
+            note(
+                &mut explanation,
+                format_args!("{} from {}, {why}", failure.reason(), endpoint.id),
+            );
+            return match answer {
+                Ok(resp) => Ok(respond(
+                    ctx,
+                    service,
+                    endpoint,
+                    resp,
+                    guard,
+                    permit,
+                    metrics,
+                    subset_metrics,
+                    try_started,
+                    body_broke().is_some(),
+                    explanation,
+                )),
+                Err(err) => Err(Refused {
+                    err,
+                    explain: explanation,
+                }),
+            };
+        }
+        // Retrying: the failed attempt counts against its endpoint (5xx and errors were
+        // booked above), and frees it before the pause.
+        if let Ok(resp) = &answer {
+            book(
+                ctx,
+                service,
+                endpoint,
+                &guard,
+                metrics,
+                subset_metrics,
+                resp.status(),
+                try_started,
+                false,
+            );
+        }
+        drop(answer);
+        drop(guard);
+        ctx.metrics.retry(service, failure.reason());
+        tried.push(endpoint);
+        tokio::time::sleep(pause).await;
+        endpoint =
+            retry::pick_other(&view.endpoints, pool, &ctx.lb, &mut rng, &tried).unwrap_or(endpoint);
+        attempt += 1;
+        note(
+            &mut explanation,
+            format_args!(
+                "retry {attempt}: {} from {}, picked={}",
+                failure.reason(),
+                tried[tried.len() - 1].id,
+                endpoint.id
+            ),
+        );
+    }
+}
+
+/// Books a response against its endpoint: latency, status class, and a 5xx towards
+/// ejection unless the caller's body broke (the app may have answered that).
+#[allow(clippy::too_many_arguments)]
+fn book(
+    ctx: &ProxyCtx,
+    service: &str,
+    endpoint: &crate::endpoint::Endpoint,
+    guard: &ActiveGuard,
+    metrics: &EndpointMetrics,
+    subset_metrics: Option<&SubsetMetrics>,
+    status: StatusCode,
+    started: Instant,
+    body_broke: bool,
+) {
+    if status.is_server_error() {
+        if !body_broke && guard.failed() {
+            ctx.metrics.ejection(service, &endpoint.id);
+        }
+    } else {
+        guard.succeeded();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics.latency.observe(elapsed);
+    metrics.response(status.as_u16());
+    if let Some(m) = subset_metrics {
+        m.latency.observe(elapsed);
+        m.response(status.as_u16());
+    }
+}
+
+/// The upstream's response on its way to the caller: booked, hop-by-hop headers
+/// removed, explained if asked, holding the endpoint's and the service's counts until
+/// its body ends.
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    ctx: &ProxyCtx,
+    service: &str,
+    endpoint: &crate::endpoint::Endpoint,
+    mut resp: Response<Incoming>,
+    guard: ActiveGuard,
+    permit: Permit,
+    metrics: &EndpointMetrics,
+    subset_metrics: Option<&SubsetMetrics>,
+    started: Instant,
+    body_broke: bool,
+    explanation: Option<String>,
+) -> Response<ProxyBody> {
+    book(
+        ctx,
+        service,
+        endpoint,
+        &guard,
+        metrics,
+        subset_metrics,
+        resp.status(),
+        started,
+        body_broke,
+    );
+    strip_hop_by_hop(resp.headers_mut(), true);
+    if let Some(v) = explanation.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static(EXPLAIN_HEADER), v);
+    }
+    resp.map(|body| ProxyBody::Upstream {
+        body,
+        _guard: guard,
+        _permit: permit,
+    })
 }
 
 /// Books an upstream failure against its endpoint (ejection, per-endpoint and

@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod http;
+pub mod retry;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -19,7 +20,6 @@ pub struct ProxyCtx {
     /// `.service.<domain>`, precomputed for Host matching.
     pub host_suffix: String,
     pub connect_timeout: Duration,
-    pub request_timeout: Duration,
     /// Timeouts and limit for downstream HTTP connections.
     pub conn_limits: http::ConnLimits,
     pub(crate) clients: http::Clients,
@@ -32,7 +32,7 @@ impl ProxyCtx {
         lb: LbConfig,
         domain: &str,
         connect_timeout: Duration,
-        request_timeout: Duration,
+        upstream_idle_timeout: Duration,
         conn_limits: http::ConnLimits,
     ) -> Self {
         Self {
@@ -41,9 +41,8 @@ impl ProxyCtx {
             lb,
             host_suffix: format!(".service.{domain}"),
             connect_timeout,
-            request_timeout,
             conn_limits,
-            clients: http::Clients::new(connect_timeout),
+            clients: http::Clients::new(connect_timeout, upstream_idle_timeout),
         }
     }
 }
