@@ -81,7 +81,11 @@ impl ServiceView {
             Some(r) if !r.is_empty() => Arc::new(defaults.with(r)),
             _ => defaults.clone(),
         };
-        let limits = previous.map_or_else(Arc::default, |p| p.limits.clone());
+        let limits: Arc<ServiceLimits> = previous.map_or_else(Arc::default, |p| p.limits.clone());
+        limits.conns.set_limits(
+            resilience.settings.max_connections,
+            resilience.settings.max_pending,
+        );
         let policy = dns
             .selection
             .as_ref()

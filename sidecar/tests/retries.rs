@@ -474,3 +474,93 @@ async fn a_per_try_timeout_retries_a_get_on_another_endpoint() {
     );
     s.stop().await;
 }
+
+/// Envoy's connection limits: at `max_connections` open to the service a request that
+/// needs another waits, among at most `max_pending` others; past both it is refused at
+/// once (503, `x-envoy-overloaded`), counted against no endpoint and never retried.
+#[tokio::test]
+async fn connection_limits_queue_up_to_max_pending_and_refuse_the_rest_at_once() {
+    let slow = Backend::start("slow", Duration::from_millis(1_500)).await;
+    let s = setup(
+        vec![instance_at("slow", "slow", slow.addr, "1", 100)],
+        |c| {
+            // A waiting request may wait this long for a connection to free up.
+            c.connect_timeout = Duration::from_secs(5);
+        },
+    )
+    .await;
+    s.fake.set_policy(
+        "slow",
+        Some(pb::Policy {
+            resilience: Some(pb::Resilience {
+                max_connections: Some(2),
+                max_pending: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    eventually(Duration::from_secs(5), || async {
+        let view = s.sidecar.table.get("slow")?;
+        (view.resilience.settings.max_connections == 2).then_some(())
+    })
+    .await;
+    let proxy = s.proxy;
+    let spawn_get = || {
+        tokio::spawn(async move {
+            let http = http_client();
+            get(&http, proxy, "slow").await.0
+        })
+    };
+    let held: Vec<_> = (0..2).map(|_| spawn_get()).collect();
+    eventually(Duration::from_secs(5), || async {
+        (slow.hits() == 2).then_some(())
+    })
+    .await;
+    let waiting = spawn_get();
+    let view = s.sidecar.table.get("slow").expect("view");
+    eventually(Duration::from_secs(5), || async {
+        (view.limits.conns.pending() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(view.limits.conns.open(), 2, "never above max_connections");
+    let started = Instant::now();
+    let (status, body, headers) = get_explained(&http_client(), proxy, "slow").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(started.elapsed() < Duration::from_millis(500), "at once");
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert!(body.contains("max_pending limit (1)"), "{body}");
+    assert!(
+        headers["x-switchyard-explain"]
+            .to_str()
+            .expect("ascii")
+            .contains("limit=max_pending"),
+        "{headers:?}"
+    );
+    for h in held {
+        assert_eq!(h.await.expect("held"), 200);
+    }
+    assert_eq!(
+        waiting.await.expect("waiting"),
+        200,
+        "the waiting request got a connection once one was free"
+    );
+    assert_eq!(slow.hits(), 3, "the refused one never reached the backend");
+    assert!(view.limits.conns.open() <= 2);
+    let m = metrics(&s.sidecar).await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "switchyard_sidecar_overflows_total",
+            "limit=\"max_pending\""
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "switchyard_sidecar_retries_total", ""),
+        0.0,
+        "an overflow is not retried: {m}"
+    );
+    s.stop().await;
+}

@@ -115,6 +115,14 @@ pub struct SidecarArgs {
     /// Retries allowed per second whatever the request rate (over 10 s).
     #[arg(long, env = "SWITCHYARD_MIN_RETRIES_PER_SECOND", default_value_t = 10)]
     pub min_retries_per_second: u32,
+    /// Circuit breaker, per upstream service: most connections open to its endpoints
+    /// (a request that needs another waits among --max-pending).
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: u32,
+    /// Circuit breaker: most requests waiting for an upstream connection (503 with
+    /// x-envoy-overloaded: true above it).
+    #[arg(long, env = "SWITCHYARD_MAX_PENDING", default_value_t = 1024)]
+    pub max_pending: u32,
     /// Circuit breaker: most requests in flight to one service (503 with
     /// x-envoy-overloaded: true above it).
     #[arg(long, env = "SWITCHYARD_MAX_REQUESTS", default_value_t = 1024)]
@@ -276,6 +284,8 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
         retry_on,
         retry_budget_percent: args.retry_budget,
         min_retries_per_second: args.min_retries_per_second,
+        max_connections: args.max_connections,
+        max_pending: args.max_pending,
         max_requests: args.max_requests,
         max_retries: args.max_retries,
         ..ResilienceSettings::default()

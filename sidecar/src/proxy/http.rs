@@ -25,8 +25,6 @@ use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ::http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
@@ -35,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::body::{DownstreamBody, Guarded, ProxyBody, UpstreamBody};
+use super::pool::{overflow_of, Clients};
 use super::retry::{self, Prepared};
 use super::ProxyCtx;
 use crate::balance::pick_from;
@@ -44,6 +43,7 @@ use crate::limits::{Limit, Permit};
 use crate::metrics::{EndpointMetrics, SubsetMetrics};
 use crate::resilience::{backoff, is_idempotent, Failure};
 use crate::route::{decide, explain, NoRoute, Why, EXPLAIN_HEADER, SUBSET_HEADER};
+use crate::table::ServiceView;
 
 /// Default for the most downstream connections one listener keeps open at once
 /// ([`ConnLimits::max_connections`]).
@@ -174,33 +174,8 @@ impl Conns {
     }
 }
 
-/// Pooled upstream clients: one speaking HTTP/1.1, one HTTP/2 (prior knowledge). A
-/// request goes upstream in the protocol it arrived in, so gRPC stays HTTP/2.
-pub(crate) struct Clients {
-    h1: Client<HttpConnector, UpstreamBody>,
-    h2: Client<HttpConnector, UpstreamBody>,
-}
-
 /// Default time an upstream connection may sit unused in the pool.
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-impl Clients {
-    pub(crate) fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(idle_timeout)
-            .pool_max_idle_per_host(256)
-            .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(idle_timeout)
-            .build(connector);
-        Self { h1, h2 }
-    }
-}
 
 /// How a listener learns which service a request is for.
 #[derive(Clone, Debug)]
@@ -519,6 +494,20 @@ impl From<ProxyError> for Refused {
 }
 
 /// Appends one clause to an explanation, if one was asked for.
+/// The service's pooled upstream clients, made on its first request under its
+/// connection limits.
+fn service_clients<'a>(ctx: &ProxyCtx, view: &'a ServiceView) -> &'a Clients {
+    let any = view.limits.clients.get_or_init(|| {
+        Arc::new(Clients::new(ctx.pool, view.limits.conns.clone()))
+            as Arc<dyn std::any::Any + Send + Sync>
+    });
+    match any.downcast_ref::<Clients>() {
+        Some(c) => c,
+        // Only this function fills the slot, always with `Clients`.
+        None => unreachable!("a service's client slot holds its Clients"),
+    }
+}
+
 fn note(explanation: &mut Option<String>, clause: std::fmt::Arguments<'_>) {
     if let Some(text) = explanation {
         use std::fmt::Write as _;
@@ -744,10 +733,11 @@ async fn forward(
         let try_deadline = settings.per_try_timeout.map_or(deadline, |p| {
             (tokio::time::Instant::from_std(try_started) + p).min(deadline)
         });
+        let clients = service_clients(ctx, &view);
         let sent = if h2 {
-            ctx.clients.h2.request(req)
+            clients.h2.request(req)
         } else {
-            ctx.clients.h1.request(req)
+            clients.h1.request(req)
         };
         let outcome = tokio::time::timeout_at(try_deadline, sent).await;
         // A retry counts as active until its answer starts.
@@ -792,6 +782,27 @@ async fn forward(
                     };
                     tracing::debug!(error = ?e, "{err}");
                     return Err(err.into());
+                }
+                // A connection limit of the service, not the endpoint: refused at once
+                // (503, x-envoy-overloaded), counted against nobody, not retried.
+                if let Some(o) = overflow_of(&e) {
+                    ctx.metrics.overflow(service, o.limit.name());
+                    note(
+                        &mut explanation,
+                        format_args!(
+                            "limit={} ({}) reached: refused at once, not queued",
+                            o.limit.name(),
+                            o.max
+                        ),
+                    );
+                    return Err(Refused {
+                        err: ProxyError::Overloaded {
+                            service: service.to_string(),
+                            limit: o.limit,
+                            max: o.max,
+                        },
+                        explain: explanation,
+                    });
                 }
                 let (endpoint_id, authority) =
                     (endpoint.id.clone(), endpoint.authority().into_owned());

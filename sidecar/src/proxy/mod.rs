@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod http;
+pub mod pool;
 pub mod retry;
 pub mod tcp;
 
@@ -22,7 +23,9 @@ pub struct ProxyCtx {
     pub connect_timeout: Duration,
     /// Timeouts and limit for downstream HTTP connections.
     pub conn_limits: http::ConnLimits,
-    pub(crate) clients: http::Clients,
+    /// How each service's upstream clients connect and pool (made per service, under
+    /// its connection limits: see [`pool`]).
+    pub(crate) pool: pool::PoolConfig,
 }
 
 impl ProxyCtx {
@@ -42,7 +45,10 @@ impl ProxyCtx {
             host_suffix: format!(".service.{domain}"),
             connect_timeout,
             conn_limits,
-            clients: http::Clients::new(connect_timeout, upstream_idle_timeout),
+            pool: pool::PoolConfig {
+                connect_timeout,
+                idle_timeout: upstream_idle_timeout,
+            },
         }
     }
 }
