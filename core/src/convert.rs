@@ -146,6 +146,7 @@ pub fn policy_from_proto(p: pb::Policy) -> Result<Policy, ValidationError> {
             headers,
             split: split_from_proto(r.split),
             sticky_header: r.sticky_header,
+            retryable: r.retryable,
         });
     }
     Ok(Policy {
@@ -293,6 +294,7 @@ pub fn policy_to_proto(p: &Policy) -> pb::Policy {
                     .collect(),
                 split: split_to_proto(&r.split),
                 sticky_header: r.sticky_header.clone(),
+                retryable: r.retryable,
             })
             .collect(),
         default_split: split_to_proto(&p.default_split),

@@ -125,6 +125,8 @@ pub struct RouteRule {
     pub name: String,
     pub headers: Vec<HeaderMatch>,
     pub split: SplitRule,
+    /// The policy marks the route's requests safe to repeat (the proxy retries them).
+    pub retryable: bool,
 }
 
 /// A policy compiled for selection.
@@ -164,6 +166,7 @@ impl Selection {
                 name: r.name.clone(),
                 headers: r.headers.clone(),
                 split: split(&r.split, &r.sticky_header),
+                retryable: r.retryable,
             })
             .collect();
         let default = split(&policy.default_split, &policy.sticky_header);

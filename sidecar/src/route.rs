@@ -86,6 +86,8 @@ pub struct CompiledRoute {
     pub name: String,
     matchers: Vec<Matcher>,
     pub split: CompiledSplit,
+    /// Marked safe to repeat whatever the method (see `Route::retryable`).
+    pub retryable: bool,
 }
 
 /// A service's policy, ready for the request path. `subsets` are parallel to the
@@ -175,6 +177,7 @@ impl CompiledPolicy {
                 name: r.name.clone(),
                 matchers,
                 split: CompiledSplit::new(&r.split),
+                retryable: r.retryable,
             });
         }
         let compiled = Self {
@@ -216,6 +219,8 @@ pub enum Why {
 pub struct Decision<'a> {
     /// The matched route's name; `None` for the default split.
     pub route: Option<&'a str>,
+    /// The matched route is marked retryable: its requests retry like idempotent ones.
+    pub retryable: bool,
     pub subset: Option<&'a CompiledSubset>,
     pub why: Why,
 }
@@ -234,6 +239,7 @@ pub fn decide<'a>(
     let Some(policy) = policy else {
         return Ok(Decision {
             route: None,
+            retryable: false,
             subset: None,
             why: Why::NoPolicy,
         });
@@ -248,22 +254,24 @@ pub fn decide<'a>(
         {
             return Ok(Decision {
                 route: None,
+                retryable: false,
                 subset: Some(s),
                 why: Why::Pinned,
             });
         }
     }
-    let (route, split) = match policy
+    let (route, split, retryable) = match policy
         .routes
         .iter()
         .find(|r| r.matchers.iter().all(|m| m.matches(headers)))
     {
-        Some(r) => (Some(r.name.as_str()), &r.split),
-        None => (None, &policy.default),
+        Some(r) => (Some(r.name.as_str()), &r.split, r.retryable),
+        None => (None, &policy.default, false),
     };
     if split.rule.entries.is_empty() {
         return Ok(Decision {
             route,
+            retryable,
             subset: None,
             why: Why::NoPolicy,
         });
@@ -278,6 +286,7 @@ pub fn decide<'a>(
     match select::choose(&split.rule, key, rng, policy.fail_closed, healthy) {
         Ok(chosen) => Ok(Decision {
             route,
+            retryable,
             subset: policy.subsets.get(chosen.subset),
             why: match chosen.instead_of {
                 Some(wanted) => Why::Fallback {

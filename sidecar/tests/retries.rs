@@ -564,3 +564,77 @@ async fn connection_limits_queue_up_to_max_pending_and_refuse_the_rest_at_once()
     );
     s.stop().await;
 }
+
+/// A route the policy marks retryable retries a POST on 503 (the app says its requests
+/// are safe to repeat); the same POST off that route is not retried.
+#[tokio::test]
+async fn a_retryable_route_retries_a_post_on_503() {
+    let ok = Backend::start("ok", Duration::ZERO).await;
+    let unavailable = failing("unavailable", 503).await;
+    let s = setup(
+        vec![
+            instance_at("orders", "ok", ok.addr, "1", 100),
+            instance_at("orders", "unavailable", unavailable.addr, "1", 100),
+        ],
+        |_| {},
+    )
+    .await;
+    s.fake.set_policy(
+        "orders",
+        Some(pb::Policy {
+            routes: vec![pb::Route {
+                name: "safe".into(),
+                headers: vec![pb::HeaderMatch {
+                    name: "x-retry-safe".into(),
+                    r#match: Some(pb::header_match::Match::Exact("yes".into())),
+                }],
+                split: vec![pb::WeightedSubset {
+                    subset: "1".into(),
+                    weight: 100,
+                }],
+                sticky_header: String::new(),
+                retryable: true,
+            }],
+            ..Default::default()
+        }),
+    );
+    eventually(Duration::from_secs(5), || async {
+        s.sidecar.table.get("orders")?.policy.as_ref().map(|_| ())
+    })
+    .await;
+    let client = body_client();
+    // Off the route: POST until one draws the 503 endpoint and gets its 503 back (one
+    // failure only, far from the five that eject it).
+    let mut answered_503 = false;
+    for _ in 0..40 {
+        let (status, _, _) = send(&client, s.proxy, "orders", "POST", "order=2", &[]).await;
+        if status == 503 {
+            answered_503 = true;
+            break;
+        }
+    }
+    assert!(answered_503, "off the route a POST is not retried");
+    let before = unavailable.hits();
+    for _ in 0..20 {
+        let (status, body, _) = send(
+            &client,
+            s.proxy,
+            "orders",
+            "POST",
+            "order=1",
+            &[("x-retry-safe", "yes")],
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (200, "ok"), "retried on the route");
+    }
+    assert!(
+        unavailable.hits() > before,
+        "some POSTs on the route drew the 503 endpoint first"
+    );
+    let m = metrics(&s.sidecar).await;
+    assert!(
+        metric_sum(&m, "switchyard_sidecar_retries_total", "service=\"orders\"") >= 1.0,
+        "{m}"
+    );
+    s.stop().await;
+}

@@ -339,6 +339,7 @@ pub async fn run_demo() -> Result<(), CliError> {
                 }],
                 split: split(&[("v2", 100)]),
                 sticky_header: String::new(),
+                retryable: false,
             }],
         ),
     ];

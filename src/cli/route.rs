@@ -70,6 +70,10 @@ pub enum RouteVerb {
         /// Route name (replaces a route of the same name); default: the first header.
         #[arg(long, env = "SWITCHYARD_ROUTE_MATCH_NAME")]
         name: Option<String>,
+        /// What this route matches is safe to repeat whatever its method: retry it on
+        /// 5xx/gateway errors like an idempotent request.
+        #[arg(long, env = "SWITCHYARD_ROUTE_MATCH_RETRYABLE")]
+        retryable: bool,
     },
     /// Blue-green switch: send 100% to one subset and drop header routes.
     Promote { service: String, subset: String },
@@ -215,6 +219,7 @@ struct RouteDoc {
     matches: Vec<String>,
     split: String,
     sticky_header: String,
+    retryable: bool,
 }
 
 fn doc(service: &str, r: &pb::PolicyRecord) -> PolicyDoc {
@@ -252,6 +257,7 @@ fn doc(service: &str, r: &pb::PolicyRecord) -> PolicyDoc {
                 matches: r.headers.iter().map(matcher).collect(),
                 split: splits(&r.split),
                 sticky_header: r.sticky_header.clone(),
+                retryable: r.retryable,
             })
             .collect(),
         default_split: splits(&p.default_split),
@@ -296,11 +302,14 @@ async fn show(
     if !d.routes.is_empty() {
         println!("routes:");
         for (i, r) in d.routes.iter().enumerate() {
-            let sticky = if r.sticky_header.is_empty() {
+            let mut sticky = if r.sticky_header.is_empty() {
                 String::new()
             } else {
                 format!("  (sticky on {})", r.sticky_header)
             };
+            if r.retryable {
+                sticky.push_str("  (retryable)");
+            }
             println!(
                 "  {}. {:<12} {} -> {}{sticky}",
                 i + 1,
@@ -360,6 +369,7 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
             regex,
             to,
             name,
+            retryable,
         } => {
             use pb::header_match::Match;
             let matches: Vec<pb::HeaderMatch> = headers
@@ -393,6 +403,7 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                     weight: 100,
                 }],
                 sticky_header: String::new(),
+                retryable: *retryable,
             };
             change(&mut client, &args, service, |p| upsert_route(p, route)).await
         }

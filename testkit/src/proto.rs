@@ -74,6 +74,7 @@ pub fn canary_policy(default: &[(&str, u32)]) -> pb::Policy {
             }],
             split: split(&[("canary", 100)]),
             sticky_header: String::new(),
+            retryable: false,
         }],
         default_split: split(default),
         fallback: pb::Fallback::Default as i32,

@@ -83,6 +83,7 @@ pub fn canary_policy() -> pb::Policy {
             }],
             split: vec![share("2.0.0", 100)],
             sticky_header: String::new(),
+            retryable: false,
         }],
         default_split: vec![share("1.4.2", 90), share("2.0.0", 10)],
         fallback: pb::Fallback::Default as i32,

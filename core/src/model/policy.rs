@@ -55,6 +55,10 @@ pub struct Route {
     pub headers: Vec<HeaderMatch>,
     pub split: Vec<Split>,
     pub sticky_header: String,
+    /// What this route matches is safe to repeat whatever its method: retried on the
+    /// conditions that otherwise retry only idempotent requests.
+    #[serde(default)]
+    pub retryable: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +318,7 @@ mod tests {
                     weight: 100,
                 }],
                 sticky_header: String::new(),
+                retryable: false,
             }],
             default_split: vec![
                 Split {

@@ -5,7 +5,8 @@
 //! bytes. So the current types are written as they are, and what was written before a
 //! change is read through a mirror of the old shape here:
 //!
-//! - [`PolicyV1`]: a policy before it carried resilience settings. Log entries keep
+//! - [`PolicyV1`]: a policy before it carried resilience settings and its routes could
+//!   be marked retryable ([`RouteV1`]). Log entries keep
 //!   their old variant (`PutPolicy` at its old place, read as `PolicyV1`); new ones are
 //!   written as the variant appended last (`PutPolicyV2`). [`Command`] itself has one
 //!   `PutPolicy`: the wire enums below exist only on the way to and from bytes.
@@ -16,14 +17,23 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::command::Command;
-use crate::model::policy::{Fallback, Route, Split, Subset};
+use crate::model::policy::{Fallback, HeaderMatch, Route, Split, Subset};
 use crate::model::{Instance, LeaseId, Policy, PolicyRecord, Resilience, State};
 
-/// A policy as written before resilience settings existed.
+/// A route as written before routes could be marked retryable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteV1 {
+    pub name: String,
+    pub headers: Vec<HeaderMatch>,
+    pub split: Vec<Split>,
+    pub sticky_header: String,
+}
+
+/// A policy as written before resilience settings (and retryable routes) existed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyV1 {
     pub subsets: Vec<Subset>,
-    pub routes: Vec<Route>,
+    pub routes: Vec<RouteV1>,
     pub default_split: Vec<Split>,
     pub fallback: Fallback,
     pub sticky_header: String,
@@ -33,7 +43,17 @@ impl From<PolicyV1> for Policy {
     fn from(p: PolicyV1) -> Self {
         Policy {
             subsets: p.subsets,
-            routes: p.routes,
+            routes: p
+                .routes
+                .into_iter()
+                .map(|r| Route {
+                    name: r.name,
+                    headers: r.headers,
+                    split: r.split,
+                    sticky_header: r.sticky_header,
+                    retryable: false,
+                })
+                .collect(),
             default_split: p.default_split,
             fallback: p.fallback,
             sticky_header: p.sticky_header,
@@ -48,7 +68,16 @@ impl From<&Policy> for PolicyV1 {
     fn from(p: &Policy) -> Self {
         PolicyV1 {
             subsets: p.subsets.clone(),
-            routes: p.routes.clone(),
+            routes: p
+                .routes
+                .iter()
+                .map(|r| RouteV1 {
+                    name: r.name.clone(),
+                    headers: r.headers.clone(),
+                    split: r.split.clone(),
+                    sticky_header: r.sticky_header.clone(),
+                })
+                .collect(),
             default_split: p.default_split.clone(),
             fallback: p.fallback,
             sticky_header: p.sticky_header.clone(),
@@ -305,7 +334,19 @@ mod tests {
     fn policy(resilience: Resilience) -> Policy {
         Policy {
             subsets: Vec::new(),
-            routes: Vec::new(),
+            routes: vec![Route {
+                name: "testers".into(),
+                headers: vec![HeaderMatch {
+                    name: "x-canary".into(),
+                    kind: crate::model::policy::MatchKind::Present,
+                }],
+                split: vec![Split {
+                    subset: "2.0.0".into(),
+                    weight: 100,
+                }],
+                sticky_header: String::new(),
+                retryable: false,
+            }],
             default_split: Vec::new(),
             fallback: Fallback::Default,
             sticky_header: "x-user".into(),
@@ -354,11 +395,12 @@ mod tests {
 
     #[test]
     fn every_command_round_trips_with_its_resilience() {
-        let with = policy(Resilience {
+        let mut with = policy(Resilience {
             retries: Some(2),
             timeout: Some(Duration::from_secs(3)),
             ..Default::default()
         });
+        with.routes[0].retryable = true;
         let commands = vec![
             Command::PutPolicy {
                 namespace: "default".into(),

@@ -633,7 +633,8 @@ async fn forward(
     };
     strip_hop_by_hop(req.headers_mut(), h2);
     add_forwarded_for(req.headers_mut(), client_ip);
-    let idempotent = is_idempotent(req.method(), req.headers());
+    // RFC 9110 §9.2.2, an Idempotency-Key, or a route the policy marks retryable.
+    let idempotent = decision.retryable || is_idempotent(req.method(), req.headers());
     let (head, body) = req.into_parts();
 
     let prepared = match tokio::time::timeout_at(deadline, retry::prepare(body, policy)).await {
