@@ -5,6 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -635,6 +636,105 @@ async fn a_retryable_route_retries_a_post_on_503() {
     assert!(
         metric_sum(&m, "switchyard_sidecar_retries_total", "service=\"orders\"") >= 1.0,
         "{m}"
+    );
+    s.stop().await;
+}
+
+/// A backend that reads each request and then resets the connection (TCP RST):
+/// `mid_response` first writes a response head and part of the body.
+async fn resetting(mid_response: bool) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = l.accept().await {
+            let hits = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                // One read holds a whole small request head.
+                if matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                    hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if mid_response {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                            .await;
+                        let _ = stream.flush().await;
+                    }
+                }
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                drop(stream);
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// A connection reset before any answer is retried for a GET on another endpoint (0
+/// errors); a reset in the middle of an answer cannot be (its head already went to the
+/// caller), and counts against the endpoint.
+#[tokio::test]
+async fn a_reset_before_the_answer_is_retried_and_one_mid_response_is_not() {
+    let ok = Backend::start("ok", Duration::ZERO).await;
+    let (early, early_hits) = resetting(false).await;
+    let ok2 = Backend::start("ok2", Duration::ZERO).await;
+    let (late, late_hits) = resetting(true).await;
+    let s = setup(
+        vec![
+            instance_at("early", "ok", ok.addr, "1", 100),
+            instance_at("early", "resets", early, "1", 100),
+            instance_at("late", "ok2", ok2.addr, "1", 100),
+            instance_at("late", "resets", late, "1", 100),
+        ],
+        |_| {},
+    )
+    .await;
+    let http = http_client();
+    for _ in 0..30 {
+        let (status, body, _) = get(&http, s.proxy, "early").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+    assert!(
+        early_hits.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "some GETs drew the resetting endpoint first"
+    );
+    let m = metrics(&s.sidecar).await;
+    assert!(
+        metric_sum(&m, "switchyard_sidecar_retries_total", "service=\"early\"") >= 1.0,
+        "{m}"
+    );
+
+    // Mid-response: the caller sees a broken answer, never a second copy of it.
+    let client = body_client();
+    let mut broken = 0;
+    for _ in 0..30 {
+        let req = hyper::Request::builder()
+            .uri(format!("http://{}/hello", s.proxy))
+            .header(hyper::header::HOST, "late")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let Ok(resp) = client.request(req).await else {
+            broken += 1;
+            continue;
+        };
+        if resp.into_body().collect().await.is_err() {
+            broken += 1;
+        }
+        if late_hits.load(std::sync::atomic::Ordering::Relaxed) >= 5 {
+            break;
+        }
+    }
+    let late_hits = late_hits.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        late_hits >= 1,
+        "some GETs drew the endpoint that breaks mid-answer"
+    );
+    assert_eq!(
+        broken, late_hits,
+        "each such answer broke, none was retried"
     );
     s.stop().await;
 }
