@@ -9,8 +9,11 @@
 //!   one rule for name case and the only regex builder; DNS and the proxy both call it.
 //! - [`dns`]: DNS answers from any [`dns::DnsSource`] (the registry's catalog, a sidecar's
 //!   cache): name grammar, answers, the UDP loop and cache, the hickory-server adapter.
+//! - [`gate`]: the canary gate, a sequential test on the canary's share of errors that
+//!   stays valid under continuous monitoring (what a rollout judges a canary by).
 
 pub mod convert;
 pub mod dns;
+pub mod gate;
 pub mod model;
 pub mod select;
