@@ -173,10 +173,13 @@ mod tests {
         (a - b).abs() / b < 0.001
     }
 
+    /// Windows as (n_C, n_B, e_C, e_B), the E they give, and whether the gate aborts.
+    type Vector = (&'static [(u64, u64, u64, u64)], f64, bool);
+
     /// The vectors the rollout issue gives (r0 = 1, α = 0.05 → abort at 20).
     #[test]
     fn the_issue_vectors() {
-        let cases: [(&[(u64, u64, u64, u64)], f64, bool); 5] = [
+        let cases: [Vector; 5] = [
             (&[(100, 1000, 3, 2)], 19.29, false),
             (&[(100, 1000, 5, 2)], 395.5, true),
             (&[(50, 950, 2, 0)], 15.63, false),
