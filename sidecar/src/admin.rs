@@ -226,9 +226,12 @@ fn scrape(metrics: &Metrics, table: &EndpointTable) -> String {
         {
             continue;
         }
-        let panic = view
-            .pools()
-            .fold(false, |any, p| p.refresh(&view.endpoints).0 || any);
+        // Every pool recounts (not only up to the first in panic): picks then find
+        // their counts current.
+        let mut panic = false;
+        for pool in view.pools() {
+            panic |= pool.refresh(&view.endpoints).0;
+        }
         let ejected = view
             .endpoints
             .iter()

@@ -51,7 +51,16 @@ pub fn sidecar_view(n: usize, weights: Weights, with_policy: bool) -> ServiceVie
                 .expect("the canary policy is valid"),
         )
     });
-    let view = ServiceView::new("web".into(), 1, &records, policy.as_ref(), None, None);
+    let view = ServiceView::new(
+        "web".into(),
+        1,
+        &records,
+        policy.as_ref(),
+        None,
+        None,
+        &Default::default(),
+        &Default::default(),
+    );
     let mut rng = fastrand::Rng::with_seed(1);
     for e in &view.endpoints {
         e.live.active.store(rng.u32(0..4), Ordering::Relaxed);
