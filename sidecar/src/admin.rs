@@ -184,7 +184,7 @@ fn explain_route(table: &EndpointTable, query: &str) -> Response<Full<Bytes>> {
         &crate::balance::LbConfig::default(),
         &mut rng,
     );
-    let line = crate::route::explain(&decision, &view.endpoints, &pool.usable, picked);
+    let line = crate::route::explain(&decision, &view.endpoints, pool, picked);
     let why = line
         .split("; ")
         .find_map(|p| p.strip_prefix("why="))
@@ -218,6 +218,33 @@ fn scrape(metrics: &Metrics, table: &EndpointTable) -> String {
         {
             metrics.set_active(&view.name, &e.id, e.live.active());
         }
+        // Series only for services this sidecar calls, as for endpoints.
+        if !view
+            .endpoints
+            .iter()
+            .any(|e| e.live.metrics.get().is_some())
+        {
+            continue;
+        }
+        // Every pool recounts (not only up to the first in panic): picks then find
+        // their counts current.
+        let mut panic = false;
+        for pool in view.pools() {
+            panic |= pool.refresh(&view.endpoints).0;
+        }
+        let ejected = view
+            .endpoints
+            .iter()
+            .filter(|e| e.live.is_ejected())
+            .count();
+        let window = crate::outlier::millis(view.resilience.settings.slow_start);
+        let now = crate::endpoint::clock_ms();
+        let ramping = view
+            .endpoints
+            .iter()
+            .filter(|e| window > 0 && e.live.is_ramping(now, window))
+            .count();
+        metrics.set_outliers(&view.name, panic, ejected, ramping);
     }
     metrics.encode()
 }

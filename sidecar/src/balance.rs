@@ -1,19 +1,36 @@
-//! Least-request balancing with Envoy's semantics.
+//! Least-request balancing with Envoy's semantics, outlier ejection, panic mode and
+//! slow start, every pick O(1).
 //!
 //! - All usable endpoints share one weight: power of two choices. Sample `choice_count`
 //!   endpoints at random; the one with fewer active requests wins.
 //! - Weights differ: pick at random in proportion to the effective weight
 //!   `weight / (active + 1)^bias`, so a loaded endpoint's share shrinks smoothly and
 //!   `bias = 0` degrades to plain weighted random.
+//! - Ejected endpoints are drawn like any other and then passed over (a draw costs one
+//!   atomic load); one whose ejection time is up takes exactly one probe request
+//!   (`endpoint::LiveState::admit`).
+//! - Panic mode (Envoy's): when fewer than `panic_below_percent` of a pool's endpoints
+//!   are usable (SERVING and not ejected), ejection and health are ignored and the pick
+//!   is over all of them (SERVING and FAILING; DRAINING is an operator's choice and is
+//!   never used). A few overloaded endpoints would fall over anyway; spread thin, the
+//!   service may survive. 0 turns it off: then nothing usable means no pick (503 "no
+//!   healthy upstream"). Whether a pool panics is recounted only when an ejection
+//!   changes ([`crate::outlier::ServiceOutlier::epoch`]), never per pick.
+//! - Slow start: a drawn endpoint that is ramping up is kept with probability
+//!   `slow_start::share(t, window)`, which makes its chance proportional to its ramped
+//!   weight on both paths; not at all when every endpoint of the pool is new.
 //!
-//! Draining and failing endpoints are never picked (the view lists only usable ones).
-//! Ejected outliers (see `endpoint::ActiveGuard::failed`) are passed over while the
-//! draws find another endpoint; when nearly all are ejected, one serves anyway (panic
-//! mode, so a bad moment never turns into no endpoint at all).
-//! The load signal (`active`) lives in each endpoint's `LiveState`, apart from the
+//! Draining endpoints are never picked (pools list only SERVING and FAILING ones). The
+//! load signal (`active`) lives in each endpoint's `LiveState`, apart from the
 //! selection, as in linkerd2-proxy.
 
-use crate::endpoint::Endpoint;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use switchyard_core::model::State;
+
+use crate::endpoint::{clock_ms, Admit, Endpoint};
+use crate::outlier::ServiceOutlier;
 
 /// Balancer settings; both have Envoy's defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -51,45 +68,204 @@ impl LbConfig {
     }
 }
 
-/// Most draws one weighted pick makes before it settles for the least loaded endpoint
-/// it drew. Each draw is accepted with probability `1 / (active + 1)^bias`, so at low
-/// load the first draw almost always wins; the bound keeps a pick O(1) when every
-/// endpoint is busy.
-const MAX_WEIGHTED_DRAWS: u32 = 16;
+/// Most draws one pick makes. Each draw of the weighted path is accepted with
+/// probability `1 / (active + 1)^bias` (times the slow-start share), and draws of
+/// ejected endpoints are passed over, so at low load and outside panic mode the first
+/// few draws almost always win; the bound keeps a pick O(1) when every endpoint is busy.
+const MAX_DRAWS: u32 = 16;
 
-/// The endpoints one pick chooses among (a service's usable endpoints, or one subset's),
-/// with what the balancer needs precomputed: built once per catalog update so a pick
-/// never scans the list.
+/// What a pool applies from its service's resolved settings.
+#[derive(Clone, Debug, Default)]
+pub struct PoolSettings {
+    /// Below this share (percent) of usable endpoints, balance over all (0: never).
+    pub panic_below_percent: u32,
+    /// Slow-start window in ms (0: off).
+    pub slow_start_ms: u64,
+    /// The service's ejection counters; their epoch tells the pool to recount.
+    pub outlier: Arc<ServiceOutlier>,
+    /// `service` or `service/subset`, for the panic-mode log line.
+    pub label: Arc<str>,
+}
+
+/// What a pool counted at the last ejection change.
+#[derive(Debug)]
+struct Health {
+    /// The service epoch counted at (`u64::MAX`: not yet).
+    epoch: AtomicU64,
+    /// Usable endpoints (SERVING, not ejected) then.
+    usable: AtomicUsize,
+    panic: AtomicBool,
+    /// Until when (ms on `clock_ms`) some endpoint ramps while another does not; 0
+    /// when slow start has nothing to do (off, nobody ramping, or everyone new).
+    ramp_until_ms: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            epoch: AtomicU64::new(u64::MAX),
+            usable: AtomicUsize::new(0),
+            panic: AtomicBool::new(false),
+            ramp_until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The endpoints one pick chooses among (a service's endpoints, or one subset's), with
+/// what the balancer needs precomputed: built once per catalog update so a pick never
+/// scans the list.
 #[derive(Debug, Default)]
 pub struct Pool {
-    /// Indices into the view's endpoints.
+    /// Indices into the view's endpoints: the SERVING ones (ejected or not).
     pub usable: Vec<usize>,
-    /// True when every usable endpoint has the same weight (power of two choices).
+    /// SERVING and FAILING: what panic mode balances over (and the denominator of the
+    /// usable share).
+    pub all: Vec<usize>,
+    /// True when every SERVING endpoint has the same weight (power of two choices).
     pub equal_weights: bool,
     /// Draws a position in `usable` in proportion to weight (only when weights differ).
     alias: Alias,
+    all_equal_weights: bool,
+    /// True when `all` is `usable` (no FAILING member): `alias` serves both.
+    all_is_usable: bool,
+    /// The same over `all`, built only when it differs from `usable`.
+    all_alias: Alias,
+    settings: PoolSettings,
+    health: Health,
 }
 
 impl Pool {
+    /// A pool of exactly `usable` (tests and callers without settings: Envoy's defaults,
+    /// a service of its own).
     pub fn new(endpoints: &[Endpoint], usable: Vec<usize>) -> Self {
-        let equal_weights = usable
-            .windows(2)
-            .all(|w| endpoints[w[0]].weight == endpoints[w[1]].weight);
-        let alias = if equal_weights {
-            Alias::default()
+        let settings = PoolSettings {
+            panic_below_percent: 50,
+            ..PoolSettings::default()
+        };
+        Self::build(endpoints, usable.clone(), usable, settings)
+    }
+
+    /// The pool of `members` (indices into `endpoints`): SERVING ones are usable,
+    /// FAILING ones only in panic mode, DRAINING ones never.
+    pub fn of(endpoints: &[Endpoint], members: &[usize], settings: PoolSettings) -> Self {
+        let state = |i: usize| endpoints.get(i).map(|e| e.state);
+        let usable = members
+            .iter()
+            .copied()
+            .filter(|&i| state(i) == Some(State::Serving))
+            .collect();
+        let all = members
+            .iter()
+            .copied()
+            .filter(|&i| matches!(state(i), Some(State::Serving | State::Failing)))
+            .collect();
+        Self::build(endpoints, usable, all, settings)
+    }
+
+    fn build(
+        endpoints: &[Endpoint],
+        usable: Vec<usize>,
+        all: Vec<usize>,
+        settings: PoolSettings,
+    ) -> Self {
+        let (equal_weights, alias) = tables(endpoints, &usable);
+        let all_is_usable = all == usable;
+        let (all_equal_weights, all_alias) = if all_is_usable {
+            (equal_weights, Alias::default())
         } else {
-            Alias::new(usable.iter().map(|&i| endpoints[i].weight))
+            tables(endpoints, &all)
         };
         Self {
             usable,
+            all,
             equal_weights,
             alias,
+            all_equal_weights,
+            all_is_usable,
+            all_alias,
+            settings,
+            health: Health::default(),
         }
     }
 
+    /// True when no endpoint is SERVING (a split sends such a subset's share elsewhere).
     pub fn is_empty(&self) -> bool {
         self.usable.is_empty()
     }
+
+    /// True when the last recount put the pool in panic mode.
+    pub fn in_panic(&self) -> bool {
+        self.health.panic.load(Ordering::Relaxed)
+    }
+
+    /// Usable endpoints (SERVING, not ejected) at the last recount.
+    pub fn usable_now(&self) -> usize {
+        self.health.usable.load(Ordering::Relaxed)
+    }
+
+    /// Recounts if an ejection changed since the last time: returns (panic, ramp end).
+    /// O(1) unless the service's epoch moved; then O(n) once, by whichever pick or
+    /// scrape sees it first (two at once both count the same and store the same).
+    pub fn refresh(&self, endpoints: &[Endpoint]) -> (bool, u64) {
+        let epoch = self.settings.outlier.epoch.load(Ordering::Acquire);
+        if self.health.epoch.load(Ordering::Acquire) == epoch {
+            return (
+                self.health.panic.load(Ordering::Relaxed),
+                self.health.ramp_until_ms.load(Ordering::Relaxed),
+            );
+        }
+        let now = clock_ms();
+        let window = self.settings.slow_start_ms;
+        let (mut usable, mut settled, mut ramp_until) = (0usize, false, 0u64);
+        for e in self.usable.iter().filter_map(|&i| endpoints.get(i)) {
+            if e.live.is_ejected() {
+                continue;
+            }
+            usable += 1;
+            if window > 0 && e.live.is_ramping(now, window) {
+                let since = e.live.ramp_since_ms.load(Ordering::Relaxed);
+                ramp_until = ramp_until.max(since.saturating_add(window));
+            } else {
+                settled = true;
+            }
+        }
+        let pct = u64::from(self.settings.panic_below_percent);
+        let total = self.all.len() as u64;
+        let panic = pct > 0 && total > 0 && (usable as u64) * 100 < pct * total;
+        let was = self.health.panic.swap(panic, Ordering::Relaxed);
+        self.health.usable.store(usable, Ordering::Relaxed);
+        // Everyone new (nobody settled): ramping them all equally changes nothing.
+        self.health
+            .ramp_until_ms
+            .store(if settled { ramp_until } else { 0 }, Ordering::Relaxed);
+        self.health.epoch.store(epoch, Ordering::Release);
+        if panic != was && self.settings.outlier.may_log_panic(now) {
+            if panic {
+                tracing::warn!(
+                    pool = %self.settings.label,
+                    usable,
+                    endpoints = total,
+                    panic_below_percent = pct,
+                    "panic mode: too few usable endpoints, balancing over all of them"
+                );
+            } else {
+                tracing::info!(pool = %self.settings.label, usable, endpoints = total, "panic mode over");
+            }
+        }
+        (panic, if settled { ramp_until } else { 0 })
+    }
+}
+
+/// Whether `idx`'s endpoints share one weight, and the alias table when they do not.
+fn tables(endpoints: &[Endpoint], idx: &[usize]) -> (bool, Alias) {
+    let weight = |i: usize| endpoints.get(i).map_or(1, |e| e.weight);
+    let equal = idx.windows(2).all(|w| weight(w[0]) == weight(w[1]));
+    let alias = if equal {
+        Alias::default()
+    } else {
+        Alias::new(idx.iter().map(|&i| weight(i)))
+    };
+    (equal, alias)
 }
 
 /// Walker's alias table (Vose's construction): an O(1) draw in proportion to fixed
@@ -148,39 +324,118 @@ impl Alias {
     }
 }
 
-/// Least request among a pool of `endpoints`, e.g. one subset's members.
+/// Least request among a pool of `endpoints`, e.g. one subset's members; `None` when
+/// nothing may take the request (no usable endpoint and no panic mode).
 pub fn pick_from<'a>(
     endpoints: &'a [Endpoint],
     pool: &Pool,
     cfg: &LbConfig,
     rng: &mut fastrand::Rng,
 ) -> Option<&'a Endpoint> {
-    let usable = &pool.usable;
-    match usable.len() {
-        0 => None,
-        1 => endpoints.get(usable[0]),
-        n if pool.equal_weights => {
-            let mut best: Option<&Endpoint> = None;
-            for _ in 0..cfg.choice_count.max(1) {
-                let candidate = endpoints.get(usable[rng.usize(..n)])?;
-                if best.is_none_or(|b| candidate.live.active() < b.live.active()) {
-                    best = Some(candidate);
-                }
-            }
-            // An ejected outlier is passed over while a few more draws find another;
-            // when every draw lands on one (most are ejected), it serves anyway.
-            if best.is_some_and(|b| b.live.is_ejected()) {
-                for _ in 0..MAX_WEIGHTED_DRAWS {
-                    let candidate = endpoints.get(usable[rng.usize(..n)])?;
-                    if !candidate.live.is_ejected() {
-                        return Some(candidate);
-                    }
-                }
-            }
-            best
-        }
-        _ => weighted(endpoints, pool, cfg.active_request_bias, rng),
+    let (panic, ramp_until) = pool.refresh(endpoints);
+    if panic {
+        // Every SERVING and FAILING endpoint, ejected or not, by plain least request.
+        let table = Table {
+            idx: &pool.all,
+            equal: pool.all_equal_weights,
+            alias: if pool.all_is_usable {
+                &pool.alias
+            } else {
+                &pool.all_alias
+            },
+        };
+        return choose(endpoints, &table, cfg, None, rng);
     }
+    if pool.usable.is_empty() {
+        return None;
+    }
+    let ramp = (ramp_until != 0)
+        .then(clock_ms)
+        .filter(|&now| now < ramp_until)
+        .map(|now| (now, pool.settings.slow_start_ms));
+    let table = Table {
+        idx: &pool.usable,
+        equal: pool.equal_weights,
+        alias: &pool.alias,
+    };
+    choose(endpoints, &table, cfg, Some(ramp), rng).or_else(|| {
+        // Every draw passed over (many ejected: possible only with panic mode off or
+        // low): the first endpoint not ejected from a random place, if any.
+        let n = pool.usable.len();
+        let start = rng.usize(..n);
+        (0..n)
+            .filter_map(|k| endpoints.get(pool.usable[(start + k) % n]))
+            .find(|e| e.live.admit() != Admit::Skip)
+    })
+}
+
+/// The endpoints one pick draws from.
+struct Table<'p> {
+    idx: &'p [usize],
+    equal: bool,
+    alias: &'p Alias,
+}
+
+/// One pick over `table`. With `gate` (outside panic mode) ejected endpoints are
+/// passed over, a probation's probe is taken at once, and a ramping endpoint
+/// (`Some((now, window))`) is kept with its slow-start share.
+fn choose<'a>(
+    endpoints: &'a [Endpoint],
+    table: &Table<'_>,
+    cfg: &LbConfig,
+    gate: Option<Option<(u64, u64)>>,
+    rng: &mut fastrand::Rng,
+) -> Option<&'a Endpoint> {
+    let n = table.idx.len();
+    if n == 0 {
+        return None;
+    }
+    // The endpoint itself may serve: Some(true) probe, Some(false) serve, None pass.
+    let admit = |e: &Endpoint, rng: &mut fastrand::Rng| -> Option<bool> {
+        let Some(ramp) = gate else {
+            return Some(false);
+        };
+        match e.live.admit() {
+            Admit::Skip => None,
+            Admit::Probe => Some(true),
+            Admit::Serve => match ramp {
+                Some((now, window)) => {
+                    let share = e.live.ramp(now, window);
+                    (share >= 1.0 || rng.f64() < share).then_some(false)
+                }
+                None => Some(false),
+            },
+        }
+    };
+    if n == 1 {
+        let e = endpoints.get(table.idx[0])?;
+        // A lone endpoint needs no ramp: there is nobody to shift its traffic to.
+        return match gate {
+            Some(_) if e.live.admit() == Admit::Skip => None,
+            _ => Some(e),
+        };
+    }
+    if table.equal {
+        let mut best: Option<&Endpoint> = None;
+        let mut kept = 0;
+        for _ in 0..MAX_DRAWS {
+            let candidate = endpoints.get(table.idx[rng.usize(..n)])?;
+            match admit(candidate, rng) {
+                None => continue,
+                Some(true) => return Some(candidate),
+                Some(false) => {}
+            }
+            if best.is_none_or(|b| candidate.live.active() < b.live.active()) {
+                best = Some(candidate);
+            }
+            kept += 1;
+            if kept >= cfg.choice_count.max(1) {
+                break;
+            }
+        }
+        return best;
+    }
+    weighted(endpoints, table, cfg.active_request_bias, admit, rng)
 }
 
 /// The share of its weight an endpoint keeps under load: `1 / (active + 1)^bias`.
@@ -201,29 +456,31 @@ fn load_factor(e: &Endpoint, bias: f64) -> f64 {
 /// from the alias table and accept the draw with probability `1 / (active + 1)^bias`,
 /// which makes each accepted pick's chance proportional to the effective weight
 /// `weight / (active + 1)^bias` (exact while some draw is accepted, which is almost
-/// always at a sidecar's usual load). After [`MAX_WEIGHTED_DRAWS`] refusals (every
-/// endpoint busy, e.g. 20+ requests each) the least loaded endpoint drawn wins: still
-/// least request, no longer the exact distribution.
+/// always at a sidecar's usual load). A ramping endpoint's slow-start share multiplies
+/// in (`admit` draws it). After [`MAX_DRAWS`] refusals (every endpoint busy, e.g. 20+
+/// requests each) the least loaded endpoint drawn wins: still least request, no longer
+/// the exact distribution.
 fn weighted<'a>(
     endpoints: &'a [Endpoint],
-    pool: &Pool,
+    table: &Table<'_>,
     bias: f64,
+    admit: impl Fn(&Endpoint, &mut fastrand::Rng) -> Option<bool>,
     rng: &mut fastrand::Rng,
 ) -> Option<&'a Endpoint> {
     let mut best: Option<(&Endpoint, f64)> = None;
-    let mut ejected = None;
-    for _ in 0..MAX_WEIGHTED_DRAWS {
-        let Some(e) = pool
+    for _ in 0..MAX_DRAWS {
+        let Some(e) = table
             .alias
             .draw(rng)
-            .and_then(|slot| pool.usable.get(slot))
+            .and_then(|slot| table.idx.get(slot))
             .and_then(|&i| endpoints.get(i))
         else {
             break;
         };
-        if e.live.is_ejected() {
-            ejected = Some(e);
-            continue;
+        match admit(e, rng) {
+            None => continue,
+            Some(true) => return Some(e),
+            Some(false) => {}
         }
         let factor = load_factor(e, bias);
         if factor >= 1.0 || rng.f64() < factor {
@@ -233,8 +490,7 @@ fn weighted<'a>(
             best = Some((e, factor));
         }
     }
-    // Only ejected outliers drawn: one serves anyway rather than nothing.
-    best.map(|(e, _)| e).or(ejected)
+    best.map(|(e, _)| e)
 }
 
 #[cfg(test)]
@@ -244,27 +500,75 @@ mod tests {
     use switchyard_core::model::State;
 
     use super::*;
-    use crate::endpoint::{test_instance, ActiveGuard, EJECT_AFTER_FAILURES};
+    use crate::endpoint::{test_instance, ActiveGuard, LiveState};
+    use crate::outlier::{ejection_cap, EjectKind};
 
     /// What a service view holds for the balancer.
     struct TestView {
         endpoints: Vec<Endpoint>,
         pool: Pool,
+        outlier: Arc<ServiceOutlier>,
     }
 
+    /// Endpoints sharing one service's outlier counters (cap from 10 %), in a pool with
+    /// Envoy's panic threshold and no slow start.
     fn view(specs: &[(u32, State)]) -> TestView {
+        view_with(specs, 50, 0)
+    }
+
+    fn view_with(specs: &[(u32, State)], panic_below_percent: u32, slow_start_ms: u64) -> TestView {
+        let outlier = Arc::new(ServiceOutlier::new("svc"));
+        outlier
+            .cap
+            .store(ejection_cap(specs.len(), 10), Ordering::Relaxed);
+        outlier
+            .slow_start_ms
+            .store(slow_start_ms, Ordering::Relaxed);
         let endpoints: Vec<Endpoint> = specs
             .iter()
             .enumerate()
             .map(|(n, (weight, state))| {
-                Endpoint::new(test_instance(&format!("e{n}"), "1", *weight, *state), None)
+                let id = format!("e{n}");
+                let live = Arc::new(LiveState::new(outlier.clone(), &id));
+                Endpoint::new(test_instance(&id, "1", *weight, *state), Some(live))
             })
             .collect();
-        let usable = (0..endpoints.len())
-            .filter(|&i| endpoints[i].is_usable())
-            .collect();
-        let pool = Pool::new(&endpoints, usable);
-        TestView { endpoints, pool }
+        let members: Vec<usize> = (0..endpoints.len()).collect();
+        let pool = Pool::of(
+            &endpoints,
+            &members,
+            PoolSettings {
+                panic_below_percent,
+                slow_start_ms,
+                outlier: outlier.clone(),
+                label: "svc".into(),
+            },
+        );
+        TestView {
+            endpoints,
+            pool,
+            outlier,
+        }
+    }
+
+    /// Ejects endpoint `i` now, past the cap (a test sets up the state it needs).
+    fn eject(v: &TestView, i: usize) {
+        v.outlier.cap.store(u32::MAX, Ordering::Relaxed);
+        assert!(v.endpoints[i].live.eject(EjectKind::Consecutive));
+    }
+
+    /// Share of `n` picks per endpoint.
+    fn shares(v: &TestView, n: u32, seed: u64) -> Vec<f64> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut counts = vec![0u32; v.endpoints.len()];
+        for _ in 0..n {
+            let e = pick(v, &LbConfig::default(), &mut rng).expect("a pick");
+            counts[index(v, e)] += 1;
+        }
+        counts
+            .iter()
+            .map(|&c| f64::from(c) / f64::from(n))
+            .collect()
     }
 
     fn pick<'a>(v: &'a TestView, cfg: &LbConfig, rng: &mut fastrand::Rng) -> Option<&'a Endpoint> {
@@ -425,7 +729,7 @@ mod tests {
     }
 
     /// Five consecutive failures eject an endpoint: it gets no picks while others can
-    /// take them (equal and unequal weights), and still serves when it is the only one.
+    /// take them (equal and unequal weights).
     #[test]
     fn an_ejected_outlier_is_passed_over_while_others_serve() {
         for weights in [[100, 100, 100], [100, 150, 200]] {
@@ -434,50 +738,186 @@ mod tests {
                 (weights[1], State::Serving),
                 (weights[2], State::Serving),
             ]);
-            let guard = ActiveGuard::new(v.endpoints[1].live.clone());
-            let ejected: Vec<bool> = (0..EJECT_AFTER_FAILURES).map(|_| guard.failed()).collect();
-            assert_eq!(ejected.iter().filter(|e| **e).count(), 1, "{ejected:?}");
-            assert!(ejected[EJECT_AFTER_FAILURES as usize - 1]);
-            drop(guard);
+            let ejected: Vec<Option<EjectKind>> = (0..5)
+                .map(|_| ActiveGuard::new(v.endpoints[1].live.clone()).failed())
+                .collect();
+            assert_eq!(ejected[..4], [None; 4], "{ejected:?}");
+            assert_eq!(ejected[4], Some(EjectKind::Consecutive));
             assert!(v.endpoints[1].live.is_ejected());
             let mut rng = fastrand::Rng::with_seed(4);
             for _ in 0..2_000 {
                 let e = pick(&v, &LbConfig::default(), &mut rng).expect("usable");
                 assert_ne!(index(&v, e), 1, "weights {weights:?}");
             }
+            assert!(!v.pool.in_panic(), "2 of 3 usable is above 50 %");
         }
-        let alone = view(&[(100, State::Serving), (200, State::Serving)]);
-        for e in &alone.endpoints {
-            e.live.ejected_until_ms.store(u64::MAX, Ordering::Relaxed);
-        }
-        let mut rng = fastrand::Rng::with_seed(5);
-        assert!(pick(&alone, &LbConfig::default(), &mut rng).is_some());
     }
 
+    /// The cap: of ten endpoints failing in a row, 10 % (one) is ejected; the others
+    /// keep serving. A success in between resets the count.
     #[test]
-    fn draining_and_failing_endpoints_are_never_picked() {
+    fn consecutive_failures_eject_at_most_the_cap() {
+        let v = view(&[(100, State::Serving); 10]);
+        assert_eq!(v.outlier.cap.load(Ordering::Relaxed), 1);
+        for e in &v.endpoints {
+            for _ in 0..5 {
+                let _ = ActiveGuard::new(e.live.clone()).failed();
+            }
+        }
+        let ejected = v.endpoints.iter().filter(|e| e.live.is_ejected()).count();
+        assert_eq!(ejected, 1);
+        let e = &v.endpoints[9].live;
+        e.consecutive_failures.store(0, Ordering::Relaxed);
+        for _ in 0..4 {
+            let _ = ActiveGuard::new(e.clone()).failed();
+        }
+        ActiveGuard::new(e.clone()).succeeded();
+        assert_eq!(e.consecutive_failures.load(Ordering::Relaxed), 0);
+    }
+
+    /// Panic mode: with 3 of 4 ejected (25 % usable, below 50 %) the pick spreads over
+    /// all four; with panic off it keeps to the healthy one, and with none healthy there
+    /// is no pick at all.
+    #[test]
+    fn below_the_panic_threshold_the_pick_spreads_over_every_endpoint() {
+        let v = view(&[(100, State::Serving); 4]);
+        for i in 1..4 {
+            eject(&v, i);
+        }
+        let s = shares(&v, 8_000, 1);
+        assert!(v.pool.in_panic());
+        assert!(s.iter().all(|&x| (0.2..0.3).contains(&x)), "{s:?}");
+
+        let off = view_with(&[(100, State::Serving); 4], 0, 0);
+        for i in 1..4 {
+            eject(&off, i);
+        }
+        let s = shares(&off, 2_000, 2);
+        assert!(!off.pool.in_panic());
+        assert_eq!(s[0], 1.0, "{s:?}");
+        eject(&off, 0);
+        let mut rng = fastrand::Rng::with_seed(3);
+        assert!(pick(&off, &LbConfig::default(), &mut rng).is_none());
+    }
+
+    /// FAILING endpoints count in the denominator and serve in panic mode (Envoy);
+    /// DRAINING ones never serve.
+    #[test]
+    fn failing_endpoints_serve_only_in_panic_mode_and_draining_never() {
         let v = view(&[
             (100, State::Draining),
             (100, State::Serving),
             (100, State::Failing),
+            (100, State::Failing),
         ]);
-        let mut rng = fastrand::Rng::with_seed(1);
-        for _ in 0..1_000 {
-            assert_eq!(
-                pick(&v, &LbConfig::default(), &mut rng).map(|e| e.id.as_str()),
-                Some("e1")
-            );
+        let s = shares(&v, 6_000, 5);
+        assert!(v.pool.in_panic(), "1 of 3 usable");
+        assert_eq!(s[0], 0.0, "draining: never");
+        for share in &s[1..] {
+            assert!((0.28..0.39).contains(share), "{s:?}");
         }
-        let none = view(&[(100, State::Draining), (100, State::Failing)]);
-        assert!(pick(&none, &LbConfig::default(), &mut rng).is_none());
+        let calm = view(&[
+            (100, State::Serving),
+            (100, State::Serving),
+            (100, State::Failing),
+        ]);
+        let s = shares(&calm, 2_000, 6);
+        assert!(!calm.pool.in_panic(), "2 of 3 usable");
+        assert_eq!(s[2], 0.0, "{s:?}");
+        let none = view_with(&[(100, State::Draining), (100, State::Failing)], 0, 0);
+        let mut rng = fastrand::Rng::with_seed(1);
+        assert!(
+            pick(&none, &LbConfig::default(), &mut rng).is_none(),
+            "panic off"
+        );
         assert!(pick(&view(&[]), &LbConfig::default(), &mut rng).is_none());
+    }
+
+    /// Probation: once the ejection time is up exactly one pick is the probe; while it
+    /// is out nobody else goes there; its success ends the ejection (and starts slow
+    /// start), its failure ejects again for longer.
+    #[test]
+    fn a_probation_hands_out_one_probe_and_its_outcome_decides() {
+        let v = view_with(&[(100, State::Serving); 3], 50, 60_000);
+        eject(&v, 2);
+        let live = &v.endpoints[2].live;
+        let mut rng = fastrand::Rng::with_seed(7);
+        let on_two = |rng: &mut fastrand::Rng| {
+            (0..300)
+                .filter(|_| index(&v, pick(&v, &LbConfig::default(), rng).expect("pick")) == 2)
+                .count()
+        };
+        assert_eq!(on_two(&mut rng), 0, "ejected");
+        live.ejected_until_ms.store(clock_ms(), Ordering::Relaxed);
+        assert_eq!(on_two(&mut rng), 1, "exactly one probe");
+        let probe = ActiveGuard::new(live.clone());
+        assert_eq!(on_two(&mut rng), 0, "the probe is out");
+        // A probe that fails: ejected again, for twice as long.
+        let first = live.ejected_until_ms.load(Ordering::Relaxed);
+        assert_eq!(probe.failed(), Some(EjectKind::ProbeFailed));
+        drop(probe);
+        let again = live.ejected_until_ms.load(Ordering::Relaxed);
+        assert!(again >= first + 59_000, "{first} → {again}");
+        assert_eq!(live.ejections.load(Ordering::Relaxed), 2);
+        // The next probation's probe succeeds: back, ramping, counted out of the cap.
+        live.ejected_until_ms.store(clock_ms(), Ordering::Relaxed);
+        assert_eq!(on_two(&mut rng), 1);
+        ActiveGuard::new(live.clone()).succeeded();
+        assert!(!live.is_ejected());
+        assert!(live.is_ramping(clock_ms(), 60_000));
+        assert_eq!(v.outlier.ejected.load(Ordering::Relaxed), 0);
+        assert!(on_two(&mut rng) > 0, "in rotation again");
+    }
+
+    /// A probe whose request vanished (guard dropped without an outcome) gives the
+    /// probation back at once.
+    #[test]
+    fn an_abandoned_probe_frees_the_probation() {
+        let v = view(&[(100, State::Serving); 3]);
+        eject(&v, 0);
+        let live = &v.endpoints[0].live;
+        live.ejected_until_ms.store(clock_ms(), Ordering::Relaxed);
+        assert_eq!(live.admit(), Admit::Probe);
+        assert_eq!(live.admit(), Admit::Skip);
+        drop(ActiveGuard::new(live.clone()));
+        assert_eq!(live.admit(), Admit::Probe);
+    }
+
+    /// Slow start, both paths: an endpoint just starting its ramp takes the floor of
+    /// its share (0.1 / 1.1 = 9 % beside one settled endpoint of the same weight,
+    /// 0.1 × 300 / (100 + 30) = 23 % with weights 100 and 300); when every endpoint is
+    /// new nothing changes. (The ramp's growth over time is `slow_start`'s unit test
+    /// and the `slow_start` integration test.)
+    #[test]
+    fn a_ramping_endpoint_takes_its_ramped_share_on_both_paths() {
+        const WINDOW: u64 = 1_000_000;
+        let v = view_with(&[(100, State::Serving), (100, State::Serving)], 50, WINDOW);
+        v.endpoints[1].live.start_ramp(clock_ms());
+        v.outlier.changed();
+        let s = shares(&v, 20_000, 8);
+        assert!((s[1] - 0.1 / 1.1).abs() < 0.012, "{s:?}");
+
+        let w = view_with(&[(100, State::Serving), (300, State::Serving)], 50, WINDOW);
+        w.endpoints[1].live.start_ramp(clock_ms());
+        w.outlier.changed();
+        let s = shares(&w, 20_000, 9);
+        assert!((s[1] - 30.0 / 130.0).abs() < 0.015, "{s:?}");
+
+        let all_new = view_with(&[(100, State::Serving), (100, State::Serving)], 50, WINDOW);
+        for e in &all_new.endpoints {
+            e.live.ramp_since_ms.store(clock_ms(), Ordering::Relaxed);
+        }
+        all_new.outlier.changed();
+        let s = shares(&all_new, 20_000, 10);
+        assert!((s[0] - 0.5).abs() < 0.015, "{s:?}");
     }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
 
-        /// Over random tables and loads, a pick is always a usable endpoint, and there is
-        /// a pick exactly when some endpoint is usable.
+        /// Over random tables and loads, a pick is always a usable endpoint (or, in panic
+        /// mode, a FAILING one; never a DRAINING one), and there is a pick exactly when
+        /// some endpoint is SERVING or FAILING (panic mode covers the latter).
         #[test]
         fn property_picks_are_usable_and_exist_iff_something_is_usable(
             specs in proptest::collection::vec((1..=10_000u32, 0..3usize, 0..50u32), 0..12),
@@ -502,8 +942,10 @@ mod tests {
             let mut rng = fastrand::Rng::with_seed(seed);
             for _ in 0..20 {
                 match pick(&v, &cfg, &mut rng) {
-                    Some(e) => proptest::prop_assert!(e.is_usable()),
-                    None => proptest::prop_assert!(v.pool.is_empty()),
+                    Some(e) => proptest::prop_assert!(
+                        e.is_usable() || (e.state == State::Failing && v.pool.in_panic())
+                    ),
+                    None => proptest::prop_assert!(v.pool.all.is_empty()),
                 }
             }
         }

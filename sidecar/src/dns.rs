@@ -140,7 +140,7 @@ mod tests {
                 sticky_header: String::new(),
                 resilience: Default::default(),
             });
-            let view = Arc::new(ServiceView::new("web".into(), 1, &instances, Some(&policy), None, None, &Default::default()));
+            let view = Arc::new(ServiceView::new("web".into(), 1, &instances, Some(&policy), None, None, &Default::default(), &Default::default()));
             let table = Arc::new(EndpointTable::default());
             table.store(Views::from([("web".to_string(), view.clone())]), 1);
             let handler = DnsHandler::new(

@@ -38,7 +38,7 @@ pub enum ProxyError {
     /// The routing policy leaves nothing to send to (`reason` says why).
     #[error("{reason}")]
     NoRoute { service: String, reason: String },
-    #[error("service {service:?} has no usable endpoint ({registered} registered, none SERVING)")]
+    #[error("no healthy upstream: service {service:?} has no usable endpoint ({registered} registered, none SERVING and not ejected)")]
     NoEndpoint { service: String, registered: usize },
     #[error("cannot address endpoint {endpoint} ({authority}): not a valid host:port")]
     BadAddress {

@@ -2,10 +2,14 @@
 //!
 //! A tour, from the leaves up (each module imports only those before it):
 //! - [`metrics`]: Prometheus handles; per-endpoint ones are made on first use.
+//! - [`outlier`] and [`slow_start`]: the rules of ejection (the cap, the
+//!   failure-percentage check) and of the slow-start ramp, apart from where they run.
 //! - [`endpoint`]: an endpoint is the shared `Arc<Instance>` plus the live state
-//!   (in-flight counts, ejection) that survives every catalog update.
+//!   (in-flight counts, ejection and probation, slow start) that survives every
+//!   catalog update.
 //! - [`balance`]: least request (power of two choices, or weighted by
-//!   `weight / (active + 1)^bias`) over a [`balance::Pool`] of usable endpoints.
+//!   `weight / (active + 1)^bias`) over a [`balance::Pool`] of usable endpoints,
+//!   passing over ejected ones, with panic mode and slow start.
 //! - [`route`]: header matches and per-subset pools over `switchyard_core::select`,
 //!   which decides subsets, splits and sticky hashing (the code DNS uses too).
 //! - [`resilience`] and [`limits`]: each service's timeouts, retry conditions and
@@ -19,7 +23,7 @@
 //!   upstream, and TCP upstream listeners), [`admin`] (`/ready`, `/metrics`,
 //!   `/endpoints`, `/explain`) and [`dns`] (the core DNS answers over the table).
 //! - Beside them: [`registrar`] and [`health`] register the local service, probe it
-//!   and drain it.
+//!   and drain it; [`sweep`] runs the failure-percentage check every interval.
 //!
 //! [`start`] takes a config and listeners bound by the caller and returns a handle with
 //! the real addresses and a graceful `shutdown` (drain, deregister, finish in-flight).
@@ -33,10 +37,13 @@ pub mod error;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod outlier;
 pub mod proxy;
 pub mod registrar;
 pub mod resilience;
 pub mod route;
+pub mod slow_start;
+pub mod sweep;
 pub mod table;
 
 use std::net::SocketAddr;
@@ -68,6 +75,9 @@ pub struct SidecarConfig {
     /// whose policy does not override them (`resilience.timeout` is the request
     /// timeout: it bounds every attempt of a request together).
     pub resilience: ResilienceSettings,
+    /// Outlier timing: how often the failure-percentage check runs and how long an
+    /// ejection lasts (how eagerly to eject is per service, in `resilience`).
+    pub outlier: outlier::OutlierConfig,
     /// An upstream connection unused this long is closed (below the usual server
     /// keep-alive timeouts, so the sidecar closes first rather than reusing a
     /// connection the server is closing).
@@ -101,6 +111,7 @@ impl SidecarConfig {
             domain: "switchyard".into(),
             connect_timeout: Duration::from_secs(1),
             resilience: ResilienceSettings::default(),
+            outlier: outlier::OutlierConfig::default(),
             upstream_idle_timeout: proxy::http::UPSTREAM_IDLE_TIMEOUT,
             header_read_timeout: proxy::http::HEADER_READ_TIMEOUT,
             idle_timeout: proxy::http::IDLE_TIMEOUT,
@@ -122,6 +133,7 @@ impl SidecarConfig {
             }
         }
         self.lb.validate()?;
+        self.outlier.validate()?;
         self.dns.validate()?;
         switchyard_core::model::resilience::validate_resilience(&self.resilience.as_overrides())
             .map_err(|e| {
@@ -212,7 +224,8 @@ pub async fn start(
     listeners: SidecarListeners,
 ) -> Result<SidecarHandle, String> {
     config.validate()?;
-    let table = Arc::new(EndpointTable::new(config.resilience.clone()));
+    let table =
+        Arc::new(EndpointTable::new(config.resilience.clone()).with_outlier(config.outlier));
     let metrics = Arc::new(Metrics::default());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (registrar_stop, registrar_rx) = watch::channel(false);
@@ -245,6 +258,11 @@ pub async fn start(
             table.clone(),
             metrics.clone(),
             catalog,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(sweep::run(
+            table.clone(),
+            metrics.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(admin::serve(

@@ -220,7 +220,9 @@ impl ConnGate {
         self.pending.load(Ordering::Acquire)
     }
 
-    fn try_open(self: &Arc<Self>) -> Option<ConnPermit> {
+    /// A place for one more connection now, or `None` at `max_connections` (never
+    /// above: the increment is undone first). TCP listeners take theirs here.
+    pub fn try_open(self: &Arc<Self>) -> Option<ConnPermit> {
         let max = self.max_connections.load(Ordering::Acquire);
         let before = self.open.fetch_add(1, Ordering::AcqRel);
         if before >= max {

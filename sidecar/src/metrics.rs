@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::outlier::EjectKind;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     pub service: String,
@@ -34,6 +36,13 @@ pub struct RequestLabels {
 pub struct EndpointLabels {
     pub service: String,
     pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub service: String,
+    pub endpoint: String,
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,8 +113,13 @@ pub struct Metrics {
     pub registry_connected: Gauge<i64, AtomicI64>,
     pub watch_reconnects: Counter,
     pub tcp_connections: Family<EndpointLabels, Counter>,
-    /// Outlier ejections per endpoint.
-    ejections: Family<EndpointLabels, Counter>,
+    /// Outlier ejections per endpoint and kind.
+    ejections: Family<EjectionLabels, Counter>,
+    /// Per service, read from the table at scrape time: 1 while some pool of it is in
+    /// panic mode; endpoints ejected now; endpoints ramping up in slow start.
+    panic: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
+    ejected: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
+    slow_start: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
     subset_requests: Family<SubsetClassLabels, Counter>,
     subset_latency: Family<SubsetLabels, Histogram, fn() -> Histogram>,
     split_fallbacks: Family<FallbackLabels, Counter>,
@@ -132,7 +146,10 @@ impl Default for Metrics {
         let registry_connected = Gauge::default();
         let watch_reconnects = Counter::default();
         let tcp_connections = Family::default();
-        let ejections = Family::<EndpointLabels, Counter>::default();
+        let ejections = Family::<EjectionLabels, Counter>::default();
+        let panic = Family::<ServiceLabels, Gauge<i64, AtomicI64>>::default();
+        let ejected = Family::<ServiceLabels, Gauge<i64, AtomicI64>>::default();
+        let slow_start = Family::<ServiceLabels, Gauge<i64, AtomicI64>>::default();
         let subset_requests = Family::default();
         let subset_latency =
             Family::<SubsetLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -219,8 +236,23 @@ impl Default for Metrics {
         );
         registry.register(
             "ejections",
-            "Outlier ejections per endpoint (consecutive failures: connect errors, timeouts, 5xx)",
+            "Outlier ejections per endpoint by kind: consecutive (failures in a row: connect errors, timeouts, 5xx), failure-percentage (85 % of 50+ requests in an interval), probe-failed (ejected again after its probation probe)",
             ejections.clone(),
+        );
+        registry.register(
+            "panic_mode",
+            "1 while some pool of the service has fewer usable endpoints than panic_below_percent and balances over all of them",
+            panic.clone(),
+        );
+        registry.register(
+            "ejected_endpoints",
+            "Endpoints of the service ejected now (including those on probation)",
+            ejected.clone(),
+        );
+        registry.register(
+            "slow_start_endpoints",
+            "Endpoints of the service ramping up their share (slow start)",
+            slow_start.clone(),
         );
         Self {
             registry,
@@ -234,6 +266,9 @@ impl Default for Metrics {
             watch_reconnects,
             tcp_connections,
             ejections,
+            panic,
+            ejected,
+            slow_start,
             subset_requests,
             subset_latency,
             split_fallbacks,
@@ -358,18 +393,26 @@ impl Metrics {
     }
 
     /// Records an outlier ejection (and says so in the log: it changes where traffic goes).
-    pub fn ejection(&self, service: &str, endpoint: &str) {
-        tracing::warn!(
-            service,
-            endpoint,
-            "endpoint ejected after consecutive failures"
-        );
+    pub fn ejection(&self, service: &str, endpoint: &str, kind: EjectKind) {
+        tracing::warn!(service, endpoint, kind = kind.name(), "endpoint ejected");
         self.ejections
-            .get_or_create(&EndpointLabels {
+            .get_or_create(&EjectionLabels {
                 service: service.to_string(),
                 endpoint: endpoint.to_string(),
+                kind: kind.name(),
             })
             .inc();
+    }
+
+    /// Sets a service's outlier gauges (read from the table at scrape time).
+    pub fn set_outliers(&self, service: &str, panic: bool, ejected: usize, ramping: usize) {
+        let labels = ServiceLabels {
+            service: service.to_string(),
+        };
+        self.panic.get_or_create(&labels).set(i64::from(panic));
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.ejected.get_or_create(&labels).set(n(ejected));
+        self.slow_start.get_or_create(&labels).set(n(ramping));
     }
 
     pub fn tcp_connection(&self, service: &str, endpoint: &str) {

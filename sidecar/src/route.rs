@@ -14,7 +14,7 @@ use http::header::{HeaderMap, HeaderName};
 use switchyard_core::model::policy::MatchKind;
 use switchyard_core::select::{self, compile_regex, same_name, NoChoice, Selection, SplitRule};
 
-use crate::balance::Pool;
+use crate::balance::{Pool, PoolSettings};
 use crate::endpoint::Endpoint;
 use crate::metrics::{Metrics, SubsetMetrics};
 
@@ -114,6 +114,7 @@ impl CompiledPolicy {
         selection: &Selection,
         endpoints: &[Endpoint],
         metrics: Option<&Metrics>,
+        pool_settings: impl Fn(&str) -> PoolSettings,
     ) -> Self {
         let subsets: Vec<CompiledSubset> = selection
             .subsets
@@ -124,11 +125,6 @@ impl CompiledPolicy {
                     .enumerate()
                     .filter(|(_, e)| s.selector.selects_instance(e))
                     .map(|(i, _)| i)
-                    .collect();
-                let usable: Vec<usize> = members
-                    .iter()
-                    .copied()
-                    .filter(|&i| endpoints[i].is_usable())
                     .collect();
                 let mut versions: Vec<&str> = members
                     .iter()
@@ -146,8 +142,8 @@ impl CompiledPolicy {
                     .unwrap_or_default();
                 CompiledSubset {
                     name: s.name.clone(),
+                    pool: Pool::of(endpoints, &members, pool_settings(&s.name)),
                     members,
-                    pool: Pool::new(endpoints, usable),
                     metrics,
                 }
             })
@@ -309,11 +305,13 @@ pub fn decide<'a>(
     }
 }
 
-/// The decision in one line, for `x-switchyard-explain` and `/explain`.
+/// The decision in one line, for `x-switchyard-explain` and `/explain`. Made after the
+/// pick, so it says when panic mode decided it (the candidates are then every SERVING
+/// and FAILING endpoint), and marks ejected candidates.
 pub fn explain(
     decision: &Decision<'_>,
     endpoints: &[Endpoint],
-    candidates: &[usize],
+    pool: &Pool,
     picked: Option<&Endpoint>,
 ) -> String {
     let mut out = String::with_capacity(160);
@@ -330,6 +328,16 @@ pub fn explain(
         Why::Sticky => write!(out, "sticky hash"),
         Why::Fallback { wanted } => write!(out, "fallback: {wanted} has no healthy endpoint"),
     };
+    let panic = pool.in_panic();
+    if panic {
+        let _ = write!(
+            out,
+            "; panic: {} of {} endpoints usable, balanced over all",
+            pool.usable_now(),
+            pool.all.len()
+        );
+    }
+    let candidates = if panic { &pool.all } else { &pool.usable };
     out.push_str("; candidates=");
     for (n, &i) in candidates.iter().take(16).enumerate() {
         if let Some(e) = endpoints.get(i) {
@@ -337,6 +345,9 @@ pub fn explain(
                 out.push(',');
             }
             let _ = write!(out, "{}:{}", e.id, e.live.active());
+            if e.live.is_ejected() {
+                out.push_str("(ejected)");
+            }
         }
     }
     if candidates.len() > 16 {
@@ -399,6 +410,7 @@ mod tests {
             Some(&policy),
             None,
             None,
+            &Default::default(),
             &Default::default(),
         )
     }
@@ -571,7 +583,7 @@ mod tests {
         let line = explain(
             &d,
             &v.endpoints,
-            &s.pool.usable,
+            &s.pool,
             Some(&v.endpoints[s.pool.usable[0]]),
         );
         assert_eq!(

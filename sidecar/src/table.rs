@@ -13,12 +13,13 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use switchyard_core::dns::ServiceRecords;
 use switchyard_core::model::resilience::ResilienceSettings;
-use switchyard_core::model::{Instance, Policy};
+use switchyard_core::model::{Instance, Policy, State};
 
-use crate::balance::Pool;
-use crate::endpoint::{Endpoint, LiveState};
+use crate::balance::{Pool, PoolSettings};
+use crate::endpoint::{clock_ms, Endpoint, LiveState};
 use crate::limits::ServiceLimits;
 use crate::metrics::Metrics;
+use crate::outlier::{ejection_cap, millis, OutlierConfig, ServiceOutlier};
 use crate::resilience::Resolved;
 use crate::route::CompiledPolicy;
 
@@ -42,9 +43,12 @@ pub struct ServiceView {
     /// Circuit-breaker counters and the retry budget, carried over from the previous
     /// view like each endpoint's live state.
     pub limits: Arc<ServiceLimits>,
+    /// Ejection counters shared by the service's endpoints, carried over too.
+    pub outlier: Arc<ServiceOutlier>,
 }
 
 impl ServiceView {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         revision: u64,
@@ -53,43 +57,96 @@ impl ServiceView {
         previous: Option<&ServiceView>,
         metrics: Option<&Metrics>,
         defaults: &Arc<Resolved>,
+        timing: &OutlierConfig,
     ) -> Self {
-        let kept: HashMap<&str, &Arc<LiveState>> = previous
-            .map(|p| {
-                p.endpoints
-                    .iter()
-                    .map(|e| (e.id.as_str(), &e.live))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let endpoints: Vec<Endpoint> = instances
-            .values()
-            .map(|i| Endpoint::new(i.clone(), kept.get(i.id.as_str()).map(|l| Arc::clone(l))))
-            .collect();
-        let usable: Vec<usize> = endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.is_usable())
-            .map(|(i, _)| i)
-            .collect();
-        let pool = Pool::new(&endpoints, usable);
-        let dns = Arc::new(ServiceRecords::new(
-            instances.values().cloned().collect(),
-            policy.cloned(),
-        ));
         let resilience = match policy.map(|p| &p.resilience) {
             Some(r) if !r.is_empty() => Arc::new(defaults.with(r)),
             _ => defaults.clone(),
         };
-        let limits: Arc<ServiceLimits> = previous.map_or_else(Arc::default, |p| p.limits.clone());
-        limits.conns.set_limits(
-            resilience.settings.max_connections,
-            resilience.settings.max_pending,
+        let settings = &resilience.settings;
+        let outlier = previous.map_or_else(
+            || Arc::new(ServiceOutlier::new(&name)),
+            |p| p.outlier.clone(),
         );
-        let policy = dns
-            .selection
-            .as_ref()
-            .map(|s| CompiledPolicy::compile(&name, s, &endpoints, metrics));
+        let slow_start_ms = millis(settings.slow_start);
+        outlier
+            .eject_after
+            .store(settings.eject_after, Ordering::Relaxed);
+        outlier.cap.store(
+            ejection_cap(instances.len(), settings.max_ejection_percent),
+            Ordering::Relaxed,
+        );
+        outlier
+            .base_ejection_ms
+            .store(millis(timing.base_ejection), Ordering::Relaxed);
+        outlier
+            .max_ejection_ms
+            .store(millis(timing.max_ejection), Ordering::Relaxed);
+        outlier
+            .slow_start_ms
+            .store(slow_start_ms, Ordering::Relaxed);
+
+        let kept: HashMap<&str, &Endpoint> = previous
+            .map(|p| p.endpoints.iter().map(|e| (e.id.as_str(), e)).collect())
+            .unwrap_or_default();
+        let now = clock_ms();
+        let endpoints: Vec<Endpoint> = instances
+            .values()
+            .map(|i| {
+                let live = match kept.get(i.id.as_str()) {
+                    Some(old) => {
+                        if old.state != State::Serving && i.state == State::Serving {
+                            // Back to SERVING (its own health check passed again): no
+                            // longer an outlier, and it ramps up like a new endpoint.
+                            if old.live.unject(now) {
+                                tracing::info!(service = %name, endpoint = %i.id, "endpoint SERVING again: ejection ended");
+                            }
+                            old.live.start_ramp(now);
+                        }
+                        old.live.clone()
+                    }
+                    None => {
+                        let live = Arc::new(LiveState::new(outlier.clone(), &i.id));
+                        // A new endpoint of a service that had endpoints ramps up; the
+                        // first set of a service (or of a fresh sidecar) does not: if
+                        // every endpoint is new, nobody's share moves anyway.
+                        if previous.is_some_and(|p| !p.endpoints.is_empty()) {
+                            live.start_ramp(now);
+                        }
+                        live
+                    }
+                };
+                Endpoint::new(i.clone(), Some(live))
+            })
+            .collect();
+        // Recounted here, so an ejected endpoint that left the catalog frees its place.
+        let ejected = endpoints.iter().filter(|e| e.live.is_ejected()).count();
+        outlier.ejected.store(
+            u32::try_from(ejected).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
+        outlier.changed();
+        let pool_settings = |label: Arc<str>| PoolSettings {
+            panic_below_percent: settings.panic_below_percent,
+            slow_start_ms,
+            outlier: outlier.clone(),
+            label,
+        };
+        let members: Vec<usize> = (0..endpoints.len()).collect();
+        let pool = Pool::of(&endpoints, &members, pool_settings(name.as_str().into()));
+        let dns = Arc::new(ServiceRecords::new(
+            instances.values().cloned().collect(),
+            policy.cloned(),
+        ));
+        let limits: Arc<ServiceLimits> = previous.map_or_else(Arc::default, |p| p.limits.clone());
+        limits
+            .conns
+            .set_limits(settings.max_connections, settings.max_pending);
+        let policy = dns.selection.as_ref().map(|s| {
+            CompiledPolicy::compile(&name, s, &endpoints, metrics, |subset| {
+                pool_settings(format!("{name}/{subset}").into())
+            })
+        });
         Self {
             name,
             revision,
@@ -99,7 +156,17 @@ impl ServiceView {
             dns,
             resilience,
             limits,
+            outlier,
         }
+    }
+
+    /// Every pool of the service: its own and each subset's.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        std::iter::once(&self.pool).chain(
+            self.policy
+                .iter()
+                .flat_map(|p| p.subsets.iter().map(|s| &s.pool)),
+        )
     }
 }
 
@@ -119,6 +186,8 @@ pub struct EndpointTable {
     /// The sidecar's resilience defaults, which views of services without overrides
     /// share.
     defaults: Arc<Resolved>,
+    /// Ejection timing for every service.
+    outlier: OutlierConfig,
 }
 
 impl Default for EndpointTable {
@@ -137,7 +206,19 @@ impl EndpointTable {
             connected: AtomicBool::new(false),
             confirmed: Mutex::new(None),
             defaults: Arc::new(Resolved::new(defaults)),
+            outlier: OutlierConfig::default(),
         }
+    }
+
+    /// This table with `outlier` timing for the views it is given.
+    pub fn with_outlier(mut self, outlier: OutlierConfig) -> Self {
+        self.outlier = outlier;
+        self
+    }
+
+    /// Ejection timing for the views built for this table.
+    pub fn outlier(&self) -> &OutlierConfig {
+        &self.outlier
     }
 
     /// The sidecar's resilience defaults, resolved.
@@ -196,10 +277,6 @@ impl EndpointTable {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
-
-    use switchyard_core::model::State;
-
     use super::*;
     use crate::endpoint::test_instance;
 
@@ -217,9 +294,27 @@ mod tests {
                 .collect()
         };
         let defaults = Arc::new(Resolved::new(ResilienceSettings::default()));
-        let v1 = ServiceView::new("svc".into(), 1, &one("1"), None, None, None, &defaults);
+        let v1 = ServiceView::new(
+            "svc".into(),
+            1,
+            &one("1"),
+            None,
+            None,
+            None,
+            &defaults,
+            &OutlierConfig::default(),
+        );
         v1.endpoints[0].live.active.store(7, Ordering::Relaxed);
-        let v2 = ServiceView::new("svc".into(), 2, &one("2"), None, Some(&v1), None, &defaults);
+        let v2 = ServiceView::new(
+            "svc".into(),
+            2,
+            &one("2"),
+            None,
+            Some(&v1),
+            None,
+            &defaults,
+            &OutlierConfig::default(),
+        );
         assert_eq!(v2.endpoints[0].live.active(), 7);
         assert_eq!(v2.endpoints[0].version, "2");
         assert!(

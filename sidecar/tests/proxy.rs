@@ -274,7 +274,7 @@ async fn an_endpoint_failing_five_times_in_a_row_is_ejected() {
     let (_, metrics) = http_get(sidecar.admin_addr, "/metrics").await;
     assert!(
         metrics
-            .contains("switchyard_sidecar_ejections_total{service=\"web\",endpoint=\"bad-1\"} 1"),
+            .contains("switchyard_sidecar_ejections_total{service=\"web\",endpoint=\"bad-1\",kind=\"consecutive\"} 1"),
         "{metrics}"
     );
     sidecar.shutdown().await;

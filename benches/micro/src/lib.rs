@@ -59,6 +59,7 @@ pub fn sidecar_view(n: usize, weights: Weights, with_policy: bool) -> ServiceVie
         None,
         None,
         &Default::default(),
+        &Default::default(),
     );
     let mut rng = fastrand::Rng::with_seed(1);
     for e in &view.endpoints {

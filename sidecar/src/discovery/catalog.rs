@@ -149,6 +149,7 @@ impl LocalCatalog {
                 old.get(name).map(|v| v.as_ref()),
                 metrics,
                 table.defaults(),
+                table.outlier(),
             );
             views.insert(name.clone(), Arc::new(view));
         }

@@ -608,7 +608,7 @@ async fn forward(
         .into());
     };
     let mut explanation =
-        explain_wanted.then(|| explain(&decision, &view.endpoints, &pool.usable, Some(endpoint)));
+        explain_wanted.then(|| explain(&decision, &view.endpoints, pool, Some(endpoint)));
     if let Some(s) = decision.subset {
         if let Ok(v) = HeaderValue::from_str(&s.name) {
             req.headers_mut()
@@ -967,8 +967,8 @@ fn book(
     body_broke: bool,
 ) {
     if status.is_server_error() {
-        if !body_broke && guard.failed() {
-            ctx.metrics.ejection(service, &endpoint.id);
+        if let Some(kind) = (!body_broke).then(|| guard.failed()).flatten() {
+            ctx.metrics.ejection(service, &endpoint.id, kind);
         }
     } else {
         guard.succeeded();
@@ -1031,7 +1031,11 @@ fn upstream_failed(
     subset_metrics: Option<&SubsetMetrics>,
     err: ProxyError,
 ) -> ProxyError {
-    if err.counts_against_endpoint() && guard.failed() {
+    if let Some(kind) = err
+        .counts_against_endpoint()
+        .then(|| guard.failed())
+        .flatten()
+    {
         if let ProxyError::Connect {
             service, endpoint, ..
         }
@@ -1042,7 +1046,7 @@ fn upstream_failed(
             service, endpoint, ..
         } = &err
         {
-            ctx.metrics.ejection(service, endpoint);
+            ctx.metrics.ejection(service, endpoint, kind);
         }
     }
     let code = err.status().as_u16();

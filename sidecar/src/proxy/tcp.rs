@@ -1,6 +1,8 @@
 //! Per-upstream TCP listeners (`--upstream payments=127.0.0.1:9191`): each connection
 //! goes to the endpoint with the fewest open connections (the same least-request
-//! balancer, with connections as the load), then bytes are copied both ways.
+//! balancer, with connections as the load: ejection, panic mode and slow start
+//! included), then bytes are copied both ways. Connect timeouts, connect-failure
+//! retries and the service's `max_connections` apply as for HTTP.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,10 +10,12 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use super::ProxyCtx;
+use super::{retry, ProxyCtx};
 use crate::balance::pick_from;
-use crate::endpoint::ActiveGuard;
+use crate::endpoint::{clock_ms, ActiveGuard, Endpoint};
 use crate::error::{ProxyError, Side};
+use crate::limits::Limit;
+use crate::resilience::{backoff, Failure};
 use crate::route::{decide, NoRoute};
 use http::HeaderMap;
 
@@ -63,6 +67,14 @@ async fn carry(ctx: &ProxyCtx, service: &str, downstream: TcpStream) {
 
 /// Picks an endpoint, connects and copies both ways; errors are the same [`ProxyError`]s
 /// the HTTP proxy answers with.
+///
+/// What HTTP requests get, a connection gets too, from the service's resolved settings:
+/// the connection holds one of the service's `max_connections` places for its life
+/// (Envoy's per-cluster limit; over it the connection is closed at once), a connect
+/// attempt is bounded by the connect timeout, and a failed connect (it never reached the
+/// app) is retried on another endpoint when `retry_on` has `connect-failure`, up to
+/// `retries` times, after a jittered back-off and within the retry budget. Outcomes
+/// count towards ejection, and the pick honours ejection, panic mode and slow start.
 async fn connect_and_copy(
     ctx: &ProxyCtx,
     service: &str,
@@ -75,6 +87,16 @@ async fn connect_and_copy(
             service: service.to_string(),
             revision: ctx.table.revision(),
         })?;
+    let settings = &view.resilience.settings;
+    // The same gate as the service's HTTP connections: one count of connections to it.
+    let Some(_place) = view.limits.conns.try_open() else {
+        ctx.metrics.overflow(service, Limit::Connections.name());
+        return Err(ProxyError::Overloaded {
+            service: service.to_string(),
+            limit: Limit::Connections,
+            max: settings.max_connections,
+        });
+    };
     // The policy's default split applies to connections too (there are no headers).
     let mut rng = fastrand::Rng::new();
     let decision = decide(service, view.policy.as_ref(), &HeaderMap::new(), &mut rng).map_err(
@@ -84,40 +106,72 @@ async fn connect_and_copy(
         },
     )?;
     let pool = decision.subset.map_or(&view.pool, |s| &s.pool);
-    let endpoint = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng).ok_or_else(|| {
+    let mut endpoint = pick_from(&view.endpoints, pool, &ctx.lb, &mut rng).ok_or_else(|| {
         ProxyError::NoEndpoint {
             service: service.to_string(),
             registered: view.endpoints.len(),
         }
     })?;
-    // Series from the first pick, so TCP endpoints show in active_requests too.
-    endpoint
-        .live
-        .metrics
-        .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
-    let guard = ActiveGuard::new(endpoint.live.clone());
-    ctx.metrics.tcp_connection(service, &endpoint.id);
-    let authority = endpoint.authority();
-    let connect = TcpStream::connect(authority.as_ref());
-    let failed = |cause: String| {
-        if guard.failed() {
-            ctx.metrics.ejection(service, &endpoint.id);
+    let policy = &view.resilience.retry;
+    let retries = if policy.matches(Failure::Connect) {
+        policy.retries
+    } else {
+        0
+    };
+    if retries > 0 {
+        view.limits.budget.deposit(clock_ms() / 1_000);
+    }
+    // Allocates only when a connect fails.
+    let mut tried: Vec<&Endpoint> = Vec::new();
+    let mut attempt = 0;
+    loop {
+        // Series from the first pick, so TCP endpoints show in active_requests too.
+        endpoint
+            .live
+            .metrics
+            .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
+        let guard = ActiveGuard::new(endpoint.live.clone());
+        ctx.metrics.tcp_connection(service, &endpoint.id);
+        let authority = endpoint.authority();
+        let connect = TcpStream::connect(authority.as_ref());
+        let cause = match tokio::time::timeout(ctx.connect_timeout, connect).await {
+            Ok(Ok(mut upstream)) => {
+                guard.succeeded();
+                let _ = upstream.set_nodelay(true);
+                let _ = downstream.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                return Ok(());
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("timed out after {:?}", ctx.connect_timeout),
+        };
+        if let Some(kind) = guard.failed() {
+            ctx.metrics.ejection(service, &endpoint.id, kind);
         }
-        ProxyError::Connect {
+        let err = ProxyError::Connect {
             service: service.to_string(),
             endpoint: endpoint.id.clone(),
             authority: authority.to_string(),
             cause,
+        };
+        if attempt >= retries {
+            return Err(err);
         }
-    };
-    let mut upstream = match tokio::time::timeout(ctx.connect_timeout, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(failed(e.to_string())),
-        Err(_) => return Err(failed(format!("timed out after {:?}", ctx.connect_timeout))),
-    };
-    guard.succeeded();
-    let _ = upstream.set_nodelay(true);
-    let _ = downstream.set_nodelay(true);
-    let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-    Ok(())
+        if !view.limits.budget.withdraw(
+            clock_ms() / 1_000,
+            settings.retry_budget_percent,
+            settings.min_retries_per_second,
+        ) {
+            ctx.metrics.retry_budget_exhausted(service);
+            return Err(err);
+        }
+        tracing::debug!(service, "{err}; retrying on another endpoint");
+        ctx.metrics.retry(service, Failure::Connect.reason());
+        drop(guard);
+        tried.push(endpoint);
+        tokio::time::sleep(backoff(attempt, &mut rng)).await;
+        endpoint =
+            retry::pick_other(&view.endpoints, pool, &ctx.lb, &mut rng, &tried).unwrap_or(endpoint);
+        attempt += 1;
+    }
 }
