@@ -131,6 +131,23 @@ pub struct SidecarArgs {
     /// budget's share of active requests may allow more).
     #[arg(long, env = "SWITCHYARD_MAX_RETRIES", default_value_t = 3)]
     pub max_retries: u32,
+    /// Outlier ejection: consecutive failures (connect errors, timeouts, 5xx) that eject
+    /// an endpoint of a service.
+    #[arg(long, env = "SWITCHYARD_EJECT_AFTER", default_value_t = 5)]
+    pub eject_after: u32,
+    /// Most endpoints of a service ejected at once, in percent (at least one; 0: never
+    /// eject).
+    #[arg(long, env = "SWITCHYARD_MAX_EJECTION", default_value_t = 10)]
+    pub max_ejection: u32,
+    /// Panic mode: below this percentage of usable endpoints, balance over all of them
+    /// (0: never; then 503 "no healthy upstream").
+    #[arg(long, env = "SWITCHYARD_PANIC_BELOW", default_value_t = 50)]
+    pub panic_below: u32,
+    /// Slow start: a new endpoint (or one back from ejection or FAILING) ramps up its
+    /// share over this window (0s: off).
+    #[arg(long, env = "SWITCHYARD_SLOW_START", default_value = "0s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub slow_start: Duration,
     /// An upstream connection unused for this long is closed.
     #[arg(long, env = "SWITCHYARD_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     #[serde(with = "config::duration")]
@@ -288,7 +305,10 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
         max_pending: args.max_pending,
         max_requests: args.max_requests,
         max_retries: args.max_retries,
-        ..ResilienceSettings::default()
+        slow_start: args.slow_start,
+        eject_after: args.eject_after,
+        max_ejection_percent: args.max_ejection,
+        panic_below_percent: args.panic_below,
     };
     config.upstream_idle_timeout = args.upstream_idle_timeout;
     config.header_read_timeout = args.header_read_timeout;
