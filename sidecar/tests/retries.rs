@@ -738,3 +738,51 @@ async fn a_reset_before_the_answer_is_retried_and_one_mid_response_is_not() {
     );
     s.stop().await;
 }
+
+/// A body of unknown length (chunked, as gRPC and streaming clients send) that is all
+/// there is kept for a retry too: a refused connection is retried on another endpoint.
+#[tokio::test]
+async fn a_small_chunked_post_is_retried_on_a_refused_connection() {
+    let ok = Backend::start("ok", Duration::ZERO).await;
+    let refused = refusing_addr().await;
+    let s = setup(
+        vec![
+            instance_at("chunked", "ok", ok.addr, "1", 100),
+            instance_at("chunked", "gone", refused, "1", 100),
+        ],
+        |_| {},
+    )
+    .await;
+    type Chunked = http_body_util::StreamBody<
+        tokio_stream::Iter<
+            std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+        >,
+    >;
+    let client: Client<HttpConnector, Chunked> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    for i in 0..20 {
+        let frames = vec![
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"order="))),
+            Ok(hyper::body::Frame::data(Bytes::from(i.to_string()))),
+        ];
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/orders", s.proxy))
+            .header(hyper::header::HOST, "chunked")
+            .body(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+            .expect("request");
+        let resp = client.request(req).await.expect("response");
+        assert_eq!(resp.status(), 200, "request {i}");
+    }
+    assert_eq!(ok.hits(), 20);
+    let m = metrics(&s.sidecar).await;
+    assert!(
+        metric_sum(
+            &m,
+            "switchyard_sidecar_retries_total",
+            "reason=\"connect-failure\""
+        ) >= 1.0,
+        "{m}"
+    );
+    s.stop().await;
+}

@@ -65,6 +65,8 @@ impl Body for ProxyBody {
 /// request failed; [`DownstreamBody::failure`] tells the proxy the fault was the
 /// caller's, so it answers 400 and does not count it against the endpoint.
 pub struct DownstreamBody {
+    /// Bytes already read from `body` (while the proxy looked for its end), sent first.
+    prefix: Option<Bytes>,
     body: Incoming,
     failed: Arc<OnceLock<String>>,
 }
@@ -82,9 +84,15 @@ impl BodyFailure {
 
 impl DownstreamBody {
     pub fn new(body: Incoming) -> (Self, BodyFailure) {
+        Self::with_prefix(None, body)
+    }
+
+    /// `body` with `prefix` (bytes already read from it) sent first.
+    pub fn with_prefix(prefix: Option<Bytes>, body: Incoming) -> (Self, BodyFailure) {
         let failure = BodyFailure::default();
         (
             Self {
+                prefix,
                 body,
                 failed: failure.0.clone(),
             },
@@ -102,6 +110,9 @@ impl Body for DownstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         if let Poll::Ready(Some(Err(e))) = &polled {
             let _ = this.failed.set(e.to_string());
@@ -110,11 +121,21 @@ impl Body for DownstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.prefix.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let hint = self.body.size_hint();
+        let Some(prefix) = &self.prefix else {
+            return hint;
+        };
+        let n = prefix.len() as u64;
+        let mut with = SizeHint::new();
+        with.set_lower(hint.lower().saturating_add(n));
+        if let Some(upper) = hint.upper() {
+            with.set_upper(upper.saturating_add(n));
+        }
+        with
     }
 }
 

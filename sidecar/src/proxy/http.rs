@@ -659,8 +659,8 @@ async fn forward(
     };
     // `replay`: the body again for a retry; `None` when this request is tried once.
     let (mut next_body, replay, body_failure) = match prepared {
-        Prepared::Stream(b) => {
-            let (b, failure) = DownstreamBody::new(b);
+        Prepared::Stream { prefix, body } => {
+            let (b, failure) = DownstreamBody::with_prefix(prefix, body);
             (Some(UpstreamBody::Stream(b)), None, Some(failure))
         }
         Prepared::Full { data, trailers } => (

@@ -15,8 +15,12 @@ use crate::resilience::{Failure, RetryPolicy, MAX_RETRY_BODY};
 
 /// The request body, ready for its first attempt.
 pub enum Prepared {
-    /// Streamed: the request cannot be sent twice.
-    Stream(Incoming),
+    /// Streamed: the request cannot be sent twice. `prefix` holds what was already read
+    /// from the body while looking for its end.
+    Stream {
+        prefix: Option<Bytes>,
+        body: Incoming,
+    },
     /// In memory (or empty): every attempt sends the same bytes.
     Full {
         data: Option<Bytes>,
@@ -24,13 +28,31 @@ pub enum Prepared {
     },
 }
 
+/// Appends a data frame to what was read so far (one copy only once a second frame
+/// arrives).
+fn keep(first: &mut Option<Bytes>, joined: &mut Option<BytesMut>, d: Bytes) {
+    match (joined.as_mut(), first.take()) {
+        (Some(j), _) => j.extend_from_slice(&d),
+        (None, None) => *first = Some(d),
+        (None, Some(f)) => {
+            let mut j = BytesMut::with_capacity(f.len() + d.len());
+            j.extend_from_slice(&f);
+            j.extend_from_slice(&d);
+            *joined = Some(j);
+        }
+    }
+}
+
 /// Keeps the body for retries when that costs little: an empty body (a GET) needs
 /// nothing, a body whose length is known and at most [`MAX_RETRY_BODY`] is read into
-/// memory; any other body is streamed and its request is not retried. An `Err` is the
+/// memory. A body of unknown length (chunked, or gRPC over HTTP/2) is kept if all of it,
+/// at most [`MAX_RETRY_BODY`], is already there (a unary gRPC call arrives with its end):
+/// only frames that are ready are read, never waited for, so a streaming call is not held
+/// back. Any other body is streamed and its request is not retried. An `Err` is the
 /// caller's body breaking (answered 400).
 pub async fn prepare(body: Incoming, retry: &RetryPolicy) -> Result<Prepared, hyper::Error> {
     if !retry.enabled() {
-        return Ok(Prepared::Stream(body));
+        return Ok(Prepared::Stream { prefix: None, body });
     }
     if body.is_end_stream() {
         return Ok(Prepared::Full {
@@ -38,28 +60,41 @@ pub async fn prepare(body: Incoming, retry: &RetryPolicy) -> Result<Prepared, hy
             trailers: None,
         });
     }
-    match body.size_hint().exact() {
-        Some(n) if n <= MAX_RETRY_BODY => {}
-        _ => return Ok(Prepared::Stream(body)),
+    let known = body.size_hint().exact();
+    if matches!(known, Some(n) if n > MAX_RETRY_BODY) {
+        return Ok(Prepared::Stream { prefix: None, body });
     }
     let mut body = body;
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
+    let mut kept = 0u64;
     let mut trailers = None;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = if known.is_some() {
+            Some(body.frame().await)
+        } else {
+            // Only what is ready now: a zero timeout polls the frame once.
+            tokio::time::timeout(std::time::Duration::ZERO, body.frame())
+                .await
+                .ok()
+        };
+        let Some(frame) = next else {
+            // The rest is not here yet (a streaming call): stream it after what was read.
+            let prefix = joined.map(BytesMut::freeze).or(first);
+            return Ok(Prepared::Stream { prefix, body });
+        };
+        let Some(frame) = frame else { break };
         let frame = frame?;
         match frame.into_data() {
             Ok(d) if d.is_empty() => {}
-            Ok(d) => match (&mut joined, first.take()) {
-                (Some(j), _) => j.extend_from_slice(&d),
-                (None, None) => first = Some(d),
-                (None, Some(f)) => {
-                    let mut j = BytesMut::with_capacity(f.len() + d.len());
-                    j.extend_from_slice(&f);
-                    j.extend_from_slice(&d);
-                    joined = Some(j);
+            Ok(d) => {
+                kept += d.len() as u64;
+                keep(&mut first, &mut joined, d);
+                if kept > MAX_RETRY_BODY {
+                    let prefix = joined.map(BytesMut::freeze).or(first);
+                    return Ok(Prepared::Stream { prefix, body });
                 }
-            },
+            }
             Err(frame) => {
                 if let Ok(t) = frame.into_trailers() {
                     trailers = Some(t);
