@@ -786,3 +786,92 @@ async fn a_small_chunked_post_is_retried_on_a_refused_connection() {
     );
     s.stop().await;
 }
+
+/// An HTTP/2 server that refuses every stream (REFUSED_STREAM: the request was never
+/// processed, RFC 9113 §8.7).
+async fn refusing_streams() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = l.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+/// A refused HTTP/2 stream never reached the app: a gRPC call (a POST) is retried on
+/// another endpoint, whatever its method.
+#[tokio::test]
+async fn a_refused_stream_is_retried_for_a_post() {
+    let ok = Backend::start("ok", Duration::ZERO).await;
+    let (refusing, refused) = refusing_streams().await;
+    let s = setup(
+        vec![
+            instance_at("h2", "ok", ok.addr, "1", 100),
+            instance_at("h2", "refuses", refusing, "1", 100),
+        ],
+        |_| {},
+    )
+    .await;
+    // h2c with :authority "h2" (the service), over a connection to the proxy.
+    let tcp = tokio::net::TcpStream::connect(s.proxy)
+        .await
+        .expect("connect");
+    let (mut h2c, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    for i in 0..20 {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("http://h2/orders.Orders/Place")
+            // gRPC goes upstream over HTTP/2 (other h2c requests as HTTP/1.1).
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("request");
+        h2c = h2c.ready().await.expect("ready");
+        let (resp, mut send) = h2c.send_request(req, false).expect("send");
+        send.send_data(Bytes::from_static(b"order=1"), true)
+            .expect("body");
+        let resp = resp.await.expect("response");
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("chunk");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            text.extend_from_slice(&chunk);
+        }
+        assert_eq!(
+            (status, String::from_utf8_lossy(&text).as_ref()),
+            (200, "ok"),
+            "request {i}"
+        );
+    }
+    assert!(
+        refused.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "some POSTs drew the refusing endpoint first"
+    );
+    let m = metrics(&s.sidecar).await;
+    assert!(
+        metric_sum(
+            &m,
+            "switchyard_sidecar_retries_total",
+            "reason=\"refused-stream\""
+        ) >= 1.0,
+        "{m}"
+    );
+    s.stop().await;
+}
