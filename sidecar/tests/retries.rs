@@ -875,3 +875,22 @@ async fn a_refused_stream_is_retried_for_a_post() {
     );
     s.stop().await;
 }
+
+/// An upstream connection left unused for `upstream_idle_timeout` is closed (the
+/// service's open-connection count, which the pool's connector keeps, falls to 0).
+#[tokio::test]
+async fn idle_upstream_connections_are_closed() {
+    let ok = Backend::start("ok", Duration::ZERO).await;
+    let s = setup(vec![instance_at("idle", "ok", ok.addr, "1", 100)], |c| {
+        c.upstream_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    assert_eq!(get(&http_client(), s.proxy, "idle").await.0, 200);
+    let view = s.sidecar.table.get("idle").expect("view");
+    assert_eq!(view.limits.conns.open(), 1, "pooled after the request");
+    eventually(Duration::from_secs(5), || async {
+        (view.limits.conns.open() == 0).then_some(())
+    })
+    .await;
+    s.stop().await;
+}

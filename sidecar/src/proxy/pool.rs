@@ -17,7 +17,7 @@ use std::time::Duration;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::limits::{ConnGate, ConnPermit, Overflowed};
@@ -135,12 +135,16 @@ impl Clients {
             gate,
             wait: cfg.connect_timeout,
         };
+        // The pool's timer is what closes idle connections: without one hyper only drops
+        // an expired connection when it would next be checked out.
         let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(cfg.idle_timeout)
             .pool_max_idle_per_host(256)
             .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(cfg.idle_timeout)
             .build(connector);
         Self { h1, h2 }
