@@ -21,7 +21,12 @@ pub struct TopArgs {
     #[arg(long, env = "SWITCHYARD_TOP_WINDOW", default_value = "60s", value_parser = parse_duration)]
     pub window: Duration,
     /// Namespace of the services.
-    #[arg(long, short = 'n', env = "SWITCHYARD_NAMESPACE", default_value = "default")]
+    #[arg(
+        long,
+        short = 'n',
+        env = "SWITCHYARD_NAMESPACE",
+        default_value = "default"
+    )]
     pub namespace: String,
     #[command(flatten)]
     pub registry: RegistryFlag,
@@ -108,7 +113,10 @@ pub async fn run(args: TopArgs) -> Result<(), CliError> {
                     ]
                 })
                 .collect();
-            print_table(&["SERVICE", "VERSION", "REQ/S", "ERRORS%", "P50", "P99"], &rows);
+            print_table(
+                &["SERVICE", "VERSION", "REQ/S", "ERRORS%", "P50", "P99"],
+                &rows,
+            );
             Ok(())
         }
     }

@@ -1,0 +1,127 @@
+//! Per-version health end to end: a sidecar proxies to two versions of a service, a
+//! real registry takes its windows, and `Telemetry/Top` shows per attempt what each
+//! version's backends saw, including a canary's errors a retry hid from the caller.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::telemetry_client::TelemetryClient;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    registry: switchyard_registry::RegistryHandle,
+    sidecar: switchyard_sidecar::SidecarHandle,
+    stable: Backend,
+    canary: Backend,
+}
+
+/// `web` 1.0 answers 200, `web` 2.0 answers 503; the sidecar reports every 200 ms.
+async fn setup(retries: u32) -> Setup {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let url = format!("http://{}", registry.grpc_addr);
+    let mut client = registry_client(&registry).await;
+    let stable = Backend::start("stable", Duration::ZERO).await;
+    let canary = Backend::start("canary", Duration::ZERO).await;
+    canary
+        .status
+        .store(503, std::sync::atomic::Ordering::Relaxed);
+    register_at(&mut client, "web", "stable", stable.addr, "1.0", 100).await;
+    register_at(&mut client, "web", "canary", canary.addr, "2.0", 100).await;
+    let mut config = sidecar_config(vec![url], dir.path());
+    config.telemetry.interval = Duration::from_millis(200);
+    config.resilience.retries = retries;
+    let sidecar = start_sidecar(config).await;
+    wait_endpoints(&sidecar, "web", 2).await;
+    Setup {
+        _dir: dir,
+        registry,
+        sidecar,
+        stable,
+        canary,
+    }
+}
+
+async fn top(s: &Setup) -> Vec<pb::VersionTop> {
+    let mut c = TelemetryClient::connect(format!("http://{}", s.registry.grpc_addr))
+        .await
+        .expect("connect");
+    c.top(pb::TopRequest {
+        namespace: String::new(),
+        service: "web".into(),
+        window_seconds: 0,
+    })
+    .await
+    .expect("top")
+    .into_inner()
+    .versions
+}
+
+/// (requests, errors) of `version` in `top`, zeros when absent.
+fn of(top: &[pb::VersionTop], version: &str) -> (u64, u64) {
+    top.iter()
+        .find(|v| v.version == version)
+        .map_or((0, 0), |v| (v.requests, v.errors))
+}
+
+#[tokio::test]
+async fn top_shows_per_version_requests_and_errors_as_the_backends_saw_them() {
+    let s = setup(0).await;
+    let http = http_client();
+    let mut seen_503 = 0u64;
+    for _ in 0..40 {
+        let (status, _, _) = get(&http, s.sidecar.http_proxy_addr.expect("proxy"), "web").await;
+        if status == 503 {
+            seen_503 += 1;
+        }
+    }
+    let (stable, canary) = (s.stable.hits() as u64, s.canary.hits() as u64);
+    assert!(
+        canary >= 1 && stable >= 1,
+        "both versions were tried: {stable}, {canary}"
+    );
+    // No retries: the caller saw each canary error.
+    assert_eq!(seen_503, canary);
+    let t = eventually(Duration::from_secs(5), || async {
+        let t = top(&s).await;
+        (of(&t, "1.0") == (stable, 0) && of(&t, "2.0") == (canary, canary)).then_some(t)
+    })
+    .await;
+    let c = t.iter().find(|v| v.version == "2.0").expect("canary row");
+    assert!((c.error_rate - 1.0).abs() < 1e-9);
+    assert!(c.p99_ms > 0.0 && c.p99_ms <= 1_000.0, "{}", c.p99_ms);
+    // The registry exports the same counts to Prometheus.
+    let m = http_get(s.registry.http_addr, "/metrics").await.1;
+    assert!(
+        m.contains(&format!(
+            "switchyard_registry_telemetry_errors_total{{namespace=\"default\",service=\"web\",version=\"2.0\"}} {canary}"
+        )),
+        "{m}"
+    );
+    s.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_canary_error_hidden_by_a_retry_to_stable_still_counts_against_the_canary() {
+    let s = setup(1).await;
+    let http = http_client();
+    for _ in 0..40 {
+        let (status, body, _) = get(&http, s.sidecar.http_proxy_addr.expect("proxy"), "web").await;
+        // Every canary 503 was retried on stable: the caller never sees one.
+        assert_eq!(status, 200, "{body}");
+    }
+    let (stable, canary) = (s.stable.hits() as u64, s.canary.hits() as u64);
+    assert!(canary >= 1, "the canary was tried");
+    // Per attempt: stable answered the 40 requests' last attempts, the canary's
+    // attempts are all errors.
+    assert_eq!(stable, 40);
+    eventually(Duration::from_secs(5), || async {
+        let t = top(&s).await;
+        (of(&t, "1.0") == (stable, 0) && of(&t, "2.0") == (canary, canary)).then_some(())
+    })
+    .await;
+    s.sidecar.shutdown().await;
+}
