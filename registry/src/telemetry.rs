@@ -391,9 +391,9 @@ mod tests {
             1_000,
             &m,
         )
-        .unwrap();
+        .expect("accepted");
         s.record(&report(vec![stats("web", "1.0", 100, 1)]), 12_000, &m)
-            .unwrap();
+            .expect("accepted");
         let (w, top) = s.top("default", Some("web"), 0, 13_000);
         assert_eq!(w, 60);
         assert_eq!(top.len(), 2);
@@ -465,14 +465,14 @@ mod tests {
         for (bad, field) in cases {
             let e = s
                 .record(&report(vec![good.clone(), bad]), 0, &m)
-                .unwrap_err();
+                .expect_err("refused");
             assert_eq!(field_of(e), field);
         }
         let mut r = report(vec![good.clone()]);
         r.window_seconds = 0;
-        assert_eq!(field_of(s.record(&r, 0, &m).unwrap_err()), "window_seconds");
+        assert_eq!(field_of(s.record(&r, 0, &m).expect_err("refused")), "window_seconds");
         let r = report(vec![good; MAX_VERSIONS_PER_REPORT + 1]);
-        assert_eq!(field_of(s.record(&r, 0, &m).unwrap_err()), "versions");
+        assert_eq!(field_of(s.record(&r, 0, &m).expect_err("refused")), "versions");
         // Nothing was half-applied.
         assert_eq!(s.keys(), 0);
     }
@@ -486,18 +486,18 @@ mod tests {
             0,
             &m,
         )
-        .unwrap();
+        .expect("accepted");
         // A known key is fine, a third one is not.
         s.record(&report(vec![stats("a", "1", 1, 0)]), 1, &m)
-            .unwrap();
+            .expect("accepted");
         let e = s
             .record(&report(vec![stats("c", "1", 1, 0)]), 2, &m)
-            .unwrap_err();
+            .expect_err("refused");
         assert_eq!(e, ReportError::Full { max: 2, new: 1 });
         // Once the old keys are out of the ring's reach, they make room (and their
         // series go).
         s.record(&report(vec![stats("c", "1", 1, 0)]), 400_000, &m)
-            .unwrap();
+            .expect("accepted");
         assert_eq!(s.keys(), 1);
         assert!(!m.encode().contains("service=\"a\""));
     }
