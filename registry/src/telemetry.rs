@@ -470,9 +470,15 @@ mod tests {
         }
         let mut r = report(vec![good.clone()]);
         r.window_seconds = 0;
-        assert_eq!(field_of(s.record(&r, 0, &m).expect_err("refused")), "window_seconds");
+        assert_eq!(
+            field_of(s.record(&r, 0, &m).expect_err("refused")),
+            "window_seconds"
+        );
         let r = report(vec![good; MAX_VERSIONS_PER_REPORT + 1]);
-        assert_eq!(field_of(s.record(&r, 0, &m).expect_err("refused")), "versions");
+        assert_eq!(
+            field_of(s.record(&r, 0, &m).expect_err("refused")),
+            "versions"
+        );
         // Nothing was half-applied.
         assert_eq!(s.keys(), 0);
     }

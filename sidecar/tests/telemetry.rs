@@ -9,6 +9,7 @@ use std::time::Duration;
 use support::*;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::telemetry_client::TelemetryClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -46,12 +47,19 @@ async fn setup(retries: u32) -> Setup {
 }
 
 async fn top(s: &Setup) -> Vec<pb::VersionTop> {
-    let mut c = TelemetryClient::connect(format!("http://{}", s.registry.grpc_addr))
+    top_of(&s.registry, "web").await
+}
+
+async fn top_of(
+    registry: &switchyard_registry::RegistryHandle,
+    service: &str,
+) -> Vec<pb::VersionTop> {
+    let mut c = TelemetryClient::connect(format!("http://{}", registry.grpc_addr))
         .await
         .expect("connect");
     c.top(pb::TopRequest {
         namespace: String::new(),
-        service: "web".into(),
+        service: service.into(),
         window_seconds: 0,
     })
     .await
@@ -124,4 +132,62 @@ async fn a_canary_error_hidden_by_a_retry_to_stable_still_counts_against_the_can
     })
     .await;
     s.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tcp_upstream_counts_each_connection_and_a_refused_connect_as_an_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let mut client = registry_client(&registry).await;
+    let live = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let live_addr = live.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = live.accept().await {
+            let _ = s.write_all(b"hi").await;
+        }
+    });
+    // Bound, then closed: connecting is refused.
+    let gone = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gone_addr = gone.local_addr().expect("addr");
+    drop(gone);
+    register_at(&mut client, "db", "live", live_addr, "1", 100).await;
+    register_at(&mut client, "db", "gone", gone_addr, "2", 100).await;
+    let mut config = sidecar_config(vec![format!("http://{}", registry.grpc_addr)], dir.path());
+    config.telemetry.interval = Duration::from_millis(200);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sidecar = start_sidecar_with(
+        config,
+        Upstreams {
+            tcp: vec![("db".into(), listener)],
+            http: vec![],
+        },
+    )
+    .await;
+    wait_endpoints(&sidecar, "db", 2).await;
+    let addr = sidecar.upstream_addrs[0].1;
+    let mut answered = 0u64;
+    for _ in 0..10 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        if buf == b"hi" {
+            answered += 1;
+        }
+    }
+    assert!(answered >= 1);
+    eventually(Duration::from_secs(5), || async {
+        let t = top_of(&registry, "db").await;
+        let (ok, ok_errors) = of(&t, "1");
+        let (bad, bad_errors) = of(&t, "2");
+        (ok == answered && ok_errors == 0 && bad == 10 - answered && bad_errors == bad)
+            .then_some(())
+    })
+    .await;
+    sidecar.shutdown().await;
 }

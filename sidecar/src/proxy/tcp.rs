@@ -98,8 +98,12 @@ async fn connect_and_copy(
     let guard = ActiveGuard::new(endpoint.live.clone());
     ctx.metrics.tcp_connection(service, &endpoint.id);
     let authority = endpoint.authority();
+    let started = std::time::Instant::now();
     let connect = TcpStream::connect(authority.as_ref());
     let failed = |cause: String| {
+        // Telemetry: for TCP an attempt is a connection, its latency the connect time.
+        ctx.telemetry
+            .attempt(service, &endpoint.version, true, started.elapsed());
         if guard.failed() {
             ctx.metrics.ejection(service, &endpoint.id);
         }
@@ -115,6 +119,8 @@ async fn connect_and_copy(
         Ok(Err(e)) => return Err(failed(e.to_string())),
         Err(_) => return Err(failed(format!("timed out after {:?}", ctx.connect_timeout))),
     };
+    ctx.telemetry
+        .attempt(service, &endpoint.version, false, started.elapsed());
     guard.succeeded();
     let _ = upstream.set_nodelay(true);
     let _ = downstream.set_nodelay(true);
