@@ -191,3 +191,46 @@ async fn a_tcp_upstream_counts_each_connection_and_a_refused_connect_as_an_error
     .await;
     sidecar.shutdown().await;
 }
+
+#[tokio::test]
+async fn reports_fail_over_to_the_next_registry_when_one_is_down() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let mut client = registry_client(&registry).await;
+    let stable = Backend::start("stable", Duration::ZERO).await;
+    register_at(&mut client, "web", "stable", stable.addr, "1.0", 100).await;
+    // The first registry in the list refuses connections.
+    let gone = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gone_url = format!("http://{}", gone.local_addr().expect("addr"));
+    drop(gone);
+    let mut config = sidecar_config(
+        vec![gone_url, format!("http://{}", registry.grpc_addr)],
+        dir.path(),
+    );
+    config.telemetry.interval = Duration::from_millis(200);
+    let sidecar = start_sidecar(config).await;
+    wait_endpoints(&sidecar, "web", 1).await;
+    let http = http_client();
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    // Traffic in more than one window: a window sent to the dead registry is lost
+    // (evidence, not correctness), the next ones reach the live one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, _) = get(&http, proxy, "web").await;
+        assert_eq!(status, 200);
+        let t = top_of(&registry, "web").await;
+        if of(&t, "1.0").0 > 0 {
+            assert!(of(&t, "1.0").0 <= stable.hits() as u64);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no window reached the live registry"
+        );
+        // Pace of the traffic while waiting for a window (the sidecar's 200 ms clock).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sidecar.shutdown().await;
+}
