@@ -135,7 +135,7 @@ impl Recorder {
 
     /// Books an HTTP answer: an error when 5xx, or when a gRPC status in the head (a
     /// trailers-only answer) is one of the server-side codes. A gRPC status sent in
-    /// trailers after a body is not seen here.
+    /// trailers after messages is booked by a [`LateStatus`] the body holds.
     pub fn response(
         &self,
         service: &str,
@@ -155,6 +155,13 @@ impl Recorder {
             is_error_status(status) || grpc_error,
             latency,
         );
+    }
+
+    /// For a gRPC answer whose status comes in trailers (after messages): a handle
+    /// that books one more error when those trailers carry a server-side code. The
+    /// attempt itself was booked by [`Recorder::response`] with its head.
+    pub fn late_status(&self, service: &str, version: &str) -> Option<LateStatus> {
+        self.counters(service, version).map(LateStatus)
     }
 
     /// Attempts that went uncounted because [`MAX_KEYS`] versions are counted already.
@@ -217,6 +224,23 @@ impl Recorder {
             }
         }
         out
+    }
+}
+
+/// See [`Recorder::late_status`]; held by the response body until its trailers.
+pub struct LateStatus(Arc<Counters>);
+
+impl LateStatus {
+    /// Reads `grpc-status` from the trailers; an error code counts against the version.
+    pub fn trailers(self, trailers: &http::HeaderMap) {
+        let error = trailers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i32>().ok())
+            .is_some_and(is_error_grpc);
+        if error {
+            self.0.errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -234,3 +234,98 @@ async fn reports_fail_over_to_the_next_registry_when_one_is_down() {
     }
     sidecar.shutdown().await;
 }
+
+/// An h2c server answering every request as gRPC: one message, then `grpc-status` =
+/// the code asked for in the `x-code` request header, in the trailers.
+async fn grpc_trailers_server() -> std::net::SocketAddr {
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let code = req
+                            .headers()
+                            .get("x-code")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("0")
+                            .to_string();
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers.insert("grpc-status", code.parse().expect("header value"));
+                        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+                            Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        let body = StreamBody::new(tokio_stream::iter(frames));
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                                .expect("response"),
+                        )
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_grpc_status_in_the_trailers_counts_when_it_is_a_server_error() {
+    use http_body_util::{BodyExt, Empty};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let mut client = registry_client(&registry).await;
+    let server = grpc_trailers_server().await;
+    register_at(&mut client, "rpc", "rpc-1", server, "1", 100).await;
+    let mut config = sidecar_config(vec![format!("http://{}", registry.grpc_addr)], dir.path());
+    config.telemetry.interval = Duration::from_millis(200);
+    let sidecar = start_sidecar(config).await;
+    wait_endpoints(&sidecar, "rpc", 1).await;
+    let stream = tokio::net::TcpStream::connect(sidecar.http_proxy_addr.expect("proxy"))
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    // INTERNAL and UNAVAILABLE are errors of the server; NOT_FOUND and OK are not.
+    for code in ["13", "5", "0", "14"] {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("http://rpc/pkg.Svc/Call")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-code", code)
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("response");
+        let body = resp.into_body().collect().await.expect("body");
+        let seen = body
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        assert_eq!(seen.as_deref(), Some(code), "the trailers reach the caller");
+    }
+    eventually(Duration::from_secs(5), || async {
+        (of(&top_of(&registry, "rpc").await, "1") == (4, 2)).then_some(())
+    })
+    .await;
+    sidecar.shutdown().await;
+}

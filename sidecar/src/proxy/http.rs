@@ -1045,10 +1045,15 @@ fn respond(
         resp.headers_mut()
             .insert(HeaderName::from_static(EXPLAIN_HEADER), v);
     }
+    // A gRPC status not in the head comes in the trailers: watch for it there.
+    let late = (is_grpc(resp.headers()) && !resp.headers().contains_key("grpc-status"))
+        .then(|| ctx.telemetry.late_status(service, &endpoint.version))
+        .flatten();
     resp.map(|body| ProxyBody::Upstream {
         body,
         _guard: guard,
         _permit: permit,
+        late,
     })
 }
 
