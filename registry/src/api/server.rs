@@ -88,6 +88,8 @@ pub(crate) async fn serve_grpc(
     health.set_serving::<RegistryServer<RegistryApi>>().await;
     health.set_serving::<DiscoveryServer<DiscoveryApi>>().await;
     health.set_serving::<RoutingServer<RoutingApi>>().await;
+    // In memory only: it keeps serving when the data dir fails.
+    health.set_serving::<TelemetryServer<TelemetryApi>>().await;
     tokio::spawn(crate::storage_health::not_serving_on_failure(
         shared.storage.clone(),
         health.clone(),
