@@ -933,3 +933,79 @@ fn route_resilience_sets_shows_records_and_refuses_bad_values() {
     assert!(json.contains("\"resilience\": {}"), "{json}");
     drop(registry);
 }
+
+#[test]
+fn top_shows_what_a_sidecar_process_reported_per_version() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
+    let app = hello_server();
+    let file = dir.path().join("sidecar.toml");
+    // The window from the TOML key; the slow threshold from the environment.
+    std::fs::write(
+        &file,
+        format!(
+            "registry = [\"{url}\"]\nadmin = \"127.0.0.1:0\"\nhttp_proxy = \"127.0.0.1:0\"\ndns = \"off\"\ncache_file = \"{}\"\nservice = \"app\"\nport = {}\nversion = \"2.0.0\"\nhealth_tcp = true\nhealth_interval = \"200ms\"\ndrain = \"100ms\"\ntelemetry_interval = \"200ms\"\n",
+            dir.path().join("cache.json").display(),
+            app.port()
+        ),
+    )
+    .expect("write config");
+    let (mut sidecar, line, _) = start_until_env(
+        &["sidecar", "--config", file.to_str().expect("utf-8")],
+        &[("SWITCHYARD_SLOW_THRESHOLD", "250ms")],
+        "sidecar serving",
+    );
+    let proxy = field(&line, "http_proxy=").to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answered = 0;
+    while answered < 5 {
+        if raw_get(&proxy, "app.service.switchyard").ends_with("hello") {
+            answered += 1;
+        } else {
+            assert!(Instant::now() < deadline, "no route to app");
+            // Poll interval of a wait bounded by its deadline (a real process).
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        let out = run(&["top", "app", "--registry", &url, "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(doc["window_seconds"], 60);
+        let row = doc["versions"][0].clone();
+        if row["requests"].as_u64().unwrap_or(0) >= 5 {
+            break row;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "top never showed the requests: {doc}"
+        );
+        // Poll interval of a wait bounded by its deadline (a real process's window).
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(row["service"], "app");
+    assert_eq!(row["version"], "2.0.0");
+    assert_eq!(row["errors"], 0);
+    let out = run(&["top", "--registry", &url, "--window", "30s"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("SERVICE  VERSION  REQ/S  ERRORS%  P50"),
+        "{table}"
+    );
+    assert!(table.contains("app      2.0.0"), "{table}");
+    let out = run(&["top", "--registry", &url, "--window", "10m"]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a window beyond the ring is refused"
+    );
+    sidecar.signal("-TERM");
+    assert!(sidecar.wait(Duration::from_secs(10)).success());
+    registry.signal("-TERM");
+    assert!(registry.wait(Duration::from_secs(10)).success());
+}

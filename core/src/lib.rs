@@ -11,9 +11,12 @@
 //!   cache): name grammar, answers, the UDP loop and cache, the hickory-server adapter.
 //! - [`gate`]: the canary gate, a sequential test on the canary's share of errors that
 //!   stays valid under continuous monitoring (what a rollout judges a canary by).
+//! - [`telemetry`]: the latency buckets, error rule and quantile estimate that sidecars'
+//!   per-version reports and the registry's `Top` share.
 
 pub mod convert;
 pub mod dns;
 pub mod gate;
 pub mod model;
 pub mod select;
+pub mod telemetry;

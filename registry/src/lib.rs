@@ -3,7 +3,8 @@
 //! A tour, in the order a write travels and its effects flow out:
 //! - [`config`]: [`RegistryConfig`] (validated before any socket is used), the caller's
 //!   bound [`Listeners`], and [`StartError`].
-//! - [`api`]: the gRPC services (`Registry`, `Discovery`, `Routing`, `Cluster`); validate
+//! - [`api`]: the gRPC services (`Registry`, `Discovery`, `Routing`, `Cluster`,
+//!   `Telemetry`); validate
 //!   at the edge, convert wire types to [`model`] types, propose commands.
 //! - [`raft`]: openraft glue: [`raft::propose`] writes commands (group commit on the
 //!   leader, forwarding from followers), [`raft::log_store`] keeps the log in redb
@@ -20,6 +21,8 @@
 //! - [`dns_source`]: the catalog as a source of `switchyard_core::dns` answers.
 //! - [`storage_health`]: whether the data dir can still be written; a failed write
 //!   makes the node unhealthy for good (it must restart), and the words for disk errors.
+//! - [`telemetry`]: sidecars' per-version windows (requests, errors, slow, latency
+//!   buckets) in a bounded in-memory ring per version, for `Top` and `/metrics`.
 //! - [`http`] and [`metrics`]: `/metrics` and `/health`.
 //! - [`node`]: wires it together; [`start`] takes a config and bound listeners and
 //!   returns a handle with the real addresses and a graceful `shutdown`.
@@ -35,6 +38,7 @@ pub mod node;
 pub mod raft;
 pub mod shared;
 pub mod storage_health;
+pub mod telemetry;
 pub mod watch;
 
 /// The domain model lives in `switchyard-core` (the sidecar shares it); the registry

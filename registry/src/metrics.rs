@@ -43,6 +43,21 @@ pub struct Metrics {
     pub self_preservation: Gauge<i64, AtomicI64>,
     pub lease_checkpoints: Counter,
     pub storage_failed: Gauge<i64, AtomicI64>,
+    /// Attempts, errors and slow attempts sidecars reported per version (see
+    /// `telemetry`); one series per key the telemetry store holds, so bounded by its
+    /// key limit, and removed when the store forgets a key.
+    pub telemetry_requests: Family<VersionLabels, Counter>,
+    pub telemetry_errors: Family<VersionLabels, Counter>,
+    pub telemetry_slow: Family<VersionLabels, Counter>,
+    /// Telemetry windows by outcome (accepted, invalid, full).
+    pub telemetry_reports: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub namespace: String,
+    pub service: String,
+    pub version: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +94,30 @@ impl Default for Metrics {
         let self_preservation = Gauge::default();
         let lease_checkpoints = Counter::default();
         let storage_failed = Gauge::default();
+        let telemetry_requests = Family::default();
+        let telemetry_errors = Family::default();
+        let telemetry_slow = Family::default();
+        let telemetry_reports = Family::default();
+        registry.register(
+            "telemetry_requests",
+            "Attempts sidecars reported per (namespace, service, version), each retry on its own",
+            telemetry_requests.clone(),
+        );
+        registry.register(
+            "telemetry_errors",
+            "Failed attempts sidecars reported (HTTP 5xx, transport failures, server-side gRPC codes)",
+            telemetry_errors.clone(),
+        );
+        registry.register(
+            "telemetry_slow",
+            "Attempts sidecars reported as slower than their slow threshold",
+            telemetry_slow.clone(),
+        );
+        registry.register(
+            "telemetry_reports",
+            "Telemetry windows received by outcome (accepted, invalid, full)",
+            telemetry_reports.clone(),
+        );
         registry.register(
             "storage_failed",
             "1 once a write or fsync of the data dir failed: the node stops serving and must restart",
@@ -191,6 +230,10 @@ impl Default for Metrics {
             self_preservation,
             lease_checkpoints,
             storage_failed,
+            telemetry_requests,
+            telemetry_errors,
+            telemetry_slow,
+            telemetry_reports,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::catalog::{Catalog, Limits};
 use crate::lease::LeaseKeeper;
 use crate::metrics::Metrics;
 use crate::storage_health::StorageHealth;
+use crate::telemetry::{TelemetryLimits, TelemetryStore};
 use crate::watch::budget::WatchBudget;
 use crate::watch::WatchHub;
 
@@ -48,6 +49,8 @@ pub struct Shared {
     pub committed: Arc<std::sync::atomic::AtomicU64>,
     /// Healthy until a write or fsync of the data dir fails; failed for good after.
     pub storage: StorageHealth,
+    /// Sidecars' per-version windows (in memory, per node; never in the log).
+    pub telemetry: Arc<TelemetryStore>,
 }
 
 impl Shared {
@@ -79,6 +82,7 @@ impl Shared {
             config,
             shutdown,
             committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            telemetry: Arc::new(TelemetryStore::new(TelemetryLimits::default())),
         })
     }
 

@@ -23,7 +23,9 @@
 //!   upstream, and TCP upstream listeners), [`admin`] (`/ready`, `/metrics`,
 //!   `/endpoints`, `/explain`) and [`dns`] (the core DNS answers over the table).
 //! - Beside them: [`registrar`] and [`health`] register the local service, probe it
-//!   and drain it; [`sweep`] runs the failure-percentage check every interval.
+//!   and drain it; [`sweep`] runs the failure-percentage check every interval;
+//!   [`telemetry`] counts every upstream attempt per (service, version) of the
+//!   endpoint that answered and reports the deltas to the registry per window.
 //!
 //! [`start`] takes a config and listeners bound by the caller and returns a handle with
 //! the real addresses and a graceful `shutdown` (drain, deregister, finish in-flight).
@@ -45,6 +47,7 @@ pub mod route;
 pub mod slow_start;
 pub mod sweep;
 pub mod table;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,6 +98,8 @@ pub struct SidecarConfig {
     pub registrar: Option<RegistrarConfig>,
     /// DNS zone and TTL (served when `SidecarListeners::dns` is given).
     pub dns: switchyard_core::dns::DnsConfig,
+    /// Per-version reports to the registry (window, slow threshold).
+    pub telemetry: telemetry::TelemetryConfig,
 }
 
 impl SidecarConfig {
@@ -118,6 +123,7 @@ impl SidecarConfig {
             max_connections: proxy::http::MAX_CONNECTIONS,
             registrar: None,
             dns: switchyard_core::dns::DnsConfig::default(),
+            telemetry: telemetry::TelemetryConfig::default(),
         }
     }
 
@@ -149,6 +155,12 @@ impl SidecarConfig {
             || self.idle_timeout.is_zero()
         {
             return Err("timeouts must be above zero".into());
+        }
+        if self.telemetry.interval > Duration::from_secs(3600)
+            || (!self.telemetry.interval.is_zero()
+                && self.telemetry.interval < Duration::from_millis(100))
+        {
+            return Err("--telemetry-interval must be 0s (off) or 100ms-1h".into());
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
@@ -231,7 +243,11 @@ pub async fn start(
     let (registrar_stop, registrar_rx) = watch::channel(false);
 
     let catalog = discovery::load_cache(&config.discovery, &table, &metrics);
-    let ctx = Arc::new(ProxyCtx::new(
+    let recorder = Arc::new(telemetry::Recorder::new(
+        &config.discovery.namespace,
+        config.telemetry.slow_threshold,
+    ));
+    let mut ctx = ProxyCtx::new(
         table.clone(),
         metrics.clone(),
         config.lb,
@@ -243,7 +259,9 @@ pub async fn start(
             idle_timeout: config.idle_timeout,
             max_connections: config.max_connections,
         },
-    ));
+    );
+    ctx.telemetry = recorder.clone();
+    let ctx = Arc::new(ctx);
     let admin_addr = addr(&listeners.admin).map_err(|e| e.to_string())?;
     let http_proxy_addr = match &listeners.http_proxy {
         Some(l) => Some(addr(l).map_err(|e| e.to_string())?),
@@ -263,6 +281,12 @@ pub async fn start(
         tokio::spawn(sweep::run(
             table.clone(),
             metrics.clone(),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(telemetry::run(
+            config.telemetry.clone(),
+            config.discovery.registries.clone(),
+            recorder,
             shutdown_rx.clone(),
         )),
         tokio::spawn(admin::serve(

@@ -18,6 +18,7 @@ mod registry;
 mod route;
 mod route_resilience;
 mod sidecar;
+mod top;
 
 use std::io::IsTerminal;
 
@@ -90,6 +91,8 @@ pub enum Command {
     Route(route::RouteArgs),
     /// List the registry cluster's members and state; add or remove a member.
     Members(members::MembersArgs),
+    /// Request rate, error rate and p50/p99 by version, from the sidecars' reports.
+    Top(top::TopArgs),
     /// The canary tour: registry, sidecar, two versions of a backend, splits and rollback.
     Demo,
     /// The demo's HTTP backend: answers every request with its version and instance id.
@@ -143,6 +146,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Route(args) => route::run(args).await,
         Command::Demo => demo::run_demo().await,
         Command::Members(args) => members::run(args).await,
+        Command::Top(args) => top::run(args).await,
         Command::DemoBackend(args) => demo::run_backend(args).await,
     }
 }

@@ -227,6 +227,15 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_DRAIN", default_value = "5s", value_parser = parse_duration)]
     #[serde(with = "config::duration")]
     pub drain: Duration,
+    /// Length of a per-version telemetry window sent to the registry (requests,
+    /// errors, slow, latency per version, for `switchyard top`); 0s disables it.
+    #[arg(long, env = "SWITCHYARD_TELEMETRY_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub telemetry_interval: Duration,
+    /// An upstream attempt slower than this (to its response head) counts as slow.
+    #[arg(long, env = "SWITCHYARD_SLOW_THRESHOLD", default_value = "1s", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub slow_threshold: Duration,
     /// Tokio worker threads (0 = one per core, 1 = a single-threaded runtime).
     #[arg(long, env = "SWITCHYARD_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
@@ -314,6 +323,11 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
     config.header_read_timeout = args.header_read_timeout;
     config.idle_timeout = args.idle_timeout;
     config.max_connections = args.max_downstream_connections;
+    config.telemetry.interval = args.telemetry_interval;
+    config.telemetry.slow_threshold = args.slow_threshold;
+    if let Some(name) = &args.service {
+        config.telemetry.sidecar_id = format!("{name}-{}", std::process::id());
+    }
     if let Some(name) = &args.service {
         let port = args
             .port

@@ -8,12 +8,14 @@ mod discovery;
 mod registry;
 mod routing;
 pub(crate) mod server;
+mod telemetry;
 mod watch_route;
 
 pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;
 pub use registry::RegistryApi;
 pub use routing::RoutingApi;
+pub use telemetry::TelemetryApi;
 
 use tonic::Status;
 

@@ -18,8 +18,9 @@ use switchyard_proto::v1::cluster_server::ClusterServer;
 use switchyard_proto::v1::discovery_server::DiscoveryServer;
 use switchyard_proto::v1::registry_server::RegistryServer;
 use switchyard_proto::v1::routing_server::RoutingServer;
+use switchyard_proto::v1::telemetry_server::TelemetryServer;
 
-use super::{ClusterApi, DiscoveryApi, RegistryApi, RoutingApi};
+use super::{ClusterApi, DiscoveryApi, RegistryApi, RoutingApi, TelemetryApi};
 use crate::config::MAX_REQUEST_BYTES;
 use crate::raft::network::MAX_RAFT_MESSAGE;
 use crate::raft::propose::Proposer;
@@ -87,6 +88,8 @@ pub(crate) async fn serve_grpc(
     health.set_serving::<RegistryServer<RegistryApi>>().await;
     health.set_serving::<DiscoveryServer<DiscoveryApi>>().await;
     health.set_serving::<RoutingServer<RoutingApi>>().await;
+    // In memory only: it keeps serving when the data dir fails.
+    health.set_serving::<TelemetryServer<TelemetryApi>>().await;
     tokio::spawn(crate::storage_health::not_serving_on_failure(
         shared.storage.clone(),
         health.clone(),
@@ -100,6 +103,9 @@ pub(crate) async fn serve_grpc(
     let routing = RoutingServer::new(RoutingApi::new(shared.clone(), proposer.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
+    // In memory only (never the log): served by every node, with its own message bound.
+    let telemetry = TelemetryServer::new(TelemetryApi::new(shared.clone()))
+        .max_decoding_message_size(crate::telemetry::MAX_REPORT_BYTES);
     let registry = RegistryServer::new(RegistryApi::new(shared.clone(), proposer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let discovery = DiscoveryServer::new(DiscoveryApi::new(shared.clone()))
@@ -119,6 +125,7 @@ pub(crate) async fn serve_grpc(
         .add_service(discovery)
         .add_service(routing)
         .add_service(cluster)
+        .add_service(telemetry)
         .serve_with_incoming_shutdown(
             // tonic ignores its own TCP_NODELAY setting for a listener handed in: set it
             // here, or Nagle holds a watch event back until the client's delayed ACK

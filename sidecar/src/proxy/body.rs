@@ -21,6 +21,8 @@ pub enum ProxyBody {
         _guard: ActiveGuard,
         /// The request's place under the service's `max_requests`, held as long.
         _permit: Permit,
+        /// A gRPC answer's status in its trailers, for per-version telemetry.
+        late: Option<crate::telemetry::LateStatus>,
     },
     Local(Option<Bytes>),
 }
@@ -40,7 +42,17 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream { body, late, .. } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(t) = frame.trailers_ref() {
+                        if let Some(l) = late.take() {
+                            l.trailers(t);
+                        }
+                    }
+                }
+                polled
+            }
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }

@@ -823,7 +823,15 @@ async fn forward(
                     }
                 };
                 tracing::debug!(error = ?e, "{err}");
-                let err = upstream_failed(ctx, &guard, metrics, subset_metrics, err);
+                let err = upstream_failed(
+                    ctx,
+                    endpoint,
+                    try_started,
+                    &guard,
+                    metrics,
+                    subset_metrics,
+                    err,
+                );
                 let f = retry::classify_error(&e, e.is_connect());
                 if last_chance || !policy.allows(f, idempotent) {
                     return Err(Refused {
@@ -846,7 +854,15 @@ async fn forward(
                     per_try,
                     attempts: attempt + 1,
                 };
-                let err = upstream_failed(ctx, &guard, metrics, subset_metrics, err);
+                let err = upstream_failed(
+                    ctx,
+                    endpoint,
+                    try_started,
+                    &guard,
+                    metrics,
+                    subset_metrics,
+                    err,
+                );
                 if !per_try || last_chance || !policy.allows(Failure::PerTryTimeout, idempotent) {
                     return Err(Refused {
                         err,
@@ -928,6 +944,7 @@ async fn forward(
                 metrics,
                 subset_metrics,
                 resp.status(),
+                resp.headers(),
                 try_started,
                 false,
             );
@@ -963,9 +980,21 @@ fn book(
     metrics: &EndpointMetrics,
     subset_metrics: Option<&SubsetMetrics>,
     status: StatusCode,
+    headers: &HeaderMap,
     started: Instant,
     body_broke: bool,
 ) {
+    // Per attempt, to the version that answered (a broken caller body is not its fault).
+    if !body_broke {
+        let latency = started.elapsed();
+        ctx.telemetry.response(
+            service,
+            &endpoint.version,
+            status.as_u16(),
+            headers,
+            latency,
+        );
+    }
     if status.is_server_error() {
         if let Some(kind) = (!body_broke).then(|| guard.failed()).flatten() {
             ctx.metrics.ejection(service, &endpoint.id, kind);
@@ -1007,6 +1036,7 @@ fn respond(
         metrics,
         subset_metrics,
         resp.status(),
+        resp.headers(),
         started,
         body_broke,
     );
@@ -1015,10 +1045,15 @@ fn respond(
         resp.headers_mut()
             .insert(HeaderName::from_static(EXPLAIN_HEADER), v);
     }
+    // A gRPC status not in the head comes in the trailers: watch for it there.
+    let late = (is_grpc(resp.headers()) && !resp.headers().contains_key("grpc-status"))
+        .then(|| ctx.telemetry.late_status(service, &endpoint.version))
+        .flatten();
     resp.map(|body| ProxyBody::Upstream {
         body,
         _guard: guard,
         _permit: permit,
+        late,
     })
 }
 
@@ -1026,11 +1061,21 @@ fn respond(
 /// per-subset responses) before the error is answered.
 fn upstream_failed(
     ctx: &ProxyCtx,
+    endpoint: &crate::endpoint::Endpoint,
+    started: Instant,
     guard: &ActiveGuard,
     metrics: &EndpointMetrics,
     subset_metrics: Option<&SubsetMetrics>,
     err: ProxyError,
 ) -> ProxyError {
+    // A transport failure (connect, reset, timeout) is an error of the version tried.
+    if let ProxyError::Connect { service, .. }
+    | ProxyError::Upstream { service, .. }
+    | ProxyError::Timeout { service, .. } = &err
+    {
+        ctx.telemetry
+            .attempt(service, &endpoint.version, true, started.elapsed());
+    }
     if let Some(kind) = err
         .counts_against_endpoint()
         .then(|| guard.failed())

@@ -26,6 +26,9 @@ pub struct ProxyCtx {
     /// How each service's upstream clients connect and pool (made per service, under
     /// its connection limits: see [`pool`]).
     pub(crate) pool: pool::PoolConfig,
+    /// Per-version attempt counts for the registry (replaced by `start` with one in
+    /// the sidecar's namespace and slow threshold).
+    pub telemetry: Arc<crate::telemetry::Recorder>,
 }
 
 impl ProxyCtx {
@@ -49,6 +52,10 @@ impl ProxyCtx {
                 connect_timeout,
                 idle_timeout: upstream_idle_timeout,
             },
+            telemetry: Arc::new(crate::telemetry::Recorder::new(
+                "default",
+                crate::telemetry::DEFAULT_SLOW_THRESHOLD,
+            )),
         }
     }
 }

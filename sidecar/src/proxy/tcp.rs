@@ -133,9 +133,14 @@ async fn connect_and_copy(
         let guard = ActiveGuard::new(endpoint.live.clone());
         ctx.metrics.tcp_connection(service, &endpoint.id);
         let authority = endpoint.authority();
+        let started = std::time::Instant::now();
         let connect = TcpStream::connect(authority.as_ref());
         let cause = match tokio::time::timeout(ctx.connect_timeout, connect).await {
             Ok(Ok(mut upstream)) => {
+                // Telemetry: for TCP an attempt is a connection, its latency the
+                // connect time.
+                ctx.telemetry
+                    .attempt(service, &endpoint.version, false, started.elapsed());
                 guard.succeeded();
                 let _ = upstream.set_nodelay(true);
                 let _ = downstream.set_nodelay(true);
@@ -145,6 +150,8 @@ async fn connect_and_copy(
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("timed out after {:?}", ctx.connect_timeout),
         };
+        ctx.telemetry
+            .attempt(service, &endpoint.version, true, started.elapsed());
         if let Some(kind) = guard.failed() {
             ctx.metrics.ejection(service, &endpoint.id, kind);
         }
