@@ -29,6 +29,7 @@ pub struct SharedConfig {
     pub max_watchers: usize,
     pub max_watch_buffer_bytes: usize,
     pub max_keepalive_streams: usize,
+    pub telemetry: TelemetryLimits,
 }
 
 /// State shared by the API handlers, HTTP, DNS and the background loops (the Raft state
@@ -82,7 +83,7 @@ impl Shared {
             config,
             shutdown,
             committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            telemetry: Arc::new(TelemetryStore::new(TelemetryLimits::default())),
+            telemetry: Arc::new(TelemetryStore::new(config.telemetry)),
         })
     }
 

@@ -92,6 +92,14 @@ pub struct RegistryArgs {
         default_value_t = 10_000
     )]
     pub max_keepalive_streams: usize,
+    /// Most (namespace, service, version) keys the node's telemetry store holds: a
+    /// sidecar's report adding more is refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_TELEMETRY_KEYS",
+        default_value_t = switchyard_registry::telemetry::DEFAULT_MAX_KEYS
+    )]
+    pub max_telemetry_keys: usize,
     /// Log entries between snapshots of the catalog.
     #[arg(long, env = "SWITCHYARD_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
@@ -169,6 +177,7 @@ impl RegistryArgs {
         config.watch_history = self.watch_history;
         config.max_watchers = self.max_watchers;
         config.max_keepalive_streams = self.max_keepalive_streams;
+        config.max_telemetry_keys = self.max_telemetry_keys;
         config.snapshot_every = self.snapshot_every;
         config.node_id = self.node_id;
         config.peers = self.peers.iter().cloned().collect();
