@@ -50,7 +50,8 @@ pub struct Shared {
     pub committed: Arc<std::sync::atomic::AtomicU64>,
     /// Healthy until a write or fsync of the data dir fails; failed for good after.
     pub storage: StorageHealth,
-    /// Sidecars' per-version windows (in memory, per node; never in the log).
+    /// Sidecars' per-version windows (in memory, never in the log): what this node was
+    /// sent, and on the leader also what followers forwarded.
     pub telemetry: Arc<TelemetryStore>,
 }
 

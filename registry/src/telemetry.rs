@@ -160,7 +160,11 @@ impl TelemetryStore {
         from_slot: u64,
         to_slot: u64,
     ) -> VersionTotals {
-        let key = (namespace.to_string(), service.to_string(), version.to_string());
+        let key = (
+            namespace.to_string(),
+            service.to_string(),
+            version.to_string(),
+        );
         let mut sum = VersionTotals::default();
         if let Some(ring) = self.rings.lock().get(&key) {
             for s in ring
@@ -561,9 +565,15 @@ mod tests {
         // The end is excluded, the start included.
         let t = s.totals_since("default", "web", "1.0", 2, 3);
         assert_eq!((t.requests, t.errors), (20, 2));
-        assert_eq!(s.totals_since("default", "web", "1.0", 1, 2), VersionTotals::default());
+        assert_eq!(
+            s.totals_since("default", "web", "1.0", 1, 2),
+            VersionTotals::default()
+        );
         assert_eq!(s.totals_since("default", "web", "2.0", 0, 10).requests, 7);
-        assert_eq!(s.totals_since("default", "web", "3.0", 0, 10), VersionTotals::default());
+        assert_eq!(
+            s.totals_since("default", "web", "3.0", 0, 10),
+            VersionTotals::default()
+        );
         // Every attempt was in bucket 3 (5-10 ms): the p99 lies inside it.
         let p99 = t.p99_ms().expect("attempts");
         assert!(p99 > 5.0 && p99 <= 10.0, "{p99}");
