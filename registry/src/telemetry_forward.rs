@@ -227,3 +227,27 @@ async fn sleep_or_stop(shutdown: &mut watch::Receiver<bool>, backoff: &mut Durat
         _ = stopped(shutdown) => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, mut rx) = mpsc::channel(2);
+        let f = Forwarder {
+            queue: tx,
+            metrics: metrics.clone(),
+        };
+        for _ in 0..5 {
+            f.offer(WindowReport::default());
+        }
+        assert_eq!(metrics.telemetry_forward_dropped.get(), 3);
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok());
+        // A gone task: dropped too.
+        drop(rx);
+        f.offer(WindowReport::default());
+        assert_eq!(metrics.telemetry_forward_dropped.get(), 4);
+    }
+}
