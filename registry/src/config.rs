@@ -35,6 +35,9 @@ pub struct RegistryConfig {
     /// Most open KeepAlive streams per node (each holds a task and buffers; a client
     /// that opens them and never reads must not grow the node without bound).
     pub max_keepalive_streams: usize,
+    /// Most (namespace, service, version) keys the telemetry store holds (see
+    /// [`crate::telemetry`]); a report adding keys beyond it is refused.
+    pub max_telemetry_keys: usize,
     /// This node's Raft id (1 for a single node).
     pub node_id: u64,
     /// Every voting member at first start, this node included: id -> peer address
@@ -72,6 +75,7 @@ impl RegistryConfig {
             max_watchers: 10_000,
             max_watch_buffer_bytes: crate::watch::budget::DEFAULT_MAX_WATCH_BUFFER_BYTES,
             max_keepalive_streams: 10_000,
+            max_telemetry_keys: crate::telemetry::DEFAULT_MAX_KEYS,
             node_id: 1,
             peers: BTreeMap::new(),
             advertise: None,
@@ -115,6 +119,9 @@ impl RegistryConfig {
         if self.max_keepalive_streams == 0 {
             return Err("max_keepalive_streams must be at least 1".into());
         }
+        if self.max_telemetry_keys == 0 {
+            return Err("max_telemetry_keys must be at least 1".into());
+        }
         if self.node_id == 0 {
             return Err("node_id must be at least 1".into());
         }
@@ -145,6 +152,9 @@ impl RegistryConfig {
             max_watchers: self.max_watchers,
             max_watch_buffer_bytes: self.max_watch_buffer_bytes,
             max_keepalive_streams: self.max_keepalive_streams,
+            telemetry: crate::telemetry::TelemetryLimits {
+                max_keys: self.max_telemetry_keys,
+            },
         }
     }
 }

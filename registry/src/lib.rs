@@ -22,7 +22,9 @@
 //! - [`storage_health`]: whether the data dir can still be written; a failed write
 //!   makes the node unhealthy for good (it must restart), and the words for disk errors.
 //! - [`telemetry`]: sidecars' per-version windows (requests, errors, slow, latency
-//!   buckets) in a bounded in-memory ring per version, for `Top` and `/metrics`.
+//!   buckets) in a bounded in-memory ring per version, for `Top` and `/metrics`;
+//!   [`telemetry_forward`] hands a follower's windows on to the leader, whose store
+//!   is the cluster's view.
 //! - [`http`] and [`metrics`]: `/metrics` and `/health`.
 //! - [`node`]: wires it together; [`start`] takes a config and bound listeners and
 //!   returns a handle with the real addresses and a graceful `shutdown`.
@@ -39,6 +41,7 @@ pub mod raft;
 pub mod shared;
 pub mod storage_health;
 pub mod telemetry;
+pub mod telemetry_forward;
 pub mod watch;
 
 /// The domain model lives in `switchyard-core` (the sidecar shares it); the registry

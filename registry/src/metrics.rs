@@ -51,6 +51,10 @@ pub struct Metrics {
     pub telemetry_slow: Family<VersionLabels, Counter>,
     /// Telemetry windows by outcome (accepted, invalid, full).
     pub telemetry_reports: Family<OutcomeLabels, Counter>,
+    /// Windows a follower handed to its stream to the leader, and those it dropped
+    /// (queue full, no leader, or the stream failed).
+    pub telemetry_forwarded: Counter,
+    pub telemetry_forward_dropped: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +102,18 @@ impl Default for Metrics {
         let telemetry_errors = Family::default();
         let telemetry_slow = Family::default();
         let telemetry_reports = Family::default();
+        let telemetry_forwarded = Counter::default();
+        let telemetry_forward_dropped = Counter::default();
+        registry.register(
+            "telemetry_forwarded",
+            "Telemetry windows this follower handed on to the leader (the cluster's view is the leader's)",
+            telemetry_forwarded.clone(),
+        );
+        registry.register(
+            "telemetry_forward_dropped",
+            "Telemetry windows this follower could not hand on to the leader (queue full, no leader, stream failed); filed here only",
+            telemetry_forward_dropped.clone(),
+        );
         registry.register(
             "telemetry_requests",
             "Attempts sidecars reported per (namespace, service, version), each retry on its own",
@@ -234,6 +250,8 @@ impl Default for Metrics {
             telemetry_errors,
             telemetry_slow,
             telemetry_reports,
+            telemetry_forwarded,
+            telemetry_forward_dropped,
         }
     }
 }

@@ -222,7 +222,13 @@ pub async fn start(
         shared.storage.clone(),
     );
 
+    let (forwarder, forward_task) = crate::telemetry_forward::start(
+        proposer.clone(),
+        shared.metrics.clone(),
+        shutdown_rx.clone(),
+    );
     let mut tasks = vec![
+        forward_task,
         tokio::spawn(crate::storage_health::watch_raft(
             raft.clone(),
             shared.storage.clone(),
@@ -240,6 +246,7 @@ pub async fn start(
         tokio::spawn(serve_grpc(
             shared.clone(),
             proposer.clone(),
+            forwarder,
             listeners.grpc,
             shutdown_rx.clone(),
         )),

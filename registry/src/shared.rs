@@ -29,6 +29,7 @@ pub struct SharedConfig {
     pub max_watchers: usize,
     pub max_watch_buffer_bytes: usize,
     pub max_keepalive_streams: usize,
+    pub telemetry: TelemetryLimits,
 }
 
 /// State shared by the API handlers, HTTP, DNS and the background loops (the Raft state
@@ -49,7 +50,8 @@ pub struct Shared {
     pub committed: Arc<std::sync::atomic::AtomicU64>,
     /// Healthy until a write or fsync of the data dir fails; failed for good after.
     pub storage: StorageHealth,
-    /// Sidecars' per-version windows (in memory, per node; never in the log).
+    /// Sidecars' per-version windows (in memory, never in the log): what this node was
+    /// sent, and on the leader also what followers forwarded.
     pub telemetry: Arc<TelemetryStore>,
 }
 
@@ -82,7 +84,7 @@ impl Shared {
             config,
             shutdown,
             committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            telemetry: Arc::new(TelemetryStore::new(TelemetryLimits::default())),
+            telemetry: Arc::new(TelemetryStore::new(config.telemetry)),
         })
     }
 

@@ -3,9 +3,10 @@
 //!
 //! Why not the Raft log: the evidence is a stream of counters that is only worth
 //! something for minutes, and losing a report costs evidence, never correctness; any
-//! node can take reports and answer `Top` from what it was sent. (A cluster's nodes do
-//! not share reports: a sidecar sends to the node it is connected to, and `Top` shows
-//! what that node heard.)
+//! node can take reports. In a cluster a follower files what it was sent here (its
+//! local view) and hands it on to the leader ([`crate::telemetry_forward`]), so the
+//! leader's store holds the cluster's view, which the rollout loop reads
+//! ([`TelemetryStore::totals_since`]) and a follower's client-port `Top` asks for.
 //!
 //! Windows are filed by the registry's clock when they arrive, not by the sidecar's
 //! `window_start`: sidecar clocks drift, and a ring indexed by arrival can never be
@@ -72,6 +73,37 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ReportError {
 
 type Key = (String, String, String);
 
+/// Attempts of one version added up over some slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VersionTotals {
+    pub requests: u64,
+    pub errors: u64,
+    pub slow: u64,
+    /// Non-cumulative counts per `core::telemetry` bucket; they sum to `requests`.
+    pub buckets: [u64; BUCKETS],
+}
+
+impl VersionTotals {
+    fn add(&mut self, s: &Slot) {
+        self.requests = self.requests.saturating_add(s.requests);
+        self.errors = self.errors.saturating_add(s.errors);
+        self.slow = self.slow.saturating_add(s.slow);
+        for (b, n) in self.buckets.iter_mut().zip(s.buckets) {
+            *b = b.saturating_add(n);
+        }
+    }
+
+    /// The `q` quantile of the latency in milliseconds (linear inside a bucket); `None`
+    /// without attempts.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        quantile_ms(&self.buckets, q)
+    }
+
+    pub fn p99_ms(&self) -> Option<f64> {
+        self.quantile(0.99)
+    }
+}
+
 /// Counts of one slot of the ring (all reports that arrived in it, added up).
 #[derive(Clone, Debug, Default)]
 struct Slot {
@@ -111,6 +143,38 @@ impl TelemetryStore {
     /// Milliseconds on the store's monotonic clock.
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The ring slot `now_ms` (on [`Self::now_ms`]'s clock) falls in.
+    pub fn current_slot(&self, now_ms: u64) -> u64 {
+        now_ms / SLOT_MS
+    }
+
+    /// One version's totals over the slots `from_slot <= index < to_slot` (those the
+    /// ring still holds; zeros for an unknown version).
+    pub fn totals_since(
+        &self,
+        namespace: &str,
+        service: &str,
+        version: &str,
+        from_slot: u64,
+        to_slot: u64,
+    ) -> VersionTotals {
+        let key = (
+            namespace.to_string(),
+            service.to_string(),
+            version.to_string(),
+        );
+        let mut sum = VersionTotals::default();
+        if let Some(ring) = self.rings.lock().get(&key) {
+            for s in ring
+                .iter()
+                .filter(|s| s.index >= from_slot && s.index < to_slot)
+            {
+                sum.add(s);
+            }
+        }
+        sum
     }
 
     /// Checks a whole report, then files it at `now_ms`: all of it or nothing.
@@ -208,14 +272,9 @@ impl TelemetryStore {
             .iter()
             .filter(|((ns, svc, _), _)| ns == namespace && service.is_none_or(|s| s == svc))
             .filter_map(|((ns, svc, version), ring)| {
-                let mut sum = Slot::default();
+                let mut sum = VersionTotals::default();
                 for s in ring.iter().filter(|s| s.index >= oldest) {
-                    sum.requests = sum.requests.saturating_add(s.requests);
-                    sum.errors = sum.errors.saturating_add(s.errors);
-                    sum.slow = sum.slow.saturating_add(s.slow);
-                    for (b, n) in sum.buckets.iter_mut().zip(s.buckets) {
-                        *b = b.saturating_add(n);
-                    }
+                    sum.add(s);
                 }
                 (sum.requests > 0).then(|| VersionTop {
                     namespace: ns.clone(),
@@ -226,8 +285,8 @@ impl TelemetryStore {
                     slow: sum.slow,
                     requests_per_second: sum.requests as f64 / f64::from(window),
                     error_rate: sum.errors as f64 / sum.requests as f64,
-                    p50_ms: quantile_ms(&sum.buckets, 0.5).unwrap_or(0.0),
-                    p99_ms: quantile_ms(&sum.buckets, 0.99).unwrap_or(0.0),
+                    p50_ms: sum.quantile(0.5).unwrap_or(0.0),
+                    p99_ms: sum.p99_ms().unwrap_or(0.0),
                 })
             })
             .collect();
@@ -481,6 +540,44 @@ mod tests {
         );
         // Nothing was half-applied.
         assert_eq!(s.keys(), 0);
+    }
+
+    #[test]
+    fn totals_since_adds_up_the_slots_of_a_half_open_range() {
+        let m = Metrics::default();
+        let s = TelemetryStore::new(TelemetryLimits::default());
+        assert_eq!(s.current_slot(12_345), 2);
+        // Slots 0, 2 and 3; another version in slot 2.
+        s.record(&report(vec![stats("web", "1.0", 10, 1)]), 1_000, &m)
+            .expect("accepted");
+        s.record(
+            &report(vec![stats("web", "1.0", 20, 2), stats("web", "2.0", 7, 7)]),
+            12_000,
+            &m,
+        )
+        .expect("accepted");
+        s.record(&report(vec![stats("web", "1.0", 40, 4)]), 16_000, &m)
+            .expect("accepted");
+        let t = s.totals_since("default", "web", "1.0", 0, 4);
+        assert_eq!((t.requests, t.errors, t.slow), (70, 7, 0));
+        assert_eq!(t.buckets[3], 70);
+        assert_eq!(t.buckets.iter().sum::<u64>(), t.requests);
+        // The end is excluded, the start included.
+        let t = s.totals_since("default", "web", "1.0", 2, 3);
+        assert_eq!((t.requests, t.errors), (20, 2));
+        assert_eq!(
+            s.totals_since("default", "web", "1.0", 1, 2),
+            VersionTotals::default()
+        );
+        assert_eq!(s.totals_since("default", "web", "2.0", 0, 10).requests, 7);
+        assert_eq!(
+            s.totals_since("default", "web", "3.0", 0, 10),
+            VersionTotals::default()
+        );
+        // Every attempt was in bucket 3 (5-10 ms): the p99 lies inside it.
+        let p99 = t.p99_ms().expect("attempts");
+        assert!(p99 > 5.0 && p99 <= 10.0, "{p99}");
+        assert_eq!(VersionTotals::default().quantile(0.5), None);
     }
 
     #[test]

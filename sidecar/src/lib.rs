@@ -202,6 +202,10 @@ pub struct SidecarHandle {
     registrar: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The telemetry reporter stops last, after the proxies drained, so its final
+    /// window holds their last attempts.
+    telemetry_stop: watch::Sender<bool>,
+    telemetry: Option<JoinHandle<()>>,
 }
 
 impl SidecarHandle {
@@ -214,6 +218,10 @@ impl SidecarHandle {
         }
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        let _ = self.telemetry_stop.send(true);
+        if let Some(t) = self.telemetry.take() {
             let _ = t.await;
         }
         tracing::info!("sidecar stopped");
@@ -243,10 +251,11 @@ pub async fn start(
     let (registrar_stop, registrar_rx) = watch::channel(false);
 
     let catalog = discovery::load_cache(&config.discovery, &table, &metrics);
-    let recorder = Arc::new(telemetry::Recorder::new(
-        &config.discovery.namespace,
-        config.telemetry.slow_threshold,
-    ));
+    let recorder = Arc::new(
+        telemetry::Recorder::new(&config.discovery.namespace, config.telemetry.slow_threshold)
+            .with_dropped_counter(metrics.telemetry_dropped("keys")),
+    );
+    let (telemetry_stop, telemetry_rx) = watch::channel(false);
     let mut ctx = ProxyCtx::new(
         table.clone(),
         metrics.clone(),
@@ -281,12 +290,6 @@ pub async fn start(
         tokio::spawn(sweep::run(
             table.clone(),
             metrics.clone(),
-            shutdown_rx.clone(),
-        )),
-        tokio::spawn(telemetry::run(
-            config.telemetry.clone(),
-            config.discovery.registries.clone(),
-            recorder,
             shutdown_rx.clone(),
         )),
         tokio::spawn(admin::serve(
@@ -341,6 +344,13 @@ pub async fn start(
             shutdown_rx.clone(),
         )));
     }
+    let telemetry = Some(tokio::spawn(telemetry::run(
+        config.telemetry.clone(),
+        config.discovery.registries.clone(),
+        recorder,
+        metrics.telemetry_dropped("unsent"),
+        telemetry_rx,
+    )));
     let registrar = config
         .registrar
         .clone()
@@ -362,5 +372,7 @@ pub async fn start(
         registrar,
         shutdown,
         tasks,
+        telemetry_stop,
+        telemetry,
     })
 }

@@ -126,6 +126,12 @@ pub struct Metrics {
     retries: Family<RetryLabels, Counter>,
     retry_budget_exhausted: Family<ServiceLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
+    telemetry_dropped: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -159,6 +165,12 @@ impl Default for Metrics {
         let retries = Family::<RetryLabels, Counter>::default();
         let retry_budget_exhausted = Family::<ServiceLabels, Counter>::default();
         let overflows = Family::<OverflowLabels, Counter>::default();
+        let telemetry_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "telemetry_dropped",
+            "Upstream attempts that never reached the registry's telemetry: unsent (their window could not be sent), keys (beyond the versions counted at once)",
+            telemetry_dropped.clone(),
+        );
         registry.register(
             "retries",
             "Retries by service and reason (connect-failure, refused-stream, reset, per-try-timeout, unavailable, resource-exhausted, or the status)",
@@ -275,11 +287,19 @@ impl Default for Metrics {
             retries,
             retry_budget_exhausted,
             overflows,
+            telemetry_dropped,
         }
     }
 }
 
 impl Metrics {
+    /// The counter of attempts telemetry dropped for `reason` (unsent, keys).
+    pub fn telemetry_dropped(&self, reason: &'static str) -> Counter {
+        self.telemetry_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .clone()
+    }
+
     /// Handles for one endpoint, created when it first appears in the catalog.
     pub fn endpoint(&self, service: &str, endpoint: &str) -> EndpointMetrics {
         let class = |class| {

@@ -10,7 +10,11 @@
 //! to publish a new map (once per version, not per request). The map is bounded
 //! ([`MAX_KEYS`]); beyond it attempts go uncounted (and counted as dropped).
 //!
-//! A window that cannot be sent is dropped: lost evidence, never a blocked proxy.
+//! A window that cannot be sent is dropped: lost evidence, never a blocked proxy. Its
+//! attempts are counted in `switchyard_sidecar_telemetry_dropped_total{reason="unsent"}`
+//! (and those beyond the key bound under `reason="keys"`). On graceful shutdown the
+//! last, partial window is sent once the proxies have drained, so the attempts of a
+//! sidecar stopped right after traffic still reach the registry.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use switchyard_core::telemetry::{bucket_of, is_error_grpc, is_error_status, BUCKETS};
 use switchyard_proto::v1::telemetry_client::TelemetryClient;
 use switchyard_proto::v1::{VersionStats, WindowReport};
@@ -101,7 +106,8 @@ pub struct Recorder {
     map: ArcSwap<Map>,
     /// Serialises publishing a new map (first sight of a version).
     grow: Mutex<()>,
-    dropped: AtomicU64,
+    /// Attempts not counted (over [`MAX_KEYS`]); shared with the metrics when given.
+    dropped: Counter,
 }
 
 impl Recorder {
@@ -111,14 +117,20 @@ impl Recorder {
             slow_us: u64::try_from(slow_threshold.as_micros()).unwrap_or(u64::MAX),
             map: ArcSwap::from_pointee(Map::new()),
             grow: Mutex::new(()),
-            dropped: AtomicU64::new(0),
+            dropped: Counter::default(),
         }
+    }
+
+    /// Counts attempts dropped over the key bound in `counter` (a metric's).
+    pub fn with_dropped_counter(mut self, counter: Counter) -> Self {
+        self.dropped = counter;
+        self
     }
 
     /// Books one attempt against the version of the endpoint that answered it.
     pub fn attempt(&self, service: &str, version: &str, error: bool, latency: Duration) {
         let Some(c) = self.counters(service, version) else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
             return;
         };
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
@@ -166,7 +178,7 @@ impl Recorder {
 
     /// Attempts that went uncounted because [`MAX_KEYS`] versions are counted already.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     fn counters(&self, service: &str, version: &str) -> Option<Arc<Counters>> {
@@ -250,13 +262,16 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Sends one report per window until shutdown, to the registries in turn: a failed
-/// send drops that window and moves to the next registry for the next one.
+/// Sends one report per window until `stop`, to the registries in turn: a failed send
+/// drops that window (its attempts counted in `unsent`) and moves to the next registry
+/// for the next one. On `stop` the last, partial window is sent (once, bounded by the
+/// send timeout): the caller sets it after the proxies drained.
 pub async fn run(
     config: TelemetryConfig,
     registries: Vec<String>,
     recorder: Arc<Recorder>,
-    mut shutdown: watch::Receiver<bool>,
+    unsent: Counter,
+    mut stop: watch::Receiver<bool>,
 ) {
     if config.interval.is_zero() || registries.is_empty() {
         return;
@@ -270,15 +285,19 @@ pub async fn run(
     tick.tick().await;
     let mut window_start = unix_ms();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = crate::stopped(&mut shutdown) => return,
-        }
+        let last_window = tokio::select! {
+            _ = tick.tick() => false,
+            _ = crate::stopped(&mut stop) => true,
+        };
         let versions = recorder.deltas(&mut last);
         let start = std::mem::replace(&mut window_start, unix_ms());
         if versions.is_empty() {
+            if last_window {
+                return;
+            }
             continue;
         }
+        let attempts: u64 = versions.iter().map(|v| v.requests).sum();
         let reports: Vec<WindowReport> = versions
             .chunks(MAX_VERSIONS_PER_REPORT)
             .map(|chunk| WindowReport {
@@ -296,9 +315,13 @@ pub async fn run(
             Err(_) => Some(format!("no answer within {SEND_TIMEOUT:?}")),
         };
         if let Some(e) = failure {
-            tracing::debug!(registry = %url, error = %e, "telemetry window dropped");
+            tracing::debug!(registry = %url, error = %e, attempts, "telemetry window dropped");
+            unsent.inc_by(attempts);
             channel = None;
             next = next.wrapping_add(1);
+        }
+        if last_window {
+            return;
         }
     }
 }

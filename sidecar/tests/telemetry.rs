@@ -233,7 +233,45 @@ async fn reports_fail_over_to_the_next_registry_when_one_is_down() {
         // Pace of the traffic while waiting for a window (the sidecar's 200 ms clock).
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The first window went to the dead registry: its attempts are counted as dropped.
+    let m = http_get(sidecar.admin_addr, "/metrics").await.1;
+    let unsent: u64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("switchyard_sidecar_telemetry_dropped_total{reason=\"unsent\"} ")
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        unsent >= 1
+            && unsent + of(&top_of(&registry, "web").await, "1.0").0 <= stable.hits() as u64,
+        "{m}"
+    );
     sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_sidecar_shut_down_right_after_traffic_still_reports_its_last_window() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let mut client = registry_client(&registry).await;
+    let stable = Backend::start("stable", Duration::ZERO).await;
+    register_at(&mut client, "web", "stable", stable.addr, "1.0", 100).await;
+    let mut config = sidecar_config(vec![format!("http://{}", registry.grpc_addr)], dir.path());
+    // No window would end during the test: only the flush at shutdown can deliver.
+    config.telemetry.interval = Duration::from_secs(3600);
+    let sidecar = start_sidecar(config).await;
+    wait_endpoints(&sidecar, "web", 1).await;
+    let http = http_client();
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    for _ in 0..7 {
+        let (status, _, _) = get(&http, proxy, "web").await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(of(&top_of(&registry, "web").await, "1.0"), (0, 0));
+    sidecar.shutdown().await;
+    // Shutdown returns once the last window was sent (and acknowledged).
+    assert_eq!(of(&top_of(&registry, "web").await, "1.0"), (7, 0));
 }
 
 /// An h2c server answering every request as gRPC: one message, then `grpc-status` =

@@ -92,6 +92,14 @@ pub struct RegistryArgs {
         default_value_t = 10_000
     )]
     pub max_keepalive_streams: usize,
+    /// Most (namespace, service, version) keys the node's telemetry store holds: a
+    /// sidecar's report adding more is refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_TELEMETRY_KEYS",
+        default_value_t = switchyard_registry::telemetry::DEFAULT_MAX_KEYS
+    )]
+    pub max_telemetry_keys: usize,
     /// Log entries between snapshots of the catalog.
     #[arg(long, env = "SWITCHYARD_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
@@ -169,6 +177,7 @@ impl RegistryArgs {
         config.watch_history = self.watch_history;
         config.max_watchers = self.max_watchers;
         config.max_keepalive_streams = self.max_keepalive_streams;
+        config.max_telemetry_keys = self.max_telemetry_keys;
         config.snapshot_every = self.snapshot_every;
         config.node_id = self.node_id;
         config.peers = self.peers.iter().cloned().collect();
@@ -433,4 +442,49 @@ async fn exit_on_storage_failure(
         EXIT_STORAGE,
         format!("{failure}; exiting with status {EXIT_STORAGE}: restart this node once the data dir takes writes again (it replays its log and rejoins)"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RegistryArgs,
+    }
+
+    fn parse(argv: &[&str]) -> (RegistryArgs, ArgMatches) {
+        let matches = Cli::command()
+            .try_get_matches_from(argv)
+            .expect("valid flags");
+        let args = Cli::from_arg_matches(&matches).expect("flags").args;
+        (args, matches)
+    }
+
+    #[test]
+    fn max_telemetry_keys_goes_from_the_flag_or_the_file_to_the_telemetry_limits() {
+        let (args, _) = parse(&["registry"]);
+        assert_eq!(
+            args.registry_config().shared().telemetry.max_keys,
+            switchyard_registry::telemetry::DEFAULT_MAX_KEYS
+        );
+        let (args, _) = parse(&["registry", "--max-telemetry-keys", "42"]);
+        assert_eq!(args.registry_config().shared().telemetry.max_keys, 42);
+        let file = std::env::temp_dir().join(format!(
+            "switchyard-telemetry-keys-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&file, "max_telemetry_keys = 7\n").expect("write the file");
+        let (args, matches) = parse(&["registry", "--config", file.to_str().expect("path")]);
+        let merged = args.resolve(Some(&matches));
+        let _ = std::fs::remove_file(&file);
+        let config = merged.expect("merged").registry_config();
+        assert_eq!(config.shared().telemetry.max_keys, 7);
+        let mut zero = config;
+        zero.max_telemetry_keys = 0;
+        assert!(zero.validate().is_err());
+    }
 }

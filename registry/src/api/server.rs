@@ -1,6 +1,6 @@
 //! The gRPC servers of a node: the client port (every public service and health) and
-//! the peer port (Raft, forwarded writes, and `Cluster` for membership changes a
-//! follower hands to the leader), with the limits and error mapping that apply to them.
+//! the peer port (Raft, forwarded writes, `Cluster` for membership changes a follower
+//! hands to the leader, and `Telemetry` windows followers forward), with the limits and error mapping that apply to them.
 //!
 //! The internal service is never served on the client port: it takes commands a client
 //! must not send (lease expiry) and Raft messages that can depose a leader, so it lives
@@ -81,6 +81,7 @@ fn rewrite_oversized(headers: &mut http::HeaderMap) {
 pub(crate) async fn serve_grpc(
     shared: Arc<Shared>,
     proposer: Proposer,
+    forwarder: crate::telemetry_forward::Forwarder,
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -104,8 +105,12 @@ pub(crate) async fn serve_grpc(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
     // In memory only (never the log): served by every node, with its own message bound.
-    let telemetry = TelemetryServer::new(TelemetryApi::new(shared.clone()))
-        .max_decoding_message_size(crate::telemetry::MAX_REPORT_BYTES);
+    let telemetry = TelemetryServer::new(TelemetryApi::client(
+        shared.clone(),
+        proposer.clone(),
+        forwarder,
+    ))
+    .max_decoding_message_size(crate::telemetry::MAX_REPORT_BYTES);
     let registry = RegistryServer::new(RegistryApi::new(shared.clone(), proposer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let discovery = DiscoveryServer::new(DiscoveryApi::new(shared.clone()))
@@ -136,16 +141,18 @@ pub(crate) async fn serve_grpc(
     finish("gRPC", server, shutdown).await;
 }
 
-/// Serves the peer port: `RaftInternal` (Raft RPCs, `Forward`) and `Cluster` (a
+/// Serves the peer port: `RaftInternal` (Raft RPCs, `Forward`), `Cluster` (a
 /// follower hands membership changes to the leader here, and members ask each other for
-/// their status).
+/// their status) and `Telemetry` (windows followers forward, and their `Top`).
 pub(crate) async fn serve_peer(
     shared: Arc<Shared>,
     proposer: Proposer,
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) {
-    let cluster = ClusterServer::new(ClusterApi::new(shared, proposer.clone()));
+    let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
+    let telemetry = TelemetryServer::new(TelemetryApi::peer(shared))
+        .max_decoding_message_size(crate::telemetry::MAX_REPORT_BYTES);
     let internal =
         RaftInternalServer::new(RaftService::new(proposer.raft().clone(), proposer.clone()))
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
@@ -155,6 +162,7 @@ pub(crate) async fn serve_peer(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(internal)
         .add_service(cluster)
+        .add_service(telemetry)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             wait_for(shutdown.clone()),
