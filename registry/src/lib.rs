@@ -25,6 +25,8 @@
 //!   buckets) in a bounded in-memory ring per version, for `Top` and `/metrics`;
 //!   [`telemetry_forward`] hands a follower's windows on to the leader, whose store
 //!   is the cluster's view.
+//! - [`rollout_hooks`]: calls a rollout's Flagger-compatible webhooks (JSON POST, one
+//!   timeout per call, redacted URLs in errors) for the leader's rollout loop.
 //! - [`http`] and [`metrics`]: `/metrics` and `/health`.
 //! - [`node`]: wires it together; [`start`] takes a config and bound listeners and
 //!   returns a handle with the real addresses and a graceful `shutdown`.
@@ -38,6 +40,7 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod rollout_hooks;
 pub mod shared;
 pub mod storage_health;
 pub mod telemetry;

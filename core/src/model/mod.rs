@@ -6,6 +6,7 @@
 pub mod policy;
 pub mod resilience;
 mod validate;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub use validate::{
     validate_version, ValidationError, DEFAULT_TTL_SECONDS, DEFAULT_WEIGHT, MAX_ID_LEN, MAX_LABELS,
     MAX_LABEL_BYTES, MAX_TTL_SECONDS, MIN_TTL_SECONDS,
 };
+pub use webhook::{Webhook, WebhookKind};
 
 /// The namespace used when a request leaves it empty.
 pub const DEFAULT_NAMESPACE: &str = "default";
