@@ -2,13 +2,11 @@
 //! hostile probe promoted `127.0.0.1:1`, leaving the cluster one failure from stopping),
 //! and a removal that would leave no live majority is refused unless forced.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::cluster_client::ClusterClient;
-use switchyard_registry::RegistryConfig;
 use switchyard_testkit::*;
 use tonic::Code;
 
@@ -44,33 +42,10 @@ async fn a_node_that_never_catches_up_is_not_made_a_voter() {
     register(&mut registry, instance("web", "web-1", "1.0.0"), 10).await;
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
 #[tokio::test]
 async fn a_removal_that_leaves_no_live_majority_is_refused_unless_forced() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let peer_addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let peers: BTreeMap<u64, String> = peer_addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (i as u64 + 1, a.to_string()))
-        .collect();
-    let config = |id: u64| {
-        let mut c = RegistryConfig::new(dir.path().join(format!("n{id}")));
-        c.node_id = id;
-        c.peers = peers.clone();
-        c
-    };
-    let (n1, n2, n3) = tokio::join!(
-        start_at(config(1), addrs[0], peer_addrs[0]),
-        start_at(config(2), addrs[1], peer_addrs[1]),
-        start_at(config(3), addrs[2], peer_addrs[2]),
-    );
+    let ([n1, n2, n3], addrs) = start_cluster(dir.path()).await;
     let url = |a: SocketAddr| format!("http://{a}");
     // Three voters, one of them then stopped: removing a live one would leave two voters
     // of which one answers.

@@ -10,29 +10,6 @@ use switchyard_testkit::*;
 use tonic::transport::Channel;
 use tonic::Code;
 
-fn stats(service: &str, version: &str, requests: u64, errors: u64) -> pb::VersionStats {
-    let mut latency_buckets = vec![0; BUCKETS];
-    latency_buckets[4] = requests;
-    pb::VersionStats {
-        namespace: String::new(),
-        service: service.into(),
-        version: version.into(),
-        requests,
-        errors,
-        slow: 0,
-        latency_buckets,
-    }
-}
-
-fn report(versions: Vec<pb::VersionStats>) -> pb::WindowReport {
-    pb::WindowReport {
-        sidecar_id: "test".into(),
-        window_start_unix_ms: 0,
-        window_seconds: 10,
-        versions,
-    }
-}
-
 async fn client(reg: &TestRegistry) -> TelemetryClient<Channel> {
     TelemetryClient::new(reg.channel().await).max_encoding_message_size(64 * 1024 * 1024)
 }
@@ -62,11 +39,11 @@ async fn top(c: &mut TelemetryClient<Channel>, service: &str) -> Vec<pb::Version
 async fn each_report_rule_names_its_field_and_keeps_nothing() {
     let reg = TestRegistry::start().await;
     let mut c = client(&reg).await;
-    let good = stats("web", "1.0", 10, 1);
+    let good = version_stats("web", "1.0", 10, 1);
     let with = |f: &dyn Fn(&mut pb::VersionStats)| {
-        let mut s = stats("web", "2.0", 10, 1);
+        let mut s = version_stats("web", "2.0", 10, 1);
         f(&mut s);
-        report(vec![good.clone(), s])
+        window_report(vec![good.clone(), s])
     };
     let cases: Vec<(&str, pb::WindowReport)> = vec![
         ("versions[1].errors", with(&|s| s.errors = 11)),
@@ -94,10 +71,10 @@ async fn each_report_rule_names_its_field_and_keeps_nothing() {
             "window_seconds",
             pb::WindowReport {
                 window_seconds: 0,
-                ..report(vec![good.clone()])
+                ..window_report(vec![good.clone()])
             },
         ),
-        ("versions", report(vec![good.clone(); 1_001])),
+        ("versions", window_report(vec![good.clone(); 1_001])),
     ];
     for (field, r) in cases {
         let e = send(&mut c, vec![r]).await.expect_err(field);
@@ -111,7 +88,7 @@ async fn each_report_rule_names_its_field_and_keeps_nothing() {
     // The reports before a refused one on the same stream stay accepted.
     let e = send(
         &mut c,
-        vec![report(vec![good.clone()]), with(&|s| s.errors = 99)],
+        vec![window_report(vec![good.clone()]), with(&|s| s.errors = 99)],
     )
     .await
     .expect_err("second is refused");
@@ -136,9 +113,9 @@ async fn more_keys_than_the_limit_is_resource_exhausted() {
     // 10,000 keys in ten reports of 1,000 (one stream) fill the store.
     let reports: Vec<pb::WindowReport> = (0..10)
         .map(|r| {
-            report(
+            window_report(
                 (0..1_000)
-                    .map(|i| stats(&format!("s{r}"), &format!("v{i}"), 1, 0))
+                    .map(|i| version_stats(&format!("s{r}"), &format!("v{i}"), 1, 0))
                     .collect(),
             )
         })
@@ -146,14 +123,20 @@ async fn more_keys_than_the_limit_is_resource_exhausted() {
     assert_eq!(send(&mut c, reports).await.expect("fills the store"), 10);
     // Known keys are still taken; one new key is not.
     assert_eq!(
-        send(&mut c, vec![report(vec![stats("s0", "v0", 1, 0)])])
-            .await
-            .expect("known key"),
+        send(
+            &mut c,
+            vec![window_report(vec![version_stats("s0", "v0", 1, 0)])]
+        )
+        .await
+        .expect("known key"),
         1
     );
-    let e = send(&mut c, vec![report(vec![stats("new", "1", 1, 0)])])
-        .await
-        .expect_err("full");
+    let e = send(
+        &mut c,
+        vec![window_report(vec![version_stats("new", "1", 1, 0)])],
+    )
+    .await
+    .expect_err("full");
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
     assert!(e.message().contains("10000"), "{}", e.message());
     assert!(top(&mut c, "new").await.is_empty());
@@ -164,9 +147,9 @@ async fn more_keys_than_the_limit_is_resource_exhausted() {
 async fn an_oversized_report_is_refused() {
     let reg = TestRegistry::start().await;
     let mut c = client(&reg).await;
-    let mut s = stats("web", "1.0", 1, 0);
+    let mut s = version_stats("web", "1.0", 1, 0);
     s.namespace = "n".repeat(1024 * 1024);
-    let e = send(&mut c, vec![report(vec![s])])
+    let e = send(&mut c, vec![window_report(vec![s])])
         .await
         .expect_err("too large");
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());

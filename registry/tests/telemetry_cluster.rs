@@ -4,41 +4,18 @@
 //! answers with the leader's view. Windows that arrive on a peer port are never
 //! forwarded again.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchyard_core::telemetry::BUCKETS;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::cluster_client::ClusterClient;
 use switchyard_proto::v1::telemetry_client::TelemetryClient;
-use switchyard_registry::{RegistryConfig, RegistryHandle};
+use switchyard_registry::RegistryHandle;
 use switchyard_testkit::*;
 use tonic::transport::Channel;
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
 fn report(service: &str, version: &str, requests: u64, errors: u64) -> pb::WindowReport {
-    let mut latency_buckets = vec![0; BUCKETS];
-    latency_buckets[4] = requests;
-    pb::WindowReport {
-        sidecar_id: "test".into(),
-        window_start_unix_ms: 0,
-        window_seconds: 10,
-        versions: vec![pb::VersionStats {
-            namespace: String::new(),
-            service: service.into(),
-            version: version.into(),
-            requests,
-            errors,
-            slow: 0,
-            latency_buckets,
-        }],
-    }
+    window_report(vec![version_stats(service, version, requests, errors)])
 }
 
 async fn client(addr: SocketAddr) -> TelemetryClient<Channel> {
@@ -84,25 +61,7 @@ async fn metrics(h: &RegistryHandle) -> String {
 #[tokio::test]
 async fn a_report_sent_to_a_follower_reaches_the_leaders_top_once() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let peer_addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let peers: BTreeMap<u64, String> = peer_addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (i as u64 + 1, a.to_string()))
-        .collect();
-    let config = |id: u64| {
-        let mut c = RegistryConfig::new(dir.path().join(format!("n{id}")));
-        c.node_id = id;
-        c.peers = peers.clone();
-        c
-    };
-    let (n1, n2, n3) = tokio::join!(
-        start_at(config(1), addrs[0], peer_addrs[0]),
-        start_at(config(2), addrs[1], peer_addrs[1]),
-        start_at(config(3), addrs[2], peer_addrs[2]),
-    );
-    let nodes = [n1, n2, n3];
+    let (nodes, addrs) = start_cluster(dir.path()).await;
     // Every node knows the same leader.
     let leader_id = eventually(Duration::from_secs(10), || async {
         let mut ids = Vec::new();

@@ -35,9 +35,11 @@ pub use backend::Backend;
 pub use fake::FakeRegistry;
 pub use http::{http_get, metric};
 pub use proto::{
-    canary_policy, instance, instance_at, open_watch, resolve, resolve_ids, split, watch_all,
-    watch_of, View,
+    canary_policy, instance, instance_at, open_watch, resolve, resolve_ids, split, version_stats,
+    watch_all, watch_of, window_report, View,
 };
-pub use registry::{keep_alive, register, register_at, start_at, start_in, TestRegistry};
+pub use registry::{
+    free_addr, keep_alive, register, register_at, start_at, start_cluster, start_in, TestRegistry,
+};
 pub use tmpfs::Tmpfs;
 pub use wait::{assert_eventually, eventually, next_event};

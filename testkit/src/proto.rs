@@ -1,5 +1,5 @@
 //! Builders for wire messages the tests repeat: instances, routing policies, watch
-//! requests and events; Resolve; and a watcher's view of the catalog.
+//! requests and events; Resolve; telemetry windows; and a watcher's view of the catalog.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -238,4 +238,30 @@ pub async fn open_watch(
     request: pb::WatchRequest,
 ) -> tonic::Streaming<pb::WatchEvent> {
     client.watch(request).await.expect("watch").into_inner()
+}
+
+/// One version's telemetry in the default namespace: `requests` attempts, all in the
+/// 10-25 ms latency bucket, `errors` of them failed, none slow.
+pub fn version_stats(service: &str, version: &str, requests: u64, errors: u64) -> pb::VersionStats {
+    let mut latency_buckets = vec![0; switchyard_core::telemetry::BUCKETS];
+    latency_buckets[4] = requests;
+    pb::VersionStats {
+        namespace: String::new(),
+        service: service.into(),
+        version: version.into(),
+        requests,
+        errors,
+        slow: 0,
+        latency_buckets,
+    }
+}
+
+/// A 10 s telemetry window from sidecar `test` holding `versions`.
+pub fn window_report(versions: Vec<pb::VersionStats>) -> pb::WindowReport {
+    pb::WindowReport {
+        sidecar_id: "test".into(),
+        window_start_unix_ms: 0,
+        window_seconds: 10,
+        versions,
+    }
 }

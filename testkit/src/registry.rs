@@ -40,6 +40,39 @@ pub async fn start_at(
     start_on(config, grpc, peer).await
 }
 
+/// A free loopback port (bound and released: a member's address must be known before
+/// any member starts).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// Starts a three-member cluster with data dirs `n1`..`n3` under `dir`, on free client
+/// and peer ports; returns the members (node ids 1-3, in order) and their client
+/// addresses.
+pub async fn start_cluster(dir: &Path) -> ([RegistryHandle; 3], [SocketAddr; 3]) {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let peer_addrs = [free_addr(), free_addr(), free_addr()];
+    let peers: std::collections::BTreeMap<u64, String> = peer_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (i as u64 + 1, a.to_string()))
+        .collect();
+    let config = |id: u64| {
+        let mut c = RegistryConfig::new(dir.join(format!("n{id}")));
+        c.node_id = id;
+        c.peers = peers.clone();
+        c
+    };
+    let (n1, n2, n3) = tokio::join!(
+        start_at(config(1), addrs[0], peer_addrs[0]),
+        start_at(config(2), addrs[1], peer_addrs[1]),
+        start_at(config(3), addrs[2], peer_addrs[2]),
+    );
+    ([n1, n2, n3], addrs)
+}
+
 async fn start_on(config: RegistryConfig, grpc: TcpListener, peer: TcpListener) -> RegistryHandle {
     let listeners = Listeners {
         grpc,
