@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "switchyard/v1/registry.proto",
         "switchyard/v1/telemetry.proto",
+        "switchyard/v1/rollouts.proto",
         "switchyard/internal/v1/raft.proto",
     ];
     for proto in &protos {

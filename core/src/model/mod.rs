@@ -5,6 +5,7 @@
 
 pub mod policy;
 pub mod resilience;
+pub mod rollout;
 mod validate;
 pub mod webhook;
 
