@@ -368,3 +368,162 @@ impl From<ValidationError> for tonic::Status {
         tonic::Status::invalid_argument(e.to_string())
     }
 }
+
+// Rollouts.
+
+use crate::gate::error_rate_upper_bound;
+use crate::model::rollout::{
+    Counts, OnInsufficientTraffic, PauseReason, Phase, Rollout, RolloutSpec,
+};
+use crate::model::webhook::Webhook;
+
+/// A spec as sent; zero fields take their defaults, then the whole is validated.
+pub fn rollout_spec_from_proto(p: pb::RolloutSpec) -> Result<RolloutSpec, ValidationError> {
+    let webhooks = p
+        .webhooks
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let kind = w.r#type.parse().map_err(|e: String| {
+                ValidationError::new(format!("rollout.webhooks[{i}].type"), e)
+            })?;
+            Ok(Webhook { kind, url: w.url })
+        })
+        .collect::<Result<Vec<_>, ValidationError>>()?;
+    let on_insufficient_traffic = match pb::InsufficientTraffic::try_from(p.on_insufficient_traffic)
+    {
+        Ok(pb::InsufficientTraffic::Unspecified) | Ok(pb::InsufficientTraffic::Pause) => {
+            OnInsufficientTraffic::Pause
+        }
+        Ok(pb::InsufficientTraffic::Promote) => OnInsufficientTraffic::Promote,
+        Ok(pb::InsufficientTraffic::Abort) => OnInsufficientTraffic::Abort,
+        Err(_) => {
+            return Err(ValidationError::new(
+                "rollout.on_insufficient_traffic",
+                format!("unknown value {}", p.on_insufficient_traffic),
+            ))
+        }
+    };
+    let spec = RolloutSpec {
+        canary: p.canary,
+        baseline: p.baseline,
+        steps: p.steps,
+        pause_ms: p.pause_ms,
+        interval_ms: p.interval_ms,
+        alpha: p.alpha,
+        tolerance: p.tolerance,
+        min_requests: p.min_requests,
+        latency_slo_ms: p.latency_slo_ms,
+        step_deadline_ms: p.step_deadline_ms,
+        manual_promotion: p.manual_promotion,
+        on_insufficient_traffic,
+        max_error_rate: (p.max_error_rate != 0.0).then_some(p.max_error_rate),
+        max_p99_ms: (p.max_p99_ms != 0).then_some(p.max_p99_ms),
+        webhooks,
+    }
+    .with_defaults();
+    crate::model::rollout::validate_spec(&spec)?;
+    Ok(spec)
+}
+
+pub fn rollout_spec_to_proto(s: &RolloutSpec) -> pb::RolloutSpec {
+    pb::RolloutSpec {
+        canary: s.canary.clone(),
+        baseline: s.baseline.clone(),
+        steps: s.steps.clone(),
+        pause_ms: s.pause_ms,
+        interval_ms: s.interval_ms,
+        alpha: s.alpha,
+        tolerance: s.tolerance,
+        min_requests: s.min_requests,
+        latency_slo_ms: s.latency_slo_ms,
+        step_deadline_ms: s.step_deadline_ms,
+        manual_promotion: s.manual_promotion,
+        on_insufficient_traffic: match s.on_insufficient_traffic {
+            OnInsufficientTraffic::Pause => pb::InsufficientTraffic::Pause,
+            OnInsufficientTraffic::Promote => pb::InsufficientTraffic::Promote,
+            OnInsufficientTraffic::Abort => pb::InsufficientTraffic::Abort,
+        } as i32,
+        max_error_rate: s.max_error_rate.unwrap_or(0.0),
+        max_p99_ms: s.max_p99_ms.unwrap_or(0),
+        webhooks: s
+            .webhooks
+            .iter()
+            .map(|w| pb::Webhook {
+                r#type: w.kind.as_str().to_string(),
+                url: w.url.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn counts_to_proto(c: &Counts) -> pb::RolloutCounts {
+    pb::RolloutCounts {
+        requests: c.requests,
+        errors: c.errors,
+        slow: c.slow,
+    }
+}
+
+pub fn phase_to_proto(p: Phase) -> pb::RolloutPhase {
+    match p {
+        Phase::Pending => pb::RolloutPhase::Pending,
+        Phase::Initializing => pb::RolloutPhase::Initializing,
+        Phase::Progressing => pb::RolloutPhase::Progressing,
+        Phase::Promoting => pb::RolloutPhase::Promoting,
+        Phase::Succeeded => pb::RolloutPhase::Succeeded,
+        Phase::Paused => pb::RolloutPhase::Paused,
+        Phase::Aborting => pb::RolloutPhase::Aborting,
+        Phase::Aborted => pb::RolloutPhase::Aborted,
+        Phase::Superseded => pb::RolloutPhase::Superseded,
+    }
+}
+
+fn pause_reason_to_proto(r: Option<PauseReason>) -> pb::PauseReason {
+    match r {
+        None => pb::PauseReason::Unspecified,
+        Some(PauseReason::Manual) => pb::PauseReason::Manual,
+        Some(PauseReason::InsufficientTraffic) => pb::PauseReason::InsufficientTraffic,
+        Some(PauseReason::NoCanaryEndpoints) => pb::PauseReason::NoCanaryEndpoints,
+        Some(PauseReason::WaitingForGate) => pb::PauseReason::WaitingForGate,
+    }
+}
+
+/// A rollout as clients see it, with the evidence worked out (E values, the 95 % upper
+/// bound on the canary's error rate).
+pub fn rollout_to_proto(r: &Rollout) -> pb::Rollout {
+    let s = &r.status;
+    pb::Rollout {
+        namespace: r.namespace.clone(),
+        service: r.service.clone(),
+        spec: Some(rollout_spec_to_proto(&r.spec)),
+        status: Some(pb::RolloutStatus {
+            phase: phase_to_proto(s.phase) as i32,
+            pause_reason: pause_reason_to_proto(s.pause_reason) as i32,
+            step: s.step,
+            weight: s.weight,
+            message: s.message.clone(),
+            generation: s.generation,
+            started_at_ms: s.started_at_ms,
+            updated_at_ms: s.updated_at_ms,
+            step_started_at_ms: s.step_started_at_ms,
+            evidence: Some(pb::RolloutEvidence {
+                canary: Some(counts_to_proto(&s.canary)),
+                baseline: Some(counts_to_proto(&s.baseline)),
+                step_canary: Some(counts_to_proto(&s.step_canary)),
+                step_baseline: Some(counts_to_proto(&s.step_baseline)),
+                error_e: r.error_evidence().e_value(),
+                slow_e: r.slow_evidence().e_value(),
+                canary_error_rate_upper_95: error_rate_upper_bound(
+                    s.canary.requests,
+                    s.canary.errors,
+                    0.95,
+                ),
+                canary_p99_ms: s.canary_p99_ms,
+                baseline_p99_ms: s.baseline_p99_ms,
+                failed_checks: s.failed_checks,
+            }),
+            base_policy_revision: s.base_policy_revision,
+        }),
+    }
+}

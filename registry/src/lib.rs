@@ -40,6 +40,7 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod rollout;
 pub mod rollout_hooks;
 pub mod shared;
 pub mod storage_health;

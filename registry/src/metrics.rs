@@ -55,6 +55,31 @@ pub struct Metrics {
     /// (queue full, no leader, or the stream failed).
     pub telemetry_forwarded: Counter,
     pub telemetry_forward_dropped: Counter,
+    /// Rollout transitions the leader's loop applied, by the phase entered.
+    pub rollout_transitions: Family<PhaseLabels, Counter>,
+    /// Per rollout (set by the leader): the canary's weight, 1 for its phase (0 for the
+    /// others), and the sequential test's E on errors.
+    pub rollout_weight: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
+    pub rollout_phase: Family<RolloutPhaseLabels, Gauge<i64, AtomicI64>>,
+    pub rollout_error_e: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutPhaseLabels {
+    pub namespace: String,
+    pub service: String,
+    pub phase: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +129,30 @@ impl Default for Metrics {
         let telemetry_reports = Family::default();
         let telemetry_forwarded = Counter::default();
         let telemetry_forward_dropped = Counter::default();
+        let rollout_transitions = Family::default();
+        let rollout_weight = Family::default();
+        let rollout_phase = Family::default();
+        let rollout_error_e = Family::default();
+        registry.register(
+            "rollout_transitions",
+            "Rollout transitions the leader's loop applied, by the phase entered",
+            rollout_transitions.clone(),
+        );
+        registry.register(
+            "rollout_weight",
+            "The canary's weight (percent) each rollout has written (set by the leader)",
+            rollout_weight.clone(),
+        );
+        registry.register(
+            "rollout_phase",
+            "1 for each rollout's phase, 0 for the phases it is not in (set by the leader)",
+            rollout_phase.clone(),
+        );
+        registry.register(
+            "rollout_error_e",
+            "Each rollout's sequential-test evidence E on errors; it aborts at 1/alpha (set by the leader)",
+            rollout_error_e.clone(),
+        );
         registry.register(
             "telemetry_forwarded",
             "Telemetry windows this follower handed on to the leader (the cluster's view is the leader's)",
@@ -252,11 +301,56 @@ impl Default for Metrics {
             telemetry_reports,
             telemetry_forwarded,
             telemetry_forward_dropped,
+            rollout_transitions,
+            rollout_weight,
+            rollout_phase,
+            rollout_error_e,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a transition into `phase`.
+    pub fn rollout_transition(&self, phase: &'static str) {
+        self.rollout_transitions
+            .get_or_create(&PhaseLabels { phase })
+            .inc();
+    }
+
+    /// Sets a rollout's gauges from its state.
+    pub fn set_rollout(&self, r: &crate::model::rollout::Rollout) {
+        use crate::model::rollout::Phase;
+        let svc = ServiceLabels {
+            namespace: r.namespace.clone(),
+            service: r.service.clone(),
+        };
+        self.rollout_weight
+            .get_or_create(&svc)
+            .set(i64::from(r.status.weight));
+        self.rollout_error_e
+            .get_or_create(&svc)
+            .set(r.error_evidence().e_value());
+        for phase in [
+            Phase::Pending,
+            Phase::Initializing,
+            Phase::Progressing,
+            Phase::Promoting,
+            Phase::Succeeded,
+            Phase::Paused,
+            Phase::Aborting,
+            Phase::Aborted,
+            Phase::Superseded,
+        ] {
+            self.rollout_phase
+                .get_or_create(&RolloutPhaseLabels {
+                    namespace: r.namespace.clone(),
+                    service: r.service.clone(),
+                    phase: phase.as_str(),
+                })
+                .set(i64::from(phase == r.status.phase));
+        }
+    }
+
     /// Sets the catalog gauges (after an apply or a snapshot load).
     pub fn set_catalog_gauges(&self, catalog: &Catalog) {
         self.instances.set(catalog.instance_count() as i64);

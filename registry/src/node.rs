@@ -243,6 +243,11 @@ pub async fn start(
             },
             shutdown_rx.clone(),
         )),
+        tokio::spawn(crate::rollout::driver::rollout_loop(
+            shared.clone(),
+            proposer.clone(),
+            shutdown_rx.clone(),
+        )),
         tokio::spawn(serve_grpc(
             shared.clone(),
             proposer.clone(),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::{Fallback, Policy, Split};
 use super::validate::{validate_version, ValidationError};
-use super::webhook::{validate_webhooks, Webhook};
+use super::webhook::{validate_webhooks, Webhook, WebhookKind};
 use crate::gate::{Evidence, ALTERNATIVES};
 
 pub const DEFAULT_STEPS: [u32; 4] = [5, 25, 50, 100];
@@ -192,7 +192,10 @@ pub fn validate_spec(s: &RolloutSpec) -> Result<(), ValidationError> {
         return Err(bad("steps", "weights must rise step by step"));
     }
     if s.steps.last() != Some(&100) {
-        return Err(bad("steps", "the last step must be 100 (the canary takes all)"));
+        return Err(bad(
+            "steps",
+            "the last step must be 100 (the canary takes all)",
+        ));
     }
     check_duration("pause", s.pause_ms)?;
     check_duration("interval", s.interval_ms)?;
@@ -221,7 +224,10 @@ pub fn validate_spec(s: &RolloutSpec) -> Result<(), ValidationError> {
     check_duration("latency_slo", s.latency_slo_ms)?;
     if let Some(r) = s.max_error_rate {
         if !(r > 0.0 && r <= 1.0) {
-            return Err(bad("max_error_rate", "must be a fraction in (0, 1], e.g. 0.01"));
+            return Err(bad(
+                "max_error_rate",
+                "must be a fraction in (0, 1], e.g. 0.01",
+            ));
         }
     }
     if let Some(ms) = s.max_p99_ms {
@@ -339,6 +345,10 @@ pub struct RolloutStatus {
     pub failed_checks: u32,
     /// The policy revision in force when the rollout started (what undo restores).
     pub base_policy_revision: u64,
+    /// While paused waiting for a gate: the confirm hook that has not said yes yet
+    /// (confirm-rollout, confirm-traffic-increase or confirm-promotion), which says
+    /// where the rollout goes on once it does.
+    pub waiting_for: Option<WebhookKind>,
 }
 
 impl RolloutStatus {
@@ -366,6 +376,7 @@ impl RolloutStatus {
             baseline_p95_ms: 0.0,
             failed_checks: 0,
             base_policy_revision,
+            waiting_for: None,
         }
     }
 }
@@ -438,21 +449,38 @@ mod tests {
         validate_spec(&s).expect("defaults are valid");
     }
 
+    type Mutation = Box<dyn Fn(&mut RolloutSpec)>;
+
     #[test]
     fn each_rule_refuses_with_its_field() {
-        let cases: Vec<(Box<dyn Fn(&mut RolloutSpec)>, &str)> = vec![
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.steps = vec![50, 25, 100]), "rollout.steps"),
             (Box::new(|s| s.steps = vec![5, 50]), "rollout.steps"),
             (Box::new(|s| s.steps = (1..=40).collect()), "rollout.steps"),
             (Box::new(|s| s.alpha = 1.5), "rollout.alpha"),
             (Box::new(|s| s.tolerance = 0.5), "rollout.tolerance"),
             (Box::new(|s| s.tolerance = f64::NAN), "rollout.tolerance"),
-            (Box::new(|s| s.baseline = "2.0.0".into()), "rollout.baseline"),
-            (Box::new(|s| s.pause_ms = MAX_DURATION_MS + 1), "rollout.pause"),
-            (Box::new(|s| s.step_deadline_ms = 1), "rollout.step_deadline"),
+            (
+                Box::new(|s| s.baseline = "2.0.0".into()),
+                "rollout.baseline",
+            ),
+            (
+                Box::new(|s| s.pause_ms = MAX_DURATION_MS + 1),
+                "rollout.pause",
+            ),
+            (
+                Box::new(|s| s.step_deadline_ms = 1),
+                "rollout.step_deadline",
+            ),
             (Box::new(|s| s.interval_ms = 5), "rollout.interval"),
-            (Box::new(|s| s.max_error_rate = Some(2.0)), "rollout.max_error_rate"),
-            (Box::new(|s| s.canary = "bad version!".into()), "rollout.canary"),
+            (
+                Box::new(|s| s.max_error_rate = Some(2.0)),
+                "rollout.max_error_rate",
+            ),
+            (
+                Box::new(|s| s.canary = "bad version!".into()),
+                "rollout.canary",
+            ),
         ];
         for (mutate, field) in cases {
             let mut s = RolloutSpec::new("2.0.0");
@@ -465,11 +493,11 @@ mod tests {
     #[test]
     fn increments_make_steps_that_end_at_100() {
         assert_eq!(
-            RolloutSpec::steps_from_increment(20, 60).unwrap(),
+            RolloutSpec::steps_from_increment(20, 60).expect("20 up to 60"),
             vec![20, 40, 60, 100]
         );
         assert_eq!(
-            RolloutSpec::steps_from_increment(50, 100).unwrap(),
+            RolloutSpec::steps_from_increment(50, 100).expect("50 up to 100"),
             vec![50, 100]
         );
         assert!(RolloutSpec::steps_from_increment(0, 50).is_err());

@@ -6,6 +6,7 @@ mod cluster;
 use switchyard_core::convert;
 mod discovery;
 mod registry;
+mod rollouts;
 mod routing;
 pub(crate) mod server;
 mod telemetry;
@@ -14,6 +15,7 @@ mod watch_route;
 pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;
 pub use registry::RegistryApi;
+pub use rollouts::RolloutsApi;
 pub use routing::RoutingApi;
 pub use telemetry::TelemetryApi;
 
@@ -43,6 +45,17 @@ pub fn status(e: ProposeError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         ProposeError::Refused(ApplyError::Batch) => Status::invalid_argument(e.to_string()),
+        ProposeError::Refused(ApplyError::NoRollout(_)) => Status::not_found(e.to_string()),
+        ProposeError::Refused(ApplyError::RolloutActive { .. }) => {
+            Status::already_exists(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::RolloutChanged { .. })
+        | ProposeError::Refused(ApplyError::RolloutRefused(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::TooManyRollouts(..)) => {
+            Status::resource_exhausted(e.to_string())
+        }
         ProposeError::Refused(ApplyError::TooManyInstances(_))
         | ProposeError::Refused(ApplyError::TooManyPolicies(..))
         | ProposeError::Refused(ApplyError::PolicyBytesExceeded { .. })

@@ -17,6 +17,7 @@ use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
 use switchyard_proto::v1::cluster_server::ClusterServer;
 use switchyard_proto::v1::discovery_server::DiscoveryServer;
 use switchyard_proto::v1::registry_server::RegistryServer;
+use switchyard_proto::v1::rollouts_server::RolloutsServer;
 use switchyard_proto::v1::routing_server::RoutingServer;
 use switchyard_proto::v1::telemetry_server::TelemetryServer;
 
@@ -103,6 +104,8 @@ pub(crate) async fn serve_grpc(
     ));
     let routing = RoutingServer::new(RoutingApi::new(shared.clone(), proposer.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let rollouts = RolloutsServer::new(super::RolloutsApi::new(shared.clone(), proposer.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
     // In memory only (never the log): served by every node, with its own message bound.
     let telemetry = TelemetryServer::new(TelemetryApi::client(
@@ -129,6 +132,7 @@ pub(crate) async fn serve_grpc(
         .add_service(registry)
         .add_service(discovery)
         .add_service(routing)
+        .add_service(rollouts)
         .add_service(cluster)
         .add_service(telemetry)
         .serve_with_incoming_shutdown(

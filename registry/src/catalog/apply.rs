@@ -100,10 +100,26 @@ pub enum ApplyError {
     NoEarlierPolicy(String),
     #[error("a batch of commands must be applied one command at a time (batches do not nest)")]
     Batch,
+    #[error("the rollout of {service:?} changed meanwhile (generation {actual}, not {expected}): look at it again (rollout get) and retry")]
+    RolloutChanged {
+        service: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("service {0:?} has no rollout: start one with `switchyard rollout start`")]
+    NoRollout(String),
+    #[error(
+        "service {service:?} is already rolling out {canary:?}: wait for it, or abort it first"
+    )]
+    RolloutActive { service: String, canary: String },
+    #[error("namespace {0:?} already has rollouts for its maximum of {1} services: use another namespace")]
+    TooManyRollouts(String, usize),
+    #[error("{0}")]
+    RolloutRefused(String),
 }
 
 /// What the caller of a command gets back.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     Registered {
         lease_id: LeaseId,
@@ -115,6 +131,12 @@ pub enum Reply {
     },
     Policy {
         record: PolicyRecord,
+    },
+    /// The rollout as a transition left it.
+    Rollout {
+        rollout: Box<crate::model::rollout::Rollout>,
+        /// The catalog's revision after it (a step's policy revision, if it wrote one).
+        revision: Revision,
     },
 }
 
@@ -185,6 +207,8 @@ pub struct Catalog {
     pub(super) policy_bytes: BTreeMap<String, super::policies::PolicyBytes>,
     /// Set once by [`Command::InitCluster`]; empty until the first leader commits it.
     pub(super) cluster_id: String,
+    /// (namespace, service) -> kept rollouts, oldest first; only the last may be active.
+    pub(super) rollouts: BTreeMap<(String, String), VecDeque<crate::model::rollout::Rollout>>,
 }
 
 impl Catalog {
@@ -268,6 +292,13 @@ impl Catalog {
                     ..ApplyResult::refused(ApplyError::Batch)
                 }
             }
+            Command::PutRollout {
+                rollout,
+                expected_generation,
+                start,
+                policy,
+                at_ms,
+            } => self.put_rollout(index, rollout, *expected_generation, *start, policy, *at_ms),
             // The state machine unpacks batches; one reaching here is refused whole.
             Command::Batch(_) => ApplyResult {
                 reply: Err(ApplyError::Batch),

@@ -1,5 +1,7 @@
 //! [`Command`]: a change to the catalog, as written to the Raft log.
 
+use super::rollouts::RolloutPolicy;
+use crate::model::rollout::Rollout;
 use crate::model::{Instance, LeaseId, Policy, State};
 
 /// A change to the catalog, as written to the log. Its bytes are read and written in
@@ -61,6 +63,17 @@ pub enum Command {
     InitCluster {
         id: String,
     },
+    /// A rollout transition (see [`super::rollouts`]): applied only while the service's
+    /// newest rollout is at `expected_generation`; with `start` a new rollout is added.
+    /// `policy` is written in the same apply. Proposed by the API (start, pause, abort,
+    /// ...) and by the leader's rollout loop. Added last, so older logs still decode.
+    PutRollout {
+        rollout: Box<Rollout>,
+        expected_generation: u64,
+        start: bool,
+        policy: RolloutPolicy,
+        at_ms: u64,
+    },
 }
 
 impl Command {
@@ -76,6 +89,7 @@ impl Command {
             Command::RollbackPolicy { .. } => "rollback_policy",
             Command::Batch(_) => "batch",
             Command::InitCluster { .. } => "init_cluster",
+            Command::PutRollout { .. } => "put_rollout",
         }
     }
 }

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::command::Command;
+use super::rollouts::RolloutPolicy;
 use crate::model::policy::{Fallback, HeaderMatch, Route, Split, Subset};
+use crate::model::rollout::Rollout;
 use crate::model::{Instance, LeaseId, Policy, PolicyRecord, Resilience, State};
 
 /// A route as written before routes could be marked retryable.
@@ -162,6 +164,13 @@ enum CommandIn {
         policy: Option<Policy>,
         at_ms: u64,
     },
+    PutRollout {
+        rollout: Box<Rollout>,
+        expected_generation: u64,
+        start: bool,
+        policy: RolloutPolicy,
+        at_ms: u64,
+    },
 }
 
 /// [`Command`] as it is written: borrowed, so encoding copies nothing. Variants in the
@@ -204,6 +213,13 @@ enum CommandOut<'a> {
         namespace: &'a str,
         service: &'a str,
         policy: &'a Option<Policy>,
+        at_ms: u64,
+    },
+    PutRollout {
+        rollout: &'a Rollout,
+        expected_generation: u64,
+        start: bool,
+        policy: &'a RolloutPolicy,
         at_ms: u64,
     },
 }
@@ -256,6 +272,19 @@ impl Serialize for Command {
             },
             Command::Batch(commands) => CommandOut::Batch(commands),
             Command::InitCluster { id } => CommandOut::InitCluster { id },
+            Command::PutRollout {
+                rollout,
+                expected_generation,
+                start,
+                policy,
+                at_ms,
+            } => CommandOut::PutRollout {
+                rollout,
+                expected_generation: *expected_generation,
+                start: *start,
+                policy,
+                at_ms: *at_ms,
+            },
         };
         out.serialize(s)
     }
@@ -320,6 +349,19 @@ impl<'de> Deserialize<'de> for Command {
             },
             CommandIn::Batch(commands) => Command::Batch(commands),
             CommandIn::InitCluster { id } => Command::InitCluster { id },
+            CommandIn::PutRollout {
+                rollout,
+                expected_generation,
+                start,
+                policy,
+                at_ms,
+            } => Command::PutRollout {
+                rollout,
+                expected_generation,
+                start,
+                policy,
+                at_ms,
+            },
         })
     }
 }

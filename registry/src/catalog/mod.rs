@@ -13,6 +13,7 @@
 //! - `instances.rs`: register, deregister, set a state.
 //! - `leases.rs`: which instances each lease keeps alive; expiry and checkpoints.
 //! - `policies.rs`: routing policies and their kept history; put and rollback.
+//! - `rollouts.rs`: each service's kept rollouts and their compare-and-set transitions.
 //! - `queries.rs`: reads of the applied state (snapshots, resolve, service lists).
 //! - `persist.rs`: the snapshot form, [`PersistedCatalog`], and the rebuild from it.
 //! - `legacy.rs`: the bytes of a [`Command`], and mirrors of what older releases wrote
@@ -26,6 +27,7 @@ mod legacy;
 mod persist;
 mod policies;
 mod queries;
+mod rollouts;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -34,5 +36,6 @@ pub use apply::{
     DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
 };
 pub use command::Command;
-pub use persist::{PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1};
+pub use persist::{PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1, PersistedCatalogV2};
 pub use policies::policy_bytes;
+pub use rollouts::RolloutPolicy;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::apply::{Entry, Lease, Limits};
 use super::legacy::PolicyRecordV1;
 use super::Catalog;
+use crate::model::rollout::Rollout;
 use crate::model::{Instance, LeaseId, PolicyRecord, Revision};
 
 /// The catalog as written to a snapshot.
@@ -23,6 +24,49 @@ pub struct PersistedCatalog {
     /// Added after the first release: snapshots written before it decode through
     /// [`PersistedCatalogV0`] and get an empty id (the next leader commits one).
     pub(super) cluster_id: String,
+    /// Added with rollouts: snapshots written before decode through
+    /// [`PersistedCatalogV2`] and have none.
+    pub(super) rollouts: Vec<((String, String), Vec<Rollout>)>,
+}
+
+/// The snapshot form written before rollouts existed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedCatalogV2 {
+    applied_index: u64,
+    revision: Revision,
+    instances: Vec<(Instance, LeaseId)>,
+    leases: Vec<(LeaseId, u32, u64)>,
+    policies: Vec<((String, String), Vec<PolicyRecord>)>,
+    cluster_id: String,
+}
+
+impl From<PersistedCatalogV2> for PersistedCatalog {
+    fn from(v: PersistedCatalogV2) -> Self {
+        Self {
+            applied_index: v.applied_index,
+            revision: v.revision,
+            instances: v.instances,
+            leases: v.leases,
+            policies: v.policies,
+            cluster_id: v.cluster_id,
+            rollouts: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl PersistedCatalogV2 {
+    /// The old form of a current snapshot (what a release before rollouts wrote).
+    pub fn from_current_for_test(p: &PersistedCatalog) -> Self {
+        Self {
+            applied_index: p.applied_index,
+            revision: p.revision,
+            instances: p.instances.clone(),
+            leases: p.leases.clone(),
+            policies: p.policies.clone(),
+            cluster_id: p.cluster_id.clone(),
+        }
+    }
 }
 
 /// The snapshot form written before policies carried resilience settings (read through
@@ -102,6 +146,7 @@ impl From<PersistedCatalogV0> for PersistedCatalog {
             leases: v.leases,
             policies: new_policies(v.policies),
             cluster_id: String::new(),
+            rollouts: Vec::new(),
         }
     }
 }
@@ -115,6 +160,7 @@ impl From<PersistedCatalogV1> for PersistedCatalog {
             leases: v.leases,
             policies: new_policies(v.policies),
             cluster_id: v.cluster_id,
+            rollouts: Vec::new(),
         }
     }
 }
@@ -144,6 +190,11 @@ impl Catalog {
                 .map(|(k, h)| (k.clone(), h.iter().cloned().collect()))
                 .collect(),
             cluster_id: self.cluster_id.clone(),
+            rollouts: self
+                .rollouts
+                .iter()
+                .map(|(k, h)| (k.clone(), h.iter().cloned().collect()))
+                .collect(),
         }
     }
 
@@ -191,6 +242,12 @@ impl Catalog {
             .map(|(k, h)| (k, h.into_iter().collect()))
             .collect();
         c.recount_policy_bytes();
+        c.rollouts = p
+            .rollouts
+            .into_iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(k, h)| (k, h.into_iter().collect()))
+            .collect();
         c
     }
 }

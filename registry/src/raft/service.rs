@@ -127,6 +127,22 @@ fn check_forwarded(command: &Command) -> Result<(), Status> {
             validate_namespace("namespace", namespace).map_err(invalid)?;
             crate::model::validate_name("service", service).map_err(invalid)?;
         }
+        Command::PutRollout {
+            rollout, policy, ..
+        } => {
+            validate_namespace("namespace", &rollout.namespace).map_err(invalid)?;
+            crate::model::validate_name("service", &rollout.service).map_err(invalid)?;
+            crate::model::rollout::validate_spec(&rollout.spec).map_err(invalid)?;
+            if let crate::catalog::RolloutPolicy::Put(p) = policy {
+                let names = p
+                    .default_split
+                    .iter()
+                    .chain(p.routes.iter().flat_map(|r| r.split.iter()))
+                    .map(|s| s.subset.clone())
+                    .collect();
+                validate_policy(p, &names).map_err(invalid)?;
+            }
+        }
         Command::ExpireLeases { .. }
         | Command::CheckpointLeases { .. }
         | Command::InitCluster { .. }

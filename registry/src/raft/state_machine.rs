@@ -19,7 +19,8 @@ use super::alias::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMem
 use super::log_store::META;
 use super::{decode, encode, CommandReply, TypeConfig};
 use crate::catalog::{
-    ApplyError, Catalog, Command, PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1, Reply,
+    ApplyError, Catalog, Command, PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1,
+    PersistedCatalogV2, Reply,
 };
 use crate::shared::ApplyHandle;
 
@@ -30,6 +31,13 @@ const SNAPSHOT: &str = "snapshot";
 struct SnapshotFile {
     meta: SnapshotMeta,
     catalog: PersistedCatalog,
+}
+
+/// A snapshot as written before rollouts existed.
+#[derive(Deserialize)]
+struct SnapshotFileV2 {
+    meta: SnapshotMeta,
+    catalog: PersistedCatalogV2,
 }
 
 /// A snapshot as written before policies carried resilience settings.
@@ -51,6 +59,13 @@ struct SnapshotFileV0 {
 /// that would have to be told apart).
 fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotFile, postcard::Error> {
     decode::<SnapshotFile>(bytes)
+        .or_else(|e| match decode::<SnapshotFileV2>(bytes) {
+            Ok(old) => Ok(SnapshotFile {
+                meta: old.meta,
+                catalog: old.catalog.into(),
+            }),
+            Err(_) => Err(e),
+        })
         .or_else(|e| match decode::<SnapshotFileV1>(bytes) {
             Ok(old) => Ok(SnapshotFile {
                 meta: old.meta,
@@ -373,5 +388,58 @@ mod tests {
             Some(&policy)
         );
         assert_eq!(rebuilt.policy_history("default", "web").len(), 1);
+    }
+
+    /// A snapshot written before rollouts existed still loads (with none), and one with
+    /// rollouts keeps them across a rebuild.
+    #[test]
+    fn snapshots_from_before_rollouts_still_decode_and_rollouts_survive_one() {
+        use crate::catalog::RolloutPolicy;
+        use crate::model::rollout::{Rollout, RolloutSpec, RolloutStatus};
+        let mut catalog = run(&script());
+        catalog.apply_next(100, &Command::InitCluster { id: "abc".into() });
+        let current = catalog.to_persisted();
+        let old = PersistedCatalogV2::from_current_for_test(&current);
+        #[derive(Serialize)]
+        struct OldFile<'a> {
+            meta: SnapshotMeta,
+            catalog: &'a PersistedCatalogV2,
+        }
+        let bytes = encode(&OldFile {
+            meta: SnapshotMeta::default(),
+            catalog: &old,
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("a pre-rollout snapshot decodes");
+        let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
+        assert_eq!(rebuilt.cluster_id(), "abc");
+        assert!(rebuilt.rollouts("default").is_empty());
+
+        let rollout = Rollout {
+            namespace: "default".into(),
+            service: "web".into(),
+            spec: RolloutSpec::new("2.0.0"),
+            status: RolloutStatus::pending(0, 1, 0),
+        };
+        let put = Command::PutRollout {
+            rollout: Box::new(rollout),
+            expected_generation: 0,
+            start: true,
+            policy: RolloutPolicy::Keep,
+            at_ms: 9,
+        };
+        assert!(catalog.apply_next(101, &put).reply.is_ok());
+        let bytes = encode(&SnapshotFile {
+            meta: SnapshotMeta::default(),
+            catalog: catalog.to_persisted(),
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("decodes");
+        let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
+        assert_eq!(
+            rebuilt.rollout("default", "web"),
+            catalog.rollout("default", "web")
+        );
+        assert_eq!(rebuilt.rollout_generation("default", "web"), 1);
     }
 }
