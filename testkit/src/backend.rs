@@ -25,6 +25,9 @@ pub struct Backend {
     pub delay_ms: Arc<AtomicU64>,
     /// Status to answer with (200 unless changed).
     pub status: Arc<AtomicU64>,
+    /// Answer 503 to this many of every 1,000 requests, spread evenly (0 unless set):
+    /// a version with a known error rate.
+    pub fail_per_mille: Arc<AtomicU64>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -35,6 +38,7 @@ struct Knobs {
     hits: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
     status: Arc<AtomicU64>,
+    fail_per_mille: Arc<AtomicU64>,
 }
 
 impl Backend {
@@ -48,6 +52,7 @@ impl Backend {
             hits: Arc::new(AtomicUsize::new(0)),
             delay_ms: Arc::new(AtomicU64::new(delay.as_millis() as u64)),
             status: Arc::new(AtomicU64::new(200)),
+            fail_per_mille: Arc::new(AtomicU64::new(0)),
         };
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let serving = knobs.clone();
@@ -73,6 +78,7 @@ impl Backend {
             hits: knobs.hits,
             delay_ms: knobs.delay_ms,
             status: knobs.status,
+            fail_per_mille: knobs.fail_per_mille,
             stop,
         }
     }
@@ -91,7 +97,10 @@ async fn answer(
     k: Knobs,
     req: hyper::Request<Incoming>,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
-    k.hits.fetch_add(1, Ordering::Relaxed);
+    let n = k.hits.fetch_add(1, Ordering::Relaxed) as u64 + 1;
+    let per_mille = k.fail_per_mille.load(Ordering::Relaxed);
+    // Request n fails when n·p/1000 crosses an integer: exactly p of every 1,000.
+    let fails = per_mille > 0 && (n * per_mille) / 1000 != ((n - 1) * per_mille) / 1000;
     let ms = k.delay_ms.load(Ordering::Relaxed);
     if ms > 0 {
         // The backend's own latency, not a test waiting: this is what is measured.
@@ -104,8 +113,12 @@ async fn answer(
         .unwrap_or("")
         .to_string();
     let mut resp = hyper::Response::new(Full::new(Bytes::from(k.name)));
-    *resp.status_mut() = hyper::StatusCode::from_u16(k.status.load(Ordering::Relaxed) as u16)
-        .unwrap_or(hyper::StatusCode::OK);
+    *resp.status_mut() = if fails {
+        hyper::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        hyper::StatusCode::from_u16(k.status.load(Ordering::Relaxed) as u16)
+            .unwrap_or(hyper::StatusCode::OK)
+    };
     resp.headers_mut().insert(
         "x-seen-forwarded-for",
         hyper::header::HeaderValue::from_str(&xff).expect("ascii"),

@@ -217,7 +217,10 @@ mod tests {
         step.status.phase = Phase::Progressing;
         step.status.weight = 5;
         let p = split_policy(None, "1.0.0", "2.0.0", 5);
-        let r3 = c.apply(3, &put(&step, 1, false, RolloutPolicy::Put(Box::new(p.clone()))));
+        let r3 = c.apply(
+            3,
+            &put(&step, 1, false, RolloutPolicy::Put(Box::new(p.clone()))),
+        );
         assert_eq!(generation(&r3.reply), 2);
         assert!(r3.change.is_some(), "the policy reaches watchers");
         assert_eq!(c.current_policy("default", "web").as_deref(), Some(&p));
