@@ -743,28 +743,89 @@ fn print_doc(d: &RolloutDoc, output: Output) -> Result<(), CliError> {
     }
 }
 
+/// What `status --watch` makes of the stream, one rollout at a time (kept apart from the
+/// stream so it can be tested without a registry).
+struct Follower {
+    output: Output,
+    /// The followed rollout (canary, start time): another one means it was superseded.
+    watched: Option<(String, u64)>,
+    /// What was printed last, so evidence updates (every interval) do not repeat a line.
+    printed: String,
+}
+
+/// One rollout seen by [`Follower::observe`]: the line to print, if it changed, and the
+/// verdict once the rollout has ended.
+struct Observed {
+    line: Option<String>,
+    end: Option<Result<(), CliError>>,
+}
+
+impl Follower {
+    fn new(output: Output) -> Self {
+        Self {
+            output,
+            watched: None,
+            printed: String::new(),
+        }
+    }
+
+    fn observe(&mut self, r: &pb::Rollout) -> Observed {
+        let d = doc(r);
+        let id = (
+            d.canary.clone(),
+            r.status.as_ref().map_or(0, |s| s.started_at_ms),
+        );
+        if let Some(prev) = self.watched.as_ref().filter(|prev| **prev != id) {
+            return Observed {
+                line: None,
+                end: Some(Err(CliError::new(
+                    EXIT_ROLLOUT_ABORTED,
+                    format!(
+                        "the rollout of {} to {} was superseded by a rollout of {}: follow that one with `switchyard rollout status {} --watch`",
+                        prev.0, d.service, d.canary, d.service
+                    ),
+                ))),
+            };
+        }
+        self.watched = Some(id);
+        let key = format!(
+            "{}|{}|{}|{}",
+            d.phase_text, d.step_index, d.weight, d.message
+        );
+        let line = if key == self.printed {
+            None
+        } else {
+            self.printed = key;
+            Some(match self.output {
+                // One document per line (JSON Lines), so a script can read it as it comes.
+                Output::Json => serde_json::to_string(&d)
+                    .unwrap_or_else(|e| format!("{{\"error\":\"cannot encode JSON: {e}\"}}")),
+                Output::Table => brief(&d),
+            })
+        };
+        Observed {
+            line,
+            end: is_terminal(r).then(|| outcome(r, &d, true)),
+        }
+    }
+}
+
 /// `status --watch`: prints every change of phase, step, weight or message until the
-/// rollout ends. `last` keeps the newest rollout seen, for the timeout's message.
+/// rollout ends, reconnecting when the stream breaks (a registry restarting, a leader
+/// change). `last` keeps the newest rollout seen, for the timeout's message.
 async fn follow(
     client: &mut RolloutsClient<Channel>,
     req: pb::RolloutRef,
     output: Output,
     last: &mut Option<pb::Rollout>,
 ) -> Result<(), CliError> {
-    // Which rollout is followed: a newer one of the same service means it was superseded.
-    let mut watched: Option<(String, u64)> = None;
-    let mut printed = String::new();
+    let what = format!("rollout of {}", req.service);
+    let mut follower = Follower::new(output);
     let mut backoff = Duration::from_millis(500);
     loop {
         let why = match client.watch(req.clone()).await {
             Err(s) if transient(&s) => s.message().to_string(),
-            Err(s) => {
-                return Err(rpc_error(
-                    &format!("rollout of {}", req.service),
-                    &req.service,
-                    s,
-                ))
-            }
+            Err(s) => return Err(rpc_error(&what, &req.service, s)),
             Ok(stream) => {
                 let mut stream = stream.into_inner();
                 loop {
@@ -772,60 +833,26 @@ async fn follow(
                         Ok(Some(resp)) => {
                             let Some(r) = resp.rollout else { continue };
                             backoff = Duration::from_millis(500);
-                            let d = doc(&r);
-                            let id = (
-                                d.canary.clone(),
-                                r.status.as_ref().map_or(0, |s| s.started_at_ms),
-                            );
-                            if let Some(prev) = &watched {
-                                if *prev != id {
-                                    return Err(CliError::new(
-                                        EXIT_ROLLOUT_ABORTED,
-                                        format!(
-                                            "the rollout of {} to {} was superseded by a rollout of {}: follow that one with `switchyard rollout status {} --watch`",
-                                            prev.0, d.service, d.canary, d.service
-                                        ),
-                                    ));
-                                }
-                            }
-                            watched = Some(id);
-                            let line = match output {
-                                Output::Json => serde_json::to_string(&d).map_err(|e| {
-                                    CliError::new(1, format!("cannot encode JSON: {e}"))
-                                })?,
-                                Output::Table => brief(&d),
-                            };
-                            // Evidence changes every interval; print what people follow.
-                            let key = format!(
-                                "{}|{}|{}|{}",
-                                d.phase_text, d.step_index, d.weight, d.message
-                            );
-                            if key != printed {
+                            let seen = follower.observe(&r);
+                            if let Some(line) = seen.line {
                                 println!("{line}");
-                                printed = key;
                             }
-                            let ended = is_terminal(&r).then(|| outcome(&r, &d, true));
                             *last = Some(r);
-                            if let Some(result) = ended {
+                            if let Some(result) = seen.end {
                                 return result;
                             }
                         }
                         Ok(None) => break "the registry ended the stream".to_string(),
                         Err(s) if transient(&s) => break s.message().to_string(),
-                        Err(s) => {
-                            return Err(rpc_error(
-                                &format!("rollout of {}", req.service),
-                                &req.service,
-                                s,
-                            ))
-                        }
+                        Err(s) => return Err(rpc_error(&what, &req.service, s)),
                     }
                 }
             }
         };
         eprintln!(
-            "watch of {} interrupted ({why}); reconnecting in {backoff:?}",
-            req.service
+            "watch of {} interrupted ({why}); reconnecting in {}",
+            req.service,
+            humantime::format_duration(backoff)
         );
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -1025,4 +1052,598 @@ pub async fn run(args: RolloutArgs) -> Result<(), CliError> {
     };
     let r = rollout_of(resp.into_inner(), &service)?;
     print_doc(&doc(&r), output)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: RolloutArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<RolloutArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("rollout").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    /// `rollout start web --canary 2.0.0 <extra>`'s flags.
+    fn start(extra: &[&str]) -> Result<StartArgs, clap::Error> {
+        let mut argv = vec!["start", "web", "--canary", "2.0.0"];
+        argv.extend_from_slice(extra);
+        match parse(&argv)?.verb {
+            RolloutVerb::Start(a) => Ok(*a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn spec(extra: &[&str]) -> Result<RolloutSpec, CliError> {
+        build_spec(&start(extra).expect("flags parse"))
+    }
+
+    fn refused(extra: &[&str]) -> String {
+        let e = spec(extra).expect_err("refused");
+        assert_eq!(e.code, EXIT_CONFIG, "{}", e.message);
+        e.message
+    }
+
+    #[test]
+    fn start_without_flags_sends_the_registry_defaults() {
+        let s = spec(&[]).expect("valid");
+        assert_eq!(s, RolloutSpec::new("2.0.0"));
+        let p = spec_to_pb(&s);
+        assert_eq!(p.steps, vec![5, 25, 50, 100]);
+        assert_eq!((p.pause_ms, p.interval_ms), (60_000, 10_000));
+        assert_eq!((p.alpha, p.tolerance, p.min_requests), (0.05, 1.0, 100));
+        assert_eq!(p.step_deadline_ms, 600_000);
+        assert_eq!(
+            p.on_insufficient_traffic,
+            pb::InsufficientTraffic::Pause as i32
+        );
+        assert_eq!(
+            (p.max_error_rate, p.max_p99_ms, p.latency_slo_ms),
+            (0.0, 0, 0)
+        );
+        assert!(p.baseline.is_empty() && p.webhooks.is_empty() && !p.manual_promotion);
+    }
+
+    #[test]
+    fn every_start_flag_reaches_the_wire() {
+        let s = spec(&[
+            "--baseline",
+            "1.4.2",
+            "--steps",
+            "10, 20,100",
+            "--pause",
+            "30s",
+            "--interval",
+            "500ms",
+            "--alpha",
+            "0.01",
+            "--tolerance",
+            "1.5",
+            "--min-requests",
+            "50",
+            "--latency-slo",
+            "250ms",
+            "--step-deadline",
+            "2m",
+            "--manual-promotion",
+            "--on-insufficient-traffic",
+            "abort",
+            "--max-error-rate",
+            "0.02",
+            "--max-p99",
+            "1s",
+            "--webhook",
+            "pre-rollout=http://loadtester.test/",
+            "--webhook",
+            "rollback=http://gate.test/rollback",
+        ])
+        .expect("valid");
+        let p = spec_to_pb(&s);
+        assert_eq!(p.baseline, "1.4.2");
+        assert_eq!(p.steps, vec![10, 20, 100]);
+        assert_eq!(
+            (p.pause_ms, p.interval_ms, p.step_deadline_ms),
+            (30_000, 500, 120_000)
+        );
+        assert_eq!((p.alpha, p.tolerance, p.min_requests), (0.01, 1.5, 50));
+        assert_eq!(
+            (p.latency_slo_ms, p.max_p99_ms, p.max_error_rate),
+            (250, 1_000, 0.02)
+        );
+        assert!(p.manual_promotion);
+        assert_eq!(
+            p.on_insufficient_traffic,
+            pb::InsufficientTraffic::Abort as i32
+        );
+        let hooks: Vec<_> = p
+            .webhooks
+            .iter()
+            .map(|w| (w.r#type.as_str(), w.url.as_str()))
+            .collect();
+        assert_eq!(
+            hooks,
+            vec![
+                ("pre-rollout", "http://loadtester.test/"),
+                ("rollback", "http://gate.test/rollback")
+            ]
+        );
+    }
+
+    #[test]
+    fn steps_parse_as_percent_weights() {
+        assert_eq!(parse_steps("5,25,50,100"), Ok(Steps(vec![5, 25, 50, 100])));
+        assert_eq!(parse_steps(" 50 , 100 "), Ok(Steps(vec![50, 100])));
+        for bad in ["", "5,,100", "0,100", "5,101", "x", "5;100", "-5,100"] {
+            let e = parse_steps(bad).expect_err(bad);
+            assert!(e.contains("1-100"), "{bad}: {e}");
+        }
+        assert!(start(&["--steps", "5,x"]).is_err());
+        // Order and the final 100 are the registry's rules, checked before the call.
+        assert!(refused(&["--steps", "50,25,100"]).starts_with("--steps"));
+        assert!(refused(&["--steps", "5,50"]).contains("must be 100"));
+    }
+
+    #[test]
+    fn step_weight_makes_steps_and_conflicts_with_steps() {
+        assert_eq!(
+            spec(&["--step-weight", "20", "--max-weight", "60"])
+                .expect("valid")
+                .steps,
+            vec![20, 40, 60, 100]
+        );
+        assert_eq!(
+            spec(&["--step-weight", "30"]).expect("valid").steps,
+            vec![30, 60, 90, 100]
+        );
+        assert_eq!(
+            spec(&["--step-weight", "50", "--max-weight", "100"])
+                .expect("valid")
+                .steps,
+            vec![50, 100]
+        );
+        let e = start(&["--steps", "5,100", "--step-weight", "10"]).expect_err("conflict");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let e = start(&["--steps", "5,100", "--max-weight", "50"]).expect_err("conflict");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let e = start(&["--max-weight", "50"]).expect_err("needs --step-weight");
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(refused(&["--step-weight", "0"]).contains("1-100"));
+        assert!(refused(&["--step-weight", "1", "--max-weight", "99"]).contains("more than"));
+    }
+
+    #[test]
+    fn bad_webhooks_are_refused_while_parsing() {
+        for (flag, says) in [
+            ("nope", "TYPE=URL"),
+            ("deploy=http://x.test/", "unknown webhook type"),
+            ("pre-rollout=https://x.test/", "https"),
+            ("pre-rollout=http://user:pw@x.test/", "userinfo"),
+            ("rollout=ftp://x.test/", "http://"),
+            ("rollout=http:///path", "no host"),
+        ] {
+            let e = start(&["--webhook", flag]).expect_err(flag);
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{flag}");
+            assert!(e.to_string().contains(says), "{flag}: {e}");
+        }
+        let too_many: Vec<&str> = std::iter::repeat_n(["--webhook", "rollout=http://x.test/"], 17)
+            .flatten()
+            .collect();
+        assert!(refused(&too_many).starts_with("--webhook"));
+    }
+
+    #[test]
+    fn durations_take_the_repository_formats_and_zero_is_refused_where_it_means_default() {
+        assert_eq!(spec(&["--pause", "90"]).expect("valid").pause_ms, 90_000);
+        let s = spec(&["--pause", "1m 30s"]).expect("valid");
+        assert_eq!((s.pause_ms, s.step_deadline_ms), (90_000, 900_000));
+        assert!(start(&["--pause", "soon"]).is_err());
+        assert!(start(&["--interval", "-5s"]).is_err());
+        assert!(refused(&["--pause", "0s"]).contains("at least 1ms"));
+        assert!(refused(&["--step-deadline", "0s"]).starts_with("--step-deadline"));
+        assert!(refused(&["--max-p99", "0s"]).starts_with("--max-p99"));
+        assert!(refused(&["--interval", "50ms"]).starts_with("--interval"));
+        assert!(refused(&["--pause", "1m", "--step-deadline", "30s"])
+            .contains("shorter than the pause"));
+        assert!(refused(&["--pause", "8d"]).starts_with("--pause"));
+        assert_eq!(
+            spec(&["--latency-slo", "0s"])
+                .expect("0 means p95")
+                .latency_slo_ms,
+            0
+        );
+    }
+
+    #[test]
+    fn other_bad_values_name_their_flag() {
+        assert!(refused(&["--alpha", "0"]).starts_with("--alpha"));
+        assert!(refused(&["--alpha", "1.5"]).starts_with("--alpha"));
+        assert!(refused(&["--alpha", "NaN"]).starts_with("--alpha"));
+        assert!(refused(&["--tolerance", "0.5"]).starts_with("--tolerance"));
+        assert!(refused(&["--min-requests", "0"]).starts_with("--min-requests"));
+        assert!(refused(&["--max-error-rate", "2"]).starts_with("--max-error-rate"));
+        assert!(refused(&["--baseline", "2.0.0"]).starts_with("--baseline"));
+        assert!(refused(&["--baseline", "bad version!"]).starts_with("--baseline"));
+        assert!(start(&["--on-insufficient-traffic", "wait"]).is_err());
+        assert_eq!(
+            spec(&["--on-insufficient-traffic", "promote"])
+                .expect("valid")
+                .on_insufficient_traffic,
+            OnInsufficientTraffic::Promote
+        );
+        let argv = ["start", "web", "--canary", "bad version!"];
+        let RolloutVerb::Start(a) = parse(&argv).expect("flags").verb else {
+            panic!("not start")
+        };
+        let e = build_spec(&a).expect_err("bad canary");
+        assert!(e.message.starts_with("--canary"), "{}", e.message);
+    }
+
+    #[test]
+    fn control_verbs_parse() {
+        let a = parse(&[
+            "undo",
+            "web",
+            "--to-revision",
+            "7",
+            "-n",
+            "shop",
+            "-o",
+            "json",
+        ])
+        .expect("valid");
+        assert!(matches!(a.verb, RolloutVerb::Undo { to_revision: 7, .. }));
+        assert_eq!(
+            (a.namespace.as_str(), a.output.output),
+            ("shop", Output::Json)
+        );
+        assert!(matches!(
+            parse(&["undo", "web"]).expect("valid").verb,
+            RolloutVerb::Undo { to_revision: 0, .. }
+        ));
+        assert!(matches!(
+            parse(&["promote", "web", "--full"]).expect("valid").verb,
+            RolloutVerb::Promote { full: true, .. }
+        ));
+        let a = parse(&["status", "web", "--watch", "--timeout", "5m"]).expect("valid");
+        let RolloutVerb::Status { watch, timeout, .. } = a.verb else {
+            panic!("not status")
+        };
+        assert!(watch);
+        assert_eq!(timeout, Duration::from_secs(300));
+        let RolloutVerb::Status { watch, timeout, .. } =
+            parse(&["status", "web"]).expect("valid").verb
+        else {
+            panic!("not status")
+        };
+        assert!(!watch && timeout.is_zero());
+        for verb in [
+            "get", "pause", "abort", "retry", "status", "promote", "undo",
+        ] {
+            assert!(parse(&[verb]).is_err(), "{verb} needs SVC");
+        }
+        assert!(parse(&["list"]).is_ok());
+    }
+
+    /// Every flag of every rollout verb has a `SWITCHYARD_*` variable, and its default is
+    /// shown by `--help` (clap's `[default: …]`, or "default:" in the text where the
+    /// default is not a value, such as "10 x --pause"); switches default to off.
+    #[test]
+    fn every_flag_has_a_variable_and_shows_its_default() {
+        let mut cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || id == "help" {
+                    continue;
+                }
+                let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+                assert!(
+                    env.starts_with("SWITCHYARD_"),
+                    "{} --{id} has no variable",
+                    sub.get_name()
+                );
+                if !arg.is_global_set() {
+                    let prefix = format!("SWITCHYARD_ROLLOUT_{}_", sub.get_name().to_uppercase());
+                    assert!(env.starts_with(&prefix), "{} --{id}: {env}", sub.get_name());
+                }
+                // A required flag has no default; a switch defaults to off.
+                let switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                assert!(
+                    switch
+                        || arg.is_required_set()
+                        || !arg.get_default_values().is_empty()
+                        || help.contains("default:"),
+                    "{} --{id} does not show its default",
+                    sub.get_name()
+                );
+            }
+        }
+        let help = cmd
+            .find_subcommand_mut("start")
+            .expect("start")
+            .render_long_help()
+            .to_string();
+        for shown in [
+            "[default: 5,25,50,100]",
+            "[default: 60s]",
+            "[default: 10s]",
+            "[default: 0.05]",
+            "[default: 1]",
+            "[default: 100]",
+            "(default: 10 x --pause)",
+            "[default: pause]",
+            "[env: SWITCHYARD_ROLLOUT_START_STEPS=]",
+        ] {
+            assert!(help.contains(shown), "start --help lacks {shown}:\n{help}");
+        }
+    }
+
+    fn counts(requests: u64, errors: u64, slow: u64) -> Option<pb::RolloutCounts> {
+        Some(pb::RolloutCounts {
+            requests,
+            errors,
+            slow,
+        })
+    }
+
+    /// A rollout of web 2.0.0 paused for traffic at step 2 of 4, with evidence.
+    fn sample(phase: pb::RolloutPhase) -> pb::Rollout {
+        pb::Rollout {
+            namespace: "default".into(),
+            service: "web".into(),
+            spec: Some(spec_to_pb(&RolloutSpec::new("2.0.0"))),
+            status: Some(pb::RolloutStatus {
+                phase: phase as i32,
+                pause_reason: pb::PauseReason::InsufficientTraffic as i32,
+                step: 1,
+                weight: 25,
+                message: "step 2 has 40 of 100 canary requests".into(),
+                generation: 9,
+                started_at_ms: 1_795_700_000_000,
+                updated_at_ms: 1_795_700_060_000,
+                step_started_at_ms: 1_795_700_030_000,
+                evidence: Some(pb::RolloutEvidence {
+                    canary: counts(1_000, 5, 20),
+                    baseline: counts(20_000, 60, 300),
+                    step_canary: counts(40, 1, 2),
+                    step_baseline: counts(900, 3, 10),
+                    error_e: 4.2,
+                    slow_e: 0.75,
+                    canary_error_rate_upper_95: 0.0109,
+                    canary_p99_ms: 48.5,
+                    baseline_p99_ms: 41.0,
+                    failed_checks: 1,
+                }),
+                base_policy_revision: 12,
+            }),
+        }
+    }
+
+    #[test]
+    fn get_prints_the_phase_the_step_and_the_evidence() {
+        let d = doc(&sample(pb::RolloutPhase::Paused));
+        let text = render_get(&d);
+        for shown in [
+            "service:   web (namespace default)",
+            "canary:    2.0.0",
+            "baseline:  (the serving version)",
+            "phase:     Paused (insufficient traffic)",
+            "step:      2/4 at 25% canary (steps 5,25,50,100)",
+            "message:   step 2 has 40 of 100 canary requests",
+            "2026-11-26T13:33:20Z",
+            "canary 40 of 100 requests needed",
+            "0.50%",
+            "0.30%",
+            "48.5ms",
+            "41.0ms",
+            "error E:   4.200  slow E: 0.750  (aborts at E >= 20 = 1/alpha)",
+            "95% upper bound: 1.09%",
+            "failed checks: 1 of 5",
+        ] {
+            assert!(text.contains(shown), "lacks {shown:?}:\n{text}");
+        }
+        assert_eq!(
+            brief(&d),
+            "web: Paused (insufficient traffic), step 2/4 at 25% canary: step 2 has 40 of 100 canary requests"
+        );
+        // The pause reason belongs to PAUSED only.
+        let d = doc(&sample(pb::RolloutPhase::Progressing));
+        assert_eq!(d.phase_text, "Progressing");
+        assert_eq!(d.pause_reason, None);
+    }
+
+    #[test]
+    fn json_is_a_stable_snake_case_document() {
+        let v = serde_json::to_value(doc(&sample(pb::RolloutPhase::Paused))).expect("json");
+        assert_eq!(v["service"], "web");
+        assert_eq!(v["canary"], "2.0.0");
+        assert_eq!(v["phase"], "paused");
+        assert_eq!(v["pause_reason"], "insufficient_traffic");
+        assert_eq!(
+            (
+                v["step_index"].clone(),
+                v["step_count"].clone(),
+                v["weight"].clone()
+            ),
+            (1.into(), 4.into(), 25.into())
+        );
+        assert_eq!(v["updated_at"], "2026-11-26T13:34:20Z");
+        assert_eq!(v["base_policy_revision"], 12);
+        assert_eq!(v["spec"]["steps"], serde_json::json!([5, 25, 50, 100]));
+        assert_eq!(v["spec"]["on_insufficient_traffic"], "pause");
+        assert_eq!(v["spec"]["max_error_rate"], serde_json::Value::Null);
+        let e = &v["evidence"];
+        assert_eq!(e["canary"]["requests"], 1_000);
+        assert_eq!(e["canary"]["error_rate"], 0.005);
+        assert_eq!(e["baseline"]["slow"], 300);
+        assert_eq!(e["step_canary"]["requests"], 40);
+        assert_eq!(e["min_requests"], 100);
+        assert_eq!(e["error_e"], 4.2);
+        assert_eq!(e["slow_e"], 0.75);
+        assert_eq!(e["abort_threshold"], 20.0);
+        assert_eq!(e["canary_error_rate_upper_95"], 0.0109);
+        assert_eq!(
+            (e["canary_p99_ms"].clone(), e["baseline_p99_ms"].clone()),
+            (48.5.into(), 41.0.into())
+        );
+        assert_eq!(
+            (e["failed_checks"].clone(), e["max_failed_checks"].clone()),
+            (1.into(), 5.into())
+        );
+        assert!(v.get("phase_text").is_none(), "table-only fields stay out");
+        // A rollout the registry sent without a status or spec still renders.
+        let empty = doc(&pb::Rollout::default());
+        assert_eq!(empty.phase, "unknown");
+        assert_eq!(empty.evidence.abort_threshold, 20.0);
+        render_get(&empty);
+    }
+
+    #[test]
+    fn list_has_one_row_per_rollout() {
+        let docs = vec![doc(&sample(pb::RolloutPhase::Progressing))];
+        let rows = list_rows(&docs);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].len(), LIST_HEADER.len());
+        assert_eq!(
+            rows[0],
+            vec![
+                "web",
+                "2.0.0",
+                "",
+                "Progressing",
+                "2/4",
+                "25%",
+                "4.20/20",
+                "0.75/20",
+                "2026-11-26T13:34:20Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn status_exits_zero_only_when_succeeded() {
+        let code = |phase, watching| {
+            let r = sample(phase);
+            outcome(&r, &doc(&r), watching).err().map(|e| e.code)
+        };
+        use pb::RolloutPhase as P;
+        assert_eq!(code(P::Succeeded, false), None);
+        assert_eq!(code(P::Aborted, false), Some(EXIT_ROLLOUT_ABORTED));
+        assert_eq!(code(P::Aborting, false), Some(EXIT_ROLLOUT_ABORTED));
+        assert_eq!(code(P::Superseded, false), Some(EXIT_ROLLOUT_ABORTED));
+        for p in [
+            P::Pending,
+            P::Initializing,
+            P::Progressing,
+            P::Promoting,
+            P::Paused,
+            P::Unspecified,
+        ] {
+            assert_eq!(code(p, false), Some(EXIT_ROLLOUT_UNFINISHED), "{p:?}");
+        }
+        assert_ne!(EXIT_ROLLOUT_ABORTED, EXIT_ROLLOUT_UNFINISHED);
+        assert!(
+            ![0, 2, EXIT_CONFIG, super::super::EXIT_UNAVAILABLE].contains(&EXIT_ROLLOUT_UNFINISHED)
+        );
+    }
+
+    #[test]
+    fn watch_prints_changes_and_ends_on_a_terminal_phase() {
+        use pb::RolloutPhase as P;
+        let mut f = Follower::new(Output::Table);
+        let mut r = sample(P::Progressing);
+        let seen = f.observe(&r);
+        assert!(seen
+            .line
+            .expect("first line")
+            .starts_with("web: Progressing, step 2/4"));
+        assert!(seen.end.is_none());
+        // New evidence alone prints nothing.
+        if let Some(s) = r.status.as_mut() {
+            s.evidence = None;
+            s.generation += 1;
+        }
+        let seen = f.observe(&r);
+        assert!(seen.line.is_none() && seen.end.is_none());
+        if let Some(s) = r.status.as_mut() {
+            s.phase = P::Paused as i32;
+        }
+        assert!(f.observe(&r).end.is_none(), "a pause is waited out");
+        if let Some(s) = r.status.as_mut() {
+            s.phase = P::Succeeded as i32;
+            s.step = 3;
+            s.weight = 100;
+            s.message = "promoted".into();
+        }
+        let seen = f.observe(&r);
+        assert_eq!(
+            seen.line.as_deref(),
+            Some("web: Succeeded, step 4/4 at 100% canary: promoted")
+        );
+        assert!(matches!(seen.end, Some(Ok(()))));
+
+        let mut f = Follower::new(Output::Table);
+        let seen = f.observe(&sample(P::Aborted));
+        assert_eq!(
+            seen.end.and_then(|r| r.err()).map(|e| e.code),
+            Some(EXIT_ROLLOUT_ABORTED)
+        );
+    }
+
+    #[test]
+    fn watch_notices_a_newer_rollout_and_prints_json_lines() {
+        let mut f = Follower::new(Output::Json);
+        let first = f.observe(&sample(pb::RolloutPhase::Progressing));
+        let line = first.line.expect("a line");
+        assert!(!line.contains('\n'), "one document per line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["phase"], "progressing");
+        let mut newer = sample(pb::RolloutPhase::Pending);
+        if let Some(s) = newer.spec.as_mut() {
+            s.canary = "3.0.0".into();
+        }
+        let e = f
+            .observe(&newer)
+            .end
+            .and_then(|r| r.err())
+            .expect("superseded");
+        assert_eq!(e.code, EXIT_ROLLOUT_ABORTED);
+        assert!(
+            e.message.contains("superseded by a rollout of 3.0.0"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn refusals_tell_what_to_do() {
+        let e = rpc_error(
+            "rollout of web",
+            "web",
+            tonic::Status::not_found("no rollout of web"),
+        );
+        assert_eq!(e.code, EXIT_CONFIG);
+        assert!(
+            e.message.contains("rollout start web --canary"),
+            "{}",
+            e.message
+        );
+        let e = rpc_error("x", "web", tonic::Status::unimplemented(""));
+        assert!(e.message.contains("does not run rollouts"), "{}", e.message);
+        let e = rpc_error(
+            "x",
+            "web",
+            tonic::Status::already_exists("2.0.0 is rolling out"),
+        );
+        assert!(e.message.contains("status web --watch"), "{}", e.message);
+        assert!(transient(&tonic::Status::unavailable("leader changed")));
+        assert!(!transient(&tonic::Status::not_found("gone")));
+    }
 }
