@@ -863,6 +863,13 @@ async fn follow(
 /// group adds: a registry without rollouts, a canary already rolling out.
 fn rpc_error(what: &str, service: &str, s: tonic::Status) -> CliError {
     let code = s.code();
+    // A status without a message (e.g. a route the registry does not serve) still says
+    // what went wrong.
+    let s = if s.message().is_empty() {
+        tonic::Status::new(code, format!("{code:?}: {}", code.description()))
+    } else {
+        s
+    };
     let mut e = status_error(what, s);
     match code {
         tonic::Code::Unimplemented => e.message.push_str(
@@ -948,7 +955,7 @@ pub async fn run(args: RolloutArgs) -> Result<(), CliError> {
                     namespace: ns.clone(),
                 })
                 .await
-                .map_err(|s| status_error("cannot list rollouts", s))?
+                .map_err(|s| rpc_error("cannot list rollouts", "SVC", s))?
                 .into_inner()
                 .rollouts;
             let docs: Vec<RolloutDoc> = rollouts.iter().map(doc).collect();
@@ -1645,5 +1652,297 @@ mod tests {
         assert!(e.message.contains("status web --watch"), "{}", e.message);
         assert!(transient(&tonic::Status::unavailable("leader changed")));
         assert!(!transient(&tonic::Status::not_found("gone")));
+    }
+
+    /// A fake `Rollouts` server (a test double in the way of `switchyard_testkit::fake`,
+    /// not the registry's): `get` answers one rollout, each `watch` plays the next
+    /// script, then ends the stream or stays open.
+    mod fake {
+        use std::collections::VecDeque;
+        use std::pin::Pin;
+        use std::sync::{Arc, Mutex};
+
+        use switchyard_proto::v1 as pb;
+        use switchyard_proto::v1::rollouts_server::{Rollouts, RolloutsServer};
+        use tokio_stream::{Stream, StreamExt};
+        use tonic::transport::server::TcpIncoming;
+        use tonic::{Request, Response, Status};
+
+        pub struct Script {
+            pub items: Vec<Result<pb::Rollout, Status>>,
+            /// Stay open after the items (a watch that sees no further change).
+            pub hang: bool,
+        }
+
+        #[derive(Default)]
+        pub struct Fake {
+            pub rollout: Mutex<Option<pb::Rollout>>,
+            pub scripts: Mutex<VecDeque<Script>>,
+            pub watches: Mutex<u32>,
+            pub requests: Mutex<Vec<String>>,
+            pub started: Mutex<Vec<pb::StartRolloutRequest>>,
+        }
+
+        impl Fake {
+            fn answer(&self, what: String) -> Result<Response<pb::RolloutResponse>, Status> {
+                self.requests.lock().expect("lock").push(what);
+                match self.rollout.lock().expect("lock").clone() {
+                    Some(r) => Ok(Response::new(pb::RolloutResponse { rollout: Some(r) })),
+                    None => Err(Status::not_found("no rollout of web")),
+                }
+            }
+        }
+
+        type Watch = Pin<Box<dyn Stream<Item = Result<pb::RolloutResponse, Status>> + Send>>;
+
+        #[tonic::async_trait]
+        impl Rollouts for Fake {
+            async fn start(
+                &self,
+                r: Request<pb::StartRolloutRequest>,
+            ) -> Result<Response<pb::RolloutResponse>, Status> {
+                self.started.lock().expect("lock").push(r.into_inner());
+                self.answer("start".into())
+            }
+            async fn get(
+                &self,
+                r: Request<pb::RolloutRef>,
+            ) -> Result<Response<pb::RolloutResponse>, Status> {
+                self.answer(format!("get {}", r.into_inner().service))
+            }
+            async fn list(
+                &self,
+                _: Request<pb::ListRolloutsRequest>,
+            ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+                let rollouts = self
+                    .rollout
+                    .lock()
+                    .expect("lock")
+                    .clone()
+                    .into_iter()
+                    .collect();
+                Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
+            }
+            type WatchStream = Watch;
+            async fn watch(&self, _: Request<pb::RolloutRef>) -> Result<Response<Watch>, Status> {
+                *self.watches.lock().expect("lock") += 1;
+                let script = self.scripts.lock().expect("lock").pop_front();
+                let Some(script) = script else {
+                    return Err(Status::not_found("no rollout of web"));
+                };
+                let items = tokio_stream::iter(
+                    script
+                        .items
+                        .into_iter()
+                        .map(|r| r.map(|r| pb::RolloutResponse { rollout: Some(r) })),
+                );
+                let stream: Watch = if script.hang {
+                    Box::pin(items.chain(tokio_stream::pending()))
+                } else {
+                    Box::pin(items)
+                };
+                Ok(Response::new(stream))
+            }
+            async fn promote(
+                &self,
+                r: Request<pb::PromoteRolloutRequest>,
+            ) -> Result<Response<pb::RolloutResponse>, Status> {
+                self.answer(format!("promote full={}", r.into_inner().full))
+            }
+            async fn pause(
+                &self,
+                _: Request<pb::RolloutRef>,
+            ) -> Result<Response<pb::RolloutResponse>, Status> {
+                self.answer("pause".into())
+            }
+            async fn abort(
+                &self,
+                _: Request<pb::RolloutRef>,
+            ) -> Result<Response<pb::RolloutResponse>, Status> {
+                self.answer("abort".into())
+            }
+            async fn retry(
+                &self,
+                _: Request<pb::RolloutRef>,
+            ) -> Result<Response<pb::RolloutResponse>, Status> {
+                self.answer("retry".into())
+            }
+            async fn undo(
+                &self,
+                r: Request<pb::UndoRolloutRequest>,
+            ) -> Result<Response<pb::RolloutResponse>, Status> {
+                self.answer(format!("undo {}", r.into_inner().to_revision))
+            }
+        }
+
+        /// Serves `fake` on `127.0.0.1:0` until the test's runtime ends; its URL.
+        pub async fn serve(fake: Arc<Fake>) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind the fake");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(RolloutsServer::from_arc(fake))
+                    .serve_with_incoming(TcpIncoming::from(listener))
+                    .await;
+            });
+            format!("http://{addr}")
+        }
+    }
+
+    async fn run_against(fake: &std::sync::Arc<fake::Fake>, argv: &[&str]) -> Result<(), CliError> {
+        let url = fake::serve(fake.clone()).await;
+        let mut full = argv.to_vec();
+        full.extend(["--registry", url.as_str()]);
+        run(parse(&full).expect("flags")).await
+    }
+
+    fn with_phase(phase: pb::RolloutPhase) -> Option<pb::Rollout> {
+        Some(sample(phase))
+    }
+
+    #[tokio::test]
+    async fn start_sends_the_checked_spec_and_bad_flags_need_no_registry() {
+        let f = std::sync::Arc::new(fake::Fake::default());
+        *f.rollout.lock().expect("lock") = with_phase(pb::RolloutPhase::Pending);
+        run_against(&f, &["start", "web", "--canary", "2.0.0", "-n", "shop"])
+            .await
+            .expect("started");
+        let started = f.started.lock().expect("lock").clone();
+        assert_eq!(started.len(), 1);
+        assert_eq!(
+            (started[0].namespace.as_str(), started[0].service.as_str()),
+            ("shop", "web")
+        );
+        assert_eq!(
+            started[0].spec,
+            Some(spec_to_pb(&RolloutSpec::new("2.0.0")))
+        );
+        // Refused before any call: nothing listens at this registry.
+        let args = parse(&[
+            "start",
+            "web",
+            "--canary",
+            "2.0.0",
+            "--alpha",
+            "2",
+            "--registry",
+            "http://127.0.0.1:1",
+        ])
+        .expect("flags");
+        assert_eq!(run(args).await.expect_err("refused").code, EXIT_CONFIG);
+    }
+
+    #[tokio::test]
+    async fn control_verbs_call_their_rpc() {
+        let f = std::sync::Arc::new(fake::Fake::default());
+        *f.rollout.lock().expect("lock") = with_phase(pb::RolloutPhase::Paused);
+        for argv in [
+            &["promote", "web", "--full"][..],
+            &["pause", "web"],
+            &["abort", "web"],
+            &["retry", "web"],
+            &["undo", "web", "--to-revision", "4"],
+            &["get", "web", "-o", "json"],
+            &["list"],
+        ] {
+            run_against(&f, argv).await.expect("answered");
+        }
+        assert_eq!(
+            *f.requests.lock().expect("lock"),
+            vec![
+                "promote full=true",
+                "pause",
+                "abort",
+                "retry",
+                "undo 4",
+                "get web"
+            ]
+        );
+        *f.rollout.lock().expect("lock") = None;
+        let e = run_against(&f, &["get", "web"]).await.expect_err("none");
+        assert_eq!(e.code, EXIT_CONFIG);
+        assert!(e.message.contains("rollout start web"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn status_without_watch_exits_by_phase() {
+        let f = std::sync::Arc::new(fake::Fake::default());
+        for (phase, code) in [
+            (pb::RolloutPhase::Succeeded, None),
+            (pb::RolloutPhase::Aborted, Some(EXIT_ROLLOUT_ABORTED)),
+            (pb::RolloutPhase::Progressing, Some(EXIT_ROLLOUT_UNFINISHED)),
+        ] {
+            *f.rollout.lock().expect("lock") = with_phase(phase);
+            let got = run_against(&f, &["status", "web"])
+                .await
+                .err()
+                .map(|e| e.code);
+            assert_eq!(got, code, "{phase:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn watch_reconnects_after_a_broken_stream_and_ends_on_success() {
+        use pb::RolloutPhase as P;
+        let f = std::sync::Arc::new(fake::Fake::default());
+        let mut done = sample(P::Succeeded);
+        if let Some(s) = done.status.as_mut() {
+            (s.step, s.weight) = (3, 100);
+        }
+        f.scripts.lock().expect("lock").extend([
+            fake::Script {
+                items: vec![
+                    Ok(sample(P::Progressing)),
+                    Err(tonic::Status::unavailable("leader changed")),
+                ],
+                hang: false,
+            },
+            fake::Script {
+                items: vec![Ok(sample(P::Progressing))],
+                hang: false,
+            },
+            fake::Script {
+                items: vec![Ok(sample(P::Paused)), Ok(done)],
+                hang: true,
+            },
+        ]);
+        run_against(&f, &["status", "web", "--watch", "--timeout", "30s"])
+            .await
+            .expect("succeeded");
+        assert_eq!(*f.watches.lock().expect("lock"), 3);
+    }
+
+    #[tokio::test]
+    async fn watch_gives_up_at_the_timeout_and_on_a_refusal() {
+        let f = std::sync::Arc::new(fake::Fake::default());
+        f.scripts.lock().expect("lock").push_back(fake::Script {
+            items: vec![Ok(sample(pb::RolloutPhase::Progressing))],
+            hang: true,
+        });
+        let e = run_against(&f, &["status", "web", "--watch", "--timeout", "300ms"])
+            .await
+            .expect_err("timed out");
+        assert_eq!(e.code, EXIT_ROLLOUT_UNFINISHED);
+        assert!(
+            e.message
+                .contains("after --timeout 300ms: it is Progressing"),
+            "{}",
+            e.message
+        );
+        // No script left: the fake refuses with NOT_FOUND, which is not retried.
+        let e = run_against(&f, &["status", "web", "--watch"])
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code, EXIT_CONFIG);
+        f.scripts.lock().expect("lock").push_back(fake::Script {
+            items: vec![Ok(sample(pb::RolloutPhase::Aborted))],
+            hang: true,
+        });
+        let e = run_against(&f, &["status", "web", "-w"])
+            .await
+            .expect_err("aborted");
+        assert_eq!(e.code, EXIT_ROLLOUT_ABORTED);
     }
 }
