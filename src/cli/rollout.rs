@@ -68,7 +68,8 @@ pub enum RolloutVerb {
     /// List the newest rollout of every service of the namespace.
     List,
     /// Print the rollout's phase; exit 0 only when it SUCCEEDED, 1 when it was aborted or
-    /// superseded, 3 while it is under way (or when --timeout passes with --watch).
+    /// superseded, 3 while it is under way (or when --timeout passes with --watch). With
+    /// -o json: the rollout's document (with --watch, one per line per change).
     Status {
         service: String,
         /// Follow the rollout, printing every change, until it succeeds, is aborted or is
@@ -132,7 +133,7 @@ pub struct StartArgs {
     /// --steps (default: unset, --steps applies).
     #[arg(long, env = "SWITCHYARD_ROLLOUT_START_STEP_WEIGHT")]
     pub step_weight: Option<u32>,
-    /// The last step below 100 that --step-weight makes.
+    /// The highest weight --step-weight's steps may reach before the final 100.
     #[arg(
         long,
         env = "SWITCHYARD_ROLLOUT_START_MAX_WEIGHT",
