@@ -748,8 +748,10 @@ fn print_doc(d: &RolloutDoc, output: Output) -> Result<(), CliError> {
 /// stream so it can be tested without a registry).
 struct Follower {
     output: Output,
-    /// The followed rollout (canary, start time): another one means it was superseded.
-    watched: Option<(String, u64)>,
+    /// The canary of the followed rollout: a rollout of another canary means it was
+    /// superseded. (The canary alone tells: while a rollout is active the registry refuses
+    /// another of the same canary, and once it has ended the watch has stopped.)
+    watched: Option<String>,
     /// What was printed last, so evidence updates (every interval) do not repeat a line.
     printed: String,
 }
@@ -772,23 +774,19 @@ impl Follower {
 
     fn observe(&mut self, r: &pb::Rollout) -> Observed {
         let d = doc(r);
-        let id = (
-            d.canary.clone(),
-            r.status.as_ref().map_or(0, |s| s.started_at_ms),
-        );
-        if let Some(prev) = self.watched.as_ref().filter(|prev| **prev != id) {
+        if let Some(prev) = self.watched.as_ref().filter(|prev| **prev != d.canary) {
             return Observed {
                 line: None,
                 end: Some(Err(CliError::new(
                     EXIT_ROLLOUT_ABORTED,
                     format!(
                         "the rollout of {} to {} was superseded by a rollout of {}: follow that one with `switchyard rollout status {} --watch`",
-                        prev.0, d.service, d.canary, d.service
+                        prev, d.service, d.canary, d.service
                     ),
                 ))),
             };
         }
-        self.watched = Some(id);
+        self.watched = Some(d.canary.clone());
         let key = format!(
             "{}|{}|{}|{}",
             d.phase_text, d.step_index, d.weight, d.message
