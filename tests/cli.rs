@@ -271,6 +271,52 @@ fn operator_verbs_explain_an_unreachable_registry() {
     assert_eq!(bad.status.code(), Some(2), "clap refuses a TTL over 1 h");
 }
 
+/// What `rollout` refuses on its own, before (or without) a registry: a spec the
+/// registry would refuse exits 64 naming the flag, clap's conflicts exit 2, and an
+/// unreachable registry exits 69 (not `status`'s 1 or 3, which speak of the rollout).
+#[test]
+fn rollout_verbs_refuse_bad_flags_without_a_registry() {
+    let nowhere = ["--registry", "http://127.0.0.1:1"];
+    let start = |extra: &[&str]| {
+        let mut args = vec!["rollout", "start", "web", "--canary", "2.0.0"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&nowhere);
+        run(&args)
+    };
+    let out = start(&["--steps", "50,25,100"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--steps"));
+    let out = start(&["--pause", "1m", "--step-deadline", "10s"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--step-deadline"));
+    let out = start(&["--steps", "5,100", "--step-weight", "10"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap refuses --steps with --step-weight"
+    );
+    let out = start(&["--webhook", "pre-rollout=https://hooks.test/"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses an https webhook");
+    let out = start(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "a valid spec goes to the registry"
+    );
+    for verb in [
+        &["status", "web"][..],
+        &["status", "web", "--watch"],
+        &["list"],
+    ] {
+        let mut args = vec!["rollout"];
+        args.extend_from_slice(verb);
+        args.extend_from_slice(&nowhere);
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(69), "{verb:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the registry"));
+    }
+}
+
 #[test]
 fn dev_uses_a_temp_dir_and_removes_it_at_exit() {
     // The banner is printed once the registry and the sidecar both serve.

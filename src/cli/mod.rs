@@ -15,6 +15,7 @@ mod demo;
 mod members;
 mod register;
 mod registry;
+mod rollout;
 mod route;
 mod route_resilience;
 mod sidecar;
@@ -89,6 +90,9 @@ pub enum Command {
     Instances(catalog::InstancesArgs),
     /// Show and change a service's routing policy (canary splits, header routes, rollback).
     Route(route::RouteArgs),
+    /// Canary rollouts the registry runs: start, follow (`status --watch`), promote, pause,
+    /// abort, retry, undo.
+    Rollout(rollout::RolloutArgs),
     /// List the registry cluster's members and state; add or remove a member.
     Members(members::MembersArgs),
     /// Request rate, error rate and p50/p99 by version, from the sidecars' reports.
@@ -144,6 +148,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Services(args) => catalog::services(args).await,
         Command::Instances(args) => catalog::instances(args).await,
         Command::Route(args) => route::run(args).await,
+        Command::Rollout(args) => rollout::run(args).await,
         Command::Demo => demo::run_demo().await,
         Command::Members(args) => members::run(args).await,
         Command::Top(args) => top::run(args).await,
