@@ -38,6 +38,17 @@ pub struct DemoBackendArgs {
     /// Instance id to answer with; default demo-VERSION-PORT.
     #[arg(long, env = "SWITCHYARD_DEMO_BACKEND_ID")]
     pub id: Option<String>,
+    /// Share of requests answered 503, spread evenly (0.05: one in twenty): a bad
+    /// canary to roll out.
+    #[arg(long, env = "SWITCHYARD_DEMO_BACKEND_ERROR_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_rate: f64,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a share between 0 and 1 (e.g. 0.05)")),
+    }
 }
 
 /// Serves `{"version":…,"instance":…}` on every path until `stop` resolves. Echoes the
@@ -46,9 +57,12 @@ pub async fn serve_backend(
     listener: TcpListener,
     version: String,
     id: String,
+    error_rate: f64,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let body: Arc<str> = format!("{{\"version\":\"{version}\",\"instance\":\"{id}\"}}\n").into();
+    let per_mille = (error_rate.clamp(0.0, 1.0) * 1000.0).round() as u64;
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
     tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
@@ -57,11 +71,18 @@ pub async fn serve_backend(
         };
         let Ok((stream, _)) = accepted else { continue };
         let body = body.clone();
+        let served = served.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let body = body.clone();
+                let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                // Request n fails when n·p/1000 crosses an integer: p of every 1,000.
+                let fails = per_mille > 0 && (n * per_mille) / 1000 != ((n - 1) * per_mille) / 1000;
                 async move {
                     let mut resp = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+                    if fails {
+                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                    }
                     resp.headers_mut().insert(
                         hyper::header::CONTENT_TYPE,
                         hyper::header::HeaderValue::from_static("application/json"),
@@ -97,7 +118,7 @@ pub async fn run_backend(args: DemoBackendArgs) -> Result<(), CliError> {
         "demo backend {id} (version {}) on http://{addr}",
         args.version
     );
-    serve_backend(listener, args.version, id, stop).await;
+    serve_backend(listener, args.version, id, args.error_rate, stop).await;
     Ok(())
 }
 
@@ -236,6 +257,8 @@ pub async fn run_demo() -> Result<(), CliError> {
     let url = format!("http://{}", registry.grpc_addr);
     let mut config = SidecarConfig::new(vec![url.clone()]);
     config.discovery.cache_file = Some(dir.path().join("sidecar-catalog.json"));
+    // Short windows, so act 2's rollouts have evidence within seconds.
+    config.telemetry.interval = Duration::from_millis(500);
     let sidecar = switchyard_sidecar::start(
         config,
         SidecarListeners {
@@ -262,6 +285,7 @@ pub async fn run_demo() -> Result<(), CliError> {
             listener,
             version.into(),
             id.into(),
+            0.0,
             async move {
                 let _ = rx.wait_for(|s| *s).await;
             },
@@ -420,10 +444,12 @@ pub async fn run_demo() -> Result<(), CliError> {
         );
     }
 
+    act_two(&url, &mut reg, &client, proxy, &sidecar.table, &stop_rx).await?;
+
     let _ = stop_tx.send(true);
     sidecar.shutdown().await;
     registry.shutdown().await;
-    println!("\ndone in {:.1} s. Try it by hand: `switchyard dev`, `switchyard demo-backend --version v2 --listen 127.0.0.1:9002`, `switchyard register …`, `switchyard route …`.", started.elapsed().as_secs_f64());
+    println!("\ndone in {:.1} s. Try it by hand: `switchyard dev`, `switchyard demo-backend --version v2 --listen 127.0.0.1:9002`, `switchyard register …`, `switchyard route …`, `switchyard rollout …`.", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -440,5 +466,148 @@ async fn wait_for_revision(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(())
+}
+
+/// Act 2: automated rollouts. A healthy canary (v3) promotes itself step by step; then a
+/// bad one (v4, 5 % errors) is aborted by the gate on its own, with the evidence shown.
+async fn act_two(
+    url: &str,
+    reg: &mut RegistryClient<tonic::transport::Channel>,
+    client: &HttpClient,
+    proxy: SocketAddr,
+    table: &switchyard_sidecar::EndpointTable,
+    stop_rx: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(), CliError> {
+    use switchyard_proto::v1::rollouts_client::RolloutsClient;
+    println!("\n== act 2: automated rollouts, judged by the registry from the sidecar's per-version reports");
+    for (id, version, error_rate) in [("web-v3-a", "v3", 0.0), ("web-v4-a", "v4", 0.05)] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.map_err(fail)?;
+        let addr = listener.local_addr().map_err(fail)?;
+        let mut rx = stop_rx.clone();
+        tokio::spawn(serve_backend(
+            listener,
+            version.into(),
+            id.into(),
+            error_rate,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ));
+        let revision = reg
+            .register(pb::RegisterRequest {
+                instance: Some(pb::Instance {
+                    service: "web".into(),
+                    id: id.into(),
+                    address: addr.ip().to_string(),
+                    port: u32::from(addr.port()),
+                    version: version.into(),
+                    ..Default::default()
+                }),
+                ttl_seconds: 30,
+                lease_id: 0,
+            })
+            .await
+            .map_err(fail)?
+            .into_inner()
+            .revision;
+        wait_for_revision(table, revision).await?;
+        let errors = if error_rate > 0.0 {
+            format!(", answers 503 to {:.0}% of requests", error_rate * 100.0)
+        } else {
+            String::new()
+        };
+        println!("registered {id} (version {version}{errors}) at {addr}");
+    }
+    // Steady traffic through the sidecar for the whole act (about 400 requests a second).
+    let (load_stop, load_rx) = tokio::sync::watch::channel(false);
+    for _ in 0..4 {
+        let client = client.clone();
+        let rx = load_rx.clone();
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(120);
+            while !*rx.borrow() && Instant::now() < until {
+                let req = hyper::Request::builder()
+                    .uri(format!("http://{proxy}/"))
+                    .header(hyper::header::HOST, "web")
+                    .body(Empty::<Bytes>::new());
+                if let Ok(req) = req {
+                    if let Ok(resp) = client.request(req).await {
+                        let _ = resp.into_body().collect().await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+    let mut rollouts = RolloutsClient::connect(url.to_string())
+        .await
+        .map_err(fail)?;
+    for (canary, baseline, pause) in [("v3", "v1", 2_000), ("v4", "v3", 60_000)] {
+        let command = format!(
+            "switchyard rollout start web --canary {canary} --baseline {baseline} --steps 10,50,100 --pause {}s --interval 1s",
+            pause / 1000
+        );
+        println!("\n== rollout of {canary}   ($ {command})");
+        rollouts
+            .start(pb::StartRolloutRequest {
+                namespace: String::new(),
+                service: "web".into(),
+                spec: Some(pb::RolloutSpec {
+                    canary: canary.into(),
+                    baseline: baseline.into(),
+                    steps: vec![10, 50, 100],
+                    pause_ms: pause,
+                    interval_ms: 1_000,
+                    min_requests: 100,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(fail)?;
+        let started = Instant::now();
+        let mut last = String::new();
+        let done = loop {
+            let r = rollouts
+                .get(pb::RolloutRef {
+                    namespace: String::new(),
+                    service: "web".into(),
+                })
+                .await
+                .map_err(fail)?
+                .into_inner()
+                .rollout
+                .ok_or_else(|| fail("the registry returned no rollout"))?;
+            let line = super::rollout::one_line(&r);
+            let (phase, step, weight) = r
+                .status
+                .as_ref()
+                .map_or((pb::RolloutPhase::Unspecified, 0, 0), |s| {
+                    (s.phase(), s.step, s.weight)
+                });
+            let key = format!("{phase:?}/{step}/{weight}");
+            if key != last {
+                println!("  [{:>5.1} s] {line}", started.elapsed().as_secs_f64());
+                last = key;
+            }
+            if matches!(
+                phase,
+                pb::RolloutPhase::Succeeded | pb::RolloutPhase::Aborted | pb::RolloutPhase::Paused
+            ) {
+                break r;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(fail(format!(
+                    "the rollout of {canary} did not end within 60 s: {line}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        println!("  $ switchyard rollout get web");
+        for l in super::rollout::render(&done).lines() {
+            println!("    {l}");
+        }
+    }
+    let _ = load_stop.send(true);
     Ok(())
 }

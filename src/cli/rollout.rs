@@ -543,6 +543,16 @@ fn doc(r: &pb::Rollout) -> RolloutDoc {
     }
 }
 
+/// `rollout get`'s table of a rollout (the demo prints it too).
+pub fn render(r: &pb::Rollout) -> String {
+    render_get(&doc(r))
+}
+
+/// `rollout status`'s one line of a rollout.
+pub fn one_line(r: &pb::Rollout) -> String {
+    brief(&doc(r))
+}
+
 fn percent(f: f64) -> String {
     format!("{:.2}%", f * 100.0)
 }
