@@ -1077,3 +1077,130 @@ fn top_shows_what_a_sidecar_process_reported_per_version() {
     registry.signal("-TERM");
     assert!(registry.wait(Duration::from_secs(10)).success());
 }
+
+#[test]
+fn rollout_verbs_steer_a_rollout_on_a_real_registry() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
+    let mut holders = Vec::new();
+    for (port, version) in [("9101", "1.0.0"), ("9102", "2.0.0")] {
+        let mut p = Proc(
+            Command::new(BIN)
+                .args([
+                    "register",
+                    "--registry",
+                    &url,
+                    "--service",
+                    "web",
+                    "--address",
+                    "127.0.0.1",
+                    "--port",
+                    port,
+                    "--version",
+                    version,
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn"),
+        );
+        let mut line = String::new();
+        BufReader::new(p.0.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert!(line.starts_with("registered"), "{line}");
+        holders.push(p);
+    }
+    let rollout = |args: &[&str]| {
+        let mut all = vec!["rollout"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--registry", &url]);
+        run(&all)
+    };
+    let text = |o: &Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let get = || -> serde_json::Value {
+        let out = rollout(&["get", "web", "-o", "json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    // Polls `get` until `check` holds (a real registry's loop moves the rollout).
+    let wait = |what: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = get();
+            if check(&r) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "not {what}: {r:#}");
+            // Poll interval of a wait bounded by its deadline.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let out = rollout(&[
+        "start", "web", "--canary", "2.0.0", "--steps", "20,100", "--pause", "10m",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r = wait("at 20%", &|r| {
+        r["weight"] == 20 && r["phase"] == "progressing"
+    });
+    assert_eq!(
+        r["baseline"], "1.0.0",
+        "the serving version is the baseline"
+    );
+    assert_eq!(r["spec"]["min_requests"], 100);
+    // The same canary again is refused while it runs.
+    let out = rollout(&["start", "web", "--canary", "2.0.0"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("already rolling out"), "{}", text(&out));
+    // Paused: status says so and exits 3 (unfinished).
+    let out = rollout(&["pause", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = rollout(&["status", "web"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("Paused"), "{}", text(&out));
+    // Promote goes to the next (last) step; promote --full finishes it.
+    let out = rollout(&["promote", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait("at its last step", &|r| {
+        r["weight"] == 100 && r["phase"] == "progressing"
+    });
+    let out = rollout(&["promote", "web", "--full"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = rollout(&["status", "web", "--watch", "--timeout", "15s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("Succeeded"), "{}", text(&out));
+    let shown = text(&run(&["route", "show", "web", "--registry", &url]));
+    assert!(shown.contains("default split: 2.0.0=100"), "{shown}");
+    // Nothing left to abort; undo puts the baseline back (there was no policy before).
+    let out = rollout(&["abort", "web"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = rollout(&["undo", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = text(&run(&["route", "show", "web", "--registry", &url]));
+    assert!(shown.contains("default split: 1.0.0=100"), "{shown}");
+    // An aborted rollout can be retried; list shows the newest per service.
+    let out = rollout(&[
+        "start", "web", "--canary", "2.0.0", "--steps", "50,100", "--pause", "10m",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = rollout(&["abort", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = rollout(&["status", "web"]);
+    assert_eq!(out.status.code(), Some(1), "aborted: {}", text(&out));
+    let out = rollout(&["retry", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait("retried", &|r| r["weight"] == 50);
+    let out = rollout(&["list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list:#}");
+    drop(holders);
+    registry.signal("-TERM");
+    assert!(registry.wait(Duration::from_secs(10)).success());
+}

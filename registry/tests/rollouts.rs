@@ -199,3 +199,53 @@ async fn one_active_rollout_per_service_and_a_newer_canary_supersedes_it() {
         .into_inner();
     assert_eq!(list.rollouts.len(), 1);
 }
+
+#[tokio::test]
+async fn a_restart_keeps_the_rollout_its_state_and_its_evidence() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = || switchyard_registry::RegistryConfig::new(dir.path().to_path_buf());
+    let reg = start_in(config()).await;
+    let url = format!("http://{}", reg.grpc_addr);
+    let mut c = RolloutsClient::connect(url.clone()).await.expect("connect");
+    let mut r = switchyard_proto::v1::registry_client::RegistryClient::connect(url)
+        .await
+        .expect("connect");
+    register(&mut r, instance("web", "web-1", "1.0.0"), 60).await;
+    register(&mut r, instance("web", "web-2", "2.0.0"), 60).await;
+    c.start(start("2.0.0", |s| s.steps = vec![30, 100]))
+        .await
+        .expect("start");
+    let before = eventually(std::time::Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = c.get(web()).await.ok()?.into_inner().rollout?;
+            (r.status.as_ref()?.weight == 30).then_some(r)
+        }
+    })
+    .await;
+    reg.shutdown().await;
+    let reg = start_in(config()).await;
+    let c = RolloutsClient::connect(format!("http://{}", reg.grpc_addr))
+        .await
+        .expect("connect");
+    // The log is replayed after the snapshot: wait for the rollout's generation.
+    let want = before.status.as_ref().map_or(0, |s| s.generation);
+    let after = eventually(std::time::Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = c.get(web()).await.ok()?.into_inner().rollout?;
+            (r.status.as_ref()?.generation >= want).then_some(r)
+        }
+    })
+    .await;
+    let (b, a) = (
+        before.status.as_ref().expect("status"),
+        after.status.as_ref().expect("status"),
+    );
+    assert_eq!(a.generation, b.generation);
+    assert_eq!(a.weight, 30);
+    assert_eq!(a.phase(), pb::RolloutPhase::Progressing);
+    assert_eq!(a.evidence, b.evidence);
+    assert_eq!(after.spec, before.spec);
+    reg.shutdown().await;
+}
