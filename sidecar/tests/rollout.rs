@@ -93,18 +93,28 @@ impl Setup {
             .expect("rollout")
     }
 
+    /// The newest rollout. A follower may not have applied a write the leader just
+    /// acknowledged, so NOT_FOUND is asked again (for a few seconds).
     async fn get(&self) -> pb::Rollout {
-        self.rollouts()
-            .await
-            .get(pb::RolloutRef {
-                namespace: String::new(),
-                service: "web".into(),
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .rollout
-            .expect("rollout")
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self
+                .rollouts()
+                .await
+                .get(pb::RolloutRef {
+                    namespace: String::new(),
+                    service: "web".into(),
+                })
+                .await
+            {
+                Ok(r) => return r.into_inner().rollout.expect("rollout"),
+                Err(e) if e.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                    // Poll interval of a wait bounded by its deadline.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("get: {e}"),
+            }
+        }
     }
 
     /// Waits until the rollout is in `phase`, failing at once if it ends elsewhere.
@@ -315,7 +325,8 @@ async fn a_canary_with_twice_the_baseline_error_rate_is_aborted_and_traffic_retu
     .await;
     let before = (s.stable.hits(), s.canary.hits());
     s.send(100).await;
-    assert_eq!(s.stable.hits(), before.0 + 100);
+    // At least the 100 (a request of the stopped load may still land there too).
+    assert!(s.stable.hits() >= before.0 + 100);
     assert_eq!(s.canary.hits(), before.1);
     s.sidecar.shutdown().await;
 }
