@@ -32,6 +32,7 @@
 //!   returns a handle with the real addresses and a graceful `shutdown`.
 
 pub mod api;
+pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod dns_source;

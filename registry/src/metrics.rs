@@ -62,6 +62,13 @@ pub struct Metrics {
     pub rollout_weight: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
     pub rollout_phase: Family<RolloutPhaseLabels, Gauge<i64, AtomicI64>>,
     pub rollout_error_e: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Requests refused by ACLs, by method (or `unknown_token`, `expired_token`).
+    pub acl_denials: Family<MethodLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,6 +140,12 @@ impl Default for Metrics {
         let rollout_weight = Family::default();
         let rollout_phase = Family::default();
         let rollout_error_e = Family::default();
+        let acl_denials = Family::default();
+        registry.register(
+            "acl_denials",
+            "Requests refused by ACLs, by method (unknown_token and expired_token: the token itself)",
+            acl_denials.clone(),
+        );
         registry.register(
             "rollout_transitions",
             "Rollout transitions the leader's loop applied, by the phase entered",
@@ -305,11 +318,19 @@ impl Default for Metrics {
             rollout_weight,
             rollout_phase,
             rollout_error_e,
+            acl_denials,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a request refused by ACLs.
+    pub fn acl_denied(&self, method: &'static str) {
+        self.acl_denials
+            .get_or_create(&MethodLabels { method })
+            .inc();
+    }
+
     /// Counts a transition into `phase`.
     pub fn rollout_transition(&self, phase: &'static str) {
         self.rollout_transitions

@@ -9,9 +9,11 @@ use switchyard_proto::v1::cluster_client::ClusterClient;
 use switchyard_proto::v1::discovery_client::DiscoveryClient;
 use switchyard_proto::v1::registry_client::RegistryClient;
 use switchyard_proto::v1::routing_client::RoutingClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{CliError, Output, EXIT_CONFIG, EXIT_UNAVAILABLE};
+use super::{CliError, Output, EXIT_CONFIG, EXIT_NOPERM, EXIT_UNAVAILABLE};
 
 /// Largest message the CLI accepts from the registry (a Watch snapshot of a big catalog).
 const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
@@ -44,6 +46,40 @@ pub struct OutputFlag {
     pub output: Output,
 }
 
+/// The `--token` of this run (set once by [`set_token`] before any verb runs).
+static TOKEN: std::sync::OnceLock<Option<MetadataValue<Ascii>>> = std::sync::OnceLock::new();
+
+/// Takes the global `--token` (SWITCHYARD_TOKEN) for every call this process makes.
+pub fn set_token(secret: Option<&str>) -> Result<(), CliError> {
+    let value = match secret.map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(format!("Bearer {s}").parse().map_err(|_| {
+            CliError::new(
+                EXIT_CONFIG,
+                "--token holds characters a header cannot carry: pass the secret `acl token create` printed",
+            )
+        })?),
+    };
+    let _ = TOKEN.set(value);
+    Ok(())
+}
+
+/// Adds `authorization: Bearer <secret>` to every call when a token was given.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connection to the registry that carries the run's token.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
 fn endpoint(url: &str) -> Result<Endpoint, CliError> {
     Endpoint::from_shared(url.to_string())
         .map(|e| e.connect_timeout(Duration::from_secs(3)))
@@ -51,28 +87,30 @@ fn endpoint(url: &str) -> Result<Endpoint, CliError> {
 }
 
 /// One connection to the registry at `url`; exit 69 with a hint when nothing answers.
-pub async fn channel(url: &str) -> Result<Channel, CliError> {
-    endpoint(url)?.connect().await.map_err(|e| {
+pub async fn channel(url: &str) -> Result<AuthChannel, CliError> {
+    let token = Bearer(TOKEN.get().cloned().flatten());
+    let channel = endpoint(url)?.connect().await.map_err(|e| {
         CliError::new(
             EXIT_UNAVAILABLE,
             format!("cannot reach the registry at {url}: {e}; is `switchyard dev` or `switchyard registry` running there? (set --registry or SWITCHYARD_REGISTRY)"),
         )
-    })
+    })?;
+    Ok(InterceptedService::new(channel, token))
 }
 
-pub async fn connect_discovery(url: &str) -> Result<DiscoveryClient<Channel>, CliError> {
+pub async fn connect_discovery(url: &str) -> Result<DiscoveryClient<AuthChannel>, CliError> {
     Ok(DiscoveryClient::new(channel(url).await?).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
-pub async fn connect_routing(url: &str) -> Result<RoutingClient<Channel>, CliError> {
+pub async fn connect_routing(url: &str) -> Result<RoutingClient<AuthChannel>, CliError> {
     Ok(RoutingClient::new(channel(url).await?))
 }
 
-pub async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CliError> {
+pub async fn connect_registry(url: &str) -> Result<RegistryClient<AuthChannel>, CliError> {
     Ok(RegistryClient::new(channel(url).await?))
 }
 
-pub async fn connect_cluster(url: &str) -> Result<ClusterClient<Channel>, CliError> {
+pub async fn connect_cluster(url: &str) -> Result<ClusterClient<AuthChannel>, CliError> {
     Ok(ClusterClient::new(channel(url).await?))
 }
 
@@ -82,6 +120,8 @@ pub fn status_error(what: &str, s: tonic::Status) -> CliError {
         tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
             EXIT_CONFIG
         }
+        // Sysexits EX_NOPERM: the token is missing, unknown or lacks the right.
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => EXIT_NOPERM,
         _ => EXIT_UNAVAILABLE,
     };
     if what.is_empty() {

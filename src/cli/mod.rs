@@ -8,6 +8,7 @@
 //! (the sidecar's `--dns` is `SWITCHYARD_SIDECAR_DNS`, `route match --to` is
 //! `SWITCHYARD_ROUTE_MATCH_TO`).
 
+mod acl;
 mod catalog;
 mod client;
 mod config;
@@ -33,6 +34,8 @@ pub const EXIT_UNAVAILABLE: u8 = 69;
 /// Exit status of a registry whose data dir could not be written (a full disk, lost
 /// permissions, a failed fsync; sysexits EX_IOERR): its supervisor should restart it.
 pub const EXIT_STORAGE: u8 = 74;
+/// Exit status when the registry refused the token (sysexits EX_NOPERM).
+pub const EXIT_NOPERM: u8 = 77;
 
 /// A failed command: what to tell the operator, and the exit status.
 #[derive(Debug)]
@@ -57,6 +60,10 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SWITCHYARD_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// ACL token secret sent with every call to the registry (`authorization: Bearer`);
+    /// needed once ACLs are bootstrapped. Never logged.
+    #[arg(long, global = true, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -93,6 +100,8 @@ pub enum Command {
     /// Canary rollouts the registry runs: start, follow (`status --watch`), promote, pause,
     /// abort, retry, undo.
     Rollout(rollout::RolloutArgs),
+    /// ACLs: bootstrap, tokens (create, list, read, delete), whoami.
+    Acl(acl::AclArgs),
     /// List the registry cluster's members and state; add or remove a member.
     Members(members::MembersArgs),
     /// Request rate, error rate and p50/p99 by version, from the sidecars' reports.
@@ -140,7 +149,9 @@ pub fn resolve(mut cli: Cli, matches: &ArgMatches) -> Result<Cli, CliError> {
 
 /// Runs the command; `cli` has been through [`resolve`].
 pub async fn run(cli: Cli) -> Result<(), CliError> {
+    client::set_token(cli.token.as_deref())?;
     match cli.command {
+        Command::Acl(args) => acl::run(args).await,
         Command::Registry(args) => registry::run_registry(args).await,
         Command::Dev(args) => registry::run_dev(args).await,
         Command::Sidecar(args) => sidecar::run(*args).await,

@@ -8,7 +8,6 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::registry_client::RegistryClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use super::client::{connect_registry, RegistryFlag};
 use super::config::parse_ttl;
@@ -58,7 +57,7 @@ pub struct RegisterArgs {
 }
 
 async fn register_once(
-    client: &mut RegistryClient<Channel>,
+    client: &mut RegistryClient<super::client::AuthChannel>,
     instance: &pb::Instance,
     ttl: u32,
 ) -> Result<pb::RegisterResponse, CliError> {
@@ -172,7 +171,7 @@ pub async fn run(args: RegisterArgs) -> Result<(), CliError> {
 /// Renews the lease every `period` on one KeepAlive stream; re-registers when the
 /// registry no longer knows the lease. Returns when the stream breaks.
 async fn hold(
-    client: &mut RegistryClient<Channel>,
+    client: &mut RegistryClient<super::client::AuthChannel>,
     lease: &mut u64,
     instance: &pb::Instance,
     ttl: u32,

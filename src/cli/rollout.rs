@@ -25,7 +25,6 @@ use switchyard_core::model::rollout::{
 use switchyard_core::model::{ValidationError, Webhook};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::rollouts_client::RolloutsClient;
-use tonic::transport::Channel;
 
 use super::client::{channel, print_json, print_table, status_error, OutputFlag, RegistryFlag};
 use super::config::{parse_duration, rfc3339};
@@ -823,7 +822,7 @@ impl Follower {
 /// rollout ends, reconnecting when the stream breaks (a registry restarting, a leader
 /// change). `last` keeps the newest rollout seen, for the timeout's message.
 async fn follow(
-    client: &mut RolloutsClient<Channel>,
+    client: &mut RolloutsClient<super::client::AuthChannel>,
     req: pb::RolloutRef,
     output: Output,
     last: &mut Option<pb::Rollout>,

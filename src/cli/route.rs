@@ -7,7 +7,6 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::routing_client::RoutingClient;
-use tonic::transport::Channel;
 
 use super::client::{connect_routing, print_json, status_error, OutputFlag, RegistryFlag};
 use super::config::rfc3339;
@@ -129,7 +128,7 @@ fn parse_weight(s: &str) -> Result<(String, u32), String> {
 }
 
 async fn current(
-    client: &mut RoutingClient<Channel>,
+    client: &mut RoutingClient<super::client::AuthChannel>,
     namespace: &str,
     service: &str,
 ) -> Result<Option<pb::PolicyRecord>, CliError> {
@@ -146,7 +145,7 @@ async fn current(
 
 /// Applies `edit` to the current policy (or an empty one) and writes it back.
 async fn change(
-    client: &mut RoutingClient<Channel>,
+    client: &mut RoutingClient<super::client::AuthChannel>,
     args: &RouteArgs,
     service: &str,
     edit: impl FnOnce(&mut pb::Policy),
@@ -273,7 +272,7 @@ fn doc(service: &str, r: &pb::PolicyRecord) -> PolicyDoc {
 }
 
 async fn show(
-    client: &mut RoutingClient<Channel>,
+    client: &mut RoutingClient<super::client::AuthChannel>,
     args: &RouteArgs,
     service: &str,
 ) -> Result<(), CliError> {

@@ -3,6 +3,7 @@
 //! Pure data and validation: nothing here imports tokio, tonic or redb, so the state
 //! machine and the rules can be tested (and later replicated) without any transport.
 
+pub mod acl;
 pub mod policy;
 pub mod resilience;
 pub mod rollout;

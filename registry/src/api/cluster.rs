@@ -264,7 +264,16 @@ impl Cluster for ClusterApi {
         &self,
         request: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::MembersResponse>, Status> {
-        let r = self.add(request.into_inner()).await;
+        let r = match crate::auth::check(
+            &self.shared,
+            request.metadata(),
+            "AddMember",
+            crate::model::acl::Right::Members,
+            "",
+        ) {
+            Ok(_) => self.add(request.into_inner()).await,
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("AddMember", r)
@@ -275,7 +284,16 @@ impl Cluster for ClusterApi {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::MembersResponse>, Status> {
-        let r = self.remove(request.into_inner()).await;
+        let r = match crate::auth::check(
+            &self.shared,
+            request.metadata(),
+            "RemoveMember",
+            crate::model::acl::Right::Members,
+            "",
+        ) {
+            Ok(_) => self.remove(request.into_inner()).await,
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("RemoveMember", r)

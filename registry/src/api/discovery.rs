@@ -269,7 +269,15 @@ impl Discovery for DiscoveryApi {
         &self,
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
-        let r = self.resolve(request.into_inner());
+        let service = request.get_ref().service.clone();
+        let r = crate::auth::check(
+            &self.shared,
+            request.metadata(),
+            "Resolve",
+            crate::model::acl::Right::Read,
+            &service,
+        )
+        .and_then(|_| self.resolve(request.into_inner()));
         self.shared.metrics.observe("Resolve", r).map(Response::new)
     }
 
@@ -277,10 +285,30 @@ impl Discovery for DiscoveryApi {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let r = self.list_services(request.into_inner());
+        // Only the services the caller may read; a filtered answer says so in the
+        // `x-switchyard-filtered` header, so it never passes for "no services".
+        let r = crate::auth::caller(&self.shared, request.metadata()).and_then(|caller| {
+            self.list_services(request.into_inner()).map(|mut l| {
+                let before = l.services.len();
+                l.services
+                    .retain(|s| caller.may(crate::model::acl::Right::Read, &s.name));
+                let filtered =
+                    l.services.len() < before || !caller.may(crate::model::acl::Right::Read, "*");
+                (l, filtered)
+            })
+        });
         self.shared
             .metrics
             .observe("ListServices", r)
-            .map(Response::new)
+            .map(|(l, filtered)| {
+                let mut resp = Response::new(l);
+                if filtered {
+                    resp.metadata_mut().insert(
+                        "x-switchyard-filtered",
+                        tonic::metadata::MetadataValue::from_static("true"),
+                    );
+                }
+                resp
+            })
     }
 }

@@ -2,6 +2,7 @@
 //! commands to the writer; no business rule lives here. Errors become `tonic::Status`
 //! in one place ([`status`]).
 
+mod acl;
 mod cluster;
 use switchyard_core::convert;
 mod discovery;
@@ -12,6 +13,7 @@ pub(crate) mod server;
 mod telemetry;
 mod watch_route;
 
+pub use acl::AclApi;
 pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;
 pub use registry::RegistryApi;
@@ -52,6 +54,14 @@ pub fn status(e: ProposeError) -> Status {
         ProposeError::Refused(ApplyError::RolloutChanged { .. })
         | ProposeError::Refused(ApplyError::RolloutRefused(_)) => {
             Status::failed_precondition(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::AlreadyBootstrapped) => {
+            Status::failed_precondition(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::TokenExists(_)) => Status::already_exists(e.to_string()),
+        ProposeError::Refused(ApplyError::TokenNotFound(_)) => Status::not_found(e.to_string()),
+        ProposeError::Refused(ApplyError::TooManyTokens(_)) => {
+            Status::resource_exhausted(e.to_string())
         }
         ProposeError::Refused(ApplyError::TooManyRollouts(..)) => {
             Status::resource_exhausted(e.to_string())

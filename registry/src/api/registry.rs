@@ -14,7 +14,9 @@ use switchyard_proto::v1::registry_server::Registry;
 
 use super::convert::{instance_from_proto, state_from_proto};
 use super::{status, MAX_LEASES_PER_KEEPALIVE};
+use crate::auth::{self, Caller};
 use crate::catalog::{Command, Reply};
+use crate::model::acl::Right;
 use crate::model::{validate_id, validate_namespace, validate_ttl};
 use crate::raft::propose::Proposer;
 use crate::shared::Shared;
@@ -87,6 +89,37 @@ impl RegistryApi {
         }
     }
 
+    /// A token may deregister or change the state of the instances of the services it
+    /// may register (an unknown instance: only with register on `*`).
+    fn may_change<T>(
+        &self,
+        request: &Request<T>,
+        namespace: &str,
+        id: &str,
+        method: &'static str,
+    ) -> Result<(), Status> {
+        let ns = if namespace.is_empty() {
+            crate::model::DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
+        let service = self
+            .shared
+            .catalog
+            .read()
+            .service_of(ns, id)
+            .map(str::to_string)
+            .unwrap_or_default();
+        auth::check(
+            &self.shared,
+            request.metadata(),
+            method,
+            Right::Register,
+            &service,
+        )
+        .map(|_| ())
+    }
+
     async fn deregister(
         &self,
         req: pb::DeregisterRequest,
@@ -125,6 +158,29 @@ impl RegistryApi {
     }
 }
 
+/// Refuses unless `caller` may register every service the leases keep alive.
+fn may_renew(shared: &Shared, caller: &Caller, leases: &[u64]) -> Result<(), Status> {
+    if matches!(caller, Caller::Open) {
+        return Ok(());
+    }
+    let catalog = shared.catalog.read();
+    for lease in leases {
+        for service in catalog.lease_services(*lease) {
+            if !caller.may(Right::Register, &service) {
+                drop(catalog);
+                return Err(auth::denied(
+                    shared,
+                    caller,
+                    "KeepAlive",
+                    Right::Register,
+                    &service,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn revision_of(reply: &Reply) -> u64 {
     match reply {
         Reply::Registered { revision, .. } | Reply::Done { revision } => *revision,
@@ -141,7 +197,22 @@ impl Registry for RegistryApi {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let r = self.register(request.into_inner()).await;
+        let service = request
+            .get_ref()
+            .instance
+            .as_ref()
+            .map(|i| i.service.clone())
+            .unwrap_or_default();
+        let r = match auth::check(
+            &self.shared,
+            request.metadata(),
+            "Register",
+            Right::Register,
+            &service,
+        ) {
+            Ok(_) => self.register(request.into_inner()).await,
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("Register", r)
@@ -168,6 +239,10 @@ impl Registry for RegistryApi {
                 "{failure}; this node renews no leases until it restarts: reconnect to another node"
             )));
         }
+        // Who renews: each message's leases are checked against the token's register
+        // rights on the services they keep alive, on this node, before any renewal.
+        let caller = auth::caller(&self.shared, request.metadata())?;
+        let token_header = request.metadata().get("authorization").cloned();
         self.shared.metrics.grpc("KeepAlive", Code::Ok);
         if !self.proposer.is_leader() {
             // Only the leader runs lease clocks: relay the stream to it.
@@ -182,9 +257,19 @@ impl Registry for RegistryApi {
                 .channel(&addr)
                 .map_err(Status::unavailable)?;
             let inbound = request.into_inner();
-            let outbound = inbound.take_while(|r| r.is_ok()).filter_map(|r| r.ok());
+            let shared = self.shared.clone();
+            let outbound = inbound
+                .take_while(move |r| match r {
+                    Ok(req) => may_renew(&shared, &caller, &req.lease_ids).is_ok(),
+                    Err(_) => false,
+                })
+                .filter_map(|r| r.ok());
+            let mut relay = Request::new(outbound);
+            if let Some(h) = token_header {
+                relay.metadata_mut().insert("authorization", h);
+            }
             let relayed = RegistryClient::new(channel)
-                .keep_alive(outbound)
+                .keep_alive(relay)
                 .await?
                 .into_inner();
             // The slot lives as long as the relayed stream.
@@ -253,6 +338,10 @@ impl Registry for RegistryApi {
                         .await;
                     return;
                 }
+                if let Err(e) = may_renew(&shared, &caller, &req.lease_ids) {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
                 renewed.clear();
                 shared.leases.renew(&req.lease_ids, &mut renewed);
                 let leases = renewed
@@ -275,7 +364,15 @@ impl Registry for RegistryApi {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        let r = self.deregister(request.into_inner()).await;
+        let r = match self.may_change(
+            &request,
+            request.get_ref().namespace.as_str(),
+            &request.get_ref().id,
+            "Deregister",
+        ) {
+            Ok(()) => self.deregister(request.into_inner()).await,
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("Deregister", r)
@@ -286,7 +383,15 @@ impl Registry for RegistryApi {
         &self,
         request: Request<pb::SetStateRequest>,
     ) -> Result<Response<pb::SetStateResponse>, Status> {
-        let r = self.set_state(request.into_inner()).await;
+        let r = match self.may_change(
+            &request,
+            request.get_ref().namespace.as_str(),
+            &request.get_ref().id,
+            "SetState",
+        ) {
+            Ok(()) => self.set_state(request.into_inner()).await,
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("SetState", r)

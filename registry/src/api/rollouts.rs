@@ -20,7 +20,9 @@ use switchyard_proto::v1::rollouts_server::Rollouts;
 
 use super::convert::{rollout_spec_from_proto, rollout_to_proto};
 use super::status;
+use crate::auth;
 use crate::catalog::{ApplyError, Command, Reply, RolloutPolicy};
+use crate::model::acl::Right;
 use crate::model::rollout::{PauseReason, Phase, Rollout, RolloutStatus};
 use crate::model::{validate_name, validate_namespace, State};
 use crate::raft::propose::{ProposeError, Proposer};
@@ -238,9 +240,19 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
-        let r = RolloutsApi::start(self, request.into_inner())
-            .await
-            .map(|r| response(&r));
+        let service = request.get_ref().service.clone();
+        let r = match auth::check(
+            &self.shared,
+            request.metadata(),
+            "RolloutStart",
+            Right::Rollout,
+            &service,
+        ) {
+            Ok(_) => RolloutsApi::start(self, request.into_inner())
+                .await
+                .map(|r| response(&r)),
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("RolloutStart", r)
@@ -251,7 +263,15 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
-        let r = RolloutsApi::get(self, request.into_inner());
+        let service = request.get_ref().service.clone();
+        let r = auth::check(
+            &self.shared,
+            request.metadata(),
+            "RolloutGet",
+            Right::Read,
+            &service,
+        )
+        .and_then(|_| RolloutsApi::get(self, request.into_inner()));
         self.shared
             .metrics
             .observe("RolloutGet", r)
@@ -262,7 +282,13 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
-        let r = RolloutsApi::list(self, request.into_inner());
+        // Only the services the caller may read.
+        let r = auth::caller(&self.shared, request.metadata()).and_then(|caller| {
+            RolloutsApi::list(self, request.into_inner()).map(|mut l| {
+                l.rollouts.retain(|r| caller.may(Right::Read, &r.service));
+                l
+            })
+        });
         self.shared
             .metrics
             .observe("RolloutList", r)
@@ -275,6 +301,13 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        auth::check(
+            &self.shared,
+            request.metadata(),
+            "RolloutWatch",
+            Right::Read,
+            &request.get_ref().service,
+        )?;
         let req = request.into_inner();
         let namespace = target(&req.namespace, &req.service)?;
         let first = self.newest(&namespace, &req.service)?.0;
@@ -320,6 +353,13 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::PromoteRolloutRequest>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
+        auth::check(
+            &self.shared,
+            request.metadata(),
+            "RolloutPromote",
+            Right::Rollout,
+            &request.get_ref().service,
+        )?;
         let req = request.into_inner();
         let full = req.full;
         let r = self
@@ -346,6 +386,13 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
+        auth::check(
+            &self.shared,
+            request.metadata(),
+            "RolloutPause",
+            Right::Rollout,
+            &request.get_ref().service,
+        )?;
         let req = request.into_inner();
         let r = self
             .steer(&req.namespace, &req.service, &|r, policy| {
@@ -373,6 +420,13 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
+        auth::check(
+            &self.shared,
+            request.metadata(),
+            "RolloutAbort",
+            Right::Rollout,
+            &request.get_ref().service,
+        )?;
         let req = request.into_inner();
         let r = self
             .steer(&req.namespace, &req.service, &|r, policy| {
@@ -396,6 +450,13 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
+        auth::check(
+            &self.shared,
+            request.metadata(),
+            "RolloutRetry",
+            Right::Rollout,
+            &request.get_ref().service,
+        )?;
         let req = request.into_inner();
         let r = self
             .steer(&req.namespace, &req.service, &|r, _| {
@@ -420,6 +481,13 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::UndoRolloutRequest>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
+        auth::check(
+            &self.shared,
+            request.metadata(),
+            "RolloutUndo",
+            Right::Rollout,
+            &request.get_ref().service,
+        )?;
         let req = request.into_inner();
         let to = req.to_revision;
         let r = self

@@ -12,7 +12,9 @@ use switchyard_proto::v1::routing_server::Routing;
 
 use super::convert::{policy_from_proto, record_to_proto};
 use super::status;
+use crate::auth;
 use crate::catalog::{Command, Reply};
+use crate::model::acl::Right;
 use crate::model::policy::{validate_policy, MAX_POLICY_BYTES};
 use crate::model::{validate_name, validate_namespace};
 use crate::raft::propose::{ProposeError, Proposer};
@@ -145,7 +147,17 @@ impl Routing for RoutingApi {
         &self,
         request: Request<pb::PutPolicyRequest>,
     ) -> Result<Response<pb::PutPolicyResponse>, Status> {
-        let r = self.put(request.into_inner()).await;
+        let service = request.get_ref().service.clone();
+        let r = match auth::check(
+            &self.shared,
+            request.metadata(),
+            "PutPolicy",
+            Right::Policy,
+            &service,
+        ) {
+            Ok(_) => self.put(request.into_inner()).await,
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("PutPolicy", r)
@@ -156,7 +168,17 @@ impl Routing for RoutingApi {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
-        let r = self.get(request.into_inner());
+        let service = request.get_ref().service.clone();
+        let r = match auth::check(
+            &self.shared,
+            request.metadata(),
+            "GetPolicy",
+            Right::Read,
+            &service,
+        ) {
+            Ok(_) => self.get(request.into_inner()),
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("GetPolicy", r)
@@ -167,7 +189,17 @@ impl Routing for RoutingApi {
         &self,
         request: Request<pb::PolicyHistoryRequest>,
     ) -> Result<Response<pb::PolicyHistoryResponse>, Status> {
-        let r = self.history(request.into_inner());
+        let service = request.get_ref().service.clone();
+        let r = match auth::check(
+            &self.shared,
+            request.metadata(),
+            "PolicyHistory",
+            Right::Read,
+            &service,
+        ) {
+            Ok(_) => self.history(request.into_inner()),
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("PolicyHistory", r)
@@ -178,7 +210,17 @@ impl Routing for RoutingApi {
         &self,
         request: Request<pb::RollbackPolicyRequest>,
     ) -> Result<Response<pb::RollbackPolicyResponse>, Status> {
-        let r = self.rollback(request.into_inner()).await;
+        let service = request.get_ref().service.clone();
+        let r = match auth::check(
+            &self.shared,
+            request.metadata(),
+            "RollbackPolicy",
+            Right::Policy,
+            &service,
+        ) {
+            Ok(_) => self.rollback(request.into_inner()).await,
+            Err(e) => Err(e),
+        };
         self.shared
             .metrics
             .observe("RollbackPolicy", r)

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
+use switchyard_proto::v1::acl_server::AclServer;
 use switchyard_proto::v1::cluster_server::ClusterServer;
 use switchyard_proto::v1::discovery_server::DiscoveryServer;
 use switchyard_proto::v1::registry_server::RegistryServer;
@@ -106,6 +107,8 @@ pub(crate) async fn serve_grpc(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let rollouts = RolloutsServer::new(super::RolloutsApi::new(shared.clone(), proposer.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let acl = AclServer::new(super::AclApi::new(shared.clone(), proposer.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
     // In memory only (never the log): served by every node, with its own message bound.
     let telemetry = TelemetryServer::new(TelemetryApi::client(
@@ -133,6 +136,7 @@ pub(crate) async fn serve_grpc(
         .add_service(discovery)
         .add_service(routing)
         .add_service(rollouts)
+        .add_service(acl)
         .add_service(cluster)
         .add_service(telemetry)
         .serve_with_incoming_shutdown(

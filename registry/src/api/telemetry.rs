@@ -93,6 +93,18 @@ impl Telemetry for TelemetryApi {
         &self,
         request: Request<Streaming<pb::WindowReport>>,
     ) -> Result<Response<pb::ReportAck>, Status> {
+        // Evidence judges rollouts: after bootstrap only a token may report (the peer
+        // port takes what a node already checked).
+        if self.cluster.is_some() {
+            if let crate::auth::Caller::Anonymous =
+                crate::auth::caller(&self.shared, request.metadata())?
+            {
+                self.shared.metrics.acl_denied("Report");
+                return Err(Status::permission_denied(
+                    "reports need a token after ACL bootstrap: give the sidecar --token or --token-file",
+                ));
+            }
+        }
         let mut stream = request.into_inner();
         let mut accepted = 0u64;
         let store = &self.shared.telemetry;

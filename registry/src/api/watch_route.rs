@@ -95,9 +95,14 @@ where
         }
         let api = self.api.clone();
         let shared = self.shared.clone();
+        let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
         Box::pin(async move {
             let opened = match read_request(req.into_body()).await {
-                Ok(request) => api.open_watch(request),
+                // Read on each service watched; watching every service needs read on `*`.
+                Ok(request) => match may_watch(&shared, &metadata, &request) {
+                    Ok(()) => api.open_watch(request),
+                    Err(e) => Err(e),
+                },
                 Err(status) => Err(status),
             };
             let response = match shared.metrics.observe("Watch", opened) {
@@ -240,4 +245,37 @@ impl Body for WatchBody {
     fn is_end_stream(&self) -> bool {
         self.done
     }
+}
+
+fn may_watch(
+    shared: &Shared,
+    metadata: &tonic::metadata::MetadataMap,
+    request: &pb::WatchRequest,
+) -> Result<(), Status> {
+    use crate::model::acl::Right;
+    let caller = crate::auth::caller(shared, metadata)?;
+    if request.services.is_empty() {
+        if caller.may(Right::Read, "*") {
+            return Ok(());
+        }
+        return Err(crate::auth::denied(
+            shared,
+            &caller,
+            "Watch",
+            Right::Read,
+            "*",
+        ));
+    }
+    for s in &request.services {
+        if !caller.may(Right::Read, s) {
+            return Err(crate::auth::denied(
+                shared,
+                &caller,
+                "Watch",
+                Right::Read,
+                s,
+            ));
+        }
+    }
+    Ok(())
 }

@@ -116,6 +116,14 @@ pub enum ApplyError {
     TooManyRollouts(String, usize),
     #[error("{0}")]
     RolloutRefused(String),
+    #[error("ACLs are already bootstrapped: a second bootstrap is refused; use the operator token from the first (or `switchyard acl token create` with it)")]
+    AlreadyBootstrapped,
+    #[error("token {0:?} already exists")]
+    TokenExists(String),
+    #[error("the registry holds its maximum of {0} tokens: delete unused ones (acl token delete)")]
+    TooManyTokens(usize),
+    #[error("no token has accessor id {0:?}: see `switchyard acl token list`")]
+    TokenNotFound(String),
 }
 
 /// What the caller of a command gets back.
@@ -209,6 +217,8 @@ pub struct Catalog {
     pub(super) cluster_id: String,
     /// (namespace, service) -> kept rollouts, oldest first; only the last may be active.
     pub(super) rollouts: BTreeMap<(String, String), VecDeque<crate::model::rollout::Rollout>>,
+    /// Bootstrapped or not, and every token.
+    pub(super) acl: super::acl::AclState,
 }
 
 impl Catalog {
@@ -299,6 +309,9 @@ impl Catalog {
                 policy,
                 at_ms,
             } => self.put_rollout(index, rollout, *expected_generation, *start, policy, *at_ms),
+            Command::AclBootstrap { token } => self.acl_bootstrap(token),
+            Command::PutToken { token } => self.put_token(token),
+            Command::DeleteToken { accessor_id } => self.delete_token(accessor_id),
             // The state machine unpacks batches; one reaching here is refused whole.
             Command::Batch(_) => ApplyResult {
                 reply: Err(ApplyError::Batch),

@@ -1,6 +1,7 @@
 //! [`Command`]: a change to the catalog, as written to the Raft log.
 
 use super::rollouts::RolloutPolicy;
+use crate::model::acl::Token;
 use crate::model::rollout::Rollout;
 use crate::model::{Instance, LeaseId, Policy, State};
 
@@ -74,6 +75,19 @@ pub enum Command {
         policy: RolloutPolicy,
         at_ms: u64,
     },
+    /// The first operator token; from then on the default is deny. Applied once: a
+    /// second is refused. Added last, so older logs still decode.
+    AclBootstrap {
+        token: Box<Token>,
+    },
+    /// Adds a token (its secret's hash only). Added last.
+    PutToken {
+        token: Box<Token>,
+    },
+    /// Removes a token: every node refuses it from the apply on. Added last.
+    DeleteToken {
+        accessor_id: String,
+    },
 }
 
 impl Command {
@@ -90,6 +104,9 @@ impl Command {
             Command::Batch(_) => "batch",
             Command::InitCluster { .. } => "init_cluster",
             Command::PutRollout { .. } => "put_rollout",
+            Command::AclBootstrap { .. } => "acl_bootstrap",
+            Command::PutToken { .. } => "put_token",
+            Command::DeleteToken { .. } => "delete_token",
         }
     }
 }

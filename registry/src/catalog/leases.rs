@@ -9,6 +9,30 @@ use super::Catalog;
 use crate::model::{Change, LeaseId};
 
 impl Catalog {
+    /// The services of the instances a lease keeps alive (what renewing it keeps up).
+    pub fn lease_services(&self, id: LeaseId) -> Vec<String> {
+        let Some(l) = self.leases.get(&id) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = l
+            .owners
+            .iter()
+            .filter_map(|(ns, inst)| self.namespaces.get(ns)?.ids.get(inst).cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The service of instance `id` in `namespace`, if it is registered.
+    pub fn service_of(&self, namespace: &str, id: &str) -> Option<&str> {
+        self.namespaces
+            .get(namespace)?
+            .ids
+            .get(id)
+            .map(String::as_str)
+    }
+
     pub fn lease_count(&self) -> usize {
         self.leases.len()
     }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::command::Command;
 use super::rollouts::RolloutPolicy;
+use crate::model::acl::Token;
 use crate::model::policy::{Fallback, HeaderMatch, Route, Split, Subset};
 use crate::model::rollout::Rollout;
 use crate::model::{Instance, LeaseId, Policy, PolicyRecord, Resilience, State};
@@ -171,6 +172,15 @@ enum CommandIn {
         policy: RolloutPolicy,
         at_ms: u64,
     },
+    AclBootstrap {
+        token: Box<Token>,
+    },
+    PutToken {
+        token: Box<Token>,
+    },
+    DeleteToken {
+        accessor_id: String,
+    },
 }
 
 /// [`Command`] as it is written: borrowed, so encoding copies nothing. Variants in the
@@ -221,6 +231,15 @@ enum CommandOut<'a> {
         start: bool,
         policy: &'a RolloutPolicy,
         at_ms: u64,
+    },
+    AclBootstrap {
+        token: &'a Token,
+    },
+    PutToken {
+        token: &'a Token,
+    },
+    DeleteToken {
+        accessor_id: &'a str,
     },
 }
 
@@ -285,6 +304,9 @@ impl Serialize for Command {
                 policy,
                 at_ms: *at_ms,
             },
+            Command::AclBootstrap { token } => CommandOut::AclBootstrap { token },
+            Command::PutToken { token } => CommandOut::PutToken { token },
+            Command::DeleteToken { accessor_id } => CommandOut::DeleteToken { accessor_id },
         };
         out.serialize(s)
     }
@@ -362,6 +384,9 @@ impl<'de> Deserialize<'de> for Command {
                 policy,
                 at_ms,
             },
+            CommandIn::AclBootstrap { token } => Command::AclBootstrap { token },
+            CommandIn::PutToken { token } => Command::PutToken { token },
+            CommandIn::DeleteToken { accessor_id } => Command::DeleteToken { accessor_id },
         })
     }
 }

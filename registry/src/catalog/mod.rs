@@ -14,11 +14,13 @@
 //! - `leases.rs`: which instances each lease keeps alive; expiry and checkpoints.
 //! - `policies.rs`: routing policies and their kept history; put and rollback.
 //! - `rollouts.rs`: each service's kept rollouts and their compare-and-set transitions.
+//! - `acl.rs`: bootstrapped or not, and the ACL tokens (hashes of their secrets).
 //! - `queries.rs`: reads of the applied state (snapshots, resolve, service lists).
 //! - `persist.rs`: the snapshot form, [`PersistedCatalog`], and the rebuild from it.
 //! - `legacy.rs`: the bytes of a [`Command`], and mirrors of what older releases wrote
 //!   (log entries and snapshots), so an upgraded node still opens its data dir.
 
+mod acl;
 mod apply;
 mod command;
 mod instances;
@@ -31,11 +33,15 @@ mod rollouts;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use acl::MAX_TOKENS;
 pub use apply::{
     ApplyError, ApplyResult, Catalog, Limits, Reply, DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE,
     DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
 };
 pub use command::Command;
-pub use persist::{PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1, PersistedCatalogV2};
+pub use persist::{
+    PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1, PersistedCatalogV2,
+    PersistedCatalogV3,
+};
 pub use policies::policy_bytes;
 pub use rollouts::RolloutPolicy;

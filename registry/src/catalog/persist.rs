@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::apply::{Entry, Lease, Limits};
 use super::legacy::PolicyRecordV1;
 use super::Catalog;
+use crate::model::acl::Token;
 use crate::model::rollout::Rollout;
 use crate::model::{Instance, LeaseId, PolicyRecord, Revision};
 
@@ -27,6 +28,54 @@ pub struct PersistedCatalog {
     /// Added with rollouts: snapshots written before decode through
     /// [`PersistedCatalogV2`] and have none.
     pub(super) rollouts: Vec<((String, String), Vec<Rollout>)>,
+    /// Added with ACLs: snapshots written before decode through [`PersistedCatalogV3`]
+    /// (not bootstrapped, no tokens).
+    pub(super) acl_bootstrapped: bool,
+    pub(super) tokens: Vec<Token>,
+}
+
+/// The snapshot form written before ACLs existed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedCatalogV3 {
+    applied_index: u64,
+    revision: Revision,
+    instances: Vec<(Instance, LeaseId)>,
+    leases: Vec<(LeaseId, u32, u64)>,
+    policies: Vec<((String, String), Vec<PolicyRecord>)>,
+    cluster_id: String,
+    rollouts: Vec<((String, String), Vec<Rollout>)>,
+}
+
+impl From<PersistedCatalogV3> for PersistedCatalog {
+    fn from(v: PersistedCatalogV3) -> Self {
+        Self {
+            applied_index: v.applied_index,
+            revision: v.revision,
+            instances: v.instances,
+            leases: v.leases,
+            policies: v.policies,
+            cluster_id: v.cluster_id,
+            rollouts: v.rollouts,
+            acl_bootstrapped: false,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl PersistedCatalogV3 {
+    /// The old form of a current snapshot (what a release before ACLs wrote).
+    pub fn from_current_for_test(p: &PersistedCatalog) -> Self {
+        Self {
+            applied_index: p.applied_index,
+            revision: p.revision,
+            instances: p.instances.clone(),
+            leases: p.leases.clone(),
+            policies: p.policies.clone(),
+            cluster_id: p.cluster_id.clone(),
+            rollouts: p.rollouts.clone(),
+        }
+    }
 }
 
 /// The snapshot form written before rollouts existed.
@@ -50,6 +99,8 @@ impl From<PersistedCatalogV2> for PersistedCatalog {
             policies: v.policies,
             cluster_id: v.cluster_id,
             rollouts: Vec::new(),
+            acl_bootstrapped: false,
+            tokens: Vec::new(),
         }
     }
 }
@@ -147,6 +198,8 @@ impl From<PersistedCatalogV0> for PersistedCatalog {
             policies: new_policies(v.policies),
             cluster_id: String::new(),
             rollouts: Vec::new(),
+            acl_bootstrapped: false,
+            tokens: Vec::new(),
         }
     }
 }
@@ -161,6 +214,8 @@ impl From<PersistedCatalogV1> for PersistedCatalog {
             policies: new_policies(v.policies),
             cluster_id: v.cluster_id,
             rollouts: Vec::new(),
+            acl_bootstrapped: false,
+            tokens: Vec::new(),
         }
     }
 }
@@ -195,6 +250,8 @@ impl Catalog {
                 .iter()
                 .map(|(k, h)| (k.clone(), h.iter().cloned().collect()))
                 .collect(),
+            acl_bootstrapped: self.acl.bootstrapped,
+            tokens: self.acl.tokens.values().cloned().collect(),
         }
     }
 
@@ -248,6 +305,7 @@ impl Catalog {
             .filter(|(_, h)| !h.is_empty())
             .map(|(k, h)| (k, h.into_iter().collect()))
             .collect();
+        c.acl = super::acl::AclState::rebuild(p.acl_bootstrapped, p.tokens);
         c
     }
 }

@@ -143,6 +143,17 @@ fn check_forwarded(command: &Command) -> Result<(), Status> {
                 validate_policy(p, &names).map_err(invalid)?;
             }
         }
+        Command::AclBootstrap { token } | Command::PutToken { token } => {
+            crate::model::acl::validate_rules(&token.rules).map_err(invalid)?;
+            crate::model::acl::validate_description(&token.description).map_err(invalid)?;
+        }
+        Command::DeleteToken { accessor_id } => {
+            if accessor_id.len() > 64 {
+                return Err(Status::invalid_argument(
+                    "invalid accessor_id: longer than 64 bytes",
+                ));
+            }
+        }
         Command::ExpireLeases { .. }
         | Command::CheckpointLeases { .. }
         | Command::InitCluster { .. }

@@ -20,7 +20,7 @@ use super::log_store::META;
 use super::{decode, encode, CommandReply, TypeConfig};
 use crate::catalog::{
     ApplyError, Catalog, Command, PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1,
-    PersistedCatalogV2, Reply,
+    PersistedCatalogV2, PersistedCatalogV3, Reply,
 };
 use crate::shared::ApplyHandle;
 
@@ -31,6 +31,13 @@ const SNAPSHOT: &str = "snapshot";
 struct SnapshotFile {
     meta: SnapshotMeta,
     catalog: PersistedCatalog,
+}
+
+/// A snapshot as written before ACLs existed.
+#[derive(Deserialize)]
+struct SnapshotFileV3 {
+    meta: SnapshotMeta,
+    catalog: PersistedCatalogV3,
 }
 
 /// A snapshot as written before rollouts existed.
@@ -59,6 +66,13 @@ struct SnapshotFileV0 {
 /// that would have to be told apart).
 fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotFile, postcard::Error> {
     decode::<SnapshotFile>(bytes)
+        .or_else(|e| match decode::<SnapshotFileV3>(bytes) {
+            Ok(old) => Ok(SnapshotFile {
+                meta: old.meta,
+                catalog: old.catalog.into(),
+            }),
+            Err(_) => Err(e),
+        })
         .or_else(|e| match decode::<SnapshotFileV2>(bytes) {
             Ok(old) => Ok(SnapshotFile {
                 meta: old.meta,

@@ -1,0 +1,419 @@
+//! ACL tokens on real registries with real gRPC clients: allow until bootstrap, then
+//! deny; a token for `web` cannot register `payments`, change a policy or renew another
+//! service's lease; a read-only token cannot write; a deleted token stops working on
+//! every node of a cluster; tokens survive a restart; DNS still answers.
+
+use std::time::Duration;
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::acl_client::AclClient;
+use switchyard_proto::v1::discovery_client::DiscoveryClient;
+use switchyard_proto::v1::registry_client::RegistryClient;
+use switchyard_proto::v1::routing_client::RoutingClient;
+use switchyard_testkit::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn with<T>(token: Option<&str>, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("ascii"),
+        );
+    }
+    r
+}
+
+async fn channel(addr: std::net::SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+fn reg_req(service: &str, id: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        instance: Some(instance(service, id, "1.0.0")),
+        ttl_seconds: 30,
+        lease_id: 0,
+    }
+}
+
+async fn create(acl: &mut AclClient<Channel>, op: &str, req: pb::CreateTokenRequest) -> String {
+    acl.create_token(with(Some(op), req))
+        .await
+        .expect("create token")
+        .into_inner()
+        .secret
+}
+
+#[tokio::test]
+async fn tokens_decide_who_may_register_change_and_renew() {
+    let reg = TestRegistry::start().await;
+    let ch = channel(reg.handle.grpc_addr).await;
+    let mut acl = AclClient::new(ch.clone());
+    let mut r = RegistryClient::new(ch.clone());
+    let mut routing = RoutingClient::new(ch.clone());
+    let mut disc = DiscoveryClient::new(ch.clone());
+    // Before bootstrap everything is allowed, without a token.
+    let who = acl
+        .who_am_i(with(None, pb::WhoAmIRequest {}))
+        .await
+        .expect("whoami");
+    assert!(!who.into_inner().acl_enabled);
+    r.register(with(None, reg_req("payments", "pay-1")))
+        .await
+        .expect("open before bootstrap");
+
+    let boot = acl
+        .bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect("bootstrap")
+        .into_inner();
+    let op = boot.secret.clone();
+    assert_eq!(op.len(), 64, "32 random bytes, hex");
+    let again = acl
+        .bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect_err("once only");
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again}");
+
+    // Now deny by default; an unknown token is refused without echoing it.
+    let e = r
+        .register(with(None, reg_req("web", "web-1")))
+        .await
+        .expect_err("anonymous");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("register"), "{e}");
+    let forged = "ab".repeat(32);
+    let e = r
+        .register(with(Some(&forged), reg_req("web", "web-1")))
+        .await
+        .expect_err("unknown token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    assert!(!e.message().contains(&forged), "{e}");
+
+    // A service identity for web: register web and read everything, nothing else.
+    let web = create(
+        &mut acl,
+        &op,
+        pb::CreateTokenRequest {
+            description: "web's sidecar".into(),
+            service_identity: "web".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let lease = r
+        .register(with(Some(&web), reg_req("web", "web-1")))
+        .await
+        .expect("web registers web")
+        .into_inner()
+        .lease_id;
+    let e = r
+        .register(with(Some(&web), reg_req("payments", "fake-pay")))
+        .await
+        .expect_err("web cannot register payments");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("payments"), "{e}");
+    let e = r
+        .deregister(with(
+            Some(&web),
+            pb::DeregisterRequest {
+                namespace: String::new(),
+                id: "pay-1".into(),
+            },
+        ))
+        .await
+        .expect_err("nor deregister it");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = routing
+        .put_policy(with(
+            Some(&web),
+            pb::PutPolicyRequest {
+                namespace: String::new(),
+                service: "payments".into(),
+                policy: Some(canary_policy(&[("1.0.0", 100)])),
+            },
+        ))
+        .await
+        .expect_err("no policy right");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Renewing: its own lease yes, the lease of payments no.
+    let pay_lease = r
+        .register(with(Some(&op), reg_req("payments", "pay-2")))
+        .await
+        .expect("operator registers")
+        .into_inner()
+        .lease_id;
+    let mut ka = r.clone();
+    let own = ka
+        .keep_alive(with(
+            Some(&web),
+            tokio_stream::iter(vec![pb::KeepAliveRequest {
+                lease_ids: vec![lease],
+            }]),
+        ))
+        .await
+        .expect("keepalive")
+        .into_inner()
+        .message()
+        .await
+        .expect("answer")
+        .expect("one");
+    assert!(own.leases[0].found);
+    let theirs = ka
+        .keep_alive(with(
+            Some(&web),
+            tokio_stream::iter(vec![pb::KeepAliveRequest {
+                lease_ids: vec![pay_lease],
+            }]),
+        ))
+        .await
+        .expect("stream opens")
+        .into_inner()
+        .message()
+        .await
+        .expect_err("refused");
+    assert_eq!(theirs.code(), Code::PermissionDenied, "{theirs}");
+    // Reads: web may resolve payments (service identity reads everything).
+    disc.resolve(with(
+        Some(&web),
+        pb::ResolveRequest {
+            namespace: String::new(),
+            service: "payments".into(),
+            version: String::new(),
+        },
+    ))
+    .await
+    .expect("read");
+
+    // A read-only token cannot write; a list filtered by rules says so.
+    let reader = create(
+        &mut acl,
+        &op,
+        pb::CreateTokenRequest {
+            rules: vec!["service:web:read".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let e = r
+        .register(with(Some(&reader), reg_req("web", "web-9")))
+        .await
+        .expect_err("read only");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let listed = disc
+        .list_services(with(Some(&reader), pb::ListServicesRequest::default()))
+        .await
+        .expect("list");
+    assert_eq!(
+        listed
+            .metadata()
+            .get("x-switchyard-filtered")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let names: Vec<String> = listed
+        .into_inner()
+        .services
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, vec!["web".to_string()]);
+    // Only an operator manages tokens.
+    let e = acl
+        .list_tokens(with(Some(&web), pb::ListTokensRequest {}))
+        .await
+        .expect_err("not an operator");
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // Bad rules are refused with INVALID_ARGUMENT.
+    for bad in [
+        "service:web:fly",
+        "galaxy:web:read",
+        "service:WEB:read",
+        "service:web:",
+    ] {
+        let e = acl
+            .create_token(with(
+                Some(&op),
+                pb::CreateTokenRequest {
+                    rules: vec![bad.into()],
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect_err(bad);
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {e}");
+    }
+
+    // Listing never shows a secret; deleting a token stops it at once.
+    let tokens = acl
+        .list_tokens(with(Some(&op), pb::ListTokensRequest {}))
+        .await
+        .expect("list")
+        .into_inner()
+        .tokens;
+    assert_eq!(tokens.len(), 3);
+    let text = format!("{tokens:?}");
+    assert!(!text.contains(&web) && !text.contains(&op));
+    let who = acl
+        .who_am_i(with(Some(&reader), pb::WhoAmIRequest {}))
+        .await
+        .expect("whoami")
+        .into_inner();
+    acl.delete_token(with(
+        Some(&op),
+        pb::TokenRef {
+            accessor_id: who.accessor_id,
+        },
+    ))
+    .await
+    .expect("delete");
+    let e = disc
+        .resolve(with(
+            Some(&reader),
+            pb::ResolveRequest {
+                namespace: String::new(),
+                service: "web".into(),
+                version: String::new(),
+            },
+        ))
+        .await
+        .expect_err("deleted");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let m = reg.metrics().await;
+    assert!(
+        m.contains("switchyard_registry_acl_denials_total{method=\"Register\"}"),
+        "{m}"
+    );
+    // DNS still answers after bootstrap.
+    let dns = reg.handle.dns_addr.expect("dns");
+    let answer = switchyard_testkit::dns::ask(
+        dns,
+        "web.service.switchyard.",
+        hickory_proto::rr::RecordType::A,
+    )
+    .await;
+    assert!(
+        !switchyard_testkit::dns::ips(&answer).is_empty(),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_token_stops_working_on_every_node_of_a_cluster() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (nodes, addrs) = start_cluster(dir.path()).await;
+    let mut acl = eventually(Duration::from_secs(10), || async {
+        let mut c = AclClient::new(channel(addrs[1]).await);
+        c.bootstrap(pb::BootstrapRequest::default())
+            .await
+            .ok()
+            .map(|b| (c, b.into_inner().secret))
+    })
+    .await;
+    let op = acl.1.clone();
+    let web = create(
+        &mut acl.0,
+        &op,
+        pb::CreateTokenRequest {
+            service_identity: "web".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Every node knows the token (applied state, no round trip).
+    for a in addrs {
+        eventually(Duration::from_secs(10), || async {
+            let mut r = RegistryClient::new(channel(a).await);
+            r.register(with(
+                Some(&web),
+                reg_req("web", &format!("web-{}", a.port())),
+            ))
+            .await
+            .ok()
+        })
+        .await;
+    }
+    let who = acl
+        .0
+        .who_am_i(with(Some(&web), pb::WhoAmIRequest {}))
+        .await
+        .expect("whoami")
+        .into_inner();
+    acl.0
+        .delete_token(with(
+            Some(&op),
+            pb::TokenRef {
+                accessor_id: who.accessor_id,
+            },
+        ))
+        .await
+        .expect("delete");
+    for a in addrs {
+        eventually(Duration::from_secs(10), || async {
+            let mut r = RegistryClient::new(channel(a).await);
+            let e = r
+                .register(with(Some(&web), reg_req("web", "web-late")))
+                .await
+                .err()?;
+            (e.code() == Code::Unauthenticated).then_some(())
+        })
+        .await;
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn tokens_and_the_bootstrap_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = || switchyard_registry::RegistryConfig::new(dir.path().to_path_buf());
+    let reg = start_in(config()).await;
+    let mut acl = AclClient::new(channel(reg.grpc_addr).await);
+    let op = acl
+        .bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect("bootstrap")
+        .into_inner()
+        .secret;
+    let web = create(
+        &mut acl,
+        &op,
+        pb::CreateTokenRequest {
+            service_identity: "web".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    reg.shutdown().await;
+    let reg = start_in(config()).await;
+    let ch = channel(reg.grpc_addr).await;
+    let mut r = RegistryClient::new(ch.clone());
+    eventually(Duration::from_secs(10), || {
+        let mut r = r.clone();
+        let web = web.clone();
+        async move {
+            r.register(with(Some(&web), reg_req("web", "web-1")))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let e = r
+        .register(with(None, reg_req("web", "web-2")))
+        .await
+        .expect_err("still deny by default");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = AclClient::new(ch)
+        .bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect_err("still bootstrapped");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    reg.shutdown().await;
+}
