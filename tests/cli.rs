@@ -1204,3 +1204,104 @@ fn rollout_verbs_steer_a_rollout_on_a_real_registry() {
     registry.signal("-TERM");
     assert!(registry.wait(Duration::from_secs(10)).success());
 }
+
+#[test]
+fn acl_verbs_bootstrap_create_tokens_and_the_global_token_flag_carries_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
+    let acl = |token: Option<&str>, args: &[&str]| {
+        let mut all = vec!["acl"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--registry", &url]);
+        if let Some(t) = token {
+            all.extend_from_slice(&["--token", t]);
+        }
+        run(&all)
+    };
+    let out = acl(None, &["whoami"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not bootstrapped"));
+    let out = acl(None, &["bootstrap", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let boot: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let op = boot["secret"].as_str().expect("secret").to_string();
+    assert_eq!(op.len(), 64);
+    let again = acl(None, &["bootstrap"]);
+    assert_eq!(
+        again.status.code(),
+        Some(64),
+        "a second bootstrap is refused"
+    );
+    // Without a token, operator verbs are refused with EX_NOPERM.
+    let out = acl(None, &["token", "list"]);
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = acl(
+        Some(&op),
+        &[
+            "token",
+            "create",
+            "--service-identity",
+            "web",
+            "--description",
+            "web sidecar",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let web: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let web_secret = web["secret"].as_str().expect("secret").to_string();
+    let accessor = web["accessor_id"].as_str().expect("accessor").to_string();
+    let out = acl(Some(&op), &["token", "list"]);
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listed.contains(&accessor) && listed.contains("service:web:register"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&web_secret) && !listed.contains(&op),
+        "no secrets listed"
+    );
+    let out = acl(Some(&web_secret), &["whoami"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&accessor));
+    // The global --token reaches every verb: route changes need the policy right.
+    let route = |token: &str| {
+        run(&[
+            "route",
+            "split",
+            "web",
+            "1.0.0=100",
+            "--registry",
+            &url,
+            "--token",
+            token,
+        ])
+    };
+    let out = route(&web_secret);
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("service:web:policy"));
+    let out = acl(Some(&op), &["token", "delete", &accessor]);
+    assert!(out.status.success());
+    let out = acl(Some(&web_secret), &["whoami"]);
+    assert_eq!(out.status.code(), Some(77), "a deleted token is refused");
+    registry.signal("-TERM");
+    assert!(registry.wait(Duration::from_secs(10)).success());
+}

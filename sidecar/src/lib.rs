@@ -60,6 +60,16 @@ use tokio::task::JoinHandle;
 
 pub use balance::LbConfig;
 pub use discovery::DiscoveryConfig;
+
+/// `msg` with `authorization: Bearer <token>` when the sidecar has an ACL token (the
+/// registry needs one once ACLs are bootstrapped). The secret is never logged.
+pub(crate) fn authorized<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+        req.metadata_mut().insert("authorization", value);
+    }
+    req
+}
 pub use registrar::{LocalService, RegistrarConfig};
 pub use table::EndpointTable;
 
@@ -103,9 +113,20 @@ pub struct SidecarConfig {
 }
 
 impl SidecarConfig {
+    /// Sends `token` (an ACL token's secret) with every call to the registry: watch,
+    /// registration and telemetry.
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.discovery.token.clone_from(&token);
+        self.telemetry.token.clone_from(&token);
+        if let Some(r) = &mut self.registrar {
+            r.token = token;
+        }
+    }
+
     pub fn new(registries: Vec<String>) -> Self {
         Self {
             discovery: DiscoveryConfig {
+                token: None,
                 registries,
                 namespace: "default".into(),
                 cache_file: None,

@@ -41,6 +41,8 @@ pub struct RegistrarConfig {
     pub registries: Vec<String>,
     /// Where the health checks connect (the service's local port).
     pub probe_target: SocketAddr,
+    /// ACL token secret for the registry (`None`: none sent). Never logged.
+    pub token: Option<String>,
 }
 
 fn instance(s: &LocalService, state: pb::State) -> pb::Instance {
@@ -137,11 +139,14 @@ async fn register(
     healthy: bool,
 ) -> Result<u64, String> {
     let r = client
-        .register(pb::RegisterRequest {
-            instance: Some(instance(&cfg.service, state_of(healthy))),
-            ttl_seconds: cfg.service.ttl_seconds,
-            lease_id: 0,
-        })
+        .register(crate::authorized(
+            pb::RegisterRequest {
+                instance: Some(instance(&cfg.service, state_of(healthy))),
+                ttl_seconds: cfg.service.ttl_seconds,
+                lease_id: 0,
+            },
+            cfg.token.as_deref(),
+        ))
         .await
         .map_err(|s| format!("register refused: {}", s.message()))?
         .into_inner();
@@ -170,7 +175,13 @@ async fn hold(
     };
     *session = Some((client.clone(), lease, true));
     let (tx, rx) = mpsc::channel(4);
-    let mut responses = match client.keep_alive(ReceiverStream::new(rx)).await {
+    let mut responses = match client
+        .keep_alive(crate::authorized(
+            ReceiverStream::new(rx),
+            cfg.token.as_deref(),
+        ))
+        .await
+    {
         Ok(r) => r.into_inner(),
         Err(s) => return Held::Lost(s.message().to_string()),
     };
@@ -209,11 +220,11 @@ async fn hold(
                         Ok(()) => tracing::info!(service = %cfg.service.name, "local service is healthy again; marking SERVING"),
                         Err(e) => tracing::warn!(service = %cfg.service.name, "local service failed its health checks ({e}); marking FAILING"),
                     }
-                    let r = client.set_state(pb::SetStateRequest {
+                    let r = client.set_state(crate::authorized(pb::SetStateRequest {
                         namespace: cfg.service.namespace.clone(),
                         id: cfg.service.id.clone(),
                         state: state_of(healthy) as i32,
-                    }).await;
+                    }, cfg.token.as_deref())).await;
                     if let Err(s) = r {
                         return Held::Lost(format!("set state failed: {}", s.message()));
                     }
@@ -242,11 +253,14 @@ async fn drain_inner(cfg: &RegistrarConfig, session: Option<(RegistryClient<Chan
     };
     let name = &cfg.service.name;
     match client
-        .set_state(pb::SetStateRequest {
-            namespace: cfg.service.namespace.clone(),
-            id: cfg.service.id.clone(),
-            state: pb::State::Draining as i32,
-        })
+        .set_state(crate::authorized(
+            pb::SetStateRequest {
+                namespace: cfg.service.namespace.clone(),
+                id: cfg.service.id.clone(),
+                state: pb::State::Draining as i32,
+            },
+            cfg.token.as_deref(),
+        ))
         .await
     {
         Ok(_) => {
@@ -255,7 +269,13 @@ async fn drain_inner(cfg: &RegistrarConfig, session: Option<(RegistryClient<Chan
         Err(s) => tracing::warn!(service = %name, "could not mark DRAINING: {}", s.message()),
     }
     let (tx, rx) = mpsc::channel(4);
-    let renewing = client.keep_alive(ReceiverStream::new(rx)).await.ok();
+    let renewing = client
+        .keep_alive(crate::authorized(
+            ReceiverStream::new(rx),
+            cfg.token.as_deref(),
+        ))
+        .await
+        .ok();
     let deadline = tokio::time::Instant::now() + cfg.drain;
     let every = Duration::from_millis(u64::from(cfg.service.ttl_seconds) * 1000 / 3)
         .max(Duration::from_millis(200));
@@ -267,10 +287,13 @@ async fn drain_inner(cfg: &RegistrarConfig, session: Option<(RegistryClient<Chan
     }
     drop(renewing);
     match client
-        .deregister(pb::DeregisterRequest {
-            namespace: cfg.service.namespace.clone(),
-            id: cfg.service.id.clone(),
-        })
+        .deregister(crate::authorized(
+            pb::DeregisterRequest {
+                namespace: cfg.service.namespace.clone(),
+                id: cfg.service.id.clone(),
+            },
+            cfg.token.as_deref(),
+        ))
         .await
     {
         Ok(_) => tracing::info!(service = %name, "deregistered"),

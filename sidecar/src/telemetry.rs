@@ -51,6 +51,8 @@ pub struct TelemetryConfig {
     pub slow_threshold: Duration,
     /// Names this sidecar in the registry's logs.
     pub sidecar_id: String,
+    /// ACL token secret for the registry (`None`: none sent). Never logged.
+    pub token: Option<String>,
 }
 
 impl Default for TelemetryConfig {
@@ -59,6 +61,7 @@ impl Default for TelemetryConfig {
             interval: DEFAULT_INTERVAL,
             slow_threshold: DEFAULT_SLOW_THRESHOLD,
             sidecar_id: format!("sidecar-{}", std::process::id()),
+            token: None,
         }
     }
 }
@@ -308,7 +311,11 @@ pub async fn run(
             })
             .collect();
         let url = &registries[next % registries.len()];
-        let sent = tokio::time::timeout(SEND_TIMEOUT, send(url, &mut channel, reports)).await;
+        let sent = tokio::time::timeout(
+            SEND_TIMEOUT,
+            send(url, &mut channel, reports, config.token.as_deref()),
+        )
+        .await;
         let failure = match sent {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
@@ -330,6 +337,7 @@ async fn send(
     url: &str,
     channel: &mut Option<Channel>,
     reports: Vec<WindowReport>,
+    token: Option<&str>,
 ) -> Result<(), String> {
     let ch = match channel {
         Some(c) => c.clone(),
@@ -346,7 +354,7 @@ async fn send(
     };
     let mut client = TelemetryClient::new(ch);
     client
-        .report(tokio_stream::iter(reports))
+        .report(crate::authorized(tokio_stream::iter(reports), token))
         .await
         .map(|_| ())
         .map_err(|s| format!("{}: {}", s.code(), s.message()))

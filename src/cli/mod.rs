@@ -154,7 +154,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Acl(args) => acl::run(args).await,
         Command::Registry(args) => registry::run_registry(args).await,
         Command::Dev(args) => registry::run_dev(args).await,
-        Command::Sidecar(args) => sidecar::run(*args).await,
+        Command::Sidecar(args) => sidecar::run(*args, cli.token.clone()).await,
         Command::Register(args) => register::run(args).await,
         Command::Services(args) => catalog::services(args).await,
         Command::Instances(args) => catalog::instances(args).await,

@@ -32,6 +32,12 @@ pub struct SidecarArgs {
         value_delimiter = ','
     )]
     pub registry: Vec<String>,
+    /// A file holding the ACL token secret sent to the registry (watch, registration,
+    /// telemetry); needed once ACLs are bootstrapped. Without it the global --token
+    /// (SWITCHYARD_TOKEN) is used. Never logged.
+    #[arg(long, env = "SWITCHYARD_TOKEN_FILE")]
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// Admin HTTP address: /ready, /metrics, /endpoints.
     #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -352,6 +358,7 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
             Check::None
         };
         config.registrar = Some(RegistrarConfig {
+            token: None,
             service: LocalService {
                 namespace: args.namespace.clone(),
                 name: name.clone(),
@@ -382,6 +389,18 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
     config
         .validate()
         .map_err(|e| bad(format!("invalid configuration: {e}")))?;
+    if let Some(path) = &args.token_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read --token-file {}: {e}", path.display())))?;
+        let secret = text.trim();
+        if secret.is_empty() {
+            return Err(bad(format!(
+                "--token-file {} is empty: put the secret `switchyard acl token create` printed in it",
+                path.display()
+            )));
+        }
+        config.set_token(Some(secret.to_string()));
+    }
     Ok(config)
 }
 
@@ -446,9 +465,13 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
 }
 
 /// Runs the sidecar with flags already merged with `--config` ([`SidecarArgs::resolve`]).
-pub async fn run(args: SidecarArgs) -> Result<(), CliError> {
+/// Runs the sidecar; `token` is the global --token, used when no --token-file is given.
+pub async fn run(args: SidecarArgs, token: Option<String>) -> Result<(), CliError> {
     let stop = shutdown_signal();
-    let config = config(&args)?;
+    let mut config = config(&args)?;
+    if args.token_file.is_none() && token.is_some() {
+        config.set_token(token);
+    }
     let handle = start(&args, config).await?;
     stop.await;
     tracing::info!("shutting down: draining the local service, finishing in-flight requests");

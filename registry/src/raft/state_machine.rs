@@ -456,4 +456,57 @@ mod tests {
         );
         assert_eq!(rebuilt.rollout_generation("default", "web"), 1);
     }
+
+    /// A snapshot written before ACLs still loads (not bootstrapped, no tokens), and one
+    /// with tokens keeps them (found by their secret after the rebuild).
+    #[test]
+    fn snapshots_from_before_acls_still_decode_and_tokens_survive_one() {
+        use crate::model::acl::{service_identity, Secret, Token};
+        let mut catalog = run(&script());
+        let current = catalog.to_persisted();
+        let old = PersistedCatalogV3::from_current_for_test(&current);
+        #[derive(Serialize)]
+        struct OldFile<'a> {
+            meta: SnapshotMeta,
+            catalog: &'a PersistedCatalogV3,
+        }
+        let bytes = encode(&OldFile {
+            meta: SnapshotMeta::default(),
+            catalog: &old,
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("a pre-ACL snapshot decodes");
+        let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
+        assert!(!rebuilt.acl_enabled());
+
+        let (secret, hash) = Secret::generate().expect("random");
+        let token = Token {
+            accessor_id: "a-1".into(),
+            secret_hash: hash,
+            description: String::new(),
+            rules: service_identity("web"),
+            created_at_ms: 1,
+            expires_at_ms: None,
+        };
+        let boot = Command::AclBootstrap {
+            token: Box::new(token),
+        };
+        assert!(catalog.apply_next(200, &boot).reply.is_ok());
+        assert!(catalog.apply_next(201, &boot).reply.is_err(), "once only");
+        let bytes = encode(&SnapshotFile {
+            meta: SnapshotMeta::default(),
+            catalog: catalog.to_persisted(),
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("decodes");
+        let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
+        assert!(rebuilt.acl_enabled());
+        assert_eq!(
+            rebuilt
+                .token_by_secret(&secret)
+                .map(|t| t.accessor_id.as_str()),
+            Some("a-1")
+        );
+        assert!(rebuilt.token_by_secret("guess").is_none());
+    }
 }

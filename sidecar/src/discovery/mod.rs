@@ -34,6 +34,8 @@ pub struct DiscoveryConfig {
     pub cache_file: Option<PathBuf>,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// ACL token secret for the registry (`None`: none sent). Never logged.
+    pub token: Option<String>,
 }
 
 /// Jittered exponential backoff: the n-th wait is uniform in [d/2, d] with
@@ -136,12 +138,15 @@ async fn stream_from(
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_EVENT_BYTES);
         client
-            .watch(pb::WatchRequest {
-                namespace: cfg.namespace.clone(),
-                services: Vec::new(),
-                since_revision: catalog.revision,
-                cluster_id: catalog.cluster_id.clone(),
-            })
+            .watch(crate::authorized(
+                pb::WatchRequest {
+                    namespace: cfg.namespace.clone(),
+                    services: Vec::new(),
+                    since_revision: catalog.revision,
+                    cluster_id: catalog.cluster_id.clone(),
+                },
+                cfg.token.as_deref(),
+            ))
             .await
             .map(|r| r.into_inner())
             .map_err(|s| s.message().to_string())
