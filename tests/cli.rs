@@ -122,6 +122,38 @@ fn start_registry(dir: &Path, extra: &[&str]) -> (Proc, String) {
     (proc, url)
 }
 
+/// Runs `switchyard register` for SERVICE on 127.0.0.1:PORT and waits for its
+/// "registered" line; the lease is held until the process is dropped.
+fn hold_registration(url: &str, service: &str, port: &str, version: &str) -> Proc {
+    let mut p = Proc(
+        Command::new(BIN)
+            .args([
+                "register",
+                "--registry",
+                url,
+                "--service",
+                service,
+                "--address",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--version",
+                version,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let mut line = String::new();
+    BufReader::new(p.0.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert!(line.starts_with("registered"), "{line}");
+    p
+}
+
 #[test]
 fn register_list_and_deregister_through_the_cli() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -513,36 +545,10 @@ fn demo_runs_the_canary_tour_and_ends_by_itself() {
 fn route_verbs_change_show_and_roll_back_a_policy() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
-    let mut holders = Vec::new();
-    for (port, version) in [("9001", "1.4.2"), ("9002", "1.5.0")] {
-        let mut p = Proc(
-            Command::new(BIN)
-                .args([
-                    "register",
-                    "--registry",
-                    &url,
-                    "--service",
-                    "web",
-                    "--address",
-                    "127.0.0.1",
-                    "--port",
-                    port,
-                    "--version",
-                    version,
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn"),
-        );
-        let mut line = String::new();
-        BufReader::new(p.0.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read");
-        assert!(line.starts_with("registered"), "{line}");
-        holders.push(p);
-    }
+    let holders: Vec<Proc> = [("9001", "1.4.2"), ("9002", "1.5.0")]
+        .into_iter()
+        .map(|(port, version)| hold_registration(&url, "web", port, version))
+        .collect();
     let route = |args: &[&str]| {
         let mut all = vec!["route"];
         all.extend_from_slice(args);
@@ -1082,36 +1088,10 @@ fn top_shows_what_a_sidecar_process_reported_per_version() {
 fn rollout_verbs_steer_a_rollout_on_a_real_registry() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut registry, url) = start_registry(&dir.path().join("reg"), &[]);
-    let mut holders = Vec::new();
-    for (port, version) in [("9101", "1.0.0"), ("9102", "2.0.0")] {
-        let mut p = Proc(
-            Command::new(BIN)
-                .args([
-                    "register",
-                    "--registry",
-                    &url,
-                    "--service",
-                    "web",
-                    "--address",
-                    "127.0.0.1",
-                    "--port",
-                    port,
-                    "--version",
-                    version,
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn"),
-        );
-        let mut line = String::new();
-        BufReader::new(p.0.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read");
-        assert!(line.starts_with("registered"), "{line}");
-        holders.push(p);
-    }
+    let holders: Vec<Proc> = [("9101", "1.0.0"), ("9102", "2.0.0")]
+        .into_iter()
+        .map(|(port, version)| hold_registration(&url, "web", port, version))
+        .collect();
     let rollout = |args: &[&str]| {
         let mut all = vec!["rollout"];
         all.extend_from_slice(args);

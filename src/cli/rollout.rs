@@ -288,37 +288,9 @@ pub fn build_spec(a: &StartArgs) -> Result<RolloutSpec, CliError> {
     Ok(spec)
 }
 
-/// The wire form of a checked spec (0 for the absolute gates that are off).
-pub fn spec_to_pb(s: &RolloutSpec) -> pb::RolloutSpec {
-    pb::RolloutSpec {
-        canary: s.canary.clone(),
-        baseline: s.baseline.clone(),
-        steps: s.steps.clone(),
-        pause_ms: s.pause_ms,
-        interval_ms: s.interval_ms,
-        alpha: s.alpha,
-        tolerance: s.tolerance,
-        min_requests: s.min_requests,
-        latency_slo_ms: s.latency_slo_ms,
-        step_deadline_ms: s.step_deadline_ms,
-        manual_promotion: s.manual_promotion,
-        on_insufficient_traffic: match s.on_insufficient_traffic {
-            OnInsufficientTraffic::Pause => pb::InsufficientTraffic::Pause,
-            OnInsufficientTraffic::Promote => pb::InsufficientTraffic::Promote,
-            OnInsufficientTraffic::Abort => pb::InsufficientTraffic::Abort,
-        } as i32,
-        max_error_rate: s.max_error_rate.unwrap_or(0.0),
-        max_p99_ms: s.max_p99_ms.unwrap_or(0),
-        webhooks: s
-            .webhooks
-            .iter()
-            .map(|w| pb::Webhook {
-                r#type: w.kind.as_str().to_string(),
-                url: w.url.clone(),
-            })
-            .collect(),
-    }
-}
+/// The wire form of a checked spec (0 for the absolute gates that are off): the same
+/// conversion the registry uses.
+pub use switchyard_core::convert::rollout_spec_to_proto as spec_to_pb;
 
 /// The phase as people read it (the table) and as scripts match it (JSON).
 fn phase_names(p: pb::RolloutPhase) -> (&'static str, &'static str) {
