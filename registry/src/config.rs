@@ -62,6 +62,18 @@ pub struct RegistryConfig {
     pub self_preservation_min_leases: usize,
     /// DNS zone and TTL (served when `Listeners::dns` is given).
     pub dns: switchyard_core::dns::DnsConfig,
+    /// TLS on every TCP port (plaintext when `None`).
+    pub tls: Option<TlsFiles>,
+}
+
+/// The files of a node's TLS: its certificate and key (served on every TCP port, and
+/// presented as its client certificate to other nodes) and the CA that signed every
+/// node's certificate (the peer port requires a client certificate it signed).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl RegistryConfig {
@@ -85,6 +97,7 @@ impl RegistryConfig {
             self_preservation_threshold: 0.5,
             self_preservation_min_leases: 20,
             dns: switchyard_core::dns::DnsConfig::default(),
+            tls: None,
         }
     }
 
@@ -185,4 +198,6 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("cannot read the listener address: {0}")]
     Addr(std::io::Error),
+    #[error("cannot use the TLS files: {0}")]
+    Tls(String),
 }

@@ -22,20 +22,18 @@ use crate::shared::Shared;
 pub async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
+    tls: Option<Arc<switchyard_tls::ServerTls>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    use tokio_stream::StreamExt;
+    let mut incoming = switchyard_tls::incoming::incoming(listener, tls);
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = incoming.next() => a,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        let (stream, _) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "HTTP accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some(Ok(stream)) = accepted else {
+            return;
         };
         let shared = shared.clone();
         tokio::spawn(async move {

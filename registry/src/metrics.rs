@@ -64,6 +64,10 @@ pub struct Metrics {
     pub rollout_error_e: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Requests refused by ACLs, by method (or `unknown_token`, `expired_token`).
     pub acl_denials: Family<MethodLabels, Counter>,
+    /// Copied from `switchyard_tls`'s process-wide counters when scraped.
+    tls_handshake_failures: Counter,
+    tls_reloads: Counter,
+    tls_reload_failures: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -141,6 +145,24 @@ impl Default for Metrics {
         let rollout_phase = Family::default();
         let rollout_error_e = Family::default();
         let acl_denials = Family::default();
+        let tls_handshake_failures = Counter::default();
+        let tls_reloads = Counter::default();
+        let tls_reload_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on this node's ports that failed or timed out (a wrong CA, no client certificate on the peer port, plaintext to a TLS port)",
+            tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Certificate reloads that took effect (SIGHUP or a changed file)",
+            tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_reload_failures",
+            "Certificate reloads refused (the previous certificates stay in use): fix the files",
+            tls_reload_failures.clone(),
+        );
         registry.register(
             "acl_denials",
             "Requests refused by ACLs, by method (unknown_token and expired_token: the token itself)",
@@ -319,6 +341,9 @@ impl Default for Metrics {
             rollout_phase,
             rollout_error_e,
             acl_denials,
+            tls_handshake_failures,
+            tls_reloads,
+            tls_reload_failures,
         }
     }
 }
@@ -403,6 +428,19 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let copy = |to: &Counter, from: &std::sync::atomic::AtomicU64| {
+            to.inner().store(from.load(Relaxed), Relaxed);
+        };
+        copy(
+            &self.tls_handshake_failures,
+            &switchyard_tls::incoming::HANDSHAKE_FAILURES,
+        );
+        copy(&self.tls_reloads, &switchyard_tls::reload::RELOADS);
+        copy(
+            &self.tls_reload_failures,
+            &switchyard_tls::reload::RELOAD_FAILURES,
+        );
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

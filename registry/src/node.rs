@@ -93,6 +93,8 @@ pub async fn start(
     listeners: Listeners,
 ) -> Result<RegistryHandle, StartError> {
     config.validate().map_err(StartError::Config)?;
+    // Before the data dir is touched: a bad certificate must fail the start cleanly.
+    let tls = load_tls(config.tls.as_ref())?;
     let grpc_addr = listeners.grpc.local_addr().map_err(StartError::Addr)?;
     let peer_addr = listeners.peer.local_addr().map_err(StartError::Addr)?;
     let http_addr = listeners.http.local_addr().map_err(StartError::Addr)?;
@@ -157,7 +159,7 @@ pub async fn start(
     }
     .validate()
     .map_err(|e| StartError::Raft(e.to_string()))?;
-    let network = Network::default();
+    let network = Network::new(tls.peer_client.clone());
     let node_id = config.node_id;
     let raft = openraft::Raft::new(
         node_id,
@@ -253,12 +255,14 @@ pub async fn start(
             proposer.clone(),
             forwarder,
             listeners.grpc,
+            tls.grpc.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(serve_peer(
             shared.clone(),
             proposer.clone(),
             listeners.peer,
+            tls.peer.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(leadership_loop(
@@ -278,14 +282,23 @@ pub async fn start(
             node_id,
             advertise.clone(),
             raft.clone(),
+            proposer.network().clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(crate::http::serve(
             shared.clone(),
             listeners.http,
+            tls.http.clone(),
             shutdown_rx.clone(),
         )),
     ];
+    if !tls.reloadable.is_empty() {
+        let stop = wait_for_stop(shutdown_rx.clone());
+        tasks.push(tokio::spawn(switchyard_tls::reload::watch(
+            tls.reloadable.clone(),
+            stop,
+        )));
+    }
     if let Some((udp, tcp)) = listeners.dns {
         let handler = switchyard_core::dns::DnsHandler::new(
             crate::dns_source::CatalogSource(shared.clone()),
@@ -317,4 +330,47 @@ pub async fn start(
         shared,
         db,
     })
+}
+
+/// The TLS configurations of a node's ports and of its calls to other nodes.
+#[derive(Default)]
+struct NodeTls {
+    grpc: Option<Arc<switchyard_tls::ServerTls>>,
+    http: Option<Arc<switchyard_tls::ServerTls>>,
+    peer: Option<Arc<switchyard_tls::ServerTls>>,
+    peer_client: switchyard_tls::Transport,
+    reloadable: Vec<Arc<dyn switchyard_tls::reload::Reloadable>>,
+}
+
+fn load_tls(files: Option<&crate::config::TlsFiles>) -> Result<NodeTls, StartError> {
+    use switchyard_tls::server::{ServerFiles, ALPN_GRPC, ALPN_HTTP1};
+    use switchyard_tls::{ClientTls, ServerTls, Transport};
+    let Some(files) = files else {
+        return Ok(NodeTls::default());
+    };
+    let err = |e: switchyard_tls::TlsError| StartError::Tls(e.0);
+    let public = ServerFiles {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        client_ca: None,
+    };
+    let mutual = ServerFiles {
+        client_ca: Some(files.ca.clone()),
+        ..public.clone()
+    };
+    let grpc = ServerTls::load(public.clone(), ALPN_GRPC).map_err(err)?;
+    let http = ServerTls::load(public, ALPN_HTTP1).map_err(err)?;
+    let peer = ServerTls::load(mutual, ALPN_GRPC).map_err(err)?;
+    let client = ClientTls::load(&files.ca, Some((&files.cert, &files.key))).map_err(err)?;
+    Ok(NodeTls {
+        reloadable: vec![grpc.clone(), http.clone(), peer.clone(), client.clone()],
+        grpc: Some(grpc),
+        http: Some(http),
+        peer: Some(peer),
+        peer_client: Transport::tls(client),
+    })
+}
+
+async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
 }

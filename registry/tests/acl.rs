@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::acl_client::AclClient;
+use switchyard_proto::v1::cluster_client::ClusterClient;
 use switchyard_proto::v1::discovery_client::DiscoveryClient;
 use switchyard_proto::v1::registry_client::RegistryClient;
 use switchyard_proto::v1::routing_client::RoutingClient;
@@ -305,7 +306,7 @@ async fn tokens_decide_who_may_register_change_and_renew() {
 }
 
 #[tokio::test]
-async fn a_deleted_token_stops_working_on_every_node_of_a_cluster() {
+async fn a_token_outlives_a_leader_change_and_a_delete_stops_it_on_every_node() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (nodes, addrs) = start_cluster(dir.path()).await;
     let mut acl = eventually(Duration::from_secs(10), || async {
@@ -339,22 +340,55 @@ async fn a_deleted_token_stops_working_on_every_node_of_a_cluster() {
         })
         .await;
     }
+    // The leader goes away: the token (in the replicated state) keeps working on the
+    // nodes left, through the new leader.
+    let leader_id = eventually(Duration::from_secs(10), || async {
+        let mut c = ClusterClient::new(channel(addrs[0]).await);
+        let m = c
+            .members(with(Some(&op), pb::MembersRequest {}))
+            .await
+            .ok()?;
+        let id = m.into_inner().leader_id;
+        (id != 0).then_some(id)
+    })
+    .await;
+    let mut alive = Vec::new();
+    for (i, n) in nodes.into_iter().enumerate() {
+        if i as u64 + 1 == leader_id {
+            n.shutdown().await;
+        } else {
+            alive.push((n, addrs[i]));
+        }
+    }
+    for (_, a) in &alive {
+        let a = *a;
+        eventually(Duration::from_secs(15), || async {
+            let mut r = RegistryClient::new(channel(a).await);
+            r.register(with(
+                Some(&web),
+                reg_req("web", &format!("web-new-leader-{}", a.port())),
+            ))
+            .await
+            .ok()
+        })
+        .await;
+    }
+    let mut acl = AclClient::new(channel(alive[0].1).await);
     let who = acl
-        .0
         .who_am_i(with(Some(&web), pb::WhoAmIRequest {}))
         .await
         .expect("whoami")
         .into_inner();
-    acl.0
-        .delete_token(with(
-            Some(&op),
-            pb::TokenRef {
-                accessor_id: who.accessor_id,
-            },
-        ))
-        .await
-        .expect("delete");
-    for a in addrs {
+    acl.delete_token(with(
+        Some(&op),
+        pb::TokenRef {
+            accessor_id: who.accessor_id,
+        },
+    ))
+    .await
+    .expect("delete");
+    for (_, a) in &alive {
+        let a = *a;
         eventually(Duration::from_secs(10), || async {
             let mut r = RegistryClient::new(channel(a).await);
             let e = r
@@ -365,7 +399,7 @@ async fn a_deleted_token_stops_working_on_every_node_of_a_cluster() {
         })
         .await;
     }
-    for n in nodes {
+    for (n, _) in alive {
         n.shutdown().await;
     }
 }

@@ -123,10 +123,20 @@ impl SidecarConfig {
         }
     }
 
+    /// Reaches the registries over `transport` (TLS when they are `https://`).
+    pub fn set_transport(&mut self, transport: switchyard_tls::Transport) {
+        self.discovery.transport = transport.clone();
+        self.telemetry.transport = transport.clone();
+        if let Some(r) = &mut self.registrar {
+            r.transport = transport;
+        }
+    }
+
     pub fn new(registries: Vec<String>) -> Self {
         Self {
             discovery: DiscoveryConfig {
                 token: None,
+                transport: switchyard_tls::Transport::plain(),
                 registries,
                 namespace: "default".into(),
                 cache_file: None,

@@ -43,6 +43,8 @@ pub struct RegistrarConfig {
     pub probe_target: SocketAddr,
     /// ACL token secret for the registry (`None`: none sent). Never logged.
     pub token: Option<String>,
+    /// Plain TCP for `http://` registries, TLS with `--ca-file` for `https://`.
+    pub transport: switchyard_tls::Transport,
 }
 
 fn instance(s: &LocalService, state: pb::State) -> pb::Instance {
@@ -72,7 +74,11 @@ fn state_of(healthy: bool) -> pb::State {
     }
 }
 
-async fn connect(url: &str) -> Result<RegistryClient<Channel>, String> {
+async fn connect(
+    url: &str,
+    transport: &switchyard_tls::Transport,
+) -> Result<RegistryClient<Channel>, String> {
+    transport.check(url).map_err(|e| e.0)?;
     // Unary calls time out and dead connections are noticed by HTTP/2 pings, so a
     // registry host that vanishes without closing sockets is failed over promptly.
     let ep = Endpoint::from_shared(url.to_string())
@@ -83,7 +89,10 @@ async fn connect(url: &str) -> Result<RegistryClient<Channel>, String> {
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     Ok(RegistryClient::new(
-        ep.connect().await.map_err(|e| e.to_string())?,
+        transport
+            .connect(ep)
+            .await
+            .map_err(|e| switchyard_tls::client::explain(&e))?,
     ))
 }
 
@@ -163,7 +172,7 @@ async fn hold(
     session: &mut Option<(RegistryClient<Channel>, u64, bool)>,
 ) -> Held {
     let mut client = tokio::select! {
-        c = connect(url) => match c {
+        c = connect(url, &cfg.transport) => match c {
             Ok(c) => c,
             Err(e) => return Held::Lost(e),
         },

@@ -53,6 +53,8 @@ pub struct TelemetryConfig {
     pub sidecar_id: String,
     /// ACL token secret for the registry (`None`: none sent). Never logged.
     pub token: Option<String>,
+    /// Plain TCP for `http://` registries, TLS with `--ca-file` for `https://`.
+    pub transport: switchyard_tls::Transport,
 }
 
 impl Default for TelemetryConfig {
@@ -62,6 +64,7 @@ impl Default for TelemetryConfig {
             slow_threshold: DEFAULT_SLOW_THRESHOLD,
             sidecar_id: format!("sidecar-{}", std::process::id()),
             token: None,
+            transport: switchyard_tls::Transport::plain(),
         }
     }
 }
@@ -311,11 +314,8 @@ pub async fn run(
             })
             .collect();
         let url = &registries[next % registries.len()];
-        let sent = tokio::time::timeout(
-            SEND_TIMEOUT,
-            send(url, &mut channel, reports, config.token.as_deref()),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(SEND_TIMEOUT, send(url, &mut channel, reports, &config)).await;
         let failure = match sent {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
@@ -337,17 +337,21 @@ async fn send(
     url: &str,
     channel: &mut Option<Channel>,
     reports: Vec<WindowReport>,
-    token: Option<&str>,
+    config: &TelemetryConfig,
 ) -> Result<(), String> {
+    let token = config.token.as_deref();
     let ch = match channel {
         Some(c) => c.clone(),
         None => {
-            let c = Endpoint::from_shared(url.to_string())
+            config.transport.check(url).map_err(|e| e.0)?;
+            let endpoint = Endpoint::from_shared(url.to_string())
                 .map_err(|e| e.to_string())?
-                .connect_timeout(Duration::from_secs(2))
-                .connect()
+                .connect_timeout(Duration::from_secs(2));
+            let c = config
+                .transport
+                .connect(endpoint)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| switchyard_tls::client::explain(&e))?;
             *channel = Some(c.clone());
             c
         }

@@ -16,6 +16,7 @@ use switchyard_sidecar::{LocalService, RegistrarConfig};
 fn registrar(url: &str, app: std::net::SocketAddr, id: &str) -> RegistrarConfig {
     RegistrarConfig {
         token: None,
+        transport: Default::default(),
         service: LocalService {
             namespace: "default".into(),
             name: "web".into(),

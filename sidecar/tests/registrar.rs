@@ -30,6 +30,7 @@ async fn the_local_service_is_registered_health_checked_and_drained() {
     let mut config = sidecar_config(vec![url.clone()], dir.path());
     config.registrar = Some(RegistrarConfig {
         token: None,
+        transport: Default::default(),
         service: LocalService {
             namespace: "default".into(),
             name: "app".into(),

@@ -220,6 +220,7 @@ async fn the_last_catalog_keeps_serving_while_the_registry_refuses_watches() {
 fn backoff_is_jittered_exponential_and_capped() {
     let cfg = switchyard_sidecar::DiscoveryConfig {
         token: None,
+        transport: Default::default(),
         registries: vec![],
         namespace: "default".into(),
         cache_file: None,

@@ -64,6 +64,22 @@ pub fn set_token(secret: Option<&str>) -> Result<(), CliError> {
     Ok(())
 }
 
+static TRANSPORT: std::sync::OnceLock<switchyard_tls::Transport> = std::sync::OnceLock::new();
+
+/// Takes the global `--ca-file` (SWITCHYARD_CA_FILE): TLS to `https://` registries,
+/// verified against it. Read once, at start, so a bad file fails before any call.
+pub fn set_ca_file(path: Option<&std::path::Path>) -> Result<(), CliError> {
+    let transport = switchyard_tls::Transport::from_ca_file(path)
+        .map_err(|e| CliError::new(EXIT_CONFIG, format!("cannot use --ca-file: {e}")))?;
+    let _ = TRANSPORT.set(transport);
+    Ok(())
+}
+
+/// How this process reaches registries (plain unless `--ca-file` was given).
+pub fn transport() -> switchyard_tls::Transport {
+    TRANSPORT.get().cloned().unwrap_or_default()
+}
+
 /// Adds `authorization: Bearer <secret>` to every call when a token was given.
 #[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
@@ -89,11 +105,23 @@ fn endpoint(url: &str) -> Result<Endpoint, CliError> {
 /// One connection to the registry at `url`; exit 69 with a hint when nothing answers.
 pub async fn channel(url: &str) -> Result<AuthChannel, CliError> {
     let token = Bearer(TOKEN.get().cloned().flatten());
-    let channel = endpoint(url)?.connect().await.map_err(|e| {
-        CliError::new(
-            EXIT_UNAVAILABLE,
-            format!("cannot reach the registry at {url}: {e}; is `switchyard dev` or `switchyard registry` running there? (set --registry or SWITCHYARD_REGISTRY)"),
-        )
+    let transport = transport();
+    transport
+        .check(url)
+        .map_err(|e| CliError::new(EXIT_CONFIG, e.0))?;
+    let channel = transport.connect(endpoint(url)?).await.map_err(|e| {
+        let why = switchyard_tls::client::explain(&e);
+        if why.contains("certificate") || why.contains("handshake") {
+            CliError::new(
+                EXIT_UNAVAILABLE,
+                format!("cannot reach the registry at {url} over TLS: {why}"),
+            )
+        } else {
+            CliError::new(
+                EXIT_UNAVAILABLE,
+                format!("cannot reach the registry at {url}: {why}; is `switchyard dev` or `switchyard registry` running there? (set --registry or SWITCHYARD_REGISTRY)"),
+            )
+        }
     })?;
     Ok(InterceptedService::new(channel, token))
 }
@@ -124,7 +152,21 @@ pub fn status_error(what: &str, s: tonic::Status) -> CliError {
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => EXIT_NOPERM,
         _ => EXIT_UNAVAILABLE,
     };
-    if what.is_empty() {
+    // Plaintext HTTP/2 to a TLS port fails this way (the TLS server answers the HTTP/2
+    // preface with an alert, or closes).
+    let hint = if s.message().contains("h2 protocol error") || s.message() == "transport error" {
+        " (is the registry serving TLS? then use an https:// --registry and --ca-file)"
+    } else {
+        ""
+    };
+    if !hint.is_empty() {
+        let what = if what.is_empty() {
+            "the call failed"
+        } else {
+            what
+        };
+        CliError::new(code, format!("{what}: {}{hint}", s.message()))
+    } else if what.is_empty() {
         CliError::new(code, s.message().to_string())
     } else {
         CliError::new(code, format!("{what}: {}", s.message()))

@@ -20,6 +20,7 @@ mod rollout;
 mod route;
 mod route_resilience;
 mod sidecar;
+mod tls;
 mod top;
 
 use std::io::IsTerminal;
@@ -64,6 +65,11 @@ pub struct Cli {
     /// needed once ACLs are bootstrapped. Never logged.
     #[arg(long, global = true, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) that signed the registry's TLS certificate: clients reach
+    /// `https://` registries verified against it. A registry node also requires it of
+    /// its peers (mutual TLS on --peer-listen) when --tls-cert is set.
+    #[arg(long, global = true, env = "SWITCHYARD_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -83,7 +89,7 @@ pub enum Output {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a registry node (gRPC on --listen, metrics and health on --http).
-    Registry(registry::RegistryArgs),
+    Registry(Box<registry::RegistryArgs>),
     /// Run the sidecar: watch the registry, proxy outbound traffic, register the local service.
     Sidecar(Box<sidecar::SidecarArgs>),
     /// Run a single-node registry and a sidecar in one process on the default ports,
@@ -102,6 +108,8 @@ pub enum Command {
     Rollout(rollout::RolloutArgs),
     /// ACLs: bootstrap, tokens (create, list, read, delete), whoami.
     Acl(acl::AclArgs),
+    /// TLS certificates: `tls init` makes a CA and a registry certificate for a quick start.
+    Tls(tls::TlsArgs),
     /// List the registry cluster's members and state; add or remove a member.
     Members(members::MembersArgs),
     /// Request rate, error rate and p50/p99 by version, from the sidecars' reports.
@@ -140,7 +148,7 @@ pub fn init_logging(cli: &Cli) {
 pub fn resolve(mut cli: Cli, matches: &ArgMatches) -> Result<Cli, CliError> {
     let sub = matches.subcommand().map(|(_, m)| m);
     cli.command = match cli.command {
-        Command::Registry(args) => Command::Registry(args.resolve(sub)?),
+        Command::Registry(args) => Command::Registry(Box::new(args.resolve(sub)?)),
         Command::Sidecar(args) => Command::Sidecar(Box::new(args.resolve(sub)?)),
         other => other,
     };
@@ -150,9 +158,14 @@ pub fn resolve(mut cli: Cli, matches: &ArgMatches) -> Result<Cli, CliError> {
 /// Runs the command; `cli` has been through [`resolve`].
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     client::set_token(cli.token.as_deref())?;
+    // A registry reads its CA itself (it may also come from its --config file).
+    if !matches!(cli.command, Command::Registry(_)) {
+        client::set_ca_file(cli.ca_file.as_deref())?;
+    }
     match cli.command {
         Command::Acl(args) => acl::run(args).await,
-        Command::Registry(args) => registry::run_registry(args).await,
+        Command::Tls(args) => tls::run(args),
+        Command::Registry(args) => registry::run_registry(*args, cli.ca_file).await,
         Command::Dev(args) => registry::run_dev(args).await,
         Command::Sidecar(args) => sidecar::run(*args, cli.token.clone()).await,
         Command::Register(args) => register::run(args).await,

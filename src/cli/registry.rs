@@ -145,6 +145,19 @@ pub struct RegistryArgs {
         default_value_t = 20
     )]
     pub self_preservation_min_leases: usize,
+    /// TLS certificate (PEM, leaf first) served on --listen, --http and --peer-listen,
+    /// and presented to other nodes as this node's client certificate (so it needs the
+    /// serverAuth and clientAuth usages). Without it every port is plaintext. Re-read on
+    /// SIGHUP or when the file changes.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA of the cluster (the global --ca-file, or this key in the --config file).
+    #[arg(skip)]
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// TOML file with any of the keys above.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     #[serde(skip)]
@@ -263,10 +276,22 @@ pub struct DevArgs {
     /// Sidecar HTTP proxy address (routes by Host).
     #[arg(long, env = "SWITCHYARD_HTTP_PROXY", default_value = "127.0.0.1:15001")]
     pub http_proxy: SocketAddr,
+    /// Serve TLS with a CA and certificate generated into the data dir (`tls/`), and
+    /// connect the sidecar over it; the CA's path is printed for clients' --ca-file.
+    #[arg(long, env = "SWITCHYARD_DEV_TLS")]
+    pub tls: bool,
 }
 
-pub async fn run_registry(args: RegistryArgs) -> Result<(), CliError> {
-    let config = args.registry_config();
+pub async fn run_registry(
+    mut args: RegistryArgs,
+    ca_file: Option<PathBuf>,
+) -> Result<(), CliError> {
+    if ca_file.is_some() {
+        args.ca_file = ca_file;
+    }
+    let mut config = args.registry_config();
+    config.tls = tls_files(&args)?;
+    print_mode(config.tls.is_some(), "registry");
     let addrs = Addrs {
         listen: args.listen,
         peer: args.peer_listen,
@@ -296,14 +321,26 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
         http: args.http,
         dns: dns_addr(&args.dns)?,
     };
-    let registry = start_registry(RegistryConfig::new(data_dir.join("registry")), addrs).await?;
-    let url = format!("http://{}", registry.grpc_addr);
+    let mut registry_config = RegistryConfig::new(data_dir.join("registry"));
+    let transport = if args.tls {
+        let files = dev_certificates(&data_dir.join("tls"))?;
+        let transport = switchyard_tls::Transport::from_ca_file(Some(&files.ca))
+            .map_err(|e| CliError::new(1, e.0))?;
+        registry_config.tls = Some(files);
+        transport
+    } else {
+        switchyard_tls::Transport::plain()
+    };
+    print_mode(args.tls, "switchyard dev");
+    let tls_ca = registry_config.tls.as_ref().map(|t| t.ca.clone());
+    let registry = start_registry(registry_config, addrs).await?;
+    let url = transport.url_for(&registry.grpc_addr.to_string());
     let mut sidecar_args = super::sidecar::SidecarArgs::defaults(&url)?;
     sidecar_args.admin = args.admin;
     sidecar_args.dns = args.sidecar_dns.clone();
     sidecar_args.http_proxy = args.http_proxy.to_string();
     sidecar_args.cache_file = data_dir.join("sidecar-catalog.json");
-    let config = super::sidecar::config(&sidecar_args)?;
+    let config = super::sidecar::config(&sidecar_args, &transport)?;
     let sidecar = match super::sidecar::start(&sidecar_args, config).await {
         Ok(s) => s,
         Err(e) => {
@@ -320,6 +357,13 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
         sidecar.admin_addr,
         data_dir.display()
     );
+    match &tls_ca {
+        Some(ca) => eprintln!(
+            "  TLS on: clients use --registry {url} --ca-file {} (or SWITCHYARD_CA_FILE)",
+            ca.display()
+        ),
+        None => eprintln!("  TLS off: plaintext (start with --tls for TLS on every port)"),
+    }
     eprintln!(
         "  try: switchyard register --service web --address 127.0.0.1 --port 8080 --version 1.0.0"
     );
@@ -351,6 +395,53 @@ async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, CliError> {
             format!("cannot listen on {addr} ({flag}): {e}; is another registry running? pick another address with {flag}"),
         )
     })
+}
+
+/// `dev --tls`: the quick-start certificates in `dir`, made on first use.
+fn dev_certificates(dir: &std::path::Path) -> Result<switchyard_registry::TlsFiles, CliError> {
+    use switchyard_tls::generate;
+    let files = switchyard_registry::TlsFiles {
+        cert: dir.join(generate::CERT),
+        key: dir.join(generate::KEY),
+        ca: dir.join(generate::CA_CERT),
+    };
+    if !files.cert.exists() {
+        generate::quickstart("switchyard dev CA", &[], 30)
+            .and_then(|b| generate::write(dir, &b, true))
+            .map_err(|e| CliError::new(1, e.0))?;
+    }
+    Ok(files)
+}
+
+/// The node's TLS files from the flags: all three, or none.
+fn tls_files(args: &RegistryArgs) -> Result<Option<switchyard_registry::TlsFiles>, CliError> {
+    match (&args.tls_cert, &args.tls_key, &args.ca_file) {
+        (None, None, _) => Ok(None),
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(switchyard_registry::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        })),
+        (Some(_), Some(_), None) => Err(CliError::new(
+            EXIT_CONFIG,
+            "--tls-cert needs --ca-file (SWITCHYARD_CA_FILE): the CA that signed every registry node's certificate, which the peer port requires of other nodes (`switchyard tls init` makes one)",
+        )),
+        _ => Err(CliError::new(
+            EXIT_CONFIG,
+            "--tls-cert and --tls-key go together: pass both, or neither for plaintext",
+        )),
+    }
+}
+
+/// Says on stderr whether the ports speak TLS, so plaintext is never a surprise.
+fn print_mode(tls: bool, who: &str) {
+    if tls {
+        tracing::info!(
+            "{who}: TLS on every TCP port (gRPC, HTTP, peer with mutual TLS); DNS is plaintext"
+        );
+    } else {
+        tracing::warn!("{who}: plaintext on every port (no --tls-cert): anyone who can reach them can read the traffic; see `switchyard tls init`");
+    }
 }
 
 /// `off` (or empty) disables DNS; anything else is a listen address.

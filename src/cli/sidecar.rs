@@ -290,7 +290,10 @@ fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
 }
 
 /// Builds the library config from the flags.
-pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
+pub fn config(
+    args: &SidecarArgs,
+    transport: &switchyard_tls::Transport,
+) -> Result<SidecarConfig, CliError> {
     let bad = |m: String| CliError::new(EXIT_CONFIG, m);
     let mut config = SidecarConfig::new(args.registry.clone());
     config.discovery.namespace = args.namespace.clone();
@@ -359,6 +362,7 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
         };
         config.registrar = Some(RegistrarConfig {
             token: None,
+            transport: Default::default(),
             service: LocalService {
                 namespace: args.namespace.clone(),
                 name: name.clone(),
@@ -389,6 +393,12 @@ pub fn config(args: &SidecarArgs) -> Result<SidecarConfig, CliError> {
     config
         .validate()
         .map_err(|e| bad(format!("invalid configuration: {e}")))?;
+    for url in &args.registry {
+        transport
+            .check(url)
+            .map_err(|e| bad(format!("--registry: {e}")))?;
+    }
+    config.set_transport(transport.clone());
     if let Some(path) = &args.token_file {
         let text = std::fs::read_to_string(path)
             .map_err(|e| bad(format!("cannot read --token-file {}: {e}", path.display())))?;
@@ -468,7 +478,7 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
 /// Runs the sidecar; `token` is the global --token, used when no --token-file is given.
 pub async fn run(args: SidecarArgs, token: Option<String>) -> Result<(), CliError> {
     let stop = shutdown_signal();
-    let mut config = config(&args)?;
+    let mut config = config(&args, &super::client::transport())?;
     if args.token_file.is_none() && token.is_some() {
         config.set_token(token);
     }

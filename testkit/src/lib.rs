@@ -39,7 +39,8 @@ pub use proto::{
     watch_all, watch_of, window_report, View,
 };
 pub use registry::{
-    free_addr, keep_alive, register, register_at, start_at, start_cluster, start_in, TestRegistry,
+    free_addr, keep_alive, register, register_at, start_at, start_cluster, start_cluster_with,
+    start_in, TestRegistry,
 };
 pub use tmpfs::Tmpfs;
 pub use wait::{assert_eventually, eventually, next_event};

@@ -52,6 +52,14 @@ pub fn free_addr() -> SocketAddr {
 /// and peer ports; returns the members (node ids 1-3, in order) and their client
 /// addresses.
 pub async fn start_cluster(dir: &Path) -> ([RegistryHandle; 3], [SocketAddr; 3]) {
+    start_cluster_with(dir, |_| {}).await
+}
+
+/// [`start_cluster`] with each member's config changed by `tune` (TLS, limits).
+pub async fn start_cluster_with(
+    dir: &Path,
+    tune: impl Fn(&mut RegistryConfig),
+) -> ([RegistryHandle; 3], [SocketAddr; 3]) {
     let addrs = [free_addr(), free_addr(), free_addr()];
     let peer_addrs = [free_addr(), free_addr(), free_addr()];
     let peers: std::collections::BTreeMap<u64, String> = peer_addrs
@@ -63,6 +71,7 @@ pub async fn start_cluster(dir: &Path) -> ([RegistryHandle; 3], [SocketAddr; 3])
         let mut c = RegistryConfig::new(dir.join(format!("n{id}")));
         c.node_id = id;
         c.peers = peers.clone();
+        tune(&mut c);
         c
     };
     let (n1, n2, n3) = tokio::join!(

@@ -4,14 +4,13 @@
 //!
 //! The internal service is never served on the client port: it takes commands a client
 //! must not send (lease expiry) and Raft messages that can depose a leader, so it lives
-//! on a listener operators firewall off (and that mutual TLS will guard).
+//! on a listener operators firewall off (and that, with TLS on, takes only clients with a certificate the cluster's CA signed).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 
 use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
 use switchyard_proto::v1::acl_server::AclServer;
@@ -85,6 +84,7 @@ pub(crate) async fn serve_grpc(
     proposer: Proposer,
     forwarder: crate::telemetry_forward::Forwarder,
     listener: TcpListener,
+    tls: Option<Arc<switchyard_tls::ServerTls>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -140,10 +140,10 @@ pub(crate) async fn serve_grpc(
         .add_service(cluster)
         .add_service(telemetry)
         .serve_with_incoming_shutdown(
-            // tonic ignores its own TCP_NODELAY setting for a listener handed in: set it
-            // here, or Nagle holds a watch event back until the client's delayed ACK
-            // (40 ms) whenever little else is being sent.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // tonic ignores its own TCP_NODELAY setting for a listener handed in; the
+            // incoming stream sets it, or Nagle holds a watch event back until the
+            // client's delayed ACK (40 ms) whenever little else is being sent.
+            switchyard_tls::incoming::incoming(listener, tls),
             wait_for(shutdown.clone()),
         );
     finish("gRPC", server, shutdown).await;
@@ -156,6 +156,7 @@ pub(crate) async fn serve_peer(
     shared: Arc<Shared>,
     proposer: Proposer,
     listener: TcpListener,
+    tls: Option<Arc<switchyard_tls::ServerTls>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
@@ -172,7 +173,9 @@ pub(crate) async fn serve_peer(
         .add_service(cluster)
         .add_service(telemetry)
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // With TLS on, the peer port's configuration requires a client certificate
+            // the cluster's CA signed: nothing else can vote, append or forward.
+            switchyard_tls::incoming::incoming(listener, tls),
             wait_for(shutdown.clone()),
         );
     finish("peer gRPC", server, shutdown).await;

@@ -14,15 +14,11 @@ pub async fn join_loop(
     node_id: u64,
     advertise: String,
     raft: Raft,
+    network: super::network::Network,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Some(target) = join else {
         return;
-    };
-    let url = if target.starts_with("http") {
-        target.clone()
-    } else {
-        format!("http://{target}")
     };
     for attempt in 1..=120u32 {
         let is_member = raft
@@ -37,10 +33,9 @@ pub async fn join_loop(
             return;
         }
         let result = async {
+            // Through the peer network: with TLS on, mutual TLS like every peer call.
             let mut client =
-                switchyard_proto::v1::cluster_client::ClusterClient::connect(url.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                switchyard_proto::v1::cluster_client::ClusterClient::new(network.channel(&target)?);
             client
                 .add_member(switchyard_proto::v1::AddMemberRequest {
                     id: node_id,

@@ -29,27 +29,33 @@ pub const MAX_RAFT_MESSAGE: usize = 64 * 1024 * 1024;
 #[derive(Clone, Default)]
 pub struct Network {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Plain, or mutual TLS with this node's certificate when TLS is on.
+    transport: switchyard_tls::Transport,
 }
 
 impl Network {
+    pub fn new(transport: switchyard_tls::Transport) -> Self {
+        Network {
+            channels: Arc::default(),
+            transport,
+        }
+    }
+
     /// The (lazily connecting) channel to a node's address.
     pub fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock();
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let url = if addr.starts_with("http://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let channel = Endpoint::from_shared(url)
+        let url = self.transport.url_for(addr);
+        self.transport.check(&url).map_err(|e| e.to_string())?;
+        let endpoint = Endpoint::from_shared(url)
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = self.transport.connect_lazy(endpoint);
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

@@ -36,6 +36,8 @@ pub struct DiscoveryConfig {
     pub backoff_max: Duration,
     /// ACL token secret for the registry (`None`: none sent). Never logged.
     pub token: Option<String>,
+    /// Plain TCP for `http://` registries, TLS with `--ca-file` for `https://`.
+    pub transport: switchyard_tls::Transport,
 }
 
 /// Jittered exponential backoff: the n-th wait is uniform in [d/2, d] with
@@ -135,7 +137,12 @@ async fn stream_from(
         }
     };
     let connect = async {
-        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        cfg.transport.check(url).map_err(|e| e.0)?;
+        let channel = cfg
+            .transport
+            .connect(endpoint)
+            .await
+            .map_err(|e| switchyard_tls::client::explain(&e))?;
         let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_EVENT_BYTES);
         client
             .watch(crate::authorized(
