@@ -154,7 +154,13 @@ pub fn status_error(what: &str, s: tonic::Status) -> CliError {
     };
     // Plaintext HTTP/2 to a TLS port fails this way (the TLS server answers the HTTP/2
     // preface with an alert, or closes).
-    let hint = if s.message().contains("h2 protocol error") || s.message() == "transport error" {
+    const PLAINTEXT_TO_TLS: [&str; 4] = [
+        "h2 protocol error",
+        "transport error",
+        "operation was canceled",
+        "connection reset",
+    ];
+    let hint = if PLAINTEXT_TO_TLS.iter().any(|m| s.message().contains(m)) {
         " (is the registry serving TLS? then use an https:// --registry and --ca-file)"
     } else {
         ""

@@ -166,7 +166,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Acl(args) => acl::run(args).await,
         Command::Tls(args) => tls::run(args),
         Command::Registry(args) => registry::run_registry(*args, cli.ca_file).await,
-        Command::Dev(args) => registry::run_dev(args).await,
+        Command::Dev(args) => registry::run_dev(args, cli.token.clone()).await,
         Command::Sidecar(args) => sidecar::run(*args, cli.token.clone()).await,
         Command::Register(args) => register::run(args).await,
         Command::Services(args) => catalog::services(args).await,

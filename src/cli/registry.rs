@@ -301,7 +301,8 @@ pub async fn run_registry(
     serve(config, addrs).await
 }
 
-pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
+/// `token` is the global --token: once ACLs are bootstrapped, the dev sidecar needs one.
+pub async fn run_dev(args: DevArgs, token: Option<String>) -> Result<(), CliError> {
     let stop = shutdown_signal();
     // The temp dir lives until this function returns, i.e. until both parts stopped.
     let (_temp, data_dir) = match args.data_dir {
@@ -331,7 +332,7 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
     } else {
         switchyard_tls::Transport::plain()
     };
-    print_mode(args.tls, "switchyard dev");
+    print_mode(args.tls, "dev");
     let tls_ca = registry_config.tls.as_ref().map(|t| t.ca.clone());
     let registry = start_registry(registry_config, addrs).await?;
     let url = transport.url_for(&registry.grpc_addr.to_string());
@@ -340,7 +341,10 @@ pub async fn run_dev(args: DevArgs) -> Result<(), CliError> {
     sidecar_args.dns = args.sidecar_dns.clone();
     sidecar_args.http_proxy = args.http_proxy.to_string();
     sidecar_args.cache_file = data_dir.join("sidecar-catalog.json");
-    let config = super::sidecar::config(&sidecar_args, &transport)?;
+    let mut config = super::sidecar::config(&sidecar_args, &transport)?;
+    if token.is_some() {
+        config.set_token(token);
+    }
     let sidecar = match super::sidecar::start(&sidecar_args, config).await {
         Ok(s) => s,
         Err(e) => {
@@ -440,7 +444,7 @@ fn print_mode(tls: bool, who: &str) {
             "{who}: TLS on every TCP port (gRPC, HTTP, peer with mutual TLS); DNS is plaintext"
         );
     } else {
-        tracing::warn!("{who}: plaintext on every port (no --tls-cert): anyone who can reach them can read the traffic; see `switchyard tls init`");
+        tracing::warn!(role = who, "plaintext on every port (no --tls-cert): anyone who can reach them can read the traffic; see `switchyard tls init`");
     }
 }
 
