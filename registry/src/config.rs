@@ -64,6 +64,33 @@ pub struct RegistryConfig {
     pub dns: switchyard_core::dns::DnsConfig,
     /// TLS on every TCP port (plaintext when `None`).
     pub tls: Option<TlsFiles>,
+    /// The mesh's built-in CA.
+    pub mesh: MeshConfig,
+}
+
+/// The mesh CA's settings (see [`crate::identity`]).
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// Ends every leaf's DNS name; taken when the first root is made.
+    pub trust_domain: String,
+    pub leaf_ttl: Duration,
+    /// The root from files every node is given (its key then never enters the state).
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// Leaves a node signs per second at most.
+    pub csr_per_second: u32,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.into(),
+            leaf_ttl: crate::identity::DEFAULT_LEAF_TTL,
+            ca_cert: None,
+            ca_key: None,
+            csr_per_second: crate::identity::DEFAULT_CSR_PER_SECOND,
+        }
+    }
 }
 
 /// The files of a node's TLS: its certificate and key (served on every TCP port, and
@@ -98,6 +125,7 @@ impl RegistryConfig {
             self_preservation_min_leases: 20,
             dns: switchyard_core::dns::DnsConfig::default(),
             tls: None,
+            mesh: MeshConfig::default(),
         }
     }
 
@@ -148,6 +176,18 @@ impl RegistryConfig {
             return Err("heartbeat must be 10ms-5s".into());
         }
         self.dns.validate()?;
+        crate::model::mesh_ca::validate_trust_domain(&self.mesh.trust_domain)?;
+        if self.mesh.leaf_ttl < Duration::from_secs(60)
+            || self.mesh.leaf_ttl > Duration::from_secs(366 * 86_400)
+        {
+            return Err("leaf_ttl must be 1m-366d".into());
+        }
+        if self.mesh.ca_cert.is_some() != self.mesh.ca_key.is_some() {
+            return Err("mesh_ca_cert and mesh_ca_key go together: pass both, or neither for a CA the registry makes".into());
+        }
+        if self.mesh.csr_per_second == 0 {
+            return Err("csr_per_second must be at least 1".into());
+        }
         if !(0.0..=1.0).contains(&self.self_preservation_threshold)
             || self.self_preservation_threshold == 0.0
         {

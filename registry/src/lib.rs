@@ -37,6 +37,7 @@ pub mod catalog;
 pub mod config;
 pub mod dns_source;
 pub mod http;
+pub mod identity;
 pub mod lease;
 pub mod metrics;
 pub mod node;
@@ -56,7 +57,7 @@ pub(crate) use switchyard_core::model;
 pub use catalog::{
     Limits, DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE, DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
 };
-pub use config::{Listeners, RegistryConfig, StartError, TlsFiles};
+pub use config::{Listeners, MeshConfig, RegistryConfig, StartError, TlsFiles};
 pub use node::{start, RegistryHandle};
 pub use storage_health::StorageFailure;
 pub use watch::budget::DEFAULT_MAX_WATCH_BUFFER_BYTES;

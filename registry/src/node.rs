@@ -95,6 +95,8 @@ pub async fn start(
     config.validate().map_err(StartError::Config)?;
     // Before the data dir is touched: a bad certificate must fail the start cleanly.
     let tls = load_tls(config.tls.as_ref())?;
+    let mesh = load_mesh(&config.mesh)?;
+    refuse_shared_ca(&config)?;
     let grpc_addr = listeners.grpc.local_addr().map_err(StartError::Addr)?;
     let peer_addr = listeners.peer.local_addr().map_err(StartError::Addr)?;
     let http_addr = listeners.http.local_addr().map_err(StartError::Addr)?;
@@ -256,6 +258,7 @@ pub async fn start(
             forwarder,
             listeners.grpc,
             tls.grpc.clone(),
+            mesh.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(serve_peer(
@@ -269,6 +272,7 @@ pub async fn start(
             shared.clone(),
             raft.clone(),
             proposer.clone(),
+            mesh.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(checkpoint_loop(
@@ -369,6 +373,42 @@ fn load_tls(files: Option<&crate::config::TlsFiles>) -> Result<NodeTls, StartErr
         peer: Some(peer),
         peer_client: Transport::tls(client),
     })
+}
+
+/// The peer port accepts any client certificate its CA signed: if the mesh CA (which
+/// signs every sidecar's leaf) were that CA, a sidecar could vote and append.
+fn refuse_shared_ca(config: &RegistryConfig) -> Result<(), StartError> {
+    let (Some(tls), Some(mesh)) = (&config.tls, &config.mesh.ca_cert) else {
+        return Ok(());
+    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let (peer_ca, mesh_ca) = (read(&tls.ca), read(mesh));
+    if !peer_ca.trim().is_empty() && peer_ca.trim() == mesh_ca.trim() {
+        return Err(StartError::Config(format!(
+            "--mesh-ca-cert {} is the CA of --ca-file {}: the peer port would accept every sidecar's leaf as a registry node; give the mesh its own CA (or let the registry make one)",
+            mesh.display(),
+            tls.ca.display()
+        )));
+    }
+    Ok(())
+}
+
+fn load_mesh(
+    config: &crate::config::MeshConfig,
+) -> Result<Arc<crate::identity::MeshSettings>, StartError> {
+    let file_root = match (&config.ca_cert, &config.ca_key) {
+        (Some(cert), Some(key)) => Some(
+            switchyard_tls::mesh_ca::Root::from_files(cert, key)
+                .map_err(|e| StartError::Config(format!("--mesh-ca-cert/--mesh-ca-key: {e}")))?,
+        ),
+        _ => None,
+    };
+    Ok(crate::identity::MeshSettings::new(
+        config.trust_domain.clone(),
+        config.leaf_ttl,
+        file_root,
+        config.csr_per_second,
+    ))
 }
 
 async fn wait_for_stop(mut rx: watch::Receiver<bool>) {

@@ -154,6 +154,28 @@ pub struct RegistryArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The mesh CA's trust domain: leaves are named `<svc>.<ns>.svc.<trust-domain>` and
+    /// `spiffe://<trust-domain>/ns/<ns>/svc/<svc>`. Fixed when the first root is made.
+    #[arg(
+        long,
+        env = "SWITCHYARD_TRUST_DOMAIN",
+        default_value = "switchyard.local"
+    )]
+    pub trust_domain: String,
+    /// Lifetime of the leaves the mesh CA issues (sidecars renew at 70 %).
+    #[arg(long, env = "SWITCHYARD_LEAF_TTL", default_value = "72h", value_parser = parse_duration)]
+    #[serde(with = "config::duration")]
+    pub leaf_ttl: Duration,
+    /// The mesh CA's root certificate (PEM) from a file every node is given, instead of
+    /// a root the registry makes and keeps in its replicated state.
+    #[arg(long, env = "SWITCHYARD_MESH_CA_CERT", requires = "mesh_ca_key")]
+    pub mesh_ca_cert: Option<PathBuf>,
+    /// The key of --mesh-ca-cert; it stays in this file, never in the replicated state.
+    #[arg(long, env = "SWITCHYARD_MESH_CA_KEY", requires = "mesh_ca_cert")]
+    pub mesh_ca_key: Option<PathBuf>,
+    /// Leaves this node signs per second at most (bursts of twice that).
+    #[arg(long, env = "SWITCHYARD_MAX_CSR_PER_SECOND", default_value_t = 50)]
+    pub max_csr_per_second: u32,
     /// The CA of the cluster (the global --ca-file, or this key in the --config file).
     #[arg(skip)]
     #[serde(default)]
@@ -202,6 +224,13 @@ impl RegistryArgs {
         config.self_preservation_min_leases = self.self_preservation_min_leases;
         config.dns.domain = self.dns_domain.clone();
         config.dns.ttl = self.dns_ttl;
+        config.mesh = switchyard_registry::MeshConfig {
+            trust_domain: self.trust_domain.clone(),
+            leaf_ttl: self.leaf_ttl,
+            ca_cert: self.mesh_ca_cert.clone(),
+            ca_key: self.mesh_ca_key.clone(),
+            csr_per_second: self.max_csr_per_second,
+        };
         config
     }
 }

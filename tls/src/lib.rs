@@ -14,6 +14,7 @@
 //!   certificate), and the rule that an `https://` URL means TLS.
 //! - [`reload`] re-reads the files on SIGHUP and when they change on disk.
 //! - [`generate`] makes a CA and a registry certificate for `switchyard tls init`.
+//! - [`mesh_ca`] is the mesh's built-in CA: roots, and leaves built from a CSR's key only.
 //!
 //! Nothing here logs a key, and a configuration that cannot be loaded is never half
 //! applied: the previous one stays in force.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod files;
 pub mod generate;
 pub mod incoming;
+pub mod mesh_ca;
 pub mod reload;
 pub mod server;
 
@@ -34,6 +36,8 @@ pub(crate) fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     std::sync::Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// For callers (tests) that make CSRs.
+pub use rcgen;
 /// The rustls this crate is built on, for callers (tests) that speak TLS directly.
 pub use rustls;
 pub use tokio_rustls;

@@ -4,6 +4,7 @@
 //! machine and the rules can be tested (and later replicated) without any transport.
 
 pub mod acl;
+pub mod mesh_ca;
 pub mod policy;
 pub mod resilience;
 pub mod rollout;

@@ -16,6 +16,7 @@ use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
 use switchyard_proto::v1::acl_server::AclServer;
 use switchyard_proto::v1::cluster_server::ClusterServer;
 use switchyard_proto::v1::discovery_server::DiscoveryServer;
+use switchyard_proto::v1::identity_server::IdentityServer;
 use switchyard_proto::v1::registry_server::RegistryServer;
 use switchyard_proto::v1::rollouts_server::RolloutsServer;
 use switchyard_proto::v1::routing_server::RoutingServer;
@@ -85,6 +86,7 @@ pub(crate) async fn serve_grpc(
     forwarder: crate::telemetry_forward::Forwarder,
     listener: TcpListener,
     tls: Option<Arc<switchyard_tls::ServerTls>>,
+    mesh: Arc<crate::identity::MeshSettings>,
     shutdown: watch::Receiver<bool>,
 ) {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -110,6 +112,8 @@ pub(crate) async fn serve_grpc(
     let acl = AclServer::new(super::AclApi::new(shared.clone(), proposer.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
+    let identity = IdentityServer::new(super::IdentityApi::new(shared.clone(), mesh))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     // In memory only (never the log): served by every node, with its own message bound.
     let telemetry = TelemetryServer::new(TelemetryApi::client(
         shared.clone(),
@@ -137,6 +141,7 @@ pub(crate) async fn serve_grpc(
         .add_service(routing)
         .add_service(rollouts)
         .add_service(acl)
+        .add_service(identity)
         .add_service(cluster)
         .add_service(telemetry)
         .serve_with_incoming_shutdown(

@@ -219,6 +219,8 @@ pub struct Catalog {
     pub(super) rollouts: BTreeMap<(String, String), VecDeque<crate::model::rollout::Rollout>>,
     /// Bootstrapped or not, and every token.
     pub(super) acl: super::acl::AclState,
+    /// Set once by [`Command::InitMeshCa`].
+    pub(super) mesh_ca: Option<crate::model::mesh_ca::MeshCa>,
 }
 
 impl Catalog {
@@ -227,6 +229,11 @@ impl Catalog {
             limits,
             ..Self::default()
         }
+    }
+
+    /// The mesh CA, once the first leader made it.
+    pub fn mesh_ca(&self) -> Option<&crate::model::mesh_ca::MeshCa> {
+        self.mesh_ca.as_ref()
     }
 
     /// The index of the last applied command (changing or not).
@@ -312,6 +319,17 @@ impl Catalog {
             Command::AclBootstrap { token } => self.acl_bootstrap(token),
             Command::PutToken { token } => self.put_token(token),
             Command::DeleteToken { accessor_id } => self.delete_token(accessor_id),
+            Command::InitMeshCa { ca } => {
+                if self.mesh_ca.is_none() {
+                    self.mesh_ca = Some((**ca).clone());
+                }
+                ApplyResult {
+                    reply: Ok(Reply::Done {
+                        revision: self.revision,
+                    }),
+                    ..ApplyResult::refused(ApplyError::Batch)
+                }
+            }
             // The state machine unpacks batches; one reaching here is refused whole.
             Command::Batch(_) => ApplyResult {
                 reply: Err(ApplyError::Batch),

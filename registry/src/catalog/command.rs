@@ -88,6 +88,11 @@ pub enum Command {
     DeleteToken {
         accessor_id: String,
     },
+    /// The mesh CA's first root, once: proposed by the first leader that finds none,
+    /// applied only while there is none (like [`Command::InitCluster`]). Added last.
+    InitMeshCa {
+        ca: Box<crate::model::mesh_ca::MeshCa>,
+    },
 }
 
 impl Command {
@@ -107,6 +112,7 @@ impl Command {
             Command::AclBootstrap { .. } => "acl_bootstrap",
             Command::PutToken { .. } => "put_token",
             Command::DeleteToken { .. } => "delete_token",
+            Command::InitMeshCa { .. } => "init_mesh_ca",
         }
     }
 }

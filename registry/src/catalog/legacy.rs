@@ -181,6 +181,9 @@ enum CommandIn {
     DeleteToken {
         accessor_id: String,
     },
+    InitMeshCa {
+        ca: Box<crate::model::mesh_ca::MeshCa>,
+    },
 }
 
 /// [`Command`] as it is written: borrowed, so encoding copies nothing. Variants in the
@@ -240,6 +243,9 @@ enum CommandOut<'a> {
     },
     DeleteToken {
         accessor_id: &'a str,
+    },
+    InitMeshCa {
+        ca: &'a crate::model::mesh_ca::MeshCa,
     },
 }
 
@@ -307,6 +313,7 @@ impl Serialize for Command {
             Command::AclBootstrap { token } => CommandOut::AclBootstrap { token },
             Command::PutToken { token } => CommandOut::PutToken { token },
             Command::DeleteToken { accessor_id } => CommandOut::DeleteToken { accessor_id },
+            Command::InitMeshCa { ca } => CommandOut::InitMeshCa { ca },
         };
         out.serialize(s)
     }
@@ -387,6 +394,7 @@ impl<'de> Deserialize<'de> for Command {
             CommandIn::AclBootstrap { token } => Command::AclBootstrap { token },
             CommandIn::PutToken { token } => Command::PutToken { token },
             CommandIn::DeleteToken { accessor_id } => Command::DeleteToken { accessor_id },
+            CommandIn::InitMeshCa { ca } => Command::InitMeshCa { ca },
         })
     }
 }

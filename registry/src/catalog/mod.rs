@@ -41,7 +41,7 @@ pub use apply::{
 pub use command::Command;
 pub use persist::{
     PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1, PersistedCatalogV2,
-    PersistedCatalogV3,
+    PersistedCatalogV3, PersistedCatalogV4,
 };
 pub use policies::policy_bytes;
 pub use rollouts::RolloutPolicy;

@@ -32,6 +32,63 @@ pub struct PersistedCatalog {
     /// (not bootstrapped, no tokens).
     pub(super) acl_bootstrapped: bool,
     pub(super) tokens: Vec<Token>,
+    /// Added with the mesh CA, and the last field this form will get: named sections,
+    /// each its own postcard encoding, so state added later (a section per feature)
+    /// needs no new snapshot form. Snapshots written before decode through
+    /// [`PersistedCatalogV4`] (no sections). Unknown sections are ignored.
+    pub(super) sections: Vec<(String, Vec<u8>)>,
+}
+
+/// The section holding [`crate::model::mesh_ca::MeshCa`].
+const SECTION_MESH_CA: &str = "mesh_ca";
+
+/// The snapshot form written before the mesh CA (ACLs, no sections).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedCatalogV4 {
+    applied_index: u64,
+    revision: Revision,
+    instances: Vec<(Instance, LeaseId)>,
+    leases: Vec<(LeaseId, u32, u64)>,
+    policies: Vec<((String, String), Vec<PolicyRecord>)>,
+    cluster_id: String,
+    rollouts: Vec<((String, String), Vec<Rollout>)>,
+    acl_bootstrapped: bool,
+    tokens: Vec<Token>,
+}
+
+impl From<PersistedCatalogV4> for PersistedCatalog {
+    fn from(v: PersistedCatalogV4) -> Self {
+        Self {
+            applied_index: v.applied_index,
+            revision: v.revision,
+            instances: v.instances,
+            leases: v.leases,
+            policies: v.policies,
+            cluster_id: v.cluster_id,
+            rollouts: v.rollouts,
+            acl_bootstrapped: v.acl_bootstrapped,
+            tokens: v.tokens,
+            sections: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl PersistedCatalogV4 {
+    /// The old form of a current snapshot (what a release before the mesh CA wrote).
+    pub fn from_current_for_test(p: &PersistedCatalog) -> Self {
+        Self {
+            applied_index: p.applied_index,
+            revision: p.revision,
+            instances: p.instances.clone(),
+            leases: p.leases.clone(),
+            policies: p.policies.clone(),
+            cluster_id: p.cluster_id.clone(),
+            rollouts: p.rollouts.clone(),
+            acl_bootstrapped: p.acl_bootstrapped,
+            tokens: p.tokens.clone(),
+        }
+    }
 }
 
 /// The snapshot form written before ACLs existed.
@@ -58,6 +115,7 @@ impl From<PersistedCatalogV3> for PersistedCatalog {
             rollouts: v.rollouts,
             acl_bootstrapped: false,
             tokens: Vec::new(),
+            sections: Vec::new(),
         }
     }
 }
@@ -101,6 +159,7 @@ impl From<PersistedCatalogV2> for PersistedCatalog {
             rollouts: Vec::new(),
             acl_bootstrapped: false,
             tokens: Vec::new(),
+            sections: Vec::new(),
         }
     }
 }
@@ -200,6 +259,7 @@ impl From<PersistedCatalogV0> for PersistedCatalog {
             rollouts: Vec::new(),
             acl_bootstrapped: false,
             tokens: Vec::new(),
+            sections: Vec::new(),
         }
     }
 }
@@ -216,6 +276,7 @@ impl From<PersistedCatalogV1> for PersistedCatalog {
             rollouts: Vec::new(),
             acl_bootstrapped: false,
             tokens: Vec::new(),
+            sections: Vec::new(),
         }
     }
 }
@@ -252,6 +313,35 @@ impl Catalog {
                 .collect(),
             acl_bootstrapped: self.acl.bootstrapped,
             tokens: self.acl.tokens.values().cloned().collect(),
+            sections: self.sections(),
+        }
+    }
+
+    fn sections(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        if let Some(ca) = &self.mesh_ca {
+            // Encoding plain data into a Vec cannot fail.
+            if let Ok(bytes) = postcard::to_stdvec(ca) {
+                out.push((SECTION_MESH_CA.to_string(), bytes));
+            }
+        }
+        out
+    }
+
+    fn load_sections(&mut self, sections: Vec<(String, Vec<u8>)>) {
+        for (name, bytes) in sections {
+            match name.as_str() {
+                SECTION_MESH_CA => match postcard::from_bytes(&bytes) {
+                    Ok(ca) => self.mesh_ca = Some(ca),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the snapshot's mesh CA section does not decode; the next leader makes a new CA")
+                    }
+                },
+                other => tracing::warn!(
+                    section = other,
+                    "snapshot section unknown to this release; ignored"
+                ),
+            }
         }
     }
 
@@ -306,6 +396,7 @@ impl Catalog {
             .map(|(k, h)| (k, h.into_iter().collect()))
             .collect();
         c.acl = super::acl::AclState::rebuild(p.acl_bootstrapped, p.tokens);
+        c.load_sections(p.sections);
         c
     }
 }

@@ -22,6 +22,7 @@ pub async fn leadership_loop(
     shared: Arc<Shared>,
     raft: Raft,
     proposer: Proposer,
+    mesh: Arc<crate::identity::MeshSettings>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut metrics = raft.metrics();
@@ -54,6 +55,13 @@ pub async fn leadership_loop(
         if is_leader && !was_leader {
             if shared.catalog.read().cluster_id().is_empty() {
                 tokio::spawn(name_the_cluster(shared.clone(), proposer.clone()));
+            }
+            if shared.catalog.read().mesh_ca().is_none() {
+                tokio::spawn(crate::identity::make_first_root(
+                    shared.clone(),
+                    proposer.clone(),
+                    mesh.clone(),
+                ));
             }
             let catalog = shared.catalog.read();
             let total = catalog.lease_count();

@@ -157,6 +157,7 @@ fn check_forwarded(command: &Command) -> Result<(), Status> {
         Command::ExpireLeases { .. }
         | Command::CheckpointLeases { .. }
         | Command::InitCluster { .. }
+        | Command::InitMeshCa { .. }
         | Command::Batch(_) => {
             return Err(Status::permission_denied(format!(
                 "{} is proposed by the leader itself and never accepted from a peer",

@@ -20,7 +20,7 @@ use super::log_store::META;
 use super::{decode, encode, CommandReply, TypeConfig};
 use crate::catalog::{
     ApplyError, Catalog, Command, PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1,
-    PersistedCatalogV2, PersistedCatalogV3, Reply,
+    PersistedCatalogV2, PersistedCatalogV3, PersistedCatalogV4, Reply,
 };
 use crate::shared::ApplyHandle;
 
@@ -31,6 +31,13 @@ const SNAPSHOT: &str = "snapshot";
 struct SnapshotFile {
     meta: SnapshotMeta,
     catalog: PersistedCatalog,
+}
+
+/// A snapshot as written before the mesh CA (and sections) existed.
+#[derive(Deserialize)]
+struct SnapshotFileV4 {
+    meta: SnapshotMeta,
+    catalog: PersistedCatalogV4,
 }
 
 /// A snapshot as written before ACLs existed.
@@ -66,6 +73,13 @@ struct SnapshotFileV0 {
 /// that would have to be told apart).
 fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotFile, postcard::Error> {
     decode::<SnapshotFile>(bytes)
+        .or_else(|e| match decode::<SnapshotFileV4>(bytes) {
+            Ok(old) => Ok(SnapshotFile {
+                meta: old.meta,
+                catalog: old.catalog.into(),
+            }),
+            Err(_) => Err(e),
+        })
         .or_else(|e| match decode::<SnapshotFileV3>(bytes) {
             Ok(old) => Ok(SnapshotFile {
                 meta: old.meta,
@@ -508,5 +522,70 @@ mod tests {
             Some("a-1")
         );
         assert!(rebuilt.token_by_secret("guess").is_none());
+    }
+
+    /// A snapshot written before the mesh CA still loads (ACL state kept, no CA), and
+    /// one with a CA keeps it, key included.
+    #[test]
+    fn snapshots_from_before_the_mesh_ca_still_decode_and_the_ca_survives_one() {
+        use crate::model::acl::{service_identity, Secret, Token};
+        use crate::model::mesh_ca::{CaRoot, MeshCa};
+        let mut catalog = run(&script());
+        let (_, hash) = Secret::generate().expect("random");
+        let boot = Command::AclBootstrap {
+            token: Box::new(Token {
+                accessor_id: "a-1".into(),
+                secret_hash: hash,
+                description: String::new(),
+                rules: service_identity("web"),
+                created_at_ms: 1,
+                expires_at_ms: None,
+            }),
+        };
+        assert!(catalog.apply_next(200, &boot).reply.is_ok());
+        let old = PersistedCatalogV4::from_current_for_test(&catalog.to_persisted());
+        #[derive(Serialize)]
+        struct OldFile<'a> {
+            meta: SnapshotMeta,
+            catalog: &'a PersistedCatalogV4,
+        }
+        let bytes = encode(&OldFile {
+            meta: SnapshotMeta::default(),
+            catalog: &old,
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("a pre-CA snapshot decodes");
+        let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
+        assert!(
+            rebuilt.acl_enabled(),
+            "the ACL state of a V4 snapshot is kept"
+        );
+        assert!(rebuilt.mesh_ca().is_none());
+
+        let ca = MeshCa {
+            trust_domain: "switchyard.local".into(),
+            roots: vec![CaRoot {
+                id: "r1".into(),
+                cert_pem: "CERT".into(),
+                key_pem: Some("KEY".into()),
+                created_ms: 5,
+            }],
+        };
+        let init = |ca: &MeshCa| Command::InitMeshCa {
+            ca: Box::new(ca.clone()),
+        };
+        assert!(catalog.apply_next(201, &init(&ca)).reply.is_ok());
+        let mut other = ca.clone();
+        other.trust_domain = "other".into();
+        catalog.apply_next(202, &init(&other));
+        assert_eq!(catalog.mesh_ca(), Some(&ca), "the first CA stays");
+        let bytes = encode(&SnapshotFile {
+            meta: SnapshotMeta::default(),
+            catalog: catalog.to_persisted(),
+        })
+        .expect("encode");
+        let file = decode_snapshot(&bytes).expect("decodes");
+        let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
+        assert_eq!(rebuilt.mesh_ca(), Some(&ca));
     }
 }

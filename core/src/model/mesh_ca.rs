@@ -1,0 +1,98 @@
+//! The mesh's built-in CA as the replicated state holds it: the trust domain and the
+//! roots, newest last (the active one). A root's key is in the state when the registry
+//! made it; with `--mesh-ca-key` it stays in each node's file and the state holds only
+//! the certificate.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshCa {
+    pub trust_domain: String,
+    /// Oldest first; the last signs new leaves, all of them are trusted.
+    pub roots: Vec<CaRoot>,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRoot {
+    pub id: String,
+    pub cert_pem: String,
+    /// `None`: the key is in each node's `--mesh-ca-key` file.
+    pub key_pem: Option<String>,
+    pub created_ms: u64,
+}
+
+impl std::fmt::Debug for CaRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("CaRoot")
+            .field("id", &self.id)
+            .field("created_ms", &self.created_ms)
+            .field("key_in_state", &self.key_pem.is_some())
+            .finish()
+    }
+}
+
+impl MeshCa {
+    /// The root that signs new leaves.
+    pub fn active(&self) -> Option<&CaRoot> {
+        self.roots.last()
+    }
+
+    /// Every trusted root, PEM, concatenated: what sidecars verify peers against.
+    pub fn bundle_pem(&self) -> String {
+        self.roots.iter().map(|r| r.cert_pem.as_str()).collect()
+    }
+}
+
+/// A trust domain is a DNS name (lowercase letters, digits, `-` and dots), at most 253
+/// bytes: it ends every leaf's DNS name and starts its SPIFFE id.
+pub fn validate_trust_domain(domain: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if domain.len() <= 253 && domain.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "trust domain {domain:?} is not a lowercase DNS name (like `switchyard.local`)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trust_domains_are_dns_names() {
+        assert!(validate_trust_domain("switchyard.local").is_ok());
+        assert!(validate_trust_domain("a-b.c1").is_ok());
+        for bad in [
+            "",
+            "UPPER.case",
+            "a..b",
+            "-a.b",
+            "a b",
+            "x/y",
+            &"a".repeat(64),
+        ] {
+            assert!(validate_trust_domain(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_debug_form_never_shows_a_key() {
+        let root = CaRoot {
+            id: "r1".into(),
+            cert_pem: "cert".into(),
+            key_pem: Some("SECRET KEY".into()),
+            created_ms: 1,
+        };
+        assert!(!format!("{root:?}").contains("SECRET"));
+    }
+}

@@ -1,0 +1,119 @@
+//! `switchyard.v1.Identity`: leaves from the mesh CA for callers allowed to register the
+//! service, and the trust bundle.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::identity_server::Identity;
+
+use crate::auth;
+use crate::identity::{no_ca, sign, MeshSettings};
+use crate::model::acl::Right;
+use crate::shared::Shared;
+
+pub struct IdentityApi {
+    shared: Arc<Shared>,
+    settings: Arc<MeshSettings>,
+}
+
+impl IdentityApi {
+    pub fn new(shared: Arc<Shared>, settings: Arc<MeshSettings>) -> Self {
+        Self { shared, settings }
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityApi {
+    async fn certify(
+        &self,
+        request: Request<pb::CertifyRequest>,
+    ) -> Result<Response<pb::CertifyResponse>, Status> {
+        let invalid = |e: crate::model::ValidationError| Status::invalid_argument(e.to_string());
+        let namespace = crate::model::validate_namespace("namespace", &request.get_ref().namespace)
+            .map_err(invalid)?;
+        crate::model::validate_name("service", &request.get_ref().service).map_err(invalid)?;
+        // Only who may register the service gets its identity.
+        auth::check(
+            &self.shared,
+            request.metadata(),
+            "Certify",
+            Right::Register,
+            &request.get_ref().service,
+        )?;
+        self.settings.admit()?;
+        let ca = self
+            .shared
+            .catalog
+            .read()
+            .mesh_ca()
+            .cloned()
+            .ok_or_else(no_ca)?;
+        let req = request.into_inner();
+        // Signing takes a little CPU: off the async workers.
+        let settings = self.settings.clone();
+        let service = req.service.clone();
+        let ns = namespace.clone();
+        let leaf = tokio::task::spawn_blocking(move || {
+            sign(&ca, &settings, &req.csr, &ns, &service).map(|l| (l, ca))
+        })
+        .await
+        .map_err(|_| Status::internal("signing task failed"))??;
+        let (leaf, ca) = leaf;
+        let valid_until = leaf
+            .not_after
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        tracing::debug!(namespace = %namespace, service = %req.service, "issued a mesh leaf");
+        Ok(Response::new(pb::CertifyResponse {
+            leaf: leaf.cert_pem,
+            chain: ca.bundle_pem(),
+            valid_until,
+            spiffe_id: switchyard_tls::mesh_ca::spiffe_id(
+                &ca.trust_domain,
+                &namespace,
+                &req.service,
+            ),
+        }))
+    }
+
+    async fn roots(
+        &self,
+        request: Request<pb::RootsRequest>,
+    ) -> Result<Response<pb::RootsResponse>, Status> {
+        // The bundle is public information, but after bootstrap only token holders read it.
+        let caller = auth::caller(&self.shared, request.metadata())?;
+        if matches!(caller, auth::Caller::Anonymous) {
+            return Err(auth::denied(
+                &self.shared,
+                &caller,
+                "Roots",
+                Right::Read,
+                "*",
+            ));
+        }
+        let ca = self
+            .shared
+            .catalog
+            .read()
+            .mesh_ca()
+            .cloned()
+            .ok_or_else(no_ca)?;
+        let active = ca.active().map(|r| r.id.clone()).unwrap_or_default();
+        Ok(Response::new(pb::RootsResponse {
+            trust_domain: ca.trust_domain.clone(),
+            bundle: ca.bundle_pem(),
+            roots: ca
+                .roots
+                .iter()
+                .map(|r| pb::CaRootInfo {
+                    id: r.id.clone(),
+                    cert_pem: r.cert_pem.clone(),
+                    created_ms: r.created_ms,
+                    active: r.id == active,
+                })
+                .collect(),
+        }))
+    }
+}
