@@ -177,10 +177,10 @@ impl RegistryConfig {
         }
         self.dns.validate()?;
         crate::model::mesh_ca::validate_trust_domain(&self.mesh.trust_domain)?;
-        if self.mesh.leaf_ttl < Duration::from_secs(60)
+        if self.mesh.leaf_ttl < Duration::from_secs(10)
             || self.mesh.leaf_ttl > Duration::from_secs(366 * 86_400)
         {
-            return Err("leaf_ttl must be 1m-366d".into());
+            return Err("leaf_ttl must be 10s-366d".into());
         }
         if self.mesh.ca_cert.is_some() != self.mesh.ca_key.is_some() {
             return Err("mesh_ca_cert and mesh_ca_key go together: pass both, or neither for a CA the registry makes".into());

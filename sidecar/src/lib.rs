@@ -37,6 +37,7 @@ pub mod dns;
 pub mod endpoint;
 pub mod error;
 pub mod health;
+pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod outlier;
@@ -110,6 +111,8 @@ pub struct SidecarConfig {
     pub dns: switchyard_core::dns::DnsConfig,
     /// Per-version reports to the registry (window, slow threshold).
     pub telemetry: telemetry::TelemetryConfig,
+    /// Get and renew a mesh certificate for the registered service (needs `registrar`).
+    pub mesh_identity: bool,
 }
 
 impl SidecarConfig {
@@ -155,6 +158,7 @@ impl SidecarConfig {
             registrar: None,
             dns: switchyard_core::dns::DnsConfig::default(),
             telemetry: telemetry::TelemetryConfig::default(),
+            mesh_identity: false,
         }
     }
 
@@ -229,6 +233,8 @@ pub struct SidecarHandle {
     /// The DNS port (UDP and TCP), when served.
     pub dns_addr: Option<SocketAddr>,
     pub table: Arc<EndpointTable>,
+    /// The mesh certificate (empty until the registry issued one).
+    pub identity: Arc<identity::MeshIdentity>,
     registrar_stop: watch::Sender<bool>,
     registrar: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
@@ -382,6 +388,24 @@ pub async fn start(
         metrics.telemetry_dropped("unsent"),
         telemetry_rx,
     )));
+    let mesh_identity = Arc::new(identity::MeshIdentity::default());
+    if let (true, Some(r)) = (config.mesh_identity, &config.registrar) {
+        tasks.push(tokio::spawn(identity::run(
+            identity::IdentityConfig {
+                registries: r.registries.clone(),
+                namespace: r.service.namespace.clone(),
+                service: r.service.name.clone(),
+                token: r.token.clone(),
+                transport: r.transport.clone(),
+                renew_at: 0.7,
+                retry_min: Duration::from_secs(1),
+                retry_max: Duration::from_secs(30),
+            },
+            mesh_identity.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     let registrar = config
         .registrar
         .clone()
@@ -399,6 +423,7 @@ pub async fn start(
         http_upstream_addrs,
         dns_addr,
         table,
+        identity: mesh_identity,
         registrar_stop,
         registrar,
         shutdown,

@@ -127,6 +127,10 @@ pub struct Metrics {
     retry_budget_exhausted: Family<ServiceLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     telemetry_dropped: Family<ReasonLabels, Counter>,
+    /// Seconds until the mesh certificate expires (absent until the first one).
+    pub certificate_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Certificate requests to the registry, by result (ok, error).
+    pub certificate_requests: Family<ReasonLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -166,6 +170,18 @@ impl Default for Metrics {
         let retry_budget_exhausted = Family::<ServiceLabels, Counter>::default();
         let overflows = Family::<OverflowLabels, Counter>::default();
         let telemetry_dropped = Family::<ReasonLabels, Counter>::default();
+        let certificate_expiry = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let certificate_requests = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until this sidecar's mesh certificate expires (it renews at 70 % of the lifetime)",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "certificate_requests",
+            "Requests for a mesh certificate to the registry, by reason (ok, error)",
+            certificate_requests.clone(),
+        );
         registry.register(
             "telemetry_dropped",
             "Upstream attempts that never reached the registry's telemetry: unsent (their window could not be sent), keys (beyond the versions counted at once)",
@@ -288,6 +304,8 @@ impl Default for Metrics {
             retry_budget_exhausted,
             overflows,
             telemetry_dropped,
+            certificate_expiry,
+            certificate_requests,
         }
     }
 }

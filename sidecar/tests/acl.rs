@@ -10,37 +10,6 @@ use support::*;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::acl_client::AclClient;
 use switchyard_proto::v1::discovery_client::DiscoveryClient;
-use switchyard_sidecar::health::{Check, HealthConfig};
-use switchyard_sidecar::{LocalService, RegistrarConfig};
-
-fn registrar(url: &str, app: std::net::SocketAddr, id: &str) -> RegistrarConfig {
-    RegistrarConfig {
-        token: None,
-        transport: Default::default(),
-        service: LocalService {
-            namespace: "default".into(),
-            name: "web".into(),
-            id: id.into(),
-            address: "127.0.0.1".into(),
-            port: app.port(),
-            version: "1.0.0".into(),
-            labels: Default::default(),
-            weight: 100,
-            zone: String::new(),
-            ttl_seconds: 1,
-        },
-        health: HealthConfig {
-            check: Check::None,
-            interval: Duration::from_millis(100),
-            timeout: Duration::from_millis(500),
-            healthy_threshold: 1,
-            unhealthy_threshold: 2,
-        },
-        drain: Duration::from_millis(100),
-        registries: vec![url.to_string()],
-        probe_target: app,
-    }
-}
 
 fn with<T>(token: &str, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -77,7 +46,7 @@ async fn a_sidecar_with_a_service_identity_token_registers_watches_and_renews() 
         .secret;
     let app = Backend::start("app", Duration::ZERO).await;
     let mut config = sidecar_config(vec![url.clone()], dir.path());
-    config.registrar = Some(registrar(&url, app.addr, "web-1"));
+    config.registrar = Some(registrar_of("web", &url, app.addr, "web-1"));
     config.set_token(Some(web));
     let sidecar = start_sidecar(config).await;
     // The sidecar's own watch sees its registration: register and read both work.
@@ -106,7 +75,7 @@ async fn a_sidecar_with_a_service_identity_token_registers_watches_and_renews() 
 
     // Without a token the registration is refused.
     let mut config = sidecar_config(vec![url.clone()], &dir.path().join("b"));
-    config.registrar = Some(registrar(&url, app.addr, "web-2"));
+    config.registrar = Some(registrar_of("web", &url, app.addr, "web-2"));
     let sidecar = start_sidecar(config).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let found = d

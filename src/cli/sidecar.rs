@@ -38,6 +38,11 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_TOKEN_FILE")]
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Get a mesh certificate for --service from the registry's built-in CA (a key made
+    /// in memory, renewed at 70 % of its lifetime). Needs --service.
+    #[arg(long, env = "SWITCHYARD_MESH_IDENTITY", default_value_t = true, action = clap::ArgAction::Set)]
+    #[serde(default = "yes")]
+    pub mesh_identity: bool,
     /// Admin HTTP address: /ready, /metrics, /endpoints.
     #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -360,6 +365,7 @@ pub fn config(
         } else {
             Check::None
         };
+        config.mesh_identity = args.mesh_identity;
         config.registrar = Some(RegistrarConfig {
             token: None,
             transport: Default::default(),
@@ -487,6 +493,10 @@ pub async fn run(args: SidecarArgs, token: Option<String>) -> Result<(), CliErro
     tracing::info!("shutting down: draining the local service, finishing in-flight requests");
     handle.shutdown().await;
     Ok(())
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The sidecar's default cache file, in a state directory (see `--cache-file`).

@@ -136,3 +136,40 @@ pub async fn wait_endpoints(sidecar: &SidecarHandle, service: &str, n: usize) {
     })
     .await;
 }
+
+/// A registrar for `service` (id `id`, version 1.0.0) on `app`, no health check, 1 s TTL.
+pub fn registrar_of(
+    service: &str,
+    url: &str,
+    app: std::net::SocketAddr,
+    id: &str,
+) -> switchyard_sidecar::RegistrarConfig {
+    use switchyard_sidecar::health::{Check, HealthConfig};
+    use switchyard_sidecar::{LocalService, RegistrarConfig};
+    RegistrarConfig {
+        token: None,
+        transport: Default::default(),
+        service: LocalService {
+            namespace: "default".into(),
+            name: service.into(),
+            id: id.into(),
+            address: "127.0.0.1".into(),
+            port: app.port(),
+            version: "1.0.0".into(),
+            labels: Default::default(),
+            weight: 100,
+            zone: String::new(),
+            ttl_seconds: 1,
+        },
+        health: HealthConfig {
+            check: Check::None,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(500),
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+        },
+        drain: Duration::from_millis(100),
+        registries: vec![url.to_string()],
+        probe_target: app,
+    }
+}

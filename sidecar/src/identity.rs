@@ -1,0 +1,229 @@
+//! The sidecar's mesh identity: a key made in memory (never written, never sent), a leaf
+//! for it from the registry's built-in CA (`Identity/Certify`, with the sidecar's token),
+//! renewed at 70 % of its lifetime with jittered retries. While the registry cannot be
+//! reached the current certificate stays in use until it expires.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::watch;
+use tonic::transport::Endpoint;
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::identity_client::IdentityClient;
+use switchyard_tls::rcgen;
+
+use crate::metrics::{Metrics, ReasonLabels};
+
+/// Where and as whom the sidecar asks for its certificate.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    pub registries: Vec<String>,
+    pub namespace: String,
+    pub service: String,
+    /// ACL token secret (`None`: none sent). Never logged.
+    pub token: Option<String>,
+    pub transport: switchyard_tls::Transport,
+    /// Share of the lifetime after which the leaf is renewed.
+    pub renew_at: f64,
+    /// Retry back-off bounds when the registry refuses or cannot be reached.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+/// A leaf and what goes with it.
+pub struct Issued {
+    pub leaf_pem: String,
+    /// The key of `leaf_pem`, PEM; only ever in memory.
+    pub key_pem: String,
+    /// The roots every peer's leaf is verified against.
+    pub bundle_pem: String,
+    pub spiffe_id: String,
+    pub issued_at: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The current identity, swapped whole on renewal (readers never lock).
+#[derive(Default)]
+pub struct MeshIdentity {
+    current: ArcSwapOption<Issued>,
+}
+
+impl MeshIdentity {
+    pub fn current(&self) -> Option<Arc<Issued>> {
+        self.current.load_full()
+    }
+
+    /// Seconds until the current leaf expires (negative once it has).
+    pub fn seconds_left(&self) -> Option<f64> {
+        let issued = self.current.load();
+        let issued = issued.as_ref()?;
+        Some(match issued.not_after.duration_since(SystemTime::now()) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        })
+    }
+}
+
+/// When to renew a leaf valid from `issued_at` to `not_after`: at `renew_at` of its
+/// lifetime, moved by up to ±5 % of it so a fleet issued together does not renew together.
+fn renewal_delay(issued_at: SystemTime, not_after: SystemTime, renew_at: f64) -> Duration {
+    let life = not_after
+        .duration_since(issued_at)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64();
+    let jitter = (fastrand::f64() - 0.5) * 0.1;
+    let at = (renew_at + jitter).clamp(0.1, 0.95) * life;
+    let elapsed = SystemTime::now()
+        .duration_since(issued_at)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64();
+    Duration::from_secs_f64((at - elapsed).max(0.0))
+}
+
+/// Asks each registry in turn for a leaf for a new key.
+async fn request(cfg: &IdentityConfig) -> Result<Issued, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cfg.service.as_str());
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| format!("cannot make a CSR: {e}"))?
+        .der()
+        .to_vec();
+    let mut last = String::from("no registry configured");
+    for url in &cfg.registries {
+        let asked = async {
+            cfg.transport.check(url).map_err(|e| e.0)?;
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(5));
+            let channel = cfg
+                .transport
+                .connect(endpoint)
+                .await
+                .map_err(|e| switchyard_tls::client::explain(&e))?;
+            IdentityClient::new(channel)
+                .certify(crate::authorized(
+                    pb::CertifyRequest {
+                        csr: csr.clone(),
+                        namespace: cfg.namespace.clone(),
+                        service: cfg.service.clone(),
+                    },
+                    cfg.token.as_deref(),
+                ))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        }
+        .await;
+        match asked {
+            Ok(r) => {
+                return Ok(Issued {
+                    leaf_pem: r.leaf,
+                    key_pem: key.serialize_pem(),
+                    bundle_pem: r.chain,
+                    spiffe_id: r.spiffe_id,
+                    issued_at: SystemTime::now(),
+                    not_after: SystemTime::UNIX_EPOCH + Duration::from_millis(r.valid_until),
+                })
+            }
+            Err(e) => last = format!("{url}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Gets and renews the identity until `stop` is set.
+pub async fn run(
+    cfg: IdentityConfig,
+    identity: Arc<MeshIdentity>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = cfg.retry_min;
+    let mut failures = 0u32;
+    let mut next = Duration::ZERO;
+    let mut gauge = tokio::time::interval(Duration::from_secs(1));
+    gauge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let wake = tokio::time::sleep(next);
+        tokio::pin!(wake);
+        loop {
+            tokio::select! {
+                _ = &mut wake => break,
+                _ = gauge.tick() => {
+                    if let Some(left) = identity.seconds_left() {
+                        metrics.certificate_expiry.set(left);
+                    }
+                }
+                _ = crate::stopped(&mut stop) => return,
+            }
+        }
+        match request(&cfg).await {
+            Ok(issued) => {
+                metrics
+                    .certificate_requests
+                    .get_or_create(&ReasonLabels { reason: "ok" })
+                    .inc();
+                next = renewal_delay(issued.issued_at, issued.not_after, cfg.renew_at);
+                tracing::info!(identity = %issued.spiffe_id, renew_in = ?next, "mesh certificate issued");
+                identity.current.store(Some(Arc::new(issued)));
+                if let Some(left) = identity.seconds_left() {
+                    metrics.certificate_expiry.set(left);
+                }
+                backoff = cfg.retry_min;
+                failures = 0;
+            }
+            Err(e) => {
+                metrics
+                    .certificate_requests
+                    .get_or_create(&ReasonLabels { reason: "error" })
+                    .inc();
+                failures += 1;
+                let left = identity.seconds_left();
+                // The first failure and every tenth are worth a line; the rest are noise.
+                if failures == 1 || failures.is_multiple_of(10) {
+                    tracing::warn!(error = %e, failures, seconds_left = ?left, "cannot get a mesh certificate; keeping the current one and retrying");
+                }
+                let jitter = 0.5 + fastrand::f64();
+                next = backoff.mul_f64(jitter);
+                backoff = (backoff * 2).min(cfg.retry_max);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_about_seventy_percent_of_the_lifetime() {
+        let now = SystemTime::now();
+        let end = now + Duration::from_secs(1000);
+        for _ in 0..100 {
+            let d = renewal_delay(now, end, 0.7).as_secs_f64();
+            assert!((640.0..=760.0).contains(&d), "{d}");
+        }
+        // A leaf already past its renewal point renews at once.
+        let old = now - Duration::from_secs(900);
+        assert_eq!(
+            renewal_delay(old, old + Duration::from_secs(1000), 0.7),
+            Duration::ZERO
+        );
+    }
+}
