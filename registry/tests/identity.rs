@@ -11,7 +11,6 @@ use switchyard_proto::v1::acl_client::AclClient;
 use switchyard_proto::v1::identity_client::IdentityClient;
 use switchyard_testkit::*;
 use switchyard_tls::rcgen;
-use switchyard_tls::rustls;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -59,31 +58,8 @@ fn certify_req(service: &str, csr: Vec<u8>) -> pb::CertifyRequest {
     }
 }
 
-/// Whether `leaf` verifies against `bundle` as a server named `name`.
 fn verifies(bundle: &str, leaf: &str, name: &str) -> bool {
-    use rustls::client::danger::ServerCertVerifier;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        std::sync::Arc::new(roots),
-        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    .expect("verifier");
-    let leaf = CertificateDer::from_pem_slice(leaf.as_bytes()).expect("leaf pem");
-    verifier
-        .verify_server_cert(
-            &leaf,
-            &[],
-            &ServerName::try_from(name.to_string()).expect("name"),
-            &[],
-            UnixTime::now(),
-        )
-        .is_ok()
+    switchyard_tls::mesh_ca::verify_leaf(bundle, leaf, name).is_ok()
 }
 
 async fn roots(addr: std::net::SocketAddr, token: Option<&str>) -> pb::RootsResponse {

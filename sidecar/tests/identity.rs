@@ -8,32 +8,9 @@ use std::time::Duration;
 
 use support::*;
 use switchyard_registry::RegistryConfig;
-use switchyard_tls::rustls;
 
 fn verifies(bundle: &str, leaf: &str, name: &str) -> bool {
-    use rustls::client::danger::ServerCertVerifier;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        std::sync::Arc::new(roots),
-        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    .expect("verifier");
-    let leaf = CertificateDer::from_pem_slice(leaf.as_bytes()).expect("leaf");
-    verifier
-        .verify_server_cert(
-            &leaf,
-            &[],
-            &ServerName::try_from(name.to_string()).expect("name"),
-            &[],
-            UnixTime::now(),
-        )
-        .is_ok()
+    switchyard_tls::mesh_ca::verify_leaf(bundle, leaf, name).is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

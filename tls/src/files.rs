@@ -54,6 +54,21 @@ pub fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// The CA certificates in a PEM text (a trust bundle from the registry), as trust roots.
+pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| TlsError(format!("the trust bundle is not PEM ({e})")))?;
+        roots
+            .add(cert)
+            .map_err(|e| TlsError(format!("the trust bundle holds an unusable CA ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError("the trust bundle holds no certificate".into()));
+    }
+    Ok(roots)
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     // Certificate files are small; a bound keeps a wrong path (a log, a device) harmless.
     const MAX_PEM_BYTES: u64 = 1024 * 1024;

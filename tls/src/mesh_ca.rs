@@ -175,33 +175,34 @@ pub fn certify(
     })
 }
 
+/// Whether `leaf_pem` verifies against the roots in `bundle_pem` as the server `name`
+/// now (chain, validity and name, by rustls' stock webpki verifier).
+pub fn verify_leaf(bundle_pem: &str, leaf_pem: &str, name: &str) -> Result<(), TlsError> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let roots = crate::files::roots_from_pem(bundle_pem.as_bytes())?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        crate::provider(),
+    )
+    .build()
+    .map_err(|e| TlsError(format!("no usable root: {e}")))?;
+    let leaf = CertificateDer::from_pem_slice(leaf_pem.as_bytes())
+        .map_err(|e| TlsError(format!("not a PEM certificate ({e})")))?;
+    let name = ServerName::try_from(name.to_string()).map_err(|e| TlsError(e.to_string()))?;
+    verifier
+        .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| TlsError(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::client::danger::ServerCertVerifier;
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::pki_types::CertificateDer;
 
-    fn verify(root: &Root, leaf: &Leaf, name: &str) -> Result<(), rustls::Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(root.cert_pem.as_bytes()) {
-            roots.add(c.expect("pem")).expect("root");
-        }
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            std::sync::Arc::new(roots),
-            crate::provider(),
-        )
-        .build()
-        .expect("verifier");
-        let leaf = CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).expect("leaf");
-        verifier
-            .verify_server_cert(
-                &leaf,
-                &[],
-                &ServerName::try_from(name.to_string()).expect("name"),
-                &[],
-                UnixTime::now(),
-            )
-            .map(|_| ())
+    fn verify(root: &Root, leaf: &Leaf, name: &str) -> Result<(), TlsError> {
+        verify_leaf(&root.cert_pem, &leaf.cert_pem, name)
     }
 
     fn csr_asking_for_everything() -> (KeyPair, String) {
