@@ -253,6 +253,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
             upstreams: vec![],
             http_upstreams: vec![],
             dns: None,
+            inbound: None,
         },
     )
     .await

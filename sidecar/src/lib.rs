@@ -38,6 +38,7 @@ pub mod endpoint;
 pub mod error;
 pub mod health;
 pub mod identity;
+pub mod inbound;
 pub mod limits;
 pub mod metrics;
 pub mod outlier;
@@ -222,6 +223,9 @@ pub struct SidecarListeners {
     pub http_upstreams: Vec<(String, TcpListener)>,
     /// UDP socket and TCP listener for DNS (same port), if DNS is served.
     pub dns: Option<(tokio::net::UdpSocket, TcpListener)>,
+    /// The mesh inbound port (mTLS from other sidecars to the local app); served only
+    /// with a registrar and `mesh_identity`.
+    pub inbound: Option<TcpListener>,
 }
 
 /// A running sidecar.
@@ -232,6 +236,8 @@ pub struct SidecarHandle {
     pub http_upstream_addrs: Vec<(String, SocketAddr)>,
     /// The DNS port (UDP and TCP), when served.
     pub dns_addr: Option<SocketAddr>,
+    /// The mesh inbound port, when served.
+    pub inbound_addr: Option<SocketAddr>,
     pub table: Arc<EndpointTable>,
     /// The mesh certificate (empty until the registry issued one).
     pub identity: Arc<identity::MeshIdentity>,
@@ -406,6 +412,17 @@ pub async fn start(
             shutdown_rx.clone(),
         )));
     }
+    let mut inbound_addr = None;
+    if let (true, Some(r), Some(l)) = (config.mesh_identity, &config.registrar, listeners.inbound) {
+        inbound_addr = Some(addr(&l).map_err(|e| e.to_string())?);
+        tasks.push(tokio::spawn(inbound::serve(
+            l,
+            mesh_identity.clone(),
+            r.probe_target,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     let registrar = config
         .registrar
         .clone()
@@ -422,6 +439,7 @@ pub async fn start(
         upstream_addrs,
         http_upstream_addrs,
         dns_addr,
+        inbound_addr,
         table,
         identity: mesh_identity,
         registrar_stop,

@@ -131,6 +131,16 @@ pub struct Metrics {
     pub certificate_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Certificate requests to the registry, by result (ok, error).
     pub certificate_requests: Family<ReasonLabels, Counter>,
+    /// Requests on the mesh inbound port, by the caller's verified identity.
+    inbound_requests: Family<PeerLabels, Counter>,
+    /// Inbound TLS handshakes refused (no or an untrusted client certificate, clear
+    /// text) or timed out.
+    pub inbound_handshake_failures: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -172,6 +182,18 @@ impl Default for Metrics {
         let telemetry_dropped = Family::<ReasonLabels, Counter>::default();
         let certificate_expiry = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let certificate_requests = Family::<ReasonLabels, Counter>::default();
+        let inbound_requests = Family::<PeerLabels, Counter>::default();
+        let inbound_handshake_failures = Counter::default();
+        registry.register(
+            "inbound_requests",
+            "Requests on the mesh inbound port by the caller's verified SPIFFE id",
+            inbound_requests.clone(),
+        );
+        registry.register(
+            "inbound_handshake_failures",
+            "Inbound mTLS handshakes refused or timed out (no client certificate, one the mesh CA did not sign, clear text)",
+            inbound_handshake_failures.clone(),
+        );
         registry.register(
             "certificate_expiry_seconds",
             "Seconds until this sidecar's mesh certificate expires (it renews at 70 % of the lifetime)",
@@ -306,11 +328,23 @@ impl Default for Metrics {
             telemetry_dropped,
             certificate_expiry,
             certificate_requests,
+            inbound_requests,
+            inbound_handshake_failures,
         }
     }
 }
 
 impl Metrics {
+    /// Counts one inbound request from `peer` (a SPIFFE id: one per calling service,
+    /// so the label set stays as small as the mesh).
+    pub fn inbound_request(&self, peer: &str) {
+        self.inbound_requests
+            .get_or_create(&PeerLabels {
+                peer: peer.to_string(),
+            })
+            .inc();
+    }
+
     /// The counter of attempts telemetry dropped for `reason` (unsent, keys).
     pub fn telemetry_dropped(&self, reason: &'static str) -> Counter {
         self.telemetry_dropped

@@ -83,6 +83,7 @@ async fn start_sidecar(config: SidecarConfig, _dir: &Path) -> SidecarHandle {
             upstreams: vec![],
             http_upstreams: vec![],
             dns: None,
+            inbound: None,
         },
     )
     .await

@@ -267,6 +267,7 @@ pub async fn run_demo() -> Result<(), CliError> {
             upstreams: vec![],
             http_upstreams: vec![],
             dns: None,
+            inbound: None,
         },
     )
     .await

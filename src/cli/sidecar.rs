@@ -49,6 +49,13 @@ pub struct SidecarArgs {
     /// HTTP proxy address (HTTP/1.1 and h2c; routes by Host). "off" disables it.
     #[arg(long, env = "SWITCHYARD_HTTP_PROXY", default_value = "127.0.0.1:15001")]
     pub http_proxy: String,
+    /// Mesh inbound address: other sidecars call --service here with mutual TLS (the
+    /// caller's identity reaches the app as x-switchyard-peer-identity). Needs --service
+    /// and --mesh-identity. "off" disables it; off by default until sidecars dial each
+    /// other's inbound port themselves.
+    #[arg(long, env = "SWITCHYARD_INBOUND", default_value = "off")]
+    #[serde(default = "off")]
+    pub inbound: String,
     /// DNS address, UDP and TCP, answering from the cached catalog ("off" disables).
     #[arg(
         long,
@@ -447,6 +454,13 @@ fn optional_addr(value: &str, flag: &str) -> Result<Option<SocketAddr>, CliError
 pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarHandle, CliError> {
     let http_proxy_addr = optional_addr(&args.http_proxy, "--http-proxy")?;
     let dns_addr = optional_addr(&args.dns, "--dns")?;
+    let inbound_addr = optional_addr(&args.inbound, "--inbound")?;
+    if inbound_addr.is_some() && (args.service.is_none() || !args.mesh_identity) {
+        return Err(CliError::new(
+            EXIT_CONFIG,
+            "--inbound needs --service (the app it forwards to) and --mesh-identity (the certificate it serves)",
+        ));
+    }
     let http_proxy = match http_proxy_addr {
         Some(addr) => Some(bind(addr, "--http-proxy").await?),
         None => None,
@@ -474,6 +488,10 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
         http_proxy,
         upstreams,
         http_upstreams,
+        inbound: match inbound_addr {
+            Some(a) => Some(bind(a, "--inbound").await?),
+            None => None,
+        },
     };
     switchyard_sidecar::start(config, listeners)
         .await
@@ -497,6 +515,10 @@ pub async fn run(args: SidecarArgs, token: Option<String>) -> Result<(), CliErro
 
 fn yes() -> bool {
     true
+}
+
+fn off() -> String {
+    "off".into()
 }
 
 /// The sidecar's default cache file, in a state directory (see `--cache-file`).

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 /// An HTTP/1.1 + h2c server answering `name` after `delay`, counting requests. It
 /// echoes what it saw in response headers: `x-seen-forwarded-for`, `x-seen-subset`
-/// (the `x-switchyard-subset` request header) and `x-seen-version` (`h2` or
+/// (the `x-switchyard-subset` request header), `x-seen-peer-identity` (the mesh inbound's header) and `x-seen-version` (`h2` or
 /// `http/1.1`).
 pub struct Backend {
     pub name: String,
@@ -123,6 +123,9 @@ async fn answer(
         "x-seen-forwarded-for",
         hyper::header::HeaderValue::from_str(&xff).expect("ascii"),
     );
+    if let Some(s) = req.headers().get("x-switchyard-peer-identity") {
+        resp.headers_mut().insert("x-seen-peer-identity", s.clone());
+    }
     if let Some(s) = req.headers().get("x-switchyard-subset") {
         resp.headers_mut().insert("x-seen-subset", s.clone());
     }

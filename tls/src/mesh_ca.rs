@@ -175,6 +175,75 @@ pub fn certify(
     })
 }
 
+/// The SPIFFE id (`spiffe://...` URI SAN) of a certificate, DER. Read only from a
+/// certificate whose chain was already verified (the handshake did), never to decide
+/// trust by itself.
+pub fn spiffe_id_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+            Some(u.to_string())
+        }
+        _ => None,
+    })
+}
+
+/// A server configuration for a mesh leaf: it serves `leaf_pem` (key `key_pem`) and
+/// requires a client certificate the roots in `bundle_pem` verify.
+pub fn mesh_server_config(
+    leaf_pem: &str,
+    key_pem: &str,
+    bundle_pem: &str,
+) -> Result<rustls::ServerConfig, TlsError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let roots = crate::files::roots_from_pem(bundle_pem.as_bytes())?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        crate::provider(),
+    )
+    .build()
+    .map_err(|e| TlsError(format!("cannot verify peers: {e}")))?;
+    let chain = CertificateDer::pem_slice_iter(leaf_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError(format!("the leaf is not PEM ({e})")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsError(format!("the leaf's key is not PEM ({e})")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError(format!("the leaf and its key do not match ({e})")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A client configuration for a mesh leaf: it presents `leaf_pem` and verifies servers
+/// against `bundle_pem`.
+pub fn mesh_client_config(
+    leaf_pem: &str,
+    key_pem: &str,
+    bundle_pem: &str,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let roots = crate::files::roots_from_pem(bundle_pem.as_bytes())?;
+    let chain = CertificateDer::pem_slice_iter(leaf_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError(format!("the leaf is not PEM ({e})")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsError(format!("the leaf's key is not PEM ({e})")))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError(format!("the leaf and its key do not match ({e})")))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// Whether `leaf_pem` verifies against the roots in `bundle_pem` as the server `name`
 /// now (chain, validity and name, by rustls' stock webpki verifier).
 pub fn verify_leaf(bundle_pem: &str, leaf_pem: &str, name: &str) -> Result<(), TlsError> {

@@ -66,6 +66,7 @@ pub async fn start_sidecar_with(config: SidecarConfig, upstreams: Upstreams) -> 
                     .await
                     .expect("bind dns"),
             ),
+            inbound: Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
         },
     )
     .await
