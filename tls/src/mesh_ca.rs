@@ -189,6 +189,21 @@ pub fn spiffe_id_of(cert_der: &[u8]) -> Option<String> {
     })
 }
 
+type LeafAndKey = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+fn leaf_and_key(leaf_pem: &str, key_pem: &str) -> Result<LeafAndKey, TlsError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(leaf_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError(format!("the leaf is not PEM ({e})")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsError(format!("the leaf's key is not PEM ({e})")))?;
+    Ok((chain, key))
+}
+
 /// A server configuration for a mesh leaf: it serves `leaf_pem` (key `key_pem`) and
 /// requires a client certificate the roots in `bundle_pem` verify.
 pub fn mesh_server_config(
@@ -196,7 +211,6 @@ pub fn mesh_server_config(
     key_pem: &str,
     bundle_pem: &str,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let roots = crate::files::roots_from_pem(bundle_pem.as_bytes())?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
@@ -204,11 +218,7 @@ pub fn mesh_server_config(
     )
     .build()
     .map_err(|e| TlsError(format!("cannot verify peers: {e}")))?;
-    let chain = CertificateDer::pem_slice_iter(leaf_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError(format!("the leaf is not PEM ({e})")))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| TlsError(format!("the leaf's key is not PEM ({e})")))?;
+    let (chain, key) = leaf_and_key(leaf_pem, key_pem)?;
     let mut config = rustls::ServerConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?
@@ -227,13 +237,8 @@ pub fn mesh_client_config(
     bundle_pem: &str,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TlsError> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let roots = crate::files::roots_from_pem(bundle_pem.as_bytes())?;
-    let chain = CertificateDer::pem_slice_iter(leaf_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError(format!("the leaf is not PEM ({e})")))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| TlsError(format!("the leaf's key is not PEM ({e})")))?;
+    let (chain, key) = leaf_and_key(leaf_pem, key_pem)?;
     let mut config = rustls::ClientConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?
