@@ -2,10 +2,13 @@
 //! node's applied ACL state (no round trip), and the rule that decides.
 //!
 //! Until `acl bootstrap` every request is allowed (a quick start needs no token); after
-//! it, a request without a token is anonymous and gets no rights, a token that is
+//! it, a request without a token is anonymous and gets the node's anonymous rules
+//! (`--anonymous-rule`, none by default; read rights at most), a token that is
 //! unknown, deleted or expired is refused as UNAUTHENTICATED, and a right the token's
 //! rules lack is PERMISSION_DENIED naming it. Secrets never appear in an error, a log
 //! line or a metric.
+
+use std::sync::Arc;
 
 use tonic::metadata::MetadataMap;
 use tonic::Status;
@@ -19,7 +22,8 @@ use crate::shared::Shared;
 pub enum Caller {
     /// ACLs are off (not bootstrapped): everything is allowed.
     Open,
-    Anonymous,
+    /// No token, after bootstrap: the anonymous rules (`--anonymous-rule`).
+    Anonymous(Arc<[Rule]>),
     Token(Box<Token>),
 }
 
@@ -27,7 +31,8 @@ impl Caller {
     pub fn rules(&self) -> &[Rule] {
         match self {
             Caller::Token(t) => &t.rules,
-            _ => &[],
+            Caller::Anonymous(rules) => rules,
+            Caller::Open => &[],
         }
     }
 
@@ -35,7 +40,7 @@ impl Caller {
     pub fn may(&self, right: Right, resource: &str) -> bool {
         match self {
             Caller::Open => true,
-            Caller::Anonymous => false,
+            Caller::Anonymous(rules) => allows(rules, right, resource),
             Caller::Token(t) => allows(&t.rules, right, resource),
         }
     }
@@ -68,7 +73,7 @@ pub fn caller(shared: &Shared, metadata: &MetadataMap) -> Result<Caller, Status>
         return Ok(Caller::Open);
     }
     let Some(secret) = bearer(metadata)? else {
-        return Ok(Caller::Anonymous);
+        return Ok(Caller::Anonymous(shared.config.acl.anonymous.clone()));
     };
     let Some(token) = catalog.token_by_secret(&secret) else {
         shared.metrics.acl_denied("unknown_token");

@@ -4,11 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
 use crate::catalog::Limits;
+use crate::model::acl::Rule;
 use crate::shared::SharedConfig;
 
 /// Largest gRPC message the registry accepts (a registration is well under 8 KiB; a
@@ -66,6 +68,29 @@ pub struct RegistryConfig {
     pub tls: Option<TlsFiles>,
     /// The mesh's built-in CA.
     pub mesh: MeshConfig,
+    /// What callers without a token may do after `acl bootstrap`.
+    pub acl: AclDefaults,
+}
+
+/// What requests without a token may do once ACLs are bootstrapped (before bootstrap
+/// everything is allowed). Per node, from its flags: give every node the same.
+#[derive(Clone, Debug)]
+pub struct AclDefaults {
+    /// Rights of a gRPC request without a token (`--anonymous-rule`; none by default).
+    /// Read and kv-read rights only (see `parse_anonymous_rules`).
+    pub anonymous: Arc<[Rule]>,
+    /// What DNS may answer (`--dns-rule`; every service by default, so DNS keeps
+    /// working after bootstrap; a service outside it is REFUSED, never NXDOMAIN).
+    pub dns: Arc<[Rule]>,
+}
+
+impl Default for AclDefaults {
+    fn default() -> Self {
+        Self {
+            anonymous: Arc::from(Vec::new()),
+            dns: Arc::from(crate::model::acl::default_dns_rules()),
+        }
+    }
 }
 
 /// The mesh CA's settings (see [`crate::identity`]).
@@ -126,6 +151,7 @@ impl RegistryConfig {
             dns: switchyard_core::dns::DnsConfig::default(),
             tls: None,
             mesh: MeshConfig::default(),
+            acl: AclDefaults::default(),
         }
     }
 
@@ -176,6 +202,19 @@ impl RegistryConfig {
             return Err("heartbeat must be 10ms-5s".into());
         }
         self.dns.validate()?;
+        // Built by a library caller, not only parsed from flags: the same bounds apply.
+        for (field, rules) in [
+            ("anonymous rules", &self.acl.anonymous),
+            ("dns rules", &self.acl.dns),
+        ] {
+            let texts: Vec<String> = rules.iter().map(ToString::to_string).collect();
+            let parsed = if field == "dns rules" {
+                crate::model::acl::parse_dns_rules(&texts)
+            } else {
+                crate::model::acl::parse_anonymous_rules(&texts)
+            };
+            parsed.map_err(|e| format!("{field}: {e}"))?;
+        }
         crate::model::mesh_ca::validate_trust_domain(&self.mesh.trust_domain)?;
         if self.mesh.leaf_ttl < Duration::from_secs(10)
             || self.mesh.leaf_ttl > Duration::from_secs(366 * 86_400)
@@ -208,6 +247,7 @@ impl RegistryConfig {
             telemetry: crate::telemetry::TelemetryLimits {
                 max_keys: self.max_telemetry_keys,
             },
+            acl: self.acl.clone(),
         }
     }
 }

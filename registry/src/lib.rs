@@ -33,6 +33,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod auth_backoff;
 pub mod catalog;
 pub mod config;
 pub mod dns_source;
@@ -57,7 +58,7 @@ pub(crate) use switchyard_core::model;
 pub use catalog::{
     Limits, DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE, DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
 };
-pub use config::{Listeners, MeshConfig, RegistryConfig, StartError, TlsFiles};
+pub use config::{AclDefaults, Listeners, MeshConfig, RegistryConfig, StartError, TlsFiles};
 pub use node::{start, RegistryHandle};
 pub use storage_health::StorageFailure;
 pub use watch::budget::DEFAULT_MAX_WATCH_BUFFER_BYTES;

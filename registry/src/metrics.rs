@@ -64,6 +64,11 @@ pub struct Metrics {
     pub rollout_error_e: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Requests refused by ACLs, by method (or `unknown_token`, `expired_token`).
     pub acl_denials: Family<MethodLabels, Counter>,
+    /// Answers of UNAUTHENTICATED on the client port (a bad or unknown token).
+    pub acl_auth_failures: Counter,
+    /// Requests refused while their peer address was backing off after failed
+    /// authentications.
+    pub acl_auth_backoff_refused: Counter,
     /// Copied from `switchyard_tls`'s process-wide counters when scraped.
     tls_handshake_failures: Counter,
     tls_reloads: Counter,
@@ -145,6 +150,8 @@ impl Default for Metrics {
         let rollout_phase = Family::default();
         let rollout_error_e = Family::default();
         let acl_denials = Family::default();
+        let acl_auth_failures = Counter::default();
+        let acl_auth_backoff_refused = Counter::default();
         let tls_handshake_failures = Counter::default();
         let tls_reloads = Counter::default();
         let tls_reload_failures = Counter::default();
@@ -167,6 +174,16 @@ impl Default for Metrics {
             "acl_denials",
             "Requests refused by ACLs, by method (unknown_token and expired_token: the token itself)",
             acl_denials.clone(),
+        );
+        registry.register(
+            "acl_auth_failures",
+            "Requests answered UNAUTHENTICATED (unknown, expired or malformed token)",
+            acl_auth_failures.clone(),
+        );
+        registry.register(
+            "acl_auth_backoff_refused",
+            "Requests refused with RESOURCE_EXHAUSTED because their address failed authentication too often (it backs off 1s doubling to 60s)",
+            acl_auth_backoff_refused.clone(),
         );
         registry.register(
             "rollout_transitions",
@@ -341,6 +358,8 @@ impl Default for Metrics {
             rollout_phase,
             rollout_error_e,
             acl_denials,
+            acl_auth_failures,
+            acl_auth_backoff_refused,
             tls_handshake_failures,
             tls_reloads,
             tls_reload_failures,

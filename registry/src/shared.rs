@@ -21,7 +21,7 @@ use crate::watch::WatchHub;
 
 /// The part of the node's configuration that the shared state and its readers need
 /// (see [`RegistryConfig`](crate::RegistryConfig) for what each field means).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SharedConfig {
     pub limits: Limits,
     pub watch_buffer: usize,
@@ -30,6 +30,7 @@ pub struct SharedConfig {
     pub max_watch_buffer_bytes: usize,
     pub max_keepalive_streams: usize,
     pub telemetry: TelemetryLimits,
+    pub acl: crate::config::AclDefaults,
 }
 
 /// State shared by the API handlers, HTTP, DNS and the background loops (the Raft state
@@ -81,10 +82,10 @@ impl Shared {
             leases: Arc::new(LeaseKeeper::default()),
             storage: StorageHealth::new(data_dir, metrics.clone()),
             metrics,
+            telemetry: Arc::new(TelemetryStore::new(config.telemetry)),
             config,
             shutdown,
             committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            telemetry: Arc::new(TelemetryStore::new(config.telemetry)),
         })
     }
 

@@ -451,3 +451,161 @@ async fn tokens_and_the_bootstrap_survive_a_restart() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     reg.shutdown().await;
 }
+
+#[tokio::test]
+async fn anonymous_and_dns_rules_decide_what_callers_without_a_token_see() {
+    let reg = TestRegistry::start_with(|c| {
+        c.acl = switchyard_registry::AclDefaults {
+            anonymous: switchyard_core::model::acl::parse_anonymous_rules(&[
+                "service:web:read".into()
+            ])
+            .expect("rule")
+            .into(),
+            dns: switchyard_core::model::acl::parse_dns_rules(&["service:web-*:read".into()])
+                .expect("rule")
+                .into(),
+        };
+    })
+    .await;
+    let ch = channel(reg.handle.grpc_addr).await;
+    let mut acl = AclClient::new(ch.clone());
+    let mut r = RegistryClient::new(ch.clone());
+    let mut disc = DiscoveryClient::new(ch.clone());
+    for (svc, id) in [("web", "w-1"), ("web-api", "wa-1"), ("payments", "p-1")] {
+        r.register(with(None, reg_req(svc, id)))
+            .await
+            .expect("open before bootstrap");
+    }
+    let dns = reg.handle.dns_addr.expect("dns");
+    let ask = |name: &'static str| async move {
+        switchyard_testkit::dns::ask(dns, name, hickory_proto::rr::RecordType::A).await
+    };
+    // Before bootstrap DNS answers every service, whatever --dns-rule says.
+    let before = ask("payments.service.switchyard.").await;
+    assert!(
+        !switchyard_testkit::dns::ips(&before).is_empty(),
+        "{before:?}"
+    );
+
+    acl.bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect("bootstrap");
+    let resolve = |service: &str| pb::ResolveRequest {
+        namespace: String::new(),
+        service: service.into(),
+        version: String::new(),
+    };
+    // The anonymous rule reads web, and nothing else; it never writes.
+    let web = disc
+        .resolve(with(None, resolve("web")))
+        .await
+        .expect("anonymous read of web")
+        .into_inner();
+    assert_eq!(web.instances.len(), 1);
+    let e = disc
+        .resolve(with(None, resolve("payments")))
+        .await
+        .expect_err("payments is outside the anonymous rules");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("service:payments:read"), "{e:?}");
+    let e = r
+        .register(with(None, reg_req("web", "w-2")))
+        .await
+        .expect_err("anonymous may not register");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let who = acl
+        .who_am_i(with(None, pb::WhoAmIRequest {}))
+        .await
+        .expect("whoami")
+        .into_inner();
+    assert!(who.anonymous && who.acl_enabled);
+    assert_eq!(who.rules, vec!["service:web:read".to_string()]);
+    assert!(who.description.contains("service:web-*:read"), "{who:?}");
+
+    // DNS answers by its own rule: web-* yes, payments REFUSED (not NXDOMAIN).
+    let api = ask("web-api.service.switchyard.").await;
+    assert!(!switchyard_testkit::dns::ips(&api).is_empty(), "{api:?}");
+    let refused = ask("payments.service.switchyard.").await;
+    assert_eq!(
+        refused.metadata.response_code,
+        hickory_proto::op::ResponseCode::Refused,
+        "{refused:?}"
+    );
+    assert!(switchyard_testkit::dns::ips(&refused).is_empty());
+    let unknown = ask("web-nope.service.switchyard.").await;
+    assert_eq!(
+        unknown.metadata.response_code,
+        hickory_proto::op::ResponseCode::NXDomain
+    );
+}
+
+#[tokio::test]
+async fn an_address_that_keeps_failing_authentication_backs_off() {
+    let reg = TestRegistry::start().await;
+    let ch = channel(reg.handle.grpc_addr).await;
+    let mut acl = AclClient::new(ch.clone());
+    let op = acl
+        .bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect("bootstrap")
+        .into_inner()
+        .secret;
+    let mut disc = DiscoveryClient::new(ch.clone());
+    let list = || pb::ListServicesRequest::default();
+    let bogus = "0".repeat(64);
+    let max = switchyard_registry::auth_backoff::MAX_FAILURES;
+    for i in 0..max {
+        let e = disc
+            .list_services(with(Some(&bogus), list()))
+            .await
+            .expect_err("unknown token");
+        assert_eq!(e.code(), Code::Unauthenticated, "attempt {i}: {e:?}");
+    }
+    // Now this address backs off, even with a good token.
+    let e = disc
+        .list_services(with(Some(&op), list()))
+        .await
+        .expect_err("backing off");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("retry in"), "{e:?}");
+    assert!(!e.message().contains(&op) && !e.message().contains(&bogus));
+    // Another address is not affected.
+    let other = tonic::transport::Endpoint::from_shared(format!("http://{}", reg.handle.grpc_addr))
+        .expect("url")
+        .local_address(Some("127.0.0.2".parse().expect("ip")))
+        .connect()
+        .await
+        .expect("connect from 127.0.0.2");
+    DiscoveryClient::new(other)
+        .list_services(with(Some(&op), list()))
+        .await
+        .expect("a different address is not backed off");
+    // Health probes are never backed off.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health is exempt");
+    // The first back-off is one second.
+    switchyard_testkit::wait::assert_eventually(
+        Duration::from_secs(5),
+        "the back-off ends",
+        || {
+            let mut disc = disc.clone();
+            let op = op.clone();
+            async move { disc.list_services(with(Some(&op), list())).await.is_ok() }
+        },
+    )
+    .await;
+    let m = reg.metrics().await;
+    assert!(
+        m.contains(&format!(
+            "switchyard_registry_acl_auth_failures_total {max}"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("switchyard_registry_acl_auth_backoff_refused_total "),
+        "{m}"
+    );
+}

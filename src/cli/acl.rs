@@ -157,6 +157,9 @@ pub async fn run(args: AclArgs) -> Result<(), CliError> {
                     })),
                     Output::Table => {
                         println!("{}", t.description);
+                        for rule in &t.rules {
+                            println!("  {rule}");
+                        }
                         Ok(())
                     }
                 }

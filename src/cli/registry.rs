@@ -176,6 +176,30 @@ pub struct RegistryArgs {
     /// Leaves this node signs per second at most (bursts of twice that).
     #[arg(long, env = "SWITCHYARD_MAX_CSR_PER_SECOND", default_value_t = 50)]
     pub max_csr_per_second: u32,
+    /// What a request without a token may do after `acl bootstrap` (repeatable, or
+    /// space-separated in the variable): read rules only, e.g. `service:web-*:read` or
+    /// `kv:public/:read`. None by default: anonymous requests get no rights. Give every
+    /// node the same.
+    #[arg(
+        long = "anonymous-rule",
+        env = "SWITCHYARD_ANONYMOUS_RULE",
+        value_delimiter = ' ',
+        value_parser = parse_anonymous_rule
+    )]
+    #[serde(default)]
+    pub anonymous_rule: Vec<String>,
+    /// Which services DNS answers for after `acl bootstrap` (DNS carries no token):
+    /// service read rules, or `none`. By default every service, so DNS keeps working;
+    /// a service outside the rules is answered REFUSED.
+    #[arg(
+        long = "dns-rule",
+        env = "SWITCHYARD_DNS_RULE",
+        value_delimiter = ' ',
+        default_value = "service:*:read",
+        value_parser = parse_dns_rule
+    )]
+    #[serde(default = "default_dns_rule")]
+    pub dns_rule: Vec<String>,
     /// The CA of the cluster (the global --ca-file, or this key in the --config file).
     #[arg(skip)]
     #[serde(default)]
@@ -198,7 +222,7 @@ impl RegistryArgs {
     }
 
     /// The library's config (validated by `start_registry` before it binds anything).
-    fn registry_config(&self) -> RegistryConfig {
+    fn registry_config(&self) -> Result<RegistryConfig, CliError> {
         let mut config = RegistryConfig::new(self.data_dir.clone());
         config.limits = Limits {
             max_instances: self.max_instances,
@@ -231,7 +255,22 @@ impl RegistryArgs {
             ca_key: self.mesh_ca_key.clone(),
             csr_per_second: self.max_csr_per_second,
         };
-        config
+        // Checked again here: a --config file's rules did not pass the flag's parser.
+        let bad = |e: switchyard_core::model::ValidationError| {
+            CliError::new(
+                EXIT_CONFIG,
+                format!("{e}: fix the flag or the --config key"),
+            )
+        };
+        config.acl = switchyard_registry::AclDefaults {
+            anonymous: switchyard_core::model::acl::parse_anonymous_rules(&self.anonymous_rule)
+                .map_err(bad)?
+                .into(),
+            dns: switchyard_core::model::acl::parse_dns_rules(&self.dns_rule)
+                .map_err(bad)?
+                .into(),
+        };
+        Ok(config)
     }
 }
 
@@ -256,6 +295,24 @@ mod peers {
             .collect::<Result<_, _>>()
             .map_err(serde::de::Error::custom)
     }
+}
+
+fn default_dns_rule() -> Vec<String> {
+    vec!["service:*:read".into()]
+}
+
+/// One `--anonymous-rule`: a rule an anonymous caller may have.
+fn parse_anonymous_rule(s: &str) -> Result<String, String> {
+    switchyard_core::model::acl::parse_anonymous_rules(&[s.to_string()])
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// One `--dns-rule`: a service read rule, or `none`.
+fn parse_dns_rule(s: &str) -> Result<String, String> {
+    switchyard_core::model::acl::parse_dns_rules(&[s.to_string()])
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_peer(s: &str) -> Result<(u64, String), String> {
@@ -318,7 +375,7 @@ pub async fn run_registry(
     if ca_file.is_some() {
         args.ca_file = ca_file;
     }
-    let mut config = args.registry_config();
+    let mut config = args.registry_config()?;
     config.tls = tls_files(&args)?;
     print_mode(config.tls.is_some(), "registry");
     let addrs = Addrs {
@@ -592,11 +649,22 @@ mod tests {
     fn max_telemetry_keys_goes_from_the_flag_or_the_file_to_the_telemetry_limits() {
         let (args, _) = parse(&["registry"]);
         assert_eq!(
-            args.registry_config().shared().telemetry.max_keys,
+            args.registry_config()
+                .expect("config")
+                .shared()
+                .telemetry
+                .max_keys,
             switchyard_registry::telemetry::DEFAULT_MAX_KEYS
         );
         let (args, _) = parse(&["registry", "--max-telemetry-keys", "42"]);
-        assert_eq!(args.registry_config().shared().telemetry.max_keys, 42);
+        assert_eq!(
+            args.registry_config()
+                .expect("config")
+                .shared()
+                .telemetry
+                .max_keys,
+            42
+        );
         let file = std::env::temp_dir().join(format!(
             "switchyard-telemetry-keys-{}.toml",
             std::process::id()
@@ -605,10 +673,59 @@ mod tests {
         let (args, matches) = parse(&["registry", "--config", file.to_str().expect("path")]);
         let merged = args.resolve(Some(&matches));
         let _ = std::fs::remove_file(&file);
-        let config = merged.expect("merged").registry_config();
+        let config = merged.expect("merged").registry_config().expect("config");
         assert_eq!(config.shared().telemetry.max_keys, 7);
         let mut zero = config;
         zero.max_telemetry_keys = 0;
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn anonymous_and_dns_rules_come_from_flags_or_the_file_and_bad_ones_fail() {
+        let (args, _) = parse(&["registry"]);
+        let config = args.registry_config().expect("config");
+        assert!(
+            config.acl.anonymous.is_empty(),
+            "no anonymous rights by default"
+        );
+        assert_eq!(config.acl.dns.len(), 1);
+        assert_eq!(config.acl.dns[0].to_string(), "service:*:read");
+        let (args, _) = parse(&[
+            "registry",
+            "--anonymous-rule",
+            "service:web-*:read",
+            "--anonymous-rule",
+            "kv:public/:read",
+            "--dns-rule",
+            "none",
+        ]);
+        let config = args.registry_config().expect("config");
+        assert_eq!(config.acl.anonymous.len(), 2);
+        assert!(config.acl.dns.is_empty());
+        for bad in [
+            ["--anonymous-rule", "service:*:register"],
+            ["--anonymous-rule", "bogus:x:read"],
+            ["--dns-rule", "service:*:policy"],
+        ] {
+            let argv = ["registry", bad[0], bad[1]];
+            let e = match Cli::command().try_get_matches_from(argv) {
+                Ok(_) => panic!("{bad:?} must be refused"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(bad[1]), "{e}");
+        }
+        let file = std::env::temp_dir().join(format!(
+            "switchyard-anonymous-rule-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&file, "anonymous_rule = [\"operator::acl\"]\n").expect("write");
+        let (args, matches) = parse(&["registry", "--config", file.to_str().expect("path")]);
+        let merged = args.resolve(Some(&matches)).expect("merged");
+        let _ = std::fs::remove_file(&file);
+        let e = match merged.registry_config() {
+            Ok(_) => panic!("operator rights must be refused"),
+            Err(e) => e.message,
+        };
+        assert!(e.contains("without a token"), "{e}");
     }
 }

@@ -202,6 +202,9 @@ impl<S: DnsSource> DnsHandler<S> {
         srv_form: bool,
         qtype: RecordType,
     ) -> Answer {
+        if !self.source.may_read(namespace, service) {
+            return Answer::refused();
+        }
         let Some(records) = self.source.service(namespace, service) else {
             return Answer::nxdomain();
         };

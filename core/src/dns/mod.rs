@@ -108,6 +108,12 @@ impl ServiceRecords {
 pub trait DnsSource: Send + Sync + Unpin + 'static {
     /// A service's records; `None` when the service is unknown.
     fn service(&self, namespace: &str, service: &str) -> Option<Arc<ServiceRecords>>;
+    /// Whether DNS may answer for this service at all (the registry's `--dns-rule`
+    /// after ACL bootstrap). A service it may not is REFUSED, which says "not for you"
+    /// where NXDOMAIN would say "no such service".
+    fn may_read(&self, _namespace: &str, _service: &str) -> bool {
+        true
+    }
     /// The catalog revision the answers come from: cached UDP answers are kept only
     /// while it stays the same.
     fn revision(&self) -> u64;

@@ -289,6 +289,58 @@ pub fn service_identity(name: &str) -> Vec<Rule> {
     ]
 }
 
+/// The rules of anonymous requests after bootstrap (registry `--anonymous-rule`), parsed
+/// from their text forms. Read and kv rights only: an anonymous caller never registers,
+/// steers or administers anything, whatever a flag says, so one typo cannot open the
+/// cluster. `none` (or no rule) means no rights.
+pub fn parse_anonymous_rules(texts: &[String]) -> Result<Vec<Rule>, ValidationError> {
+    parse_rule_set(texts, "anonymous_rule", &[Right::Read, Right::KvRead])
+}
+
+/// The rules DNS answers by after bootstrap (registry `--dns-rule`): service read rules
+/// only, since DNS does nothing else. `none` means DNS refuses every service name.
+pub fn parse_dns_rules(texts: &[String]) -> Result<Vec<Rule>, ValidationError> {
+    parse_rule_set(texts, "dns_rule", &[Right::Read])
+}
+
+fn parse_rule_set(
+    texts: &[String],
+    field: &'static str,
+    permitted: &[Right],
+) -> Result<Vec<Rule>, ValidationError> {
+    if texts.iter().any(|t| t == "none") {
+        if texts.len() > 1 {
+            return Err(ValidationError::new(
+                field,
+                "\"none\" stands alone: give it or rules, not both",
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    let rules = texts
+        .iter()
+        .map(|t| Rule::parse(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    validate_rules(&rules)?;
+    for rule in &rules {
+        if let Some(r) = rule.rights.iter().find(|r| !permitted.contains(r)) {
+            let allowed: Vec<String> = permitted
+                .iter()
+                .map(|p| format!("{}:…:{}", RuleKind::of(*p).as_str(), right_name(*p)))
+                .collect();
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "{rule}: grants {} to callers without a token; only {} may be given here",
+                    right_name(*r),
+                    allowed.join(" or ")
+                ),
+            ));
+        }
+    }
+    Ok(rules)
+}
+
 /// What DNS answers without a token after bootstrap: every service, so DNS keeps
 /// working (Consul's default is the same for its DNS).
 pub fn default_dns_rules() -> Vec<Rule> {
@@ -393,6 +445,37 @@ mod tests {
 
     fn rule(s: &str) -> Rule {
         Rule::parse(s).expect(s)
+    }
+
+    #[test]
+    fn anonymous_and_dns_rule_sets_grant_reads_only() {
+        let texts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let anon = parse_anonymous_rules(&texts(&["service:web-*:read", "kv:public/:read"]))
+            .expect("read rules are fine");
+        assert!(allows(&anon, Right::Read, "web-a"));
+        assert!(!allows(&anon, Right::Read, "payments"));
+        assert!(allows(&anon, Right::KvRead, "public/x"));
+        for bad in [
+            "service:*:register",
+            "service:web:read,policy",
+            "operator::acl",
+            "kv:x/:write",
+        ] {
+            let e = parse_anonymous_rules(&texts(&[bad])).expect_err(bad);
+            assert!(e.to_string().contains("without a token"), "{e}");
+        }
+        assert!(parse_anonymous_rules(&texts(&["bogus:x:read"])).is_err());
+        assert!(parse_anonymous_rules(&texts(&["none"]))
+            .expect("none")
+            .is_empty());
+        assert!(parse_dns_rules(&texts(&["none", "service:*:read"])).is_err());
+        assert!(parse_dns_rules(&texts(&["kv:x/:read"])).is_err());
+        let dns = parse_dns_rules(&texts(&["service:*:read"])).expect("default");
+        assert_eq!(dns, default_dns_rules());
+        let many: Vec<String> = (0..=MAX_RULES)
+            .map(|i| format!("service:s{i}:read"))
+            .collect();
+        assert!(parse_dns_rules(&many).is_err());
     }
 
     #[test]

@@ -12,8 +12,8 @@ use super::status;
 use crate::auth::{self, Caller};
 use crate::catalog::Command;
 use crate::model::acl::{
-    default_dns_rules, new_accessor_id, service_identity, validate_description, validate_rules,
-    Right, Rule, Secret, Token,
+    new_accessor_id, service_identity, validate_description, validate_rules, Right, Rule, Secret,
+    Token,
 };
 use crate::model::validate_name;
 use crate::raft::propose::Proposer;
@@ -249,19 +249,29 @@ impl Acl for AclApi {
                     description: "ACLs are not bootstrapped: every request is allowed".into(),
                     ..Default::default()
                 },
-                Caller::Anonymous => pb::TokenInfo {
+                Caller::Anonymous(rules) => pb::TokenInfo {
                     anonymous: true,
                     acl_enabled: true,
-                    description:
-                        "no token: anonymous requests get no rights (DNS may read every service)"
-                            .into(),
-                    rules: default_dns_rules()
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect(),
+                    description: format!(
+                        "no token: anonymous requests have the rules below (--anonymous-rule); DNS answers by {}",
+                        rules_text(&self.shared.config.acl.dns)
+                    ),
+                    rules: rules.iter().map(ToString::to_string).collect(),
                     ..Default::default()
                 },
             });
         self.shared.metrics.observe("WhoAmI", r).map(Response::new)
     }
+}
+
+/// Rules as the CLI writes them, or `none`.
+fn rules_text(rules: &[crate::model::acl::Rule]) -> String {
+    if rules.is_empty() {
+        return "none".into();
+    }
+    rules
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
 }

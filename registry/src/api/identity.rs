@@ -84,7 +84,7 @@ impl Identity for IdentityApi {
     ) -> Result<Response<pb::RootsResponse>, Status> {
         // The bundle is public information, but after bootstrap only token holders read it.
         let caller = auth::caller(&self.shared, request.metadata())?;
-        if matches!(caller, auth::Caller::Anonymous) {
+        if matches!(caller, auth::Caller::Anonymous(_)) {
             return Err(auth::denied(
                 &self.shared,
                 &caller,

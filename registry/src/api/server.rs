@@ -126,6 +126,7 @@ pub(crate) async fn serve_grpc(
     let discovery = DiscoveryServer::new(DiscoveryApi::new(shared.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     // Watch is served by its own route, which bounds what unread streams hold.
+    let metrics = shared.metrics.clone();
     let discovery = super::watch_route::WatchRoute::new(discovery, shared);
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -135,6 +136,8 @@ pub(crate) async fn serve_grpc(
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
         ))
+        // Addresses that keep failing authentication back off (see `auth_backoff`).
+        .layer(crate::auth_backoff::BackoffLayer::new(metrics))
         .add_service(health_service)
         .add_service(registry)
         .add_service(discovery)

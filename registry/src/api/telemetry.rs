@@ -96,7 +96,7 @@ impl Telemetry for TelemetryApi {
         // Evidence judges rollouts: after bootstrap only a token may report (the peer
         // port takes what a node already checked).
         if self.cluster.is_some() {
-            if let crate::auth::Caller::Anonymous =
+            if let crate::auth::Caller::Anonymous(_) =
                 crate::auth::caller(&self.shared, request.metadata())?
             {
                 self.shared.metrics.acl_denied("Report");
