@@ -3,7 +3,7 @@
 #
 #   deploy/check-flags.sh [SWITCHYARD_BINARY]      (default: target/debug/switchyard)
 #
-# Scans deploy/k8s/**/*.yaml and deploy/compose.yaml for switchyard command lines, in
+# Scans deploy/k8s/**/*.yaml, deploy/compose.yaml and deploy/compose.tls.yaml for switchyard command lines, in
 # every form these files use:
 #   command: ["switchyard", "sidecar"] + args: [--admin=..., ...]   (Kubernetes)
 #   command: [registry, --node-id=1, ...]        (compose; the image's ENTRYPOINT is switchyard)
@@ -32,7 +32,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 files=()
 while IFS= read -r f; do files+=("$f"); done < <(find deploy/k8s -name '*.yaml' | sort)
-[[ -f deploy/compose.yaml ]] && files+=(deploy/compose.yaml)
+for f in deploy/compose.yaml deploy/compose.tls.yaml; do
+  [[ -f $f ]] && files+=("$f")
+done
 ((${#files[@]})) || { echo "check-flags: no files to check" >&2; exit 2; }
 
 # The verbs and subcommands, from the binary itself ("Commands:" sections of --help).
@@ -44,14 +46,20 @@ commands_of() {
 top_help=$("$bin" --help) || { echo "check-flags: '$bin --help' failed" >&2; exit 2; }
 verbs=$(commands_of)
 [[ -n $verbs ]] || { echo "check-flags: no commands in '$bin --help'" >&2; exit 2; }
+# Subcommand paths, two and three levels deep, as VERB/SUB and VERB/SUB/SUBSUB
+# (`acl token create`).
 subs=""
 all_help=$top_help
 for v in $verbs; do
-  for s in $(commands_of "$v"); do subs+="$v:$s "; done
+  for s in $(commands_of "$v"); do
+    subs+="$v/$s "
+    for ss in $(commands_of "$v" "$s"); do subs+="$v/$s/$ss "; done
+  done
   all_help+=$'\n'$("$bin" "$v" --help 2>/dev/null || true)
 done
-for pair in $subs; do
-  all_help+=$'\n'$("$bin" "${pair%%:*}" "${pair#*:}" --help 2>/dev/null || true)
+for path in $subs; do
+  # shellcheck disable=SC2086  # the path's levels become separate words on purpose
+  all_help+=$'\n'$("$bin" ${path//\// } --help 2>/dev/null || true)
 done
 
 # Extract "FILE<TAB>LINE<TAB>VERB<TAB>--FLAG" for every flag of a switchyard command.
@@ -63,7 +71,7 @@ extract() {
     }
     FNR == 1 { verb = ""; expecting = 0; cverb = ""; ccont = 0 }
     # Scan one line of tokens with state (v = current verb, e = expecting a verb).
-    function scan(text, is_comment,    toks, nt, i, t, f) {
+    function scan(text, is_comment,    toks, nt, i, t, f, k) {
       gsub(/[][,"`'"'"'\\]/, " ", text)
       nt = split(text, toks, /[ \t]+/)
       for (i = 1; i <= nt; i++) {
@@ -75,7 +83,8 @@ extract() {
           if (t in isverb) { v = t; sub_ok = 1; continue }
         }
         if (v != "" && sub_ok) {
-          if ((v ":" t) in issub) { v = v " " t; sub_ok = 0; continue }
+          k = v; gsub(/ /, "/", k)
+          if ((k "/" t) in issub) { v = v " " t; continue }
           if (t !~ /^-/) sub_ok = 0
         }
         if (v != "" && t ~ /^--[A-Za-z0-9]/) {
@@ -143,7 +152,8 @@ done < <(extract)
 
 # Environment variables: every SWITCHYARD_* named must be one some command reads.
 while IFS=: read -r file line name; do
-  if ! grep -qF -- "[env: $name=" <<<"$all_help"; then
+  # "[env: NAME=]", or "[env: NAME]" for a variable whose value --help hides (secrets).
+  if ! grep -qE -- "\\[env: $name(=|\\])" <<<"$all_help"; then
     echo "check-flags: $file:$line: no switchyard command reads environment variable $name" >&2
     status=1
   fi

@@ -160,6 +160,9 @@ pub async fn run(args: AclArgs) -> Result<(), CliError> {
                         for rule in &t.rules {
                             println!("  {rule}");
                         }
+                        if t.rules.is_empty() && t.acl_enabled {
+                            println!("  (none)");
+                        }
                         Ok(())
                     }
                 }
