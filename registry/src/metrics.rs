@@ -70,9 +70,14 @@ pub struct Metrics {
     /// authentications.
     pub acl_auth_backoff_refused: Counter,
     /// Copied from `switchyard_tls`'s process-wide counters when scraped.
-    tls_handshake_failures: Counter,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     tls_reloads: Counter,
     tls_reload_failures: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,12 +157,12 @@ impl Default for Metrics {
         let acl_denials = Family::default();
         let acl_auth_failures = Counter::default();
         let acl_auth_backoff_refused = Counter::default();
-        let tls_handshake_failures = Counter::default();
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
         let tls_reloads = Counter::default();
         let tls_reload_failures = Counter::default();
         registry.register(
             "tls_handshake_failures",
-            "TLS handshakes on this node's ports that failed or timed out (a wrong CA, no client certificate on the peer port, plaintext to a TLS port)",
+            "TLS handshakes on this node's ports that failed or timed out, by reason: unknown_ca (a client certificate another CA signed), no_client_cert (peer port), not_tls (plaintext to a TLS port), client_rejected (the client refused this node's certificate), expired, bad_certificate, timeout, closed, other",
             tls_handshake_failures.clone(),
         );
         registry.register(
@@ -451,10 +456,17 @@ impl Metrics {
         let copy = |to: &Counter, from: &std::sync::atomic::AtomicU64| {
             to.inner().store(from.load(Relaxed), Relaxed);
         };
-        copy(
-            &self.tls_handshake_failures,
-            &switchyard_tls::incoming::HANDSHAKE_FAILURES,
-        );
+        for (reason, n) in switchyard_tls::incoming::HANDSHAKE_FAILURES.counts() {
+            // Zeros stay unwritten, so only reasons that happened are exported.
+            if n > 0 {
+                self.tls_handshake_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.as_str(),
+                    })
+                    .inner()
+                    .store(n, Relaxed);
+            }
+        }
         copy(&self.tls_reloads, &switchyard_tls::reload::RELOADS);
         copy(
             &self.tls_reload_failures,

@@ -250,6 +250,22 @@ async fn tokens_decide_who_may_register_change_and_renew() {
             .expect_err(bad);
         assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {e}");
     }
+    // Bounded: at most 64 rules of at most 256 bytes each.
+    let too_many: Vec<String> = (0..65).map(|i| format!("service:s{i}:read")).collect();
+    let too_long = vec![format!("kv:{}:read", "k".repeat(300))];
+    for rules in [too_many, too_long] {
+        let e = acl
+            .create_token(with(
+                Some(&op),
+                pb::CreateTokenRequest {
+                    rules,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect_err("over the bounds");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    }
 
     // Listing never shows a secret; deleting a token stops it at once.
     let tokens = acl

@@ -107,11 +107,10 @@ async fn every_port_speaks_tls_and_a_wrong_ca_or_plaintext_is_refused() {
     assert!(health.contains("\"serving\""), "{health}");
     // The refused handshake above is counted.
     let metrics = https_get(node.http_addr, &files.ca, "/metrics").await;
-    let failures = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("switchyard_registry_tls_handshake_failures_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    assert!(failures.is_some_and(|n| n >= 1), "{metrics}");
+    assert!(
+        failures_of(&metrics, "not_tls") >= 1,
+        "plaintext is counted as not_tls: {metrics}"
+    );
 
     // The peer port asks for a client certificate. With the node's own, a Raft RPC
     // reaches the Raft service (which refuses the empty message itself)...
@@ -133,7 +132,22 @@ async fn every_port_speaks_tls_and_a_wrong_ca_or_plaintext_is_refused() {
             || answer.contains("DecryptError"),
         "{answer}"
     );
+    // Each refusal is counted under its reason.
+    let metrics = https_get(node.http_addr, &files.ca, "/metrics").await;
+    assert!(failures_of(&metrics, "no_client_cert") >= 1, "{metrics}");
+    assert!(failures_of(&metrics, "unknown_ca") >= 1, "{metrics}");
     node.shutdown().await;
+}
+
+/// `switchyard_registry_tls_handshake_failures_total{reason="…"}` (0 when absent).
+fn failures_of(metrics: &str, reason: &str) -> u64 {
+    let prefix =
+        format!("switchyard_registry_tls_handshake_failures_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// A vote with an empty message to the peer port; the outcome as text (an error's

@@ -112,12 +112,13 @@ pub async fn serve(
             {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    metrics.inbound_handshake_failures.inc();
-                    tracing::debug!(%remote, error = %e, "inbound TLS handshake refused");
+                    let reason = switchyard_tls::failure::Reason::of(&e);
+                    metrics.inbound_handshake_failed(reason);
+                    tracing::debug!(%remote, error = %e, reason = reason.as_str(), "inbound TLS handshake refused");
                     return;
                 }
                 Err(_) => {
-                    metrics.inbound_handshake_failures.inc();
+                    metrics.inbound_handshake_failed(switchyard_tls::failure::Reason::Timeout);
                     return;
                 }
             };

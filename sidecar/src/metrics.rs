@@ -134,8 +134,8 @@ pub struct Metrics {
     /// Requests on the mesh inbound port, by the caller's verified identity.
     inbound_requests: Family<PeerLabels, Counter>,
     /// Inbound TLS handshakes refused (no or an untrusted client certificate, clear
-    /// text) or timed out.
-    pub inbound_handshake_failures: Counter,
+    /// text) or timed out, by reason (`switchyard_tls::failure::Reason`).
+    pub inbound_handshake_failures: Family<ReasonLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,7 +183,7 @@ impl Default for Metrics {
         let certificate_expiry = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let certificate_requests = Family::<ReasonLabels, Counter>::default();
         let inbound_requests = Family::<PeerLabels, Counter>::default();
-        let inbound_handshake_failures = Counter::default();
+        let inbound_handshake_failures = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "inbound_requests",
             "Requests on the mesh inbound port by the caller's verified SPIFFE id",
@@ -191,7 +191,7 @@ impl Default for Metrics {
         );
         registry.register(
             "inbound_handshake_failures",
-            "Inbound mTLS handshakes refused or timed out (no client certificate, one the mesh CA did not sign, clear text)",
+            "Inbound mTLS handshakes refused or timed out, by reason: no_client_cert, unknown_ca (not signed by the mesh CA), expired, bad_certificate, not_tls (clear text), client_rejected, timeout, closed, other",
             inbound_handshake_failures.clone(),
         );
         registry.register(
@@ -335,6 +335,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a refused inbound handshake under its reason.
+    pub fn inbound_handshake_failed(&self, reason: switchyard_tls::failure::Reason) {
+        self.inbound_handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
     /// Counts one inbound request from `peer` (a SPIFFE id: one per calling service,
     /// so the label set stays as small as the mesh).
     pub fn inbound_request(&self, peer: &str) {

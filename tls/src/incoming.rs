@@ -9,7 +9,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,8 +28,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in flight per listener.
 pub const MAX_HANDSHAKES: usize = 256;
 
-/// Handshakes that failed or timed out, process-wide (exported as a metric).
-pub static HANDSHAKE_FAILURES: AtomicU64 = AtomicU64::new(0);
+/// Handshakes that failed or timed out, process-wide, by reason (exported as a metric).
+pub static HANDSHAKE_FAILURES: crate::failure::Failures = crate::failure::Failures::new();
 
 /// One accepted connection.
 pub enum Conn {
@@ -177,11 +176,12 @@ async fn accept_loop(
                     let _ = tx.send(Ok(Conn::Tls(Box::new(conn)))).await;
                 }
                 Ok(Err(e)) => {
-                    HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    let reason = crate::failure::Reason::of(&e);
+                    HANDSHAKE_FAILURES.record(reason);
+                    tracing::debug!(%peer, error = %e, reason = reason.as_str(), "TLS handshake failed");
                 }
                 Err(_) => {
-                    HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    HANDSHAKE_FAILURES.record(crate::failure::Reason::Timeout);
                     tracing::debug!(%peer, "TLS handshake timed out");
                 }
             }

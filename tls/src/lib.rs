@@ -20,6 +20,7 @@
 //! applied: the previous one stays in force.
 
 pub mod client;
+pub mod failure;
 pub mod files;
 pub mod generate;
 pub mod incoming;
