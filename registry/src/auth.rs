@@ -24,7 +24,8 @@ pub enum Caller {
     Open,
     /// No token, after bootstrap: the anonymous rules (`--anonymous-rule`).
     Anonymous(Arc<[Rule]>),
-    Token(Box<Token>),
+    /// Shared with the catalog: no copy of the rules per request.
+    Token(Arc<Token>),
 }
 
 impl Caller {
@@ -88,7 +89,7 @@ pub fn caller(shared: &Shared, metadata: &MetadataMap) -> Result<Caller, Status>
             token.accessor_id
         )));
     }
-    Ok(Caller::Token(Box::new(token.clone())))
+    Ok(Caller::Token(token.clone()))
 }
 
 /// Refuses unless the caller of `metadata` has `right` on `resource`.

@@ -4,6 +4,7 @@
 //! and a new node has them all.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::apply::{ApplyError, ApplyResult, Reply};
 use super::Catalog;
@@ -16,7 +17,8 @@ pub const MAX_TOKENS: usize = 10_000;
 #[derive(Clone, Debug, Default)]
 pub struct AclState {
     pub(super) bootstrapped: bool,
-    pub(super) tokens: std::collections::BTreeMap<String, Token>,
+    /// Shared, so a request's caller holds its token without copying its rules.
+    pub(super) tokens: std::collections::BTreeMap<String, Arc<Token>>,
     /// secret hash -> accessor id (derived from `tokens`).
     pub(super) by_hash: HashMap<SecretHash, String>,
 }
@@ -30,7 +32,7 @@ impl AclState {
         for t in tokens {
             s.by_hash
                 .insert(t.secret_hash.clone(), t.accessor_id.clone());
-            s.tokens.insert(t.accessor_id.clone(), t);
+            s.tokens.insert(t.accessor_id.clone(), Arc::new(t));
         }
         s
     }
@@ -45,7 +47,7 @@ impl Catalog {
 
     /// The token whose secret is `secret`, if any (expired ones too: the caller says why
     /// it is refused).
-    pub fn token_by_secret(&self, secret: &str) -> Option<&Token> {
+    pub fn token_by_secret(&self, secret: &str) -> Option<&Arc<Token>> {
         let hash = SecretHash::of(secret);
         let accessor = self.acl.by_hash.get(&hash)?;
         let token = self.acl.tokens.get(accessor)?;
@@ -54,11 +56,11 @@ impl Catalog {
     }
 
     pub fn token(&self, accessor_id: &str) -> Option<&Token> {
-        self.acl.tokens.get(accessor_id)
+        self.acl.tokens.get(accessor_id).map(|t| &**t)
     }
 
     pub fn tokens(&self) -> impl Iterator<Item = &Token> {
-        self.acl.tokens.values()
+        self.acl.tokens.values().map(|t| &**t)
     }
 
     fn insert_token(&mut self, token: &Token) -> Result<(), ApplyError> {
@@ -75,7 +77,7 @@ impl Catalog {
             .insert(token.secret_hash.clone(), token.accessor_id.clone());
         self.acl
             .tokens
-            .insert(token.accessor_id.clone(), token.clone());
+            .insert(token.accessor_id.clone(), Arc::new(token.clone()));
         Ok(())
     }
 

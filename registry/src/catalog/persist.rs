@@ -312,7 +312,7 @@ impl Catalog {
                 .map(|(k, h)| (k.clone(), h.iter().cloned().collect()))
                 .collect(),
             acl_bootstrapped: self.acl.bootstrapped,
-            tokens: self.acl.tokens.values().cloned().collect(),
+            tokens: self.acl.tokens.values().map(|t| (**t).clone()).collect(),
             sections: self.sections(),
         }
     }
