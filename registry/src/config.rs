@@ -203,18 +203,9 @@ impl RegistryConfig {
         }
         self.dns.validate()?;
         // Built by a library caller, not only parsed from flags: the same bounds apply.
-        for (field, rules) in [
-            ("anonymous rules", &self.acl.anonymous),
-            ("dns rules", &self.acl.dns),
-        ] {
-            let texts: Vec<String> = rules.iter().map(ToString::to_string).collect();
-            let parsed = if field == "dns rules" {
-                crate::model::acl::parse_dns_rules(&texts)
-            } else {
-                crate::model::acl::parse_anonymous_rules(&texts)
-            };
-            parsed.map_err(|e| format!("{field}: {e}"))?;
-        }
+        crate::model::acl::check_anonymous_rules(&self.acl.anonymous)
+            .and_then(|()| crate::model::acl::check_dns_rules(&self.acl.dns))
+            .map_err(|e| e.to_string())?;
         crate::model::mesh_ca::validate_trust_domain(&self.mesh.trust_domain)?;
         if self.mesh.leaf_ttl < Duration::from_secs(10)
             || self.mesh.leaf_ttl > Duration::from_secs(366 * 86_400)

@@ -42,6 +42,15 @@ fn reg_req(service: &str, id: &str) -> pb::RegisterRequest {
     }
 }
 
+/// Bootstraps ACLs; the operator token's secret.
+async fn bootstrap(acl: &mut AclClient<Channel>) -> String {
+    acl.bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect("bootstrap")
+        .into_inner()
+        .secret
+}
+
 async fn create(acl: &mut AclClient<Channel>, op: &str, req: pb::CreateTokenRequest) -> String {
     acl.create_token(with(Some(op), req))
         .await
@@ -426,12 +435,7 @@ async fn tokens_and_the_bootstrap_survive_a_restart() {
     let config = || switchyard_registry::RegistryConfig::new(dir.path().to_path_buf());
     let reg = start_in(config()).await;
     let mut acl = AclClient::new(channel(reg.grpc_addr).await);
-    let op = acl
-        .bootstrap(pb::BootstrapRequest::default())
-        .await
-        .expect("bootstrap")
-        .into_inner()
-        .secret;
+    let op = bootstrap(&mut acl).await;
     let web = create(
         &mut acl,
         &op,
@@ -503,9 +507,7 @@ async fn anonymous_and_dns_rules_decide_what_callers_without_a_token_see() {
         "{before:?}"
     );
 
-    acl.bootstrap(pb::BootstrapRequest::default())
-        .await
-        .expect("bootstrap");
+    bootstrap(&mut acl).await;
     let resolve = |service: &str| pb::ResolveRequest {
         namespace: String::new(),
         service: service.into(),
@@ -560,12 +562,7 @@ async fn an_address_that_keeps_failing_authentication_backs_off() {
     let reg = TestRegistry::start().await;
     let ch = channel(reg.handle.grpc_addr).await;
     let mut acl = AclClient::new(ch.clone());
-    let op = acl
-        .bootstrap(pb::BootstrapRequest::default())
-        .await
-        .expect("bootstrap")
-        .into_inner()
-        .secret;
+    let op = bootstrap(&mut acl).await;
     let mut disc = DiscoveryClient::new(ch.clone());
     let list = || pb::ListServicesRequest::default();
     let bogus = "0".repeat(64);

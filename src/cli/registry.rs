@@ -647,24 +647,16 @@ mod tests {
 
     #[test]
     fn max_telemetry_keys_goes_from_the_flag_or_the_file_to_the_telemetry_limits() {
-        let (args, _) = parse(&["registry"]);
+        let max_keys = |argv: &[&str]| {
+            let (args, _) = parse(argv);
+            let config = args.registry_config().expect("config");
+            config.shared().telemetry.max_keys
+        };
         assert_eq!(
-            args.registry_config()
-                .expect("config")
-                .shared()
-                .telemetry
-                .max_keys,
+            max_keys(&["registry"]),
             switchyard_registry::telemetry::DEFAULT_MAX_KEYS
         );
-        let (args, _) = parse(&["registry", "--max-telemetry-keys", "42"]);
-        assert_eq!(
-            args.registry_config()
-                .expect("config")
-                .shared()
-                .telemetry
-                .max_keys,
-            42
-        );
+        assert_eq!(max_keys(&["registry", "--max-telemetry-keys", "42"]), 42);
         let file = std::env::temp_dir().join(format!(
             "switchyard-telemetry-keys-{}.toml",
             std::process::id()

@@ -86,17 +86,15 @@ impl Reason {
                 | CertificateError::NotValidYetContext { .. } => Reason::Expired,
                 _ => Reason::BadCertificate,
             },
-            rustls::Error::AlertReceived(a) => match a {
-                AlertDescription::CertificateRequired => Reason::NoClientCert,
+            rustls::Error::AlertReceived(
                 AlertDescription::BadCertificate
                 | AlertDescription::UnknownCA
                 | AlertDescription::CertificateExpired
                 | AlertDescription::CertificateUnknown
                 | AlertDescription::UnsupportedCertificate
                 // What a client sends when this server's chain fails its signature check.
-                | AlertDescription::DecryptError => Reason::ClientRejected,
-                _ => Reason::Other,
-            },
+                | AlertDescription::DecryptError,
+            ) => Reason::ClientRejected,
             _ => Reason::Other,
         }
     }

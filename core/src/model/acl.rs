@@ -294,20 +294,31 @@ pub fn service_identity(name: &str) -> Vec<Rule> {
 /// steers or administers anything, whatever a flag says, so one typo cannot open the
 /// cluster. `none` (or no rule) means no rights.
 pub fn parse_anonymous_rules(texts: &[String]) -> Result<Vec<Rule>, ValidationError> {
-    parse_rule_set(texts, "anonymous_rule", &[Right::Read, Right::KvRead])
+    let rules = parse_rule_set(texts, "anonymous_rule")?;
+    check_anonymous_rules(&rules)?;
+    Ok(rules)
+}
+
+/// Checks already-parsed anonymous rules (a library caller's config).
+pub fn check_anonymous_rules(rules: &[Rule]) -> Result<(), ValidationError> {
+    check_rule_set(rules, "anonymous_rule", &[Right::Read, Right::KvRead])
 }
 
 /// The rules DNS answers by after bootstrap (registry `--dns-rule`): service read rules
 /// only, since DNS does nothing else. `none` means DNS refuses every service name.
 pub fn parse_dns_rules(texts: &[String]) -> Result<Vec<Rule>, ValidationError> {
-    parse_rule_set(texts, "dns_rule", &[Right::Read])
+    let rules = parse_rule_set(texts, "dns_rule")?;
+    check_dns_rules(&rules)?;
+    Ok(rules)
 }
 
-fn parse_rule_set(
-    texts: &[String],
-    field: &'static str,
-    permitted: &[Right],
-) -> Result<Vec<Rule>, ValidationError> {
+/// Checks already-parsed DNS rules (a library caller's config).
+pub fn check_dns_rules(rules: &[Rule]) -> Result<(), ValidationError> {
+    check_rule_set(rules, "dns_rule", &[Right::Read])
+}
+
+/// Parses a rule set's text forms; `none` alone is the empty set.
+fn parse_rule_set(texts: &[String], field: &'static str) -> Result<Vec<Rule>, ValidationError> {
     if texts.iter().any(|t| t == "none") {
         if texts.len() > 1 {
             return Err(ValidationError::new(
@@ -317,12 +328,17 @@ fn parse_rule_set(
         }
         return Ok(Vec::new());
     }
-    let rules = texts
-        .iter()
-        .map(|t| Rule::parse(t))
-        .collect::<Result<Vec<_>, _>>()?;
-    validate_rules(&rules)?;
-    for rule in &rules {
+    texts.iter().map(|t| Rule::parse(t)).collect()
+}
+
+/// Bounds (as a token's rules) and only `permitted` rights.
+fn check_rule_set(
+    rules: &[Rule],
+    field: &'static str,
+    permitted: &[Right],
+) -> Result<(), ValidationError> {
+    validate_rules(rules)?;
+    for rule in rules {
         if let Some(r) = rule.rights.iter().find(|r| !permitted.contains(r)) {
             let allowed: Vec<String> = permitted
                 .iter()
@@ -338,7 +354,7 @@ fn parse_rule_set(
             ));
         }
     }
-    Ok(rules)
+    Ok(())
 }
 
 /// What DNS answers without a token after bootstrap: every service, so DNS keeps
@@ -465,6 +481,10 @@ mod tests {
             assert!(e.to_string().contains("without a token"), "{e}");
         }
         assert!(parse_anonymous_rules(&texts(&["bogus:x:read"])).is_err());
+        // Rules built in code (a library caller's config) get the same check.
+        assert!(check_anonymous_rules(&[rule("service:*:register")]).is_err());
+        assert!(check_dns_rules(&[rule("kv:x/:read")]).is_err());
+        assert!(check_dns_rules(&default_dns_rules()).is_ok());
         assert!(parse_anonymous_rules(&texts(&["none"]))
             .expect("none")
             .is_empty());
