@@ -41,6 +41,12 @@ pub fn state_to_proto(state: State) -> pb::State {
 /// Validates a wire instance into a domain one.
 pub fn instance_from_proto(p: pb::Instance) -> Result<Instance, ValidationError> {
     let state = state_from_proto("instance.state", p.state, Some(State::Serving))?;
+    let mesh_port = u16::try_from(p.mesh_port).map_err(|_| {
+        ValidationError::new(
+            "instance.mesh_port",
+            format!("{} is outside 1-65535 (0: not in the mesh)", p.mesh_port),
+        )
+    })?;
     let instance = Instance {
         namespace: p.namespace,
         service: p.service,
@@ -52,6 +58,7 @@ pub fn instance_from_proto(p: pb::Instance) -> Result<Instance, ValidationError>
         weight: 0,
         zone: p.zone,
         state,
+        mesh_port,
     };
     validate_instance(instance, p.port, p.weight)
 }
@@ -72,6 +79,7 @@ pub fn instance_to_proto(i: &Instance) -> pb::Instance {
         weight: i.weight,
         zone: i.zone.clone(),
         state: state_to_proto(i.state) as i32,
+        mesh_port: u32::from(i.mesh_port),
     }
 }
 
@@ -331,6 +339,8 @@ pub fn snapshot_event(revision: u64, services: &[ServiceSnapshot]) -> pb::WatchE
         kind: Some(pb::watch_event::Kind::Snapshot(pb::Snapshot {
             services: services.iter().map(service_to_proto).collect(),
         })),
+        intentions: Vec::new(),
+        trust_bundle: String::new(),
     }
 }
 
@@ -351,7 +361,98 @@ pub fn delta_event(change: &Change) -> pb::WatchEvent {
                 .map(|p| policy_state(&p.service, &p.policy))
                 .collect(),
         })),
+        intentions: change
+            .intentions
+            .iter()
+            .map(|c| destination_intentions(&c.destination, &c.intentions))
+            .collect(),
+        trust_bundle: change
+            .trust_bundle
+            .as_deref()
+            .unwrap_or_default()
+            .to_string(),
     }
+}
+
+// Intentions.
+
+use crate::model::intention::{Action, Intention, IntentionRecord};
+
+pub fn action_to_proto(a: Option<Action>) -> pb::IntentionAction {
+    match a {
+        Some(Action::Allow) => pb::IntentionAction::Allow,
+        Some(Action::Deny) => pb::IntentionAction::Deny,
+        None => pb::IntentionAction::Unspecified,
+    }
+}
+
+pub fn intention_to_proto(i: &Intention) -> pb::Intention {
+    pb::Intention {
+        source: i.source.clone(),
+        destination: i.destination.clone(),
+        action: action_to_proto(Some(i.action)) as i32,
+        description: i.description.clone(),
+        revision: i.revision,
+        updated_ms: i.updated_ms,
+    }
+}
+
+pub fn intention_record_to_proto(r: &IntentionRecord) -> pb::IntentionChange {
+    pb::IntentionChange {
+        revision: r.revision,
+        at_ms: r.at_ms,
+        source: r.source.clone(),
+        destination: r.destination.clone(),
+        action: action_to_proto(r.action) as i32,
+        description: r.description.clone(),
+    }
+}
+
+pub fn destination_intentions(destination: &str, rules: &[Intention]) -> pb::DestinationIntentions {
+    pb::DestinationIntentions {
+        destination: destination.to_string(),
+        intentions: rules.iter().map(intention_to_proto).collect(),
+    }
+}
+
+/// Validates a wire intention (its revision and time are the registry's to set).
+pub fn intention_from_proto(p: pb::Intention) -> Result<Intention, ValidationError> {
+    use crate::model::intention::{validate_description, validate_destination, validate_source};
+    validate_source("intention.source", &p.source)?;
+    validate_destination("intention.destination", &p.destination)?;
+    validate_description("intention.description", &p.description)?;
+    let action = match pb::IntentionAction::try_from(p.action) {
+        Ok(pb::IntentionAction::Allow) => Action::Allow,
+        Ok(pb::IntentionAction::Deny) => Action::Deny,
+        _ => {
+            return Err(ValidationError::new(
+                "intention.action",
+                "must be INTENTION_ACTION_ALLOW or INTENTION_ACTION_DENY",
+            ))
+        }
+    };
+    Ok(Intention {
+        source: p.source,
+        destination: p.destination,
+        action,
+        description: p.description,
+        revision: 0,
+        updated_ms: 0,
+    })
+}
+
+/// A sidecar's reading of a watched intention; `None` for one it cannot use (a newer
+/// registry's action, a malformed name), which it then leaves out.
+pub fn intention_from_watch(p: &pb::Intention) -> Option<Intention> {
+    let mut i = intention_from_proto(pb::Intention {
+        revision: 0,
+        updated_ms: 0,
+        ..p.clone()
+    })
+    .ok()?;
+    i.revision = p.revision;
+    i.updated_ms = p.updated_ms;
+    Some(i)
 }
 
 pub fn summary_to_proto(s: ServiceSummary) -> pb::ServiceSummary {

@@ -95,6 +95,20 @@ impl Bucket {
     }
 }
 
+/// A new root with its key (kept in the state), for the first CA or a rotation.
+pub fn new_root(settings: &MeshSettings) -> Result<CaRoot, String> {
+    let now = SystemTime::now();
+    let root = mesh_ca::new_root(&settings.trust_domain, ROOT_DAYS, now).map_err(|e| e.0)?;
+    Ok(CaRoot {
+        id: format!("{:016x}", fastrand::u64(..)),
+        cert_pem: root.cert_pem,
+        key_pem: Some(root.key_pem),
+        created_ms: now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    })
+}
+
 /// The first root: from the files when given, else a new one with its key.
 fn first_ca(settings: &MeshSettings, now: SystemTime) -> Result<MeshCa, String> {
     let created_ms = now

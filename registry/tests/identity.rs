@@ -131,25 +131,7 @@ async fn a_forged_csr_gets_its_own_services_leaf_and_tokens_decide_whose() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
 
     // After bootstrap: a token for web gets web's leaf and not payments'.
-    let mut acl = AclClient::new(channel(addr).await);
-    let op = acl
-        .bootstrap(pb::BootstrapRequest::default())
-        .await
-        .expect("bootstrap")
-        .into_inner()
-        .secret;
-    let web = acl
-        .create_token(with(
-            Some(&op),
-            pb::CreateTokenRequest {
-                service_identity: "web".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("token")
-        .into_inner()
-        .secret;
+    let (_op, web) = bootstrap_with_web(addr).await;
     id.certify(with(Some(&web), certify_req("web", forged_csr())))
         .await
         .expect("web's own leaf");
@@ -172,6 +154,102 @@ async fn a_forged_csr_gets_its_own_services_leaf_and_tokens_decide_whose() {
     id.roots(with(Some(&web), pb::RootsRequest {}))
         .await
         .expect("a token reads the bundle");
+}
+
+/// Bootstraps ACLs; the operator's secret and that of a token with web's service identity.
+async fn bootstrap_with_web(addr: std::net::SocketAddr) -> (String, String) {
+    let mut acl = AclClient::new(channel(addr).await);
+    let op = acl
+        .bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect("bootstrap")
+        .into_inner()
+        .secret;
+    let web = acl
+        .create_token(with(
+            Some(&op),
+            pb::CreateTokenRequest {
+                service_identity: "web".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("token")
+        .into_inner()
+        .secret;
+    (op, web)
+}
+
+/// A leaf for `service`'s fresh key, PEM.
+async fn leaf(id: &mut IdentityClient<Channel>, token: Option<&str>, service: &str) -> String {
+    id.certify(with(token, certify_req(service, forged_csr())))
+        .await
+        .expect("certify")
+        .into_inner()
+        .leaf
+}
+
+#[tokio::test]
+async fn rotating_the_root_signs_with_the_new_one_and_keeps_the_old_one_trusted() {
+    let reg = TestRegistry::start_with(|c| c.mesh.leaf_ttl = Duration::from_secs(3600)).await;
+    let addr = reg.handle.grpc_addr;
+    let mut id = IdentityClient::new(channel(addr).await);
+    let before = roots(addr, None).await;
+    let old_leaf = leaf(&mut id, None, "web").await;
+    // Only an operator token with `ca` may rotate, once ACLs are on.
+    let (op, web) = bootstrap_with_web(addr).await;
+    let e = id
+        .rotate_root(with(Some(&web), pb::RotateRootRequest {}))
+        .await
+        .expect_err("web may not rotate");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let rotated = id
+        .rotate_root(with(Some(&op), pb::RotateRootRequest {}))
+        .await
+        .expect("rotate")
+        .into_inner();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    // Two leaf lifetimes from now, within a minute of slack.
+    assert!(rotated.retire_at_ms.abs_diff(started + 7_200_000) < 60_000);
+    let after = id
+        .roots(with(Some(&op), pb::RootsRequest {}))
+        .await
+        .expect("roots")
+        .into_inner();
+    assert_eq!(after.roots.len(), 2);
+    let old = &after.roots[0];
+    let new = &after.roots[1];
+    assert_eq!(old.id, before.roots[0].id);
+    assert!(!old.active && old.retire_at_ms == rotated.retire_at_ms);
+    assert!(new.active && new.id == rotated.root_id && new.retire_at_ms == 0);
+    // New leaves come from the new root; the old leaf still verifies with the bundle.
+    let name = "web.default.svc.switchyard.local";
+    let new_leaf = leaf(&mut id, Some(&web), "web").await;
+    switchyard_tls::mesh_ca::verify_leaf(&new.cert_pem, &new_leaf, name).expect("new root");
+    assert!(switchyard_tls::mesh_ca::verify_leaf(&old.cert_pem, &new_leaf, name).is_err());
+    switchyard_tls::mesh_ca::verify_leaf(&after.bundle, &old_leaf, name).expect("old leaf");
+    switchyard_tls::mesh_ca::verify_leaf(&after.bundle, &new_leaf, name).expect("new leaf");
+    // A watcher gets the bundle with both roots in its snapshot.
+    let mut discovery =
+        switchyard_proto::v1::discovery_client::DiscoveryClient::new(channel(addr).await);
+    let mut stream = discovery
+        .watch(with(
+            Some(&web),
+            pb::WatchRequest {
+                namespace: String::new(),
+                services: Vec::new(),
+                since_revision: 0,
+                cluster_id: String::new(),
+            },
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.message().await.expect("event").expect("open");
+    assert_eq!(first.trust_bundle, after.bundle);
 }
 
 #[tokio::test]
@@ -248,6 +326,13 @@ async fn a_root_from_files_signs_the_leaves() {
         &issued.leaf,
         "web.default.svc.switchyard.local"
     ));
+    // A root from files is rotated with new files, not by the registry.
+    let e = IdentityClient::new(channel(addr).await)
+        .rotate_root(pb::RotateRootRequest {})
+        .await
+        .expect_err("files");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("--mesh-ca-key"), "{e}");
 }
 
 #[tokio::test]

@@ -65,6 +65,7 @@ mod tests {
             weight: 100,
             zone: String::new(),
             state: [State::Serving, State::Draining, State::Failing][usize::from(state % 3)],
+            mesh_port: 0,
         })
     }
 

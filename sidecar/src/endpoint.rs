@@ -245,6 +245,9 @@ pub struct Endpoint {
     /// `host:port` parsed once per catalog update, so building each request's upstream
     /// URI copies a pointer instead of parsing text (`None` if it does not parse).
     pub uri_authority: Option<http::uri::Authority>,
+    /// `host:mesh_port` when the instance is in the mesh (the sidecar beside it serves
+    /// mutual TLS there), parsed once per update like `uri_authority`.
+    pub mesh_authority: Option<http::uri::Authority>,
     /// The instance's weight, at least 1 (the balancer divides by it).
     pub weight: u32,
     pub live: Arc<LiveState>,
@@ -277,6 +280,13 @@ impl Endpoint {
     pub fn new(instance: Arc<Instance>, live: Option<Arc<LiveState>>) -> Self {
         Self {
             uri_authority: authority(&instance).parse().ok(),
+            mesh_authority: (instance.mesh_port != 0)
+                .then(|| {
+                    host_port(&instance.address, instance.mesh_port)
+                        .parse()
+                        .ok()
+                })
+                .flatten(),
             weight: instance.weight.max(1),
             live: live.unwrap_or_default(),
             instance,
@@ -299,10 +309,15 @@ impl Endpoint {
 
 /// `host:port` of an instance, with IPv6 literals bracketed.
 pub fn authority(i: &Instance) -> String {
-    if i.address.contains(':') {
-        format!("[{}]:{}", i.address, i.port)
+    host_port(&i.address, i.port)
+}
+
+/// `host:port`, with an IPv6 literal bracketed.
+pub fn host_port(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
     } else {
-        format!("{}:{}", i.address, i.port)
+        format!("{address}:{port}")
     }
 }
 
@@ -366,5 +381,6 @@ pub(crate) fn test_instance(id: &str, version: &str, weight: u32, state: State) 
         weight,
         zone: String::new(),
         state,
+        mesh_port: 0,
     })
 }

@@ -2,6 +2,13 @@
 //! for it from the registry's built-in CA (`Identity/Certify`, with the sidecar's token),
 //! renewed at 70 % of its lifetime with jittered retries. While the registry cannot be
 //! reached the current certificate stays in use until it expires.
+//!
+//! The trust bundle comes with each leaf and again in the watch stream whenever the
+//! roots change: a root the watch adds is trusted from the next second on (the leaf's
+//! own bundle is kept too, so a leaf signed by a root the watch has not shown yet still
+//! verifies). A bundle that adds a root means the CA rotated: the leaf is re-issued
+//! 1-5 s later (jittered, so every peer trusts the new root before leaves signed by it
+//! are presented, and a fleet does not ask at once).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -64,6 +71,29 @@ impl MeshIdentity {
         self.current.load_full()
     }
 
+    /// Trusts the roots of a bundle the registry sent in the watch stream, beside the
+    /// ones that came with the leaf. Swaps the identity only when that adds a root, and
+    /// then returns true: the CA has a new root, so the leaf should be re-issued by it.
+    pub fn adopt_bundle(&self, watched: &str) -> bool {
+        let Some(issued) = self.current() else {
+            return false;
+        };
+        let merged = merge_bundles(watched, &issued.bundle_pem);
+        if merged == issued.bundle_pem {
+            return false;
+        }
+        tracing::info!(identity = %issued.spiffe_id, "the mesh trust bundle changed; trusting its roots");
+        self.current.store(Some(Arc::new(Issued {
+            leaf_pem: issued.leaf_pem.clone(),
+            key_pem: issued.key_pem.clone(),
+            bundle_pem: merged,
+            spiffe_id: issued.spiffe_id.clone(),
+            issued_at: issued.issued_at,
+            not_after: issued.not_after,
+        })));
+        true
+    }
+
     /// Seconds until the current leaf expires (negative once it has).
     pub fn seconds_left(&self) -> Option<f64> {
         let issued = self.current.load();
@@ -73,6 +103,33 @@ impl MeshIdentity {
             Err(e) => -e.duration().as_secs_f64(),
         })
     }
+}
+
+/// The certificates of `watched`, then those of `own` it lacks, PEM; the same text as
+/// `own` when `watched` adds nothing.
+fn merge_bundles(watched: &str, own: &str) -> String {
+    const END: &str = "-----END CERTIFICATE-----";
+    let blocks = |pem: &str| -> Vec<String> {
+        pem.split_inclusive(END)
+            .map(str::trim)
+            .filter(|b| b.ends_with(END))
+            .map(str::to_string)
+            .collect()
+    };
+    let mine = blocks(own);
+    let theirs = blocks(watched);
+    if theirs.iter().all(|b| mine.contains(b)) {
+        return own.to_string();
+    }
+    let mut out = String::new();
+    for b in theirs
+        .iter()
+        .chain(mine.iter().filter(|b| !theirs.contains(b)))
+    {
+        out.push_str(b);
+        out.push('\n');
+    }
+    out
 }
 
 /// When to renew a leaf valid from `issued_at` to `not_after`: at `renew_at` of its
@@ -151,6 +208,7 @@ async fn request(cfg: &IdentityConfig) -> Result<Issued, String> {
 pub async fn run(
     cfg: IdentityConfig,
     identity: Arc<MeshIdentity>,
+    table: Arc<crate::table::EndpointTable>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -166,6 +224,14 @@ pub async fn run(
             tokio::select! {
                 _ = &mut wake => break,
                 _ = gauge.tick() => {
+                    if let Some(bundle) = table.trust_bundle() {
+                        if identity.adopt_bundle(&bundle) {
+                            metrics.trust_bundle_updates.inc();
+                            let soon = Duration::from_millis(1_000 + fastrand::u64(..4_000));
+                            tracing::info!(renew_in = ?soon, "the mesh CA has a new root; re-issuing the leaf");
+                            wake.as_mut().reset(tokio::time::Instant::now() + soon);
+                        }
+                    }
                     if let Some(left) = identity.seconds_left() {
                         metrics.certificate_expiry.set(left);
                     }
@@ -210,6 +276,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watched_bundle_adds_roots_and_keeps_the_leafs_own() {
+        let a = "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n";
+        let b = "-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
+        assert_eq!(merge_bundles(a, a), a);
+        let merged = merge_bundles(&format!("{a}{b}"), a);
+        assert!(merged.contains("AAA") && merged.contains("BBB"));
+        // A watch that has not shown the leaf's root yet does not drop it.
+        let merged = merge_bundles(b, a);
+        assert!(merged.contains("AAA") && merged.contains("BBB"));
+        assert_eq!(merge_bundles("", a), a);
+    }
 
     #[test]
     fn renewal_comes_at_about_seventy_percent_of_the_lifetime() {

@@ -6,6 +6,13 @@
 //! `x-switchyard-peer-identity` (any such header the caller sent is removed), and
 //! counted. Until the sidecar has its own certificate, connections are closed: there
 //! is nothing to serve TLS with, and clear text is never accepted here.
+//!
+//! Intentions are enforced here, for this sidecar's service, from the caller's verified
+//! identity and the namespace's intentions as the watch stream last delivered them: a
+//! denied HTTP request gets 403, a denied gRPC call PERMISSION_DENIED, a denied TCP
+//! connection is closed, and each is counted (`inbound_denied_total`). A connection
+//! whose ALPN is `switchyard-tcp` carries bytes, not HTTP: it is copied to the app's
+//! port as it is.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +33,8 @@ use tokio::sync::watch;
 
 use crate::identity::{Issued, MeshIdentity};
 use crate::metrics::Metrics;
+use crate::table::{EndpointTable, IntentionMap};
+use switchyard_core::model::intention::{decide, Verdict};
 
 /// The header carrying the verified caller identity to the app.
 pub const PEER_IDENTITY: &str = "x-switchyard-peer-identity";
@@ -67,11 +76,35 @@ impl Configs {
     }
 }
 
+/// Whose calls the inbound listener takes, and by which rules.
+#[derive(Clone)]
+pub struct Local {
+    pub namespace: Arc<str>,
+    /// This sidecar's service: the destination intentions are checked for.
+    pub service: Arc<str>,
+    /// Where the namespace's intentions arrive.
+    pub table: Arc<EndpointTable>,
+}
+
+impl Local {
+    /// What the intentions say of a caller whose verified SPIFFE id is `peer`.
+    fn verdict<'a>(&self, map: &'a IntentionMap, peer: &str) -> Verdict<'a> {
+        let source = crate::mesh::service_of(peer, &self.namespace);
+        let rules = map
+            .get(&*self.service)
+            .into_iter()
+            .chain(map.get("*"))
+            .flat_map(|r| r.iter());
+        decide(rules, source, &self.service)
+    }
+}
+
 /// Serves the inbound listener until shutdown, forwarding to `app`.
 pub async fn serve(
     listener: TcpListener,
     identity: Arc<MeshIdentity>,
     app: SocketAddr,
+    local: Local,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -103,6 +136,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let (h1, h2, metrics, app_uri) = (h1.clone(), h2.clone(), metrics.clone(), app_uri.clone());
+        let local = local.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
@@ -133,13 +167,39 @@ pub async fn serve(
             let Ok(peer_header) = HeaderValue::from_str(&peer) else {
                 return;
             };
+            let (requests, denied) = metrics.inbound_counters(&peer);
+            let alpn_tcp =
+                tls.get_ref().1.alpn_protocol() == Some(switchyard_tls::mesh_ca::ALPN_TCP);
+            if alpn_tcp {
+                requests.inc();
+                let map = local.table.intentions();
+                let verdict = local.verdict(&map, &peer);
+                if !verdict.allowed {
+                    denied.inc();
+                    tracing::info!(%peer, destination = %local.service, "an intention denies this caller; closing its TCP connection");
+                    return;
+                }
+                carry_tcp(tls, app).await;
+                return;
+            }
             let peer: Arc<str> = peer.into();
             let service = service_fn(move |mut req: Request<Incoming>| {
-                let (h1, h2, metrics) = (h1.clone(), h2.clone(), metrics.clone());
+                let (h1, h2) = (h1.clone(), h2.clone());
+                let (requests, denied) = (requests.clone(), denied.clone());
                 let peer_header = peer_header.clone();
                 let peer = peer.clone();
                 let app_uri = app_uri.clone();
+                let local = local.clone();
                 async move {
+                    requests.inc();
+                    {
+                        let map = local.table.intentions();
+                        let verdict = local.verdict(&map, &peer);
+                        if !verdict.allowed {
+                            denied.inc();
+                            return Ok(refused(req.headers(), &peer, &local.service, verdict));
+                        }
+                    }
                     let headers = req.headers_mut();
                     headers.remove(PEER_IDENTITY);
                     headers.insert(PEER_IDENTITY, peer_header);
@@ -152,7 +212,6 @@ pub async fn serve(
                         Ok(u) => u,
                         Err(_) => return Ok::<_, hyper::Error>(bad_gateway()),
                     };
-                    metrics.inbound_request(&peer);
                     let sent = if req.version() == http::Version::HTTP_2 {
                         h2.request(req).await
                     } else {
@@ -174,6 +233,63 @@ pub async fn serve(
     }
 }
 
+/// Copies a TCP connection's bytes to the app and back.
+async fn carry_tcp(
+    mut tls: switchyard_tls::tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    app: SocketAddr,
+) {
+    match tokio::net::TcpStream::connect(app).await {
+        Ok(mut upstream) => {
+            let _ = upstream.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+        }
+        Err(e) => tracing::debug!(error = %e, "the local app refused an inbound TCP connection"),
+    }
+}
+
+/// The answer to a call an intention denies: PERMISSION_DENIED for gRPC, 403 otherwise.
+fn refused(
+    headers: &http::HeaderMap,
+    peer: &str,
+    service: &str,
+    verdict: Verdict<'_>,
+) -> Response<Body> {
+    let why = match verdict.by {
+        Some(rule) => format!(
+            "the intention {} {} -> {} denies {peer}",
+            rule.action.as_str(),
+            rule.source,
+            rule.destination
+        ),
+        None => format!("no intention allows {peer} to call {service}"),
+    };
+    tracing::debug!(%peer, destination = service, "{why}");
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut r = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+        if grpc {
+            bytes::Bytes::new()
+        } else {
+            bytes::Bytes::from(format!("{why}\n"))
+        },
+    )));
+    if grpc {
+        let headers = r.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from_static("7"));
+        if let Ok(v) = HeaderValue::from_str(&why) {
+            headers.insert("grpc-message", v);
+        }
+    } else {
+        *r.status_mut() = http::StatusCode::FORBIDDEN;
+    }
+    r
+}
+
 /// What goes back to the caller: the app's answer, or the sidecar's own 502.
 type Body = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
 
@@ -183,4 +299,77 @@ fn bad_gateway() -> Response<Body> {
     )));
     *r.status_mut() = http::StatusCode::BAD_GATEWAY;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_core::model::intention::{Action, Intention};
+
+    #[test]
+    fn a_denied_call_is_403_for_http_and_permission_denied_for_grpc() {
+        let rule = Intention {
+            source: "web".into(),
+            destination: "payments".into(),
+            action: Action::Deny,
+            description: String::new(),
+            revision: 3,
+            updated_ms: 0,
+        };
+        let verdict = Verdict {
+            allowed: false,
+            by: Some(&rule),
+        };
+        let peer = "spiffe://example.org/ns/default/svc/web";
+        let r = refused(&http::HeaderMap::new(), peer, "payments", verdict);
+        assert_eq!(r.status(), http::StatusCode::FORBIDDEN);
+        let mut grpc = http::HeaderMap::new();
+        grpc.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        let r = refused(&grpc, peer, "payments", verdict);
+        assert_eq!(r.status(), http::StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "7");
+        assert!(r.headers()["grpc-message"]
+            .to_str()
+            .expect("ascii")
+            .contains("deny web -> payments"));
+    }
+
+    #[test]
+    fn the_local_service_and_every_destination_rules_apply() {
+        let local = Local {
+            namespace: "default".into(),
+            service: "payments".into(),
+            table: Arc::new(EndpointTable::default()),
+        };
+        let rule = |src: &str, dst: &str, action| Intention {
+            source: src.into(),
+            destination: dst.into(),
+            action,
+            description: String::new(),
+            revision: 1,
+            updated_ms: 0,
+        };
+        let web = "spiffe://example.org/ns/default/svc/web";
+        let other_ns = "spiffe://example.org/ns/other/svc/web";
+        let mut map = IntentionMap::new();
+        assert!(local.verdict(&map, web).allowed);
+        map.insert("*".into(), vec![rule("*", "*", Action::Deny)].into());
+        assert!(!local.verdict(&map, web).allowed);
+        map.insert(
+            "payments".into(),
+            vec![rule("web", "payments", Action::Allow)].into(),
+        );
+        assert!(local.verdict(&map, web).allowed);
+        // The same service name from another namespace is not `web` here.
+        assert!(!local.verdict(&map, other_ns).allowed);
+        // Rules of other destinations do not apply.
+        map.insert(
+            "search".into(),
+            vec![rule("web", "search", Action::Deny)].into(),
+        );
+        assert!(local.verdict(&map, web).allowed);
+    }
 }

@@ -40,6 +40,7 @@ pub mod health;
 pub mod identity;
 pub mod inbound;
 pub mod limits;
+pub mod mesh;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;
@@ -313,6 +314,14 @@ pub async fn start(
         },
     );
     ctx.telemetry = recorder.clone();
+    let mesh_identity = Arc::new(identity::MeshIdentity::default());
+    let in_mesh = config.mesh_identity && config.registrar.is_some();
+    if in_mesh {
+        ctx.mesh = Some(Arc::new(mesh::MeshClient::new(
+            mesh_identity.clone(),
+            &config.discovery.namespace,
+        )));
+    }
     let ctx = Arc::new(ctx);
     let admin_addr = addr(&listeners.admin).map_err(|e| e.to_string())?;
     let http_proxy_addr = match &listeners.http_proxy {
@@ -394,8 +403,7 @@ pub async fn start(
         metrics.telemetry_dropped("unsent"),
         telemetry_rx,
     )));
-    let mesh_identity = Arc::new(identity::MeshIdentity::default());
-    if let (true, Some(r)) = (config.mesh_identity, &config.registrar) {
+    if let (true, Some(r)) = (in_mesh, &config.registrar) {
         tasks.push(tokio::spawn(identity::run(
             identity::IdentityConfig {
                 registries: r.registries.clone(),
@@ -408,6 +416,7 @@ pub async fn start(
                 retry_max: Duration::from_secs(30),
             },
             mesh_identity.clone(),
+            table.clone(),
             metrics.clone(),
             shutdown_rx.clone(),
         )));
@@ -419,17 +428,24 @@ pub async fn start(
             l,
             mesh_identity.clone(),
             r.probe_target,
+            inbound::Local {
+                namespace: r.service.namespace.as_str().into(),
+                service: r.service.name.as_str().into(),
+                table: table.clone(),
+            },
             metrics.clone(),
             shutdown_rx.clone(),
         )));
     }
-    let registrar = config
-        .registrar
-        .clone()
-        .map(|r| tokio::spawn(registrar::run(r, registrar_rx)));
+    // Peers reach the app through the inbound port: the instance says where it is.
+    let registrar = config.registrar.clone().map(|mut r| {
+        r.service.mesh_port = inbound_addr.map_or(0, |a| a.port());
+        tokio::spawn(registrar::run(r, registrar_rx))
+    });
     tracing::info!(
         admin = %admin_addr,
         http_proxy = %http_proxy_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        inbound = %inbound_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         upstreams = upstream_addrs.len() + http_upstream_addrs.len(),
         "sidecar serving"
     );

@@ -131,8 +131,12 @@ pub struct Metrics {
     pub certificate_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Certificate requests to the registry, by result (ok, error).
     pub certificate_requests: Family<ReasonLabels, Counter>,
+    /// Trust bundles from the watch stream that added a root (the CA rotated).
+    pub trust_bundle_updates: Counter,
     /// Requests on the mesh inbound port, by the caller's verified identity.
     inbound_requests: Family<PeerLabels, Counter>,
+    /// Inbound requests (HTTP) and connections (TCP) an intention refused, by caller.
+    inbound_denied: Family<PeerLabels, Counter>,
     /// Inbound TLS handshakes refused (no or an untrusted client certificate, clear
     /// text) or timed out, by reason (`switchyard_tls::failure::Reason`).
     pub inbound_handshake_failures: Family<ReasonLabels, Counter>,
@@ -182,7 +186,19 @@ impl Default for Metrics {
         let telemetry_dropped = Family::<ReasonLabels, Counter>::default();
         let certificate_expiry = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let certificate_requests = Family::<ReasonLabels, Counter>::default();
+        let trust_bundle_updates = Counter::default();
+        registry.register(
+            "trust_bundle_updates",
+            "Trust bundles from the watch stream that added a mesh root (a rotation); each re-issues the leaf",
+            trust_bundle_updates.clone(),
+        );
         let inbound_requests = Family::<PeerLabels, Counter>::default();
+        let inbound_denied = Family::<PeerLabels, Counter>::default();
+        registry.register(
+            "inbound_denied",
+            "Inbound requests (HTTP, gRPC) and connections (TCP) refused by an intention, by the caller's verified SPIFFE id",
+            inbound_denied.clone(),
+        );
         let inbound_handshake_failures = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "inbound_requests",
@@ -328,7 +344,9 @@ impl Default for Metrics {
             telemetry_dropped,
             certificate_expiry,
             certificate_requests,
+            trust_bundle_updates,
             inbound_requests,
+            inbound_denied,
             inbound_handshake_failures,
         }
     }
@@ -344,14 +362,17 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one inbound request from `peer` (a SPIFFE id: one per calling service,
-    /// so the label set stays as small as the mesh).
-    pub fn inbound_request(&self, peer: &str) {
-        self.inbound_requests
-            .get_or_create(&PeerLabels {
-                peer: peer.to_string(),
-            })
-            .inc();
+    /// The counters of requests from `peer` and of those an intention refused (a
+    /// SPIFFE id: one per calling service, so the label set stays as small as the
+    /// mesh). Taken once per connection, so a request only increments.
+    pub fn inbound_counters(&self, peer: &str) -> (Counter, Counter) {
+        let labels = PeerLabels {
+            peer: peer.to_string(),
+        };
+        (
+            self.inbound_requests.get_or_create(&labels).clone(),
+            self.inbound_denied.get_or_create(&labels).clone(),
+        )
     }
 
     /// The counter of attempts telemetry dropped for `reason` (unsent, keys).

@@ -30,6 +30,9 @@ pub struct LocalService {
     pub weight: u32,
     pub zone: String,
     pub ttl_seconds: u32,
+    /// The sidecar's mesh inbound port, registered beside `port` (0: not in the mesh).
+    /// Set by the sidecar from the listener it serves.
+    pub mesh_port: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -63,6 +66,7 @@ fn instance(s: &LocalService, state: pb::State) -> pb::Instance {
         weight: s.weight,
         zone: s.zone.clone(),
         state: state as i32,
+        mesh_port: u32::from(s.mesh_port),
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use switchyard_core::dns::ServiceRecords;
+use switchyard_core::model::intention::Intention;
 use switchyard_core::model::resilience::ResilienceSettings;
 use switchyard_core::model::{Instance, Policy, State};
 
@@ -188,7 +189,15 @@ pub struct EndpointTable {
     defaults: Arc<Resolved>,
     /// Ejection timing for every service.
     outlier: OutlierConfig,
+    /// The namespace's intentions by destination, as the last watch event left them
+    /// (read by the inbound listener; swapped whole).
+    intentions: ArcSwap<IntentionMap>,
+    /// The mesh CA's trust bundle from the watch stream (`None`: not heard yet).
+    trust_bundle: arc_swap::ArcSwapOption<String>,
 }
+
+/// Destination -> every intention it has.
+pub type IntentionMap = BTreeMap<String, Arc<[Intention]>>;
 
 impl Default for EndpointTable {
     fn default() -> Self {
@@ -207,7 +216,27 @@ impl EndpointTable {
             confirmed: Mutex::new(None),
             defaults: Arc::new(Resolved::new(defaults)),
             outlier: OutlierConfig::default(),
+            intentions: ArcSwap::from_pointee(BTreeMap::new()),
+            trust_bundle: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// The namespace's intentions by destination.
+    pub fn intentions(&self) -> Arc<IntentionMap> {
+        self.intentions.load_full()
+    }
+
+    pub fn store_intentions(&self, intentions: Arc<IntentionMap>) {
+        self.intentions.store(intentions);
+    }
+
+    /// The trust bundle the registry last sent.
+    pub fn trust_bundle(&self) -> Option<Arc<String>> {
+        self.trust_bundle.load_full()
+    }
+
+    pub fn store_trust_bundle(&self, bundle: Arc<String>) {
+        self.trust_bundle.store(Some(bundle));
     }
 
     /// This table with `outlier` timing for the views it is given.

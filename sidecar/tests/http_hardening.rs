@@ -107,6 +107,7 @@ async fn register(registry: &RegistryHandle, addr: SocketAddr) {
                 weight: 100,
                 zone: String::new(),
                 state: 0,
+                mesh_port: 0,
             }),
             ttl_seconds: 60,
             lease_id: 0,

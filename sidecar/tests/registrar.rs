@@ -42,6 +42,7 @@ async fn the_local_service_is_registered_health_checked_and_drained() {
             weight: 100,
             zone: String::new(),
             ttl_seconds: 1,
+            mesh_port: 0,
         },
         health: HealthConfig {
             check: Check::Http {

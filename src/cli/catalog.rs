@@ -62,6 +62,8 @@ struct InstanceRow {
     state: &'static str,
     zone: String,
     labels: std::collections::BTreeMap<String, String>,
+    /// The sidecar's mesh inbound port (0: not in the mesh).
+    mesh_port: u32,
 }
 
 pub async fn services(args: ServicesArgs) -> Result<(), CliError> {
@@ -140,6 +142,7 @@ pub async fn instances(args: InstancesArgs) -> Result<(), CliError> {
             weight: i.weight,
             zone: i.zone,
             labels: i.labels.into_iter().collect(),
+            mesh_port: i.mesh_port,
         })
         .collect();
     match args.output.output {
@@ -157,7 +160,11 @@ pub async fn instances(args: InstancesArgs) -> Result<(), CliError> {
                 .map(|r| {
                     vec![
                         r.id.clone(),
-                        format!("{}:{}", r.address, r.port),
+                        if r.mesh_port == 0 {
+                            format!("{}:{}", r.address, r.port)
+                        } else {
+                            format!("{}:{} (mesh {})", r.address, r.port, r.mesh_port)
+                        },
                         r.version.clone(),
                         r.weight.to_string(),
                         r.state.to_string(),

@@ -13,6 +13,7 @@ mod catalog;
 mod client;
 mod config;
 mod demo;
+mod intention;
 mod members;
 mod register;
 mod registry;
@@ -108,6 +109,8 @@ pub enum Command {
     Rollout(rollout::RolloutArgs),
     /// ACLs: bootstrap, tokens (create, list, read, delete), whoami.
     Acl(acl::AclArgs),
+    /// Who may call whom over the mesh: allow, deny, list, delete, check SRC DST.
+    Intention(intention::IntentionArgs),
     /// TLS certificates: `tls init` makes a CA and a registry certificate for a quick start.
     Tls(tls::TlsArgs),
     /// List the registry cluster's members and state; add or remove a member.
@@ -164,7 +167,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
     match cli.command {
         Command::Acl(args) => acl::run(args).await,
-        Command::Tls(args) => tls::run(args),
+        Command::Intention(args) => intention::run(args).await,
+        Command::Tls(args) => tls::run(args).await,
         Command::Registry(args) => registry::run_registry(*args, cli.ca_file).await,
         Command::Dev(args) => registry::run_dev(args, cli.token.clone()).await,
         Command::Sidecar(args) => sidecar::run(*args, cli.token.clone()).await,

@@ -104,6 +104,7 @@ pub async fn run(args: RegisterArgs) -> Result<(), CliError> {
         weight: args.weight,
         zone: args.zone.clone(),
         state: pb::State::Serving as i32,
+        mesh_port: 0,
     };
     let stop = shutdown_signal();
     let mut client = None;

@@ -50,11 +50,14 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_HTTP_PROXY", default_value = "127.0.0.1:15001")]
     pub http_proxy: String,
     /// Mesh inbound address: other sidecars call --service here with mutual TLS (the
-    /// caller's identity reaches the app as x-switchyard-peer-identity). Needs --service
-    /// and --mesh-identity. "off" disables it; off by default until sidecars dial each
-    /// other's inbound port themselves.
-    #[arg(long, env = "SWITCHYARD_INBOUND", default_value = "off")]
-    #[serde(default = "off")]
+    /// caller's identity reaches the app as x-switchyard-peer-identity, intentions are
+    /// enforced), and the instance is registered with this port as its mesh port. Needs
+    /// --service and --mesh-identity. "auto": 0.0.0.0:15006 inside a Kubernetes pod,
+    /// else 127.0.0.1:15006 (or a free port when another sidecar on the host holds it);
+    /// off without --service. "off" disables it: peers then call the app port in clear
+    /// text.
+    #[arg(long, env = "SWITCHYARD_INBOUND", default_value = "auto")]
+    #[serde(default = "auto")]
     pub inbound: String,
     /// DNS address, UDP and TCP, answering from the cached catalog ("off" disables).
     #[arg(
@@ -390,6 +393,7 @@ pub fn config(
                 weight: args.weight,
                 zone: String::new(),
                 ttl_seconds: args.ttl,
+                mesh_port: 0,
             },
             health: HealthConfig {
                 check,
@@ -436,6 +440,14 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CliError> {
     })
 }
 
+/// The mesh inbound port (DESIGN.md's 15006).
+const INBOUND_PORT: u16 = 15006;
+
+/// Inside a Kubernetes pod (the kubelet sets this for every container).
+fn in_pod() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
 /// `off` (or empty) disables a listener; anything else is a listen address.
 fn optional_addr(value: &str, flag: &str) -> Result<Option<SocketAddr>, CliError> {
     match value {
@@ -454,8 +466,20 @@ fn optional_addr(value: &str, flag: &str) -> Result<Option<SocketAddr>, CliError
 pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarHandle, CliError> {
     let http_proxy_addr = optional_addr(&args.http_proxy, "--http-proxy")?;
     let dns_addr = optional_addr(&args.dns, "--dns")?;
-    let inbound_addr = optional_addr(&args.inbound, "--inbound")?;
-    if inbound_addr.is_some() && (args.service.is_none() || !args.mesh_identity) {
+    let meshable = args.service.is_some() && args.mesh_identity;
+    let inbound_auto = args.inbound == "auto";
+    let inbound_addr = if inbound_auto {
+        meshable.then(|| {
+            if in_pod() {
+                SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))
+            } else {
+                SocketAddr::from(([127, 0, 0, 1], INBOUND_PORT))
+            }
+        })
+    } else {
+        optional_addr(&args.inbound, "--inbound")?
+    };
+    if inbound_addr.is_some() && !meshable {
         return Err(CliError::new(
             EXIT_CONFIG,
             "--inbound needs --service (the app it forwards to) and --mesh-identity (the certificate it serves)",
@@ -489,6 +513,15 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
         upstreams,
         http_upstreams,
         inbound: match inbound_addr {
+            // Outside a pod several sidecars may share the host: the registered mesh
+            // port is whatever was bound, so a free one serves as well.
+            Some(a) if inbound_auto && !in_pod() => match tokio::net::TcpListener::bind(a).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::info!(error = %e, "the mesh inbound port {a} is taken; using a free port (--inbound picks one)");
+                    Some(bind(SocketAddr::new(a.ip(), 0), "--inbound").await?)
+                }
+            },
             Some(a) => Some(bind(a, "--inbound").await?),
             None => None,
         },
@@ -517,8 +550,8 @@ fn yes() -> bool {
     true
 }
 
-fn off() -> String {
-    "off".into()
+fn auto() -> String {
+    "auto".into()
 }
 
 /// The sidecar's default cache file, in a state directory (see `--cache-file`).

@@ -1,10 +1,15 @@
 //! `switchyard tls init`: a CA and a registry certificate for a quick start.
+//! `switchyard tls mesh-roots` and `tls rotate-mesh-root`: the mesh CA's roots, and a new
+//! active one (the superseded roots stay trusted for two leaf lifetimes).
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::identity_client::IdentityClient;
 
-use super::{CliError, EXIT_CONFIG};
+use super::client::{channel, print_json, print_table, status_error, OutputFlag, RegistryFlag};
+use super::{CliError, Output, EXIT_CONFIG};
 
 #[derive(Args, Debug)]
 pub struct TlsArgs {
@@ -18,6 +23,20 @@ pub enum TlsCommand {
     /// use (registry.pem, registry-key.pem; names localhost, 127.0.0.1, ::1 and each
     /// --san), then print the flags that use them.
     Init(InitArgs),
+    /// The mesh CA's trusted roots: id, created, active, when a superseded one retires.
+    MeshRoots(MeshArgs),
+    /// Make a new root the mesh CA's active one. Sidecars trust it from the watch stream
+    /// and get leaves signed by it within seconds; the old roots stay trusted for two
+    /// leaf lifetimes (--leaf-ttl), so no connection breaks. Needs operator::ca.
+    RotateMeshRoot(MeshArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MeshArgs {
+    #[command(flatten)]
+    pub registry: RegistryFlag,
+    #[command(flatten)]
+    pub output: OutputFlag,
 }
 
 #[derive(Args, Debug)]
@@ -36,9 +55,69 @@ pub struct InitArgs {
     pub force: bool,
 }
 
-pub fn run(args: TlsArgs) -> Result<(), CliError> {
+pub async fn run(args: TlsArgs) -> Result<(), CliError> {
     match args.command {
         TlsCommand::Init(args) => init(args),
+        TlsCommand::MeshRoots(args) => mesh_roots(args).await,
+        TlsCommand::RotateMeshRoot(args) => rotate(args).await,
+    }
+}
+
+async fn mesh_roots(args: MeshArgs) -> Result<(), CliError> {
+    let r = IdentityClient::new(channel(&args.registry.registry).await?)
+        .roots(pb::RootsRequest {})
+        .await
+        .map_err(|e| status_error("cannot read the mesh roots", e))?
+        .into_inner();
+    match args.output.output {
+        Output::Json => print_json(&serde_json::json!({
+            "trust_domain": r.trust_domain,
+            "roots": r.roots.iter().map(|root| serde_json::json!({
+                "id": root.id, "created_ms": root.created_ms, "active": root.active,
+                "retire_at_ms": (root.retire_at_ms > 0).then_some(root.retire_at_ms),
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            println!("trust domain: {}", r.trust_domain);
+            let rows: Vec<Vec<String>> = r
+                .roots
+                .iter()
+                .map(|root| {
+                    vec![
+                        root.id.clone(),
+                        root.created_ms.to_string(),
+                        if root.active { "yes" } else { "" }.to_string(),
+                        if root.retire_at_ms > 0 {
+                            root.retire_at_ms.to_string()
+                        } else {
+                            String::new()
+                        },
+                    ]
+                })
+                .collect();
+            print_table(&["ROOT", "CREATED_MS", "ACTIVE", "RETIRES_MS"], &rows);
+            Ok(())
+        }
+    }
+}
+
+async fn rotate(args: MeshArgs) -> Result<(), CliError> {
+    let r = IdentityClient::new(channel(&args.registry.registry).await?)
+        .rotate_root(pb::RotateRootRequest {})
+        .await
+        .map_err(|e| status_error("cannot rotate the mesh root", e))?
+        .into_inner();
+    match args.output.output {
+        Output::Json => print_json(&serde_json::json!({
+            "root_id": r.root_id, "retire_at_ms": r.retire_at_ms, "revision": r.revision,
+        })),
+        Output::Table => {
+            println!(
+                "new active root {} (revision {}); the old roots stay trusted until {} (Unix ms)",
+                r.root_id, r.revision, r.retire_at_ms
+            );
+            Ok(())
+        }
     }
 }
 

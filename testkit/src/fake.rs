@@ -95,6 +95,8 @@ impl State {
                     })
                     .collect(),
             })),
+            intentions: Vec::new(),
+            trust_bundle: String::new(),
         }
     }
 }

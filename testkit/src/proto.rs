@@ -21,6 +21,7 @@ pub fn instance(service: &str, id: &str, version: &str) -> pb::Instance {
         weight: 0,
         zone: String::new(),
         state: 0,
+        mesh_port: 0,
     }
 }
 
@@ -120,6 +121,8 @@ pub fn snapshot(revision: u64, services: Vec<pb::ServiceState>) -> pb::WatchEven
         revision,
         cluster_id: String::new(),
         kind: Some(pb::watch_event::Kind::Snapshot(pb::Snapshot { services })),
+        intentions: Vec::new(),
+        trust_bundle: String::new(),
     }
 }
 
@@ -153,6 +156,8 @@ pub fn delta(
             removed,
             policies,
         })),
+        intentions: Vec::new(),
+        trust_bundle: String::new(),
     }
 }
 

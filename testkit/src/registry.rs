@@ -109,7 +109,28 @@ impl TestRegistry {
         let mut config = RegistryConfig::new(dir.path().to_path_buf());
         tune(&mut config);
         let handle = start_in(config).await;
-        Self { handle, dir }
+        let reg = Self { handle, dir };
+        reg.wait_for_mesh_ca().await;
+        reg
+    }
+
+    /// Waits (10 s at most) until the first leader has made the mesh CA: that is a
+    /// change every watcher sees, so a test that counts watch events starts after it.
+    pub async fn wait_for_mesh_ca(&self) {
+        let url = self.url();
+        crate::wait::eventually(std::time::Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                let mut id = switchyard_proto::v1::identity_client::IdentityClient::connect(url)
+                    .await
+                    .ok()?;
+                id.roots(switchyard_proto::v1::RootsRequest {})
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await
     }
 
     pub fn url(&self) -> String {

@@ -204,6 +204,10 @@ fn leaf_and_key(leaf_pem: &str, key_pem: &str) -> Result<LeafAndKey, TlsError> {
     Ok((chain, key))
 }
 
+/// The ALPN protocol of a mesh connection that carries bytes, not HTTP (a TCP upstream's
+/// connection): the inbound sidecar copies it to the app as it is.
+pub const ALPN_TCP: &[u8] = b"switchyard-tcp";
+
 /// A server configuration for a mesh leaf: it serves `leaf_pem` (key `key_pem`) and
 /// requires a client certificate the roots in `bundle_pem` verify.
 pub fn mesh_server_config(
@@ -225,7 +229,7 @@ pub fn mesh_server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| TlsError(format!("the leaf and its key do not match ({e})")))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ALPN_TCP.to_vec()];
     Ok(config)
 }
 

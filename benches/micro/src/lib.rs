@@ -41,6 +41,7 @@ pub fn sidecar_view(n: usize, weights: Weights, with_policy: bool) -> ServiceVie
                 },
                 zone: String::new(),
                 state: State::Serving,
+                mesh_port: 0,
             };
             (id, Arc::new(record))
         })
@@ -121,5 +122,6 @@ pub fn instance(i: usize, per_service: usize) -> Instance {
         weight: 100,
         zone: "a".into(),
         state: State::Serving,
+        mesh_port: 0,
     }
 }

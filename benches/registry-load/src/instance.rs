@@ -65,6 +65,7 @@ impl Instance {
             weight: 100,
             zone: "zone-a".to_owned(),
             state: pb::State::Serving as i32,
+            mesh_port: 0,
         }
     }
 

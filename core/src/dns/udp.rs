@@ -374,6 +374,7 @@ mod tests {
             weight: 100,
             zone: String::new(),
             state: State::Serving,
+            mesh_port: 0,
         });
         let source = OneService(Arc::new(ServiceRecords::new(vec![web], None)));
         DnsHandler::new(source, &DnsConfig::default()).expect("handler")

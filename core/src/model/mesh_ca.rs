@@ -42,7 +42,32 @@ impl MeshCa {
     pub fn bundle_pem(&self) -> String {
         self.roots.iter().map(|r| r.cert_pem.as_str()).collect()
     }
+
+    /// This CA without the roots `retire` (root id -> Unix ms) retired by `now_ms`; the
+    /// active root is never retired.
+    pub fn trusted_at(
+        &self,
+        retire: &std::collections::BTreeMap<String, u64>,
+        now_ms: u64,
+    ) -> MeshCa {
+        let active = self.active().map(|r| r.id.clone());
+        MeshCa {
+            trust_domain: self.trust_domain.clone(),
+            roots: self
+                .roots
+                .iter()
+                .filter(|r| {
+                    Some(&r.id) == active.as_ref() || retire.get(&r.id).is_none_or(|&t| t > now_ms)
+                })
+                .cloned()
+                .collect(),
+        }
+    }
 }
+
+/// Roots trusted at once at most: the active one and those still in their retirement
+/// window. A rotation past it is refused until the oldest retires.
+pub const MAX_MESH_ROOTS: usize = 4;
 
 /// A trust domain is a DNS name (lowercase letters, digits, `-` and dots), at most 253
 /// bytes: it ends every leaf's DNS name and starts its SPIFFE id.

@@ -4,6 +4,7 @@
 //! machine and the rules can be tested (and later replicated) without any transport.
 
 pub mod acl;
+pub mod intention;
 pub mod mesh_ca;
 pub mod policy;
 pub mod resilience;
@@ -70,6 +71,17 @@ pub struct Instance {
     pub weight: u32,
     pub zone: String,
     pub state: State,
+    /// The sidecar's mesh inbound (mTLS) port beside `port`, 0 when the instance is not
+    /// in the mesh. Sidecars dial it with mutual TLS; DNS and clients outside the mesh
+    /// keep `port`.
+    ///
+    /// Not in the instance's serde form: the registry's log and snapshots have written
+    /// instances in one postcard shape since the first release, and postcard cannot skip
+    /// a field it does not know. The registry carries the port beside the instance
+    /// instead (its own command variant and snapshot section), so an older node still
+    /// reads every instance without one.
+    #[serde(skip)]
+    pub mesh_port: u16,
 }
 
 impl Instance {
@@ -107,8 +119,20 @@ pub struct Change {
     pub upserted: Vec<Arc<Instance>>,
     pub removed: Vec<InstanceRef>,
     pub policies: Vec<PolicyChange>,
+    /// Destinations whose intentions changed, each with all it has now.
+    pub intentions: Vec<IntentionsChange>,
+    /// The mesh CA's new trust bundle, when its roots changed.
+    pub trust_bundle: Option<Arc<str>>,
     /// The whole catalog was replaced: watchers must resync with a snapshot.
     pub reset: bool,
+}
+
+/// A destination whose intentions changed: every intention it has now (empty: none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntentionsChange {
+    pub namespace: String,
+    pub destination: String,
+    pub intentions: Arc<[intention::Intention]>,
 }
 
 impl Change {
@@ -128,6 +152,9 @@ impl Change {
                 .policies
                 .iter()
                 .any(|p| wanted(&p.namespace, &p.service))
+            // Every watcher of the namespace gets its intentions and the roots.
+            || self.intentions.iter().any(|i| i.namespace == namespace)
+            || self.trust_bundle.is_some()
     }
 }
 

@@ -290,6 +290,15 @@ pub fn validate_instance(
             ),
         ));
     }
+    if instance.mesh_port != 0 && instance.mesh_port == instance.port {
+        return Err(ValidationError::new(
+            "instance.mesh_port",
+            format!(
+                "{} is the app's port too: the mesh port is the sidecar's inbound listener, set it to that port or 0",
+                instance.mesh_port
+            ),
+        ));
+    }
     Ok(instance)
 }
 
@@ -310,6 +319,7 @@ mod tests {
             weight: 0,
             zone: String::new(),
             state: State::Serving,
+            mesh_port: 0,
         }
     }
 

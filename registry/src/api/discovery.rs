@@ -14,7 +14,8 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::discovery_server::Discovery;
 
 use super::convert::{
-    delta_event, instance_to_proto, policy_to_proto, snapshot_event, summary_to_proto,
+    delta_event, destination_intentions, instance_to_proto, policy_to_proto, snapshot_event,
+    summary_to_proto,
 };
 use super::MAX_WATCH_SERVICES;
 use crate::model::{validate_name, validate_namespace, validate_version, Change, Revision};
@@ -175,10 +176,20 @@ impl WatchEvents {
             let catalog = self.shared.catalog.read();
             // A reset (a snapshot installed from the leader) may bring the id.
             self.cluster_id = catalog.cluster_id().to_string();
-            snapshot_event(
+            let mut event = snapshot_event(
                 catalog.revision(),
                 &catalog.snapshot(&self.namespace, &self.services),
-            )
+            );
+            event.intentions = catalog
+                .intentions_by_destination(&self.namespace)
+                .iter()
+                .map(|(d, rules)| destination_intentions(d, rules))
+                .collect();
+            event.trust_bundle = catalog
+                .trusted_mesh_ca(crate::rollout::now_ms())
+                .map(|ca| ca.bundle_pem())
+                .unwrap_or_default();
+            event
         };
         event.cluster_id.clone_from(&self.cluster_id);
         // Changes still on the receiver up to here are in the snapshot.

@@ -9,18 +9,26 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::identity_server::Identity;
 
 use crate::auth;
-use crate::identity::{no_ca, sign, MeshSettings};
+use crate::catalog::{Command, Reply};
+use crate::identity::{new_root, no_ca, sign, MeshSettings};
 use crate::model::acl::Right;
+use crate::raft::propose::Proposer;
+use crate::rollout::now_ms;
 use crate::shared::Shared;
 
 pub struct IdentityApi {
     shared: Arc<Shared>,
     settings: Arc<MeshSettings>,
+    proposer: Proposer,
 }
 
 impl IdentityApi {
-    pub fn new(shared: Arc<Shared>, settings: Arc<MeshSettings>) -> Self {
-        Self { shared, settings }
+    pub fn new(shared: Arc<Shared>, settings: Arc<MeshSettings>, proposer: Proposer) -> Self {
+        Self {
+            shared,
+            settings,
+            proposer,
+        }
     }
 }
 
@@ -47,8 +55,7 @@ impl Identity for IdentityApi {
             .shared
             .catalog
             .read()
-            .mesh_ca()
-            .cloned()
+            .trusted_mesh_ca(now_ms())
             .ok_or_else(no_ca)?;
         let req = request.into_inner();
         // Signing takes a little CPU: off the async workers.
@@ -93,13 +100,11 @@ impl Identity for IdentityApi {
                 "*",
             ));
         }
-        let ca = self
-            .shared
-            .catalog
-            .read()
-            .mesh_ca()
-            .cloned()
-            .ok_or_else(no_ca)?;
+        let (ca, retire) = {
+            let catalog = self.shared.catalog.read();
+            let ca = catalog.trusted_mesh_ca(now_ms()).ok_or_else(no_ca)?;
+            (ca, catalog.mesh_root_retirements().clone())
+        };
         let active = ca.active().map(|r| r.id.clone()).unwrap_or_default();
         Ok(Response::new(pb::RootsResponse {
             trust_domain: ca.trust_domain.clone(),
@@ -112,8 +117,66 @@ impl Identity for IdentityApi {
                     cert_pem: r.cert_pem.clone(),
                     created_ms: r.created_ms,
                     active: r.id == active,
+                    retire_at_ms: if r.id == active {
+                        0
+                    } else {
+                        retire.get(&r.id).copied().unwrap_or(0)
+                    },
                 })
                 .collect(),
         }))
+    }
+
+    async fn rotate_root(
+        &self,
+        request: Request<pb::RotateRootRequest>,
+    ) -> Result<Response<pb::RotateRootResponse>, Status> {
+        let r = async {
+            auth::check(&self.shared, request.metadata(), "RotateRoot", Right::Ca, "")?;
+            if self.settings.file_root.is_some() {
+                return Err(Status::failed_precondition(
+                    "the mesh CA's root comes from --mesh-ca-cert/--mesh-ca-key: rotate it by giving every node the new files",
+                ));
+            }
+            if self.shared.catalog.read().mesh_ca().is_none() {
+                return Err(no_ca());
+            }
+            let settings = self.settings.clone();
+            let root = tokio::task::spawn_blocking(move || new_root(&settings))
+                .await
+                .map_err(|_| Status::internal("root task failed"))?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cannot make a mesh root");
+                    Status::internal("the registry cannot make a mesh root; see its log")
+                })?;
+            let at_ms = now_ms();
+            let lifetime = u64::try_from(self.settings.leaf_ttl.as_millis()).unwrap_or(u64::MAX);
+            let retire_at_ms = at_ms.saturating_add(lifetime.saturating_mul(2));
+            let root_id = root.id.clone();
+            let reply = self
+                .proposer
+                .propose(Command::RotateMeshCa {
+                    root: Box::new(root),
+                    retire_at_ms,
+                    at_ms,
+                })
+                .await
+                .map_err(super::status)?;
+            let revision = match reply {
+                Reply::Done { revision } => revision,
+                _ => 0,
+            };
+            tracing::info!(root = %root_id, retire_at_ms, "the mesh CA has a new active root");
+            Ok(pb::RotateRootResponse {
+                root_id,
+                retire_at_ms,
+                revision,
+            })
+        }
+        .await;
+        self.shared
+            .metrics
+            .observe("RotateRoot", r)
+            .map(Response::new)
     }
 }

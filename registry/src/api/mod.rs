@@ -7,6 +7,7 @@ mod cluster;
 use switchyard_core::convert;
 mod discovery;
 mod identity;
+mod intentions;
 mod registry;
 mod rollouts;
 mod routing;
@@ -18,6 +19,7 @@ pub use acl::AclApi;
 pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;
 pub use identity::IdentityApi;
+pub use intentions::IntentionsApi;
 pub use registry::RegistryApi;
 pub use rollouts::RolloutsApi;
 pub use routing::RoutingApi;
@@ -61,7 +63,19 @@ pub fn status(e: ProposeError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         ProposeError::Refused(ApplyError::TokenExists(_)) => Status::already_exists(e.to_string()),
-        ProposeError::Refused(ApplyError::TokenNotFound(_)) => Status::not_found(e.to_string()),
+        ProposeError::Refused(ApplyError::TokenNotFound(_))
+        | ProposeError::Refused(ApplyError::IntentionNotFound { .. }) => {
+            Status::not_found(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::NoMeshCa) => Status::unavailable(e.to_string()),
+        ProposeError::Refused(ApplyError::TooManyMeshRoots(_))
+        | ProposeError::Refused(ApplyError::MeshRootExists(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::TooManyIntentions(..))
+        | ProposeError::Refused(ApplyError::TooManyIntentionsFor(..)) => {
+            Status::resource_exhausted(e.to_string())
+        }
         ProposeError::Refused(ApplyError::TooManyTokens(_)) => {
             Status::resource_exhausted(e.to_string())
         }

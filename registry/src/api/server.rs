@@ -17,6 +17,7 @@ use switchyard_proto::v1::acl_server::AclServer;
 use switchyard_proto::v1::cluster_server::ClusterServer;
 use switchyard_proto::v1::discovery_server::DiscoveryServer;
 use switchyard_proto::v1::identity_server::IdentityServer;
+use switchyard_proto::v1::intentions_server::IntentionsServer;
 use switchyard_proto::v1::registry_server::RegistryServer;
 use switchyard_proto::v1::rollouts_server::RolloutsServer;
 use switchyard_proto::v1::routing_server::RoutingServer;
@@ -112,8 +113,15 @@ pub(crate) async fn serve_grpc(
     let acl = AclServer::new(super::AclApi::new(shared.clone(), proposer.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
-    let identity = IdentityServer::new(super::IdentityApi::new(shared.clone(), mesh))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let intentions =
+        IntentionsServer::new(super::IntentionsApi::new(shared.clone(), proposer.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let identity = IdentityServer::new(super::IdentityApi::new(
+        shared.clone(),
+        mesh,
+        proposer.clone(),
+    ))
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
     // In memory only (never the log): served by every node, with its own message bound.
     let telemetry = TelemetryServer::new(TelemetryApi::client(
         shared.clone(),
@@ -145,6 +153,7 @@ pub(crate) async fn serve_grpc(
         .add_service(rollouts)
         .add_service(acl)
         .add_service(identity)
+        .add_service(intentions)
         .add_service(cluster)
         .add_service(telemetry)
         .serve_with_incoming_shutdown(

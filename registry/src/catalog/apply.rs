@@ -124,6 +124,18 @@ pub enum ApplyError {
     TooManyTokens(usize),
     #[error("no token has accessor id {0:?}: see `switchyard acl token list`")]
     TokenNotFound(String),
+    #[error("namespace {0:?} already holds its maximum of {1} intentions: delete some, or use `*` sources and prefixes (web-*) instead of one intention per service")]
+    TooManyIntentions(String, usize),
+    #[error("the mesh CA has no root yet (the leader makes it): retry in a moment")]
+    NoMeshCa,
+    #[error("the mesh CA already trusts {0} roots: wait until the oldest retires (two leaf lifetimes after it was superseded)")]
+    TooManyMeshRoots(usize),
+    #[error("the mesh CA already has a root with id {0:?}")]
+    MeshRootExists(String),
+    #[error("destination {0:?} already has its maximum of {1} intentions: use prefixes (web-*) or `*` sources instead of one intention per caller")]
+    TooManyIntentionsFor(String, usize),
+    #[error("there is no intention from {from:?} to {to:?}: see `switchyard intention list`")]
+    IntentionNotFound { from: String, to: String },
 }
 
 /// What the caller of a command gets back.
@@ -221,6 +233,10 @@ pub struct Catalog {
     pub(super) acl: super::acl::AclState,
     /// Set once by [`Command::InitMeshCa`].
     pub(super) mesh_ca: Option<crate::model::mesh_ca::MeshCa>,
+    /// Root id -> when it stops being trusted (Unix ms), for roots a rotation superseded.
+    pub(super) mesh_root_retire: BTreeMap<String, u64>,
+    /// namespace -> its intentions and their history.
+    pub(super) intentions: BTreeMap<String, super::intentions::NamespaceIntentions>,
 }
 
 impl Catalog {
@@ -231,9 +247,68 @@ impl Catalog {
         }
     }
 
-    /// The mesh CA, once the first leader made it.
+    /// The mesh CA as stored (every root it still holds, retired or not), once the
+    /// first leader made it.
     pub fn mesh_ca(&self) -> Option<&crate::model::mesh_ca::MeshCa> {
         self.mesh_ca.as_ref()
+    }
+
+    /// The mesh CA with only the roots still trusted at `now_ms`: what leaves are
+    /// issued with, `Roots` answers and watchers get.
+    pub fn trusted_mesh_ca(&self, now_ms: u64) -> Option<crate::model::mesh_ca::MeshCa> {
+        self.mesh_ca
+            .as_ref()
+            .map(|ca| ca.trusted_at(&self.mesh_root_retire, now_ms))
+    }
+
+    /// When each superseded root stops being trusted (Unix ms).
+    pub fn mesh_root_retirements(&self) -> &BTreeMap<String, u64> {
+        &self.mesh_root_retire
+    }
+
+    fn rotate_mesh_ca(
+        &mut self,
+        index: u64,
+        root: &crate::model::mesh_ca::CaRoot,
+        retire_at_ms: u64,
+        at_ms: u64,
+    ) -> ApplyResult {
+        use crate::model::mesh_ca::MAX_MESH_ROOTS;
+        let Some(ca) = self.mesh_ca.as_mut() else {
+            return ApplyResult::refused(ApplyError::NoMeshCa);
+        };
+        if ca.roots.iter().any(|r| r.id == root.id) {
+            return ApplyResult::refused(ApplyError::MeshRootExists(root.id.clone()));
+        }
+        let retire = &self.mesh_root_retire;
+        let kept = ca
+            .roots
+            .iter()
+            .filter(|r| retire.get(&r.id).is_none_or(|&t| t > at_ms))
+            .count();
+        if kept >= MAX_MESH_ROOTS {
+            return ApplyResult::refused(ApplyError::TooManyMeshRoots(kept));
+        }
+        // Retired roots go; the rest stay trusted until their time (or this one's).
+        ca.roots
+            .retain(|r| retire.get(&r.id).is_none_or(|&t| t > at_ms));
+        let ids: Vec<String> = ca.roots.iter().map(|r| r.id.clone()).collect();
+        self.mesh_root_retire.retain(|id, _| ids.contains(id));
+        for id in ids {
+            self.mesh_root_retire.entry(id).or_insert(retire_at_ms);
+        }
+        ca.roots.push(root.clone());
+        self.revision = index;
+        let bundle = ca.trusted_at(&self.mesh_root_retire, at_ms).bundle_pem();
+        ApplyResult {
+            reply: Ok(Reply::Done { revision: index }),
+            change: Some(Change {
+                revision: index,
+                trust_bundle: Some(bundle.into()),
+                ..Change::default()
+            }),
+            ..ApplyResult::refused(ApplyError::Batch)
+        }
     }
 
     /// The index of the last applied command (changing or not).
@@ -320,16 +395,42 @@ impl Catalog {
             Command::PutToken { token } => self.put_token(token),
             Command::DeleteToken { accessor_id } => self.delete_token(accessor_id),
             Command::InitMeshCa { ca } => {
+                // The first root is a change watchers see: its bundle reaches every
+                // sidecar that was watching before the CA existed.
+                let mut change = None;
                 if self.mesh_ca.is_none() {
                     self.mesh_ca = Some((**ca).clone());
+                    self.revision = index;
+                    change = Some(Change {
+                        revision: index,
+                        trust_bundle: Some(ca.bundle_pem().into()),
+                        ..Change::default()
+                    });
                 }
                 ApplyResult {
                     reply: Ok(Reply::Done {
                         revision: self.revision,
                     }),
+                    change,
                     ..ApplyResult::refused(ApplyError::Batch)
                 }
             }
+            Command::PutIntention {
+                namespace,
+                intention,
+                at_ms,
+            } => self.put_intention(index, namespace, intention, *at_ms),
+            Command::DeleteIntention {
+                namespace,
+                source,
+                destination,
+                at_ms,
+            } => self.delete_intention(index, namespace, source, destination, *at_ms),
+            Command::RotateMeshCa {
+                root,
+                retire_at_ms,
+                at_ms,
+            } => self.rotate_mesh_ca(index, root, *retire_at_ms, *at_ms),
             // The state machine unpacks batches; one reaching here is refused whole.
             Command::Batch(_) => ApplyResult {
                 reply: Err(ApplyError::Batch),
@@ -347,6 +448,77 @@ mod tests {
     use super::*;
     use crate::catalog::testing::{fingerprint, inst, run, script};
     use crate::model::{State, DEFAULT_NAMESPACE};
+
+    #[test]
+    fn a_rotation_keeps_superseded_roots_trusted_until_they_retire() {
+        use crate::model::mesh_ca::{CaRoot, MeshCa, MAX_MESH_ROOTS};
+        let root = |id: &str| CaRoot {
+            id: id.into(),
+            cert_pem: format!("-----BEGIN CERTIFICATE-----{id}"),
+            key_pem: Some("key".into()),
+            created_ms: 0,
+        };
+        let rotate = |id: &str, at_ms: u64, retire_at_ms: u64| Command::RotateMeshCa {
+            root: Box::new(root(id)),
+            retire_at_ms,
+            at_ms,
+        };
+        let mut c = Catalog::new(Limits::default());
+        let r = c.apply(1, &rotate("r0", 0, 0));
+        assert_eq!(r.reply, Err(ApplyError::NoMeshCa));
+        c.apply(
+            2,
+            &Command::InitMeshCa {
+                ca: Box::new(MeshCa {
+                    trust_domain: "example.org".into(),
+                    roots: vec![root("r1")],
+                }),
+            },
+        );
+        let r = c.apply(3, &rotate("r2", 1_000, 5_000));
+        let bundle = r.change.and_then(|ch| ch.trust_bundle).expect("a bundle");
+        assert!(bundle.contains("r1") && bundle.contains("r2"));
+        let ids = |c: &Catalog, now: u64| -> Vec<String> {
+            c.trusted_mesh_ca(now)
+                .map(|ca| ca.roots.into_iter().map(|r| r.id).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(ids(&c, 4_999), vec!["r1", "r2"]);
+        assert_eq!(
+            ids(&c, 5_000),
+            vec!["r2"],
+            "r1 retired; the active root never"
+        );
+        assert_eq!(
+            c.mesh_ca()
+                .and_then(|ca| ca.active())
+                .map(|r| r.id.as_str()),
+            Some("r2")
+        );
+        // A second rotation keeps r1's time and gives r2 its own.
+        c.apply(4, &rotate("r3", 2_000, 6_000));
+        assert_eq!(c.mesh_root_retirements().get("r1"), Some(&5_000));
+        assert_eq!(c.mesh_root_retirements().get("r2"), Some(&6_000));
+        assert_eq!(
+            c.apply(5, &rotate("r3", 2_500, 7_000)).reply,
+            Err(ApplyError::MeshRootExists("r3".into()))
+        );
+        // A snapshot keeps the retirements.
+        let back = Catalog::from_persisted(Limits::default(), c.to_persisted());
+        assert_eq!(back.mesh_root_retirements(), c.mesh_root_retirements());
+        // Past their time, retired roots are dropped by the next rotation.
+        c.apply(6, &rotate("r4", 6_000, 9_000));
+        assert_eq!(ids(&c, 6_000), vec!["r3", "r4"]);
+        assert_eq!(c.mesh_ca().map(|ca| ca.roots.len()), Some(2));
+        // At most MAX_MESH_ROOTS trusted at once.
+        c.apply(7, &rotate("r5", 6_100, 9_000));
+        c.apply(8, &rotate("r6", 6_200, 9_000));
+        assert_eq!(ids(&c, 6_300).len(), MAX_MESH_ROOTS);
+        assert_eq!(
+            c.apply(9, &rotate("r7", 6_300, 9_000)).reply,
+            Err(ApplyError::TooManyMeshRoots(MAX_MESH_ROOTS))
+        );
+    }
 
     #[test]
     fn the_same_commands_give_the_same_catalog() {

@@ -93,6 +93,27 @@ pub enum Command {
     InitMeshCa {
         ca: Box<crate::model::mesh_ca::MeshCa>,
     },
+    /// Creates or replaces the intention for (source, destination) in `namespace`; its
+    /// revision and time are set by apply (`at_ms` is the proposer's clock).
+    PutIntention {
+        namespace: String,
+        intention: crate::model::intention::Intention,
+        at_ms: u64,
+    },
+    DeleteIntention {
+        namespace: String,
+        source: String,
+        destination: String,
+        at_ms: u64,
+    },
+    /// A new active root for the mesh CA; every root it supersedes stays trusted until
+    /// `retire_at_ms` (the proposer's clock plus two leaf lifetimes). Roots retired by
+    /// `at_ms` are dropped.
+    RotateMeshCa {
+        root: Box<crate::model::mesh_ca::CaRoot>,
+        retire_at_ms: u64,
+        at_ms: u64,
+    },
 }
 
 impl Command {
@@ -113,6 +134,9 @@ impl Command {
             Command::PutToken { .. } => "put_token",
             Command::DeleteToken { .. } => "delete_token",
             Command::InitMeshCa { .. } => "init_mesh_ca",
+            Command::PutIntention { .. } => "put_intention",
+            Command::DeleteIntention { .. } => "delete_intention",
+            Command::RotateMeshCa { .. } => "rotate_mesh_ca",
         }
     }
 }

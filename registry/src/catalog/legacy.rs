@@ -10,6 +10,10 @@
 //!   their old variant (`PutPolicy` at its old place, read as `PolicyV1`); new ones are
 //!   written as the variant appended last (`PutPolicyV2`). [`Command`] itself has one
 //!   `PutPolicy`: the wire enums below exist only on the way to and from bytes.
+//! - [`Instance::mesh_port`] is not in the instance's serde form, so an instance reads
+//!   and writes the bytes it always did. A registration with a mesh port is written as
+//!   `RegisterMesh` (appended last) and a snapshot keeps the ports in its `mesh_ports`
+//!   section; a registration without one stays `Register`, which every release reads.
 //! - snapshots: see [`crate::catalog::persist`] for the versions of the catalog's form.
 
 use std::sync::Arc;
@@ -184,6 +188,28 @@ enum CommandIn {
     InitMeshCa {
         ca: Box<crate::model::mesh_ca::MeshCa>,
     },
+    RegisterMesh {
+        instance: Instance,
+        ttl_seconds: u32,
+        lease_id: Option<LeaseId>,
+        mesh_port: u16,
+    },
+    PutIntention {
+        namespace: String,
+        intention: crate::model::intention::Intention,
+        at_ms: u64,
+    },
+    DeleteIntention {
+        namespace: String,
+        source: String,
+        destination: String,
+        at_ms: u64,
+    },
+    RotateMeshCa {
+        root: Box<crate::model::mesh_ca::CaRoot>,
+        retire_at_ms: u64,
+        at_ms: u64,
+    },
 }
 
 /// [`Command`] as it is written: borrowed, so encoding copies nothing. Variants in the
@@ -247,11 +273,46 @@ enum CommandOut<'a> {
     InitMeshCa {
         ca: &'a crate::model::mesh_ca::MeshCa,
     },
+    /// A registration with a mesh port, which [`Instance`]'s serde form leaves out.
+    /// Written only when the port is set, so a release without mesh ports still reads
+    /// every registration of an instance outside the mesh.
+    RegisterMesh {
+        instance: &'a Instance,
+        ttl_seconds: u32,
+        lease_id: Option<LeaseId>,
+        mesh_port: u16,
+    },
+    PutIntention {
+        namespace: &'a str,
+        intention: &'a crate::model::intention::Intention,
+        at_ms: u64,
+    },
+    DeleteIntention {
+        namespace: &'a str,
+        source: &'a str,
+        destination: &'a str,
+        at_ms: u64,
+    },
+    RotateMeshCa {
+        root: &'a crate::model::mesh_ca::CaRoot,
+        retire_at_ms: u64,
+        at_ms: u64,
+    },
 }
 
 impl Serialize for Command {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let out = match self {
+            Command::Register {
+                instance,
+                ttl_seconds,
+                lease_id,
+            } if instance.mesh_port != 0 => CommandOut::RegisterMesh {
+                instance,
+                ttl_seconds: *ttl_seconds,
+                lease_id: *lease_id,
+                mesh_port: instance.mesh_port,
+            },
             Command::Register {
                 instance,
                 ttl_seconds,
@@ -314,6 +375,35 @@ impl Serialize for Command {
             Command::PutToken { token } => CommandOut::PutToken { token },
             Command::DeleteToken { accessor_id } => CommandOut::DeleteToken { accessor_id },
             Command::InitMeshCa { ca } => CommandOut::InitMeshCa { ca },
+            Command::PutIntention {
+                namespace,
+                intention,
+                at_ms,
+            } => CommandOut::PutIntention {
+                namespace,
+                intention,
+                at_ms: *at_ms,
+            },
+            Command::DeleteIntention {
+                namespace,
+                source,
+                destination,
+                at_ms,
+            } => CommandOut::DeleteIntention {
+                namespace,
+                source,
+                destination,
+                at_ms: *at_ms,
+            },
+            Command::RotateMeshCa {
+                root,
+                retire_at_ms,
+                at_ms,
+            } => CommandOut::RotateMeshCa {
+                root,
+                retire_at_ms: *retire_at_ms,
+                at_ms: *at_ms,
+            },
         };
         out.serialize(s)
     }
@@ -395,6 +485,48 @@ impl<'de> Deserialize<'de> for Command {
             CommandIn::PutToken { token } => Command::PutToken { token },
             CommandIn::DeleteToken { accessor_id } => Command::DeleteToken { accessor_id },
             CommandIn::InitMeshCa { ca } => Command::InitMeshCa { ca },
+            CommandIn::RegisterMesh {
+                mut instance,
+                ttl_seconds,
+                lease_id,
+                mesh_port,
+            } => {
+                instance.mesh_port = mesh_port;
+                Command::Register {
+                    instance,
+                    ttl_seconds,
+                    lease_id,
+                }
+            }
+            CommandIn::PutIntention {
+                namespace,
+                intention,
+                at_ms,
+            } => Command::PutIntention {
+                namespace,
+                intention,
+                at_ms,
+            },
+            CommandIn::DeleteIntention {
+                namespace,
+                source,
+                destination,
+                at_ms,
+            } => Command::DeleteIntention {
+                namespace,
+                source,
+                destination,
+                at_ms,
+            },
+            CommandIn::RotateMeshCa {
+                root,
+                retire_at_ms,
+                at_ms,
+            } => Command::RotateMeshCa {
+                root,
+                retire_at_ms,
+                at_ms,
+            },
         })
     }
 }
@@ -504,5 +636,26 @@ mod tests {
             let bytes = encode(&c).expect("encode");
             assert_eq!(decode::<Command>(&bytes).expect("decode"), c);
         }
+    }
+
+    #[test]
+    fn a_mesh_port_travels_beside_the_instance_and_old_registrations_keep_their_bytes() {
+        let plain = crate::catalog::testing::inst("web", "a", "1");
+        let meshed = Instance {
+            mesh_port: 15006,
+            ..plain.clone()
+        };
+        let register = |instance: Instance| Command::Register {
+            instance,
+            ttl_seconds: 10,
+            lease_id: Some(3),
+        };
+        let bytes = encode(&register(meshed.clone())).expect("encode");
+        assert_eq!(decode::<Command>(&bytes).expect("decode"), register(meshed));
+        // Without a port the bytes are the first release's `Register` (variant 0, the
+        // instance in its unchanged shape), so an older node still reads them.
+        let bytes = encode(&register(plain.clone())).expect("encode");
+        assert_eq!(bytes[0], 0);
+        assert_eq!(decode::<Command>(&bytes).expect("decode"), register(plain));
     }
 }

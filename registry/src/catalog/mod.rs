@@ -15,6 +15,7 @@
 //! - `policies.rs`: routing policies and their kept history; put and rollback.
 //! - `rollouts.rs`: each service's kept rollouts and their compare-and-set transitions.
 //! - `acl.rs`: bootstrapped or not, and the ACL tokens (hashes of their secrets).
+//! - `intentions.rs`: who may call whom over the mesh, per namespace, with history.
 //! - `queries.rs`: reads of the applied state (snapshots, resolve, service lists).
 //! - `persist.rs`: the snapshot form, [`PersistedCatalog`], and the rebuild from it.
 //! - `legacy.rs`: the bytes of a [`Command`], and mirrors of what older releases wrote
@@ -24,6 +25,7 @@ mod acl;
 mod apply;
 mod command;
 mod instances;
+mod intentions;
 mod leases;
 mod legacy;
 mod persist;

@@ -41,6 +41,13 @@ pub struct PersistedCatalog {
 
 /// The section holding [`crate::model::mesh_ca::MeshCa`].
 const SECTION_MESH_CA: &str = "mesh_ca";
+/// The section holding each meshed instance's `mesh_port` (namespace, id, port), which
+/// the instance's own serde form leaves out (see [`Instance::mesh_port`]).
+const SECTION_MESH_PORTS: &str = "mesh_ports";
+/// The section holding when each superseded mesh root retires.
+const SECTION_MESH_ROOT_RETIRE: &str = "mesh_root_retire";
+/// The section holding every namespace's intentions and their history.
+const SECTION_INTENTIONS: &str = "intentions";
 
 /// The snapshot form written before the mesh CA (ACLs, no sections).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -319,6 +326,35 @@ impl Catalog {
 
     fn sections(&self) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
+        let mesh_ports: Vec<(&str, &str, u16)> = self
+            .namespaces
+            .values()
+            .flat_map(|ns| ns.services.values())
+            .flat_map(|svc| svc.values())
+            .filter(|e| e.instance.mesh_port != 0)
+            .map(|e| {
+                (
+                    e.instance.namespace.as_str(),
+                    e.instance.id.as_str(),
+                    e.instance.mesh_port,
+                )
+            })
+            .collect();
+        if !mesh_ports.is_empty() {
+            if let Ok(bytes) = postcard::to_stdvec(&mesh_ports) {
+                out.push((SECTION_MESH_PORTS.to_string(), bytes));
+            }
+        }
+        if !self.mesh_root_retire.is_empty() {
+            if let Ok(bytes) = postcard::to_stdvec(&self.mesh_root_retire) {
+                out.push((SECTION_MESH_ROOT_RETIRE.to_string(), bytes));
+            }
+        }
+        if !self.intentions.is_empty() {
+            if let Ok(bytes) = postcard::to_stdvec(&self.intentions) {
+                out.push((SECTION_INTENTIONS.to_string(), bytes));
+            }
+        }
         if let Some(ca) = &self.mesh_ca {
             // Encoding plain data into a Vec cannot fail.
             if let Ok(bytes) = postcard::to_stdvec(ca) {
@@ -337,10 +373,45 @@ impl Catalog {
                         tracing::error!(error = %e, "the snapshot's mesh CA section does not decode; the next leader makes a new CA")
                     }
                 },
+                SECTION_MESH_ROOT_RETIRE => match postcard::from_bytes(&bytes) {
+                    Ok(retire) => self.mesh_root_retire = retire,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the snapshot's mesh root retirement section does not decode; superseded roots stay trusted until the next rotation")
+                    }
+                },
+                SECTION_INTENTIONS => match postcard::from_bytes(&bytes) {
+                    Ok(intentions) => self.intentions = intentions,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the snapshot's intentions section does not decode; this node enforces none until they are set again")
+                    }
+                },
+                SECTION_MESH_PORTS => {
+                    match postcard::from_bytes::<Vec<(String, String, u16)>>(&bytes) {
+                        Ok(ports) => self.set_mesh_ports(ports),
+                        Err(e) => {
+                            tracing::error!(error = %e, "the snapshot's mesh port section does not decode; meshed instances are dialled in clear text until they register again")
+                        }
+                    }
+                }
                 other => tracing::warn!(
                     section = other,
                     "snapshot section unknown to this release; ignored"
                 ),
+            }
+        }
+    }
+
+    /// Puts back the mesh ports a snapshot kept beside its instances.
+    fn set_mesh_ports(&mut self, ports: Vec<(String, String, u16)>) {
+        for (namespace, id, port) in ports {
+            let Some(ns) = self.namespaces.get_mut(&namespace) else {
+                continue;
+            };
+            let Some(service) = ns.ids.get(&id) else {
+                continue;
+            };
+            if let Some(e) = ns.services.get_mut(service).and_then(|s| s.get_mut(&id)) {
+                Arc::make_mut(&mut e.instance).mesh_port = port;
             }
         }
     }
@@ -413,6 +484,16 @@ mod tests {
         let b = Catalog::from_persisted(Limits::default(), a.to_persisted());
         assert_eq!(fingerprint(&a), fingerprint(&b));
         assert_eq!(a.instance_count(), b.instance_count());
+        // What the instance's own serde form leaves out comes back from its section.
+        assert!(a
+            .snapshot(DEFAULT_NAMESPACE, &[])
+            .iter()
+            .flat_map(|s| &s.instances)
+            .any(|i| i.mesh_port != 0));
+        assert_eq!(
+            a.snapshot(DEFAULT_NAMESPACE, &[]),
+            b.snapshot(DEFAULT_NAMESPACE, &[])
+        );
         assert_eq!(
             a.list_services(DEFAULT_NAMESPACE),
             b.list_services(DEFAULT_NAMESPACE)

@@ -15,6 +15,7 @@ pub(crate) fn inst(service: &str, id: &str, version: &str) -> Instance {
         weight: 100,
         zone: String::new(),
         state: State::Serving,
+        mesh_port: 0,
     }
 }
 
@@ -29,7 +30,11 @@ pub(crate) fn reg(i: Instance) -> Command {
 /// A fixed script touching every command, including refused ones.
 pub(crate) fn script() -> Vec<Command> {
     vec![
-        reg(inst("web", "a", "1")),
+        // In the mesh: its port travels beside the instance (RegisterMesh, a section).
+        reg(Instance {
+            mesh_port: 15006,
+            ..inst("web", "a", "1")
+        }),
         reg(inst("web", "b", "2")),
         reg(inst("api", "c", "1")),
         Command::Register {

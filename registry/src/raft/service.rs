@@ -121,6 +121,30 @@ fn check_forwarded(command: &Command) -> Result<(), Status> {
                 validate_policy(p, &names).map_err(invalid)?;
             }
         }
+        Command::PutIntention {
+            namespace,
+            intention,
+            ..
+        } => {
+            use crate::model::intention::{
+                validate_description, validate_destination, validate_source,
+            };
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            validate_source("source", &intention.source).map_err(invalid)?;
+            validate_destination("destination", &intention.destination).map_err(invalid)?;
+            validate_description("description", &intention.description).map_err(invalid)?;
+        }
+        Command::DeleteIntention {
+            namespace,
+            source,
+            destination,
+            ..
+        } => {
+            use crate::model::intention::{validate_destination, validate_source};
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            validate_source("source", source).map_err(invalid)?;
+            validate_destination("destination", destination).map_err(invalid)?;
+        }
         Command::RollbackPolicy {
             namespace, service, ..
         } => {
@@ -151,6 +175,18 @@ fn check_forwarded(command: &Command) -> Result<(), Status> {
             if accessor_id.len() > 64 {
                 return Err(Status::invalid_argument(
                     "invalid accessor_id: longer than 64 bytes",
+                ));
+            }
+        }
+        Command::RotateMeshCa { root, .. } => {
+            let pem_ok = |p: &str| p.len() <= 16 * 1024 && p.contains("-----BEGIN");
+            if root.id.is_empty()
+                || root.id.len() > 64
+                || !pem_ok(&root.cert_pem)
+                || root.key_pem.as_deref().is_some_and(|k| !pem_ok(k))
+            {
+                return Err(Status::invalid_argument(
+                    "invalid mesh root: an id of 1-64 bytes and PEM of at most 16 KiB",
                 ));
             }
         }
@@ -186,6 +222,7 @@ mod tests {
                 weight: 100,
                 zone: String::new(),
                 state: State::Serving,
+                mesh_port: 0,
             },
             ttl_seconds,
             lease_id: None,

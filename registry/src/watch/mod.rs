@@ -130,6 +130,13 @@ pub fn filter(change: &Change, namespace: &str, services: &[String]) -> Option<C
             .filter(|p| wanted(&p.namespace, &p.service))
             .cloned()
             .collect(),
+        intentions: change
+            .intentions
+            .iter()
+            .filter(|i| i.namespace == namespace)
+            .cloned()
+            .collect(),
+        trust_bundle: change.trust_bundle.clone(),
         reset: false,
     })
 }

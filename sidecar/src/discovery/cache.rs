@@ -131,6 +131,7 @@ fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> LocalCatalog 
                 weight: 0,
                 zone: c.zone.into_owned(),
                 state: c.state.into(),
+                mesh_port: 0,
             };
             match validate_instance(instance, u32::from(c.port), c.weight) {
                 Ok(i) => {

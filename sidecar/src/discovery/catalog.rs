@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use switchyard_core::convert::{instance_from_proto, policy_from_proto};
+use switchyard_core::convert::{instance_from_proto, intention_from_watch, policy_from_proto};
 use switchyard_core::model::{Instance, Policy};
 use switchyard_proto::v1 as pb;
 
 use crate::metrics::Metrics;
-use crate::table::{EndpointTable, ServiceView, Views};
+use crate::table::{EndpointTable, IntentionMap, ServiceView, Views};
 
 /// Services, their instances and their routing policies at one revision. Each instance
 /// is one `Arc`, the same one the endpoint table, DNS and the disk cache hold.
@@ -21,6 +21,26 @@ pub struct LocalCatalog {
     /// The registry cluster this copy came from (`WatchEvent.cluster_id`): sent back on
     /// resume, so a revision is never trusted by another or a wiped cluster.
     pub cluster_id: String,
+    /// The namespace's intentions by destination (enforced by the inbound listener).
+    pub intentions: Arc<IntentionMap>,
+    /// The mesh CA's roots, PEM, once the registry sent them.
+    pub trust_bundle: Option<Arc<String>>,
+}
+
+/// A destination's watched intentions, without any this sidecar cannot read.
+fn intentions_of(
+    d: &pb::DestinationIntentions,
+) -> Arc<[switchyard_core::model::intention::Intention]> {
+    d.intentions
+        .iter()
+        .filter_map(|i| {
+            let read = intention_from_watch(i);
+            if read.is_none() {
+                tracing::warn!(source = %i.source, destination = %i.destination, "the registry sent an intention this sidecar cannot read; left out");
+            }
+            read
+        })
+        .collect()
 }
 
 /// A wire instance as the catalog keeps it: validated by the same rules the registry
@@ -62,6 +82,24 @@ impl LocalCatalog {
         self.revision = event.revision;
         if !event.cluster_id.is_empty() {
             self.cluster_id = event.cluster_id;
+        }
+        if !event.trust_bundle.is_empty() {
+            self.trust_bundle = Some(Arc::new(event.trust_bundle));
+        }
+        let snapshot = matches!(event.kind, Some(pb::watch_event::Kind::Snapshot(_)));
+        if snapshot || !event.intentions.is_empty() {
+            let map = Arc::make_mut(&mut self.intentions);
+            if snapshot {
+                map.clear();
+            }
+            for d in &event.intentions {
+                let rules = intentions_of(d);
+                if rules.is_empty() {
+                    map.remove(&d.destination);
+                } else {
+                    map.insert(d.destination.clone(), rules);
+                }
+            }
         }
         match event.kind {
             Some(pb::watch_event::Kind::Snapshot(s)) => {
@@ -154,6 +192,17 @@ impl LocalCatalog {
             views.insert(name.clone(), Arc::new(view));
         }
         table.store(views, self.revision);
+        if !Arc::ptr_eq(&table.intentions(), &self.intentions) {
+            table.store_intentions(self.intentions.clone());
+        }
+        if let Some(bundle) = &self.trust_bundle {
+            if table
+                .trust_bundle()
+                .is_none_or(|b| !Arc::ptr_eq(&b, bundle))
+            {
+                table.store_trust_bundle(bundle.clone());
+            }
+        }
     }
 }
 

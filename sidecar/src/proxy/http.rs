@@ -498,7 +498,8 @@ impl From<ProxyError> for Refused {
 /// connection limits.
 fn service_clients<'a>(ctx: &ProxyCtx, view: &'a ServiceView) -> &'a Clients {
     let any = view.limits.clients.get_or_init(|| {
-        Arc::new(Clients::new(ctx.pool, view.limits.conns.clone()))
+        let mesh = ctx.mesh.clone().map(|m| (m, Arc::from(view.name.as_str())));
+        Arc::new(Clients::new(ctx.pool, view.limits.conns.clone(), mesh))
             as Arc<dyn std::any::Any + Send + Sync>
     });
     match any.downcast_ref::<Clients>() {
@@ -698,11 +699,35 @@ async fn forward(
             endpoint: endpoint.id.clone(),
             authority: endpoint.authority().into_owned(),
         };
-        let Some(authority) = endpoint.uri_authority.clone() else {
+        // An endpoint in the mesh is dialled on its mesh port with mTLS (`https`: the
+        // pool's connector does the TLS), any other on its app port in clear text.
+        let meshed = ctx.meshed(endpoint);
+        let (scheme, authority) = if meshed {
+            (::http::uri::Scheme::HTTPS, endpoint.mesh_authority.clone())
+        } else {
+            (::http::uri::Scheme::HTTP, endpoint.uri_authority.clone())
+        };
+        let Some(authority) = authority else {
             return Err(bad_address().into());
         };
+        if explanation.is_some() {
+            match ctx.mesh.as_ref().and_then(|m| m.expected_identity(service)) {
+                Some(expected) if meshed => note(
+                    &mut explanation,
+                    format_args!("mtls=on expected={expected}"),
+                ),
+                _ if endpoint.mesh_authority.is_some() => note(
+                    &mut explanation,
+                    format_args!("mtls=off (this sidecar has no mesh certificate)"),
+                ),
+                _ => note(
+                    &mut explanation,
+                    format_args!("mtls=off (endpoint not in the mesh)"),
+                ),
+            }
+        }
         let mut parts = ::http::uri::Parts::default();
-        parts.scheme = Some(::http::uri::Scheme::HTTP);
+        parts.scheme = Some(scheme);
         parts.authority = Some(authority);
         parts.path_and_query = Some(path.clone());
         let uri = Uri::from_parts(parts).map_err(|_| bad_address())?;
@@ -1041,6 +1066,13 @@ fn respond(
         body_broke,
     );
     strip_hop_by_hop(resp.headers_mut(), true);
+    let explanation = explanation.map(|mut t| {
+        if let Some(seen) = resp.extensions().get::<super::pool::PeerSeen>() {
+            use std::fmt::Write as _;
+            let _ = write!(t, "; seen={}", seen.0);
+        }
+        t
+    });
     if let Some(v) = explanation.and_then(|t| HeaderValue::from_str(&t).ok()) {
         resp.headers_mut()
             .insert(HeaderName::from_static(EXPLAIN_HEADER), v);

@@ -29,6 +29,9 @@ pub struct ProxyCtx {
     /// Per-version attempt counts for the registry (replaced by `start` with one in
     /// the sidecar's namespace and slow threshold).
     pub telemetry: Arc<crate::telemetry::Recorder>,
+    /// mTLS to endpoints in the mesh (`None`: this sidecar has no mesh identity, and
+    /// dials every endpoint's app port in clear text).
+    pub mesh: Option<Arc<crate::mesh::MeshClient>>,
 }
 
 impl ProxyCtx {
@@ -56,6 +59,13 @@ impl ProxyCtx {
                 "default",
                 crate::telemetry::DEFAULT_SLOW_THRESHOLD,
             )),
+            mesh: None,
         }
+    }
+
+    /// Whether a request to `endpoint` goes over mTLS to its mesh port: it is in the
+    /// mesh and this sidecar can present a certificate.
+    pub fn meshed(&self, endpoint: &crate::endpoint::Endpoint) -> bool {
+        endpoint.mesh_authority.is_some() && self.mesh.as_ref().is_some_and(|m| m.ready())
     }
 }

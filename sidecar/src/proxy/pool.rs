@@ -7,6 +7,12 @@
 //! that knows 10,000 services and calls a few holds pools for those few), whose
 //! connector passes every new connection through the service's [`ConnGate`] (in
 //! `limits`): a request that reuses a pooled connection never touches it.
+//!
+//! An endpoint in the mesh is asked for with an `https` URI on its mesh port: the
+//! connector then wraps the socket in mutual TLS for the service ([`crate::mesh`]), and
+//! hyper pools those connections apart from clear-text ones (its pool key is scheme and
+//! authority). The SPIFFE id the server presented rides on each response
+//! ([`PeerSeen`]), for `/explain`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,7 +26,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use switchyard_tls::tokio_rustls::client::TlsStream;
+
 use crate::limits::{ConnGate, ConnPermit, Overflowed};
+use crate::mesh::{Alpn, MeshClient};
 use crate::proxy::body::UpstreamBody;
 
 /// hyper's connector, each connection counted by the service's gate.
@@ -30,7 +39,22 @@ pub struct GatedConnector {
     gate: Arc<ConnGate>,
     /// How long a connect may wait for a place under the connection limit.
     wait: Duration,
+    /// For `https` URIs: mTLS to the service's mesh endpoints.
+    mesh: Option<MeshDial>,
 }
+
+/// What a connector needs to dial the service's endpoints in the mesh.
+#[derive(Clone)]
+pub struct MeshDial {
+    pub client: Arc<MeshClient>,
+    pub service: Arc<str>,
+    pub alpn: Alpn,
+}
+
+/// The SPIFFE id a mesh endpoint's verified certificate carried, in the extensions of
+/// every response that came over the connection.
+#[derive(Clone, Debug)]
+pub struct PeerSeen(pub Arc<str>);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -47,9 +71,20 @@ impl tower_service::Service<Uri> for GatedConnector {
         let gate = self.gate.clone();
         let mut inner = self.inner.clone();
         let wait = self.wait;
+        let mesh = (uri.scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| self.mesh.clone());
         Box::pin(async move {
             let permit = gate.acquire(wait).await?;
-            let io = inner.call(uri).await?;
+            let io = match mesh {
+                None => Io::Plain(inner.call(uri).await?),
+                Some(None) => {
+                    return Err("an https endpoint for a service without mesh dialling".into())
+                }
+                Some(Some(m)) => {
+                    let tcp = inner.call(uri).await?.into_inner();
+                    let (tls, seen) = m.client.dial(tcp, &m.service, m.alpn).await?;
+                    Io::Mesh(Box::new(TokioIo::new(tls)), PeerSeen(seen))
+                }
+            };
             Ok(GatedConn {
                 io,
                 _permit: permit,
@@ -58,16 +93,39 @@ impl tower_service::Service<Uri> for GatedConnector {
     }
 }
 
-/// A TCP connection that holds its place under the service's connection limit.
+/// The socket under a pooled connection.
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    /// Boxed: a TLS session is a kilobyte, a pooled plain connection should not be.
+    Mesh(Box<TokioIo<TlsStream<TcpStream>>>, PeerSeen),
+}
+
+/// A connection that holds its place under the service's connection limit.
 pub struct GatedConn {
-    io: TokioIo<TcpStream>,
+    io: Io,
     _permit: ConnPermit,
 }
 
 impl Connection for GatedConn {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match &self.io {
+            Io::Plain(io) => io.connected(),
+            Io::Mesh(io, seen) => io.inner().get_ref().0.connected().extra(seen.clone()),
+        }
     }
+}
+
+/// Runs `$e` on whichever socket `$io` holds.
+macro_rules! on_io {
+    ($self:ident, |$io:ident| $e:expr) => {
+        match &mut $self.io {
+            Io::Plain($io) => $e,
+            Io::Mesh($io, _) => {
+                let $io = &mut **$io;
+                $e
+            }
+        }
+    };
 }
 
 impl hyper::rt::Read for GatedConn {
@@ -76,7 +134,7 @@ impl hyper::rt::Read for GatedConn {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        on_io!(self, |io| Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -86,19 +144,22 @@ impl hyper::rt::Write for GatedConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        on_io!(self, |io| Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        on_io!(self, |io| Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        on_io!(self, |io| Pin::new(io).poll_shutdown(cx))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Mesh(io, _) => io.is_write_vectored(),
+        }
     }
 
     fn poll_write_vectored(
@@ -106,7 +167,7 @@ impl hyper::rt::Write for GatedConn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        on_io!(self, |io| Pin::new(io).poll_write_vectored(cx, bufs))
     }
 }
 
@@ -125,15 +186,36 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(cfg: PoolConfig, gate: Arc<ConnGate>) -> Self {
+    /// `mesh`: this sidecar's mTLS client and the service's name, for endpoints in the
+    /// mesh (`None`: the sidecar has no mesh identity; every endpoint is dialled plain).
+    pub fn new(
+        cfg: PoolConfig,
+        gate: Arc<ConnGate>,
+        mesh: Option<(Arc<MeshClient>, Arc<str>)>,
+    ) -> Self {
         let mut inner = HttpConnector::new();
         inner.set_nodelay(true);
         inner.set_connect_timeout(Some(cfg.connect_timeout));
-        inner.enforce_http(true);
+        // `https` URIs are mesh endpoints: TCP here, mTLS in `GatedConnector`.
+        inner.enforce_http(false);
+        let dial = |alpn| {
+            mesh.as_ref().map(|(client, service)| MeshDial {
+                client: client.clone(),
+                service: service.clone(),
+                alpn,
+            })
+        };
+        let h1_connector = GatedConnector {
+            inner: inner.clone(),
+            gate: gate.clone(),
+            wait: cfg.connect_timeout,
+            mesh: dial(Alpn::Http1),
+        };
         let connector = GatedConnector {
             inner,
             gate,
             wait: cfg.connect_timeout,
+            mesh: dial(Alpn::Http2),
         };
         // The pool's timer is what closes idle connections: without one hyper only drops
         // an expired connection when it would next be checked out.
@@ -141,7 +223,7 @@ impl Clients {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(cfg.idle_timeout)
             .pool_max_idle_per_host(256)
-            .build(connector.clone());
+            .build(h1_connector);
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_timer(TokioTimer::new())

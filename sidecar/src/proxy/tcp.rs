@@ -19,6 +19,12 @@ use crate::resilience::{backoff, Failure};
 use crate::route::{decide, NoRoute};
 use http::HeaderMap;
 
+/// The connection to an endpoint: its app port, or its mesh port over mTLS.
+enum Upstream {
+    Plain(TcpStream),
+    Mesh(Box<switchyard_tls::tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 /// Most connections one TCP upstream listener carries at once.
 pub const MAX_CONNECTIONS: usize = 10_000;
 
@@ -132,22 +138,46 @@ async fn connect_and_copy(
             .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
         let guard = ActiveGuard::new(endpoint.live.clone());
         ctx.metrics.tcp_connection(service, &endpoint.id);
-        let authority = endpoint.authority();
+        // In the mesh: mTLS to the mesh port (ALPN says "bytes, not HTTP").
+        let mesh = ctx.meshed(endpoint).then_some(ctx.mesh.as_ref()).flatten();
+        let authority = match (&mesh, &endpoint.mesh_authority) {
+            (Some(_), Some(a)) => std::borrow::Cow::Borrowed(a.as_str()),
+            _ => endpoint.authority(),
+        };
         let started = std::time::Instant::now();
-        let connect = TcpStream::connect(authority.as_ref());
+        let connect = async {
+            let tcp = TcpStream::connect(authority.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            match mesh {
+                Some(m) => m
+                    .dial(tcp, service, crate::mesh::Alpn::Tcp)
+                    .await
+                    .map(|(tls, _)| Upstream::Mesh(Box::new(tls)))
+                    .map_err(|e| e.to_string()),
+                None => Ok(Upstream::Plain(tcp)),
+            }
+        };
         let cause = match tokio::time::timeout(ctx.connect_timeout, connect).await {
-            Ok(Ok(mut upstream)) => {
+            Ok(Ok(upstream)) => {
                 // Telemetry: for TCP an attempt is a connection, its latency the
                 // connect time.
                 ctx.telemetry
                     .attempt(service, &endpoint.version, false, started.elapsed());
                 guard.succeeded();
-                let _ = upstream.set_nodelay(true);
                 let _ = downstream.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                let _ = match upstream {
+                    Upstream::Plain(mut up) => {
+                        tokio::io::copy_bidirectional(&mut downstream, &mut up).await
+                    }
+                    Upstream::Mesh(mut up) => {
+                        tokio::io::copy_bidirectional(&mut downstream, &mut *up).await
+                    }
+                };
                 return Ok(());
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => e,
             Err(_) => format!("timed out after {:?}", ctx.connect_timeout),
         };
         ctx.telemetry

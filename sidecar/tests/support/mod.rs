@@ -161,6 +161,7 @@ pub fn registrar_of(
             weight: 100,
             zone: String::new(),
             ttl_seconds: 1,
+            mesh_port: 0,
         },
         health: HealthConfig {
             check: Check::None,
