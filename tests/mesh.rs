@@ -1,7 +1,7 @@
 //! Mutual TLS between sidecars and intentions, with real processes: a registry, the
 //! sidecar of `payments` (its inbound port in front of an app that echoes the caller's
-//! identity) and the sidecar of `web` calling it through its HTTP proxy and a TCP
-//! upstream. Traffic between the sidecars is TLS (the inbound port refuses clear text;
+//! identity), the sidecar of `ledger` (the same app declared TCP) and the sidecar of
+//! `web` calling payments through its HTTP proxy and ledger through a TCP upstream. Traffic between the sidecars is TLS (the inbound port refuses clear text;
 //! the app sees web's verified SPIFFE id), a deny intention blocks HTTP and TCP within a
 //! watch update and an allow re-opens them, leaves renew under load without a failed
 //! request, and with the registry gone the mTLS traffic goes on.
@@ -145,10 +145,40 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
     );
     let inbound = field(&line, "inbound=").to_string();
     let payments_admin = field(&line, "admin=").to_string();
+    let (_ledger, line, _) = start_until(
+        &[
+            "sidecar",
+            "--registry",
+            &url,
+            "--service",
+            "ledger",
+            "--port",
+            &app_port,
+            "--version",
+            "1.0.0",
+            "--admin",
+            "127.0.0.1:0",
+            "--http-proxy",
+            "off",
+            "--dns",
+            "off",
+            "--inbound",
+            "127.0.0.1:0",
+            "--app-protocol",
+            "tcp",
+            "--health-tcp",
+        ],
+        "sidecar serving",
+    );
+    let ledger_admin = field(&line, "admin=").to_string();
 
     let web_app = hello_server().port().to_string();
     let tcp_port = free_port();
-    let tcp_upstream = format!("payments=127.0.0.1:{tcp_port}");
+    let tcp_upstream = format!("ledger=127.0.0.1:{tcp_port}");
+    // A TCP upstream to the HTTP service: its inbound port must not take raw bytes (they
+    // could carry a forged identity header nothing would remove).
+    let raw_port = free_port();
+    let raw_upstream = format!("payments=127.0.0.1:{raw_port}");
     let (_web, line, _) = start_until(
         &[
             "sidecar",
@@ -170,20 +200,25 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
             "127.0.0.1:0",
             "--upstream",
             &tcp_upstream,
+            "--upstream",
+            &raw_upstream,
         ],
         "sidecar serving",
     );
     let proxy = field(&line, "http_proxy=").to_string();
     let admin = field(&line, "admin=").to_string();
     let tcp = format!("127.0.0.1:{tcp_port}");
+    let raw = format!("127.0.0.1:{raw_port}");
 
-    // payments is registered with its mesh port beside the app port.
-    let listed = instances_json(&url, "payments");
-    assert_eq!(listed[0]["port"], app.port());
-    assert_eq!(
-        listed[0]["mesh_port"].as_u64().map(|p| p.to_string()),
-        inbound.rsplit(':').next().map(str::to_string)
-    );
+    // payments is registered with its mesh port beside the app port, once its sidecar
+    // holds a certificate to serve it with.
+    let inbound_port = inbound.rsplit(':').next().unwrap_or_default().to_string();
+    until("payments registers its mesh port", || {
+        let listed = instances_json(&url, "payments");
+        let ok = listed[0]["port"] == app.port()
+            && listed[0]["mesh_port"].as_u64().map(|p| p.to_string()) == Some(inbound_port.clone());
+        (ok, listed.to_string())
+    });
 
     // web's call reaches the app over mTLS: the app sees web's verified identity.
     until("web reaches payments over mTLS", || {
@@ -209,41 +244,49 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
     );
     assert!(r.ends_with("/ns/default/svc/web"), "{r}");
     // The TCP upstream is mTLS too, and carries bytes as they are (no header added).
-    until("web's TCP upstream reaches payments", || {
-        let r = get(&tcp, "payments", "");
+    until("web's TCP upstream reaches ledger", || {
+        let r = get(&tcp, "ledger", "");
         (r.starts_with("HTTP/1.1 200") && r.ends_with("none"), r)
     });
+    // Raw bytes to the HTTP service are refused, forged header or not.
+    let r = get(
+        &raw,
+        "payments",
+        "x-switchyard-peer-identity: spiffe://evil/ns/default/svc/admin\r\n",
+    );
+    assert!(!r.starts_with("HTTP/"), "an HTTP app took raw bytes: {r}");
     // The inbound port takes no clear text.
     let plain = get(&inbound, "payments", "");
     assert!(!plain.starts_with("HTTP/"), "clear text answered: {plain}");
 
-    // A deny blocks within a watch update: 403 for HTTP, a closed connection for TCP.
-    intention(&url, &["deny", "web", "payments", "--description", "test"]);
+    // A deny of every destination blocks within a watch update: 403 for HTTP, a closed
+    // connection for TCP.
+    intention(&url, &["deny", "web", "*", "--description", "test"]);
     until("the deny takes effect", || {
         let r = get(&proxy, "payments", "");
         (r.starts_with("HTTP/1.1 403"), r)
     });
-    assert!(get(&proxy, "payments", "").contains("deny web -> payments"));
-    let r = get(&tcp, "payments", "");
-    assert!(
-        !r.starts_with("HTTP/"),
-        "a denied TCP connection answered: {r}"
-    );
+    assert!(get(&proxy, "payments", "").contains("deny web -> *"));
+    until("the deny closes TCP", || {
+        let r = get(&tcp, "ledger", "");
+        (!r.starts_with("HTTP/"), r)
+    });
     assert!(metric_sum(&payments_admin, "inbound_denied_total") >= 2.0);
+    assert!(metric_sum(&ledger_admin, "inbound_denied_total") >= 1.0);
     let checked = intention(&url, &["check", "web", "payments"]);
     assert!(
-        checked.starts_with("denied: web -> payments by `deny web payments`"),
+        checked.starts_with("denied: web -> payments by `deny web *`"),
         "{checked}"
     );
 
-    // An allow re-opens both.
-    intention(&url, &["allow", "web", "payments"]);
+    // An allow (the same pair, so it replaces the deny) re-opens both.
+    intention(&url, &["allow", "web", "*"]);
     until("the allow takes effect", || {
         let r = get(&proxy, "payments", "");
         (r.ends_with("/ns/default/svc/web"), r)
     });
     until("TCP re-opens", || {
-        let r = get(&tcp, "payments", "");
+        let r = get(&tcp, "ledger", "");
         (r.ends_with("none"), r)
     });
     let listed: serde_json::Value =

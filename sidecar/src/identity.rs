@@ -216,6 +216,9 @@ pub async fn run(
     let mut failures = 0u32;
     let mut next = Duration::ZERO;
     let mut gauge = tokio::time::interval(Duration::from_secs(1));
+    // The watched bundle last looked at: only a new one (a rotation) is merged, so a
+    // root that retired from the leaf's own bundle is not merged back every second.
+    let mut seen_bundle: Option<Arc<String>> = None;
     gauge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = tokio::time::sleep(next);
@@ -224,7 +227,11 @@ pub async fn run(
             tokio::select! {
                 _ = &mut wake => break,
                 _ = gauge.tick() => {
-                    if let Some(bundle) = table.trust_bundle() {
+                    let fresh = table
+                        .trust_bundle()
+                        .filter(|b| seen_bundle.as_ref().is_none_or(|s| !Arc::ptr_eq(s, b)));
+                    if let Some(bundle) = fresh {
+                        seen_bundle = Some(bundle.clone());
                         if identity.adopt_bundle(&bundle) {
                             metrics.trust_bundle_updates.inc();
                             let soon = Duration::from_millis(1_000 + fastrand::u64(..4_000));

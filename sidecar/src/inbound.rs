@@ -10,9 +10,15 @@
 //! Intentions are enforced here, for this sidecar's service, from the caller's verified
 //! identity and the namespace's intentions as the watch stream last delivered them: a
 //! denied HTTP request gets 403, a denied gRPC call PERMISSION_DENIED, a denied TCP
-//! connection is closed, and each is counted (`inbound_denied_total`). A connection
-//! whose ALPN is `switchyard-tcp` carries bytes, not HTTP: it is copied to the app's
-//! port as it is.
+//! connection is closed, and each is counted (`inbound_denied_total`). Until a
+//! registry's snapshot has delivered the intentions (after a restart the cache file does
+//! not hold them), every call is refused: fail closed.
+//!
+//! A connection whose ALPN is `switchyard-tcp` carries bytes, not HTTP: it is copied to
+//! the app's port as it is, and so only when the app is declared TCP
+//! (`--app-protocol tcp`). An HTTP app never gets one, since its bytes could carry a
+//! forged `x-switchyard-peer-identity` that nothing here would remove; a TCP app gets
+//! only those.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,16 +83,43 @@ impl Configs {
 }
 
 /// Whose calls the inbound listener takes, and by which rules.
-#[derive(Clone)]
 pub struct Local {
     pub namespace: Arc<str>,
     /// This sidecar's service: the destination intentions are checked for.
     pub service: Arc<str>,
     /// Where the namespace's intentions arrive.
     pub table: Arc<EndpointTable>,
+    /// The app speaks TCP, not HTTP (`--app-protocol tcp`): only `switchyard-tcp`
+    /// connections are taken.
+    pub tcp: bool,
 }
 
 impl Local {
+    /// `Err(why)` when the caller whose verified SPIFFE id is `peer` may not call this
+    /// service now. Allocates only to say why.
+    fn check(&self, peer: &str) -> Result<(), String> {
+        let guard = self.table.intentions_guard();
+        let Some(map) = guard.as_ref() else {
+            return Err(format!(
+                "{} has not received its intentions from a registry yet; refusing {peer}",
+                self.service
+            ));
+        };
+        let verdict = self.verdict(map, peer);
+        if verdict.allowed {
+            return Ok(());
+        }
+        Err(match verdict.by {
+            Some(rule) => format!(
+                "the intention {} {} -> {} denies {peer}",
+                rule.action.as_str(),
+                rule.source,
+                rule.destination
+            ),
+            None => format!("no intention allows {peer} to call {}", self.service),
+        })
+    }
+
     /// What the intentions say of a caller whose verified SPIFFE id is `peer`.
     fn verdict<'a>(&self, map: &'a IntentionMap, peer: &str) -> Verdict<'a> {
         let source = crate::mesh::service_of(peer, &self.namespace);
@@ -104,7 +137,7 @@ pub async fn serve(
     listener: TcpListener,
     identity: Arc<MeshIdentity>,
     app: SocketAddr,
-    local: Local,
+    local: Arc<Local>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -170,13 +203,15 @@ pub async fn serve(
             let (requests, denied) = metrics.inbound_counters(&peer);
             let alpn_tcp =
                 tls.get_ref().1.alpn_protocol() == Some(switchyard_tls::mesh_ca::ALPN_TCP);
+            if alpn_tcp != local.tcp {
+                tracing::debug!(%peer, tcp = alpn_tcp, "a connection in the other protocol than the app's (--app-protocol); closing it");
+                return;
+            }
             if alpn_tcp {
                 requests.inc();
-                let map = local.table.intentions();
-                let verdict = local.verdict(&map, &peer);
-                if !verdict.allowed {
+                if let Err(why) = local.check(&peer) {
                     denied.inc();
-                    tracing::info!(%peer, destination = %local.service, "an intention denies this caller; closing its TCP connection");
+                    tracing::info!(destination = %local.service, "{why}; closing its TCP connection");
                     return;
                 }
                 carry_tcp(tls, app).await;
@@ -192,13 +227,9 @@ pub async fn serve(
                 let local = local.clone();
                 async move {
                     requests.inc();
-                    {
-                        let map = local.table.intentions();
-                        let verdict = local.verdict(&map, &peer);
-                        if !verdict.allowed {
-                            denied.inc();
-                            return Ok(refused(req.headers(), &peer, &local.service, verdict));
-                        }
+                    if let Err(why) = local.check(&peer) {
+                        denied.inc();
+                        return Ok(refused(req.headers(), &why));
                     }
                     let headers = req.headers_mut();
                     headers.remove(PEER_IDENTITY);
@@ -248,22 +279,8 @@ async fn carry_tcp(
 }
 
 /// The answer to a call an intention denies: PERMISSION_DENIED for gRPC, 403 otherwise.
-fn refused(
-    headers: &http::HeaderMap,
-    peer: &str,
-    service: &str,
-    verdict: Verdict<'_>,
-) -> Response<Body> {
-    let why = match verdict.by {
-        Some(rule) => format!(
-            "the intention {} {} -> {} denies {peer}",
-            rule.action.as_str(),
-            rule.source,
-            rule.destination
-        ),
-        None => format!("no intention allows {peer} to call {service}"),
-    };
-    tracing::debug!(%peer, destination = service, "{why}");
+fn refused(headers: &http::HeaderMap, why: &str) -> Response<Body> {
+    tracing::debug!("{why}");
     let grpc = headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
@@ -281,7 +298,7 @@ fn refused(
             HeaderValue::from_static("application/grpc"),
         );
         headers.insert("grpc-status", HeaderValue::from_static("7"));
-        if let Ok(v) = HeaderValue::from_str(&why) {
+        if let Ok(v) = HeaderValue::from_str(why) {
             headers.insert("grpc-message", v);
         }
     } else {
@@ -308,27 +325,16 @@ mod tests {
 
     #[test]
     fn a_denied_call_is_403_for_http_and_permission_denied_for_grpc() {
-        let rule = Intention {
-            source: "web".into(),
-            destination: "payments".into(),
-            action: Action::Deny,
-            description: String::new(),
-            revision: 3,
-            updated_ms: 0,
-        };
-        let verdict = Verdict {
-            allowed: false,
-            by: Some(&rule),
-        };
-        let peer = "spiffe://example.org/ns/default/svc/web";
-        let r = refused(&http::HeaderMap::new(), peer, "payments", verdict);
+        let why =
+            "the intention deny web -> payments denies spiffe://example.org/ns/default/svc/web";
+        let r = refused(&http::HeaderMap::new(), why);
         assert_eq!(r.status(), http::StatusCode::FORBIDDEN);
         let mut grpc = http::HeaderMap::new();
         grpc.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc+proto"),
         );
-        let r = refused(&grpc, peer, "payments", verdict);
+        let r = refused(&grpc, why);
         assert_eq!(r.status(), http::StatusCode::OK);
         assert_eq!(r.headers()["grpc-status"], "7");
         assert!(r.headers()["grpc-message"]
@@ -343,7 +349,13 @@ mod tests {
             namespace: "default".into(),
             service: "payments".into(),
             table: Arc::new(EndpointTable::default()),
+            tcp: false,
         };
+        // Fail closed until a snapshot delivered the intentions.
+        let web = "spiffe://example.org/ns/default/svc/web";
+        assert!(local.check(web).is_err());
+        local.table.store_intentions(Arc::new(IntentionMap::new()));
+        assert!(local.check(web).is_ok());
         let rule = |src: &str, dst: &str, action| Intention {
             source: src.into(),
             destination: dst.into(),
@@ -352,7 +364,6 @@ mod tests {
             revision: 1,
             updated_ms: 0,
         };
-        let web = "spiffe://example.org/ns/default/svc/web";
         let other_ns = "spiffe://example.org/ns/other/svc/web";
         let mut map = IntentionMap::new();
         assert!(local.verdict(&map, web).allowed);

@@ -115,6 +115,9 @@ pub struct SidecarConfig {
     pub telemetry: telemetry::TelemetryConfig,
     /// Get and renew a mesh certificate for the registered service (needs `registrar`).
     pub mesh_identity: bool,
+    /// The local app speaks TCP, not HTTP: the inbound port copies mesh connections'
+    /// bytes to it (and takes no HTTP); with false it takes HTTP only.
+    pub app_tcp: bool,
 }
 
 impl SidecarConfig {
@@ -161,6 +164,7 @@ impl SidecarConfig {
             dns: switchyard_core::dns::DnsConfig::default(),
             telemetry: telemetry::TelemetryConfig::default(),
             mesh_identity: false,
+            app_tcp: false,
         }
     }
 
@@ -428,11 +432,12 @@ pub async fn start(
             l,
             mesh_identity.clone(),
             r.probe_target,
-            inbound::Local {
+            Arc::new(inbound::Local {
                 namespace: r.service.namespace.as_str().into(),
                 service: r.service.name.as_str().into(),
                 table: table.clone(),
-            },
+                tcp: config.app_tcp,
+            }),
             metrics.clone(),
             shutdown_rx.clone(),
         )));
@@ -440,7 +445,8 @@ pub async fn start(
     // Peers reach the app through the inbound port: the instance says where it is.
     let registrar = config.registrar.clone().map(|mut r| {
         r.service.mesh_port = inbound_addr.map_or(0, |a| a.port());
-        tokio::spawn(registrar::run(r, registrar_rx))
+        let mesh = (r.service.mesh_port != 0).then(|| mesh_identity.clone());
+        tokio::spawn(registrar::run(r, mesh, registrar_rx))
     });
     tracing::info!(
         admin = %admin_addr,

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_proto::v1 as pb;
@@ -15,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::health::{HealthConfig, Prober, Verdict};
+use crate::identity::MeshIdentity;
 
 /// The local service this sidecar registers.
 #[derive(Clone, Debug)]
@@ -50,7 +52,7 @@ pub struct RegistrarConfig {
     pub transport: switchyard_tls::Transport,
 }
 
-fn instance(s: &LocalService, state: pb::State) -> pb::Instance {
+fn instance(s: &LocalService, state: pb::State, mesh_port: u16) -> pb::Instance {
     pb::Instance {
         namespace: s.namespace.clone(),
         service: s.name.clone(),
@@ -66,7 +68,7 @@ fn instance(s: &LocalService, state: pb::State) -> pb::Instance {
         weight: s.weight,
         zone: s.zone.clone(),
         state: state as i32,
-        mesh_port: u32::from(s.mesh_port),
+        mesh_port: u32::from(mesh_port),
     }
 }
 
@@ -100,8 +102,24 @@ async fn connect(
     ))
 }
 
-/// Runs until `stop` flips, then drains and returns.
-pub async fn run(cfg: RegistrarConfig, mut stop: watch::Receiver<bool>) {
+/// The mesh port to register now: the inbound port once the sidecar holds a mesh
+/// certificate to serve it with, 0 before (peers would otherwise dial a port that
+/// closes every handshake; they use the app port meanwhile).
+fn advertised(cfg: &RegistrarConfig, mesh: Option<&MeshIdentity>) -> u16 {
+    match mesh {
+        Some(m) if cfg.service.mesh_port != 0 && m.current().is_some() => cfg.service.mesh_port,
+        _ => 0,
+    }
+}
+
+/// Runs until `stop` flips, then drains and returns. `mesh`: the sidecar's certificate,
+/// when it serves the inbound port (`service.mesh_port`).
+pub async fn run(
+    cfg: RegistrarConfig,
+    mesh: Option<Arc<MeshIdentity>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mesh = mesh.as_deref();
     let prober = Prober::new(cfg.probe_target, cfg.health.clone());
     let first = prober.probe().await;
     if let Err(e) = &first {
@@ -116,7 +134,17 @@ pub async fn run(cfg: RegistrarConfig, mut stop: watch::Receiver<bool>) {
     loop {
         let url = cfg.registries[next % cfg.registries.len()].clone();
         next += 1;
-        match hold(&cfg, &url, &prober, &mut verdict, &mut stop, &mut session).await {
+        match hold(
+            &cfg,
+            mesh,
+            &url,
+            &prober,
+            &mut verdict,
+            &mut stop,
+            &mut session,
+        )
+        .await
+        {
             Held::Stopped => break,
             Held::Lost(e) => {
                 tracing::warn!(registry = %url, "registrar lost the registry: {e}; retrying");
@@ -150,11 +178,12 @@ async fn register(
     client: &mut RegistryClient<Channel>,
     cfg: &RegistrarConfig,
     healthy: bool,
+    mesh_port: u16,
 ) -> Result<u64, String> {
     let r = client
         .register(crate::authorized(
             pb::RegisterRequest {
-                instance: Some(instance(&cfg.service, state_of(healthy))),
+                instance: Some(instance(&cfg.service, state_of(healthy), mesh_port)),
                 ttl_seconds: cfg.service.ttl_seconds,
                 lease_id: 0,
             },
@@ -163,12 +192,13 @@ async fn register(
         .await
         .map_err(|s| format!("register refused: {}", s.message()))?
         .into_inner();
-    tracing::info!(service = %cfg.service.name, id = %cfg.service.id, lease = r.lease_id, state = state_of(healthy).as_str_name(), "registered the local service");
+    tracing::info!(service = %cfg.service.name, id = %cfg.service.id, lease = r.lease_id, state = state_of(healthy).as_str_name(), mesh_port, "registered the local service");
     Ok(r.lease_id)
 }
 
 async fn hold(
     cfg: &RegistrarConfig,
+    mesh: Option<&MeshIdentity>,
     url: &str,
     prober: &Prober,
     verdict: &mut Verdict,
@@ -182,10 +212,14 @@ async fn hold(
         },
         _ = crate::stopped(stop) => return Held::Stopped,
     };
-    let mut lease = match register(&mut client, cfg, verdict.healthy()).await {
+    let mut mesh_port = advertised(cfg, mesh);
+    let mut lease = match register(&mut client, cfg, verdict.healthy(), mesh_port).await {
         Ok(l) => l,
         Err(e) => return Held::Lost(e),
     };
+    // Registers again (same id, same lease) when the port to advertise changes: the
+    // mesh certificate arrived.
+    let mut mesh_check = tokio::time::interval(Duration::from_secs(1));
     *session = Some((client.clone(), lease, true));
     let (tx, rx) = mpsc::channel(4);
     let mut responses = match client
@@ -214,7 +248,7 @@ async fn hold(
                 Ok(Some(r)) => {
                     if r.leases.iter().any(|l| l.lease_id == lease && !l.found) {
                         tracing::warn!(lease, "the registry forgot our lease; registering again");
-                        match register(&mut client, cfg, verdict.healthy()).await {
+                        match register(&mut client, cfg, verdict.healthy(), mesh_port).await {
                             Ok(l) => {
                                 lease = l;
                                 *session = Some((client.clone(), lease, true));
@@ -226,6 +260,19 @@ async fn hold(
                 Ok(None) => return Held::Lost("keep-alive stream ended".into()),
                 Err(s) => return Held::Lost(s.message().to_string()),
             },
+            _ = mesh_check.tick(), if mesh.is_some() => {
+                let now = advertised(cfg, mesh);
+                if now != mesh_port {
+                    match register(&mut client, cfg, verdict.healthy(), now).await {
+                        Ok(l) => {
+                            lease = l;
+                            mesh_port = now;
+                            *session = Some((client.clone(), lease, true));
+                        }
+                        Err(e) => return Held::Lost(e),
+                    }
+                }
+            }
             _ = probe.tick() => {
                 let result = prober.probe().await;
                 if let Some(healthy) = verdict.record(result.is_ok()) {

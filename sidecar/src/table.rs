@@ -190,8 +190,9 @@ pub struct EndpointTable {
     /// Ejection timing for every service.
     outlier: OutlierConfig,
     /// The namespace's intentions by destination, as the last watch event left them
-    /// (read by the inbound listener; swapped whole).
-    intentions: ArcSwap<IntentionMap>,
+    /// (read by the inbound listener; swapped whole). `None` until a registry's
+    /// snapshot delivered them.
+    intentions: arc_swap::ArcSwapOption<IntentionMap>,
     /// The mesh CA's trust bundle from the watch stream (`None`: not heard yet).
     trust_bundle: arc_swap::ArcSwapOption<String>,
 }
@@ -216,18 +217,23 @@ impl EndpointTable {
             confirmed: Mutex::new(None),
             defaults: Arc::new(Resolved::new(defaults)),
             outlier: OutlierConfig::default(),
-            intentions: ArcSwap::from_pointee(BTreeMap::new()),
+            intentions: arc_swap::ArcSwapOption::empty(),
             trust_bundle: arc_swap::ArcSwapOption::empty(),
         }
     }
 
-    /// The namespace's intentions by destination.
-    pub fn intentions(&self) -> Arc<IntentionMap> {
+    /// The namespace's intentions by destination (`None`: not known yet).
+    pub fn intentions(&self) -> Option<Arc<IntentionMap>> {
         self.intentions.load_full()
     }
 
+    /// The same without touching the reference count: for the per-request check.
+    pub fn intentions_guard(&self) -> arc_swap::Guard<Option<Arc<IntentionMap>>> {
+        self.intentions.load()
+    }
+
     pub fn store_intentions(&self, intentions: Arc<IntentionMap>) {
-        self.intentions.store(intentions);
+        self.intentions.store(Some(intentions));
     }
 
     /// The trust bundle the registry last sent.

@@ -1,8 +1,8 @@
 //! `switchyard intention allow|deny|list|delete|check`: who may call whom over the mesh.
 //!
 //! `SRC` is a service name, the start of one followed by `*` (`web-*`), or `*`; `DST`
-//! is a service name or `*`. A destination with no intention takes every caller; once
-//! one applies, callers no intention matches are denied (Consul's model).
+//! is a service name or `*`. A caller no intention matches is allowed, unless an allow
+//! intention applies to the destination (then it is an allow list), as in Consul.
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -189,10 +189,10 @@ pub async fn run(args: IntentionArgs) -> Result<(), CliError> {
                             m.destination
                         ),
                         None if r.allowed => {
-                            println!("{verdict}: {src} -> {dst} (no intention applies to {dst})")
+                            println!("{verdict}: {src} -> {dst} (no intention matches {src}, and none allows anyone to call {dst})")
                         }
                         None => println!(
-                            "{verdict}: {src} -> {dst} (intentions apply to {dst}, none matches {src})"
+                            "{verdict}: {src} -> {dst} ({dst} takes only the callers an intention allows)"
                         ),
                     }
                     Ok(())

@@ -52,13 +52,20 @@ pub struct SidecarArgs {
     /// Mesh inbound address: other sidecars call --service here with mutual TLS (the
     /// caller's identity reaches the app as x-switchyard-peer-identity, intentions are
     /// enforced), and the instance is registered with this port as its mesh port. Needs
-    /// --service and --mesh-identity. "auto": 0.0.0.0:15006 inside a Kubernetes pod,
-    /// else 127.0.0.1:15006 (or a free port when another sidecar on the host holds it);
-    /// off without --service. "off" disables it: peers then call the app port in clear
+    /// --service and --mesh-identity. "auto": 0.0.0.0:15006 inside a Kubernetes pod or
+    /// when --address is not a loopback address, else 127.0.0.1:15006 (or a free port
+    /// when another sidecar on the host holds it); off without --service. "off" disables it: peers then call the app port in clear
     /// text.
     #[arg(long, env = "SWITCHYARD_INBOUND", default_value = "auto")]
     #[serde(default = "auto")]
     pub inbound: String,
+    /// What the local app speaks, for the inbound port: http (HTTP/1.1, h2 and gRPC,
+    /// per request, with the caller's identity in x-switchyard-peer-identity) or tcp
+    /// (each mesh connection's bytes copied as they are; from peers' --upstream
+    /// listeners).
+    #[arg(long, env = "SWITCHYARD_APP_PROTOCOL", value_enum, default_value_t = AppProtocol::Http)]
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
     /// DNS address, UDP and TCP, answering from the cached catalog ("off" disables).
     #[arg(
         long,
@@ -376,6 +383,7 @@ pub fn config(
             Check::None
         };
         config.mesh_identity = args.mesh_identity;
+        config.app_tcp = args.app_protocol == AppProtocol::Tcp;
         config.registrar = Some(RegistrarConfig {
             token: None,
             transport: Default::default(),
@@ -440,8 +448,35 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CliError> {
     })
 }
 
+/// What the local app speaks (`--app-protocol`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
 /// The mesh inbound port (DESIGN.md's 15006).
 const INBOUND_PORT: u16 = 15006;
+
+/// Whether peers reaching `address` (an IP literal or a hostname) stay on this host.
+fn is_loopback(address: &str) -> bool {
+    address == "localhost"
+        || address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
 /// Inside a Kubernetes pod (the kubelet sets this for every container).
 fn in_pod() -> bool {
@@ -470,7 +505,8 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
     let inbound_auto = args.inbound == "auto";
     let inbound_addr = if inbound_auto {
         meshable.then(|| {
-            if in_pod() {
+            // Peers dial --address: loopback only when that is where they find it.
+            if in_pod() || !is_loopback(&args.address) {
                 SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))
             } else {
                 SocketAddr::from(([127, 0, 0, 1], INBOUND_PORT))
@@ -515,13 +551,15 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
         inbound: match inbound_addr {
             // Outside a pod several sidecars may share the host: the registered mesh
             // port is whatever was bound, so a free one serves as well.
-            Some(a) if inbound_auto && !in_pod() => match tokio::net::TcpListener::bind(a).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::info!(error = %e, "the mesh inbound port {a} is taken; using a free port (--inbound picks one)");
-                    Some(bind(SocketAddr::new(a.ip(), 0), "--inbound").await?)
+            Some(a) if inbound_auto && a.ip().is_loopback() => {
+                match tokio::net::TcpListener::bind(a).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::info!(error = %e, "the mesh inbound port {a} is taken; using a free port (--inbound picks one)");
+                        Some(bind(SocketAddr::new(a.ip(), 0), "--inbound").await?)
+                    }
                 }
-            },
+            }
             Some(a) => Some(bind(a, "--inbound").await?),
             None => None,
         },

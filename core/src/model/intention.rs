@@ -2,12 +2,14 @@
 //! sidecar from the caller's verified certificate (Consul Connect's name and model).
 //!
 //! Each intention names a destination service (or `*`, every service of the namespace)
-//! and a source: a service name, a prefix ending in `*` (`web-*`), or `*`. A destination
-//! with no intention that applies to it allows every caller (Consul's default intention
-//! under a default-allow ACL policy); once one applies, a caller that no intention
-//! matches is denied. When several match, the most specific wins, as in Consul: an exact
-//! destination before `*`, then an exact source before a longer prefix before a shorter
-//! one before `*`.
+//! and a source: a service name, a prefix ending in `*` (`web-*`), or `*`. A caller that
+//! no intention matches is allowed (Consul's default intention under a default-allow ACL
+//! policy), unless an **allow** intention applies to the destination: then the
+//! destination takes only the callers some intention allows (an allow list), so
+//! `allow web payments` alone means "only web", and `deny batch payments` alone means
+//! "everyone but batch". When several match, the most specific wins, as in Consul: an
+//! exact destination before `*`, then an exact source before a longer prefix before a
+//! shorter one before `*`.
 
 use serde::{Deserialize, Serialize};
 
@@ -145,13 +147,14 @@ pub fn decide<'a>(
 ) -> Verdict<'a> {
     // (destination exact, source rank, prefix length): larger is more specific.
     let mut best: Option<((bool, u8, usize), &Intention)> = None;
-    let mut applies = false;
+    // An allow intention for the destination makes it an allow list.
+    let mut allow_list = false;
     for rule in rules {
         let exact_dst = rule.destination == destination;
         if !exact_dst && rule.destination != "*" {
             continue;
         }
-        applies = true;
+        allow_list |= rule.action == Action::Allow;
         let rank = match (source_match(&rule.source), source) {
             (SourceMatch::Any, _) => (1, 0),
             (SourceMatch::Exact(s), Some(caller)) if s == caller => (3, s.len()),
@@ -169,7 +172,7 @@ pub fn decide<'a>(
             by: Some(rule),
         },
         None => Verdict {
-            allowed: !applies,
+            allowed: !allow_list,
             by: None,
         },
     }
@@ -191,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn no_rule_allows_and_the_first_rule_denies_everyone_it_does_not_allow() {
+    fn an_allow_makes_an_allow_list_and_a_deny_denies_only_whom_it_names() {
         assert!(decide(&[], Some("web"), "payments").allowed);
         let rules = [rule("web", "payments", Action::Allow)];
         assert!(decide(&rules, Some("web"), "payments").allowed);
@@ -199,6 +202,11 @@ mod tests {
         assert!(!decide(&rules, None, "payments").allowed);
         // Another destination has no rule: still open.
         assert!(decide(&rules, Some("batch"), "search").allowed);
+        // A deny alone denies only its source.
+        let rules = [rule("batch", "payments", Action::Deny)];
+        assert!(!decide(&rules, Some("batch"), "payments").allowed);
+        assert!(decide(&rules, Some("web"), "payments").allowed);
+        assert!(decide(&rules, None, "payments").allowed);
     }
 
     #[test]

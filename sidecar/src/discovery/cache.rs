@@ -46,6 +46,9 @@ struct CachedInstance<'a> {
     #[serde(default, borrow)]
     zone: Cow<'a, str>,
     state: CachedState,
+    /// Added with the mesh; files written before have none (0: not in the mesh).
+    #[serde(default)]
+    mesh_port: u16,
 }
 
 #[derive(Clone, Copy, Serialize, Deserialize)]
@@ -95,6 +98,7 @@ fn to_file(catalog: &LocalCatalog) -> CacheFile<'_> {
                             weight: i.weight,
                             zone: Cow::Borrowed(&i.zone),
                             state: i.state.into(),
+                            mesh_port: i.mesh_port,
                         };
                         (id.clone(), cached)
                     })
@@ -131,7 +135,7 @@ fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> LocalCatalog 
                 weight: 0,
                 zone: c.zone.into_owned(),
                 state: c.state.into(),
-                mesh_port: 0,
+                mesh_port: c.mesh_port,
             };
             match validate_instance(instance, u32::from(c.port), c.weight) {
                 Ok(i) => {

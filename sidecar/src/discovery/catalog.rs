@@ -25,22 +25,35 @@ pub struct LocalCatalog {
     pub intentions: Arc<IntentionMap>,
     /// The mesh CA's roots, PEM, once the registry sent them.
     pub trust_bundle: Option<Arc<String>>,
+    /// True once a snapshot from a registry was applied in this process: intentions are
+    /// known only then (the cache file does not keep them), so until it is the inbound
+    /// listener refuses every call and the watch asks for a snapshot, not a resume.
+    pub intentions_known: bool,
 }
 
-/// A destination's watched intentions, without any this sidecar cannot read.
+/// A destination's watched intentions. One this sidecar cannot read (a newer registry's
+/// action, a malformed name) fails closed: the destination then denies every caller,
+/// rather than dropping a deny it could not read.
 fn intentions_of(
     d: &pb::DestinationIntentions,
 ) -> Arc<[switchyard_core::model::intention::Intention]> {
-    d.intentions
-        .iter()
-        .filter_map(|i| {
-            let read = intention_from_watch(i);
-            if read.is_none() {
-                tracing::warn!(source = %i.source, destination = %i.destination, "the registry sent an intention this sidecar cannot read; left out");
-            }
-            read
-        })
-        .collect()
+    use switchyard_core::model::intention::{Action, Intention};
+    let read: Option<Vec<Intention>> = d.intentions.iter().map(intention_from_watch).collect();
+    match read {
+        Some(rules) => rules.into(),
+        None => {
+            tracing::error!(destination = %d.destination, "the registry sent an intention this sidecar cannot read; denying every caller of this destination until it can");
+            vec![Intention {
+                source: "*".into(),
+                destination: d.destination.clone(),
+                action: Action::Deny,
+                description: "an intention this sidecar cannot read".into(),
+                revision: 0,
+                updated_ms: 0,
+            }]
+            .into()
+        }
+    }
 }
 
 /// A wire instance as the catalog keeps it: validated by the same rules the registry
@@ -87,6 +100,7 @@ impl LocalCatalog {
             self.trust_bundle = Some(Arc::new(event.trust_bundle));
         }
         let snapshot = matches!(event.kind, Some(pb::watch_event::Kind::Snapshot(_)));
+        self.intentions_known |= snapshot;
         if snapshot || !event.intentions.is_empty() {
             let map = Arc::make_mut(&mut self.intentions);
             if snapshot {
@@ -192,7 +206,11 @@ impl LocalCatalog {
             views.insert(name.clone(), Arc::new(view));
         }
         table.store(views, self.revision);
-        if !Arc::ptr_eq(&table.intentions(), &self.intentions) {
+        if self.intentions_known
+            && table
+                .intentions()
+                .is_none_or(|i| !Arc::ptr_eq(&i, &self.intentions))
+        {
             table.store_intentions(self.intentions.clone());
         }
         if let Some(bundle) = &self.trust_bundle {

@@ -149,7 +149,13 @@ async fn stream_from(
                 pb::WatchRequest {
                     namespace: cfg.namespace.clone(),
                     services: Vec::new(),
-                    since_revision: catalog.revision,
+                    // A catalog from the cache file lacks the intentions: a snapshot
+                    // brings them (and every change since the cache was written).
+                    since_revision: if catalog.intentions_known {
+                        catalog.revision
+                    } else {
+                        0
+                    },
                     cluster_id: catalog.cluster_id.clone(),
                 },
                 cfg.token.as_deref(),
