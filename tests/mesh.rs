@@ -299,6 +299,91 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
         "{history}"
     );
 
+    // mtls: strict. An instance of payments outside the mesh (registered by the app
+    // itself) gets clear text while the service is permissive, and is not used once it
+    // is strict; a sidecar without a mesh certificate then gets 503.
+    let outside = identity_echo();
+    let mut outside_registration =
+        hold_registration(&url, "payments", &outside.port().to_string(), "1.0.0");
+    until("the instance outside the mesh is used (permissive)", || {
+        let r = get(&proxy, "payments", "");
+        (r.ends_with("\r\n\r\nnone"), r)
+    });
+    let out = run(&["route", "mtls", "payments", "strict", "--registry", &url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    until("strict takes effect", || {
+        let r = get(&proxy, "payments", "x-switchyard-explain: 1\r\n");
+        (
+            r.contains("mtls=strict (1 endpoints outside the mesh not used)"),
+            r,
+        )
+    });
+    for i in 0..20 {
+        let r = get(&proxy, "payments", "");
+        assert!(
+            r.ends_with("/ns/default/svc/web"),
+            "request {i} under strict: {r}"
+        );
+    }
+    let shown = run(&["route", "mtls", "payments", "--registry", &url]);
+    assert_eq!(
+        String::from_utf8_lossy(&shown.stdout).trim(),
+        "payments: mtls strict"
+    );
+    let (_plain_client, line, _) = start_until(
+        &[
+            "sidecar",
+            "--registry",
+            &url,
+            "--admin",
+            "127.0.0.1:0",
+            "--http-proxy",
+            "127.0.0.1:0",
+            "--dns",
+            "off",
+        ],
+        "sidecar serving",
+    );
+    let plain_proxy = field(&line, "http_proxy=").to_string();
+    until("a sidecar without a certificate is refused", || {
+        let r = get(&plain_proxy, "payments", "");
+        (
+            r.starts_with("HTTP/1.1 503") && r.contains("takes only mutual TLS"),
+            r,
+        )
+    });
+    let out = run(&[
+        "route",
+        "mtls",
+        "payments",
+        "permissive",
+        "--registry",
+        &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    until("permissive again", || {
+        let r = get(&plain_proxy, "payments", "");
+        (r.starts_with("HTTP/1.1 200"), r)
+    });
+    // The app outside the mesh leaves (deregisters on Ctrl-C).
+    outside_registration.signal("-INT");
+    outside_registration.wait(Duration::from_secs(10));
+    until("the instance outside the mesh is gone", || {
+        let listed = instances_json(&url, "payments");
+        (
+            listed.as_array().map(Vec::len) == Some(1),
+            listed.to_string(),
+        )
+    });
+
     // Leaves renew (10 s lifetime) while requests keep flowing: none fails.
     let renewed_before = metric_sum(&admin, "certificate_requests_total{reason=\"ok\"}");
     let started = Instant::now();
@@ -332,11 +417,20 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
     let roots: serde_json::Value = serde_json::from_slice(&roots.stdout).expect("json");
     let roots = roots["roots"].as_array().cloned().unwrap_or_default();
     assert_eq!(roots.len(), 2, "{roots:?}");
-    let active: Vec<_> = roots.iter().filter(|r| r["active"] == true).collect();
-    assert_eq!(active[0]["id"], rotated["root_id"]);
+    // The new root is trusted at once and signs after the propagation window.
+    let new_root: Vec<_> = roots
+        .iter()
+        .filter(|r| r["id"] == rotated["root_id"])
+        .collect();
+    assert!(
+        new_root[0]["activate_at_ms"].as_u64() > Some(0),
+        "{roots:?}"
+    );
     assert!(roots.iter().any(|r| r["retire_at_ms"].as_u64() > Some(0)));
+    // 18 s: the new root signs after 10 s, and the sidecars re-issue 11-15 s after the
+    // bundle arrived, all under traffic.
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(8) {
+    while started.elapsed() < Duration::from_secs(18) {
         let r = get(&proxy, "payments", "");
         assert!(
             r.ends_with("/ns/default/svc/web"),

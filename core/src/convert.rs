@@ -341,6 +341,7 @@ pub fn snapshot_event(revision: u64, services: &[ServiceSnapshot]) -> pb::WatchE
         })),
         intentions: Vec::new(),
         trust_bundle: String::new(),
+        mtls: Vec::new(),
     }
 }
 
@@ -371,6 +372,27 @@ pub fn delta_event(change: &Change) -> pb::WatchEvent {
             .as_deref()
             .unwrap_or_default()
             .to_string(),
+        mtls: change
+            .mtls
+            .iter()
+            .map(|(_, service, strict)| mtls_setting(service, *strict))
+            .collect(),
+    }
+}
+
+/// A service's mTLS mode on the wire.
+pub fn mtls_setting(service: &str, strict: bool) -> pb::MtlsSetting {
+    pb::MtlsSetting {
+        service: service.to_string(),
+        mode: mtls_mode(strict) as i32,
+    }
+}
+
+pub fn mtls_mode(strict: bool) -> pb::MtlsMode {
+    if strict {
+        pb::MtlsMode::Strict
+    } else {
+        pb::MtlsMode::Permissive
     }
 }
 

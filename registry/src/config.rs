@@ -104,6 +104,10 @@ pub struct MeshConfig {
     pub ca_key: Option<PathBuf>,
     /// Leaves a node signs per second at most.
     pub csr_per_second: u32,
+    /// After a rotation, how long the new root is only trusted before it signs: time
+    /// for every sidecar's watch to deliver it, so no leaf it signed meets a peer that
+    /// does not trust it yet. Sidecars re-issue their leaves after this plus 1-5 s.
+    pub root_propagation: Duration,
 }
 
 impl Default for MeshConfig {
@@ -114,6 +118,7 @@ impl Default for MeshConfig {
             ca_cert: None,
             ca_key: None,
             csr_per_second: crate::identity::DEFAULT_CSR_PER_SECOND,
+            root_propagation: crate::identity::ROOT_PROPAGATION,
         }
     }
 }

@@ -26,6 +26,9 @@ pub const DEFAULT_LEAF_TTL: Duration = Duration::from_secs(72 * 3600);
 /// Leaves this node signs per second at most (bursts of twice that): signing is cheap,
 /// but a stranger with a token must not turn the registry into a signing oracle.
 pub const DEFAULT_CSR_PER_SECOND: u32 = 50;
+/// After a rotation the new root only joins the trust bundle for this long before it
+/// signs (the sidecars' re-issue waits as long, plus jitter: keep the two in step).
+pub const ROOT_PROPAGATION: Duration = Duration::from_secs(10);
 /// A root the registry makes is valid this long.
 const ROOT_DAYS: u32 = 10 * 365;
 
@@ -35,6 +38,8 @@ pub struct MeshSettings {
     pub leaf_ttl: Duration,
     /// The root from `--mesh-ca-cert`/`--mesh-ca-key`, when given.
     pub file_root: Option<Root>,
+    /// How long a rotated-in root is trusted before it signs.
+    pub root_propagation: Duration,
     limiter: Mutex<Bucket>,
 }
 
@@ -44,11 +49,13 @@ impl MeshSettings {
         leaf_ttl: Duration,
         file_root: Option<Root>,
         per_second: u32,
+        root_propagation: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             trust_domain,
             leaf_ttl,
             file_root,
+            root_propagation,
             limiter: Mutex::new(Bucket::new(per_second)),
         })
     }
@@ -161,15 +168,15 @@ pub async fn make_first_root(shared: Arc<Shared>, proposer: Proposer, settings: 
     }
 }
 
-/// Signs the leaf of `service` for the key in `csr` with the active root.
+/// Signs the leaf of `service` for the key in `csr` with `active`, a root of `ca`.
 pub fn sign(
     ca: &MeshCa,
+    active: &CaRoot,
     settings: &MeshSettings,
     csr: &[u8],
     namespace: &str,
     service: &str,
 ) -> Result<Leaf, Status> {
-    let active = ca.active().ok_or_else(no_ca)?;
     let root = match (&active.key_pem, &settings.file_root) {
         (Some(key), _) => Root {
             cert_pem: active.cert_pem.clone(),

@@ -408,6 +408,7 @@ fn load_mesh(
         config.leaf_ttl,
         file_root,
         config.csr_per_second,
+        config.root_propagation,
     ))
 }
 

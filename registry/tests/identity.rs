@@ -191,7 +191,11 @@ async fn leaf(id: &mut IdentityClient<Channel>, token: Option<&str>, service: &s
 
 #[tokio::test]
 async fn rotating_the_root_signs_with_the_new_one_and_keeps_the_old_one_trusted() {
-    let reg = TestRegistry::start_with(|c| c.mesh.leaf_ttl = Duration::from_secs(3600)).await;
+    let reg = TestRegistry::start_with(|c| {
+        c.mesh.leaf_ttl = Duration::from_secs(3600);
+        c.mesh.root_propagation = Duration::from_secs(1);
+    })
+    .await;
     let addr = reg.handle.grpc_addr;
     let mut id = IdentityClient::new(channel(addr).await);
     let before = roots(addr, None).await;
@@ -212,8 +216,16 @@ async fn rotating_the_root_signs_with_the_new_one_and_keeps_the_old_one_trusted(
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64;
-    // Two leaf lifetimes from now, within a minute of slack.
-    assert!(rotated.retire_at_ms.abs_diff(started + 7_200_000) < 60_000);
+    // It signs after the propagation window; the old roots retire two leaf lifetimes
+    // after that (within a minute of slack).
+    assert!(rotated.activate_at_ms.abs_diff(started + 1_000) < 60_000);
+    assert!(rotated.retire_at_ms.abs_diff(started + 1_000 + 7_200_000) < 60_000);
+    // Within the window the old root still signs: a peer may not trust the new one yet.
+    let early = leaf(&mut id, Some(&web), "web").await;
+    let name = "web.default.svc.switchyard.local";
+    switchyard_tls::mesh_ca::verify_leaf(&before.roots[0].cert_pem, &early, name)
+        .expect("signed by the old root during the window");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     let after = id
         .roots(with(Some(&op), pb::RootsRequest {}))
         .await
@@ -225,8 +237,8 @@ async fn rotating_the_root_signs_with_the_new_one_and_keeps_the_old_one_trusted(
     assert_eq!(old.id, before.roots[0].id);
     assert!(!old.active && old.retire_at_ms == rotated.retire_at_ms);
     assert!(new.active && new.id == rotated.root_id && new.retire_at_ms == 0);
+    assert_eq!(new.activate_at_ms, rotated.activate_at_ms);
     // New leaves come from the new root; the old leaf still verifies with the bundle.
-    let name = "web.default.svc.switchyard.local";
     let new_leaf = leaf(&mut id, Some(&web), "web").await;
     switchyard_tls::mesh_ca::verify_leaf(&new.cert_pem, &new_leaf, name).expect("new root");
     assert!(switchyard_tls::mesh_ca::verify_leaf(&old.cert_pem, &new_leaf, name).is_err());

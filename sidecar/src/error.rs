@@ -40,6 +40,9 @@ pub enum ProxyError {
     NoRoute { service: String, reason: String },
     #[error("no healthy upstream: service {service:?} has no usable endpoint ({registered} registered, none SERVING and not ejected)")]
     NoEndpoint { service: String, registered: usize },
+    /// The service's mTLS mode is strict and this sidecar cannot speak mTLS.
+    #[error("service {service:?} takes only mutual TLS (mtls: strict) and this sidecar has no mesh certificate: run it with --service and --mesh-identity, or set the service permissive (switchyard route mtls {service} permissive)")]
+    MeshRequired { service: String },
     #[error("cannot address endpoint {endpoint} ({authority}): not a valid host:port")]
     BadAddress {
         service: String,
@@ -91,6 +94,7 @@ impl ProxyError {
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoint { .. }
+            | ProxyError::MeshRequired { .. }
             | ProxyError::Overloaded { .. }
             | ProxyError::BadAddress { .. } => Side::Local,
             ProxyError::Connect { .. }
@@ -122,6 +126,7 @@ impl ProxyError {
             ProxyError::UnknownService { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::Overloaded { .. }
+            | ProxyError::MeshRequired { .. }
             | ProxyError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadAddress { .. }
             | ProxyError::Connect { .. }
@@ -141,6 +146,7 @@ impl ProxyError {
             | ProxyError::NoRoute { service, .. }
             | ProxyError::BadAddress { service, .. }
             | ProxyError::NoEndpoint { service, .. }
+            | ProxyError::MeshRequired { service }
             | ProxyError::Overloaded { service, .. }
             | ProxyError::Connect { service, .. }
             | ProxyError::Upstream { service, .. }

@@ -6,9 +6,10 @@
 //! The trust bundle comes with each leaf and again in the watch stream whenever the
 //! roots change: a root the watch adds is trusted from the next second on (the leaf's
 //! own bundle is kept too, so a leaf signed by a root the watch has not shown yet still
-//! verifies). A bundle that adds a root means the CA rotated: the leaf is re-issued
-//! 1-5 s later (jittered, so every peer trusts the new root before leaves signed by it
-//! are presented, and a fleet does not ask at once).
+//! verifies). A bundle that adds a root means the CA rotated: the new root signs only
+//! after the registry's propagation window (10 s, so every peer trusts it before it
+//! meets a leaf it signed), and the leaf is re-issued 11-15 s after the bundle arrived
+//! (jittered, so a fleet does not ask at once).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -234,9 +235,14 @@ pub async fn run(
                         seen_bundle = Some(bundle.clone());
                         if identity.adopt_bundle(&bundle) {
                             metrics.trust_bundle_updates.inc();
-                            let soon = Duration::from_millis(1_000 + fastrand::u64(..4_000));
+                            // The registry's ROOT_PROPAGATION (10 s), then 1-5 s of jitter.
+                            let soon = Duration::from_millis(11_000 + fastrand::u64(..4_000));
                             tracing::info!(renew_in = ?soon, "the mesh CA has a new root; re-issuing the leaf");
-                            wake.as_mut().reset(tokio::time::Instant::now() + soon);
+                            // Never later than the renewal already due.
+                            let at = tokio::time::Instant::now() + soon;
+                            if at < wake.deadline() {
+                                wake.as_mut().reset(at);
+                            }
                         }
                     }
                     if let Some(left) = identity.seconds_left() {

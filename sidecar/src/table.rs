@@ -46,6 +46,12 @@ pub struct ServiceView {
     pub limits: Arc<ServiceLimits>,
     /// Ejection counters shared by the service's endpoints, carried over too.
     pub outlier: Arc<ServiceOutlier>,
+    /// The service takes only mutual TLS (`route mtls SVC strict`): its endpoints
+    /// outside the mesh are left out of `endpoints`, and a sidecar without a mesh
+    /// certificate answers 503.
+    pub mtls_strict: bool,
+    /// How many registered endpoints strict mode left out.
+    pub outside_mesh: usize,
 }
 
 impl ServiceView {
@@ -158,6 +164,8 @@ impl ServiceView {
             resilience,
             limits,
             outlier,
+            mtls_strict: false,
+            outside_mesh: 0,
         }
     }
 

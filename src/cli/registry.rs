@@ -254,6 +254,7 @@ impl RegistryArgs {
             ca_cert: self.mesh_ca_cert.clone(),
             ca_key: self.mesh_ca_key.clone(),
             csr_per_second: self.max_csr_per_second,
+            ..switchyard_registry::MeshConfig::default()
         };
         // Checked again here: a --config file's rules did not pass the flag's parser.
         let bad = |e: switchyard_core::model::ValidationError| {

@@ -106,6 +106,14 @@ pub enum RouteVerb {
     },
     /// Remove the policy (plain least request over every instance).
     Clear { service: String },
+    /// Show or set the service's mTLS mode: `strict` (callers reach only its endpoints
+    /// in the mesh, over mutual TLS) or `permissive` (the default: endpoints outside the
+    /// mesh get clear text). Kept beside the policy; `route clear` leaves it.
+    Mtls {
+        service: String,
+        #[arg(value_parser = ["strict", "permissive"])]
+        mode: Option<String>,
+    },
     /// List the recorded changes, oldest first.
     History { service: String },
     /// Restore an earlier revision (default: the one before the current) as a new change.
@@ -454,6 +462,41 @@ pub async fn run(args: RouteArgs) -> Result<(), CliError> {
                 return show(&mut client, &args, service).await;
             }
             change(&mut client, &args, service, |p| flags.apply(p)).await
+        }
+        RouteVerb::Mtls { service, mode } => {
+            let Some(mode) = mode else {
+                let r = client
+                    .get_policy(pb::GetPolicyRequest {
+                        namespace: args.namespace.clone(),
+                        service: service.clone(),
+                    })
+                    .await
+                    .map_err(|s| status_error("", s))?
+                    .into_inner();
+                let strict = r.mtls == pb::MtlsMode::Strict as i32;
+                println!(
+                    "{service}: mtls {}",
+                    if strict { "strict" } else { "permissive" }
+                );
+                return Ok(());
+            };
+            let wire = if mode == "strict" {
+                pb::MtlsMode::Strict
+            } else {
+                pb::MtlsMode::Permissive
+            };
+            let revision = client
+                .set_mtls(pb::SetMtlsRequest {
+                    namespace: args.namespace.clone(),
+                    service: service.clone(),
+                    mode: wire as i32,
+                })
+                .await
+                .map_err(|s| status_error("", s))?
+                .into_inner()
+                .revision;
+            println!("{service}: mtls {mode} at revision {revision}");
+            Ok(())
         }
         RouteVerb::Clear { service } => {
             let revision = client

@@ -75,6 +75,7 @@ async fn mesh_roots(args: MeshArgs) -> Result<(), CliError> {
             "roots": r.roots.iter().map(|root| serde_json::json!({
                 "id": root.id, "created_ms": root.created_ms, "active": root.active,
                 "retire_at_ms": (root.retire_at_ms > 0).then_some(root.retire_at_ms),
+                "activate_at_ms": (root.activate_at_ms > 0).then_some(root.activate_at_ms),
             })).collect::<Vec<_>>(),
         })),
         Output::Table => {
@@ -87,6 +88,11 @@ async fn mesh_roots(args: MeshArgs) -> Result<(), CliError> {
                         root.id.clone(),
                         root.created_ms.to_string(),
                         if root.active { "yes" } else { "" }.to_string(),
+                        if root.activate_at_ms > 0 {
+                            root.activate_at_ms.to_string()
+                        } else {
+                            String::new()
+                        },
                         if root.retire_at_ms > 0 {
                             root.retire_at_ms.to_string()
                         } else {
@@ -95,7 +101,10 @@ async fn mesh_roots(args: MeshArgs) -> Result<(), CliError> {
                     ]
                 })
                 .collect();
-            print_table(&["ROOT", "CREATED_MS", "ACTIVE", "RETIRES_MS"], &rows);
+            print_table(
+                &["ROOT", "CREATED_MS", "SIGNS", "SIGNS_FROM_MS", "RETIRES_MS"],
+                &rows,
+            );
             Ok(())
         }
     }
@@ -113,8 +122,8 @@ async fn rotate(args: MeshArgs) -> Result<(), CliError> {
         })),
         Output::Table => {
             println!(
-                "new active root {} (revision {}); the old roots stay trusted until {} (Unix ms)",
-                r.root_id, r.revision, r.retire_at_ms
+                "new root {} (revision {}): trusted now, signs from {}; the old roots stay trusted until {} (Unix ms)",
+                r.root_id, r.revision, r.activate_at_ms, r.retire_at_ms
             );
             Ok(())
         }

@@ -97,6 +97,7 @@ impl State {
             })),
             intentions: Vec::new(),
             trust_bundle: String::new(),
+            mtls: Vec::new(),
         }
     }
 }

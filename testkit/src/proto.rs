@@ -123,6 +123,7 @@ pub fn snapshot(revision: u64, services: Vec<pb::ServiceState>) -> pb::WatchEven
         kind: Some(pb::watch_event::Kind::Snapshot(pb::Snapshot { services })),
         intentions: Vec::new(),
         trust_bundle: String::new(),
+        mtls: Vec::new(),
     }
 }
 
@@ -158,6 +159,7 @@ pub fn delta(
         })),
         intentions: Vec::new(),
         trust_bundle: String::new(),
+        mtls: Vec::new(),
     }
 }
 

@@ -43,6 +43,21 @@ impl MeshCa {
         self.roots.iter().map(|r| r.cert_pem.as_str()).collect()
     }
 
+    /// The root that signs at `now_ms`: the newest whose activation (`activate`, root id
+    /// -> Unix ms; none: at once) has come. A root rotated in is trusted first and signs
+    /// only from then on.
+    pub fn signing_at(
+        &self,
+        activate: &std::collections::BTreeMap<String, u64>,
+        now_ms: u64,
+    ) -> Option<&CaRoot> {
+        self.roots
+            .iter()
+            .rev()
+            .find(|r| activate.get(&r.id).is_none_or(|&t| t <= now_ms))
+            .or_else(|| self.roots.first())
+    }
+
     /// This CA without the roots `retire` (root id -> Unix ms) retired by `now_ms`; the
     /// active root is never retired.
     pub fn trusted_at(

@@ -123,6 +123,8 @@ pub struct Change {
     pub intentions: Vec<IntentionsChange>,
     /// The mesh CA's new trust bundle, when its roots changed.
     pub trust_bundle: Option<Arc<str>>,
+    /// Services whose mTLS mode changed: (namespace, service, strict).
+    pub mtls: Vec<(String, String, bool)>,
     /// The whole catalog was replaced: watchers must resync with a snapshot.
     pub reset: bool,
 }
@@ -152,6 +154,7 @@ impl Change {
                 .policies
                 .iter()
                 .any(|p| wanted(&p.namespace, &p.service))
+            || self.mtls.iter().any(|(ns, svc, _)| wanted(ns, svc))
             // Every watcher of the namespace gets its intentions and the roots.
             || self.intentions.iter().any(|i| i.namespace == namespace)
             || self.trust_bundle.is_some()

@@ -185,6 +185,11 @@ impl WatchEvents {
                 .iter()
                 .map(|(d, rules)| destination_intentions(d, rules))
                 .collect();
+            event.mtls = catalog
+                .strict_services(&self.namespace, &self.services)
+                .iter()
+                .map(|s| super::convert::mtls_setting(s, true))
+                .collect();
             event.trust_bundle = catalog
                 .trusted_mesh_ca(crate::rollout::now_ms())
                 .map(|ca| ca.bundle_pem())

@@ -51,19 +51,23 @@ impl Identity for IdentityApi {
             &request.get_ref().service,
         )?;
         self.settings.admit()?;
-        let ca = self
-            .shared
-            .catalog
-            .read()
-            .trusted_mesh_ca(now_ms())
-            .ok_or_else(no_ca)?;
+        let (ca, signer) = {
+            let catalog = self.shared.catalog.read();
+            let now = now_ms();
+            let ca = catalog.trusted_mesh_ca(now).ok_or_else(no_ca)?;
+            let signer = ca
+                .signing_at(catalog.mesh_root_activations(), now)
+                .cloned()
+                .ok_or_else(no_ca)?;
+            (ca, signer)
+        };
         let req = request.into_inner();
         // Signing takes a little CPU: off the async workers.
         let settings = self.settings.clone();
         let service = req.service.clone();
         let ns = namespace.clone();
         let leaf = tokio::task::spawn_blocking(move || {
-            sign(&ca, &settings, &req.csr, &ns, &service).map(|l| (l, ca))
+            sign(&ca, &signer, &settings, &req.csr, &ns, &service).map(|l| (l, ca))
         })
         .await
         .map_err(|_| Status::internal("signing task failed"))??;
@@ -100,12 +104,19 @@ impl Identity for IdentityApi {
                 "*",
             ));
         }
-        let (ca, retire) = {
+        let (ca, retire, activate) = {
             let catalog = self.shared.catalog.read();
             let ca = catalog.trusted_mesh_ca(now_ms()).ok_or_else(no_ca)?;
-            (ca, catalog.mesh_root_retirements().clone())
+            (
+                ca,
+                catalog.mesh_root_retirements().clone(),
+                catalog.mesh_root_activations().clone(),
+            )
         };
-        let active = ca.active().map(|r| r.id.clone()).unwrap_or_default();
+        let active = ca
+            .signing_at(&activate, now_ms())
+            .map(|r| r.id.clone())
+            .unwrap_or_default();
         Ok(Response::new(pb::RootsResponse {
             trust_domain: ca.trust_domain.clone(),
             bundle: ca.bundle_pem(),
@@ -117,11 +128,8 @@ impl Identity for IdentityApi {
                     cert_pem: r.cert_pem.clone(),
                     created_ms: r.created_ms,
                     active: r.id == active,
-                    retire_at_ms: if r.id == active {
-                        0
-                    } else {
-                        retire.get(&r.id).copied().unwrap_or(0)
-                    },
+                    retire_at_ms: retire.get(&r.id).copied().unwrap_or(0),
+                    activate_at_ms: activate.get(&r.id).copied().unwrap_or(0),
                 })
                 .collect(),
         }))
@@ -151,12 +159,16 @@ impl Identity for IdentityApi {
                 })?;
             let at_ms = now_ms();
             let lifetime = u64::try_from(self.settings.leaf_ttl.as_millis()).unwrap_or(u64::MAX);
-            let retire_at_ms = at_ms.saturating_add(lifetime.saturating_mul(2));
+            let propagation =
+                u64::try_from(self.settings.root_propagation.as_millis()).unwrap_or(u64::MAX);
+            let activate_at_ms = at_ms.saturating_add(propagation);
+            let retire_at_ms = activate_at_ms.saturating_add(lifetime.saturating_mul(2));
             let root_id = root.id.clone();
             let reply = self
                 .proposer
                 .propose(Command::RotateMeshCa {
                     root: Box::new(root),
+                    activate_at_ms,
                     retire_at_ms,
                     at_ms,
                 })
@@ -171,6 +183,7 @@ impl Identity for IdentityApi {
                 root_id,
                 retire_at_ms,
                 revision,
+                activate_at_ms,
             })
         }
         .await;

@@ -68,6 +68,9 @@ pub fn status(e: ProposeError) -> Status {
             Status::not_found(e.to_string())
         }
         ProposeError::Refused(ApplyError::NoMeshCa) => Status::unavailable(e.to_string()),
+        ProposeError::Refused(ApplyError::TooManyStrictServices(..)) => {
+            Status::resource_exhausted(e.to_string())
+        }
         ProposeError::Refused(ApplyError::TooManyMeshRoots(_))
         | ProposeError::Refused(ApplyError::MeshRootExists(_)) => {
             Status::failed_precondition(e.to_string())

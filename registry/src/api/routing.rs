@@ -1,4 +1,5 @@
-//! `switchyard.v1.Routing`: PutPolicy, GetPolicy, PolicyHistory, RollbackPolicy.
+//! `switchyard.v1.Routing`: PutPolicy, GetPolicy, PolicyHistory, RollbackPolicy, and
+//! SetMtls (a service's mTLS mode, kept beside its policy).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -103,6 +104,7 @@ impl RoutingApi {
                 .policy(&namespace, &req.service)
                 .filter(|r| r.policy.is_some())
                 .map(record_to_proto),
+            mtls: super::convert::mtls_mode(catalog.mtls_strict(&namespace, &req.service)) as i32,
         })
     }
 
@@ -143,6 +145,49 @@ impl RoutingApi {
 
 #[tonic::async_trait]
 impl Routing for RoutingApi {
+    async fn set_mtls(
+        &self,
+        request: Request<pb::SetMtlsRequest>,
+    ) -> Result<Response<pb::SetMtlsResponse>, Status> {
+        let r = async {
+            let req = request.get_ref();
+            let namespace = Self::target(&req.namespace, &req.service)?;
+            let strict = match pb::MtlsMode::try_from(req.mode) {
+                Ok(pb::MtlsMode::Strict) => true,
+                Ok(pb::MtlsMode::Permissive | pb::MtlsMode::Unspecified) => false,
+                Err(_) => {
+                    return Err(Status::invalid_argument(
+                        "invalid mode: MTLS_MODE_PERMISSIVE or MTLS_MODE_STRICT",
+                    ))
+                }
+            };
+            auth::check(
+                &self.shared,
+                request.metadata(),
+                "SetMtls",
+                Right::Policy,
+                &req.service,
+            )?;
+            let reply = self
+                .proposer
+                .propose(Command::SetMtls {
+                    namespace,
+                    service: req.service.clone(),
+                    strict,
+                })
+                .await
+                .map_err(status)?;
+            Ok(pb::SetMtlsResponse {
+                revision: match reply {
+                    Reply::Done { revision } => revision,
+                    _ => 0,
+                },
+            })
+        }
+        .await;
+        self.shared.metrics.observe("SetMtls", r).map(Response::new)
+    }
+
     async fn put_policy(
         &self,
         request: Request<pb::PutPolicyRequest>,

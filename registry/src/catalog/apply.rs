@@ -126,6 +126,8 @@ pub enum ApplyError {
     TokenNotFound(String),
     #[error("namespace {0:?} already holds its maximum of {1} intentions: delete some, or use `*` sources and prefixes (web-*) instead of one intention per service")]
     TooManyIntentions(String, usize),
+    #[error("namespace {0:?} already has {1} services with strict mTLS (at most --max-policies-per-namespace): set some back to permissive or use another namespace")]
+    TooManyStrictServices(String, usize),
     #[error("the mesh CA has no root yet (the leader makes it): retry in a moment")]
     NoMeshCa,
     #[error("the mesh CA already trusts {0} roots: wait until the oldest retires (two leaf lifetimes after it was superseded)")]
@@ -235,6 +237,10 @@ pub struct Catalog {
     pub(super) mesh_ca: Option<crate::model::mesh_ca::MeshCa>,
     /// Root id -> when it stops being trusted (Unix ms), for roots a rotation superseded.
     pub(super) mesh_root_retire: BTreeMap<String, u64>,
+    /// Root id -> when it starts signing (Unix ms), for roots a rotation brought in.
+    pub(super) mesh_root_activate: BTreeMap<String, u64>,
+    /// (namespace, service) of every service whose mTLS mode is strict.
+    pub(super) mtls_strict: BTreeSet<(String, String)>,
     /// namespace -> its intentions and their history.
     pub(super) intentions: BTreeMap<String, super::intentions::NamespaceIntentions>,
 }
@@ -261,15 +267,77 @@ impl Catalog {
             .map(|ca| ca.trusted_at(&self.mesh_root_retire, now_ms))
     }
 
+    /// Whether `service`'s mTLS mode is strict.
+    pub fn mtls_strict(&self, namespace: &str, service: &str) -> bool {
+        self.mtls_strict
+            .contains(&(namespace.to_string(), service.to_string()))
+    }
+
+    /// The strict services of `namespace` among `services` (every one when empty).
+    pub fn strict_services(&self, namespace: &str, services: &[String]) -> Vec<String> {
+        self.mtls_strict
+            .iter()
+            .filter(|(ns, svc)| {
+                ns == namespace && (services.is_empty() || services.iter().any(|s| s == svc))
+            })
+            .map(|(_, svc)| svc.clone())
+            .collect()
+    }
+
+    fn set_mtls(
+        &mut self,
+        index: u64,
+        namespace: &str,
+        service: &str,
+        strict: bool,
+    ) -> ApplyResult {
+        let key = (namespace.to_string(), service.to_string());
+        if strict && !self.mtls_strict.contains(&key) {
+            let in_namespace = self
+                .mtls_strict
+                .iter()
+                .filter(|(ns, _)| ns == namespace)
+                .count();
+            let max = self.limits.max_policies_per_namespace;
+            if in_namespace >= max {
+                return ApplyResult::refused(ApplyError::TooManyStrictServices(
+                    namespace.to_string(),
+                    max,
+                ));
+            }
+        }
+        if strict {
+            self.mtls_strict.insert(key);
+        } else {
+            self.mtls_strict.remove(&key);
+        }
+        self.revision = index;
+        ApplyResult {
+            reply: Ok(Reply::Done { revision: index }),
+            change: Some(Change {
+                revision: index,
+                mtls: vec![(namespace.to_string(), service.to_string(), strict)],
+                ..Change::default()
+            }),
+            ..ApplyResult::refused(ApplyError::Batch)
+        }
+    }
+
     /// When each superseded root stops being trusted (Unix ms).
     pub fn mesh_root_retirements(&self) -> &BTreeMap<String, u64> {
         &self.mesh_root_retire
+    }
+
+    /// When each rotated-in root starts signing (Unix ms).
+    pub fn mesh_root_activations(&self) -> &BTreeMap<String, u64> {
+        &self.mesh_root_activate
     }
 
     fn rotate_mesh_ca(
         &mut self,
         index: u64,
         root: &crate::model::mesh_ca::CaRoot,
+        activate_at_ms: u64,
         retire_at_ms: u64,
         at_ms: u64,
     ) -> ApplyResult {
@@ -294,6 +362,9 @@ impl Catalog {
             .retain(|r| retire.get(&r.id).is_none_or(|&t| t > at_ms));
         let ids: Vec<String> = ca.roots.iter().map(|r| r.id.clone()).collect();
         self.mesh_root_retire.retain(|id, _| ids.contains(id));
+        self.mesh_root_activate.retain(|id, _| ids.contains(id));
+        self.mesh_root_activate
+            .insert(root.id.clone(), activate_at_ms);
         for id in ids {
             self.mesh_root_retire.entry(id).or_insert(retire_at_ms);
         }
@@ -428,9 +499,15 @@ impl Catalog {
             } => self.delete_intention(index, namespace, source, destination, *at_ms),
             Command::RotateMeshCa {
                 root,
+                activate_at_ms,
                 retire_at_ms,
                 at_ms,
-            } => self.rotate_mesh_ca(index, root, *retire_at_ms, *at_ms),
+            } => self.rotate_mesh_ca(index, root, *activate_at_ms, *retire_at_ms, *at_ms),
+            Command::SetMtls {
+                namespace,
+                service,
+                strict,
+            } => self.set_mtls(index, namespace, service, *strict),
             // The state machine unpacks batches; one reaching here is refused whole.
             Command::Batch(_) => ApplyResult {
                 reply: Err(ApplyError::Batch),
@@ -450,6 +527,53 @@ mod tests {
     use crate::model::{State, DEFAULT_NAMESPACE};
 
     #[test]
+    fn a_services_mtls_mode_is_set_kept_in_snapshots_and_bounded() {
+        let set = |svc: &str, strict: bool| Command::SetMtls {
+            namespace: DEFAULT_NAMESPACE.into(),
+            service: svc.into(),
+            strict,
+        };
+        let mut c = Catalog::new(Limits {
+            max_policies_per_namespace: 2,
+            ..Limits::default()
+        });
+        let r = c.apply(1, &set("payments", true));
+        assert_eq!(r.reply, Ok(Reply::Done { revision: 1 }));
+        assert_eq!(
+            r.change.map(|ch| ch.mtls),
+            Some(vec![(
+                DEFAULT_NAMESPACE.to_string(),
+                "payments".to_string(),
+                true
+            )])
+        );
+        assert!(c.mtls_strict(DEFAULT_NAMESPACE, "payments"));
+        assert!(!c.mtls_strict(DEFAULT_NAMESPACE, "web"));
+        c.apply(2, &set("ledger", true));
+        assert_eq!(
+            c.apply(3, &set("third", true)).reply,
+            Err(ApplyError::TooManyStrictServices(
+                DEFAULT_NAMESPACE.into(),
+                2
+            ))
+        );
+        assert_eq!(
+            c.strict_services(DEFAULT_NAMESPACE, &[]),
+            vec!["ledger", "payments"]
+        );
+        assert_eq!(
+            c.strict_services(DEFAULT_NAMESPACE, &["payments".to_string()]),
+            vec!["payments"]
+        );
+        let back = Catalog::from_persisted(Limits::default(), c.to_persisted());
+        assert!(back.mtls_strict(DEFAULT_NAMESPACE, "ledger"));
+        c.apply(4, &set("ledger", false));
+        assert!(!c.mtls_strict(DEFAULT_NAMESPACE, "ledger"));
+        // Setting back to permissive never hits the bound.
+        assert!(c.apply(5, &set("nobody", false)).reply.is_ok());
+    }
+
+    #[test]
     fn a_rotation_keeps_superseded_roots_trusted_until_they_retire() {
         use crate::model::mesh_ca::{CaRoot, MeshCa, MAX_MESH_ROOTS};
         let root = |id: &str| CaRoot {
@@ -460,6 +584,7 @@ mod tests {
         };
         let rotate = |id: &str, at_ms: u64, retire_at_ms: u64| Command::RotateMeshCa {
             root: Box::new(root(id)),
+            activate_at_ms: at_ms + 10,
             retire_at_ms,
             at_ms,
         };

@@ -111,8 +111,16 @@ pub enum Command {
     /// `at_ms` are dropped.
     RotateMeshCa {
         root: Box<crate::model::mesh_ca::CaRoot>,
+        /// When the new root starts signing (until then it is only trusted).
+        activate_at_ms: u64,
         retire_at_ms: u64,
         at_ms: u64,
+    },
+    /// Sets a service's mTLS mode: strict (only mesh endpoints, over mTLS) or not.
+    SetMtls {
+        namespace: String,
+        service: String,
+        strict: bool,
     },
 }
 
@@ -137,6 +145,7 @@ impl Command {
             Command::PutIntention { .. } => "put_intention",
             Command::DeleteIntention { .. } => "delete_intention",
             Command::RotateMeshCa { .. } => "rotate_mesh_ca",
+            Command::SetMtls { .. } => "set_mtls",
         }
     }
 }

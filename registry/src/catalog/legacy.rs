@@ -207,8 +207,14 @@ enum CommandIn {
     },
     RotateMeshCa {
         root: Box<crate::model::mesh_ca::CaRoot>,
+        activate_at_ms: u64,
         retire_at_ms: u64,
         at_ms: u64,
+    },
+    SetMtls {
+        namespace: String,
+        service: String,
+        strict: bool,
     },
 }
 
@@ -295,8 +301,14 @@ enum CommandOut<'a> {
     },
     RotateMeshCa {
         root: &'a crate::model::mesh_ca::CaRoot,
+        activate_at_ms: u64,
         retire_at_ms: u64,
         at_ms: u64,
+    },
+    SetMtls {
+        namespace: &'a str,
+        service: &'a str,
+        strict: bool,
     },
 }
 
@@ -397,12 +409,23 @@ impl Serialize for Command {
             },
             Command::RotateMeshCa {
                 root,
+                activate_at_ms,
                 retire_at_ms,
                 at_ms,
             } => CommandOut::RotateMeshCa {
                 root,
+                activate_at_ms: *activate_at_ms,
                 retire_at_ms: *retire_at_ms,
                 at_ms: *at_ms,
+            },
+            Command::SetMtls {
+                namespace,
+                service,
+                strict,
+            } => CommandOut::SetMtls {
+                namespace,
+                service,
+                strict: *strict,
             },
         };
         out.serialize(s)
@@ -520,12 +543,23 @@ impl<'de> Deserialize<'de> for Command {
             },
             CommandIn::RotateMeshCa {
                 root,
+                activate_at_ms,
                 retire_at_ms,
                 at_ms,
             } => Command::RotateMeshCa {
                 root,
+                activate_at_ms,
                 retire_at_ms,
                 at_ms,
+            },
+            CommandIn::SetMtls {
+                namespace,
+                service,
+                strict,
+            } => Command::SetMtls {
+                namespace,
+                service,
+                strict,
             },
         })
     }

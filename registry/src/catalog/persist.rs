@@ -44,8 +44,12 @@ const SECTION_MESH_CA: &str = "mesh_ca";
 /// The section holding each meshed instance's `mesh_port` (namespace, id, port), which
 /// the instance's own serde form leaves out (see [`Instance::mesh_port`]).
 const SECTION_MESH_PORTS: &str = "mesh_ports";
+/// The section holding the services whose mTLS mode is strict.
+const SECTION_MTLS_STRICT: &str = "mtls_strict";
 /// The section holding when each superseded mesh root retires.
 const SECTION_MESH_ROOT_RETIRE: &str = "mesh_root_retire";
+/// The section holding when each rotated-in mesh root starts signing.
+const SECTION_MESH_ROOT_ACTIVATE: &str = "mesh_root_activate";
 /// The section holding every namespace's intentions and their history.
 const SECTION_INTENTIONS: &str = "intentions";
 
@@ -345,6 +349,16 @@ impl Catalog {
                 out.push((SECTION_MESH_PORTS.to_string(), bytes));
             }
         }
+        if !self.mtls_strict.is_empty() {
+            if let Ok(bytes) = postcard::to_stdvec(&self.mtls_strict) {
+                out.push((SECTION_MTLS_STRICT.to_string(), bytes));
+            }
+        }
+        if !self.mesh_root_activate.is_empty() {
+            if let Ok(bytes) = postcard::to_stdvec(&self.mesh_root_activate) {
+                out.push((SECTION_MESH_ROOT_ACTIVATE.to_string(), bytes));
+            }
+        }
         if !self.mesh_root_retire.is_empty() {
             if let Ok(bytes) = postcard::to_stdvec(&self.mesh_root_retire) {
                 out.push((SECTION_MESH_ROOT_RETIRE.to_string(), bytes));
@@ -371,6 +385,18 @@ impl Catalog {
                     Ok(ca) => self.mesh_ca = Some(ca),
                     Err(e) => {
                         tracing::error!(error = %e, "the snapshot's mesh CA section does not decode; the next leader makes a new CA")
+                    }
+                },
+                SECTION_MTLS_STRICT => match postcard::from_bytes(&bytes) {
+                    Ok(strict) => self.mtls_strict = strict,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the snapshot's strict-mTLS section does not decode; every service is permissive until set again")
+                    }
+                },
+                SECTION_MESH_ROOT_ACTIVATE => match postcard::from_bytes(&bytes) {
+                    Ok(activate) => self.mesh_root_activate = activate,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the snapshot's mesh root activation section does not decode; rotated-in roots sign at once")
                     }
                 },
                 SECTION_MESH_ROOT_RETIRE => match postcard::from_bytes(&bytes) {

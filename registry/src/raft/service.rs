@@ -178,6 +178,12 @@ fn check_forwarded(command: &Command) -> Result<(), Status> {
                 ));
             }
         }
+        Command::SetMtls {
+            namespace, service, ..
+        } => {
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            crate::model::validate_name("service", service).map_err(invalid)?;
+        }
         Command::RotateMeshCa { root, .. } => {
             let pem_ok = |p: &str| p.len() <= 16 * 1024 && p.contains("-----BEGIN");
             if root.id.is_empty()

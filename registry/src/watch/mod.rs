@@ -137,6 +137,12 @@ pub fn filter(change: &Change, namespace: &str, services: &[String]) -> Option<C
             .cloned()
             .collect(),
         trust_bundle: change.trust_bundle.clone(),
+        mtls: change
+            .mtls
+            .iter()
+            .filter(|(ns, svc, _)| wanted(ns, svc))
+            .cloned()
+            .collect(),
         reset: false,
     })
 }

@@ -29,6 +29,8 @@ pub struct LocalCatalog {
     /// known only then (the cache file does not keep them), so until it is the inbound
     /// listener refuses every call and the watch asks for a snapshot, not a resume.
     pub intentions_known: bool,
+    /// Services whose mTLS mode is strict.
+    pub strict: BTreeSet<String>,
 }
 
 /// A destination's watched intentions. One this sidecar cannot read (a newer registry's
@@ -101,6 +103,18 @@ impl LocalCatalog {
         }
         let snapshot = matches!(event.kind, Some(pb::watch_event::Kind::Snapshot(_)));
         self.intentions_known |= snapshot;
+        if snapshot {
+            self.strict.clear();
+        }
+        let mut mtls_touched = Vec::new();
+        for m in &event.mtls {
+            if m.mode == pb::MtlsMode::Strict as i32 {
+                self.strict.insert(m.service.clone());
+            } else {
+                self.strict.remove(&m.service);
+            }
+            mtls_touched.push(m.service.clone());
+        }
         if snapshot || !event.intentions.is_empty() {
             let map = Arc::make_mut(&mut self.intentions);
             if snapshot {
@@ -167,9 +181,10 @@ impl LocalCatalog {
                     }
                     touched.insert(p.service);
                 }
+                touched.extend(mtls_touched);
                 Touched::Some(touched)
             }
-            None => Touched::Some(BTreeSet::new()),
+            None => Touched::Some(mtls_touched.into_iter().collect()),
         }
     }
 
@@ -193,16 +208,32 @@ impl LocalCatalog {
                 views.remove(name);
                 continue;
             }
-            let view = ServiceView::new(
+            // Strict mTLS: endpoints outside the mesh are not routed to at all.
+            let strict = self.strict.contains(name);
+            let all = records.unwrap_or(&empty);
+            let meshed: BTreeMap<String, Arc<Instance>>;
+            let records = if strict {
+                meshed = all
+                    .iter()
+                    .filter(|(_, i)| i.mesh_port != 0)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                &meshed
+            } else {
+                all
+            };
+            let mut view = ServiceView::new(
                 name.clone(),
                 self.revision,
-                records.unwrap_or(&empty),
+                records,
                 policy,
                 old.get(name).map(|v| v.as_ref()),
                 metrics,
                 table.defaults(),
                 table.outlier(),
             );
+            view.mtls_strict = strict;
+            view.outside_mesh = all.len() - records.len();
             views.insert(name.clone(), Arc::new(view));
         }
         table.store(views, self.revision);

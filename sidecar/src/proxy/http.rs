@@ -608,8 +608,25 @@ async fn forward(
         }
         .into());
     };
+    // Strict mTLS: the view holds mesh endpoints only, and this sidecar must be able
+    // to dial them with its certificate.
+    if view.mtls_strict && !ctx.meshed(endpoint) {
+        return Err(ProxyError::MeshRequired {
+            service: service.to_string(),
+        }
+        .into());
+    }
     let mut explanation =
         explain_wanted.then(|| explain(&decision, &view.endpoints, pool, Some(endpoint)));
+    if view.mtls_strict {
+        note(
+            &mut explanation,
+            format_args!(
+                "mtls=strict ({} endpoints outside the mesh not used)",
+                view.outside_mesh
+            ),
+        );
+    }
     if let Some(s) = decision.subset {
         if let Ok(v) = HeaderValue::from_str(&s.name) {
             req.headers_mut()

@@ -118,6 +118,11 @@ async fn connect_and_copy(
             registered: view.endpoints.len(),
         }
     })?;
+    if view.mtls_strict && !ctx.meshed(endpoint) {
+        return Err(ProxyError::MeshRequired {
+            service: service.to_string(),
+        });
+    }
     let policy = &view.resilience.retry;
     let retries = if policy.matches(Failure::Connect) {
         policy.retries
