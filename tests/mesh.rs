@@ -100,6 +100,30 @@ fn metric_sum(admin: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// A gRPC health check of `payments` through the sidecar proxy at `proxy` (h2c to the
+/// proxy, which routes by :authority): the status, if the call failed.
+fn grpc_to_payments(proxy: &str) -> Result<(), tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy}"))
+            .expect("url")
+            .origin("http://payments".parse().expect("uri"))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|_| ())
+    })
+}
+
 fn intention(url: &str, args: &[&str]) -> String {
     let mut all = vec!["intention"];
     all.extend_from_slice(args);
@@ -267,6 +291,13 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
         (r.starts_with("HTTP/1.1 403"), r)
     });
     assert!(get(&proxy, "payments", "").contains("deny web -> *"));
+    // gRPC gets PERMISSION_DENIED, with the reason.
+    match grpc_to_payments(&proxy) {
+        Err(s) if s.code() == tonic::Code::PermissionDenied => {
+            assert!(s.message().contains("deny web -> *"), "{s:?}")
+        }
+        other => panic!("a denied gRPC call got {other:?}"),
+    }
     until("the deny closes TCP", || {
         let r = get(&tcp, "ledger", "");
         (!r.starts_with("HTTP/"), r)
