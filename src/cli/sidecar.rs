@@ -470,6 +470,16 @@ pub enum AppProtocol {
 /// The mesh inbound port (DESIGN.md's 15006).
 const INBOUND_PORT: u16 = 15006;
 
+/// Where `--inbound auto` listens: every interface in a pod or when peers reach the
+/// instance at a non-loopback `address`, else loopback (peers dial --address).
+fn auto_inbound(in_pod: bool, address: &str) -> SocketAddr {
+    if in_pod || !is_loopback(address) {
+        SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))
+    } else {
+        SocketAddr::from(([127, 0, 0, 1], INBOUND_PORT))
+    }
+}
+
 /// Whether peers reaching `address` (an IP literal or a hostname) stay on this host.
 fn is_loopback(address: &str) -> bool {
     address == "localhost"
@@ -504,14 +514,7 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
     let meshable = args.service.is_some() && args.mesh_identity;
     let inbound_auto = args.inbound == "auto";
     let inbound_addr = if inbound_auto {
-        meshable.then(|| {
-            // Peers dial --address: loopback only when that is where they find it.
-            if in_pod() || !is_loopback(&args.address) {
-                SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))
-            } else {
-                SocketAddr::from(([127, 0, 0, 1], INBOUND_PORT))
-            }
-        })
+        meshable.then(|| auto_inbound(in_pod(), &args.address))
     } else {
         optional_addr(&args.inbound, "--inbound")?
     };
@@ -604,4 +607,29 @@ fn default_cache_file() -> PathBuf {
         .or_else(|| var("HOME").map(|h| h.join(".local/state/switchyard")))
         .unwrap_or_else(|| std::env::temp_dir().join("switchyard"));
     dir.join("sidecar-catalog.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_inbound_listens_where_peers_dial() {
+        let any = SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT));
+        let local = SocketAddr::from(([127, 0, 0, 1], INBOUND_PORT));
+        assert_eq!(
+            auto_inbound(true, "127.0.0.1"),
+            any,
+            "a pod: every interface"
+        );
+        assert_eq!(auto_inbound(false, "127.0.0.1"), local);
+        assert_eq!(auto_inbound(false, "::1"), local);
+        assert_eq!(auto_inbound(false, "localhost"), local);
+        assert_eq!(auto_inbound(false, "10.0.0.5"), any, "peers dial 10.0.0.5");
+        assert_eq!(
+            auto_inbound(false, "web-v1"),
+            any,
+            "a hostname: another host"
+        );
+    }
 }

@@ -214,11 +214,25 @@ mod tests {
         assert_eq!(web["web-2"].state, State::Draining);
         assert_eq!(web["web-2"].service, "web");
         assert_eq!(catalog.cluster_id, "", "0.1.0 files have no cluster id");
+        assert_eq!(web["web-1"].mesh_port, 0, "older files have no mesh port");
         let mut catalog = catalog;
         catalog.cluster_id = "0123456789abcdef0123456789abcdef".into();
+        if let Some(i) = catalog
+            .services
+            .get_mut("web")
+            .and_then(|w| w.get_mut("web-1"))
+        {
+            Arc::make_mut(i).mesh_port = 15006;
+        }
         store(&path, &catalog).expect("store");
         let again = load(&path, "default").expect("readable").expect("present");
-        assert_eq!(again, catalog, "the cluster id is kept with the catalog");
+        assert_eq!(
+            again, catalog,
+            "the cluster id and mesh ports are kept with the catalog"
+        );
+        assert_eq!(again.services["web"]["web-1"].mesh_port, 15006);
+        // Intentions are not in the file: a loaded catalog asks for a snapshot.
+        assert!(!again.intentions_known);
     }
 
     #[test]
