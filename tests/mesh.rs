@@ -47,6 +47,40 @@ fn identity_echo() -> std::net::SocketAddr {
     addr
 }
 
+/// A sidecar of the registry at `url` with its admin on a free loopback port and no DNS,
+/// plus `extra` flags; the process and its "sidecar serving" line.
+fn sidecar(url: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "sidecar",
+        "--registry",
+        url,
+        "--admin",
+        "127.0.0.1:0",
+        "--dns",
+        "off",
+    ];
+    args.extend_from_slice(extra);
+    let (proc, line, _) = start_until(&args, "sidecar serving");
+    (proc, line)
+}
+
+/// The sidecar of `service` (its app on `port`, version 1.0.0) with a mesh inbound port
+/// on a free loopback port.
+fn meshed_sidecar(url: &str, service: &str, port: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "--service",
+        service,
+        "--port",
+        port,
+        "--version",
+        "1.0.0",
+        "--inbound",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    sidecar(url, &args)
+}
+
 /// A loopback port nobody listens on right now.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -145,54 +179,20 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
 
     let app = identity_echo();
     let app_port = app.port().to_string();
-    let (_payments, line, _) = start_until(
-        &[
-            "sidecar",
-            "--registry",
-            &url,
-            "--service",
-            "payments",
-            "--port",
-            &app_port,
-            "--version",
-            "1.0.0",
-            "--admin",
-            "127.0.0.1:0",
-            "--http-proxy",
-            "off",
-            "--dns",
-            "off",
-            "--inbound",
-            "127.0.0.1:0",
-        ],
-        "sidecar serving",
-    );
+    let (_payments, line) = meshed_sidecar(&url, "payments", &app_port, &["--http-proxy", "off"]);
     let inbound = field(&line, "inbound=").to_string();
     let payments_admin = field(&line, "admin=").to_string();
-    let (_ledger, line, _) = start_until(
+    let (_ledger, line) = meshed_sidecar(
+        &url,
+        "ledger",
+        &app_port,
         &[
-            "sidecar",
-            "--registry",
-            &url,
-            "--service",
-            "ledger",
-            "--port",
-            &app_port,
-            "--version",
-            "1.0.0",
-            "--admin",
-            "127.0.0.1:0",
             "--http-proxy",
             "off",
-            "--dns",
-            "off",
-            "--inbound",
-            "127.0.0.1:0",
             "--app-protocol",
             "tcp",
             "--health-tcp",
         ],
-        "sidecar serving",
     );
     let ledger_admin = field(&line, "admin=").to_string();
 
@@ -203,31 +203,18 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
     // could carry a forged identity header nothing would remove).
     let raw_port = free_port();
     let raw_upstream = format!("payments=127.0.0.1:{raw_port}");
-    let (_web, line, _) = start_until(
+    let (_web, line) = meshed_sidecar(
+        &url,
+        "web",
+        &web_app,
         &[
-            "sidecar",
-            "--registry",
-            &url,
-            "--service",
-            "web",
-            "--port",
-            &web_app,
-            "--version",
-            "1.0.0",
-            "--admin",
-            "127.0.0.1:0",
             "--http-proxy",
-            "127.0.0.1:0",
-            "--dns",
-            "off",
-            "--inbound",
             "127.0.0.1:0",
             "--upstream",
             &tcp_upstream,
             "--upstream",
             &raw_upstream,
         ],
-        "sidecar serving",
     );
     let proxy = field(&line, "http_proxy=").to_string();
     let admin = field(&line, "admin=").to_string();
@@ -365,20 +352,7 @@ fn two_sidecars_speak_mutual_tls_and_enforce_intentions() {
         String::from_utf8_lossy(&shown.stdout).trim(),
         "payments: mtls strict"
     );
-    let (_plain_client, line, _) = start_until(
-        &[
-            "sidecar",
-            "--registry",
-            &url,
-            "--admin",
-            "127.0.0.1:0",
-            "--http-proxy",
-            "127.0.0.1:0",
-            "--dns",
-            "off",
-        ],
-        "sidecar serving",
-    );
+    let (_plain_client, line) = sidecar(&url, &["--http-proxy", "127.0.0.1:0"]);
     let plain_proxy = field(&line, "http_proxy=").to_string();
     until("a sidecar without a certificate is refused", || {
         let r = get(&plain_proxy, "payments", "");

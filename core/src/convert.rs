@@ -437,8 +437,9 @@ pub fn destination_intentions(destination: &str, rules: &[Intention]) -> pb::Des
     }
 }
 
-/// Validates a wire intention (its revision and time are the registry's to set).
-pub fn intention_from_proto(p: pb::Intention) -> Result<Intention, ValidationError> {
+/// Validates a wire intention. Its revision and time come along as sent: the registry
+/// sets its own when it applies a put, and a sidecar keeps the watched ones.
+pub fn intention_from_proto(p: &pb::Intention) -> Result<Intention, ValidationError> {
     use crate::model::intention::{validate_description, validate_destination, validate_source};
     validate_source("intention.source", &p.source)?;
     validate_destination("intention.destination", &p.destination)?;
@@ -454,27 +455,13 @@ pub fn intention_from_proto(p: pb::Intention) -> Result<Intention, ValidationErr
         }
     };
     Ok(Intention {
-        source: p.source,
-        destination: p.destination,
+        source: p.source.clone(),
+        destination: p.destination.clone(),
         action,
-        description: p.description,
-        revision: 0,
-        updated_ms: 0,
+        description: p.description.clone(),
+        revision: p.revision,
+        updated_ms: p.updated_ms,
     })
-}
-
-/// A sidecar's reading of a watched intention; `None` for one it cannot use (a newer
-/// registry's action, a malformed name), which it then leaves out.
-pub fn intention_from_watch(p: &pb::Intention) -> Option<Intention> {
-    let mut i = intention_from_proto(pb::Intention {
-        revision: 0,
-        updated_ms: 0,
-        ..p.clone()
-    })
-    .ok()?;
-    i.revision = p.revision;
-    i.updated_ms = p.updated_ms;
-    Some(i)
 }
 
 pub fn summary_to_proto(s: ServiceSummary) -> pb::ServiceSummary {

@@ -72,6 +72,11 @@ impl MeshIdentity {
         self.current.load_full()
     }
 
+    /// Whether a leaf is held, without taking a reference to it.
+    pub fn is_ready(&self) -> bool {
+        self.current.load().is_some()
+    }
+
     /// Trusts the roots of a bundle the registry sent in the watch stream, beside the
     /// ones that came with the leaf. Swaps the identity only when that adds a root, and
     /// then returns true: the CA has a new root, so the leaf should be re-issued by it.

@@ -190,13 +190,7 @@ pub async fn serve(
                 }
             };
             // The handshake verified the chain; only now is the name read from it.
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| switchyard_tls::mesh_ca::spiffe_id_of(c))
-                .unwrap_or_default();
+            let peer = switchyard_tls::mesh_ca::peer_spiffe_id(tls.get_ref().1);
             let Ok(peer_header) = HeaderValue::from_str(&peer) else {
                 return;
             };
@@ -217,51 +211,72 @@ pub async fn serve(
                 carry_tcp(tls, app).await;
                 return;
             }
-            let peer: Arc<str> = peer.into();
-            let service = service_fn(move |mut req: Request<Incoming>| {
-                let (h1, h2) = (h1.clone(), h2.clone());
-                let (requests, denied) = (requests.clone(), denied.clone());
-                let peer_header = peer_header.clone();
-                let peer = peer.clone();
-                let app_uri = app_uri.clone();
-                let local = local.clone();
-                async move {
-                    requests.inc();
-                    if let Err(why) = local.check(&peer) {
-                        denied.inc();
-                        return Ok(refused(req.headers(), &why));
-                    }
-                    let headers = req.headers_mut();
-                    headers.remove(PEER_IDENTITY);
-                    headers.insert(PEER_IDENTITY, peer_header);
-                    let path = req
-                        .uri()
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str())
-                        .to_string();
-                    *req.uri_mut() = match format!("{app_uri}{path}").parse() {
-                        Ok(u) => u,
-                        Err(_) => return Ok::<_, hyper::Error>(bad_gateway()),
-                    };
-                    let sent = if req.version() == http::Version::HTTP_2 {
-                        h2.request(req).await
-                    } else {
-                        h1.request(req).await
-                    };
-                    Ok(match sent {
-                        Ok(resp) => resp.map(http_body_util::Either::Left),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "the local app did not answer an inbound request");
-                            bad_gateway()
-                        }
-                    })
-                }
+            let conn = Arc::new(Conn {
+                h1,
+                h2,
+                requests,
+                denied,
+                peer,
+                peer_header,
+                app_uri,
+                local,
             });
+            let service = service_fn(move |req| forward(conn.clone(), req));
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new());
             let _ = builder.serve_connection(TokioIo::new(tls), service).await;
         });
     }
+}
+
+/// What every request of one inbound HTTP connection shares: one reference per request.
+struct Conn {
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+    requests: prometheus_client::metrics::counter::Counter,
+    denied: prometheus_client::metrics::counter::Counter,
+    /// The caller's verified SPIFFE id, and the same as the header the app gets.
+    peer: String,
+    peer_header: HeaderValue,
+    app_uri: Arc<String>,
+    local: Arc<Local>,
+}
+
+/// One request of an inbound connection: checked against the intentions, given the
+/// caller's identity, and sent on to the app.
+async fn forward(
+    conn: Arc<Conn>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, hyper::Error> {
+    conn.requests.inc();
+    if let Err(why) = conn.local.check(&conn.peer) {
+        conn.denied.inc();
+        return Ok(refused(req.headers(), &why));
+    }
+    let headers = req.headers_mut();
+    headers.remove(PEER_IDENTITY);
+    headers.insert(PEER_IDENTITY, conn.peer_header.clone());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    *req.uri_mut() = match format!("{}{path}", conn.app_uri).parse() {
+        Ok(u) => u,
+        Err(_) => return Ok(bad_gateway()),
+    };
+    let sent = if req.version() == http::Version::HTTP_2 {
+        conn.h2.request(req).await
+    } else {
+        conn.h1.request(req).await
+    };
+    Ok(match sent {
+        Ok(resp) => resp.map(http_body_util::Either::Left),
+        Err(e) => {
+            tracing::debug!(error = %e, "the local app did not answer an inbound request");
+            bad_gateway()
+        }
+    })
 }
 
 /// Copies a TCP connection's bytes to the app and back.

@@ -74,9 +74,10 @@ impl MeshClient {
         }
     }
 
-    /// True once the sidecar holds a leaf it can present.
+    /// True once the sidecar holds a leaf it can present (on the request path: no
+    /// reference count is touched).
     pub fn ready(&self) -> bool {
-        self.identity.current().is_some()
+        self.identity.is_ready()
     }
 
     /// The SPIFFE id an endpoint of `service` must present, once the trust domain is
@@ -130,13 +131,7 @@ impl MeshClient {
             .connect(server_name, tcp)
             .await
             .map_err(MeshError::Handshake)?;
-        let seen = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| switchyard_tls::mesh_ca::spiffe_id_of(c))
-            .unwrap_or_default();
+        let seen = switchyard_tls::mesh_ca::peer_spiffe_id(tls.get_ref().1);
         Ok((tls, seen.into()))
     }
 }

@@ -33,20 +33,9 @@ pub struct IntentionArgs {
 #[derive(Subcommand, Debug)]
 pub enum IntentionVerb {
     /// Let SRC call DST (replaces a deny for the same pair).
-    Allow {
-        src: String,
-        dst: String,
-        /// Why, for whoever reads `intention list`.
-        #[arg(long, env = "SWITCHYARD_INTENTION_DESCRIPTION", default_value = "")]
-        description: String,
-    },
+    Allow(PutArgs),
     /// Stop SRC calling DST (replaces an allow for the same pair).
-    Deny {
-        src: String,
-        dst: String,
-        #[arg(long, env = "SWITCHYARD_INTENTION_DESCRIPTION", default_value = "")]
-        description: String,
-    },
+    Deny(PutArgs),
     /// The intentions (of DST only, when given).
     List {
         dst: Option<String>,
@@ -58,6 +47,16 @@ pub enum IntentionVerb {
     Delete { src: String, dst: String },
     /// Whether SRC may call DST now, and which intention decides.
     Check { src: String, dst: String },
+}
+
+/// SRC, DST and why, for `allow` and `deny`.
+#[derive(Args, Debug)]
+pub struct PutArgs {
+    src: String,
+    dst: String,
+    /// Why, for whoever reads `intention list`.
+    #[arg(long, env = "SWITCHYARD_INTENTION_DESCRIPTION", default_value = "")]
+    description: String,
 }
 
 #[derive(Serialize)]
@@ -89,24 +88,14 @@ fn doc(i: &pb::Intention) -> IntentionDoc {
     }
 }
 
-pub async fn run(args: IntentionArgs) -> Result<(), CliError> {
-    let mut client = IntentionsClient::new(channel(&args.registry.registry).await?);
-    let output = args.output.output;
-    let namespace = args.namespace;
-    let put = |src: String, dst: String, action: pb::IntentionAction, description: String| {
-        pb::PutIntentionRequest {
-            namespace: namespace.clone(),
-            intention: Some(pb::Intention {
-                source: src,
-                destination: dst,
-                action: action as i32,
-                description,
-                revision: 0,
-                updated_ms: 0,
-            }),
-        }
-    };
-    let changed = |verb: &str, src: &str, dst: &str, revision: u64| match output {
+fn print_changed(
+    output: Output,
+    verb: &str,
+    src: &str,
+    dst: &str,
+    revision: u64,
+) -> Result<(), CliError> {
+    match output {
         Output::Json => print_json(&serde_json::json!({
             "source": src, "destination": dst, "result": verb, "revision": revision,
         })),
@@ -114,43 +103,57 @@ pub async fn run(args: IntentionArgs) -> Result<(), CliError> {
             println!("{verb} {src} -> {dst} (revision {revision})");
             Ok(())
         }
+    }
+}
+
+/// `allow` and `deny`: one Put each.
+async fn put(
+    client: &mut IntentionsClient<super::client::AuthChannel>,
+    namespace: String,
+    p: PutArgs,
+    action: pb::IntentionAction,
+    output: Output,
+) -> Result<(), CliError> {
+    let r = client
+        .put(pb::PutIntentionRequest {
+            namespace,
+            intention: Some(pb::Intention {
+                source: p.src.clone(),
+                destination: p.dst.clone(),
+                action: action as i32,
+                description: p.description,
+                revision: 0,
+                updated_ms: 0,
+            }),
+        })
+        .await
+        .map_err(|e| status_error("cannot set the intention", e))?
+        .into_inner();
+    let verb = if action == pb::IntentionAction::Allow {
+        "allowed"
+    } else {
+        "denied"
     };
+    print_changed(output, verb, &p.src, &p.dst, r.revision)
+}
+
+pub async fn run(args: IntentionArgs) -> Result<(), CliError> {
+    let mut client = IntentionsClient::new(channel(&args.registry.registry).await?);
+    let output = args.output.output;
+    let namespace = args.namespace;
     match args.verb {
-        IntentionVerb::Allow {
-            src,
-            dst,
-            description,
-        } => {
-            let request = put(
-                src.clone(),
-                dst.clone(),
+        IntentionVerb::Allow(p) => {
+            put(
+                &mut client,
+                namespace,
+                p,
                 pb::IntentionAction::Allow,
-                description,
-            );
-            let r = client
-                .put(request)
-                .await
-                .map_err(|e| status_error("cannot set the intention", e))?
-                .into_inner();
-            changed("allowed", &src, &dst, r.revision)
+                output,
+            )
+            .await
         }
-        IntentionVerb::Deny {
-            src,
-            dst,
-            description,
-        } => {
-            let request = put(
-                src.clone(),
-                dst.clone(),
-                pb::IntentionAction::Deny,
-                description,
-            );
-            let r = client
-                .put(request)
-                .await
-                .map_err(|e| status_error("cannot set the intention", e))?
-                .into_inner();
-            changed("denied", &src, &dst, r.revision)
+        IntentionVerb::Deny(p) => {
+            put(&mut client, namespace, p, pb::IntentionAction::Deny, output).await
         }
         IntentionVerb::Delete { src, dst } => {
             let r = client
@@ -162,7 +165,7 @@ pub async fn run(args: IntentionArgs) -> Result<(), CliError> {
                 .await
                 .map_err(|e| status_error("cannot delete the intention", e))?
                 .into_inner();
-            changed("deleted", &src, &dst, r.revision)
+            print_changed(output, "deleted", &src, &dst, r.revision)
         }
         IntentionVerb::Check { src, dst } => {
             let r = client

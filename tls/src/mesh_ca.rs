@@ -175,6 +175,15 @@ pub fn certify(
     })
 }
 
+/// The SPIFFE id of the peer of a finished handshake (client or server side), whose
+/// chain the handshake verified; empty when it presented none.
+pub fn peer_spiffe_id(conn: &rustls::CommonState) -> String {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| spiffe_id_of(c))
+        .unwrap_or_default()
+}
+
 /// The SPIFFE id (`spiffe://...` URI SAN) of a certificate, DER. Read only from a
 /// certificate whose chain was already verified (the handshake did), never to decide
 /// trust by itself.

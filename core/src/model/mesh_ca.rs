@@ -1,5 +1,5 @@
 //! The mesh's built-in CA as the replicated state holds it: the trust domain and the
-//! roots, newest last (the active one). A root's key is in the state when the registry
+//! roots, newest last. A root's key is in the state when the registry
 //! made it; with `--mesh-ca-key` it stays in each node's file and the state holds only
 //! the certificate.
 
@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshCa {
     pub trust_domain: String,
-    /// Oldest first; the last signs new leaves, all of them are trusted.
+    /// Oldest first. Which one signs is [`MeshCa::signing_at`] (a rotated-in root only
+    /// after its activation); which are trusted, [`MeshCa::trusted_at`].
     pub roots: Vec<CaRoot>,
 }
 
@@ -33,8 +34,9 @@ impl std::fmt::Debug for CaRoot {
 }
 
 impl MeshCa {
-    /// The root that signs new leaves.
-    pub fn active(&self) -> Option<&CaRoot> {
+    /// The newest root: the one the last rotation brought in (it signs from its
+    /// activation on, see [`MeshCa::signing_at`]), never retired.
+    pub fn newest(&self) -> Option<&CaRoot> {
         self.roots.last()
     }
 
@@ -59,20 +61,20 @@ impl MeshCa {
     }
 
     /// This CA without the roots `retire` (root id -> Unix ms) retired by `now_ms`; the
-    /// active root is never retired.
+    /// newest root is never retired.
     pub fn trusted_at(
         &self,
         retire: &std::collections::BTreeMap<String, u64>,
         now_ms: u64,
     ) -> MeshCa {
-        let active = self.active().map(|r| r.id.clone());
+        let newest = self.newest().map(|r| r.id.clone());
         MeshCa {
             trust_domain: self.trust_domain.clone(),
             roots: self
                 .roots
                 .iter()
                 .filter(|r| {
-                    Some(&r.id) == active.as_ref() || retire.get(&r.id).is_none_or(|&t| t > now_ms)
+                    Some(&r.id) == newest.as_ref() || retire.get(&r.id).is_none_or(|&t| t > now_ms)
                 })
                 .cloned()
                 .collect(),
@@ -80,7 +82,7 @@ impl MeshCa {
     }
 }
 
-/// Roots trusted at once at most: the active one and those still in their retirement
+/// Roots trusted at once at most: the newest and those still in their retirement
 /// window. A rotation past it is refused until the oldest retires.
 pub const MAX_MESH_ROOTS: usize = 4;
 

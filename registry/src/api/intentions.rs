@@ -51,7 +51,7 @@ impl Intentions for IntentionsApi {
             let wire = request
                 .get_ref()
                 .intention
-                .clone()
+                .as_ref()
                 .ok_or_else(|| Status::invalid_argument("intention: required"))?;
             let intention = intention_from_proto(wire)?;
             auth::check(

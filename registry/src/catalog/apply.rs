@@ -616,7 +616,7 @@ mod tests {
         );
         assert_eq!(
             c.mesh_ca()
-                .and_then(|ca| ca.active())
+                .and_then(|ca| ca.newest())
                 .map(|r| r.id.as_str()),
             Some("r2")
         );

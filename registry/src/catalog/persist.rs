@@ -344,79 +344,88 @@ impl Catalog {
                 )
             })
             .collect();
-        if !mesh_ports.is_empty() {
-            if let Ok(bytes) = postcard::to_stdvec(&mesh_ports) {
-                out.push((SECTION_MESH_PORTS.to_string(), bytes));
-            }
-        }
-        if !self.mtls_strict.is_empty() {
-            if let Ok(bytes) = postcard::to_stdvec(&self.mtls_strict) {
-                out.push((SECTION_MTLS_STRICT.to_string(), bytes));
-            }
-        }
-        if !self.mesh_root_activate.is_empty() {
-            if let Ok(bytes) = postcard::to_stdvec(&self.mesh_root_activate) {
-                out.push((SECTION_MESH_ROOT_ACTIVATE.to_string(), bytes));
-            }
-        }
-        if !self.mesh_root_retire.is_empty() {
-            if let Ok(bytes) = postcard::to_stdvec(&self.mesh_root_retire) {
-                out.push((SECTION_MESH_ROOT_RETIRE.to_string(), bytes));
-            }
-        }
-        if !self.intentions.is_empty() {
-            if let Ok(bytes) = postcard::to_stdvec(&self.intentions) {
-                out.push((SECTION_INTENTIONS.to_string(), bytes));
-            }
-        }
+        section(
+            &mut out,
+            SECTION_MESH_PORTS,
+            &mesh_ports,
+            mesh_ports.is_empty(),
+        );
+        section(
+            &mut out,
+            SECTION_MTLS_STRICT,
+            &self.mtls_strict,
+            self.mtls_strict.is_empty(),
+        );
+        section(
+            &mut out,
+            SECTION_MESH_ROOT_ACTIVATE,
+            &self.mesh_root_activate,
+            self.mesh_root_activate.is_empty(),
+        );
+        section(
+            &mut out,
+            SECTION_MESH_ROOT_RETIRE,
+            &self.mesh_root_retire,
+            self.mesh_root_retire.is_empty(),
+        );
+        section(
+            &mut out,
+            SECTION_INTENTIONS,
+            &self.intentions,
+            self.intentions.is_empty(),
+        );
         if let Some(ca) = &self.mesh_ca {
-            // Encoding plain data into a Vec cannot fail.
-            if let Ok(bytes) = postcard::to_stdvec(ca) {
-                out.push((SECTION_MESH_CA.to_string(), bytes));
-            }
+            section(&mut out, SECTION_MESH_CA, ca, false);
         }
         out
     }
 
     fn load_sections(&mut self, sections: Vec<(String, Vec<u8>)>) {
         for (name, bytes) in sections {
-            match name.as_str() {
-                SECTION_MESH_CA => match postcard::from_bytes(&bytes) {
-                    Ok(ca) => self.mesh_ca = Some(ca),
-                    Err(e) => {
-                        tracing::error!(error = %e, "the snapshot's mesh CA section does not decode; the next leader makes a new CA")
+            let name = name.as_str();
+            match name {
+                SECTION_MESH_CA => {
+                    if let Some(ca) = decoded(name, &bytes, "the next leader makes a new CA") {
+                        self.mesh_ca = Some(ca);
                     }
-                },
-                SECTION_MTLS_STRICT => match postcard::from_bytes(&bytes) {
-                    Ok(strict) => self.mtls_strict = strict,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the snapshot's strict-mTLS section does not decode; every service is permissive until set again")
+                }
+                SECTION_MTLS_STRICT => {
+                    if let Some(strict) =
+                        decoded(name, &bytes, "every service is permissive until set again")
+                    {
+                        self.mtls_strict = strict;
                     }
-                },
-                SECTION_MESH_ROOT_ACTIVATE => match postcard::from_bytes(&bytes) {
-                    Ok(activate) => self.mesh_root_activate = activate,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the snapshot's mesh root activation section does not decode; rotated-in roots sign at once")
+                }
+                SECTION_MESH_ROOT_ACTIVATE => {
+                    if let Some(activate) = decoded(name, &bytes, "rotated-in roots sign at once") {
+                        self.mesh_root_activate = activate;
                     }
-                },
-                SECTION_MESH_ROOT_RETIRE => match postcard::from_bytes(&bytes) {
-                    Ok(retire) => self.mesh_root_retire = retire,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the snapshot's mesh root retirement section does not decode; superseded roots stay trusted until the next rotation")
+                }
+                SECTION_MESH_ROOT_RETIRE => {
+                    if let Some(retire) = decoded(
+                        name,
+                        &bytes,
+                        "superseded roots stay trusted until the next rotation",
+                    ) {
+                        self.mesh_root_retire = retire;
                     }
-                },
-                SECTION_INTENTIONS => match postcard::from_bytes(&bytes) {
-                    Ok(intentions) => self.intentions = intentions,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the snapshot's intentions section does not decode; this node enforces none until they are set again")
+                }
+                SECTION_INTENTIONS => {
+                    if let Some(intentions) = decoded(
+                        name,
+                        &bytes,
+                        "this node enforces none until they are set again",
+                    ) {
+                        self.intentions = intentions;
                     }
-                },
+                }
                 SECTION_MESH_PORTS => {
-                    match postcard::from_bytes::<Vec<(String, String, u16)>>(&bytes) {
-                        Ok(ports) => self.set_mesh_ports(ports),
-                        Err(e) => {
-                            tracing::error!(error = %e, "the snapshot's mesh port section does not decode; meshed instances are dialled in clear text until they register again")
-                        }
+                    if let Some(ports) = decoded(
+                        name,
+                        &bytes,
+                        "meshed instances are dialled in clear text until they register again",
+                    ) {
+                        self.set_mesh_ports(ports);
                     }
                 }
                 other => tracing::warn!(
@@ -495,6 +504,33 @@ impl Catalog {
         c.acl = super::acl::AclState::rebuild(p.acl_bootstrapped, p.tokens);
         c.load_sections(p.sections);
         c
+    }
+}
+
+/// Appends section `name` holding `value`, unless `empty` (a snapshot without the
+/// feature's state then reads like one from before it).
+fn section<T: Serialize + ?Sized>(
+    out: &mut Vec<(String, Vec<u8>)>,
+    name: &str,
+    value: &T,
+    empty: bool,
+) {
+    // Encoding plain data into a Vec cannot fail.
+    if !empty {
+        if let Ok(bytes) = postcard::to_stdvec(value) {
+            out.push((name.to_string(), bytes));
+        }
+    }
+}
+
+/// Section `name`'s state, or `None` with a line saying what is lost without it.
+fn decoded<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8], without: &str) -> Option<T> {
+    match postcard::from_bytes(bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, section = name, "a snapshot section does not decode; {without}");
+            None
+        }
     }
 }
 

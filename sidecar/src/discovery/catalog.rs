@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use switchyard_core::convert::{instance_from_proto, intention_from_watch, policy_from_proto};
+use switchyard_core::convert::{instance_from_proto, intention_from_proto, policy_from_proto};
 use switchyard_core::model::{Instance, Policy};
 use switchyard_proto::v1 as pb;
 
@@ -40,10 +40,10 @@ fn intentions_of(
     d: &pb::DestinationIntentions,
 ) -> Arc<[switchyard_core::model::intention::Intention]> {
     use switchyard_core::model::intention::{Action, Intention};
-    let read: Option<Vec<Intention>> = d.intentions.iter().map(intention_from_watch).collect();
+    let read: Result<Vec<Intention>, _> = d.intentions.iter().map(intention_from_proto).collect();
     match read {
-        Some(rules) => rules.into(),
-        None => {
+        Ok(rules) => rules.into(),
+        Err(_) => {
             tracing::error!(destination = %d.destination, "the registry sent an intention this sidecar cannot read; denying every caller of this destination until it can");
             vec![Intention {
                 source: "*".into(),
