@@ -111,6 +111,11 @@ impl MeshIdentity {
     }
 }
 
+/// Whether `new` holds a certificate `last` lacks: the CA has a new root.
+fn adds_root(new: &str, last: &str) -> bool {
+    merge_bundles(new, last) != last
+}
+
 /// The certificates of `watched`, then those of `own` it lacks, PEM; the same text as
 /// `own` when `watched` adds nothing.
 fn merge_bundles(watched: &str, own: &str) -> String {
@@ -237,8 +242,13 @@ pub async fn run(
                         .trust_bundle()
                         .filter(|b| seen_bundle.as_ref().is_none_or(|s| !Arc::ptr_eq(s, b)));
                     if let Some(bundle) = fresh {
-                        seen_bundle = Some(bundle.clone());
-                        if identity.adopt_bundle(&bundle) {
+                        // A root the last watched bundle lacked is a rotation even when a
+                        // renewal already brought it (the leaf came from the old root,
+                        // which signs until the propagation window ends).
+                        let rotated = seen_bundle
+                            .replace(bundle.clone())
+                            .is_some_and(|last| adds_root(&bundle, &last));
+                        if identity.adopt_bundle(&bundle) || rotated {
                             metrics.trust_bundle_updates.inc();
                             // The registry's ROOT_PROPAGATION (10 s), then 1-5 s of jitter.
                             let soon = Duration::from_millis(11_000 + fastrand::u64(..4_000));
@@ -306,6 +316,17 @@ mod tests {
         let merged = merge_bundles(b, a);
         assert!(merged.contains("AAA") && merged.contains("BBB"));
         assert_eq!(merge_bundles("", a), a);
+    }
+
+    #[test]
+    fn a_new_root_in_the_watch_is_a_rotation_even_if_a_renewal_brought_it() {
+        let a = "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n";
+        let b = "-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
+        let both = format!("{a}{b}");
+        assert!(adds_root(&both, a));
+        // The same roots again, or one retired, is no rotation.
+        assert!(!adds_root(a, a));
+        assert!(!adds_root(b, &both));
     }
 
     #[test]
