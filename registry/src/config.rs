@@ -70,6 +70,8 @@ pub struct RegistryConfig {
     pub mesh: MeshConfig,
     /// What callers without a token may do after `acl bootstrap`.
     pub acl: AclDefaults,
+    /// The Consul-compatible API (on the HTTP port, and on `consul.listen` if set).
+    pub consul: crate::consul::ConsulConfig,
 }
 
 /// What requests without a token may do once ACLs are bootstrapped (before bootstrap
@@ -157,6 +159,7 @@ impl RegistryConfig {
             tls: None,
             mesh: MeshConfig::default(),
             acl: AclDefaults::default(),
+            consul: crate::consul::ConsulConfig::default(),
         }
     }
 
@@ -222,6 +225,21 @@ impl RegistryConfig {
         }
         if self.mesh.csr_per_second == 0 {
             return Err("csr_per_second must be at least 1".into());
+        }
+        if self.consul.datacenter.is_empty()
+            || self.consul.datacenter.len() > 64
+            || !self
+                .consul
+                .datacenter
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        {
+            return Err("consul_datacenter must be 1-64 of A-Z a-z 0-9 - _".into());
+        }
+        if self.consul.max_blocking == 0 || self.consul.max_blocking_per_client == 0 {
+            return Err(
+                "consul_max_blocking and consul_max_blocking_per_client must be at least 1".into(),
+            );
         }
         if !(0.0..=1.0).contains(&self.self_preservation_threshold)
             || self.self_preservation_threshold == 0.0

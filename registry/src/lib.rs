@@ -27,7 +27,8 @@
 //!   is the cluster's view.
 //! - [`rollout_hooks`]: calls a rollout's Flagger-compatible webhooks (JSON POST, one
 //!   timeout per call, redacted URLs in errors) for the leader's rollout loop.
-//! - [`http`] and [`metrics`]: `/metrics` and `/health`.
+//! - [`http`] and [`metrics`]: `/metrics`, `/health`, the JSON API `/api/v1/...` and
+//!   Prometheus discovery; [`consul`]: the Consul-compatible `/v1/...` on the same port.
 //! - [`node`]: wires it together; [`start`] takes a config and bound listeners and
 //!   returns a handle with the real addresses and a graceful `shutdown`.
 
@@ -36,6 +37,7 @@ pub mod auth;
 pub mod auth_backoff;
 pub mod catalog;
 pub mod config;
+pub mod consul;
 pub mod dns_source;
 pub mod http;
 pub mod identity;

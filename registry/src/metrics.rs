@@ -30,6 +30,10 @@ pub struct Metrics {
     /// watch buffer budget in use; see `watch::budget`).
     pub watch_buffered_bytes: Gauge<i64, AtomicI64>,
     pub watch_buffer_closes: Counter,
+    /// Consul blocking queries refused because the node or the client held too many.
+    pub consul_blocking_refused: Counter,
+    /// Consul blocking queries held now.
+    pub consul_blocked: Gauge<i64, AtomicI64>,
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub commit_batch_size: Histogram,
     pub commit_seconds: Histogram,
@@ -131,6 +135,18 @@ impl Default for Metrics {
         let watch_resyncs = Counter::default();
         let watch_buffered_bytes = Gauge::default();
         let watch_buffer_closes = Counter::default();
+        let consul_blocking_refused = Counter::default();
+        let consul_blocked = Gauge::default();
+        registry.register(
+            "consul_blocking_refused",
+            "Consul blocking queries refused with 503 (too many held on the node or for the client)",
+            consul_blocking_refused.clone(),
+        );
+        registry.register(
+            "consul_blocked_queries",
+            "Consul blocking queries held open now",
+            consul_blocked.clone(),
+        );
         let grpc_requests = Family::default();
         let commit_batch_size = Histogram::new(exponential_buckets(1.0, 4.0, 7));
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 8));
@@ -339,6 +355,8 @@ impl Default for Metrics {
             watch_resyncs,
             watch_buffered_bytes,
             watch_buffer_closes,
+            consul_blocking_refused,
+            consul_blocked,
             grpc_requests,
             commit_batch_size,
             commit_seconds,

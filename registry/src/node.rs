@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -33,6 +34,8 @@ pub struct RegistryHandle {
     pub http_addr: SocketAddr,
     /// The DNS port (UDP and TCP), when served.
     pub dns_addr: Option<SocketAddr>,
+    /// The second HTTP address (`--consul-http`, Consul's 8500), when served.
+    pub consul_http_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     raft: Raft,
@@ -102,6 +105,18 @@ pub async fn start(
     let http_addr = listeners.http.local_addr().map_err(StartError::Addr)?;
     let dns_addr = match &listeners.dns {
         Some((udp, _)) => Some(udp.local_addr().map_err(StartError::Addr)?),
+        None => None,
+    };
+    let consul_listener = match config.consul.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            StartError::Config(format!(
+                "cannot listen on {addr} (--consul-http): {e}; pick another address or leave it unset"
+            ))
+        })?),
+        None => None,
+    };
+    let consul_http_addr = match &consul_listener {
+        Some(l) => Some(l.local_addr().map_err(StartError::Addr)?),
         None => None,
     };
 
@@ -226,6 +241,11 @@ pub async fn start(
         shared.storage.clone(),
     );
 
+    let http_api = Arc::new(crate::http::HttpApi {
+        shared: shared.clone(),
+        proposer: proposer.clone(),
+        consul: crate::consul::Consul::new(shared.clone(), proposer.clone(), config.consul.clone()),
+    });
     let (forwarder, forward_task) = crate::telemetry_forward::start(
         proposer.clone(),
         shared.metrics.clone(),
@@ -290,12 +310,21 @@ pub async fn start(
             shutdown_rx.clone(),
         )),
         tokio::spawn(crate::http::serve(
-            shared.clone(),
+            http_api.clone(),
             listeners.http,
             tls.http.clone(),
             shutdown_rx.clone(),
         )),
     ];
+    tasks.extend(http_api.consul.spawn());
+    if let Some(l) = consul_listener {
+        tasks.push(tokio::spawn(crate::http::serve(
+            http_api.clone(),
+            l,
+            tls.http.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     if !tls.reloadable.is_empty() {
         let stop = wait_for_stop(shutdown_rx.clone());
         tasks.push(tokio::spawn(switchyard_tls::reload::watch(
@@ -328,6 +357,7 @@ pub async fn start(
         peer_addr,
         http_addr,
         dns_addr,
+        consul_http_addr,
         shutdown: shutdown_tx,
         tasks,
         raft,

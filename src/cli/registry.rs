@@ -26,9 +26,30 @@ pub struct RegistryArgs {
     /// --listen). Firewall it to the other registry nodes.
     #[arg(long, env = "SWITCHYARD_PEER_LISTEN", default_value = "0.0.0.0:7402")]
     pub peer_listen: SocketAddr,
-    /// HTTP address for /metrics and /health.
+    /// HTTP address: /metrics, /health, the JSON API (/api/v1), the Consul-compatible
+    /// API (/v1) and Prometheus discovery (/v1/prometheus/sd).
     #[arg(long, env = "SWITCHYARD_HTTP", default_value = "0.0.0.0:7401")]
     pub http: SocketAddr,
+    /// A second address serving the same HTTP API, for clients that expect Consul's
+    /// port (for example 0.0.0.0:8500). Unset: only --http.
+    #[arg(long, env = "SWITCHYARD_CONSUL_HTTP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consul_http: Option<SocketAddr>,
+    /// Datacenter the Consul API reports (a `dc=` naming another gets Consul's "No path
+    /// to datacenter").
+    #[arg(long, env = "SWITCHYARD_CONSUL_DATACENTER", default_value = "dc1")]
+    pub consul_datacenter: String,
+    /// Consul blocking queries (index + wait) held open at once on this node; past it,
+    /// 503 with Retry-After.
+    #[arg(long, env = "SWITCHYARD_CONSUL_MAX_BLOCKING", default_value_t = 20_000)]
+    pub consul_max_blocking: usize,
+    /// Consul blocking queries held open at once for one client address.
+    #[arg(
+        long,
+        env = "SWITCHYARD_CONSUL_MAX_BLOCKING_PER_CLIENT",
+        default_value_t = 2_500
+    )]
+    pub consul_max_blocking_per_client: usize,
     /// DNS address, UDP and TCP ("off" disables DNS).
     #[arg(long, env = "SWITCHYARD_DNS", default_value = "0.0.0.0:8600")]
     pub dns: String,
@@ -237,6 +258,12 @@ impl RegistryArgs {
         config.max_watchers = self.max_watchers;
         config.max_keepalive_streams = self.max_keepalive_streams;
         config.max_telemetry_keys = self.max_telemetry_keys;
+        config.consul = switchyard_registry::consul::ConsulConfig {
+            datacenter: self.consul_datacenter.clone(),
+            max_blocking: self.consul_max_blocking,
+            max_blocking_per_client: self.consul_max_blocking_per_client,
+            listen: self.consul_http,
+        };
         config.snapshot_every = self.snapshot_every;
         config.node_id = self.node_id;
         config.peers = self.peers.iter().cloned().collect();
@@ -440,7 +467,7 @@ pub async fn run_dev(args: DevArgs, token: Option<String>) -> Result<(), CliErro
         }
     };
     eprintln!(
-        "switchyard dev: registry on {} (gRPC), http://{} (metrics, health) and {} (DNS); sidecar proxy on http://{}, admin on http://{}; data in {}",
+        "switchyard dev: registry on {} (gRPC), http://{} (metrics, health, Consul and JSON APIs) and {} (DNS); sidecar proxy on http://{}, admin on http://{}; data in {}",
         registry.grpc_addr,
         registry.http_addr,
         registry.dns_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),

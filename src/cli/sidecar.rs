@@ -397,7 +397,7 @@ pub fn config(
                 address: args.address.clone(),
                 port,
                 version,
-                labels: args.labels.iter().cloned().collect(),
+                labels: with_admin_port(&args.labels, args.admin),
                 weight: args.weight,
                 zone: String::new(),
                 ttl_seconds: args.ttl,
@@ -631,5 +631,35 @@ mod tests {
             any,
             "a hostname: another host"
         );
+    }
+}
+
+/// The instance's labels, plus `sidecar-admin-port` when the admin listener (its
+/// `/metrics`) is reachable from other hosts, so Prometheus finds the sidecar through
+/// the registry's `/v1/prometheus/sd`.
+fn with_admin_port(
+    labels: &[(String, String)],
+    admin: SocketAddr,
+) -> std::collections::BTreeMap<String, String> {
+    let mut out: std::collections::BTreeMap<String, String> = labels.iter().cloned().collect();
+    if !admin.ip().is_loopback() && admin.port() != 0 {
+        out.entry(switchyard_registry::http::prometheus_sd::SIDECAR_ADMIN_PORT_LABEL.to_string())
+            .or_insert_with(|| admin.port().to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod admin_port_tests {
+    use super::*;
+
+    #[test]
+    fn a_reachable_admin_port_is_labelled_for_prometheus_discovery() {
+        let labels = vec![("team".to_string(), "blue".to_string())];
+        let open = with_admin_port(&labels, "0.0.0.0:15000".parse().expect("addr"));
+        assert_eq!(open["sidecar-admin-port"], "15000");
+        assert_eq!(open["team"], "blue");
+        let local = with_admin_port(&labels, "127.0.0.1:15000".parse().expect("addr"));
+        assert!(!local.contains_key("sidecar-admin-port"));
     }
 }

@@ -26,7 +26,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new member has to replicate the log before it is made a voter.
 const CATCH_UP: Duration = Duration::from_secs(10);
 
-fn role(state: ServerState) -> &'static str {
+pub(crate) fn role(state: ServerState) -> &'static str {
     match state {
         ServerState::Leader => "leader",
         ServerState::Follower => "follower",

@@ -3,7 +3,7 @@
 //! in one place ([`status`]).
 
 mod acl;
-mod cluster;
+pub(crate) mod cluster;
 use switchyard_core::convert;
 mod discovery;
 mod identity;

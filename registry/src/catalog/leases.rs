@@ -3,10 +3,11 @@
 //! checkpoints. The clocks themselves are the leader's, in [`crate::lease`].
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::apply::{ApplyResult, Reply};
 use super::Catalog;
-use crate::model::{Change, LeaseId};
+use crate::model::{Change, Instance, LeaseId};
 
 impl Catalog {
     /// The services of the instances a lease keeps alive (what renewing it keeps up).
@@ -22,6 +23,18 @@ impl Catalog {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// The instance `id` of `namespace` and the lease that keeps it alive.
+    pub fn instance_and_lease(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> Option<(Arc<Instance>, LeaseId)> {
+        let ns = self.namespaces.get(namespace)?;
+        let service = ns.ids.get(id)?;
+        let e = ns.services.get(service)?.get(id)?;
+        Some((e.instance.clone(), e.lease))
     }
 
     /// The service of instance `id` in `namespace`, if it is registered.

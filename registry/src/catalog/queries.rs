@@ -43,6 +43,15 @@ impl Catalog {
         out.into_values().collect()
     }
 
+    /// Every namespace that holds instances, sorted.
+    pub fn namespace_names(&self) -> Vec<String> {
+        self.namespaces
+            .iter()
+            .filter(|(_, ns)| !ns.services.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// The instances of one service, optionally of one version.
     pub fn resolve(&self, namespace: &str, service: &str, version: &str) -> Vec<Arc<Instance>> {
         self.namespaces

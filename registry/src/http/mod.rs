@@ -1,6 +1,12 @@
-//! The registry's HTTP port: `/metrics` (Prometheus text) and `/health` (200 while
-//! serving; 503 while stopping, or for good once the data dir cannot be written, with
-//! the dir and the OS error in the body).
+//! The registry's HTTP port (7401, and `--consul-http` if given): `/metrics`
+//! (Prometheus text), `/health` (200 while serving; 503 while stopping, or for good once
+//! the data dir cannot be written, with the dir and the OS error in the body), the
+//! Consul-compatible `/v1/...` ([`crate::consul`]), Prometheus discovery
+//! `/v1/prometheus/sd` ([`prometheus_sd`]) and our own JSON API `/api/v1/...`
+//! ([`json_api`]).
+
+pub mod json_api;
+pub mod prometheus_sd;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,12 +21,21 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::consul::Consul;
+use crate::raft::propose::Proposer;
 use crate::shared::Shared;
 
-/// Serves until the shutdown flag is set. Each connection is its own task; requests are
-/// tiny, so no per-connection limits beyond hyper's header limits are needed.
+/// What the HTTP port serves from.
+pub struct HttpApi {
+    pub shared: Arc<Shared>,
+    pub proposer: Proposer,
+    pub consul: Arc<Consul>,
+}
+
+/// Serves until the shutdown flag is set. Each connection is its own task; bodies are
+/// bounded per endpoint, blocking reads per client and per node (see [`crate::consul`]).
 pub async fn serve(
-    shared: Arc<Shared>,
+    api: Arc<HttpApi>,
     listener: TcpListener,
     tls: Option<Arc<switchyard_tls::ServerTls>>,
     mut shutdown: watch::Receiver<bool>,
@@ -35,11 +50,14 @@ pub async fn serve(
         let Some(Ok(stream)) = accepted else {
             return;
         };
-        let shared = shared.clone();
+        let client = stream
+            .remote_addr()
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let api = api.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(dispatch(&shared, req)) }
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(dispatch(&api, req, client).await) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -48,8 +66,23 @@ pub async fn serve(
     }
 }
 
-fn dispatch(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
+async fn dispatch(
+    api: &HttpApi,
+    req: Request<Incoming>,
+    client: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
+    let shared = &api.shared;
+    let path = req.uri().path();
+    if path == "/v1/prometheus/sd" {
+        return prometheus_sd::serve(api, &req);
+    }
+    if path.starts_with("/v1/") {
+        return api.consul.handle(req, client).await;
+    }
+    if path.starts_with("/api/v1/") {
+        return json_api::serve(api, &req);
+    }
+    match (req.method(), path) {
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -91,7 +124,7 @@ fn dispatch(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics or /health\n".into(),
+            "not found: try /metrics, /health, /api/v1/services, /v1/health/service/NAME or /v1/prometheus/sd\n".into(),
         ),
     }
 }
