@@ -274,3 +274,69 @@ async fn self_preservation_pauses_a_mass_expiry_until_renewals_recover() {
     renewer.abort();
     reg.handle.shutdown().await;
 }
+
+/// A KeepAlive stream opened on a follower is relayed to the leader (which alone runs
+/// the lease clocks) and renews: the leader serves Registry on its peer port for that.
+/// Before, the relay met UNIMPLEMENTED there and a client on a follower lost its lease.
+#[tokio::test]
+async fn keep_alive_through_a_follower_renews_on_the_leader() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (nodes, addrs) = start_cluster(dir.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let follower = loop {
+        let mut leader = None;
+        for (i, n) in nodes.iter().enumerate() {
+            let (_, body) = http_get(n.http_addr, "/api/v1/status").await;
+            if body.contains("\"role\":\"leader\"") {
+                leader = Some(i);
+            }
+        }
+        if let Some(l) = leader {
+            break addrs[(l + 1) % 3];
+        }
+        assert!(Instant::now() < deadline, "no leader in 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let channel = tonic::transport::Channel::from_shared(format!("http://{follower}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = pb::registry_client::RegistryClient::new(channel);
+    let lease = register(&mut client, instance("web", "web-1", "1.0.0"), 2)
+        .await
+        .lease_id;
+    let (tx, mut answers) = keep_alive(&mut client, 4).await;
+    // Renewed every 500 ms for 5 s: well past the 2 s TTL.
+    for _ in 0..10 {
+        tx.send(pb::KeepAliveRequest {
+            lease_ids: vec![lease],
+        })
+        .await
+        .expect("send");
+        let answer = tokio::time::timeout(Duration::from_secs(5), answers.message())
+            .await
+            .expect("an answer in time")
+            .expect("the relayed stream works")
+            .expect("a message");
+        assert!(answer.leases.iter().all(|l| l.found), "{answer:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut discovery = pb::discovery_client::DiscoveryClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{follower}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let found = discovery
+        .resolve(pb::ResolveRequest {
+            namespace: String::new(),
+            service: "web".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("resolve")
+        .into_inner();
+    assert_eq!(found.instances.len(), 1);
+}

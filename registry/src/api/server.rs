@@ -168,7 +168,9 @@ pub(crate) async fn serve_grpc(
 
 /// Serves the peer port: `RaftInternal` (Raft RPCs, `Forward`), `Cluster` (a
 /// follower hands membership changes to the leader here, and members ask each other for
-/// their status) and `Telemetry` (windows followers forward, and their `Top`).
+/// their status), `Registry` (KeepAlive streams a follower relays to the leader, which
+/// alone runs the lease clocks) and `Telemetry` (windows followers forward, and their
+/// `Top`).
 pub(crate) async fn serve_peer(
     shared: Arc<Shared>,
     proposer: Proposer,
@@ -177,6 +179,10 @@ pub(crate) async fn serve_peer(
     shutdown: watch::Receiver<bool>,
 ) {
     let cluster = ClusterServer::new(ClusterApi::new(shared.clone(), proposer.clone()));
+    // A follower relays KeepAlive streams (its sidecars' and its Consul API's TTL
+    // passes) to the leader's peer address: the leader must serve Registry here too.
+    let registry = RegistryServer::new(RegistryApi::new(shared.clone(), proposer.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let telemetry = TelemetryServer::new(TelemetryApi::peer(shared))
         .max_decoding_message_size(crate::telemetry::MAX_REPORT_BYTES);
     let internal =
@@ -188,6 +194,7 @@ pub(crate) async fn serve_peer(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(internal)
         .add_service(cluster)
+        .add_service(registry)
         .add_service(telemetry)
         .serve_with_incoming_shutdown(
             // With TLS on, the peer port's configuration requires a client certificate
