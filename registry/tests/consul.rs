@@ -1168,3 +1168,59 @@ async fn the_consul_port_serves_the_same_api() {
     assert_eq!(v[0]["Node"]["Datacenter"], "eu-west");
     assert_eq!(get(consul, "/health").await.0, 200);
 }
+
+/// In a three-node cluster, any node takes a registration and a TTL pass (a follower
+/// relays the renewal to the leader, which runs the lease clocks), and every node
+/// answers reads from its applied state.
+#[tokio::test]
+async fn any_node_of_a_cluster_registers_passes_and_reads() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (nodes, _) = start_cluster(dir.path()).await;
+    let https: Vec<SocketAddr> = nodes.iter().map(|n| n.http_addr).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let followers = loop {
+        let mut followers = Vec::new();
+        let mut leaders = 0;
+        for h in &https {
+            let (_, _, v) = get(*h, "/api/v1/status").await;
+            match v["role"].as_str() {
+                Some("leader") => leaders += 1,
+                Some("follower") => followers.push(*h),
+                _ => {}
+            }
+        }
+        if leaders == 1 && followers.len() == 2 {
+            break followers;
+        }
+        assert!(Instant::now() < deadline, "no leader in 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (one, other) = (followers[0], followers[1]);
+    let body =
+        br#"{"Name":"web","ID":"web-1","Address":"10.0.0.1","Port":80,"Check":{"TTL":"3s"}}"#;
+    let (s, _, b) = call(one, "PUT", "/v1/agent/service/register", &[], body).await;
+    assert_eq!(s, 200, "{b}");
+    for h in &https {
+        let h = *h;
+        assert_eventually(Duration::from_secs(5), "every node has it", || async move {
+            ids(&get(h, "/v1/health/service/web").await.2) == ["web-1"]
+        })
+        .await;
+    }
+    // Passing through the other follower every second keeps it past its TTL, passing
+    // on every node.
+    for _ in 0..6 {
+        let (s, _, b) = call(other, "PUT", "/v1/agent/check/pass/service:web-1", &[], b"").await;
+        assert_eq!(s, 200, "{b}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for h in &https {
+        let h = *h;
+        assert_eventually(
+            Duration::from_secs(5),
+            "passing everywhere",
+            || async move { ids(&get(h, "/v1/health/service/web?passing").await.2) == ["web-1"] },
+        )
+        .await;
+    }
+}

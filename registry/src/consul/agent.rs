@@ -197,12 +197,22 @@ impl Agent {
         let mut stream = switchyard_proto::v1::registry_client::RegistryClient::new(channel)
             .keep_alive(req)
             .await
-            .map_err(|s| s.message().to_string())?
+            .map_err(|s| {
+                format!(
+                    "the leader refused the renewal ({:?}): {}",
+                    s.code(),
+                    s.message()
+                )
+            })?
             .into_inner();
         use tokio_stream::StreamExt;
         match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
             Ok(Some(Ok(r))) => Ok(r.leases.iter().all(|l| l.found)),
-            Ok(Some(Err(s))) => Err(s.message().to_string()),
+            Ok(Some(Err(s))) => Err(format!(
+                "the leader refused the renewal ({:?}): {}",
+                s.code(),
+                s.message()
+            )),
             _ => Err("the leader did not answer the renewal".into()),
         }
     }

@@ -772,7 +772,7 @@ impl Consul {
 }
 
 /// `PUT /v1/agent/check/update/:id`'s body: `{"Status": ..., "Output": ...}`.
-fn update_body(body: &[u8]) -> Result<(Status, Option<String>), registration::BodyError> {
+pub fn update_body(body: &[u8]) -> Result<(Status, Option<String>), registration::BodyError> {
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| registration::body_error("body", format!("not JSON: {e}")))?;
     let serde_json::Value::Object(obj) = v else {
