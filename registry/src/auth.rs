@@ -92,6 +92,23 @@ pub fn caller(shared: &Shared, metadata: &MetadataMap) -> Result<Caller, Status>
     Ok(Caller::Token(token.clone()))
 }
 
+/// The service of instance `id` in `namespace` (empty: the default), or "" when it is
+/// not registered: what a token needs `register` on to deregister the instance or
+/// change its state ("" is matched only by `*`).
+pub fn service_of_instance(shared: &Shared, namespace: &str, id: &str) -> String {
+    let ns = if namespace.is_empty() {
+        crate::model::DEFAULT_NAMESPACE
+    } else {
+        namespace
+    };
+    shared
+        .catalog
+        .read()
+        .service_of(ns, id)
+        .map(str::to_string)
+        .unwrap_or_default()
+}
+
 /// Refuses unless the caller of `metadata` has `right` on `resource`.
 pub fn check(
     shared: &Shared,

@@ -98,18 +98,7 @@ impl RegistryApi {
         id: &str,
         method: &'static str,
     ) -> Result<(), Status> {
-        let ns = if namespace.is_empty() {
-            crate::model::DEFAULT_NAMESPACE
-        } else {
-            namespace
-        };
-        let service = self
-            .shared
-            .catalog
-            .read()
-            .service_of(ns, id)
-            .map(str::to_string)
-            .unwrap_or_default();
+        let service = auth::service_of_instance(&self.shared, namespace, id);
         auth::check(
             &self.shared,
             request.metadata(),

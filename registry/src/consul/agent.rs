@@ -37,8 +37,8 @@ pub const MAX_AGENT_SERVICES: usize = 10_000;
 /// Longest check output kept (it is replicated with the instance).
 const MAX_OUTPUT_BYTES: usize = 512;
 
-/// A check status as Consul names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A check status as Consul names it, from best to worst (a service shows its worst).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Status {
     Passing,
     Warning,
@@ -59,6 +59,8 @@ impl Status {
 struct Probe {
     def: CheckDef,
     status: Status,
+    /// The last run's line of output.
+    output: String,
     critical_since: Option<Instant>,
     next: Instant,
 }
@@ -77,10 +79,22 @@ pub struct Agent {
     shared: Arc<Shared>,
     proposer: Proposer,
     local: Mutex<HashMap<(String, String), Local>>,
-    http: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Empty<bytes::Bytes>,
-    >,
+    http: HttpClient,
+}
+
+/// The client HTTP checks run with (pooled, plain HTTP).
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// The answer to a check that names no registered instance (never registered, or its
+/// TTL ran out): 404, which Spring reads as "register again".
+pub fn unknown_check(check_id: &str) -> AgentError {
+    err(
+        http::StatusCode::NOT_FOUND,
+        format!("CheckID {check_id:?} does not have associated TTL: the service is not registered (its TTL ran out?); register it again"),
+    )
 }
 
 /// Why a check update could not be applied, as the HTTP status and message.
@@ -110,15 +124,6 @@ impl Agent {
         })
     }
 
-    /// Services this node keeps or checks.
-    pub fn len(&self) -> usize {
-        self.local.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Room for one more service, unless it is already here.
     pub fn has_room(&self, namespace: &str, id: &str) -> bool {
         let l = self.local.lock();
@@ -141,6 +146,7 @@ impl Agent {
             .map(|c| Probe {
                 def: c.clone(),
                 status: Status::Critical,
+                output: String::new(),
                 critical_since: None,
                 next: Instant::now(),
             })
@@ -217,33 +223,31 @@ impl Agent {
         }
     }
 
+    /// The instance a check id names (`service:<id>`, `service:<id>:<n>`, or the id
+    /// itself) and the lease that keeps it alive, if it is registered.
+    pub fn find_check(&self, namespace: &str, check_id: &str) -> Option<(Arc<Instance>, LeaseId)> {
+        let catalog = self.shared.catalog.read();
+        instance_of_check(check_id)
+            .into_iter()
+            .find_map(|id| catalog.instance_and_lease(namespace, id))
+    }
+
     /// Applies a client's check update (`pass`, `warn`, `fail`, `update`) to the
-    /// instance `check_id` names: renews its lease and writes the status only when it
-    /// changes. Unknown or expired: 404, so the client registers again.
+    /// instance [`find_check`](Self::find_check) found: renews its lease and writes the
+    /// status only when it changes. A lease gone meanwhile: 404, so the client
+    /// registers again.
     pub async fn update(
         &self,
-        namespace: &str,
         check_id: &str,
+        instance: Arc<Instance>,
+        lease: LeaseId,
         status: Status,
         output: Option<String>,
         token: Option<&http::HeaderValue>,
     ) -> Result<Arc<Instance>, AgentError> {
-        let found = {
-            let catalog = self.shared.catalog.read();
-            instance_of_check(check_id)
-                .into_iter()
-                .find_map(|id| catalog.instance_and_lease(namespace, id))
-        };
-        let unknown = || {
-            err(
-                http::StatusCode::NOT_FOUND,
-                format!("CheckID {check_id:?} does not have associated TTL: the service is not registered (its TTL ran out?); register it again"),
-            )
-        };
-        let (instance, lease) = found.ok_or_else(unknown)?;
         match self.renew(&[lease], token).await {
             Ok(true) => {}
-            Ok(false) => return Err(unknown()),
+            Ok(false) => return Err(unknown_check(check_id)),
             Err(e) => return Err(err(http::StatusCode::SERVICE_UNAVAILABLE, e)),
         }
         let output = output.map(|mut o| {
@@ -353,16 +357,11 @@ impl Agent {
 
     async fn renew_own(&self) {
         // Grouped by the token each was registered with, one renewal per group.
-        type Group = (Option<http::HeaderValue>, Vec<LeaseId>);
-        let mut by_token: HashMap<Option<Vec<u8>>, Group> = HashMap::new();
+        let mut by_token: HashMap<Option<http::HeaderValue>, Vec<LeaseId>> = HashMap::new();
         for l in self.local.lock().values().filter(|l| l.renew) {
-            by_token
-                .entry(l.token.as_ref().map(|t| t.as_bytes().to_vec()))
-                .or_insert_with(|| (l.token.clone(), Vec::new()))
-                .1
-                .push(l.lease);
+            by_token.entry(l.token.clone()).or_default().push(l.lease);
         }
-        for (token, leases) in by_token.into_values() {
+        for (token, leases) in by_token {
             for chunk in leases.chunks(crate::api::MAX_LEASES_PER_KEEPALIVE) {
                 if let Err(e) = self.renew(chunk, token.as_ref()).await {
                     tracing::warn!(error = %e, "cannot renew the leases of services registered through the Consul API");
@@ -371,78 +370,66 @@ impl Agent {
         }
     }
 
-    /// Runs every due probe at once (each bounded by its timeout), then writes the
-    /// services whose status changed.
+    /// Runs every due probe at once (each its own task, bounded by its timeout), then
+    /// writes the services whose status changed.
     async fn probe_due(&self) {
         let now = Instant::now();
-        let due: Vec<((String, String), usize, CheckKind, Duration)> = {
-            let mut l = self.local.lock();
-            let mut due = Vec::new();
-            for (key, local) in l.iter_mut() {
-                for (n, p) in local.probes.iter_mut().enumerate() {
-                    if p.next <= now {
-                        p.next = now + p.def.interval;
-                        due.push((key.clone(), n, p.def.kind.clone(), p.def.timeout));
-                    }
+        let mut running = tokio::task::JoinSet::new();
+        for (key, local) in self.local.lock().iter_mut() {
+            for (n, p) in local.probes.iter_mut().enumerate() {
+                if p.next <= now {
+                    p.next = now + p.def.interval;
+                    let (key, kind, timeout) = (key.clone(), p.def.kind.clone(), p.def.timeout);
+                    let client = self.http.clone();
+                    running.spawn(async move { (key, n, probe(&client, &kind, timeout).await) });
                 }
             }
-            due
-        };
-        if due.is_empty() {
-            return;
         }
-        let results = futures_join(
-            due.iter()
-                .map(|(_, _, kind, timeout)| self.probe(kind, *timeout)),
-        )
-        .await;
         let mut changed: Vec<(String, String)> = Vec::new();
-        {
+        while let Some(done) = running.join_next().await {
+            let Ok((key, n, (status, output))) = done else {
+                continue;
+            };
             let mut l = self.local.lock();
-            for ((key, n, _, _), (status, _)) in due.iter().zip(&results) {
-                if let Some(p) = l.get_mut(key).and_then(|local| local.probes.get_mut(*n)) {
-                    p.status = *status;
-                    p.critical_since = match (status, p.critical_since) {
-                        (Status::Critical, None) => Some(now),
-                        (Status::Critical, since) => since,
-                        _ => None,
-                    };
-                    if !changed.contains(key) {
-                        changed.push(key.clone());
-                    }
+            if let Some(p) = l.get_mut(&key).and_then(|local| local.probes.get_mut(n)) {
+                p.status = status;
+                p.output = output;
+                p.critical_since = match status {
+                    Status::Critical => p.critical_since.or(Some(now)),
+                    _ => None,
+                };
+                if !changed.contains(&key) {
+                    changed.push(key);
                 }
             }
         }
         for key in changed {
-            self.settle(&key, &due, &results).await;
+            self.settle(&key).await;
         }
     }
 
-    /// Writes one service's aggregate status, or deregisters it once critical past its
-    /// `DeregisterCriticalServiceAfter`.
-    async fn settle(
-        &self,
-        key: &(String, String),
-        due: &[((String, String), usize, CheckKind, Duration)],
-        results: &[(Status, String)],
-    ) {
-        let (worst, expired, lease) = {
+    /// Writes one service's worst status (and the first output of its probes), or
+    /// deregisters it once critical past its `DeregisterCriticalServiceAfter`.
+    async fn settle(&self, key: &(String, String)) {
+        let (worst, expired, lease, output) = {
             let l = self.local.lock();
             let Some(local) = l.get(key) else { return };
             let worst = local
                 .probes
                 .iter()
                 .map(|p| p.status)
-                .max_by_key(|s| match s {
-                    Status::Passing => 0,
-                    Status::Warning => 1,
-                    Status::Critical => 2,
-                })
+                .max()
                 .unwrap_or(Status::Passing);
             let expired = local.probes.iter().any(|p| {
                 matches!((p.critical_since, p.def.deregister_after), (Some(since), Some(after)) if since.elapsed() >= after)
             });
-            (worst, expired, local.lease)
+            let output = local
+                .probes
+                .iter()
+                .map(|p| p.output.as_str())
+                .find(|o| !o.is_empty())
+                .map(str::to_string);
+            (worst, expired, local.lease, output)
         };
         if expired {
             tracing::info!(namespace = %key.0, id = %key.1, "critical past DeregisterCriticalServiceAfter; deregistering");
@@ -456,13 +443,6 @@ impl Agent {
                 .await;
             return;
         }
-        let output = due
-            .iter()
-            .zip(results)
-            .filter(|((k, ..), _)| k == key)
-            .map(|(_, (_, out))| out.as_str())
-            .find(|o| !o.is_empty())
-            .map(str::to_string);
         let Some((instance, _)) = self
             .shared
             .catalog
@@ -475,47 +455,47 @@ impl Agent {
             tracing::warn!(error = %e, id = %key.1, "cannot write a check's status");
         }
     }
+}
 
-    /// One probe: its status and a line of output.
-    async fn probe(&self, kind: &CheckKind, timeout: Duration) -> (Status, String) {
-        let run = async {
-            match kind {
-                CheckKind::Ttl(_) => (Status::Passing, String::new()),
-                CheckKind::Tcp(addr) => match tokio::net::TcpStream::connect(addr.as_str()).await {
-                    Ok(_) => (Status::Passing, format!("TCP connect {addr}: Success")),
-                    Err(e) => (Status::Critical, format!("dial tcp {addr}: {e}")),
-                },
-                CheckKind::Http { url, method } => {
-                    let req = http::Request::builder()
-                        .method(method.as_str())
-                        .uri(url.as_str())
-                        .header("user-agent", "Consul Health Check")
-                        .body(http_body_util::Empty::new());
-                    let Ok(req) = req else {
-                        return (Status::Critical, format!("bad request to {url}"));
-                    };
-                    match self.http.request(req).await {
-                        Ok(r) => {
-                            let code = r.status();
-                            let status = if code.is_success() {
-                                Status::Passing
-                            } else if code == http::StatusCode::TOO_MANY_REQUESTS {
-                                Status::Warning
-                            } else {
-                                Status::Critical
-                            };
-                            (status, format!("HTTP {method} {url}: {code}"))
-                        }
-                        Err(e) => (Status::Critical, format!("HTTP {method} {url}: {e}")),
+/// One probe: its status and a line of output.
+async fn probe(client: &HttpClient, kind: &CheckKind, timeout: Duration) -> (Status, String) {
+    let run = async {
+        match kind {
+            CheckKind::Ttl(_) => (Status::Passing, String::new()),
+            CheckKind::Tcp(addr) => match tokio::net::TcpStream::connect(addr.as_str()).await {
+                Ok(_) => (Status::Passing, format!("TCP connect {addr}: Success")),
+                Err(e) => (Status::Critical, format!("dial tcp {addr}: {e}")),
+            },
+            CheckKind::Http { url, method } => {
+                let req = http::Request::builder()
+                    .method(method.as_str())
+                    .uri(url.as_str())
+                    .header("user-agent", "Consul Health Check")
+                    .body(http_body_util::Empty::new());
+                let Ok(req) = req else {
+                    return (Status::Critical, format!("bad request to {url}"));
+                };
+                match client.request(req).await {
+                    Ok(r) => {
+                        let code = r.status();
+                        let status = if code.is_success() {
+                            Status::Passing
+                        } else if code == http::StatusCode::TOO_MANY_REQUESTS {
+                            Status::Warning
+                        } else {
+                            Status::Critical
+                        };
+                        (status, format!("HTTP {method} {url}: {code}"))
                     }
+                    Err(e) => (Status::Critical, format!("HTTP {method} {url}: {e}")),
                 }
-                CheckKind::Grpc { addr, service } => grpc_probe(addr, service).await,
             }
-        };
-        match tokio::time::timeout(timeout, run).await {
-            Ok(r) => r,
-            Err(_) => (Status::Critical, format!("timed out after {timeout:?}")),
+            CheckKind::Grpc { addr, service } => grpc_probe(addr, service).await,
         }
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => (Status::Critical, format!("timed out after {timeout:?}")),
     }
 }
 
@@ -548,37 +528,6 @@ async fn grpc_probe(addr: &str, service: &str) -> (Status, String) {
             format!("gRPC {addr} {service}: {}", s.message()),
         ),
     }
-}
-
-/// Runs the futures concurrently and collects their outputs in order.
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for f in futures {
-        set.push(Box::pin(f));
-    }
-    let mut out = Vec::with_capacity(set.len());
-    // Polled together: each probe is bounded by its own timeout.
-    let all = std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out.len() <= i {
-                out.push(None);
-            }
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    });
-    all.await;
-    out.into_iter().flatten().collect()
 }
 
 /// The instance ids a check id may name: `service:<id>`, `service:<id>:<n>`, or the

@@ -35,8 +35,37 @@ pub struct ServiceIndex {
 #[derive(Default)]
 struct State {
     floor: u64,
-    /// (namespace, service) -> slot; service "" is the namespace's own slot.
-    slots: HashMap<(String, String), Slot>,
+    /// namespace -> service -> slot; service "" is the namespace's own slot. Nested so
+    /// that a read looks its slot up by `&str`, without building a key.
+    slots: HashMap<String, HashMap<String, Slot>>,
+    /// Slots in `slots`, all namespaces together.
+    count: usize,
+}
+
+impl State {
+    /// Raises the slot of `service` in `namespace` to `revision` (making it, from the
+    /// floor, if it is new); what to wake when it moved.
+    fn raise(&mut self, namespace: &str, service: &str, revision: u64) -> Option<Arc<Notify>> {
+        let floor = self.floor;
+        let services = match self.slots.get_mut(namespace) {
+            Some(s) => s,
+            None => self.slots.entry(namespace.to_string()).or_default(),
+        };
+        let slot = match services.get_mut(service) {
+            Some(slot) => slot,
+            None => {
+                self.count += 1;
+                services.entry(service.to_string()).or_insert_with(|| Slot {
+                    index: floor,
+                    notify: Arc::new(Notify::new()),
+                })
+            }
+        };
+        (revision > slot.index).then(|| {
+            slot.index = revision;
+            slot.notify.clone()
+        })
+    }
 }
 
 struct Slot {
@@ -49,7 +78,7 @@ impl ServiceIndex {
         Self {
             state: Mutex::new(State {
                 floor,
-                slots: HashMap::new(),
+                ..State::default()
             }),
             any: Notify::new(),
         }
@@ -59,9 +88,7 @@ impl ServiceIndex {
     /// least 1, and what to wait on for it to move.
     fn get(&self, namespace: &str, service: &str) -> (u64, Option<Arc<Notify>>) {
         let s = self.state.lock();
-        // One lookup with a borrowed key would need the raw-entry API; two small
-        // allocations per blocking read are nothing next to the response.
-        match s.slots.get(&(namespace.to_string(), service.to_string())) {
+        match s.slots.get(namespace).and_then(|m| m.get(service)) {
             Some(slot) => (slot.index.max(1), Some(slot.notify.clone())),
             None => (s.floor.max(1), None),
         }
@@ -104,25 +131,14 @@ impl ServiceIndex {
         let mut woken: Vec<Arc<Notify>> = Vec::new();
         {
             let mut s = self.state.lock();
-            if s.slots.len() + 2 * touched.len() > MAX_SLOTS {
+            if s.count + 2 * touched.len() > MAX_SLOTS {
                 drop(s);
                 self.reset(change.revision);
                 return;
             }
-            let floor = s.floor;
-            let mut raise = |key: (String, String)| {
-                let slot = s.slots.entry(key).or_insert_with(|| Slot {
-                    index: floor,
-                    notify: Arc::new(Notify::new()),
-                });
-                if change.revision > slot.index {
-                    slot.index = change.revision;
-                    woken.push(slot.notify.clone());
-                }
-            };
             for (ns, svc) in &touched {
-                raise((ns.to_string(), svc.to_string()));
-                raise((ns.to_string(), String::new()));
+                woken.extend(s.raise(ns, svc, change.revision));
+                woken.extend(s.raise(ns, "", change.revision));
             }
         }
         for n in woken {
@@ -137,9 +153,10 @@ impl ServiceIndex {
         let slots = {
             let mut s = self.state.lock();
             s.floor = s.floor.max(revision);
+            s.count = 0;
             std::mem::take(&mut s.slots)
         };
-        for slot in slots.into_values() {
+        for slot in slots.into_values().flat_map(HashMap::into_values) {
             slot.notify.notify_waiters();
         }
         self.any.notify_waiters();

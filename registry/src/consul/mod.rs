@@ -116,8 +116,9 @@ pub fn text(code: StatusCode, message: impl Into<String>) -> HttpResponse {
     respond(code, "text/plain; charset=utf-8", m)
 }
 
-/// The token a request carries, as the `authorization` value auth reads.
-pub(crate) fn token(headers: &http::HeaderMap, q: &Query) -> Option<HeaderValue> {
+/// The token a request carries (`X-Consul-Token`, `Authorization`, or the `?token=`
+/// value given), as the `authorization` value auth reads.
+pub(crate) fn token(headers: &http::HeaderMap, query_token: Option<&str>) -> Option<HeaderValue> {
     if let Some(t) = headers.get("x-consul-token").filter(|t| !t.is_empty()) {
         let mut v = b"Bearer ".to_vec();
         v.extend_from_slice(t.as_bytes());
@@ -126,9 +127,7 @@ pub(crate) fn token(headers: &http::HeaderMap, q: &Query) -> Option<HeaderValue>
     if let Some(a) = headers.get(http::header::AUTHORIZATION) {
         return Some(a.clone());
     }
-    q.token
-        .as_ref()
-        .and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok())
+    query_token.and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok())
 }
 
 pub(crate) fn caller(shared: &Shared, token: Option<&HeaderValue>) -> Result<Caller, HttpResponse> {
@@ -189,11 +188,6 @@ impl Consul {
         ]
     }
 
-    /// Blocking queries held now.
-    pub fn blocked(&self) -> usize {
-        self.blocking.held()
-    }
-
     /// Serves a `/v1/...` request.
     pub async fn handle(
         &self,
@@ -214,7 +208,7 @@ impl Consul {
             Ok(ns) => ns,
             Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        let token = token(req.headers(), &q);
+        let token = token(req.headers(), q.token.as_deref());
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         let get = method == Method::GET || method == Method::HEAD;
@@ -250,7 +244,7 @@ impl Consul {
                     None => text(StatusCode::BAD_REQUEST, "missing service id"),
                 }
             }
-            p if put && p.starts_with("/v1/agent/check/") => self.check(req, &namespace, p, token.as_ref()).await,
+            p if put && p.starts_with("/v1/agent/check/") => self.check(req, &q, &namespace, p, token.as_ref()).await,
             p if p.starts_with("/v1/") && !get && !put => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("method {method} not allowed"),
@@ -359,17 +353,7 @@ impl Consul {
             .collect();
         if q.split {
             let policy = catalog.current_policy(namespace, name);
-            let refs: Vec<&Instance> = kept.iter().map(|i| i.as_ref()).collect();
-            let chosen: Vec<String> = view::split(policy.as_deref(), refs)
-                .iter()
-                .map(|i| i.id.clone())
-                .collect();
-            return (
-                kept.into_iter()
-                    .filter(|i| chosen.contains(&i.id))
-                    .collect(),
-                false,
-            );
+            return (view::split(policy.as_deref(), kept), false);
         }
         (kept, false)
     }
@@ -554,22 +538,8 @@ impl Consul {
             Ok(r) => r,
             Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        let caller = match caller(&self.shared, token.as_ref()) {
-            Ok(c) => c,
-            Err(r) => return r,
-        };
-        if !caller.may(Right::Register, &reg.instance.service) {
-            let s = auth::denied(
-                &self.shared,
-                &caller,
-                "ConsulRegister",
-                Right::Register,
-                &reg.instance.service,
-            );
-            return text(
-                StatusCode::FORBIDDEN,
-                format!("Permission denied: {}", s.message()),
-            );
+        if let Err(r) = self.authorize(&reg.instance.service, token.as_ref()) {
+            return r;
         }
         if !self
             .agent
@@ -614,22 +584,11 @@ impl Consul {
         }
     }
 
-    /// Refuses unless the caller may register the service of instance `id`.
-    fn may_change(
-        &self,
-        ns: &str,
-        id: &str,
-        token: Option<&HeaderValue>,
-    ) -> Result<(), HttpResponse> {
+    /// Refuses unless the caller may register `service` ("" for an unknown instance:
+    /// only `register` on `*` may touch it).
+    fn authorize(&self, service: &str, token: Option<&HeaderValue>) -> Result<(), HttpResponse> {
         let caller = caller(&self.shared, token)?;
-        let service = self
-            .shared
-            .catalog
-            .read()
-            .service_of(ns, id)
-            .map(str::to_string)
-            .unwrap_or_default();
-        if caller.may(Right::Register, &service) {
+        if caller.may(Right::Register, service) {
             return Ok(());
         }
         let s = auth::denied(
@@ -637,12 +596,22 @@ impl Consul {
             &caller,
             "ConsulRegister",
             Right::Register,
-            &service,
+            service,
         );
         Err(text(
             StatusCode::FORBIDDEN,
             format!("Permission denied: {}", s.message()),
         ))
+    }
+
+    /// [`authorize`](Self::authorize) for the service of instance `id`.
+    fn may_change(
+        &self,
+        ns: &str,
+        id: &str,
+        token: Option<&HeaderValue>,
+    ) -> Result<(), HttpResponse> {
+        self.authorize(&auth::service_of_instance(&self.shared, ns, id), token)
     }
 
     async fn deregister(&self, ns: &str, id: &str, token: Option<&HeaderValue>) -> HttpResponse {
@@ -704,6 +673,7 @@ impl Consul {
     async fn check(
         &self,
         req: http::Request<hyper::body::Incoming>,
+        q: &Query,
         ns: &str,
         path: &str,
         token: Option<&HeaderValue>,
@@ -724,9 +694,7 @@ impl Consul {
         else {
             return text(StatusCode::BAD_REQUEST, "the check id is not UTF-8");
         };
-        let note = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == "note")
-            .map(|(_, v)| v.into_owned());
+        let note = q.note.clone();
         let (status, output) = match verb {
             "pass" => (Status::Passing, note),
             "warn" => (Status::Warning, note),
@@ -749,20 +717,18 @@ impl Consul {
             }
         };
         // Who may update it: a token with register on the instance's service.
-        let instance_id = {
-            let catalog = self.shared.catalog.read();
-            agent::instance_of_check(&check_id)
-                .into_iter()
-                .find(|id| catalog.service_of(ns, id).is_some())
-                .unwrap_or(&check_id)
-                .to_string()
-        };
-        if let Err(r) = self.may_change(ns, &instance_id, token) {
+        let found = self.agent.find_check(ns, &check_id);
+        let service = found.as_ref().map_or("", |(i, _)| i.service.as_str());
+        if let Err(r) = self.authorize(service, token) {
             return r;
         }
+        let Some((instance, lease)) = found else {
+            let e = agent::unknown_check(&check_id);
+            return text(e.status, e.message);
+        };
         match self
             .agent
-            .update(ns, &check_id, status, output, token)
+            .update(&check_id, instance, lease, status, output, token)
             .await
         {
             Ok(_) => respond(StatusCode::OK, "text/plain; charset=utf-8", ""),

@@ -32,6 +32,8 @@ pub struct Query {
     /// `?recurse`, `?enable=`, `?reason=` and the rest of what some endpoints read.
     pub enable: Option<bool>,
     pub reason: Option<String>,
+    /// `?note=` of a check pass, warn or fail: the check's output.
+    pub note: Option<String>,
 }
 
 /// A parameter that does not parse, as a 400's message.
@@ -107,6 +109,7 @@ impl Query {
                 "token" if !value.is_empty() => q.token = Some(value.to_string()),
                 "enable" => q.enable = Some(flag("enable", value)?),
                 "reason" => q.reason = Some(value.to_string()),
+                "note" => q.note = Some(value.to_string()),
                 // Consistency modes: every read is served from this node's applied state
                 // (what `stale` asks for); `consistent` and `cached` are accepted too.
                 "stale" | "consistent" | "cached" | "leader" => {}

@@ -236,11 +236,11 @@ fn weights(i: &Instance) -> Weights {
     }
 }
 
-pub fn service<'a>(i: &'a Instance, ctx: Ctx<'a>) -> Service<'a> {
+fn service_tagged<'a>(i: &'a Instance, ctx: Ctx<'a>, tags: Vec<String>) -> Service<'a> {
     Service {
         id: &i.id,
         service: &i.service,
-        tags: tags(i),
+        tags,
         address: &i.address,
         meta: meta(i),
         port: i.port,
@@ -256,47 +256,53 @@ pub fn service<'a>(i: &'a Instance, ctx: Ctx<'a>) -> Service<'a> {
 
 /// The instance's checks: `service:<id>`, and the maintenance check while DRAINING.
 pub fn checks<'a>(i: &'a Instance, ctx: Ctx<'a>) -> Vec<HealthCheck<'a>> {
-    let output = i.labels.get(OUTPUT_LABEL).map_or("", String::as_str);
-    let mut out = vec![HealthCheck {
+    checks_tagged(i, ctx, &tags(i))
+}
+
+fn checks_tagged<'a>(i: &'a Instance, ctx: Ctx<'a>, tags: &[String]) -> Vec<HealthCheck<'a>> {
+    let check = |check_id: String, name: String, status, output, kind| HealthCheck {
         node: &i.address,
-        check_id: format!("service:{}", i.id),
-        name: format!("Service '{}' check", i.service),
-        status: service_status(i),
+        check_id,
+        name,
+        status,
         notes: "",
         output,
         service_id: &i.id,
         service_name: &i.service,
-        service_tags: tags(i),
-        kind: "ttl",
+        service_tags: tags.to_vec(),
+        kind,
         namespace: &i.namespace,
         create_index: ctx.index,
         modify_index: ctx.index,
-    }];
+    };
+    let output = i.labels.get(OUTPUT_LABEL).map_or("", String::as_str);
+    let mut out = vec![check(
+        format!("service:{}", i.id),
+        format!("Service '{}' check", i.service),
+        service_status(i),
+        output,
+        "ttl",
+    )];
     if i.state == State::Draining {
-        out.push(HealthCheck {
-            node: &i.address,
-            check_id: format!("_service_maintenance:{}", i.id),
-            name: "Service Maintenance Mode".into(),
-            status: "critical",
-            notes: "",
-            output: "",
-            service_id: &i.id,
-            service_name: &i.service,
-            service_tags: tags(i),
-            kind: "maintenance",
-            namespace: &i.namespace,
-            create_index: ctx.index,
-            modify_index: ctx.index,
-        });
+        out.push(check(
+            format!("_service_maintenance:{}", i.id),
+            "Service Maintenance Mode".into(),
+            "critical",
+            "",
+            "maintenance",
+        ));
     }
     out
 }
 
+/// An entry of `/v1/health/service/:name` (its tags built once, for the service and
+/// its checks).
 pub fn entry<'a>(i: &'a Instance, ctx: Ctx<'a>) -> ServiceEntry<'a> {
+    let tags = tags(i);
     ServiceEntry {
         node: node(i, ctx),
-        service: service(i, ctx),
-        checks: checks(i, ctx),
+        checks: checks_tagged(i, ctx, &tags),
+        service: service_tagged(i, ctx, tags),
     }
 }
 
@@ -340,10 +346,10 @@ pub fn matches(i: &Instance, wanted: &[String], node_meta_wanted: &[(String, Str
 /// `?split=1`: the instances of one subset drawn by the service's current default split
 /// (health-aware, like a sidecar's draw), so a client that asks per request follows the
 /// canary weights. Without a policy, or with no weights, everything is returned.
-pub fn split<'a>(
+pub fn split(
     policy: Option<&crate::model::Policy>,
-    instances: Vec<&'a Instance>,
-) -> Vec<&'a Instance> {
+    instances: Vec<std::sync::Arc<Instance>>,
+) -> Vec<std::sync::Arc<Instance>> {
     use switchyard_core::select::{choose, Selection};
     let Some(policy) = policy else {
         return instances;

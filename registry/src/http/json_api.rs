@@ -100,8 +100,7 @@ pub fn serve(api: &HttpApi, req: &Request<hyper::body::Incoming>) -> HttpRespons
         Ok(ns) => ns,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let q = crate::consul::query::Query::default();
-    let who = match caller(&api.shared, token(req.headers(), &q).as_ref()) {
+    let who = match caller(&api.shared, token(req.headers(), None).as_ref()) {
         Ok(c) => c,
         Err(_) => {
             return error(

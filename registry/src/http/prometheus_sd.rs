@@ -105,8 +105,7 @@ pub fn serve(api: &HttpApi, req: &Request<hyper::body::Incoming>) -> HttpRespons
             _ => {}
         }
     }
-    let q = crate::consul::query::Query::default();
-    let who = match caller(&api.shared, token(req.headers(), &q).as_ref()) {
+    let who = match caller(&api.shared, token(req.headers(), None).as_ref()) {
         Ok(c) => c,
         Err(r) => return r,
     };
