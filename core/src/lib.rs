@@ -13,9 +13,12 @@
 //!   stays valid under continuous monitoring (what a rollout judges a canary by).
 //! - [`telemetry`]: the latency buckets, error rule and quantile estimate that sidecars'
 //!   per-version reports and the registry's `Top` share.
+//! - [`flags`]: feature-flag documents in flagd's schema, their evaluation (flagd's rules,
+//!   pinned to flagd-core 2.0.0) and the OFREP request/response logic.
 
 pub mod convert;
 pub mod dns;
+pub mod flags;
 pub mod gate;
 pub mod model;
 pub mod select;
