@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "switchyard/v1/acl.proto",
         "switchyard/v1/identity.proto",
         "switchyard/v1/intentions.proto",
+        "switchyard/v1/config.proto",
         "switchyard/internal/v1/raft.proto",
     ];
     for proto in &protos {

@@ -1095,3 +1095,157 @@ fn acl_verbs_bootstrap_create_tokens_and_the_global_token_flag_carries_them() {
     registry.signal("-TERM");
     assert!(registry.wait(Duration::from_secs(10)).success());
 }
+
+/// `switchyard kv` and `switchyard flags` against a real registry process: values from
+/// an argument, a file and stdin; check-and-set; recurse; flags set from a file holding
+/// one flag's definition, list, get, disable, eval (with a sidecar fact), history and
+/// rollback; a bad definition refused naming its path (exit 64), nothing recorded.
+#[test]
+fn kv_and_flags_verbs_on_a_real_registry() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut registry, url) = start_registry(dir.path(), &[]);
+    let reg = ["--registry", url.as_str()];
+    let ok = |args: &[&str]| {
+        let out = run(&[args, &reg[..]].concat());
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["kv", "put", "config/web/timeout", "5s"]);
+    assert_eq!(ok(&["kv", "get", "config/web/timeout"]), "5s\n");
+    let file = dir.path().join("value.json");
+    std::fs::write(&file, "{\"retries\": 3}\n").expect("write");
+    ok(&[
+        "kv",
+        "put",
+        "config/web/json",
+        &format!("@{}", file.display()),
+    ]);
+    assert_eq!(ok(&["kv", "get", "config/web/json"]), "{\"retries\": 3}\n");
+    let mut child = Command::new(BIN)
+        .args(["kv", "put", "config/api/name", "--registry", &url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"from stdin")
+        .expect("write");
+    assert!(child.wait().expect("wait").success());
+    let entry: serde_json::Value =
+        serde_json::from_str(&ok(&["kv", "get", "config/api/name", "-o", "json"])).expect("json");
+    assert_eq!(entry["value"], "from stdin");
+    let modify = entry["modify_revision"].as_u64().expect("revision");
+    let stale = run(&[
+        "kv",
+        "put",
+        "config/api/name",
+        "x",
+        "--cas",
+        &(modify - 1).to_string(),
+        "--registry",
+        &url,
+    ]);
+    assert!(!stale.status.success(), "a stale --cas fails");
+    ok(&[
+        "kv",
+        "put",
+        "config/api/name",
+        "y",
+        "--cas",
+        &modify.to_string(),
+    ]);
+    assert_eq!(
+        ok(&["kv", "list", "config/"]),
+        "config/api/name\nconfig/web/json\nconfig/web/timeout\n"
+    );
+    let table = ok(&["kv", "get", "config/web/", "--recurse"]);
+    assert!(
+        table.contains("config/web/timeout") && table.contains("5s"),
+        "{table}"
+    );
+    ok(&["kv", "delete", "config/", "--recurse"]);
+    assert_eq!(ok(&["kv", "list"]), "");
+
+    let flag = dir.path().join("checkout.json");
+    std::fs::write(
+        &flag,
+        r#"{"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"off",
+            "targeting":{"if":[{"==":[{"var":"$switchyard.version"},"2.0.0"]},"on","off"]}}"#,
+    )
+    .expect("write");
+    ok(&[
+        "flags",
+        "set",
+        "new-checkout",
+        "--file",
+        &flag.display().to_string(),
+    ]);
+    let list = ok(&["flags", "list"]);
+    assert!(
+        list.contains("new-checkout") && list.contains("ENABLED") && list.contains("yes"),
+        "{list}"
+    );
+    let eval = ok(&[
+        "flags",
+        "eval",
+        "new-checkout",
+        "--context",
+        "$switchyard.version=2.0.0",
+        "-o",
+        "json",
+    ]);
+    let eval: serde_json::Value = serde_json::from_str(&eval).expect("json");
+    assert_eq!(
+        (eval["value"].clone(), eval["reason"].clone()),
+        (
+            serde_json::json!(true),
+            serde_json::json!("TARGETING_MATCH")
+        )
+    );
+    let eval: serde_json::Value =
+        serde_json::from_str(&ok(&["flags", "eval", "new-checkout", "-o", "json"])).expect("json");
+    assert_eq!(eval["value"], false);
+    ok(&["flags", "disable", "new-checkout"]);
+    let got: serde_json::Value =
+        serde_json::from_str(&ok(&["flags", "get", "new-checkout"])).expect("json");
+    assert_eq!(got["state"], "DISABLED");
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"state":"ENABLED","variants":{"on":true},"defaultVariant":"off"}"#,
+    )
+    .expect("write");
+    let refused = run(&[
+        "flags",
+        "set",
+        "broken",
+        "--file",
+        &bad.display().to_string(),
+        "--registry",
+        &url,
+    ]);
+    assert_eq!(refused.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("flags.broken.defaultVariant"), "{stderr}");
+    let history = ok(&["flags", "history"]);
+    assert_eq!(
+        history.lines().count(),
+        3,
+        "a header and two records: {history}"
+    );
+    ok(&["flags", "rollback"]);
+    let got: serde_json::Value =
+        serde_json::from_str(&ok(&["flags", "get", "new-checkout"])).expect("json");
+    assert_eq!(got["state"], "ENABLED");
+    registry.signal("-TERM");
+    registry.wait(Duration::from_secs(10));
+}

@@ -342,6 +342,10 @@ pub fn snapshot_event(revision: u64, services: &[ServiceSnapshot]) -> pb::WatchE
         intentions: Vec::new(),
         trust_bundle: String::new(),
         mtls: Vec::new(),
+        flags: None,
+        kv: Vec::new(),
+        kv_removed: Vec::new(),
+        kv_snapshot: false,
     }
 }
 
@@ -377,6 +381,34 @@ pub fn delta_event(change: &Change) -> pb::WatchEvent {
             .iter()
             .map(|(_, service, strict)| mtls_setting(service, *strict))
             .collect(),
+        flags: change.flags.last().map(|f| pb::FlagsDocument {
+            document: f.document.to_string(),
+            revision: f.revision,
+        }),
+        kv: change
+            .kv
+            .iter()
+            .filter_map(|k| k.entry.as_deref())
+            .map(kv_entry_to_proto)
+            .collect(),
+        kv_removed: change
+            .kv
+            .iter()
+            .filter(|k| k.entry.is_none())
+            .map(|k| k.key.clone())
+            .collect(),
+        kv_snapshot: false,
+    }
+}
+
+/// A KV entry on the wire.
+pub fn kv_entry_to_proto(e: &crate::model::kv::KvEntry) -> pb::KvEntry {
+    pb::KvEntry {
+        key: e.key.clone(),
+        value: e.value.to_vec(),
+        flags: e.flags,
+        create_revision: e.create_revision,
+        modify_revision: e.modify_revision,
     }
 }
 

@@ -58,7 +58,8 @@ pub mod watch;
 pub(crate) use switchyard_core::model;
 
 pub use catalog::{
-    Limits, DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE, DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
+    Limits, DEFAULT_MAX_KV_BYTES, DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE,
+    DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
 };
 pub use config::{AclDefaults, Listeners, MeshConfig, RegistryConfig, StartError, TlsFiles};
 pub use node::{start, RegistryHandle};

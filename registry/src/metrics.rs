@@ -22,6 +22,8 @@ pub struct Metrics {
     registry: Registry,
     pub instances: Gauge<i64, AtomicI64>,
     pub leases: Gauge<i64, AtomicI64>,
+    /// Bytes the KV store holds, as counted against --max-kv-bytes.
+    pub kv_bytes: Gauge<i64, AtomicI64>,
     pub revision: Gauge<i64, AtomicI64>,
     pub lease_expiries: Counter,
     pub watchers: Gauge<i64, AtomicI64>,
@@ -129,6 +131,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("switchyard_registry");
         let instances = Gauge::default();
         let leases = Gauge::default();
+        let kv_bytes = Gauge::default();
         let revision = Gauge::default();
         let lease_expiries = Counter::default();
         let watchers = Gauge::default();
@@ -305,6 +308,11 @@ impl Default for Metrics {
         registry.register("instances", "Registered instances", instances.clone());
         registry.register("leases", "Live leases", leases.clone());
         registry.register(
+            "kv_bytes",
+            "Bytes the KV store holds (keys, values, 64 per entry), against --max-kv-bytes",
+            kv_bytes.clone(),
+        );
+        registry.register(
             "revision",
             "Revision of the last applied change",
             revision.clone(),
@@ -349,6 +357,7 @@ impl Default for Metrics {
             registry,
             instances,
             leases,
+            kv_bytes,
             revision,
             lease_expiries,
             watchers,
@@ -443,6 +452,7 @@ impl Metrics {
     pub fn set_catalog_gauges(&self, catalog: &Catalog) {
         self.instances.set(catalog.instance_count() as i64);
         self.leases.set(catalog.lease_count() as i64);
+        self.kv_bytes.set(catalog.kv_bytes() as i64);
         self.revision.set(catalog.revision() as i64);
     }
 

@@ -245,6 +245,7 @@ pub async fn start(
         shared: shared.clone(),
         proposer: proposer.clone(),
         consul: crate::consul::Consul::new(shared.clone(), proposer.clone(), config.consul.clone()),
+        flags: Default::default(),
     });
     let (forwarder, forward_task) = crate::telemetry_forward::start(
         proposer.clone(),

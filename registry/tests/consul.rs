@@ -73,6 +73,32 @@ fn with_labels(mut i: pb::Instance, labels: &[(&str, &str)], zone: &str) -> pb::
     i
 }
 
+/// Bootstraps ACLs and creates a token with `rules`: (the operator's secret, the token's).
+async fn bootstrap_with_token(reg: &TestRegistry, rules: &[&str]) -> (String, String) {
+    let mut acl = switchyard_proto::v1::acl_client::AclClient::new(reg.channel().await);
+    let operator = acl
+        .bootstrap(pb::BootstrapRequest::default())
+        .await
+        .expect("bootstrap")
+        .into_inner()
+        .secret;
+    let mut req = tonic::Request::new(pb::CreateTokenRequest {
+        rules: rules.iter().map(|r| r.to_string()).collect(),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {operator}").parse().expect("header"),
+    );
+    let token = acl
+        .create_token(req)
+        .await
+        .expect("token")
+        .into_inner()
+        .secret;
+    (operator, token)
+}
+
 async fn set_state(reg: &TestRegistry, id: &str, state: pb::State) {
     reg.registry()
         .await
@@ -678,28 +704,8 @@ async fn tokens_apply_from_the_header_the_bearer_and_the_query() {
     let reg = TestRegistry::start().await;
     let http = reg.handle.http_addr;
     catalog(&reg).await;
-    let channel = reg.channel().await;
-    let mut acl = switchyard_proto::v1::acl_client::AclClient::new(channel);
-    let op = acl
-        .bootstrap(pb::BootstrapRequest::default())
-        .await
-        .expect("bootstrap")
-        .into_inner()
-        .secret;
-    let mut req = tonic::Request::new(pb::CreateTokenRequest {
-        rules: vec!["service:web:register".into(), "service:web:read".into()],
-        ..Default::default()
-    });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {op}").parse().expect("header"),
-    );
-    let web = acl
-        .create_token(req)
-        .await
-        .expect("token")
-        .into_inner()
-        .secret;
+    let (_operator, web) =
+        bootstrap_with_token(&reg, &["service:web:register", "service:web:read"]).await;
     let body = br#"{"Name":"web","ID":"web-9","Port":80,"Address":"10.0.0.9"}"#;
     // Anonymous: refused; bad token: refused; the right token by any of the three ways.
     let (s, _, _) = call(http, "PUT", "/v1/agent/service/register", &[], body).await;
@@ -1223,4 +1229,213 @@ async fn any_node_of_a_cluster_registers_passes_and_reads() {
         )
         .await;
     }
+}
+
+/// The KV endpoints as Consul answers them: base64 values (null when empty), a JSON
+/// array for one key, 404 with no body for a missing one, `true`/`false` for writes,
+/// `cas`, `flags`, `raw`, `keys` with `separator`, `recurse` reads and deletes.
+#[tokio::test]
+async fn kv_reads_and_writes_as_consul_does() {
+    use base64::Engine as _;
+    let reg = TestRegistry::start().await;
+    let h = reg.handle.http_addr;
+    let (s, hd, b) = call(h, "GET", "/v1/kv/config/web/timeout", &[], b"").await;
+    assert_eq!((s, b.as_str()), (404, ""));
+    index(&hd);
+    let (s, _, b) = call(h, "PUT", "/v1/kv/config/web/timeout?flags=42", &[], b"5s").await;
+    assert_eq!((s, b.trim()), (200, "true"));
+    let (s, hd, v) = get(h, "/v1/kv/config/web/timeout").await;
+    assert_eq!(s, 200);
+    let e = &v[0];
+    assert_eq!(e["Key"], "config/web/timeout");
+    assert_eq!(e["Flags"], 42);
+    assert_eq!(e["LockIndex"], 0);
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(e["Value"].as_str().expect("base64 value"))
+        .expect("base64");
+    assert_eq!(raw, b"5s");
+    let modify = e["ModifyIndex"].as_u64().expect("ModifyIndex");
+    assert_eq!(e["CreateIndex"].as_u64(), Some(modify));
+    assert_eq!(index(&hd), modify);
+    // ?raw gives the bytes themselves.
+    let (s, _, b) = call(h, "GET", "/v1/kv/config/web/timeout?raw", &[], b"").await;
+    assert_eq!((s, b.as_str()), (200, "5s"));
+    // cas: a stale index is refused with false and changes nothing; the right one wins.
+    let stale = format!("/v1/kv/config/web/timeout?cas={}", modify - 1);
+    let (s, _, b) = call(h, "PUT", &stale, &[], b"9s").await;
+    assert_eq!((s, b.trim()), (200, "false"));
+    let (s, _, b) = call(h, "PUT", "/v1/kv/config/web/timeout?cas=0", &[], b"9s").await;
+    assert_eq!((s, b.trim()), (200, "false"), "cas=0 only creates");
+    let fresh = format!("/v1/kv/config/web/timeout?cas={modify}");
+    let (s, _, b) = call(h, "PUT", &fresh, &[], b"7s").await;
+    assert_eq!((s, b.trim()), (200, "true"));
+    let (_, _, v) = get(h, "/v1/kv/config/web/timeout").await;
+    assert_eq!(
+        v[0]["CreateIndex"].as_u64(),
+        Some(modify),
+        "create index kept"
+    );
+    assert!(v[0]["ModifyIndex"].as_u64() > Some(modify));
+    // An empty value reads back as null.
+    let (s, _, _) = call(h, "PUT", "/v1/kv/config/web/empty", &[], b"").await;
+    assert_eq!(s, 200);
+    let (_, _, v) = get(h, "/v1/kv/config/web/empty").await;
+    assert!(v[0]["Value"].is_null(), "{v}");
+    for k in ["config/api/a", "config/api/b/c", "other"] {
+        let (s, _, _) = call(h, "PUT", &format!("/v1/kv/{k}"), &[], b"x").await;
+        assert_eq!(s, 200);
+    }
+    let (_, _, v) = get(h, "/v1/kv/config/?keys&separator=/").await;
+    assert_eq!(v, serde_json::json!(["config/api/", "config/web/"]));
+    let (_, _, v) = get(h, "/v1/kv/config/api/?keys").await;
+    assert_eq!(v, serde_json::json!(["config/api/a", "config/api/b/c"]));
+    let (_, _, v) = get(h, "/v1/kv/config/?recurse").await;
+    assert_eq!(v.as_array().map(Vec::len), Some(4), "{v}");
+    let (s, _, b) = call(h, "DELETE", "/v1/kv/config/?recurse", &[], b"").await;
+    assert_eq!((s, b.trim()), (200, "true"));
+    let (s, _, _) = call(h, "GET", "/v1/kv/config/?recurse", &[], b"").await;
+    assert_eq!(s, 404);
+    let (_, _, v) = get(h, "/v1/kv/?keys").await;
+    assert_eq!(v, serde_json::json!(["other"]));
+    // Bad input: a bad key, a value over 512 KiB, a bad cas; nothing written.
+    let (s, _, b) = call(h, "PUT", "/v1/kv/a//b", &[], b"x").await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("empty path segment"), "{b}");
+    let big = vec![b'x'; 512 * 1024 + 1];
+    let (s, _, _) = call(h, "PUT", "/v1/kv/big", &[], &big).await;
+    assert_eq!(s, 413);
+    let (s, _, b) = call(h, "PUT", "/v1/kv/x?cas=abc", &[], b"x").await;
+    assert_eq!(s, 400, "{b}");
+    let (s, _, _) = call(h, "GET", "/v1/kv/big", &[], b"").await;
+    assert_eq!(s, 404);
+}
+
+/// A blocking KV read holds until something under its key changes, then answers with
+/// the new index; a change elsewhere does not wake it.
+#[tokio::test]
+async fn kv_blocking_reads_wake_on_a_change_under_their_key() {
+    let reg = TestRegistry::start().await;
+    let h = reg.handle.http_addr;
+    let (s, _, _) = call(h, "PUT", "/v1/kv/app/flag", &[], b"off").await;
+    assert_eq!(s, 200);
+    let (_, hd, _) = get(h, "/v1/kv/app/flag").await;
+    let seen = index(&hd);
+    let path = format!("/v1/kv/app/flag?index={seen}&wait=10s");
+    let started = Instant::now();
+    let blocked = tokio::spawn(async move { get(h, &path).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Elsewhere: no wake-up.
+    let (s, _, _) = call(h, "PUT", "/v1/kv/other", &[], b"x").await;
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!blocked.is_finished(), "woke for another key");
+    let (s, _, _) = call(h, "PUT", "/v1/kv/app/flag", &[], b"on").await;
+    assert_eq!(s, 200);
+    let (s, hd, v) = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .expect("woke")
+        .expect("task");
+    assert_eq!(s, 200);
+    assert!(index(&hd) > seen);
+    assert_eq!(v[0]["Value"], "b24=", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Without a change, the wait runs out and the index stays.
+    let (_, hd, _) = get(h, "/v1/kv/app/flag").await;
+    let now = index(&hd);
+    let started = Instant::now();
+    let (s, hd, _) = get(h, &format!("/v1/kv/app/flag?index={now}&wait=1s")).await;
+    assert_eq!((s, index(&hd)), (200, now));
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    // A delete under the prefix wakes a recurse watcher, and the index does not go back.
+    let path = format!("/v1/kv/app/?recurse&index={now}&wait=10s");
+    let blocked = tokio::spawn(async move { call(h, "GET", &path, &[], b"").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, _, _) = call(h, "DELETE", "/v1/kv/app/flag", &[], b"").await;
+    assert_eq!(s, 200);
+    let (s, hd, _) = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .expect("woke")
+        .expect("task");
+    assert_eq!(s, 404);
+    assert!(index(&hd) > now);
+}
+
+/// Ocelot's Consul configuration store (Ocelot.Provider.Consul,
+/// `ConsulFileConfigurationRepository`): `Set` serializes the FileConfiguration with
+/// Newtonsoft.Json (indented) and calls consuldotnet's `KV.Put(new KVPair(key) { Value =
+/// bytes })`, i.e. `PUT /v1/kv/InternalConfiguration` with the raw bytes as the body and
+/// no `flags` (Flags is 0); `Get` calls `KV.Get(key)` = `GET /v1/kv/InternalConfiguration`
+/// and reads `Response.Value` (base64 in the JSON array's first element), treating a 404
+/// (null response) as "no configuration yet".
+#[tokio::test]
+async fn ocelot_stores_and_reads_its_configuration() {
+    use base64::Engine as _;
+    let reg = TestRegistry::start().await;
+    let h = reg.handle.http_addr;
+    // First start: no configuration yet (consuldotnet turns the 404 into a null response).
+    let (s, _, _) = call(h, "GET", "/v1/kv/InternalConfiguration", &[], b"").await;
+    assert_eq!(s, 404);
+    let config = r#"{
+  "Routes": [
+    {
+      "DownstreamPathTemplate": "/api/{everything}",
+      "DownstreamScheme": "http",
+      "UpstreamPathTemplate": "/web/{everything}",
+      "ServiceName": "web",
+      "LoadBalancerOptions": { "Type": "LeastConnection" }
+    }
+  ],
+  "GlobalConfiguration": {
+    "ServiceDiscoveryProvider": { "Scheme": "http", "Host": "localhost", "Port": 8500, "Type": "Consul", "ConfigurationKey": "InternalConfiguration" }
+  }
+}"#;
+    // consuldotnet sends the bytes with Content-Type application/octet-stream.
+    let (s, _, b) = call(
+        h,
+        "PUT",
+        "/v1/kv/InternalConfiguration",
+        &[("content-type", "application/octet-stream")],
+        config.as_bytes(),
+    )
+    .await;
+    assert_eq!((s, b.trim()), (200, "true"));
+    let (s, _, v) = get(h, "/v1/kv/InternalConfiguration").await;
+    assert_eq!(s, 200);
+    let pair = &v[0];
+    assert_eq!(pair["Key"], "InternalConfiguration");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(pair["Value"].as_str().expect("Value"))
+        .expect("base64");
+    let back: Value = serde_json::from_slice(&bytes).expect("Ocelot's JSON back");
+    assert_eq!(back["Routes"][0]["ServiceName"], "web");
+    assert_eq!(String::from_utf8(bytes).expect("utf-8"), config);
+}
+
+/// KV rights: a token with `kv:app/:read` reads under app/ only and writes nowhere.
+#[tokio::test]
+async fn kv_needs_kv_rights_once_acls_are_on() {
+    let reg = TestRegistry::start().await;
+    let h = reg.handle.http_addr;
+    let (s, _, _) = call(h, "PUT", "/v1/kv/app/a", &[], b"1").await;
+    assert_eq!(s, 200);
+    let (operator, reader) = bootstrap_with_token(&reg, &["kv:app/:read"]).await;
+    let as_reader = [("x-consul-token", reader.as_str())];
+    let (s, _, _) = call(h, "GET", "/v1/kv/app/a", &as_reader, b"").await;
+    assert_eq!(s, 200);
+    let (s, _, b) = call(h, "PUT", "/v1/kv/app/a", &as_reader, b"2").await;
+    assert_eq!(s, 403, "{b}");
+    let (s, _, _) = call(h, "GET", "/v1/kv/other", &as_reader, b"").await;
+    assert_eq!(s, 403);
+    let (s, _, _) = call(h, "GET", "/v1/kv/app/a", &[], b"").await;
+    assert_eq!(s, 403, "anonymous is denied once bootstrapped");
+    let bearer = format!("Bearer {operator}");
+    let (s, _, _) = call(
+        h,
+        "PUT",
+        "/v1/kv/app/a",
+        &[("authorization", &bearer)],
+        b"2",
+    )
+    .await;
+    assert_eq!(s, 200);
 }

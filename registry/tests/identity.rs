@@ -255,6 +255,7 @@ async fn rotating_the_root_signs_with_the_new_one_and_keeps_the_old_one_trusted(
                 services: Vec::new(),
                 since_revision: 0,
                 cluster_id: String::new(),
+                ..Default::default()
             },
         ))
         .await

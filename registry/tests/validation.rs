@@ -193,6 +193,7 @@ async fn other_requests_validate_their_fields() {
                 services: vec!["ok".into(), "NOT_OK".into()],
                 since_revision: 0,
                 cluster_id: String::new(),
+                ..Default::default()
             })
             .await
             .expect_err("bad service filter"),
@@ -205,6 +206,7 @@ async fn other_requests_validate_their_fields() {
                 services: (0..257).map(|n| format!("s{n}")).collect(),
                 since_revision: 0,
                 cluster_id: String::new(),
+                ..Default::default()
             })
             .await
             .expect_err("too many services"),

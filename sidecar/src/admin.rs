@@ -1,4 +1,5 @@
-//! The admin port (localhost): `/ready`, `/metrics`, `/endpoints`.
+//! The admin port (localhost): `/ready`, `/metrics`, `/endpoints`, and OFREP flag
+//! evaluation under `/ofrep/v1/` ([`crate::ofrep`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -50,6 +51,7 @@ pub async fn serve(
     listener: TcpListener,
     table: Arc<EndpointTable>,
     metrics: Arc<Metrics>,
+    facts: Option<Arc<serde_json::Value>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -63,10 +65,20 @@ pub async fn serve(
         };
         let table = table.clone();
         let metrics = metrics.clone();
+        let facts = facts.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let r = dispatch(&table, &metrics, req);
-                async move { Ok::<_, Infallible>(r) }
+            let service = service_fn(move |req: Request<Incoming>| {
+                let (table, metrics, facts) = (table.clone(), metrics.clone(), facts.clone());
+                async move {
+                    let r = if req.uri().path().starts_with("/kv/") {
+                        kv(&table, &req)
+                    } else if req.uri().path().starts_with("/ofrep/") {
+                        crate::ofrep::serve(&table, facts.as_deref(), req).await
+                    } else {
+                        dispatch(&table, &metrics, req)
+                    };
+                    Ok::<_, Infallible>(r)
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -121,6 +133,55 @@ struct ExplainDoc<'a> {
     why: String,
     candidates: Vec<EndpointDoc<'a>>,
     would_pick: Option<&'a str>,
+}
+
+/// `GET /kv/KEY`: the value of a key under a followed prefix (`--kv-prefix`), from
+/// memory; `GET /kv/PREFIX?keys`: the keys under it, as JSON.
+fn kv(table: &EndpointTable, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        );
+    }
+    let raw = req.uri().path().trim_start_matches("/kv/");
+    let key = unescape(raw);
+    let kv = table.kv();
+    if req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "keys"))
+    {
+        let keys: Vec<&String> = kv
+            .range(key.clone()..)
+            .take_while(|(k, _)| k.starts_with(&key))
+            .map(|(k, _)| k)
+            .collect();
+        return respond(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&keys).unwrap_or_default(),
+        );
+    }
+    match kv.get(&key) {
+        Some(e) => {
+            let mut r = Response::new(Full::new(Bytes::from(e.value.to_vec())));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            if let Ok(v) = http::HeaderValue::from_str(&e.modify_revision.to_string()) {
+                r.headers_mut().insert("x-switchyard-revision", v);
+            }
+            r
+        }
+        None => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("{key:?} is not under a followed prefix or does not exist (--kv-prefix)\n"),
+        ),
+    }
 }
 
 fn bad(msg: String) -> Response<Full<Bytes>> {

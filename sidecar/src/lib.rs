@@ -21,7 +21,8 @@
 //! - Then what reads the table: [`discovery`] (one `Watch` stream: reconnect,
 //!   failover, resume, disk cache), [`proxy`] (HTTP/1.1 + h2c by Host or fixed
 //!   upstream, and TCP upstream listeners), [`admin`] (`/ready`, `/metrics`,
-//!   `/endpoints`, `/explain`) and [`dns`] (the core DNS answers over the table).
+//!   `/endpoints`, `/explain`, and [`ofrep`]: feature flags evaluated from the watched
+//!   flag document) and [`dns`] (the core DNS answers over the table).
 //! - Beside them: [`registrar`] and [`health`] register the local service, probe it
 //!   and drain it; [`sweep`] runs the failure-percentage check every interval;
 //!   [`telemetry`] counts every upstream attempt per (service, version) of the
@@ -42,6 +43,7 @@ pub mod inbound;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;
+pub mod ofrep;
 pub mod outlier;
 pub mod proxy;
 pub mod registrar;
@@ -150,6 +152,7 @@ impl SidecarConfig {
                 cache_file: None,
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(10),
+                kv_prefixes: Vec::new(),
             },
             lb: LbConfig::default(),
             domain: "switchyard".into(),
@@ -352,6 +355,13 @@ pub async fn start(
             listeners.admin,
             table.clone(),
             metrics.clone(),
+            config.registrar.as_ref().map(|r| {
+                Arc::new(ofrep::facts(
+                    &r.service.name,
+                    &r.service.version,
+                    &r.service.zone,
+                ))
+            }),
             shutdown_rx.clone(),
         )),
     ];

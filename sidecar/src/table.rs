@@ -203,6 +203,28 @@ pub struct EndpointTable {
     intentions: arc_swap::ArcSwapOption<IntentionMap>,
     /// The mesh CA's trust bundle from the watch stream (`None`: not heard yet).
     trust_bundle: arc_swap::ArcSwapOption<String>,
+    /// The namespace's feature flags, compiled (`None`: none heard yet, from a registry
+    /// or the disk cache). Read by the admin port's OFREP endpoints.
+    flags: arc_swap::ArcSwapOption<LoadedFlags>,
+    /// The KV entries under the followed prefixes (`--kv-prefix`), swapped whole.
+    kv: ArcSwap<KvMap>,
+}
+
+/// Key -> entry, for the followed KV prefixes.
+pub type KvMap = BTreeMap<String, Arc<switchyard_core::model::kv::KvEntry>>;
+
+/// A flag document as the sidecar evaluates it: compiled once per change.
+#[derive(Debug)]
+pub struct LoadedFlags {
+    pub set: switchyard_core::flags::FlagSet,
+    /// The revision that wrote it (the OFREP bulk ETag's base).
+    pub revision: u64,
+}
+
+impl PartialEq for LoadedFlags {
+    fn eq(&self, other: &Self) -> bool {
+        self.revision == other.revision && self.set.document() == other.set.document()
+    }
 }
 
 /// Destination -> every intention it has.
@@ -227,7 +249,27 @@ impl EndpointTable {
             outlier: OutlierConfig::default(),
             intentions: arc_swap::ArcSwapOption::empty(),
             trust_bundle: arc_swap::ArcSwapOption::empty(),
+            flags: arc_swap::ArcSwapOption::empty(),
+            kv: ArcSwap::from_pointee(BTreeMap::new()),
         }
+    }
+
+    /// The KV entries under the followed prefixes.
+    pub fn kv(&self) -> Arc<KvMap> {
+        self.kv.load_full()
+    }
+
+    pub fn store_kv(&self, kv: Arc<KvMap>) {
+        self.kv.store(kv);
+    }
+
+    /// The feature flags the registry (or the cache) last gave.
+    pub fn flags(&self) -> Option<Arc<LoadedFlags>> {
+        self.flags.load_full()
+    }
+
+    pub fn store_flags(&self, flags: Arc<LoadedFlags>) {
+        self.flags.store(Some(flags));
     }
 
     /// The namespace's intentions by destination (`None`: not known yet).

@@ -226,6 +226,7 @@ fn backoff_is_jittered_exponential_and_capped() {
         cache_file: None,
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_secs(10),
+        kv_prefixes: Vec::new(),
     };
     let mut rng = fastrand::Rng::with_seed(3);
     for attempt in 0..30u32 {

@@ -13,7 +13,9 @@ mod catalog;
 mod client;
 mod config;
 mod demo;
+mod flags;
 mod intention;
+mod kv;
 mod members;
 mod register;
 mod registry;
@@ -111,6 +113,11 @@ pub enum Command {
     Acl(acl::AclArgs),
     /// Who may call whom over the mesh: allow, deny, list, delete, check SRC DST.
     Intention(intention::IntentionArgs),
+    /// The replicated KV store: get, put, delete, list (Consul's `consul kv`).
+    Kv(kv::KvArgs),
+    /// Feature flags (flagd schema): set, import, get, list, enable, disable, remove,
+    /// history, rollback, eval.
+    Flags(flags::FlagsArgs),
     /// TLS certificates: `tls init` makes a CA and a registry certificate for a quick start.
     Tls(tls::TlsArgs),
     /// List the registry cluster's members and state; add or remove a member.
@@ -168,6 +175,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Acl(args) => acl::run(args).await,
         Command::Intention(args) => intention::run(args).await,
+        Command::Kv(args) => kv::run(args).await,
+        Command::Flags(args) => flags::run(args).await,
         Command::Tls(args) => tls::run(args).await,
         Command::Registry(args) => registry::run_registry(*args, cli.ca_file).await,
         Command::Dev(args) => registry::run_dev(args, cli.token.clone()).await,

@@ -88,6 +88,14 @@ pub struct RegistryArgs {
         default_value_t = switchyard_registry::DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE
     )]
     pub max_policy_history_bytes_per_namespace: usize,
+    /// Bytes the KV store holds across every namespace (keys, values and 64 bytes per
+    /// entry); a write past it is refused. Every node should use the same value.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_KV_BYTES",
+        default_value_t = switchyard_registry::DEFAULT_MAX_KV_BYTES
+    )]
+    pub max_kv_bytes: usize,
     /// Bytes of watch events built but not yet taken by their watchers' connections, for
     /// the whole node: a watcher whose next event does not fit is closed with
     /// RESOURCE_EXHAUSTED.
@@ -250,6 +258,7 @@ impl RegistryArgs {
             max_policies_per_namespace: self.max_policies_per_namespace,
             max_policy_bytes_per_namespace: self.max_policy_bytes_per_namespace,
             max_policy_history_bytes_per_namespace: self.max_policy_history_bytes_per_namespace,
+            max_kv_bytes: self.max_kv_bytes,
             ..Limits::default()
         };
         config.max_watch_buffer_bytes = self.max_watch_buffer_bytes;

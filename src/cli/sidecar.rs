@@ -32,6 +32,16 @@ pub struct SidecarArgs {
         value_delimiter = ','
     )]
     pub registry: Vec<String>,
+    /// KV prefixes to follow over the watch stream, comma-separated (at most 64): the
+    /// entries under them are served from memory on the admin port at /kv/KEY, and kept
+    /// in the cache file (needs `kv:PREFIX:read` once ACLs are on). Default: none.
+    #[arg(
+        long = "kv-prefix",
+        env = "SWITCHYARD_KV_PREFIX",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub kv_prefixes: Vec<String>,
     /// A file holding the ACL token secret sent to the registry (watch, registration,
     /// telemetry); needed once ACLs are bootstrapped. Without it the global --token
     /// (SWITCHYARD_TOKEN) is used. Never logged.
@@ -320,6 +330,17 @@ pub fn config(
     let mut config = SidecarConfig::new(args.registry.clone());
     config.discovery.namespace = args.namespace.clone();
     config.discovery.cache_file = Some(args.cache_file.clone());
+    for (i, p) in args.kv_prefixes.iter().enumerate() {
+        switchyard_core::model::kv::validate_kv_prefix(&format!("--kv-prefix[{i}]"), p)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if args.kv_prefixes.len() > 64 {
+        return Err(bad(format!(
+            "--kv-prefix: {} given, at most 64",
+            args.kv_prefixes.len()
+        )));
+    }
+    config.discovery.kv_prefixes = args.kv_prefixes.clone();
     config.lb.choice_count = args.choice_count;
     config.lb.active_request_bias = args.active_request_bias;
     config.domain = args.domain.clone();

@@ -98,6 +98,7 @@ impl State {
             intentions: Vec::new(),
             trust_bundle: String::new(),
             mtls: Vec::new(),
+            ..Default::default()
         }
     }
 }

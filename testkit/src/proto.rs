@@ -91,6 +91,8 @@ pub fn watch_all(since: u64) -> pb::WatchRequest {
         services: vec![],
         since_revision: since,
         cluster_id: String::new(),
+        flags: false,
+        kv_prefixes: Vec::new(),
     }
 }
 
@@ -124,6 +126,7 @@ pub fn snapshot(revision: u64, services: Vec<pb::ServiceState>) -> pb::WatchEven
         intentions: Vec::new(),
         trust_bundle: String::new(),
         mtls: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -160,6 +163,7 @@ pub fn delta(
         intentions: Vec::new(),
         trust_bundle: String::new(),
         mtls: Vec::new(),
+        ..Default::default()
     }
 }
 

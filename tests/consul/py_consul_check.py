@@ -72,3 +72,46 @@ c.agent.service.deregister("pyweb-2")
 _, nodes = c.health.service("pyweb")
 assert nodes == [], nodes
 print("py-consul ok: register with a TTL check, pass, blocking health.service, deregister")
+
+# KV: put, get (bytes back), cas, recurse and keys, a blocking get that wakes on a change.
+c.kv.delete("pyconf/", recurse=True)
+assert c.kv.put("pyconf/web/timeout", "5s", flags=7) is True
+kv_index, entry = c.kv.get("pyconf/web/timeout")
+assert entry["Value"] == b"5s" and entry["Flags"] == 7, entry
+modify = entry["ModifyIndex"]
+assert c.kv.put("pyconf/web/timeout", "6s", cas=modify - 1) is False
+assert c.kv.put("pyconf/web/timeout", "6s", cas=modify) is True
+assert c.kv.put("pyconf/api/retries", "3") is True
+_, keys = c.kv.get("pyconf/", keys=True, separator="/")
+assert keys == ["pyconf/api/", "pyconf/web/"], keys
+_, entries = c.kv.get("pyconf/", recurse=True)
+assert [e["Key"] for e in entries] == ["pyconf/api/retries", "pyconf/web/timeout"], entries
+kv_index, entry = c.kv.get("pyconf/web/timeout")
+got = {}
+
+
+def kv_block():
+    i, e = c.kv.get("pyconf/web/timeout", index=kv_index, wait="30s")
+    got["at"] = time.monotonic()
+    got["index"] = i
+    got["value"] = e["Value"]
+
+
+t = threading.Thread(target=kv_block)
+t.start()
+time.sleep(0.5)
+assert "at" not in got, "the blocking kv.get returned before any change"
+c.kv.put("pyconf/other", "x")
+time.sleep(0.3)
+assert "at" not in got, "a change to another key woke it"
+c.kv.put("pyconf/web/timeout", "9s")
+acked = time.monotonic()
+t.join(10)
+assert "at" in got, "the blocking kv.get did not wake"
+ms = (got["at"] - acked) * 1000
+print(f"py-consul: the blocked kv.get woke {ms:.1f} ms after the write was acknowledged")
+assert ms < 100, ms
+assert got["value"] == b"9s" and int(got["index"]) > int(kv_index), got
+assert c.kv.delete("pyconf/", recurse=True) is True
+assert c.kv.get("pyconf/web/timeout") [1] is None
+print("py-consul ok: kv.put/get with flags and cas, keys with a separator, recurse, blocking kv.get, delete")

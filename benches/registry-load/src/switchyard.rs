@@ -65,6 +65,7 @@ pub async fn watch(channel: Channel, service: &str) -> Result<BoxStream<Vec<Stri
             services: vec![service.to_owned()],
             since_revision: 0,
             cluster_id: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod intention;
+pub mod kv;
 pub mod mesh_ca;
 pub mod policy;
 pub mod resilience;
@@ -125,8 +126,21 @@ pub struct Change {
     pub trust_bundle: Option<Arc<str>>,
     /// Services whose mTLS mode changed: (namespace, service, strict).
     pub mtls: Vec<(String, String, bool)>,
+    /// Keys written or deleted (only watchers of a matching prefix get them).
+    pub kv: Vec<kv::KvChange>,
+    /// Namespaces whose flag document changed (only watchers that asked for flags).
+    pub flags: Vec<FlagsChange>,
     /// The whole catalog was replaced: watchers must resync with a snapshot.
     pub reset: bool,
+}
+
+/// A namespace's flag document as it now stands (flagd schema, validated at the edge).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlagsChange {
+    pub namespace: String,
+    pub document: Arc<str>,
+    /// The revision that wrote it.
+    pub revision: Revision,
 }
 
 /// A destination whose intentions changed: every intention it has now (empty: none).

@@ -17,10 +17,10 @@ use super::convert::{
     delta_event, destination_intentions, instance_to_proto, policy_to_proto, snapshot_event,
     summary_to_proto,
 };
-use super::MAX_WATCH_SERVICES;
+use super::{MAX_WATCH_KV_PREFIXES, MAX_WATCH_SERVICES};
 use crate::model::{validate_name, validate_namespace, validate_version, Change, Revision};
 use crate::shared::Shared;
-use crate::watch::filter;
+use crate::watch::{filter, Interest};
 
 pub struct DiscoveryApi {
     shared: Arc<Shared>,
@@ -80,9 +80,21 @@ impl DiscoveryApi {
         for (i, s) in req.services.iter().enumerate() {
             validate_name(&format!("services[{i}]"), s)?;
         }
+        if req.kv_prefixes.len() > MAX_WATCH_KV_PREFIXES {
+            return Err(Status::invalid_argument(format!(
+                "invalid kv_prefixes: {} given, at most {MAX_WATCH_KV_PREFIXES}",
+                req.kv_prefixes.len()
+            )));
+        }
+        for (i, p) in req.kv_prefixes.iter().enumerate() {
+            crate::model::kv::validate_kv_prefix(&format!("kv_prefixes[{i}]"), p)?;
+        }
         let mut services = req.services;
         services.sort();
         services.dedup();
+        let mut kv_prefixes = req.kv_prefixes;
+        kv_prefixes.sort();
+        kv_prefixes.dedup();
         let metrics = &self.shared.metrics;
         if metrics.watchers.get() >= self.shared.config.max_watchers as i64 {
             return Err(Status::resource_exhausted(format!(
@@ -125,8 +137,12 @@ impl DiscoveryApi {
         let shutdown = WatchStream::from_changes(self.shared.shutdown.clone());
         Ok(WatchEvents {
             shared: self.shared.clone(),
-            namespace,
-            services,
+            interest: Interest {
+                namespace,
+                services,
+                flags: req.flags,
+                kv_prefixes,
+            },
             snapshot_first: resumed.is_none(),
             first: resumed.unwrap_or_default().into_iter(),
             changes: BroadcastStream::new(rx),
@@ -155,8 +171,8 @@ type WatchResponse = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> +
 /// and has not read is bounded by `watch::budget`).
 pub(crate) struct WatchEvents {
     shared: Arc<Shared>,
-    namespace: String,
-    services: Vec<String>,
+    /// The namespace, services, flags and KV prefixes it watches.
+    interest: Interest,
     /// Start with a snapshot (no resume from a revision).
     snapshot_first: bool,
     /// The changes a resuming watcher missed, from the hub's history.
@@ -176,17 +192,41 @@ impl WatchEvents {
             let catalog = self.shared.catalog.read();
             // A reset (a snapshot installed from the leader) may bring the id.
             self.cluster_id = catalog.cluster_id().to_string();
+            let interest = &self.interest;
             let mut event = snapshot_event(
                 catalog.revision(),
-                &catalog.snapshot(&self.namespace, &self.services),
+                &catalog.snapshot(&interest.namespace, &interest.services),
             );
+            if interest.flags {
+                event.flags = Some(match catalog.flags(&interest.namespace) {
+                    Some(r) => pb::FlagsDocument {
+                        document: r.document.to_string(),
+                        revision: r.revision,
+                    },
+                    None => pb::FlagsDocument {
+                        document: switchyard_core::flags::EMPTY_DOCUMENT.to_string(),
+                        revision: 0,
+                    },
+                });
+            }
+            if !interest.kv_prefixes.is_empty() {
+                event.kv_snapshot = true;
+                for prefix in &interest.kv_prefixes {
+                    event.kv.extend(
+                        catalog
+                            .kv_list(&interest.namespace, prefix, usize::MAX)
+                            .iter()
+                            .map(|e| super::convert::kv_entry_to_proto(e)),
+                    );
+                }
+            }
             event.intentions = catalog
-                .intentions_by_destination(&self.namespace)
+                .intentions_by_destination(&interest.namespace)
                 .iter()
                 .map(|(d, rules)| destination_intentions(d, rules))
                 .collect();
             event.mtls = catalog
-                .strict_services(&self.namespace, &self.services)
+                .strict_services(&interest.namespace, &interest.services)
                 .iter()
                 .map(|s| super::convert::mtls_setting(s, true))
                 .collect();
@@ -221,7 +261,7 @@ impl Stream for WatchEvents {
         }
         for change in this.first.by_ref() {
             this.seen = this.seen.max(change.revision);
-            if let Some(c) = filter(&change, &this.namespace, &this.services) {
+            if let Some(c) = filter(&change, &this.interest) {
                 let event = delta_event(&c);
                 return Poll::Ready(Some(Ok(this.stamped(event))));
             }
@@ -237,7 +277,7 @@ impl Stream for WatchEvents {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
-                    tracing::debug!(missed, namespace = %this.namespace, "watcher fell behind; resyncing with a snapshot");
+                    tracing::debug!(missed, namespace = %this.interest.namespace, "watcher fell behind; resyncing with a snapshot");
                     this.shared.metrics.watch_resyncs.inc();
                     return Poll::Ready(Some(Ok(this.snapshot())));
                 }
@@ -251,7 +291,7 @@ impl Stream for WatchEvents {
                 continue;
             }
             this.seen = change.revision;
-            if let Some(c) = filter(&change, &this.namespace, &this.services) {
+            if let Some(c) = filter(&change, &this.interest) {
                 let event = delta_event(&c);
                 return Poll::Ready(Some(Ok(this.stamped(event))));
             }

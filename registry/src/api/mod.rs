@@ -5,6 +5,7 @@
 mod acl;
 pub(crate) mod cluster;
 use switchyard_core::convert;
+mod config;
 mod discovery;
 mod identity;
 mod intentions;
@@ -17,6 +18,8 @@ mod watch_route;
 
 pub use acl::AclApi;
 pub use cluster::ClusterApi;
+pub use config::ConfigApi;
+pub(crate) use config::{flag_resource, kv_delete_command, kv_outcome, kv_put_command};
 pub use discovery::DiscoveryApi;
 pub use identity::IdentityApi;
 pub use intentions::IntentionsApi;
@@ -34,6 +37,8 @@ use crate::raft::propose::ProposeError;
 pub const MAX_LEASES_PER_KEEPALIVE: usize = 1_000;
 /// Most services one `Watch` may filter on.
 pub const MAX_WATCH_SERVICES: usize = 256;
+/// Most KV prefixes one `Watch` may follow.
+pub const MAX_WATCH_KV_PREFIXES: usize = 64;
 
 /// Maps a failed proposal to the status a client can act on.
 pub fn status(e: ProposeError) -> Status {
@@ -84,6 +89,17 @@ pub fn status(e: ProposeError) -> Status {
         }
         ProposeError::Refused(ApplyError::TooManyRollouts(..)) => {
             Status::resource_exhausted(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::KvFull { .. })
+        | ProposeError::Refused(ApplyError::KvRecurseTooLarge { .. }) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::FlagsChanged { .. }) => Status::aborted(e.to_string()),
+        ProposeError::Refused(ApplyError::FlagRevisionNotFound { .. }) => {
+            Status::not_found(e.to_string())
+        }
+        ProposeError::Refused(ApplyError::FlagDocumentTooLarge { .. }) => {
+            Status::invalid_argument(e.to_string())
         }
         ProposeError::Refused(ApplyError::TooManyInstances(_))
         | ProposeError::Refused(ApplyError::TooManyPolicies(..))

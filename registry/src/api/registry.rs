@@ -174,7 +174,7 @@ pub(crate) fn revision_of(reply: &Reply) -> u64 {
     match reply {
         Reply::Registered { revision, .. } | Reply::Done { revision } => *revision,
         Reply::Policy { record } => record.revision,
-        Reply::Rollout { revision, .. } => *revision,
+        Reply::Rollout { revision, .. } | Reply::Kv { revision, .. } => *revision,
     }
 }
 

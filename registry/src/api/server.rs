@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use switchyard_proto::internal::raft_internal_server::RaftInternalServer;
 use switchyard_proto::v1::acl_server::AclServer;
 use switchyard_proto::v1::cluster_server::ClusterServer;
+use switchyard_proto::v1::config_server::ConfigServer;
 use switchyard_proto::v1::discovery_server::DiscoveryServer;
 use switchyard_proto::v1::identity_server::IdentityServer;
 use switchyard_proto::v1::intentions_server::IntentionsServer;
@@ -116,6 +117,9 @@ pub(crate) async fn serve_grpc(
     let intentions =
         IntentionsServer::new(super::IntentionsApi::new(shared.clone(), proposer.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
+    // A flag document may be 1 MiB of JSON, a KV value 512 KiB.
+    let config = ConfigServer::new(super::ConfigApi::new(shared.clone(), proposer.clone()))
+        .max_decoding_message_size(2 * MAX_REQUEST_BYTES);
     let identity = IdentityServer::new(super::IdentityApi::new(
         shared.clone(),
         mesh,
@@ -154,6 +158,7 @@ pub(crate) async fn serve_grpc(
         .add_service(acl)
         .add_service(identity)
         .add_service(intentions)
+        .add_service(config)
         .add_service(cluster)
         .add_service(telemetry)
         .serve_with_incoming_shutdown(

@@ -99,8 +99,13 @@ where
         Box::pin(async move {
             let opened = match read_request(req.into_body()).await {
                 // Read on each service watched; watching every service needs read on `*`.
-                Ok(request) => match may_watch(&shared, &metadata, &request) {
-                    Ok(()) => api.open_watch(request),
+                Ok(mut request) => match may_watch(&shared, &metadata, &request) {
+                    Ok(flags_allowed) => {
+                        // Flags a caller may not read are left out rather than failing
+                        // the watch: a sidecar's token need not grant them.
+                        request.flags &= flags_allowed;
+                        api.open_watch(request)
+                    }
                     Err(e) => Err(e),
                 },
                 Err(status) => Err(status),
@@ -247,16 +252,31 @@ impl Body for WatchBody {
     }
 }
 
+/// The ACL resource flags are read and written under (`kv:flags/:read`).
+pub(crate) const FLAGS_RESOURCE: &str = "flags/";
+
 fn may_watch(
     shared: &Shared,
     metadata: &tonic::metadata::MetadataMap,
     request: &pb::WatchRequest,
-) -> Result<(), Status> {
+) -> Result<bool, Status> {
     use crate::model::acl::Right;
     let caller = crate::auth::caller(shared, metadata)?;
+    for p in &request.kv_prefixes {
+        if !caller.may(Right::KvRead, p) {
+            return Err(crate::auth::denied(
+                shared,
+                &caller,
+                "Watch",
+                Right::KvRead,
+                p,
+            ));
+        }
+    }
+    let flags_allowed = caller.may(Right::KvRead, FLAGS_RESOURCE);
     if request.services.is_empty() {
         if caller.may(Right::Read, "*") {
-            return Ok(());
+            return Ok(flags_allowed);
         }
         return Err(crate::auth::denied(
             shared,
@@ -277,5 +297,5 @@ fn may_watch(
             ));
         }
     }
-    Ok(())
+    Ok(flags_allowed)
 }

@@ -32,6 +32,18 @@ pub struct Limits {
     /// put is never refused for its history.
     #[serde(default = "default_max_policy_history_bytes_per_namespace")]
     pub max_policy_history_bytes_per_namespace: usize,
+    /// Bytes the KV store holds across every namespace (keys, values and 64 bytes per
+    /// entry). A write past it is refused.
+    #[serde(default = "default_max_kv_bytes")]
+    pub max_kv_bytes: usize,
+}
+
+/// 64 MiB: Consul's own guidance is to keep KV data small; every replica holds it in
+/// memory and in each snapshot.
+pub const DEFAULT_MAX_KV_BYTES: usize = 64 * 1024 * 1024;
+
+fn default_max_kv_bytes() -> usize {
+    DEFAULT_MAX_KV_BYTES
 }
 
 /// 4 MiB: the count bound times the per-policy bound (1,000 × 16 KiB) is already 16 MiB,
@@ -60,6 +72,7 @@ impl Default for Limits {
             max_policies_per_namespace: 1_000,
             max_policy_bytes_per_namespace: DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE,
             max_policy_history_bytes_per_namespace: DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
+            max_kv_bytes: DEFAULT_MAX_KV_BYTES,
         }
     }
 }
@@ -138,6 +151,24 @@ pub enum ApplyError {
     TooManyIntentionsFor(String, usize),
     #[error("there is no intention from {from:?} to {to:?}: see `switchyard intention list`")]
     IntentionNotFound { from: String, to: String },
+    #[error("the KV store would hold {would_hold} bytes, at most {limit} (--max-kv-bytes): delete unused keys (kv delete --recurse), store smaller values, or raise the limit on every registry node")]
+    KvFull { would_hold: usize, limit: usize },
+    #[error("{count} keys start with {prefix:?}, at most {limit} per recursive delete: delete narrower prefixes first")]
+    KvRecurseTooLarge {
+        prefix: String,
+        count: usize,
+        limit: usize,
+    },
+    #[error("the flags of namespace {namespace:?} changed meanwhile (now revision {actual}, not {expected}): read them again (flags list) and retry")]
+    FlagsChanged {
+        namespace: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("namespace {namespace:?} has no kept flag revision {revision}: see `switchyard flags history` for the revisions to roll back to")]
+    FlagRevisionNotFound { namespace: String, revision: u64 },
+    #[error("the flag document is {bytes} bytes, at most {limit}: split flags across namespaces or shorten targeting rules")]
+    FlagDocumentTooLarge { bytes: usize, limit: usize },
 }
 
 /// What the caller of a command gets back.
@@ -153,6 +184,12 @@ pub enum Reply {
     },
     Policy {
         record: PolicyRecord,
+    },
+    /// A KV write or delete: `applied` is false when its check-and-set did not match
+    /// (Consul answers `false`, not an error); `revision` is the catalog's after it.
+    Kv {
+        applied: bool,
+        revision: Revision,
     },
     /// The rollout as a transition left it.
     Rollout {
@@ -243,6 +280,10 @@ pub struct Catalog {
     pub(super) mtls_strict: BTreeSet<(String, String)>,
     /// namespace -> its intentions and their history.
     pub(super) intentions: BTreeMap<String, super::intentions::NamespaceIntentions>,
+    /// Every namespace's KV entries.
+    pub(super) kv: super::kv::KvStore,
+    /// namespace -> its flag documents, oldest first (the last is current).
+    pub(super) flags: super::flags::FlagStore,
 }
 
 impl Catalog {
@@ -508,6 +549,30 @@ impl Catalog {
                 service,
                 strict,
             } => self.set_mtls(index, namespace, service, *strict),
+            Command::KvPut {
+                namespace,
+                key,
+                value,
+                flags,
+                cas,
+            } => self.kv_put(index, namespace, key, value, *flags, *cas),
+            Command::KvDelete {
+                namespace,
+                key,
+                recurse,
+                cas,
+            } => self.kv_delete(index, namespace, key, *recurse, *cas),
+            Command::PutFlags {
+                namespace,
+                document,
+                expected_revision,
+                at_ms,
+            } => self.put_flags(index, namespace, document, *expected_revision, *at_ms),
+            Command::RollbackFlags {
+                namespace,
+                to_revision,
+                at_ms,
+            } => self.rollback_flags(index, namespace, *to_revision, *at_ms),
             // The state machine unpacks batches; one reaching here is refused whole.
             Command::Batch(_) => ApplyResult {
                 reply: Err(ApplyError::Batch),

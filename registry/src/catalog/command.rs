@@ -122,6 +122,38 @@ pub enum Command {
         service: String,
         strict: bool,
     },
+    /// Writes a KV entry. With `cas`, only if the key's modify revision is that number
+    /// (0: only if the key is absent); otherwise the reply says not applied. Added last.
+    KvPut {
+        namespace: String,
+        key: String,
+        value: Vec<u8>,
+        flags: u64,
+        cas: Option<u64>,
+    },
+    /// Removes a key, or with `recurse` every key starting with it. `cas` as for KvPut
+    /// (single keys only). Added last.
+    KvDelete {
+        namespace: String,
+        key: String,
+        recurse: bool,
+        cas: Option<u64>,
+    },
+    /// Replaces a namespace's flag document (validated at the edge). With
+    /// `expected_revision`, only while the current document is from that revision (0:
+    /// none yet): the read-modify-write of `flags set` never loses a concurrent edit.
+    PutFlags {
+        namespace: String,
+        document: String,
+        expected_revision: Option<u64>,
+        at_ms: u64,
+    },
+    /// Restores a kept flag document (0: the one before the current) as a new change.
+    RollbackFlags {
+        namespace: String,
+        to_revision: u64,
+        at_ms: u64,
+    },
 }
 
 impl Command {
@@ -146,6 +178,10 @@ impl Command {
             Command::DeleteIntention { .. } => "delete_intention",
             Command::RotateMeshCa { .. } => "rotate_mesh_ca",
             Command::SetMtls { .. } => "set_mtls",
+            Command::KvPut { .. } => "kv_put",
+            Command::KvDelete { .. } => "kv_delete",
+            Command::PutFlags { .. } => "put_flags",
+            Command::RollbackFlags { .. } => "rollback_flags",
         }
     }
 }

@@ -216,6 +216,30 @@ enum CommandIn {
         service: String,
         strict: bool,
     },
+    KvPut {
+        namespace: String,
+        key: String,
+        value: Vec<u8>,
+        flags: u64,
+        cas: Option<u64>,
+    },
+    KvDelete {
+        namespace: String,
+        key: String,
+        recurse: bool,
+        cas: Option<u64>,
+    },
+    PutFlags {
+        namespace: String,
+        document: String,
+        expected_revision: Option<u64>,
+        at_ms: u64,
+    },
+    RollbackFlags {
+        namespace: String,
+        to_revision: u64,
+        at_ms: u64,
+    },
 }
 
 /// [`Command`] as it is written: borrowed, so encoding copies nothing. Variants in the
@@ -310,6 +334,40 @@ enum CommandOut<'a> {
         service: &'a str,
         strict: bool,
     },
+    KvPut {
+        namespace: &'a str,
+        key: &'a str,
+        #[serde(with = "serde_bytes_ref")]
+        value: &'a [u8],
+        flags: u64,
+        cas: Option<u64>,
+    },
+    KvDelete {
+        namespace: &'a str,
+        key: &'a str,
+        recurse: bool,
+        cas: Option<u64>,
+    },
+    PutFlags {
+        namespace: &'a str,
+        document: &'a str,
+        expected_revision: Option<u64>,
+        at_ms: u64,
+    },
+    RollbackFlags {
+        namespace: &'a str,
+        to_revision: u64,
+        at_ms: u64,
+    },
+}
+
+/// A KV value written as a sequence of bytes, the form `Vec<u8>` reads back.
+mod serde_bytes_ref {
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter())
+    }
 }
 
 impl Serialize for Command {
@@ -426,6 +484,50 @@ impl Serialize for Command {
                 namespace,
                 service,
                 strict: *strict,
+            },
+            Command::KvPut {
+                namespace,
+                key,
+                value,
+                flags,
+                cas,
+            } => CommandOut::KvPut {
+                namespace,
+                key,
+                value,
+                flags: *flags,
+                cas: *cas,
+            },
+            Command::KvDelete {
+                namespace,
+                key,
+                recurse,
+                cas,
+            } => CommandOut::KvDelete {
+                namespace,
+                key,
+                recurse: *recurse,
+                cas: *cas,
+            },
+            Command::PutFlags {
+                namespace,
+                document,
+                expected_revision,
+                at_ms,
+            } => CommandOut::PutFlags {
+                namespace,
+                document,
+                expected_revision: *expected_revision,
+                at_ms: *at_ms,
+            },
+            Command::RollbackFlags {
+                namespace,
+                to_revision,
+                at_ms,
+            } => CommandOut::RollbackFlags {
+                namespace,
+                to_revision: *to_revision,
+                at_ms: *at_ms,
             },
         };
         out.serialize(s)
@@ -560,6 +662,50 @@ impl<'de> Deserialize<'de> for Command {
                 namespace,
                 service,
                 strict,
+            },
+            CommandIn::KvPut {
+                namespace,
+                key,
+                value,
+                flags,
+                cas,
+            } => Command::KvPut {
+                namespace,
+                key,
+                value,
+                flags,
+                cas,
+            },
+            CommandIn::KvDelete {
+                namespace,
+                key,
+                recurse,
+                cas,
+            } => Command::KvDelete {
+                namespace,
+                key,
+                recurse,
+                cas,
+            },
+            CommandIn::PutFlags {
+                namespace,
+                document,
+                expected_revision,
+                at_ms,
+            } => Command::PutFlags {
+                namespace,
+                document,
+                expected_revision,
+                at_ms,
+            },
+            CommandIn::RollbackFlags {
+                namespace,
+                to_revision,
+                at_ms,
+            } => Command::RollbackFlags {
+                namespace,
+                to_revision,
+                at_ms,
             },
         })
     }

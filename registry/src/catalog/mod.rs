@@ -16,6 +16,8 @@
 //! - `rollouts.rs`: each service's kept rollouts and their compare-and-set transitions.
 //! - `acl.rs`: bootstrapped or not, and the ACL tokens (hashes of their secrets).
 //! - `intentions.rs`: who may call whom over the mesh, per namespace, with history.
+//! - `kv.rs`: the KV store (configuration entries), check-and-set, its byte bound.
+//! - `flags.rs`: each namespace's feature-flag document, with history and rollback.
 //! - `queries.rs`: reads of the applied state (snapshots, resolve, service lists).
 //! - `persist.rs`: the snapshot form, [`PersistedCatalog`], and the rebuild from it.
 //! - `legacy.rs`: the bytes of a [`Command`], and mirrors of what older releases wrote
@@ -24,8 +26,10 @@
 mod acl;
 mod apply;
 mod command;
+mod flags;
 mod instances;
 mod intentions;
+mod kv;
 mod leases;
 mod legacy;
 mod persist;
@@ -37,10 +41,11 @@ pub(crate) mod testing;
 
 pub use acl::MAX_TOKENS;
 pub use apply::{
-    ApplyError, ApplyResult, Catalog, Limits, Reply, DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE,
-    DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
+    ApplyError, ApplyResult, Catalog, Limits, Reply, DEFAULT_MAX_KV_BYTES,
+    DEFAULT_MAX_POLICY_BYTES_PER_NAMESPACE, DEFAULT_MAX_POLICY_HISTORY_BYTES_PER_NAMESPACE,
 };
 pub use command::Command;
+pub use flags::{FlagsRecord, MAX_FLAG_DOCUMENT_BYTES, MAX_FLAG_HISTORY};
 pub use persist::{
     PersistedCatalog, PersistedCatalogV0, PersistedCatalogV1, PersistedCatalogV2,
     PersistedCatalogV3, PersistedCatalogV4,

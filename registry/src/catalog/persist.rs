@@ -52,6 +52,10 @@ const SECTION_MESH_ROOT_RETIRE: &str = "mesh_root_retire";
 const SECTION_MESH_ROOT_ACTIVATE: &str = "mesh_root_activate";
 /// The section holding every namespace's intentions and their history.
 const SECTION_INTENTIONS: &str = "intentions";
+/// The section holding every namespace's KV entries.
+const SECTION_KV: &str = "kv";
+/// The section holding every namespace's flag documents and their history.
+const SECTION_FLAGS: &str = "flags";
 
 /// The snapshot form written before the mesh CA (ACLs, no sections).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -374,6 +378,8 @@ impl Catalog {
             &self.intentions,
             self.intentions.is_empty(),
         );
+        section(&mut out, SECTION_KV, &self.kv, self.kv.is_empty());
+        section(&mut out, SECTION_FLAGS, &self.flags, self.flags.is_empty());
         if let Some(ca) = &self.mesh_ca {
             section(&mut out, SECTION_MESH_CA, ca, false);
         }
@@ -417,6 +423,17 @@ impl Catalog {
                         "this node enforces none until they are set again",
                     ) {
                         self.intentions = intentions;
+                    }
+                }
+                SECTION_KV => {
+                    if let Some(kv) = decoded(name, &bytes, "this node holds no KV entries") {
+                        self.kv = kv;
+                        self.kv.recount();
+                    }
+                }
+                SECTION_FLAGS => {
+                    if let Some(flags) = decoded(name, &bytes, "this node holds no flags") {
+                        self.flags = flags;
                     }
                 }
                 SECTION_MESH_PORTS => {

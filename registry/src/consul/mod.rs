@@ -9,6 +9,7 @@
 //! - [`index`]: `X-Consul-Index` per service, and blocking reads that park until it moves.
 //! - [`registration`]: `PUT /v1/agent/service/register` bodies, keys in any case.
 //! - [`agent`]: TTL checks as leases; the HTTP/TCP/gRPC checks this node runs.
+//! - `kv`: `/v1/kv/<key>` on the replicated KV store (Ocelot's configuration store).
 //!
 //! Reads are served by any node from its applied state (Consul's `stale`). Tokens come
 //! from `X-Consul-Token`, `Authorization: Bearer` or `?token=` and get the same rights as
@@ -21,6 +22,7 @@
 
 pub mod agent;
 pub mod index;
+mod kv;
 pub mod query;
 pub mod registration;
 pub mod view;
@@ -245,6 +247,16 @@ impl Consul {
                 }
             }
             p if put && p.starts_with("/v1/agent/check/") => self.check(req, &q, &namespace, p, token.as_ref()).await,
+            p if p.starts_with("/v1/kv/") || p == "/v1/kv" => {
+                let raw = p.strip_prefix("/v1/kv").unwrap_or_default().trim_start_matches('/');
+                match percent_encoding::percent_decode_str(raw).decode_utf8() {
+                    Ok(key) => {
+                        let key = key.into_owned();
+                        self.kv(req, &q, &namespace, &key, token.as_ref(), client).await
+                    }
+                    Err(_) => text(StatusCode::BAD_REQUEST, "the key is not UTF-8"),
+                }
+            }
             p if p.starts_with("/v1/") && !get && !put => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("method {method} not allowed"),

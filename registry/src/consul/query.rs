@@ -34,6 +34,13 @@ pub struct Query {
     pub reason: Option<String>,
     /// `?note=` of a check pass, warn or fail: the check's output.
     pub note: Option<String>,
+    /// KV: `?recurse`, `?keys`, `?separator=`, `?raw`, `?cas=`, `?flags=`.
+    pub recurse: bool,
+    pub keys: bool,
+    pub separator: Option<String>,
+    pub raw: bool,
+    pub cas: Option<u64>,
+    pub flags: Option<u64>,
 }
 
 /// A parameter that does not parse, as a 400's message.
@@ -110,6 +117,24 @@ impl Query {
                 "enable" => q.enable = Some(flag("enable", value)?),
                 "reason" => q.reason = Some(value.to_string()),
                 "note" => q.note = Some(value.to_string()),
+                "recurse" => q.recurse = flag("recurse", value)?,
+                "keys" => q.keys = flag("keys", value)?,
+                "raw" => q.raw = flag("raw", value)?,
+                "separator" if !value.is_empty() => q.separator = Some(value.to_string()),
+                "cas" => {
+                    q.cas = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad("cas", "must be a non-negative integer (a ModifyIndex, or 0 for \"only if absent\")"))?,
+                    )
+                }
+                "flags" => {
+                    q.flags = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad("flags", "must be an unsigned 64-bit integer"))?,
+                    )
+                }
                 // Consistency modes: every read is served from this node's applied state
                 // (what `stale` asks for); `consistent` and `cached` are accepted too.
                 "stale" | "consistent" | "cached" | "leader" => {}

@@ -3,9 +3,10 @@
 //! the data dir cannot be written, with the dir and the OS error in the body), the
 //! Consul-compatible `/v1/...` ([`crate::consul`]), Prometheus discovery
 //! `/v1/prometheus/sd` ([`prometheus_sd`]) and our own JSON API `/api/v1/...`
-//! ([`json_api`]).
+//! ([`json_api`]) and OFREP flag evaluation `/ofrep/v1/...` ([`ofrep`]).
 
 pub mod json_api;
+pub mod ofrep;
 pub mod prometheus_sd;
 
 use std::convert::Infallible;
@@ -30,6 +31,8 @@ pub struct HttpApi {
     pub shared: Arc<Shared>,
     pub proposer: Proposer,
     pub consul: Arc<Consul>,
+    /// Compiled flag documents for OFREP.
+    pub flags: ofrep::FlagCache,
 }
 
 /// Serves until the shutdown flag is set. Each connection is its own task; bodies are
@@ -78,6 +81,9 @@ async fn dispatch(
     }
     if path.starts_with("/v1/") {
         return api.consul.handle(req, client).await;
+    }
+    if path.starts_with("/ofrep/") {
+        return ofrep::serve(api, req).await;
     }
     if path.starts_with("/api/v1/") {
         return json_api::serve(api, &req);

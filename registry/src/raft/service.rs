@@ -145,6 +145,38 @@ fn check_forwarded(command: &Command) -> Result<(), Status> {
             validate_source("source", source).map_err(invalid)?;
             validate_destination("destination", destination).map_err(invalid)?;
         }
+        Command::KvPut {
+            namespace,
+            key,
+            value,
+            ..
+        } => {
+            use crate::model::kv::{validate_kv_key, MAX_KV_VALUE_BYTES};
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            validate_kv_key("key", key).map_err(invalid)?;
+            if value.len() > MAX_KV_VALUE_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "invalid value: {} bytes, at most {MAX_KV_VALUE_BYTES}",
+                    value.len()
+                )));
+            }
+        }
+        Command::KvDelete { namespace, key, .. } => {
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            crate::model::kv::validate_kv_prefix("key", key).map_err(invalid)?;
+        }
+        Command::PutFlags {
+            namespace,
+            document,
+            ..
+        } => {
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+            switchyard_core::flags::FlagSet::parse(document)
+                .map_err(|e| Status::invalid_argument(format!("invalid flags: {e}")))?;
+        }
+        Command::RollbackFlags { namespace, .. } => {
+            validate_namespace("namespace", namespace).map_err(invalid)?;
+        }
         Command::RollbackPolicy {
             namespace, service, ..
         } => {

@@ -102,9 +102,39 @@ impl WatchHub {
     }
 }
 
+/// What one watcher asked for: its namespace's services (all when empty), and beside
+/// them, if it asked, the namespace's flag document and the KV entries under prefixes.
+#[derive(Clone, Debug, Default)]
+pub struct Interest {
+    pub namespace: String,
+    pub services: Vec<String>,
+    pub flags: bool,
+    pub kv_prefixes: Vec<String>,
+}
+
+impl Interest {
+    /// Whether a KV key is under one of the watched prefixes.
+    pub fn wants_key(&self, namespace: &str, key: &str) -> bool {
+        namespace == self.namespace && self.kv_prefixes.iter().any(|p| key.starts_with(p.as_str()))
+    }
+}
+
 /// The part of a change one watcher asked for, or `None` when nothing matches.
-pub fn filter(change: &Change, namespace: &str, services: &[String]) -> Option<Change> {
-    if !change.touches(namespace, services) {
+pub fn filter(change: &Change, interest: &Interest) -> Option<Change> {
+    let (namespace, services) = (interest.namespace.as_str(), interest.services.as_slice());
+    let kv: Vec<_> = change
+        .kv
+        .iter()
+        .filter(|k| interest.wants_key(&k.namespace, &k.key))
+        .cloned()
+        .collect();
+    let flags: Vec<_> = change
+        .flags
+        .iter()
+        .filter(|f| interest.flags && f.namespace == namespace)
+        .cloned()
+        .collect();
+    if kv.is_empty() && flags.is_empty() && !change.touches(namespace, services) {
         return None;
     }
     let wanted = |ns: &str, svc: &str| {
@@ -143,6 +173,8 @@ pub fn filter(change: &Change, namespace: &str, services: &[String]) -> Option<C
             .filter(|(ns, svc, _)| wanted(ns, svc))
             .cloned()
             .collect(),
+        kv,
+        flags,
         reset: false,
     })
 }

@@ -29,6 +29,20 @@ struct CacheFile<'a> {
     /// The registry cluster the catalog came from (absent in files of 0.1.0).
     #[serde(default, borrow)]
     cluster_id: Cow<'a, str>,
+    /// The namespace's flag document, so that flags answer after a restart without a
+    /// registry (absent in files written before flags).
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    flags: Option<CachedFlags<'a>>,
+    /// The entries under the followed KV prefixes (absent in files written before KV).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    kv: Vec<switchyard_core::model::kv::KvEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedFlags<'a> {
+    revision: u64,
+    #[serde(borrow)]
+    document: Cow<'a, str>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -112,6 +126,11 @@ fn to_file(catalog: &LocalCatalog) -> CacheFile<'_> {
             .map(|(svc, p)| (svc.clone(), policy_to_proto(p).encode_to_vec()))
             .collect(),
         cluster_id: Cow::Borrowed(&catalog.cluster_id),
+        flags: catalog.flags.as_ref().map(|f| CachedFlags {
+            revision: f.revision,
+            document: Cow::Borrowed(f.set.document()),
+        }),
+        kv: catalog.kv.values().map(|e| (**e).clone()).collect(),
     }
 }
 
@@ -119,6 +138,16 @@ fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> LocalCatalog 
     let mut catalog = LocalCatalog {
         revision: file.revision,
         cluster_id: file.cluster_id.into_owned(),
+        flags: file
+            .flags
+            .and_then(|f| super::catalog::compile_flags(&f.document, f.revision)),
+        kv: std::sync::Arc::new(
+            file.kv
+                .into_iter()
+                .filter(|e| switchyard_core::model::kv::validate_kv_key("key", &e.key).is_ok())
+                .map(|e| (e.key.clone(), std::sync::Arc::new(e)))
+                .collect(),
+        ),
         ..LocalCatalog::default()
     };
     for (service, instances) in file.services {

@@ -9,7 +9,7 @@ use switchyard_core::model::{Instance, Policy};
 use switchyard_proto::v1 as pb;
 
 use crate::metrics::Metrics;
-use crate::table::{EndpointTable, IntentionMap, ServiceView, Views};
+use crate::table::{EndpointTable, IntentionMap, KvMap, LoadedFlags, ServiceView, Views};
 
 /// Services, their instances and their routing policies at one revision. Each instance
 /// is one `Arc`, the same one the endpoint table, DNS and the disk cache hold.
@@ -31,6 +31,23 @@ pub struct LocalCatalog {
     pub intentions_known: bool,
     /// Services whose mTLS mode is strict.
     pub strict: BTreeSet<String>,
+    /// The namespace's feature flags, compiled, as the last event (or the cache) gave
+    /// them.
+    pub flags: Option<Arc<LoadedFlags>>,
+    /// The KV entries under the followed prefixes.
+    pub kv: Arc<KvMap>,
+}
+
+/// A flag document from the registry, compiled; one this sidecar cannot read (a newer
+/// registry's rule) is left out, and the flags it had keep answering.
+pub fn compile_flags(document: &str, revision: u64) -> Option<Arc<LoadedFlags>> {
+    match switchyard_core::flags::FlagSet::parse(document) {
+        Ok(set) => Some(Arc::new(LoadedFlags { set, revision })),
+        Err(e) => {
+            tracing::warn!(revision, error = %e, "the registry sent flags this sidecar cannot read; the previous ones keep answering");
+            None
+        }
+    }
 }
 
 /// A destination's watched intentions. One this sidecar cannot read (a newer registry's
@@ -100,6 +117,38 @@ impl LocalCatalog {
         }
         if !event.trust_bundle.is_empty() {
             self.trust_bundle = Some(Arc::new(event.trust_bundle));
+        }
+        if event.kv_snapshot || !event.kv.is_empty() || !event.kv_removed.is_empty() {
+            let kv = Arc::make_mut(&mut self.kv);
+            if event.kv_snapshot {
+                kv.clear();
+            }
+            for k in &event.kv_removed {
+                kv.remove(k);
+            }
+            for e in &event.kv {
+                kv.insert(
+                    e.key.clone(),
+                    Arc::new(switchyard_core::model::kv::KvEntry {
+                        key: e.key.clone(),
+                        value: e.value.as_slice().into(),
+                        flags: e.flags,
+                        create_revision: e.create_revision,
+                        modify_revision: e.modify_revision,
+                    }),
+                );
+            }
+        }
+        if let Some(f) = &event.flags {
+            let newer = self
+                .flags
+                .as_ref()
+                .is_none_or(|have| have.revision != f.revision);
+            if newer {
+                if let Some(compiled) = compile_flags(&f.document, f.revision) {
+                    self.flags = Some(compiled);
+                }
+            }
         }
         let snapshot = matches!(event.kind, Some(pb::watch_event::Kind::Snapshot(_)));
         self.intentions_known |= snapshot;
@@ -243,6 +292,14 @@ impl LocalCatalog {
                 .is_none_or(|i| !Arc::ptr_eq(&i, &self.intentions))
         {
             table.store_intentions(self.intentions.clone());
+        }
+        if !Arc::ptr_eq(&table.kv(), &self.kv) {
+            table.store_kv(self.kv.clone());
+        }
+        if let Some(flags) = &self.flags {
+            if table.flags().is_none_or(|f| !Arc::ptr_eq(&f, flags)) {
+                table.store_flags(flags.clone());
+            }
         }
         if let Some(bundle) = &self.trust_bundle {
             if table

@@ -38,6 +38,8 @@ pub struct DiscoveryConfig {
     pub token: Option<String>,
     /// Plain TCP for `http://` registries, TLS with `--ca-file` for `https://`.
     pub transport: switchyard_tls::Transport,
+    /// KV prefixes followed over the watch stream (none: no KV).
+    pub kv_prefixes: Vec<String>,
 }
 
 /// Jittered exponential backoff: the n-th wait is uniform in [d/2, d] with
@@ -157,6 +159,9 @@ async fn stream_from(
                         0
                     },
                     cluster_id: catalog.cluster_id.clone(),
+                    // The namespace's flags, for the admin port's OFREP endpoints.
+                    flags: true,
+                    kv_prefixes: cfg.kv_prefixes.clone(),
                 },
                 cfg.token.as_deref(),
             ))
