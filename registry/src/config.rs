@@ -37,6 +37,9 @@ pub struct RegistryConfig {
     /// Most open KeepAlive streams per node (each holds a task and buffers; a client
     /// that opens them and never reads must not grow the node without bound).
     pub max_keepalive_streams: usize,
+    /// Writes that may wait to commit on the leader; past it a write is refused with
+    /// RESOURCE_EXHAUSTED and a retry hint (see [`crate::raft::propose`]).
+    pub max_pending_writes: usize,
     /// Most (namespace, service, version) keys the telemetry store holds (see
     /// [`crate::telemetry`]); a report adding keys beyond it is refused.
     pub max_telemetry_keys: usize,
@@ -146,6 +149,7 @@ impl RegistryConfig {
             max_watchers: 10_000,
             max_watch_buffer_bytes: crate::watch::budget::DEFAULT_MAX_WATCH_BUFFER_BYTES,
             max_keepalive_streams: 10_000,
+            max_pending_writes: crate::raft::propose::DEFAULT_MAX_PENDING_WRITES,
             max_telemetry_keys: crate::telemetry::DEFAULT_MAX_KEYS,
             node_id: 1,
             peers: BTreeMap::new(),
@@ -193,6 +197,9 @@ impl RegistryConfig {
         }
         if self.max_keepalive_streams == 0 {
             return Err("max_keepalive_streams must be at least 1".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_pending_writes) {
+            return Err("max_pending_writes must be 1-1000000".into());
         }
         if self.max_telemetry_keys == 0 {
             return Err("max_telemetry_keys must be at least 1".into());

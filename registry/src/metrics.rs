@@ -25,7 +25,11 @@ pub struct Metrics {
     /// Bytes the KV store holds, as counted against --max-kv-bytes.
     pub kv_bytes: Gauge<i64, AtomicI64>,
     pub revision: Gauge<i64, AtomicI64>,
+    /// The cluster's log format (what every node can decode; see `catalog::format`).
+    pub cluster_format: Gauge<i64, AtomicI64>,
     pub lease_expiries: Counter,
+    /// Writes refused because the leader's queue of pending writes was full.
+    pub writes_overloaded: Counter,
     pub watchers: Gauge<i64, AtomicI64>,
     pub watch_resyncs: Counter,
     /// Bytes of watch events built and not yet taken by their connections (the node's
@@ -317,6 +321,25 @@ impl Default for Metrics {
             "Revision of the last applied change",
             revision.clone(),
         );
+        let cluster_format = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "cluster_format",
+            "The cluster's log format: raised by the leader once every node runs a release of it; commands of a newer format are refused until then",
+            cluster_format.clone(),
+        );
+        let writes_overloaded = Counter::default();
+        registry.register(
+            "writes_overloaded",
+            "Writes refused with RESOURCE_EXHAUSTED (and a retry hint) because the leader's queue of pending writes was full (--max-pending-writes)",
+            writes_overloaded.clone(),
+        );
+        let node_format = Gauge::<i64, AtomicI64>::default();
+        node_format.set(i64::from(crate::catalog::format::FORMAT));
+        registry.register(
+            "node_format",
+            "The log format this node's release reads and writes",
+            node_format,
+        );
         registry.register(
             "lease_expiries",
             "Leases expired because they were not renewed in time",
@@ -359,6 +382,8 @@ impl Default for Metrics {
             leases,
             kv_bytes,
             revision,
+            cluster_format,
+            writes_overloaded,
             lease_expiries,
             watchers,
             watch_resyncs,
@@ -454,6 +479,7 @@ impl Metrics {
         self.leases.set(catalog.lease_count() as i64);
         self.kv_bytes.set(catalog.kv_bytes() as i64);
         self.revision.set(catalog.revision() as i64);
+        self.cluster_format.set(i64::from(catalog.cluster_format()));
     }
 
     /// Counts a finished unary call by method and status, and passes the result on.

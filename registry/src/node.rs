@@ -235,10 +235,14 @@ pub async fn start(
     let proposer = Proposer::new(
         raft.clone(),
         network,
-        config.heartbeat * 20,
-        cluster_size,
+        crate::raft::propose::ProposerSettings {
+            quorum_silence: config.heartbeat * 20,
+            cluster_size_hint: cluster_size,
+            max_pending: config.max_pending_writes,
+        },
         Some(shared.metrics.clone()),
         shared.storage.clone(),
+        shared.cluster_format.clone(),
     );
 
     let http_api = Arc::new(crate::http::HttpApi {
@@ -300,6 +304,12 @@ pub async fn start(
             shared.clone(),
             proposer.clone(),
             config.lease_checkpoint_interval,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(crate::raft::upgrade::upgrade_loop(
+            shared.clone(),
+            proposer.clone(),
+            node_id,
             shutdown_rx.clone(),
         )),
         tokio::spawn(join_loop(

@@ -54,6 +54,9 @@ pub struct Shared {
     /// Sidecars' per-version windows (in memory, never in the log): what this node was
     /// sent, and on the leader also what followers forwarded.
     pub telemetry: Arc<TelemetryStore>,
+    /// The catalog's cluster format (see [`crate::catalog::format`]), mirrored by every
+    /// apply so the write path checks it without the catalog's lock.
+    pub cluster_format: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Shared {
@@ -86,6 +89,9 @@ impl Shared {
             config,
             shutdown,
             committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            cluster_format: Arc::new(std::sync::atomic::AtomicU32::new(
+                crate::catalog::format::UNVERSIONED,
+            )),
         })
     }
 
@@ -97,6 +103,7 @@ impl Shared {
             leases: self.leases.clone(),
             metrics: self.metrics.clone(),
             limits: self.config.limits,
+            cluster_format: self.cluster_format.clone(),
         }
     }
 }
@@ -113,4 +120,17 @@ pub struct ApplyHandle {
     pub metrics: Arc<Metrics>,
     /// The catalog's bounds, for one rebuilt from a snapshot.
     pub limits: Limits,
+    /// The same as [`Shared::cluster_format`].
+    pub cluster_format: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl ApplyHandle {
+    /// Mirrors what the write path and the metrics read of a just-changed catalog.
+    pub fn publish(&self, catalog: &Catalog) {
+        self.metrics.set_catalog_gauges(catalog);
+        self.cluster_format.store(
+            catalog.cluster_format(),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
 }

@@ -121,6 +121,15 @@ pub struct RegistryArgs {
         default_value_t = 10_000
     )]
     pub max_keepalive_streams: usize,
+    /// Writes that may wait to commit on the leader (group commit takes 256 per log
+    /// entry); past it a write is refused with RESOURCE_EXHAUSTED and a retry hint
+    /// (gRPC `grpc-retry-pushback-ms`, HTTP 429 with `Retry-After`).
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_PENDING_WRITES",
+        default_value_t = switchyard_registry::raft::propose::DEFAULT_MAX_PENDING_WRITES
+    )]
+    pub max_pending_writes: usize,
     /// Most (namespace, service, version) keys the node's telemetry store holds: a
     /// sidecar's report adding more is refused with RESOURCE_EXHAUSTED.
     #[arg(
@@ -266,6 +275,7 @@ impl RegistryArgs {
         config.watch_history = self.watch_history;
         config.max_watchers = self.max_watchers;
         config.max_keepalive_streams = self.max_keepalive_streams;
+        config.max_pending_writes = self.max_pending_writes;
         config.max_telemetry_keys = self.max_telemetry_keys;
         config.consul = switchyard_registry::consul::ConsulConfig {
             datacenter: self.consul_datacenter.clone(),

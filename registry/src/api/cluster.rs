@@ -123,6 +123,33 @@ impl ClusterApi {
         if let Some(mut leader) = self.leader_client().await? {
             return leader.add_member(req).await.map(Response::into_inner);
         }
+        // Once the cluster's log format moved up, a node of an older release would
+        // meet entries it cannot decode: refuse it now, naming both formats.
+        let cluster = self
+            .shared
+            .cluster_format
+            .load(std::sync::atomic::Ordering::Acquire);
+        if cluster > crate::catalog::format::UNVERSIONED {
+            match crate::raft::upgrade::member_format(self.proposer.network(), &req.address).await {
+                Ok(f) if f.format >= cluster => {}
+                Ok(f) => {
+                    return Err(Status::failed_precondition(format!(
+                        "node {} at {} runs release {} (log format {}), but the cluster is at log format {cluster}: start it with this release ({}) or newer; downgrades are not supported",
+                        req.id,
+                        req.address,
+                        f.release,
+                        f.format,
+                        env!("CARGO_PKG_VERSION")
+                    )))
+                }
+                Err(e) => {
+                    return Err(Status::unavailable(format!(
+                        "cannot ask node {} at {} its release ({e}): start it before it joins",
+                        req.id, req.address
+                    )))
+                }
+            }
+        }
         let raft = self.proposer.raft();
         let node = BasicNode::new(req.address.clone());
         // Learner first (it catches up without counting toward the quorum), then voter.

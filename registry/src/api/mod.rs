@@ -107,6 +107,17 @@ pub fn status(e: ProposeError) -> Status {
         | ProposeError::Refused(ApplyError::LeaseFull(..)) => {
             Status::resource_exhausted(e.to_string())
         }
+        ProposeError::Refused(ApplyError::FormatTooNew(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
+        ProposeError::Overloaded { retry_after, .. } => {
+            // gRFC A6's server pushback: clients with a retry policy wait this long.
+            let mut status = Status::resource_exhausted(e.to_string());
+            if let Ok(v) = retry_after.as_millis().to_string().parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            status
+        }
         ProposeError::Storage(_)
         | ProposeError::StorageFailed(_)
         | ProposeError::RaftStopped(_)

@@ -169,6 +169,9 @@ pub enum ApplyError {
     FlagRevisionNotFound { namespace: String, revision: u64 },
     #[error("the flag document is {bytes} bytes, at most {limit}: split flags across namespaces or shorten targeting rules")]
     FlagDocumentTooLarge { bytes: usize, limit: usize },
+    /// Refused before the write: some node could not decode it (see `catalog::format`).
+    #[error(transparent)]
+    FormatTooNew(super::format::FormatTooNew),
 }
 
 /// What the caller of a command gets back.
@@ -284,6 +287,9 @@ pub struct Catalog {
     pub(super) kv: super::kv::KvStore,
     /// namespace -> its flag documents, oldest first (the last is current).
     pub(super) flags: super::flags::FlagStore,
+    /// The cluster's log format, raised by [`Command::SetClusterFormat`]; 0 until then
+    /// (read as [`super::format::UNVERSIONED`]).
+    pub(super) format: u32,
 }
 
 impl Catalog {
@@ -444,6 +450,11 @@ impl Catalog {
         &self.cluster_id
     }
 
+    /// The cluster's log format: what every node can decode (see [`super::format`]).
+    pub fn cluster_format(&self) -> u32 {
+        self.format.max(super::format::UNVERSIONED)
+    }
+
     pub fn apply_next(&mut self, log_index: u64, command: &Command) -> ApplyResult {
         self.apply(log_index.max(self.applied_index + 1), command)
     }
@@ -489,6 +500,16 @@ impl Catalog {
                 if self.cluster_id.is_empty() {
                     self.cluster_id.clone_from(id);
                 }
+                ApplyResult {
+                    reply: Ok(Reply::Done {
+                        revision: self.revision,
+                    }),
+                    ..ApplyResult::refused(ApplyError::Batch)
+                }
+            }
+            Command::SetClusterFormat { format } => {
+                // Only up: a stale or repeated proposal changes nothing.
+                self.format = self.format.max(*format);
                 ApplyResult {
                     reply: Ok(Reply::Done {
                         revision: self.revision,

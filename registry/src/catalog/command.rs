@@ -154,6 +154,13 @@ pub enum Command {
         to_revision: u64,
         at_ms: u64,
     },
+    /// Moves the cluster's log format up to `format` (never down): proposed by the
+    /// leader once every member runs a release of that format (see
+    /// [`super::format`]). The first kind of format 2: older nodes cannot decode it, so
+    /// it is written only when none is left.
+    SetClusterFormat {
+        format: u32,
+    },
 }
 
 impl Command {
@@ -182,6 +189,7 @@ impl Command {
             Command::KvDelete { .. } => "kv_delete",
             Command::PutFlags { .. } => "put_flags",
             Command::RollbackFlags { .. } => "rollback_flags",
+            Command::SetClusterFormat { .. } => "set_cluster_format",
         }
     }
 }

@@ -240,6 +240,10 @@ enum CommandIn {
         to_revision: u64,
         at_ms: u64,
     },
+    /// The first kind of format 2 (see [`super::format`]).
+    SetClusterFormat {
+        format: u32,
+    },
 }
 
 /// [`Command`] as it is written: borrowed, so encoding copies nothing. Variants in the
@@ -358,6 +362,9 @@ enum CommandOut<'a> {
         namespace: &'a str,
         to_revision: u64,
         at_ms: u64,
+    },
+    SetClusterFormat {
+        format: u32,
     },
 }
 
@@ -529,6 +536,9 @@ impl Serialize for Command {
                 to_revision: *to_revision,
                 at_ms: *at_ms,
             },
+            Command::SetClusterFormat { format } => {
+                CommandOut::SetClusterFormat { format: *format }
+            }
         };
         out.serialize(s)
     }
@@ -536,7 +546,7 @@ impl Serialize for Command {
 
 impl<'de> Deserialize<'de> for Command {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match CommandIn::deserialize(d)? {
+        Ok(match d.deserialize_enum("Command", &[], KindCheck)? {
             CommandIn::Register {
                 instance,
                 ttl_seconds,
@@ -707,7 +717,77 @@ impl<'de> Deserialize<'de> for Command {
                 to_revision,
                 at_ms,
             },
+            CommandIn::SetClusterFormat { format } => Command::SetClusterFormat { format },
         })
+    }
+}
+
+/// Reads a command's kind (its variant index) first: a kind this release does not know
+/// is noted for [`super::format::take_unknown`] (postcard's errors carry no message)
+/// before the decode fails. A known kind is handed, with the rest of the input, to
+/// [`CommandIn`]'s derived decoder through [`Replay`].
+struct KindCheck;
+
+impl<'de> serde::de::Visitor<'de> for KindCheck {
+    type Value = CommandIn;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Switchyard log command")
+    }
+
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<CommandIn, A::Error> {
+        let (kind, variant): (u32, A::Variant) = data.variant()?;
+        if kind >= super::format::KINDS {
+            super::format::note_unknown(kind);
+            return Err(serde::de::Error::custom(super::format::UnknownCommand {
+                kind,
+            }));
+        }
+        CommandIn::deserialize(Replay { kind, variant })
+    }
+}
+
+/// An enum whose kind was already read: answers the kind again, then hands over the
+/// decoder of the variant's contents.
+struct Replay<A> {
+    kind: u32,
+    variant: A,
+}
+
+impl<'de, A: serde::de::VariantAccess<'de>> Deserializer<'de> for Replay<A> {
+    type Error = A::Error;
+
+    fn deserialize_any<W: serde::de::Visitor<'de>>(self, _: W) -> Result<W::Value, A::Error> {
+        Err(serde::de::Error::custom("a command is an enum"))
+    }
+
+    fn deserialize_enum<W: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: W,
+    ) -> Result<W::Value, A::Error> {
+        visitor.visit_enum(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map struct
+        identifier ignored_any
+    }
+}
+
+impl<'de, A: serde::de::VariantAccess<'de>> serde::de::EnumAccess<'de> for Replay<A> {
+    type Error = A::Error;
+    type Variant = A;
+
+    fn variant_seed<S: serde::de::DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<(S::Value, A), A::Error> {
+        use serde::de::IntoDeserializer;
+        let kind = seed.deserialize(self.kind.into_deserializer())?;
+        Ok((kind, self.variant))
     }
 }
 
@@ -816,6 +896,61 @@ mod tests {
             let bytes = encode(&c).expect("encode");
             assert_eq!(decode::<Command>(&bytes).expect("decode"), c);
         }
+    }
+
+    #[test]
+    fn the_format_change_has_its_own_kind_after_every_format_1_kind() {
+        let c = Command::SetClusterFormat { format: 2 };
+        let bytes = encode(&c).expect("encode");
+        assert_eq!(
+            bytes[0],
+            super::super::format::KINDS_OF_FORMAT_1 as u8,
+            "appended after the 24 kinds of format 1"
+        );
+        assert_eq!(decode::<Command>(&bytes).expect("decode"), c);
+    }
+
+    #[test]
+    fn a_kind_from_a_newer_release_is_refused_by_name_alone_or_in_a_batch_or_an_entry() {
+        use crate::raft::DecodeError;
+        let unknown = super::super::format::KINDS as u8;
+        let e = decode::<Command>(&[unknown, 0, 0]).expect_err("an unknown kind");
+        let DecodeError::UnknownCommand(u) = e else {
+            panic!("not named as a newer command: {e}");
+        };
+        assert_eq!(u.kind, u32::from(unknown));
+        let message = u.to_string();
+        assert!(
+            message.contains(&format!("command kind {unknown}"))
+                && message.contains("newer release")
+                && message.contains("upgrade it"),
+            "{message}"
+        );
+        // Nested in a batch, and inside a Raft entry as the log and AppendEntries carry
+        // it: the command's kind is the byte before the format's varint (0xF7 0xEE 0x01
+        // is 0x7777), which only occurs there.
+        let marker = Command::SetClusterFormat { format: 0x7777 };
+        let entry = openraft::Entry::<crate::raft::TypeConfig> {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 9),
+            payload: openraft::EntryPayload::Normal(Command::Batch(vec![
+                Command::Deregister {
+                    namespace: "default".into(),
+                    id: "a".into(),
+                },
+                marker,
+            ])),
+        };
+        let mut bytes = encode(&entry).expect("encode");
+        let at = bytes
+            .windows(4)
+            .position(|w| w == [24, 0xF7, 0xEE, 0x01])
+            .expect("the marker's bytes");
+        bytes[at] = unknown;
+        let e = decode::<crate::raft::alias::Entry>(&bytes).expect_err("refused");
+        assert!(matches!(e, DecodeError::UnknownCommand(_)), "{e}");
+        // A plain garbled input is still a plain decode error, not a "newer release".
+        let e = decode::<crate::raft::alias::Entry>(&bytes[..at]).expect_err("short");
+        assert!(matches!(e, DecodeError::Postcard(_)), "{e}");
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //! - `flags.rs`: each namespace's feature-flag document, with history and rollback.
 //! - `queries.rs`: reads of the applied state (snapshots, resolve, service lists).
 //! - `persist.rs`: the snapshot form, [`PersistedCatalog`], and the rebuild from it.
+//! - `format.rs`: format versions: what this release reads, what a cluster of mixed
+//!   releases may write, and the clear refusal of a command from a newer release.
 //! - `legacy.rs`: the bytes of a [`Command`], and mirrors of what older releases wrote
 //!   (log entries and snapshots), so an upgraded node still opens its data dir.
 
@@ -27,6 +29,7 @@ mod acl;
 mod apply;
 mod command;
 mod flags;
+pub mod format;
 mod instances;
 mod intentions;
 mod kv;

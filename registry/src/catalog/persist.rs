@@ -56,6 +56,10 @@ const SECTION_INTENTIONS: &str = "intentions";
 const SECTION_KV: &str = "kv";
 /// The section holding every namespace's flag documents and their history.
 const SECTION_FLAGS: &str = "flags";
+/// The section holding the [`super::format::SnapshotFormat`]: the writer's format and the
+/// cluster's. Releases before formats ignore it (unknown sections are skipped), which
+/// is safe: they only ever see it from a cluster still at format 1.
+const SECTION_FORMAT: &str = "format";
 
 /// The snapshot form written before the mesh CA (ACLs, no sections).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -380,6 +384,15 @@ impl Catalog {
         );
         section(&mut out, SECTION_KV, &self.kv, self.kv.is_empty());
         section(&mut out, SECTION_FLAGS, &self.flags, self.flags.is_empty());
+        section(
+            &mut out,
+            SECTION_FORMAT,
+            &super::format::SnapshotFormat {
+                writer: super::format::FORMAT,
+                cluster: self.cluster_format(),
+            },
+            false,
+        );
         if let Some(ca) = &self.mesh_ca {
             section(&mut out, SECTION_MESH_CA, ca, false);
         }
@@ -393,6 +406,15 @@ impl Catalog {
                 SECTION_MESH_CA => {
                     if let Some(ca) = decoded(name, &bytes, "the next leader makes a new CA") {
                         self.mesh_ca = Some(ca);
+                    }
+                }
+                SECTION_FORMAT => {
+                    if let Some(f) = decoded::<super::format::SnapshotFormat>(
+                        name,
+                        &bytes,
+                        "the cluster format is 1 until the leader raises it again",
+                    ) {
+                        self.format = f.cluster;
                     }
                 }
                 SECTION_MTLS_STRICT => {
@@ -541,6 +563,28 @@ fn section<T: Serialize + ?Sized>(
 }
 
 /// Section `name`'s state, or `None` with a line saying what is lost without it.
+impl PersistedCatalog {
+    /// The snapshot's `format` section; `None` in one written before formats (format 1).
+    pub fn format(&self) -> Option<super::format::SnapshotFormat> {
+        self.sections
+            .iter()
+            .find(|(name, _)| name == SECTION_FORMAT)
+            .and_then(|(_, bytes)| postcard::from_bytes(bytes).ok())
+    }
+
+    /// Refuses a snapshot of a cluster at a format this release cannot read, before any
+    /// of it is installed.
+    pub fn check_format(&self) -> Result<(), super::format::SnapshotTooNew> {
+        match self.format() {
+            Some(f) if f.cluster > super::format::FORMAT => Err(super::format::SnapshotTooNew {
+                writer: f.writer,
+                cluster: f.cluster,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn decoded<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8], without: &str) -> Option<T> {
     match postcard::from_bytes(bytes) {
         Ok(v) => Some(v),

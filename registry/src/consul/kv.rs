@@ -279,21 +279,7 @@ impl Consul {
                 let (applied, _) = crate::api::kv_outcome(reply);
                 json(StatusCode::OK, &applied)
             }
-            Err(e @ crate::raft::propose::ProposeError::Refused(_)) => {
-                let code = match e {
-                    crate::raft::propose::ProposeError::Refused(
-                        crate::catalog::ApplyError::KvFull { .. },
-                    ) => StatusCode::INSUFFICIENT_STORAGE,
-                    _ => StatusCode::BAD_REQUEST,
-                };
-                text(code, e.to_string())
-            }
-            Err(e) => {
-                let mut r = text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
-                r.headers_mut()
-                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
-            }
+            Err(e) => super::propose_refusal(&e),
         }
     }
 }

@@ -592,7 +592,7 @@ impl Consul {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "register produced no lease",
             ),
-            Err(e) => text(propose_status(&e), e.to_string()),
+            Err(e) => propose_refusal(&e),
         }
     }
 
@@ -640,7 +640,7 @@ impl Consul {
             Err(crate::raft::propose::ProposeError::Refused(crate::catalog::ApplyError::InstanceNotFound { .. })) => {
                 text(StatusCode::NOT_FOUND, format!("Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."))
             }
-            Err(e) => text(propose_status(&e), e.to_string()),
+            Err(e) => propose_refusal(&e),
         }
     }
 
@@ -678,7 +678,7 @@ impl Consul {
             .await
         {
             Ok(_) => respond(StatusCode::OK, "text/plain; charset=utf-8", ""),
-            Err(e) => text(propose_status(&e), e.to_string()),
+            Err(e) => propose_refusal(&e),
         }
     }
 
@@ -771,12 +771,29 @@ pub fn update_body(body: &[u8]) -> Result<(Status, Option<String>), registration
     Ok((status, output))
 }
 
-/// The HTTP status for a write that did not commit.
-fn propose_status(e: &crate::raft::propose::ProposeError) -> StatusCode {
+/// The answer to a write that did not commit: 400 for a refusal, 429 with `Retry-After`
+/// (whole seconds, at least 1) when the leader is overloaded, 503 otherwise.
+pub(crate) fn propose_refusal(e: &crate::raft::propose::ProposeError) -> HttpResponse {
     use crate::raft::propose::ProposeError;
     match e {
-        ProposeError::Refused(_) => StatusCode::BAD_REQUEST,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
+        ProposeError::Refused(crate::catalog::ApplyError::KvFull { .. }) => {
+            text(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
+        ProposeError::Refused(_) => text(StatusCode::BAD_REQUEST, e.to_string()),
+        ProposeError::Overloaded { retry_after, .. } => {
+            let mut r = text(StatusCode::TOO_MANY_REQUESTS, e.to_string());
+            let secs = retry_after.as_millis().div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+            r
+        }
+        _ => {
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
     }
 }
 

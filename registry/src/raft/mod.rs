@@ -14,6 +14,8 @@
 //! - [`leadership`]: follows Raft's role into the metrics; a new leader restarts every
 //!   lease clock.
 //! - [`membership`]: a `--join`ing node asks a member to add it.
+//! - [`upgrade`]: rolling upgrades: the leader raises the cluster's log format once every
+//!   member runs it.
 
 // openraft's trait methods return its `StorageError` (over 200 bytes); our helpers return
 // the same type so `?` works, and boxing it would only add a conversion at every call.
@@ -26,6 +28,7 @@ pub mod network;
 pub mod propose;
 pub mod service;
 pub mod state_machine;
+pub mod upgrade;
 
 use std::io::Cursor;
 
@@ -80,7 +83,23 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_stdvec(value)
 }
 
+/// Why bytes from the wire or the disk did not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// A command kind from a newer release: said plainly, since this node must be
+    /// upgraded rather than repaired.
+    #[error(transparent)]
+    UnknownCommand(#[from] crate::catalog::format::UnknownCommand),
+    #[error(transparent)]
+    Postcard(#[from] postcard::Error),
+}
+
 /// Decodes a Raft message from the wire or the disk.
-pub fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(bytes)
+pub fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    use crate::catalog::format::take_unknown;
+    let _ = take_unknown();
+    postcard::from_bytes(bytes).map_err(|e| match take_unknown() {
+        Some(unknown) => DecodeError::UnknownCommand(unknown),
+        None => DecodeError::Postcard(e),
+    })
 }

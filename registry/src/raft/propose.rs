@@ -15,6 +15,7 @@
 //! (openraft 0.9 waits for each append's fsync before the next, so batching below the
 //! proposer cannot help.)
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,8 +35,13 @@ use crate::storage_health::{StorageFailure, StorageHealth};
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most commands one log entry carries.
 pub const MAX_BATCH: usize = 256;
-/// Commands waiting for the batcher; when it is full, callers wait (back-pressure).
-const QUEUE: usize = 4_096;
+/// Commands that may wait for the batcher on the leader by default
+/// (`--max-pending-writes`); past it a write is refused with RESOURCE_EXHAUSTED and a
+/// retry hint instead of waiting in an unbounded line of callers.
+pub const DEFAULT_MAX_PENDING_WRITES: usize = 4_096;
+/// Bounds of the retry hint an overloaded leader gives.
+const MIN_RETRY_HINT: Duration = Duration::from_millis(20);
+const MAX_RETRY_HINT: Duration = Duration::from_secs(5);
 
 /// Why a proposal did not take effect.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -59,6 +65,13 @@ pub enum ProposeError {
     NoQuorum(String),
     #[error("the registry leader at {addr} cannot be reached ({reason}); writes need a majority of the registry nodes up and reachable; reads still work on every node")]
     LeaderUnreachable { addr: String, reason: String },
+    /// The leader's queue of writes waiting to commit is full: the client should back
+    /// off for `retry_after` (sent as `grpc-retry-pushback-ms`, or HTTP `Retry-After`).
+    #[error("the registry leader has {pending} writes waiting to commit, its maximum (--max-pending-writes): nothing was changed; retry in {} ms", retry_after.as_millis())]
+    Overloaded {
+        pending: usize,
+        retry_after: Duration,
+    },
 }
 
 /// A forwarded command's outcome, as it crosses the internal service.
@@ -66,6 +79,22 @@ pub enum ProposeError {
 pub enum WireError {
     Refused(ApplyError),
     Unavailable(String),
+    /// Added after 0.1.0 (at the end, so the others keep their bytes).
+    Overloaded {
+        pending: usize,
+        retry_after_ms: u64,
+    },
+}
+
+/// How the write path is tuned.
+#[derive(Clone, Copy, Debug)]
+pub struct ProposerSettings {
+    /// A leader that has not heard from a majority for this long refuses writes.
+    pub quorum_silence: Duration,
+    /// Members expected, for the message of a write with no leader.
+    pub cluster_size_hint: usize,
+    /// Writes that may wait for the batcher (`--max-pending-writes`).
+    pub max_pending: usize,
 }
 
 /// Submits commands. Cloned into every API handler.
@@ -85,6 +114,11 @@ struct Core {
     quorum_silence: Duration,
     cluster_size_hint: usize,
     storage: StorageHealth,
+    /// The cluster's log format, mirrored by the state machine: the write gate.
+    cluster_format: Arc<AtomicU32>,
+    max_pending: usize,
+    /// How long the last entry took to commit (microseconds): the retry hint's base.
+    last_commit_micros: AtomicU64,
 }
 
 /// One command waiting for the batcher, and where its outcome goes.
@@ -98,19 +132,23 @@ impl Proposer {
     pub fn new(
         raft: Raft,
         network: Network,
-        quorum_silence: Duration,
-        cluster_size_hint: usize,
+        settings: ProposerSettings,
         metrics: Option<Arc<crate::metrics::Metrics>>,
         storage: StorageHealth,
+        cluster_format: Arc<AtomicU32>,
     ) -> Self {
+        let max_pending = settings.max_pending.max(1);
         let core = Arc::new(Core {
             raft,
             network,
-            quorum_silence,
-            cluster_size_hint,
+            quorum_silence: settings.quorum_silence,
+            cluster_size_hint: settings.cluster_size_hint,
             storage,
+            cluster_format,
+            max_pending,
+            last_commit_micros: AtomicU64::new(0),
         });
-        let (queue, queued) = mpsc::channel(QUEUE);
+        let (queue, queued) = mpsc::channel(max_pending);
         tokio::spawn(batcher(core.clone(), queued, metrics.clone()));
         Self {
             core,
@@ -173,6 +211,14 @@ impl Proposer {
         if let Command::Batch(_) = command {
             return Ok(Err(ProposeError::Refused(ApplyError::Batch)));
         }
+        // The leader's upgrade loop proposes the format change itself, after asking
+        // every member; nothing else may write what an older member cannot decode.
+        if !matches!(command, Command::SetClusterFormat { .. }) {
+            let cluster = self.core.cluster_format.load(Ordering::Acquire);
+            if let Err(e) = crate::catalog::format::check_writable(&command, cluster) {
+                return Ok(Err(ProposeError::Refused(ApplyError::FormatTooNew(e))));
+            }
+        }
         if let Some(failure) = self.core.storage.failure() {
             return Err(Forward::Failed(ProposeError::StorageFailed(failure)));
         }
@@ -180,8 +226,17 @@ impl Proposer {
             return self.core.write(command).await.map(one);
         }
         let (reply, outcome) = oneshot::channel();
-        if self.queue.send(Queued { command, reply }).await.is_err() {
-            return Err(Forward::Failed(ProposeError::ShuttingDown));
+        match self.queue.try_send(Queued { command, reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if let Some(m) = &self.metrics {
+                    m.writes_overloaded.inc();
+                }
+                return Err(Forward::Failed(self.core.overloaded()));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(Forward::Failed(ProposeError::ShuttingDown));
+            }
         }
         outcome
             .await
@@ -219,9 +274,11 @@ async fn batcher(
         if let Some(m) = &metrics {
             m.commit_batch_size.observe(batch.len() as f64);
         }
+        let started = std::time::Instant::now();
         if batch.len() == 1 {
             if let Some(q) = batch.pop() {
                 let outcome = core.write(q.command).await.map(one);
+                core.commit_took(started.elapsed());
                 let _ = q.reply.send(outcome);
             }
             continue;
@@ -229,7 +286,9 @@ async fn batcher(
         let (commands, replies): (Vec<Command>, Vec<_>) =
             batch.drain(..).map(|q| (q.command, q.reply)).unzip();
         let count = commands.len();
-        match core.write(Command::Batch(commands)).await {
+        let written = core.write(Command::Batch(commands)).await;
+        core.commit_took(started.elapsed());
+        match written {
             Ok(CommandReply::Batch(results)) if results.len() == count => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(result.map_err(ProposeError::Refused)));
@@ -251,6 +310,26 @@ async fn batcher(
 }
 
 impl Core {
+    fn commit_took(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.last_commit_micros.store(micros, Ordering::Relaxed);
+    }
+
+    /// The refusal of a write that found the queue full, with a hint of how long the
+    /// queue takes to drain: a full queue is `max_pending / MAX_BATCH` entries, each
+    /// about as slow as the last commit.
+    fn overloaded(&self) -> ProposeError {
+        let per_entry = Duration::from_micros(self.last_commit_micros.load(Ordering::Relaxed));
+        let entries = u32::try_from(self.max_pending.div_ceil(MAX_BATCH)).unwrap_or(u32::MAX);
+        let retry_after = per_entry
+            .saturating_mul(entries)
+            .clamp(MIN_RETRY_HINT, MAX_RETRY_HINT);
+        ProposeError::Overloaded {
+            pending: self.max_pending,
+            retry_after,
+        }
+    }
+
     fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
@@ -358,6 +437,13 @@ impl Core {
             Ok(r) => Ok(r),
             Err(WireError::Refused(e)) => Err(ProposeError::Refused(e)),
             Err(WireError::Unavailable(m)) => Err(ProposeError::NoLeader(m)),
+            Err(WireError::Overloaded {
+                pending,
+                retry_after_ms,
+            }) => Err(ProposeError::Overloaded {
+                pending,
+                retry_after: Duration::from_millis(retry_after_ms),
+            }),
         }
     }
 }

@@ -8,7 +8,7 @@ use switchyard_proto::internal::RaftMessage;
 
 use super::alias::Raft;
 use super::propose::{ProposeError, Proposer, WireError};
-use super::{decode, encode};
+use super::{decode, encode, DecodeError};
 use crate::catalog::Command;
 
 pub struct RaftService {
@@ -22,8 +22,35 @@ impl RaftService {
     }
 }
 
-fn bad(e: postcard::Error) -> Status {
-    Status::invalid_argument(format!("undecodable Raft message: {e}"))
+/// An undecodable message. One holding a command from a newer release is refused with
+/// FAILED_PRECONDITION and logged (at most every 10 s, as the leader retries on every
+/// heartbeat): this node stays behind, applying nothing, until it is upgraded.
+fn bad(e: DecodeError) -> Status {
+    match e {
+        DecodeError::UnknownCommand(unknown) => {
+            static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last + 10
+                && LAST
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                tracing::error!("refusing entries from the leader: {unknown}");
+            }
+            Status::failed_precondition(unknown.to_string())
+        }
+        DecodeError::Postcard(e) => {
+            Status::invalid_argument(format!("undecodable Raft message: {e}"))
+        }
+    }
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
@@ -55,6 +82,13 @@ impl RaftInternal for RaftService {
         reply(&self.raft.install_snapshot(req).await)
     }
 
+    async fn hello(
+        &self,
+        _: Request<switchyard_proto::internal::NodeHello>,
+    ) -> Result<Response<switchyard_proto::internal::NodeHello>, Status> {
+        Ok(Response::new(super::upgrade::hello()))
+    }
+
     /// Proposes a follower's command here, without forwarding again (no loops): if this
     /// node lost the leadership meanwhile, the follower's client gets UNAVAILABLE.
     async fn forward(
@@ -67,6 +101,13 @@ impl RaftInternal for RaftService {
         let wire: Result<crate::catalog::Reply, WireError> = match result {
             Ok(r) => Ok(r),
             Err(ProposeError::Refused(e)) => Err(WireError::Refused(e)),
+            Err(ProposeError::Overloaded {
+                pending,
+                retry_after,
+            }) => Err(WireError::Overloaded {
+                pending,
+                retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+            }),
             Err(e) => Err(WireError::Unavailable(e.to_string())),
         };
         reply(&wire)
@@ -232,6 +273,7 @@ fn check_forwarded(command: &Command) -> Result<(), Status> {
         | Command::CheckpointLeases { .. }
         | Command::InitCluster { .. }
         | Command::InitMeshCa { .. }
+        | Command::SetClusterFormat { .. }
         | Command::Batch(_) => {
             return Err(Status::permission_denied(format!(
                 "{} is proposed by the leader itself and never accepted from a peer",

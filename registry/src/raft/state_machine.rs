@@ -28,9 +28,9 @@ const SNAPSHOT: &str = "snapshot";
 
 /// What a snapshot holds.
 #[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta,
-    catalog: PersistedCatalog,
+pub struct SnapshotFile {
+    pub meta: SnapshotMeta,
+    pub catalog: PersistedCatalog,
 }
 
 /// A snapshot as written before the mesh CA (and sections) existed.
@@ -71,7 +71,22 @@ struct SnapshotFileV0 {
 /// Reads a snapshot in the current form, or in an older one (newest first: postcard
 /// reads bytes of an older form as garbage or as too short, never as a valid newer one
 /// that would have to be told apart).
-fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotFile, postcard::Error> {
+pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotFile, SnapshotError> {
+    let file = decode_any_snapshot(bytes)?;
+    file.catalog.check_format()?;
+    Ok(file)
+}
+
+/// Why a snapshot cannot be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Decode(#[from] super::DecodeError),
+    #[error(transparent)]
+    TooNew(#[from] crate::catalog::format::SnapshotTooNew),
+}
+
+fn decode_any_snapshot(bytes: &[u8]) -> Result<SnapshotFile, super::DecodeError> {
     decode::<SnapshotFile>(bytes)
         .or_else(|e| match decode::<SnapshotFileV4>(bytes) {
             Ok(old) => Ok(SnapshotFile {
@@ -179,7 +194,7 @@ impl StateMachine {
         let mut applied = self.applied.lock();
         applied.last_applied = file.meta.last_log_id;
         applied.membership = file.meta.last_membership;
-        self.target.metrics.set_catalog_gauges(&current);
+        self.target.publish(&current);
     }
 }
 
@@ -258,7 +273,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        target.metrics.set_catalog_gauges(&catalog);
+        target.publish(&catalog);
         Ok(replies)
     }
 
@@ -587,5 +602,50 @@ mod tests {
         let file = decode_snapshot(&bytes).expect("decodes");
         let rebuilt = Catalog::from_persisted(Limits::default(), file.catalog);
         assert_eq!(rebuilt.mesh_ca(), Some(&ca));
+    }
+
+    /// The cluster's format moves only up, is kept in snapshots, and a snapshot of a
+    /// cluster at a newer format than this release reads is refused before anything of
+    /// it is installed.
+    #[test]
+    fn the_cluster_format_rises_only_survives_snapshots_and_a_newer_one_is_refused() {
+        use crate::catalog::format::{FORMAT, UNVERSIONED};
+        let mut catalog = run(&script());
+        assert_eq!(catalog.cluster_format(), UNVERSIONED);
+        let at = |c: &mut Catalog, index, format| {
+            assert!(c
+                .apply_next(index, &Command::SetClusterFormat { format })
+                .reply
+                .is_ok());
+        };
+        at(&mut catalog, 300, FORMAT);
+        at(&mut catalog, 301, UNVERSIONED);
+        assert_eq!(catalog.cluster_format(), FORMAT, "never down");
+        let file = |c: &Catalog| {
+            encode(&SnapshotFile {
+                meta: SnapshotMeta::default(),
+                catalog: c.to_persisted(),
+            })
+            .expect("encode")
+        };
+        let read = decode_snapshot(&file(&catalog)).expect("decodes");
+        assert_eq!(
+            read.catalog.format().map(|f| (f.writer, f.cluster)),
+            Some((FORMAT, FORMAT))
+        );
+        let rebuilt = Catalog::from_persisted(Limits::default(), read.catalog);
+        assert_eq!(rebuilt.cluster_format(), FORMAT);
+
+        at(&mut catalog, 302, FORMAT + 1);
+        let e = decode_snapshot(&file(&catalog))
+            .err()
+            .expect("a newer cluster's snapshot is refused");
+        let message = e.to_string();
+        assert!(
+            matches!(e, SnapshotError::TooNew(_))
+                && message.contains(&format!("log format {}", FORMAT + 1))
+                && message.contains("upgrade this node"),
+            "{message}"
+        );
     }
 }

@@ -19,14 +19,27 @@ use switchyard_proto::v1 as pb;
 
 use super::catalog::LocalCatalog;
 
+/// The cache file's format: 1 for files written before it was numbered (0.1.0 and
+/// earlier; the field is absent), 2 since. A file of a newer format than this release
+/// knows is set aside with a warning (the sidecar waits for a registry) rather than read
+/// half-understood; older ones are read. Releases before 0.2.0 ignore the field, which
+/// is safe while the shape only gains optional fields.
+pub const CACHE_FORMAT: u32 = 2;
+
+fn unversioned() -> u32 {
+    1
+}
+
 #[derive(Serialize, Deserialize)]
 struct CacheFile<'a> {
+    #[serde(default = "unversioned")]
+    format: u32,
     revision: u64,
     #[serde(borrow)]
     services: BTreeMap<String, BTreeMap<String, CachedInstance<'a>>>,
     #[serde(default)]
     policies: BTreeMap<String, Vec<u8>>,
-    /// The registry cluster the catalog came from (absent in files of 0.1.0).
+    /// The registry cluster the catalog came from (absent in files written before it).
     #[serde(default, borrow)]
     cluster_id: Cow<'a, str>,
     /// The namespace's flag document, so that flags answer after a restart without a
@@ -95,6 +108,7 @@ impl From<CachedState> for State {
 
 fn to_file(catalog: &LocalCatalog) -> CacheFile<'_> {
     CacheFile {
+        format: CACHE_FORMAT,
         revision: catalog.revision,
         services: catalog
             .services
@@ -199,14 +213,23 @@ fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> LocalCatalog 
 /// an error.
 pub fn load(path: &Path, namespace: &str) -> Result<Option<LocalCatalog>, String> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice::<CacheFile<'_>>(&bytes)
-            .map(|file| Some(from_file(file, namespace, path)))
-            .map_err(|e| {
+        Ok(bytes) => {
+            let file = serde_json::from_slice::<CacheFile<'_>>(&bytes).map_err(|e| {
                 format!(
                     "catalog cache {} is damaged ({e}); delete it or wait for a registry",
                     path.display()
                 )
-            }),
+            })?;
+            if file.format > CACHE_FORMAT {
+                return Err(format!(
+                    "catalog cache {} is of format {}, written by a newer release; this one ({}) reads format {CACHE_FORMAT} and older, so it waits for a registry instead (and rewrites the file in its own format)",
+                    path.display(),
+                    file.format,
+                    env!("CARGO_PKG_VERSION")
+                ));
+            }
+            Ok(Some(from_file(file, namespace, path)))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read catalog cache {}: {e}", path.display())),
     }
@@ -228,7 +251,7 @@ pub fn store(path: &Path, catalog: &LocalCatalog) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    /// A file as the previous release (0.1.0) wrote it: it still loads.
+    /// A file as an early release wrote it (before cluster ids): it still loads.
     const OLD_RELEASE_FILE: &str = r#"{"revision":7,"services":{"web":{"web-1":{"id":"web-1","address":"127.0.0.1","port":8080,"version":"1.0.0","labels":{"zone":"eu"},"weight":100,"zone":"","state":"SERVING"},"web-2":{"id":"web-2","address":"::1","port":8081,"version":"2.0.0","weight":50,"state":"DRAINING"}}},"policies":{}}"#;
 
     #[test]
@@ -242,7 +265,7 @@ mod tests {
         assert_eq!(web["web-1"].labels["zone"], "eu");
         assert_eq!(web["web-2"].state, State::Draining);
         assert_eq!(web["web-2"].service, "web");
-        assert_eq!(catalog.cluster_id, "", "0.1.0 files have no cluster id");
+        assert_eq!(catalog.cluster_id, "", "early files have no cluster id");
         assert_eq!(web["web-1"].mesh_port, 0, "older files have no mesh port");
         let mut catalog = catalog;
         catalog.cluster_id = "0123456789abcdef0123456789abcdef".into();
@@ -262,6 +285,22 @@ mod tests {
         assert_eq!(again.services["web"]["web-1"].mesh_port, 15006);
         // Intentions are not in the file: a loaded catalog asks for a snapshot.
         assert!(!again.intentions_known);
+    }
+
+    #[test]
+    fn files_carry_their_format_and_a_newer_one_is_set_aside_with_a_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.json");
+        std::fs::write(&path, OLD_RELEASE_FILE).expect("write");
+        let catalog = load(&path, "default").expect("readable").expect("present");
+        store(&path, &catalog).expect("store");
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        assert_eq!(written["format"], CACHE_FORMAT, "{written}");
+        let newer = OLD_RELEASE_FILE.replacen('{', r#"{"format":3,"#, 1);
+        std::fs::write(&path, newer).expect("write");
+        let e = load(&path, "default").expect_err("a newer format is not read");
+        assert!(e.contains("format 3") && e.contains("newer release"), "{e}");
     }
 
     #[test]
