@@ -102,11 +102,19 @@ struct Conn {
 impl Conn {
     /// How long it has had no request in flight (`None` while one is).
     fn idle_for(&self) -> Option<Duration> {
+        self.idle_at(Instant::now())
+    }
+
+    /// [`Conn::idle_for`] as of `now` (one clock read for a scan of many).
+    fn idle_at(&self, now: Instant) -> Option<Duration> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
         let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
-        Some(self.accepted.elapsed().saturating_sub(since))
+        Some(
+            now.saturating_duration_since(self.accepted)
+                .saturating_sub(since),
+        )
     }
 }
 
@@ -137,13 +145,20 @@ struct Conns {
 impl Conns {
     /// Makes room for connection `id`, or says there is none.
     ///
-    /// At the limit the oldest connection with no request in flight is told to close
-    /// and stops counting at once, rather than the new one being refused: otherwise a
-    /// flood of sockets that never send a request would lock every real client out
-    /// until the idle timeout (which the flood can renew forever). Real clients keep
-    /// being served as long as they send a request before `max` newer connections
-    /// arrive, and a connection with a request in flight is never evicted. Only when
-    /// every open connection is busy is the new one refused. (The other choice,
+    /// At the limit the connection idle the longest (no request in flight, and none
+    /// finished for the longest time) is told to close and stops counting at once,
+    /// rather than the new one being refused: otherwise a flood of sockets that never
+    /// send a request would lock every real client out until the idle timeout (which
+    /// the flood can renew forever). A client that keeps sending requests on an
+    /// established connection is never the one chosen while a flood socket has been
+    /// idle longer, and a connection with a request in flight is never evicted. Only
+    /// when every open connection is busy is the new one refused.
+    ///
+    /// The scan runs only at the limit, under the lock admissions already take, and
+    /// stops early: the map is in accept order and a connection cannot have been idle
+    /// longer than it has been open, so once the best idle time found is at least the
+    /// next connection's age, no later one can beat it. Under a flood that is after
+    /// the established connections and the flood's oldest socket. (The other choice,
     /// headroom reserved for "good" clients, needs a way to tell them apart that an
     /// attacker cannot imitate; the oldest-idle rule needs none.) An evicted socket
     /// lingers at most [`CLOSE_GRACE`] once idle, so the file descriptors in use stay
@@ -151,10 +166,20 @@ impl Conns {
     fn admit(&self, id: u64) -> Option<Arc<Conn>> {
         let mut open = self.open.lock();
         if open.len() >= self.max {
-            let victim = open
-                .iter()
-                .find(|(_, c)| c.in_flight.load(Ordering::Acquire) == 0)
-                .map(|(id, _)| *id)?;
+            let now = Instant::now();
+            let mut victim: Option<(u64, Duration)> = None;
+            for (id, c) in open.iter() {
+                let age = now.saturating_duration_since(c.accepted);
+                if victim.is_some_and(|(_, best)| best >= age) {
+                    break;
+                }
+                if let Some(idle) = c.idle_at(now) {
+                    if victim.is_none_or(|(_, best)| idle > best) {
+                        victim = Some((*id, idle));
+                    }
+                }
+            }
+            let (victim, _) = victim?;
             if let Some(c) = open.remove(&victim) {
                 c.evict.notify_one();
             }
@@ -1162,6 +1187,34 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// At the limit the connection idle the longest goes, not the oldest one: an
+    /// established client that keeps sending requests outlives younger sockets that
+    /// never sent one. One with a request in flight is never chosen; with every one
+    /// busy the new connection is refused.
+    #[test]
+    fn the_connection_idle_the_longest_makes_room_not_the_oldest() {
+        let conns = Conns {
+            open: Mutex::new(BTreeMap::new()),
+            max: 3,
+        };
+        let established = conns.admit(1).expect("room");
+        std::thread::sleep(Duration::from_millis(30));
+        let _flood_a = conns.admit(2).expect("room");
+        let _flood_b = conns.admit(3).expect("room");
+        std::thread::sleep(Duration::from_millis(30));
+        // The established connection just finished a request.
+        drop(InFlight::begin(&established));
+        conns.admit(4).expect("room");
+        let open: Vec<u64> = conns.open.lock().keys().copied().collect();
+        assert_eq!(open, vec![1, 3, 4], "the flood's oldest socket went");
+
+        // Busy connections are never chosen; all busy: refused.
+        let busy: Vec<InFlight> = conns.open.lock().values().map(InFlight::begin).collect();
+        assert!(conns.admit(5).is_none());
+        drop(busy);
+        assert!(conns.admit(5).is_some());
+    }
 
     #[test]
     fn hosts_name_services() {
