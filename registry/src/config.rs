@@ -40,6 +40,8 @@ pub struct RegistryConfig {
     /// Writes that may wait to commit on the leader; past it a write is refused with
     /// RESOURCE_EXHAUSTED and a retry hint (see [`crate::raft::propose`]).
     pub max_pending_writes: usize,
+    /// The HTTP port's (and `--consul-http`'s) connection bound and head timeout.
+    pub http: crate::http::HttpLimits,
     /// Most (namespace, service, version) keys the telemetry store holds (see
     /// [`crate::telemetry`]); a report adding keys beyond it is refused.
     pub max_telemetry_keys: usize,
@@ -150,6 +152,10 @@ impl RegistryConfig {
             max_watch_buffer_bytes: crate::watch::budget::DEFAULT_MAX_WATCH_BUFFER_BYTES,
             max_keepalive_streams: 10_000,
             max_pending_writes: crate::raft::propose::DEFAULT_MAX_PENDING_WRITES,
+            http: crate::http::HttpLimits {
+                max_connections: crate::http::DEFAULT_MAX_HTTP_CONNECTIONS,
+                header_read_timeout: crate::http::DEFAULT_HEADER_READ_TIMEOUT,
+            },
             max_telemetry_keys: crate::telemetry::DEFAULT_MAX_KEYS,
             node_id: 1,
             peers: BTreeMap::new(),
@@ -197,6 +203,12 @@ impl RegistryConfig {
         }
         if self.max_keepalive_streams == 0 {
             return Err("max_keepalive_streams must be at least 1".into());
+        }
+        if !(1..=1_000_000).contains(&self.http.max_connections) {
+            return Err("max_http_connections must be 1-1000000".into());
+        }
+        if self.http.header_read_timeout < std::time::Duration::from_millis(100) {
+            return Err("the HTTP header read timeout must be at least 100ms".into());
         }
         if !(1..=1_000_000).contains(&self.max_pending_writes) {
             return Err("max_pending_writes must be 1-1000000".into());

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub lease_expiries: Counter,
     /// Writes refused because the leader's queue of pending writes was full.
     pub writes_overloaded: Counter,
+    /// HTTP connections closed at accept because the port held its maximum.
+    pub http_connections_refused: Counter,
     pub watchers: Gauge<i64, AtomicI64>,
     pub watch_resyncs: Counter,
     /// Bytes of watch events built and not yet taken by their connections (the node's
@@ -333,6 +335,12 @@ impl Default for Metrics {
             "Writes refused with RESOURCE_EXHAUSTED (and a retry hint) because the leader's queue of pending writes was full (--max-pending-writes)",
             writes_overloaded.clone(),
         );
+        let http_connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections closed at accept because the port held --max-http-connections",
+            http_connections_refused.clone(),
+        );
         let node_format = Gauge::<i64, AtomicI64>::default();
         node_format.set(i64::from(crate::catalog::format::FORMAT));
         registry.register(
@@ -384,6 +392,7 @@ impl Default for Metrics {
             revision,
             cluster_format,
             writes_overloaded,
+            http_connections_refused,
             lease_expiries,
             watchers,
             watch_resyncs,

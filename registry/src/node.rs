@@ -324,6 +324,7 @@ pub async fn start(
             http_api.clone(),
             listeners.http,
             tls.http.clone(),
+            config.http,
             shutdown_rx.clone(),
         )),
     ];
@@ -333,6 +334,7 @@ pub async fn start(
             http_api.clone(),
             l,
             tls.http.clone(),
+            config.http,
             shutdown_rx.clone(),
         )));
     }

@@ -130,6 +130,15 @@ pub struct RegistryArgs {
         default_value_t = switchyard_registry::raft::propose::DEFAULT_MAX_PENDING_WRITES
     )]
     pub max_pending_writes: usize,
+    /// Connections the HTTP port (and --consul-http) holds at once; a new one past it
+    /// is closed at once. Keep it above --consul-max-blocking. A client has 10 s to send
+    /// a request head, and a kept-alive connection closes after 10 s without one.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_HTTP_CONNECTIONS",
+        default_value_t = switchyard_registry::http::DEFAULT_MAX_HTTP_CONNECTIONS
+    )]
+    pub max_http_connections: usize,
     /// Most (namespace, service, version) keys the node's telemetry store holds: a
     /// sidecar's report adding more is refused with RESOURCE_EXHAUSTED.
     #[arg(
@@ -276,6 +285,7 @@ impl RegistryArgs {
         config.max_watchers = self.max_watchers;
         config.max_keepalive_streams = self.max_keepalive_streams;
         config.max_pending_writes = self.max_pending_writes;
+        config.http.max_connections = self.max_http_connections;
         config.max_telemetry_keys = self.max_telemetry_keys;
         config.consul = switchyard_registry::consul::ConsulConfig {
             datacenter: self.consul_datacenter.clone(),

@@ -35,15 +35,38 @@ pub struct HttpApi {
     pub flags: ofrep::FlagCache,
 }
 
+/// Default most connections the HTTP port holds at once (`--max-http-connections`).
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 4_096;
+/// Default time a client has to send a request head; also how long a kept-alive
+/// connection may wait for its next request (hyper starts the clock at each head).
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What one HTTP listener may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    /// Connections open at once; past it a new one is closed at once (and counted in
+    /// `switchyard_registry_http_connections_refused_total`) rather than queued.
+    pub max_connections: usize,
+    /// Time to send a request head (slowloris), and an idle keep-alive's lifetime.
+    pub header_read_timeout: std::time::Duration,
+}
+
 /// Serves until the shutdown flag is set. Each connection is its own task; bodies are
-/// bounded per endpoint, blocking reads per client and per node (see [`crate::consul`]).
+/// bounded per endpoint, blocking reads per client and per node (see [`crate::consul`]),
+/// connections by `limits`.
 pub async fn serve(
     api: Arc<HttpApi>,
     listener: TcpListener,
     tls: Option<Arc<switchyard_tls::ServerTls>>,
+    limits: HttpLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tokio_stream::StreamExt;
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     let mut incoming = switchyard_tls::incoming::incoming(listener, tls);
     loop {
         let accepted = tokio::select! {
@@ -53,18 +76,25 @@ pub async fn serve(
         let Some(Ok(stream)) = accepted else {
             return;
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            api.shared.metrics.http_connections_refused.inc();
+            drop(stream);
+            continue;
+        };
         let client = stream
             .remote_addr()
             .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let api = api.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, Infallible>(dispatch(&api, req, client).await) }
             });
-            let _ = http1::Builder::new()
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
         });
     }
 }
