@@ -22,7 +22,8 @@
 pub mod answer;
 pub mod name;
 mod rrl;
-mod server;
+#[doc(hidden)]
+pub mod server;
 pub mod udp;
 
 use std::net::SocketAddr;

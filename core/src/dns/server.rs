@@ -18,8 +18,10 @@ use super::answer::{response_metadata, DnsHandler};
 use super::udp::EDNS_PAYLOAD;
 use super::DnsSource;
 
-/// Lets hickory-server (TCP) and the UDP loop share one handler.
-struct SharedHandler<S: DnsSource>(Arc<DnsHandler<S>>);
+/// Lets hickory-server (TCP) and the UDP loop share one handler. Public (hidden) only for
+/// the `dns_tcp` fuzz target, which drives it with hickory's own TCP framing.
+#[doc(hidden)]
+pub struct SharedHandler<S: DnsSource>(pub Arc<DnsHandler<S>>);
 
 #[async_trait::async_trait]
 impl<S: DnsSource> RequestHandler for SharedHandler<S> {

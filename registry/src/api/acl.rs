@@ -44,6 +44,34 @@ fn invalid(e: impl std::fmt::Display) -> Status {
 /// The longest token lifetime accepted: 10 years.
 const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
+/// The token a `CreateToken` makes (and its secret, shown once), checked at the edge.
+/// Public (hidden) for the `write_requests` fuzz target.
+#[doc(hidden)]
+pub fn token_of(req: pb::CreateTokenRequest) -> Result<(Token, String), Status> {
+    if req.rules.len() > crate::model::acl::MAX_RULES {
+        return Err(invalid(format!(
+            "invalid rules: {} given, at most {}",
+            req.rules.len(),
+            crate::model::acl::MAX_RULES
+        )));
+    }
+    let mut rules = req
+        .rules
+        .iter()
+        .map(|r| Rule::parse(r).map_err(invalid))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !req.service_identity.is_empty() {
+        validate_name("service_identity", &req.service_identity)?;
+        rules.extend(service_identity(&req.service_identity));
+    }
+    if rules.is_empty() {
+        return Err(invalid(
+            "a token needs at least one rule (--rule KIND:PATTERN:RIGHTS) or --service-identity",
+        ));
+    }
+    AclApi::new_token(req.description, rules, req.ttl_ms)
+}
+
 impl AclApi {
     pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
         Self { shared, proposer }
@@ -105,28 +133,7 @@ impl AclApi {
     }
 
     async fn create(&self, req: pb::CreateTokenRequest) -> Result<pb::TokenSecret, Status> {
-        if req.rules.len() > crate::model::acl::MAX_RULES {
-            return Err(invalid(format!(
-                "invalid rules: {} given, at most {}",
-                req.rules.len(),
-                crate::model::acl::MAX_RULES
-            )));
-        }
-        let mut rules = req
-            .rules
-            .iter()
-            .map(|r| Rule::parse(r).map_err(invalid))
-            .collect::<Result<Vec<_>, _>>()?;
-        if !req.service_identity.is_empty() {
-            validate_name("service_identity", &req.service_identity)?;
-            rules.extend(service_identity(&req.service_identity));
-        }
-        if rules.is_empty() {
-            return Err(invalid(
-                "a token needs at least one rule (--rule KIND:PATTERN:RIGHTS) or --service-identity",
-            ));
-        }
-        let (token, secret) = Self::new_token(req.description, rules, req.ttl_ms)?;
+        let (token, secret) = token_of(req)?;
         self.proposer
             .propose(Command::PutToken {
                 token: Box::new(token.clone()),

@@ -48,8 +48,10 @@ pub(crate) fn kv_outcome(reply: Reply) -> (bool, u64) {
     }
 }
 
-/// Checks a KV write at the edge and makes its command (shared with the Consul API).
-pub(crate) fn kv_put_command(
+/// Checks a KV write at the edge and makes its command (shared with the Consul API, and
+/// public, hidden, for the `write_requests` fuzz target).
+#[doc(hidden)]
+pub fn kv_put_command(
     namespace: String,
     key: &str,
     value: Vec<u8>,

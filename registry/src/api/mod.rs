@@ -19,7 +19,7 @@ mod watch_route;
 pub use acl::AclApi;
 pub use cluster::ClusterApi;
 pub use config::ConfigApi;
-pub(crate) use config::{flag_resource, kv_delete_command, kv_outcome, kv_put_command};
+pub(crate) use config::{flag_resource, kv_delete_command, kv_outcome};
 pub use discovery::DiscoveryApi;
 pub use identity::IdentityApi;
 pub use intentions::IntentionsApi;
@@ -27,6 +27,19 @@ pub use registry::RegistryApi;
 pub use rollouts::RolloutsApi;
 pub use routing::RoutingApi;
 pub use telemetry::TelemetryApi;
+
+// The edge checks of the write requests, as each handler runs them before proposing:
+// public (hidden) for the `write_requests` fuzz target.
+#[doc(hidden)]
+pub use acl::token_of;
+#[doc(hidden)]
+pub use config::kv_put_command;
+#[doc(hidden)]
+pub use registry::register_command;
+#[doc(hidden)]
+pub use rollouts::start_spec;
+#[doc(hidden)]
+pub use routing::put_policy_command;
 
 use tonic::Status;
 

@@ -50,6 +50,23 @@ impl Drop for StreamSlot {
     }
 }
 
+/// The command a `Register` proposes, checked at the edge. Public (hidden) for the
+/// `write_requests` fuzz target.
+#[doc(hidden)]
+pub fn register_command(req: pb::RegisterRequest) -> Result<Command, Status> {
+    let instance = req
+        .instance
+        .ok_or_else(|| Status::invalid_argument("invalid instance: must be set"))?;
+    let instance = instance_from_proto(instance)?;
+    let ttl_seconds = validate_ttl("ttl_seconds", req.ttl_seconds)?;
+    let lease_id = (req.lease_id != 0).then_some(req.lease_id);
+    Ok(Command::Register {
+        instance,
+        ttl_seconds,
+        lease_id,
+    })
+}
+
 impl RegistryApi {
     pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
         Self {
@@ -60,19 +77,9 @@ impl RegistryApi {
     }
 
     async fn register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
-        let instance = req
-            .instance
-            .ok_or_else(|| Status::invalid_argument("invalid instance: must be set"))?;
-        let instance = instance_from_proto(instance)?;
-        let ttl_seconds = validate_ttl("ttl_seconds", req.ttl_seconds)?;
-        let lease_id = (req.lease_id != 0).then_some(req.lease_id);
         let reply = self
             .proposer
-            .propose(Command::Register {
-                instance,
-                ttl_seconds,
-                lease_id,
-            })
+            .propose(register_command(req)?)
             .await
             .map_err(status)?;
         match reply {

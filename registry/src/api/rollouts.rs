@@ -6,6 +6,7 @@
 //! again and retries (a few times), so a user's verb is never lost to a race with the
 //! loop. Reads answer from this node's catalog.
 
+use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +22,9 @@ use switchyard_proto::v1::rollouts_server::Rollouts;
 use super::convert::{rollout_spec_from_proto, rollout_to_proto};
 use super::status;
 use crate::auth;
-use crate::catalog::{ApplyError, Command, Reply, RolloutPolicy};
+use crate::catalog::{ApplyError, Catalog, Command, Reply, RolloutPolicy};
 use crate::model::acl::Right;
-use crate::model::rollout::{PauseReason, Phase, Rollout, RolloutStatus};
+use crate::model::rollout::{PauseReason, Phase, Rollout, RolloutSpec, RolloutStatus};
 use crate::model::{validate_name, validate_namespace, State};
 use crate::raft::propose::{ProposeError, Proposer};
 use crate::rollout::{now_ms, transitions};
@@ -46,6 +47,49 @@ fn target(namespace: &str, service: &str) -> Result<String, Status> {
     let namespace = validate_namespace("namespace", namespace)?;
     validate_name("service", service)?;
     Ok(namespace)
+}
+
+/// The namespace and spec a `Start` proposes, checked at the edge; a baseline left out
+/// is the service's main serving version in the catalog `catalog` reads. Public
+/// (hidden) for the `write_requests` fuzz target.
+#[doc(hidden)]
+pub fn start_spec<C: Deref<Target = Catalog>>(
+    catalog: impl Fn() -> C,
+    namespace: &str,
+    service: &str,
+    spec: Option<pb::RolloutSpec>,
+) -> Result<(String, RolloutSpec), Status> {
+    let namespace = target(namespace, service)?;
+    let mut spec = rollout_spec_from_proto(spec.unwrap_or_default())?;
+    if spec.baseline.is_empty() {
+        spec.baseline = serving_version(&catalog(), &namespace, service, &spec.canary)?;
+    }
+    Ok((namespace, spec))
+}
+
+/// The version with the most serving instances that is not the canary: what
+/// `--baseline` means when left out.
+fn serving_version(
+    catalog: &Catalog,
+    namespace: &str,
+    service: &str,
+    canary: &str,
+) -> Result<String, Status> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for i in catalog.resolve(namespace, service, "") {
+        if i.state == State::Serving && i.version != canary {
+            *counts.entry(i.version.clone()).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(v, _)| v)
+        .ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "service {service:?} has no serving version other than {canary:?} to use as the baseline: register the current version first, or give --baseline"
+            ))
+        })
 }
 
 fn response(r: &Rollout) -> pb::RolloutResponse {
@@ -136,11 +180,12 @@ impl RolloutsApi {
     }
 
     async fn start(&self, req: pb::StartRolloutRequest) -> Result<Rollout, Status> {
-        let namespace = target(&req.namespace, &req.service)?;
-        let mut spec = rollout_spec_from_proto(req.spec.unwrap_or_default())?;
-        if spec.baseline.is_empty() {
-            spec.baseline = self.serving_version(&namespace, &req.service, &spec.canary)?;
-        }
+        let (namespace, spec) = start_spec(
+            || self.shared.catalog.read(),
+            &req.namespace,
+            &req.service,
+            req.spec,
+        )?;
         for attempt in 0..ATTEMPTS {
             let (expected, base) = {
                 let catalog = self.shared.catalog.read();
@@ -174,32 +219,6 @@ impl RolloutsApi {
         Err(Status::aborted(
             "the service's rollouts kept changing: try again",
         ))
-    }
-
-    /// The version with the most serving instances that is not the canary: what
-    /// `--baseline` means when left out.
-    fn serving_version(
-        &self,
-        namespace: &str,
-        service: &str,
-        canary: &str,
-    ) -> Result<String, Status> {
-        let catalog = self.shared.catalog.read();
-        let mut counts = std::collections::BTreeMap::<String, usize>::new();
-        for i in catalog.resolve(namespace, service, "") {
-            if i.state == State::Serving && i.version != canary {
-                *counts.entry(i.version.clone()).or_default() += 1;
-            }
-        }
-        counts
-            .into_iter()
-            .max_by_key(|(_, n)| *n)
-            .map(|(v, _)| v)
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "service {service:?} has no serving version other than {canary:?} to use as the baseline: register the current version first, or give --baseline"
-                ))
-            })
     }
 
     fn get(&self, req: pb::RolloutRef) -> Result<pb::RolloutResponse, Status> {

@@ -2,6 +2,7 @@
 //! SetMtls (a service's mTLS mode, kept beside its policy).
 
 use std::collections::BTreeSet;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,7 +15,7 @@ use switchyard_proto::v1::routing_server::Routing;
 use super::convert::{policy_from_proto, record_to_proto};
 use super::status;
 use crate::auth;
-use crate::catalog::{Command, Reply};
+use crate::catalog::{Catalog, Command, Reply};
 use crate::model::acl::Right;
 use crate::model::policy::{validate_policy, MAX_POLICY_BYTES};
 use crate::model::{validate_name, validate_namespace};
@@ -39,6 +40,49 @@ fn record_of(reply: Reply) -> Result<pb::PolicyRecord, Status> {
     }
 }
 
+/// The command a `PutPolicy` proposes, checked at the edge against this node's catalog
+/// (the versions its instances have, and the catalog's own bounds), which `catalog`
+/// reads (a lock held only for each look, not while the policy is checked). Public
+/// (hidden) for the `write_requests` fuzz target.
+#[doc(hidden)]
+pub fn put_policy_command<C: Deref<Target = Catalog>>(
+    catalog: impl Fn() -> C,
+    req: pb::PutPolicyRequest,
+    at_ms: u64,
+) -> Result<Command, Status> {
+    let namespace = RoutingApi::target(&req.namespace, &req.service)?;
+    let policy = match req.policy {
+        None => None,
+        Some(p) => {
+            let size = p.encoded_len();
+            if size > MAX_POLICY_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "invalid policy: {size} bytes encoded, at most {MAX_POLICY_BYTES}"
+                )));
+            }
+            let policy = policy_from_proto(p)?;
+            let versions: BTreeSet<String> = catalog()
+                .resolve(&namespace, &req.service, "")
+                .iter()
+                .map(|i| i.version.clone())
+                .collect();
+            validate_policy(&policy, &versions)?;
+            Some(policy)
+        }
+    };
+    // The catalog's own bounds, on this node's state: a request over one is refused
+    // here with apply's message, without a log entry (apply checks again).
+    catalog()
+        .check_policy(&namespace, &req.service, policy.as_ref())
+        .map_err(|e| status(ProposeError::Refused(e)))?;
+    Ok(Command::PutPolicy {
+        namespace,
+        service: req.service,
+        policy,
+        at_ms,
+    })
+}
+
 impl RoutingApi {
     pub fn new(shared: Arc<Shared>, proposer: Proposer) -> Self {
         Self { shared, proposer }
@@ -51,46 +95,8 @@ impl RoutingApi {
     }
 
     async fn put(&self, req: pb::PutPolicyRequest) -> Result<pb::PutPolicyResponse, Status> {
-        let namespace = Self::target(&req.namespace, &req.service)?;
-        let policy = match req.policy {
-            None => None,
-            Some(p) => {
-                let size = p.encoded_len();
-                if size > MAX_POLICY_BYTES {
-                    return Err(Status::invalid_argument(format!(
-                        "invalid policy: {size} bytes encoded, at most {MAX_POLICY_BYTES}"
-                    )));
-                }
-                let policy = policy_from_proto(p)?;
-                let versions: BTreeSet<String> = self
-                    .shared
-                    .catalog
-                    .read()
-                    .resolve(&namespace, &req.service, "")
-                    .iter()
-                    .map(|i| i.version.clone())
-                    .collect();
-                validate_policy(&policy, &versions)?;
-                Some(policy)
-            }
-        };
-        // The catalog's own bounds, on this node's state: a request over one is refused
-        // here with apply's message, without a log entry (apply checks again).
-        self.shared
-            .catalog
-            .read()
-            .check_policy(&namespace, &req.service, policy.as_ref())
-            .map_err(|e| status(ProposeError::Refused(e)))?;
-        let reply = self
-            .proposer
-            .propose(Command::PutPolicy {
-                namespace,
-                service: req.service,
-                policy,
-                at_ms: now_ms(),
-            })
-            .await
-            .map_err(status)?;
+        let command = put_policy_command(|| self.shared.catalog.read(), req, now_ms())?;
+        let reply = self.proposer.propose(command).await.map_err(status)?;
         Ok(pb::PutPolicyResponse {
             revision: record_of(reply)?.revision,
         })

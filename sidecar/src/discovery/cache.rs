@@ -181,6 +181,11 @@ fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> LocalCatalog 
                 mesh_port: c.mesh_port,
             };
             match validate_instance(instance, u32::from(c.port), c.weight) {
+                // Watch deltas remove instances by id: one filed under another key
+                // would never be removed. Only a damaged file has one.
+                Ok(i) if i.id != id => {
+                    tracing::warn!(path = %path.display(), %service, key = %id, id = %i.id, "a cached instance is filed under another id; left out")
+                }
                 Ok(i) => {
                     kept.insert(id, Arc::new(i));
                 }
@@ -301,6 +306,23 @@ mod tests {
         std::fs::write(&path, newer).expect("write");
         let e = load(&path, "default").expect_err("a newer format is not read");
         assert!(e.contains("format 3") && e.contains("newer release"), "{e}");
+    }
+
+    /// Found by the `sidecar_cache` fuzz target: an instance filed under a key other
+    /// than its id is left out (a watch delta for its id could never remove it).
+    #[test]
+    fn an_instance_filed_under_another_id_is_left_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.json");
+        std::fs::write(
+            &path,
+            r#"{"revision":1,"services":{"web":{"a":{"id":"b","address":"10.0.0.1","port":80,"version":"1","weight":1,"state":"SERVING"},"c":{"id":"c","address":"10.0.0.2","port":80,"version":"1","weight":1,"state":"SERVING"}}}}"#,
+        )
+        .expect("write");
+        let catalog = load(&path, "default").expect("readable").expect("present");
+        let web = &catalog.services["web"];
+        assert_eq!(web.keys().collect::<Vec<_>>(), vec!["c"]);
+        assert!(web.iter().all(|(key, i)| *key == i.id));
     }
 
     #[test]

@@ -395,6 +395,30 @@ pub fn service_from_host<'a>(host: &'a str, suffix: &str) -> Option<Cow<'a, str>
     })
 }
 
+/// The service a request on the shared listener names: by its `:authority` (HTTP/2, or
+/// an absolute-form target), else its `Host` (the caller refuses two Hosts first). Public
+/// (hidden) for the `sidecar_http_head` fuzz target.
+#[doc(hidden)]
+pub fn service_of_head<'a>(
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    suffix: &str,
+) -> Result<Cow<'a, str>, ProxyError> {
+    let host = match uri.authority() {
+        Some(a) => Some(a.as_str()),
+        None => headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+    };
+    let Some(host) = host else {
+        return Err(ProxyError::MissingHost {
+            suffix: suffix.to_string(),
+        });
+    };
+    service_from_host(host, suffix).ok_or_else(|| ProxyError::BadHost {
+        host: host.to_string(),
+        suffix: suffix.to_string(),
+    })
+}
+
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -422,7 +446,8 @@ fn protected(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set and any named in
 /// `Connection`, except [`protected`] ones (such tokens are ignored). `TE: trailers`
 /// survives on HTTP/2, where gRPC requires it.
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+#[doc(hidden)]
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -444,7 +469,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 }
 
 /// Appends the client's address to `X-Forwarded-For` (or starts it).
-fn add_forwarded_for(headers: &mut HeaderMap, client_ip: Option<HeaderValue>) {
+#[doc(hidden)]
+pub fn add_forwarded_for(headers: &mut HeaderMap, client_ip: Option<HeaderValue>) {
     let Some(ip) = client_ip else {
         return;
     };
@@ -463,7 +489,8 @@ fn add_forwarded_for(headers: &mut HeaderMap, client_ip: Option<HeaderValue>) {
 }
 
 /// True for gRPC (`content-type: application/grpc…`), which needs HTTP/2 end to end.
-fn is_grpc(headers: &HeaderMap) -> bool {
+#[doc(hidden)]
+pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -560,29 +587,8 @@ async fn forward(
     let view = match target {
         ServiceBy::Fixed(s) => ctx.table.get(s).ok_or_else(|| s.to_string()),
         ServiceBy::Host => {
-            let host = match req.uri().authority() {
-                Some(a) => Some(a.as_str()),
-                None => req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok()),
-            };
-            let Some(host) = host else {
-                return Err(ProxyError::MissingHost {
-                    suffix: ctx.host_suffix.clone(),
-                }
-                .into());
-            };
-            match service_from_host(host, &ctx.host_suffix) {
-                Some(s) => ctx.table.get(&s).ok_or_else(|| s.into_owned()),
-                None => {
-                    return Err(ProxyError::BadHost {
-                        host: host.to_string(),
-                        suffix: ctx.host_suffix.clone(),
-                    }
-                    .into())
-                }
-            }
+            let s = service_of_head(req.uri(), req.headers(), &ctx.host_suffix)?;
+            ctx.table.get(&s).ok_or_else(|| s.into_owned())
         }
     }
     .map_err(|service| ProxyError::UnknownService {
