@@ -555,3 +555,93 @@ async fn a_node_joins_a_running_registry_and_is_removed_again() {
     second.kill9();
     first.kill9();
 }
+
+/// Found by the chaos test: a KeepAlive stream opened on the leader went on renewing
+/// there after another node took over (the leader was paused with SIGSTOP, the others
+/// elected, it resumed), so the new leader, which never saw those renewals, expired the
+/// leases. The stream now ends with UNAVAILABLE at its first message after the
+/// leadership moved, and the client reconnects (any node relays to the leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_on_a_deposed_leader_ends_so_the_client_reconnects() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let peers = (0..3)
+        .map(|i| format!("{}=127.0.0.1:{}", i + 1, free_port()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let id = i as u64 + 1;
+            let grpc = format!("127.0.0.1:{}", free_port());
+            let http = format!("127.0.0.1:{}", free_port());
+            let child = spawn(id, &grpc, &http, &peers, dir.path());
+            Node {
+                id,
+                grpc,
+                http,
+                child: Some(child),
+            }
+        })
+        .collect();
+    let leader = leader_of(&nodes, Duration::from_secs(15)).await;
+    let old = nodes.iter().find(|n| n.id == leader).expect("the leader");
+    let pid = old.child.as_ref().expect("running").id().to_string();
+    let r = register(&old.url(), "web-1", 30).await.expect("register");
+    let mut client = RegistryClient::connect(old.url()).await.expect("connect");
+    let (tx, rx) = mpsc::channel(4);
+    let mut answers = client
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .expect("keep-alive")
+        .into_inner();
+    let renew = pb::KeepAliveRequest {
+        lease_ids: vec![r.lease_id],
+    };
+    tx.send(renew.clone()).await.expect("send");
+    let first = answers.message().await.expect("answer").expect("a message");
+    assert!(first.leases[0].found);
+
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let others: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.id != leader)
+        .map(Node::url)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    'elected: loop {
+        for url in &others {
+            if status(url).await.is_some_and(|s| s.role == "leader") {
+                break 'elected;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader while the old one is paused"
+        );
+        // Poll interval of a wait bounded by `deadline`; the nodes are real processes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !status(&old.url()).await.is_some_and(|s| s.role != "leader") {
+        assert!(
+            Instant::now() < deadline,
+            "the old leader never stepped down"
+        );
+        // Poll interval of a wait bounded by `deadline`; the nodes are real processes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tx.send(renew).await.expect("send");
+    let ended = tokio::time::timeout(Duration::from_secs(5), answers.message())
+        .await
+        .expect("an answer in time")
+        .expect_err("the deposed leader does not renew");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended}");
+    assert!(ended.message().contains("no longer leads"), "{ended}");
+}

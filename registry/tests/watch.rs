@@ -287,3 +287,40 @@ async fn a_watcher_from_another_cluster_starts_over_with_a_snapshot() {
     );
     assert_eq!(other.cluster_id, ours);
 }
+
+/// Found by the chaos test: a watcher that resumed on a node behind the revision it had
+/// seen (a node just restarted, or resumed after SIGSTOP) was sent that node's older
+/// snapshot, so its revisions went backwards. It is now told UNAVAILABLE, naming both
+/// revisions, and resumes elsewhere or a moment later.
+#[tokio::test]
+async fn a_watcher_ahead_of_this_node_is_sent_elsewhere_not_back_in_time() {
+    let reg = TestRegistry::start().await;
+    let mut registry = reg.registry().await;
+    let mut discovery = reg.discovery().await;
+    let revision = register(&mut registry, instance("web", "web-1", "1.0.0"), 30)
+        .await
+        .revision;
+    let mut s = discovery
+        .watch(watch_all(0))
+        .await
+        .expect("watch")
+        .into_inner();
+    let ours = next_event(&mut s, WAIT).await.cluster_id;
+    assert!(!ours.is_empty());
+    let mut ahead = watch_all(revision + 50);
+    ahead.cluster_id = ours;
+    let refused = match discovery.watch(ahead).await {
+        Err(status) => status,
+        Ok(stream) => stream
+            .into_inner()
+            .message()
+            .await
+            .expect_err("no event from behind the watcher"),
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert!(
+        refused.message().contains(&format!("revision {revision}"))
+            && refused.message().contains("another node"),
+        "{refused}"
+    );
+}

@@ -80,6 +80,9 @@ fn state_of(healthy: bool) -> pb::State {
     }
 }
 
+/// Longest wait for the answer to a lease renewal before the stream is given up.
+const RENEWAL_ANSWER_LIMIT: Duration = Duration::from_secs(2);
+
 async fn connect(
     url: &str,
     transport: &switchyard_tls::Transport,
@@ -235,17 +238,31 @@ async fn hold(
     let renew_every = Duration::from_millis(u64::from(cfg.service.ttl_seconds) * 1000 / 3)
         .max(Duration::from_millis(200));
     let mut renew = tokio::time::interval(renew_every);
+    // A renewal must be answered this soon, or the stream is taken for dead and the
+    // lease renewed through another node: a registry cut off (or paused) keeps the
+    // socket open, HTTP/2 pings notice only after 10 s, and a new leader gives a lease
+    // as little as half its TTL. Found by the chaos test (a partition expired leases).
+    let answer_within = renew_every.min(RENEWAL_ANSWER_LIMIT);
+    let mut awaiting: Option<tokio::time::Instant> = None;
     let mut probe = tokio::time::interval(cfg.health.interval);
     probe.tick().await;
     loop {
+        let answer_by = awaiting;
         tokio::select! {
             _ = renew.tick() => {
                 if tx.send(pb::KeepAliveRequest { lease_ids: vec![lease] }).await.is_err() {
                     return Held::Lost("keep-alive stream closed".into());
                 }
+                awaiting.get_or_insert_with(|| tokio::time::Instant::now() + answer_within);
+            }
+            _ = async { if let Some(t) = answer_by { tokio::time::sleep_until(t).await } }, if answer_by.is_some() => {
+                return Held::Lost(format!(
+                    "the registry did not answer a lease renewal within {answer_within:?}; renewing through another node"
+                ));
             }
             msg = responses.message() => match msg {
                 Ok(Some(r)) => {
+                    awaiting = None;
                     if r.leases.iter().any(|l| l.lease_id == lease && !l.found) {
                         tracing::warn!(lease, "the registry forgot our lease; registering again");
                         match register(&mut client, cfg, verdict.healthy(), mesh_port).await {

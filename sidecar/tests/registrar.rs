@@ -187,3 +187,101 @@ async fn tcp_and_grpc_probes_tell_up_from_down() {
     assert!(err.contains("NOT_SERVING"), "{err}");
     drop(listener);
 }
+
+/// A TCP relay to `target` that can be turned into a black hole: bytes stop flowing
+/// both ways but no socket is closed (what a partitioned or paused registry looks like
+/// to a client).
+struct BlackHole {
+    addr: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlackHole {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = open.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::spawn(pipe(ri, wo, flag.clone()));
+                tokio::spawn(pipe(ro, wi, flag.clone()));
+            }
+        });
+        Self { addr, open }
+    }
+}
+
+/// Copies until the flag drops; then holds both sockets open and moves nothing.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        if !open.load(Ordering::Relaxed) {
+            // Swallow everything from now on, keeping both sockets open.
+            let _keep = to;
+            while from.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Found by the chaos test: a registry that stops answering without closing its
+/// sockets (cut off, or paused) held the registrar's KeepAlive stream until HTTP/2
+/// pings noticed, 10 s later, and the lease expired meanwhile. An unanswered renewal
+/// now gives the stream up within 2 s and the lease is renewed through the next node:
+/// here a 6 s lease survives 10 s of black hole on the first address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_stops_answering_is_left_before_the_lease_runs_out() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let direct = format!("http://{}", registry.grpc_addr);
+    let hole = BlackHole::start(registry.grpc_addr).await;
+    let app = Backend::start("app", Duration::ZERO).await;
+    let mut config = sidecar_config(vec![direct.clone()], dir.path());
+    let mut registrar = registrar_of("app", &format!("http://{}", hole.addr), app.addr, "app-1");
+    registrar.service.ttl_seconds = 6;
+    registrar.registries = vec![format!("http://{}", hole.addr), direct.clone()];
+    config.registrar = Some(registrar);
+    let sidecar = start_sidecar(config).await;
+    let mut discovery = pb::discovery_client::DiscoveryClient::connect(direct.clone())
+        .await
+        .expect("connect");
+    assert_eventually(Duration::from_secs(10), "app-1 registered", || {
+        let mut d = discovery.clone();
+        async move { resolve_ids(&mut d, "app").await == vec!["app-1".to_string()] }
+    })
+    .await;
+
+    hole.open.store(false, Ordering::Relaxed);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            resolve_ids(&mut discovery, "app").await,
+            vec!["app-1".to_string()],
+            "the lease ran out while the first registry address was a black hole"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sidecar.shutdown().await;
+}

@@ -123,6 +123,15 @@ impl DiscoveryApi {
             if !same_cluster {
                 tracing::info!(theirs = %req.cluster_id, ours = %catalog.cluster_id(), since = req.since_revision, "a watcher resumes from another cluster's revision; sending a snapshot");
             }
+            // A watcher that has seen a later revision than this node applied (it last
+            // watched a node further ahead): a snapshot from here would take it back in
+            // time. Send it elsewhere; this node catches up by itself.
+            if same_cluster && !req.cluster_id.is_empty() && req.since_revision > current {
+                return Err(Status::unavailable(format!(
+                    "this registry node has applied up to revision {current}, behind the {} this watcher has already seen (it is catching up): resume on another node, or retry in a moment",
+                    req.since_revision
+                )));
+            }
             // The changes themselves are shared with the hub's history: holding them
             // costs a pointer each, and each becomes an event only when it is sent.
             let resumed = (same_cluster && req.since_revision > 0 && req.since_revision <= current)

@@ -277,6 +277,7 @@ impl Registry for RegistryApi {
         }
         let mut inbound = request.into_inner();
         let shared = self.shared.clone();
+        let proposer = self.proposer.clone();
         let (tx, rx) = mpsc::channel(16);
         let mut shutdown = shared.shutdown.clone();
         let storage = shared.storage.clone();
@@ -336,6 +337,17 @@ impl Registry for RegistryApi {
                 }
                 if let Err(e) = may_renew(&shared, &caller, &req.lease_ids) {
                     let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                // Only the leader's clocks count: a stream opened while this node led
+                // must not go on renewing here once another node leads (that one would
+                // expire the leases). The client reconnects; any node relays.
+                if !proposer.is_leader() {
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "this registry node no longer leads, so it cannot renew leases: reconnect (any node relays KeepAlive to the leader)",
+                        )))
+                        .await;
                     return;
                 }
                 renewed.clear();

@@ -96,12 +96,23 @@ pub async fn expiry_loop(
                 "self-preservation ends here: this node no longer leads (the leader decides now)"
             );
         }
-        // Only the leader runs lease clocks (the etcd model).
-        let expired = if proposer.is_leader() {
-            shared.leases.take_expired(now)
-        } else {
-            Vec::new()
-        };
+        // Only the leader runs lease clocks (the etcd model), and only once they were
+        // restarted for its term: until then they are the deadlines this node kept as
+        // a follower, which no renewal moved.
+        let term = proposer.raft().metrics().borrow().current_term;
+        let runs_clocks = proposer.is_leader() && shared.leases.promoted_for(term);
+        if !runs_clocks {
+            // A follower's deadlines are never renewed, so they pass: waiting for them
+            // would spin. Wait for a change instead (the promotion notifies), or a
+            // second at most, for a leadership that came without one.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shared.leases.changed() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            continue;
+        }
+        let expired = shared.leases.take_expired(now);
         if !expired.is_empty() {
             tracing::info!(
                 leases = expired.len(),

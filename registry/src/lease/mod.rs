@@ -52,6 +52,10 @@ impl Inner {
 pub struct LeaseKeeper {
     inner: Mutex<Inner>,
     changed: Notify,
+    /// The Raft term whose leadership last restarted the clocks ([`LeaseKeeper::promote_for`]):
+    /// until it is the current term, the deadlines are a follower's stale ones and
+    /// nothing may be expired from them.
+    promoted_term: std::sync::atomic::AtomicU64,
 }
 
 impl LeaseKeeper {
@@ -114,6 +118,30 @@ impl LeaseKeeper {
         drop(inner);
         self.changed.notify_one();
         honoured
+    }
+
+    /// [`LeaseKeeper::promote`] for the leadership of `term`; from then on
+    /// [`LeaseKeeper::promoted_for`] says the clocks may be expired from in that term.
+    pub fn promote_for(
+        &self,
+        term: u64,
+        leases: impl Iterator<Item = (LeaseId, u32)>,
+        grace: Duration,
+    ) -> usize {
+        let honoured = self.promote(leases, grace);
+        self.promoted_term
+            .store(term, std::sync::atomic::Ordering::Release);
+        honoured
+    }
+
+    /// Whether the clocks were restarted for the leadership of `term` (the expiry loop
+    /// acts only then: a new leader's first moments run on a follower's deadlines).
+    pub fn promoted_for(&self, term: u64) -> bool {
+        term != 0
+            && self
+                .promoted_term
+                .load(std::sync::atomic::Ordering::Acquire)
+                == term
     }
 
     /// Every lease's remaining time in milliseconds, for a checkpoint.
@@ -222,6 +250,21 @@ impl LeaseKeeper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The expiry loop acts only once the clocks were restarted for the current term:
+    /// a new leader's first moments run on the deadlines it kept as a follower.
+    #[test]
+    fn clocks_count_only_for_the_term_that_restarted_them() {
+        let keeper = LeaseKeeper::default();
+        assert!(!keeper.promoted_for(0));
+        assert!(!keeper.promoted_for(3));
+        keeper.promote_for(3, [(1, 10)].into_iter(), Duration::from_secs(3));
+        assert!(keeper.promoted_for(3));
+        assert!(
+            !keeper.promoted_for(4),
+            "a later term needs its own restart"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_leader_honours_checkpoints_but_gives_at_least_the_grace() {

@@ -26,9 +26,12 @@ pub async fn leadership_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut metrics = raft.metrics();
-    let mut was_leader = false;
+    // The term whose leadership restarted the lease clocks: a node may lose and win
+    // the leadership between two looks at the metrics, so the term is compared, not a
+    // was-leader flag.
+    let mut led_term: Option<u64> = None;
     loop {
-        let is_leader = {
+        let (is_leader, term) = {
             let m = metrics.borrow_and_update();
             let g = &shared.metrics;
             g.raft_term.set(m.current_term as i64);
@@ -50,9 +53,9 @@ pub async fn leadership_loop(
                         .set(lag as i64);
                 }
             }
-            m.state == openraft::ServerState::Leader
+            (m.state == openraft::ServerState::Leader, m.current_term)
         };
-        if is_leader && !was_leader {
+        if is_leader && led_term != Some(term) {
             if shared.catalog.read().cluster_id().is_empty() {
                 tokio::spawn(name_the_cluster(shared.clone(), proposer.clone()));
             }
@@ -65,14 +68,16 @@ pub async fn leadership_loop(
             }
             let catalog = shared.catalog.read();
             let total = catalog.lease_count();
-            let honoured = shared.leases.promote(catalog.leases(), LEADER_GRACE);
+            let honoured = shared
+                .leases
+                .promote_for(term, catalog.leases(), LEADER_GRACE);
             tracing::info!(
                 leases = total,
                 checkpointed = honoured,
                 "this node leads now; leases restart with their full TTL, or what their last checkpoint left (at least {LEADER_GRACE:?})"
             );
         }
-        was_leader = is_leader;
+        led_term = is_leader.then_some(term);
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },
             _ = shutdown.wait_for(|s| *s) => return,

@@ -176,7 +176,19 @@ impl Proposer {
 
     /// Writes and applies one command, forwarding it to the leader when needed.
     pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
+        let started = std::time::Instant::now();
         let (outcome, result) = match self.submit(command.clone()).await {
+            // A write that waited here past the commit timeout (a partition, an
+            // election) is not handed on: its client has most likely given up and may
+            // have written since, and this late copy would land after that (the
+            // chaos test's register applied after its own client's deregister).
+            Err(Forward::To(_)) if started.elapsed() >= COMMIT_TIMEOUT => (
+                "unavailable",
+                Err(ProposeError::NoQuorum(format!(
+                    "the write waited {:?} for a leader to take it, past the {COMMIT_TIMEOUT:?} commit timeout, so it was not forwarded: nothing was changed, retry",
+                    started.elapsed()
+                ))),
+            ),
             Err(Forward::To(addr)) => ("forwarded", self.core.forward(&addr, command).await),
             Err(Forward::Failed(e)) => ("unavailable", Err(e)),
             Ok(r) => ("ok", r),
