@@ -629,7 +629,7 @@ async fn a_keep_alive_on_a_deposed_leader_ends_so_the_client_reconnects() {
     }
     signal("-CONT");
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !status(&old.url()).await.is_some_and(|s| s.role != "leader") {
+    while status(&old.url()).await.is_none_or(|s| s.role == "leader") {
         assert!(
             Instant::now() < deadline,
             "the old leader never stepped down"
