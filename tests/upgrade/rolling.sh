@@ -12,9 +12,15 @@
 #      formats ("downgrades are not supported").
 #
 # Usage: tests/upgrade/rolling.sh BIN [PREVIOUS_TAG]
-#   BIN: this release's switchyard binary. The previous release is built from its tag
-#   with `cargo build` in a git worktree, sharing ./target (dependencies are reused; the
-#   uplifted binary is copied out and this release's is rebuilt at the end).
+#   BIN: this release's switchyard binary. The previous release is built with
+#   `cargo build`, sharing ./target (dependencies are reused; its binary is copied out and
+#   this release's is rebuilt at the end), from one of:
+#   - its git tag, in a worktree, when the checkout has the tag; the script then also checks
+#     that tests/upgrade/$TAG-src.tar.xz is exactly that tag's tree;
+#   - tests/upgrade/$TAG-src.tar.xz otherwise: `git archive $TAG` of the paths the binary
+#     needs (PREV_PATHS below). A CI checkout is often shallow or without tags, and the
+#     upgrade must be tested there too. To make it for a new release:
+#       git archive --format=tar TAG -- PREV_PATHS | xz -9e > tests/upgrade/TAG-src.tar.xz
 set -euo pipefail
 bin=$(realpath "${1:?usage: rolling.sh path/to/switchyard [tag]}")
 tag=${2:-v0.1.0}
@@ -34,11 +40,26 @@ fail() {
   exit 1
 }
 
-git -C "$repo" rev-parse -q --verify "refs/tags/$tag" >/dev/null ||
-  fail "no tag $tag in $repo (git fetch --tags)"
+# What the previous release's binary is built from (the workspace's manifests and crates).
+prev_paths=(Cargo.toml Cargo.lock proto core tls registry sidecar testkit benches/micro
+  benches/registry-load src)
+archive="$repo/tests/upgrade/$tag-src.tar.xz"
 cp "$bin" "$work/new"
-echo "== building the previous release ($tag) from its tag"
-git -C "$repo" worktree add -q --detach "$work/prev-src" "$tag"
+if git -C "$repo" rev-parse -q --verify "refs/tags/$tag" >/dev/null 2>&1; then
+  echo "== building the previous release ($tag) from its tag"
+  if [ -f "$archive" ]; then
+    want=$(git -C "$repo" archive --format=tar "$tag" -- "${prev_paths[@]}" | sha256sum)
+    have=$(xz -dc "$archive" | sha256sum)
+    [ "$want" = "$have" ] || fail "$archive is not the tree of $tag; remake it (see the top of this script)"
+    echo "$archive is the tree of $tag"
+  fi
+  git -C "$repo" worktree add -q --detach "$work/prev-src" "$tag"
+else
+  [ -f "$archive" ] || fail "no tag $tag in $repo and no $archive (git fetch --tags)"
+  echo "== building the previous release ($tag) from $archive (this checkout has no tag $tag)"
+  mkdir "$work/prev-src"
+  xz -dc "$archive" | tar -x -C "$work/prev-src" || fail "cannot unpack $archive"
+fi
 (cd "$work/prev-src" && CARGO_TARGET_DIR="$repo/target" cargo build -q --bin switchyard)
 cp "$repo/target/debug/switchyard" "$work/old"
 # This release's binary again where the other tests expect it.
