@@ -1,6 +1,7 @@
 //! The Switchyard sidecar as a library.
 //!
 //! A tour, from the leaves up (each module imports only those before it):
+//! - [`latency`]: the request-latency histogram, atomic buckets instead of a mutex.
 //! - [`metrics`]: Prometheus handles; per-endpoint ones are made on first use.
 //! - [`outlier`] and [`slow_start`]: the rules of ejection (the cap, the
 //!   failure-percentage check) and of the slow-start ramp, apart from where they run.
@@ -40,6 +41,7 @@ pub mod error;
 pub mod health;
 pub mod identity;
 pub mod inbound;
+pub mod latency;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;

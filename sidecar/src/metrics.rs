@@ -8,9 +8,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::latency::LatencyHistogram;
 use crate::outlier::EjectKind;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,7 +76,7 @@ pub struct FallbackLabels {
 #[derive(Clone, Debug)]
 pub struct SubsetMetrics {
     classes: [Counter; 5],
-    pub latency: Histogram,
+    pub latency: LatencyHistogram,
 }
 
 impl SubsetMetrics {
@@ -91,7 +91,7 @@ impl SubsetMetrics {
 pub struct EndpointMetrics {
     /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
     classes: [Counter; 5],
-    pub latency: Histogram,
+    pub latency: LatencyHistogram,
 }
 
 impl EndpointMetrics {
@@ -104,7 +104,7 @@ impl EndpointMetrics {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    latency: Family<EndpointLabels, LatencyHistogram>,
     active: Family<EndpointLabels, Gauge<i64, AtomicI64>>,
     /// Answers the sidecar gave itself (400/502/503/504) per service.
     pub local_replies: Family<RequestLabels, Counter>,
@@ -121,7 +121,7 @@ pub struct Metrics {
     ejected: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
     slow_start: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
     subset_requests: Family<SubsetClassLabels, Counter>,
-    subset_latency: Family<SubsetLabels, Histogram, fn() -> Histogram>,
+    subset_latency: Family<SubsetLabels, LatencyHistogram>,
     split_fallbacks: Family<FallbackLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
     retry_budget_exhausted: Family<ServiceLabels, Counter>,
@@ -152,17 +152,11 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("switchyard_sidecar");
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
+        let latency = Family::<EndpointLabels, LatencyHistogram>::default();
         let active = Family::default();
         let local_replies = Family::default();
         let catalog_age = Gauge::default();
@@ -175,10 +169,7 @@ impl Default for Metrics {
         let ejected = Family::<ServiceLabels, Gauge<i64, AtomicI64>>::default();
         let slow_start = Family::<ServiceLabels, Gauge<i64, AtomicI64>>::default();
         let subset_requests = Family::default();
-        let subset_latency =
-            Family::<SubsetLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram,
-            );
+        let subset_latency = Family::<SubsetLabels, LatencyHistogram>::default();
         let split_fallbacks = Family::default();
         let retries = Family::<RetryLabels, Counter>::default();
         let retry_budget_exhausted = Family::<ServiceLabels, Counter>::default();
