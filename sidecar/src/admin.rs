@@ -270,7 +270,7 @@ fn explain_route(table: &EndpointTable, query: &str) -> Response<Full<Bytes>> {
 /// The metrics text, with the gauges read from the table refreshed first.
 fn scrape(metrics: &Metrics, table: &EndpointTable) -> String {
     metrics.set_catalog(table.age(), table.revision(), table.is_connected());
-    for view in table.all().values() {
+    for view in table.all() {
         // Endpoints that never carried a request have no series (see LiveState).
         for e in view
             .endpoints
@@ -376,7 +376,7 @@ fn dispatch(
         "/endpoints" => {
             let views = table.all();
             let mut services: Vec<ServiceDoc<'_>> = views
-                .values()
+                .iter()
                 .map(|v| ServiceDoc {
                     service: &v.name,
                     revision: v.revision,

@@ -27,8 +27,8 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = crate::stopped(&mut shutdown) => return,
         }
-        for view in table.all().values() {
-            check(view, &metrics);
+        for view in table.all() {
+            check(&view, &metrics);
         }
     }
 }

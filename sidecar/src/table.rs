@@ -4,7 +4,7 @@
 //! discovery client builds a new map on every catalog change and swaps it in, reusing
 //! each surviving endpoint's [`LiveState`] so in-flight counts carry over.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -182,9 +182,18 @@ impl ServiceView {
 /// Map of service name to its current view.
 pub type Views = HashMap<String, Arc<ServiceView>>;
 
+/// One service's place in the table. A change to the service swaps the view in its
+/// slot; only a service appearing or leaving changes the map of slots. So an update to
+/// one service costs that service's view, not a copy of every service's entry.
+type Slot = ArcSwap<ServiceView>;
+
+/// The map the request path reads: name -> slot. Keys are `Arc<str>`, so the rare copy
+/// (a service appearing or leaving) copies pointers, not names.
+type Slots = HashMap<Arc<str>, Arc<Slot>>;
+
 /// The table shared by the proxy listeners, the admin port and the discovery client.
 pub struct EndpointTable {
-    views: ArcSwap<Views>,
+    views: ArcSwap<Slots>,
     revision: AtomicU64,
     /// True once a catalog arrived (from the registry or the disk cache).
     loaded: AtomicBool,
@@ -311,19 +320,77 @@ impl EndpointTable {
         &self.defaults
     }
 
-    /// The current view of a service: one atomic load, no lock.
+    /// The current view of a service: two atomic loads (the map, the slot), no lock.
     pub fn get(&self, service: &str) -> Option<Arc<ServiceView>> {
-        self.views.load().get(service).cloned()
+        self.views.load().get(service).map(|slot| slot.load_full())
     }
 
-    /// Every view, for the admin port.
-    pub fn all(&self) -> Arc<Views> {
-        self.views.load_full()
+    /// Every view, for the admin port and the outlier sweep (not the request path).
+    pub fn all(&self) -> Vec<Arc<ServiceView>> {
+        self.views
+            .load()
+            .values()
+            .map(|slot| slot.load_full())
+            .collect()
     }
 
-    /// Replaces the whole table.
+    /// How many services the table holds.
+    pub fn len(&self) -> usize {
+        self.views.load().len()
+    }
+
+    /// True when the table holds no service.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Replaces the whole table with `views`: services not in it leave.
     pub fn store(&self, views: Views, revision: u64) {
-        self.views.store(Arc::new(views));
+        self.apply(views.into_iter().map(|(k, v)| (k, Some(v))), true, revision);
+    }
+
+    /// Applies per-service changes (`None`: the service leaves). With `whole`, the
+    /// changes are the whole table and every other service leaves too. One writer at a
+    /// time: the discovery client (or a test).
+    ///
+    /// A service that stays gets its new view stored in its slot; the map of slots is
+    /// copied only when a service appears or leaves, and then as pointers. A reader may
+    /// see one service at the new revision and another still at the old one for the
+    /// moment between two stores, as it could see a view change between two requests.
+    pub fn apply(
+        &self,
+        changes: impl IntoIterator<Item = (String, Option<Arc<ServiceView>>)>,
+        whole: bool,
+        revision: u64,
+    ) {
+        let old = self.views.load_full();
+        let mut stayed: HashSet<&str> = HashSet::new();
+        let mut added: Vec<(Arc<str>, Arc<Slot>)> = Vec::new();
+        let mut removed: Vec<&str> = Vec::new();
+        for (name, view) in changes {
+            match (old.get_key_value(name.as_str()), view) {
+                (Some((key, slot)), Some(view)) => {
+                    slot.store(view);
+                    if whole {
+                        stayed.insert(key);
+                    }
+                }
+                (Some((key, _)), None) => removed.push(key),
+                (None, Some(view)) => added.push((Arc::from(name), Arc::new(ArcSwap::new(view)))),
+                (None, None) => {}
+            }
+        }
+        if whole {
+            removed.extend(old.keys().map(|k| &**k).filter(|k| !stayed.contains(k)));
+        }
+        if !added.is_empty() || !removed.is_empty() {
+            let mut map = (*old).clone();
+            for name in removed {
+                map.remove(name);
+            }
+            map.extend(added);
+            self.views.store(Arc::new(map));
+        }
         self.revision.store(revision, Ordering::Release);
         self.loaded.store(true, Ordering::Release);
     }
@@ -406,5 +473,79 @@ mod tests {
             Arc::ptr_eq(&v2.endpoints[1].instance, &v2.dns.instances[1]),
             "DNS and the proxy share one Arc per instance"
         );
+    }
+
+    fn view(name: &str, revision: u64) -> Arc<ServiceView> {
+        let instances: BTreeMap<String, Arc<Instance>> = [(
+            format!("{name}-0"),
+            test_instance(&format!("{name}-0"), "1", 100, State::Serving),
+        )]
+        .into_iter()
+        .collect();
+        Arc::new(ServiceView::new(
+            name.into(),
+            revision,
+            &instances,
+            None,
+            None,
+            None,
+            &Arc::new(Resolved::new(ResilienceSettings::default())),
+            &OutlierConfig::default(),
+        ))
+    }
+
+    #[test]
+    fn an_update_to_one_service_swaps_its_slot_and_copies_no_map() {
+        let table = EndpointTable::default();
+        let names: Vec<String> = (0..1_000).map(|i| format!("svc{i}")).collect();
+        table.store(names.iter().map(|n| (n.clone(), view(n, 1))).collect(), 1);
+        assert_eq!(table.len(), 1_000);
+        let map = table.views.load_full();
+        let other = table.get("svc2").expect("svc2");
+
+        // One service changes: its slot gets the new view, the map is the same one.
+        table.apply([("svc1".to_string(), Some(view("svc1", 2)))], false, 2);
+        assert!(
+            Arc::ptr_eq(&map, &table.views.load_full()),
+            "the map was copied"
+        );
+        assert_eq!(table.get("svc1").expect("svc1").revision, 2);
+        assert!(Arc::ptr_eq(&other, &table.get("svc2").expect("svc2")));
+        assert_eq!(table.revision(), 2);
+
+        // The whole table again with the same services: still no copy.
+        table.store(names.iter().map(|n| (n.clone(), view(n, 3))).collect(), 3);
+        assert!(Arc::ptr_eq(&map, &table.views.load_full()));
+        assert_eq!(table.get("svc999").expect("svc999").revision, 3);
+
+        // A service leaving and one appearing change the map, once each.
+        table.apply(
+            [
+                ("svc0".to_string(), None),
+                ("new".to_string(), Some(view("new", 4))),
+            ],
+            false,
+            4,
+        );
+        assert!(!Arc::ptr_eq(&map, &table.views.load_full()));
+        assert!(table.get("svc0").is_none());
+        assert_eq!(table.get("new").expect("new").revision, 4);
+        assert_eq!(table.len(), 1_000);
+        assert_eq!(table.get("svc2").expect("svc2").revision, 3);
+
+        // A whole table without some services removes them.
+        table.store(
+            [("svc5".to_string(), view("svc5", 5))]
+                .into_iter()
+                .collect(),
+            5,
+        );
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.all().len(), 1);
+        assert!(table.get("new").is_none());
+        // Removing a service the table does not hold changes nothing.
+        let map = table.views.load_full();
+        table.apply([("nosuch".to_string(), None)], false, 6);
+        assert!(Arc::ptr_eq(&map, &table.views.load_full()));
     }
 }

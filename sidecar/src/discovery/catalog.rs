@@ -1,7 +1,7 @@
 //! The sidecar's copy of the catalog, built only from watch events, and the views it
 //! publishes to the endpoint table.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use switchyard_core::convert::{instance_from_proto, intention_from_proto, policy_from_proto};
@@ -9,7 +9,7 @@ use switchyard_core::model::{Instance, Policy};
 use switchyard_proto::v1 as pb;
 
 use crate::metrics::Metrics;
-use crate::table::{EndpointTable, IntentionMap, KvMap, LoadedFlags, ServiceView, Views};
+use crate::table::{EndpointTable, IntentionMap, KvMap, LoadedFlags, ServiceView};
 
 /// Services, their instances and their routing policies at one revision. Each instance
 /// is one `Arc`, the same one the endpoint table, DNS and the disk cache hold.
@@ -238,13 +238,9 @@ impl LocalCatalog {
     }
 
     /// Publishes the touched services to the table; untouched views (and so every
-    /// in-flight count) are carried over as they are.
+    /// in-flight count) are carried over as they are, and are not copied.
     pub fn publish(&self, touched: &Touched, table: &EndpointTable, metrics: Option<&Metrics>) {
-        let old = table.all();
-        let mut views: Views = match touched {
-            Touched::All => HashMap::with_capacity(self.services.len()),
-            Touched::Some(_) => (*old).clone(),
-        };
+        let mut changes: Vec<(String, Option<Arc<ServiceView>>)> = Vec::new();
         let names: BTreeSet<&String> = match touched {
             Touched::All => self.services.keys().chain(self.policies.keys()).collect(),
             Touched::Some(set) => set.iter().collect(),
@@ -254,7 +250,7 @@ impl LocalCatalog {
             let records = self.services.get(name);
             let policy = self.policies.get(name);
             if records.is_none() && policy.is_none() {
-                views.remove(name);
+                changes.push((name.clone(), None));
                 continue;
             }
             // Strict mTLS: endpoints outside the mesh are not routed to at all.
@@ -271,21 +267,22 @@ impl LocalCatalog {
             } else {
                 all
             };
+            let previous = table.get(name);
             let mut view = ServiceView::new(
                 name.clone(),
                 self.revision,
                 records,
                 policy,
-                old.get(name).map(|v| v.as_ref()),
+                previous.as_deref(),
                 metrics,
                 table.defaults(),
                 table.outlier(),
             );
             view.mtls_strict = strict;
             view.outside_mesh = all.len() - records.len();
-            views.insert(name.clone(), Arc::new(view));
+            changes.push((name.clone(), Some(Arc::new(view))));
         }
-        table.store(views, self.revision);
+        table.apply(changes, matches!(touched, Touched::All), self.revision);
         if self.intentions_known
             && table
                 .intentions()
