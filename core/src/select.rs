@@ -11,10 +11,8 @@
 //! `Canary.web.service.switchyard` must select what a split naming `canary` selects, and
 //! the proxy follows the same rule so the two never pick from different subsets.
 
-use std::collections::BTreeMap;
-
 use crate::model::policy::{Fallback, HeaderMatch, Policy, Subset};
-use crate::model::Instance;
+use crate::model::{Instance, Labels};
 
 /// Compiled size limits for header regexes: the same numbers the registry validates with
 /// and the sidecar compiles with.
@@ -85,7 +83,7 @@ impl Selector {
     }
 
     /// Whether an instance with this version and these labels belongs to the subset.
-    pub fn selects(&self, version: &str, labels: &BTreeMap<String, String>) -> bool {
+    pub fn selects(&self, version: &str, labels: &Labels) -> bool {
         !self.nothing
             && self
                 .version
@@ -319,7 +317,7 @@ mod tests {
             name: name.into(),
             version: version.into(),
             version_range: range.into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
         }
     }
 
@@ -350,7 +348,7 @@ mod tests {
             "the version named in the split is a subset"
         );
         assert!(!s.subsets[2].declared);
-        let labels = BTreeMap::new();
+        let labels = Labels::new();
         assert!(s.subsets[2].selector.selects("1.5.0-rc", &labels));
         assert!(s.selector_for("CANARY").selects("2.0.0", &labels));
         assert!(s.selector_for("3.0.0").selects("3.0.0", &labels));

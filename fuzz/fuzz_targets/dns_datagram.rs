@@ -30,7 +30,7 @@ fn instance(service: &str, id: &str, address: &str, version: &str) -> Arc<Instan
         address: address.into(),
         port: 8080,
         version: version.into(),
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         weight: 100,
         zone: String::new(),
         state: State::Serving,

@@ -49,7 +49,7 @@ fn instance(service: &str, id: &str, address: &str, version: &str) -> Arc<Instan
         address: address.into(),
         port: 8080,
         version: version.into(),
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         weight: 100,
         zone: String::new(),
         state: State::Serving,
@@ -62,7 +62,7 @@ fn subset(name: &str, version: &str) -> Subset {
         name: name.into(),
         version: version.into(),
         version_range: String::new(),
-        labels: BTreeMap::new(),
+        labels: Default::default(),
     }
 }
 

@@ -58,7 +58,7 @@ mod tests {
             address: format!("10.0.0.{}", n + 1),
             port: 8080,
             version: VERSIONS[version].into(),
-            labels: BTreeMap::from([(
+            labels: switchyard_core::model::Labels::from([(
                 "track".to_string(),
                 if track { "a" } else { "b" }.to_string(),
             )]),

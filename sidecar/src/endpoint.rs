@@ -377,7 +377,7 @@ pub(crate) fn test_instance(id: &str, version: &str, weight: u32, state: State) 
         address: "127.0.0.1".into(),
         port: 1000,
         version: version.into(),
-        labels: std::collections::BTreeMap::from([("track".to_string(), version.to_string())]),
+        labels: switchyard_core::model::Labels::from([("track".to_string(), version.to_string())]),
         weight,
         zone: String::new(),
         state,

@@ -34,7 +34,7 @@ pub fn sidecar_view(n: usize, weights: Weights, with_policy: bool) -> ServiceVie
                 address: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
                 port: 8080,
                 version: if i % 10 == 0 { "2.0.0" } else { "1.4.2" }.to_string(),
-                labels: BTreeMap::new(),
+                labels: Default::default(),
                 weight: match weights {
                     Weights::Equal => 100,
                     Weights::Unequal => 50 + (i % 100) as u32,
@@ -118,7 +118,7 @@ pub fn instance(i: usize, per_service: usize) -> Instance {
         address: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
         port: 8080,
         version: "1.4.2".into(),
-        labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+        labels: [("zone".to_string(), "a".to_string())].into(),
         weight: 100,
         zone: "a".into(),
         state: State::Serving,

@@ -341,7 +341,6 @@ mod tests {
     //! The rate limit end to end: the real UDP loop on 127.0.0.1 with loopback limited
     //! (the default exempts it), hickory's codec on the client side.
 
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use hickory_proto::op::{OpCode, Query};
@@ -370,7 +369,7 @@ mod tests {
             address: "10.0.0.1".into(),
             port: 80,
             version: "1.0.0".into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             weight: 100,
             zone: String::new(),
             state: State::Serving,

@@ -6,6 +6,7 @@
 pub mod acl;
 pub mod intention;
 pub mod kv;
+pub mod labels;
 pub mod mesh_ca;
 pub mod policy;
 pub mod resilience;
@@ -13,9 +14,9 @@ pub mod rollout;
 mod validate;
 pub mod webhook;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub use labels::Labels;
 use serde::{Deserialize, Serialize};
 
 pub use policy::{Policy, PolicyRecord};
@@ -68,7 +69,7 @@ pub struct Instance {
     pub address: String,
     pub port: u16,
     pub version: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     pub weight: u32,
     pub zone: String,
     pub state: State,

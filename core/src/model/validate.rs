@@ -203,10 +203,7 @@ fn validate_address(field: &str, value: &str) -> Result<(), ValidationError> {
     }
 }
 
-fn validate_labels(
-    field: &str,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> Result<(), ValidationError> {
+fn validate_labels(field: &str, labels: &super::Labels) -> Result<(), ValidationError> {
     if labels.len() > MAX_LABELS {
         return Err(ValidationError::new(
             field,

@@ -226,7 +226,7 @@ pub fn decode(body: &[u8], client: IpAddr) -> Result<Registration, BodyError> {
             address,
             port: 0,
             version,
-            labels,
+            labels: labels.into(),
             weight: 0,
             zone,
             state: State::Serving,

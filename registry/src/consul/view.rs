@@ -383,7 +383,7 @@ mod tests {
             address: "10.0.0.7".into(),
             port: 8080,
             version: version.into(),
-            labels: BTreeMap::from([
+            labels: switchyard_core::model::Labels::from([
                 ("team".to_string(), "blue".to_string()),
                 (
                     TAGS_LABEL.to_string(),

@@ -3,8 +3,6 @@
 //! policy, rollout), `/api/v1/status` (leader, term, members, revision); `?namespace=`.
 //! Reads need `read` on the service, as on gRPC; errors are `{"error": "..."}`.
 
-use std::collections::BTreeMap;
-
 use http::{Method, Request, StatusCode};
 use serde::Serialize;
 
@@ -51,7 +49,7 @@ struct InstanceView<'a> {
     zone: &'a str,
     weight: u32,
     state: &'static str,
-    labels: &'a BTreeMap<String, String>,
+    labels: &'a switchyard_core::model::Labels,
 }
 
 #[derive(Serialize)]

@@ -142,7 +142,7 @@ mod tests {
             address: "10.0.0.1".into(),
             port: 8080,
             version: "1.0.0".into(),
-            labels: BTreeMap::from([
+            labels: switchyard_core::model::Labels::from([
                 ("team/owner".to_string(), "blue".to_string()),
                 (METRICS_PORT_LABEL.to_string(), "9100".to_string()),
             ]),
