@@ -8,6 +8,7 @@
 #
 #   benches/compare/sidecar-memory.sh [PER_SERVICE] [COUNT ...]    (default: 10 0 1000 10000)
 #   HEAPTRACK=1 benches/compare/sidecar-memory.sh 10 10000         (a heap profile of the sidecar)
+#   PROFILE=release benches/compare/sidecar-memory.sh              (the quick start's build)
 #
 # Loopback only, ports 19500-19509. Builds the binaries.
 set -euo pipefail
@@ -17,9 +18,12 @@ shift || true
 COUNTS=("$@")
 [ ${#COUNTS[@]} -gt 0 ] || COUNTS=(0 1000 10000)
 command -v taskset >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq util-linux >/dev/null; }
-cargo build --release -q -p registry-load -p switchyard
-BIN=$PWD/target/release/switchyard
-LOAD=$PWD/target/release/registry-load
+# The sidecar as it ships: the `dist` profile of deploy/Dockerfile (release + thin LTO).
+# PROFILE=release measures the quick start's build instead.
+PROFILE=${PROFILE:-dist}
+cargo build --profile "$PROFILE" -q -p registry-load -p switchyard
+BIN=$PWD/target/$PROFILE/switchyard
+LOAD=$PWD/target/$PROFILE/registry-load
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -63,7 +67,7 @@ measure() {
   sleep 1
   local pid=$sidecar
   # Under heaptrack the sidecar is heaptrack's child.
-  [ "${HEAPTRACK:-0}" = 1 ] && pid=$(pgrep -P "$sidecar" -f "switchyard sidecar" || pgrep -f "release/switchyard sidecar")
+  [ "${HEAPTRACK:-0}" = 1 ] && pid=$(pgrep -P "$sidecar" -f "switchyard sidecar" || pgrep -f "$PROFILE/switchyard sidecar")
   local rss
   rss=$(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status")
   local n

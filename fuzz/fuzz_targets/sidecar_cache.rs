@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
     };
     for (service, instances) in &catalog.services {
         assert!(!instances.is_empty(), "{service} is kept with no instance");
-        for (id, i) in instances {
+        for (id, i) in instances.iter() {
             assert_eq!(&i.service, service);
             // Found here once: an instance was kept under its file's map key, not its
             // own id, so `{"a": {"id": "b", ...}}` kept a "b" that no watch delta for

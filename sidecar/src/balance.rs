@@ -529,7 +529,7 @@ mod tests {
             .enumerate()
             .map(|(n, (weight, state))| {
                 let id = format!("e{n}");
-                let live = Arc::new(LiveState::new(outlier.clone(), &id));
+                let live = Arc::new(LiveState::new(outlier.clone()));
                 Endpoint::new(test_instance(&id, "1", *weight, *state), Some(live))
             })
             .collect();
@@ -771,7 +771,7 @@ mod tests {
         for _ in 0..4 {
             let _ = ActiveGuard::new(e.clone()).failed();
         }
-        ActiveGuard::new(e.clone()).succeeded();
+        ActiveGuard::new(e.clone()).succeeded("e");
         assert_eq!(e.consecutive_failures.load(Ordering::Relaxed), 0);
     }
 
@@ -862,7 +862,7 @@ mod tests {
         // The next probation's probe succeeds: back, ramping, counted out of the cap.
         live.ejected_until_ms.store(clock_ms(), Ordering::Relaxed);
         assert_eq!(on_two(&mut rng), 1);
-        ActiveGuard::new(live.clone()).succeeded();
+        ActiveGuard::new(live.clone()).succeeded("e");
         assert!(!live.is_ejected());
         assert!(live.is_ramping(clock_ms(), 60_000));
         assert_eq!(v.outlier.ejected.load(Ordering::Relaxed), 0);

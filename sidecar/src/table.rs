@@ -113,7 +113,7 @@ impl ServiceView {
                         old.live.clone()
                     }
                     None => {
-                        let live = Arc::new(LiveState::new(outlier.clone(), &i.id));
+                        let live = Arc::new(LiveState::new(outlier.clone()));
                         // A new endpoint of a service that had endpoints ramps up; the
                         // first set of a service (or of a fresh sidecar) does not: if
                         // every endpoint is new, nobody's share moves anyway.

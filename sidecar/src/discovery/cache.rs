@@ -113,14 +113,18 @@ impl From<CachedState> for State {
 
 /// The catalog's services as the file's `services` map, serialized straight from the
 /// shared instances.
-struct WriteServices<'a>(&'a BTreeMap<String, BTreeMap<String, Arc<Instance>>>);
+struct WriteServices<'a>(&'a BTreeMap<String, super::catalog::Instances>);
 
 /// One service's instances, likewise.
 struct WriteInstances<'a>(&'a BTreeMap<String, Arc<Instance>>);
 
 impl Serialize for WriteServices<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(svc, i)| (svc, WriteInstances(i))))
+        serializer.collect_map(
+            self.0
+                .iter()
+                .map(|(svc, i)| (svc, WriteInstances(i.as_ref()))),
+        )
     }
 }
 
@@ -209,7 +213,7 @@ fn from_file(file: CacheFile<'_>, namespace: &str, path: &Path) -> LocalCatalog 
             }
         }
         if !kept.is_empty() {
-            catalog.services.insert(service, kept);
+            catalog.services.insert(service, Arc::new(kept));
         }
     }
     for (service, bytes) in file.policies {
@@ -300,7 +304,7 @@ mod tests {
         if let Some(i) = catalog
             .services
             .get_mut("web")
-            .and_then(|w| w.get_mut("web-1"))
+            .and_then(|w| Arc::make_mut(w).get_mut("web-1"))
         {
             Arc::make_mut(i).mesh_port = 15006;
         }

@@ -16,7 +16,11 @@ use crate::table::{EndpointTable, IntentionMap, KvMap, LoadedFlags, ServiceView}
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LocalCatalog {
     pub revision: u64,
-    pub services: BTreeMap<String, BTreeMap<String, Arc<Instance>>>,
+    /// Service -> its instances by id. Each service's map is shared (copy on write),
+    /// so the copy the disk-cache writer takes each second costs a pointer per
+    /// service, and a delta copies only the map of the service it changes, and only
+    /// while a writer holds it.
+    pub services: BTreeMap<String, Instances>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     /// The registry cluster this copy came from (`WatchEvent.cluster_id`): sent back on
     /// resume, so a revision is never trusted by another or a wiped cluster.
@@ -37,6 +41,9 @@ pub struct LocalCatalog {
     /// The KV entries under the followed prefixes.
     pub kv: Arc<KvMap>,
 }
+
+/// One service's instances by id.
+pub type Instances = Arc<BTreeMap<String, Arc<Instance>>>;
 
 /// A flag document from the registry, compiled; one this sidecar cannot read (a newer
 /// registry's rule) is left out, and the flags it had keep answering.
@@ -194,7 +201,7 @@ impl LocalCatalog {
                         .into_iter()
                         .filter_map(|i| record(i).map(|r| (r.id.clone(), r)))
                         .collect();
-                    self.services.insert(svc.service, instances);
+                    self.services.insert(svc.service, Arc::new(instances));
                 }
                 Touched::All
             }
@@ -202,7 +209,9 @@ impl LocalCatalog {
                 let mut touched = BTreeSet::new();
                 for r in d.removed {
                     if let Some(instances) = self.services.get_mut(&r.service) {
-                        instances.remove(&r.id);
+                        if instances.contains_key(&r.id) {
+                            Arc::make_mut(instances).remove(&r.id);
+                        }
                         if instances.is_empty() {
                             self.services.remove(&r.service);
                         }
@@ -212,9 +221,7 @@ impl LocalCatalog {
                 for i in d.upserted {
                     let service = i.service.clone();
                     if let Some(r) = record(i) {
-                        self.services
-                            .entry(service.clone())
-                            .or_default()
+                        Arc::make_mut(self.services.entry(service.clone()).or_default())
                             .insert(r.id.clone(), r);
                     }
                     touched.insert(service);
@@ -247,7 +254,7 @@ impl LocalCatalog {
         };
         let empty = BTreeMap::new();
         for name in names {
-            let records = self.services.get(name);
+            let records = self.services.get(name).map(|i| &**i);
             let policy = self.policies.get(name);
             if records.is_none() && policy.is_none() {
                 changes.push((name.clone(), None));

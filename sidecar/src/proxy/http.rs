@@ -740,7 +740,7 @@ async fn forward(
         let metrics = endpoint
             .live
             .metrics
-            .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
+            .get_or_init(|| Box::new(ctx.metrics.endpoint(service, &endpoint.id)));
         let guard = ActiveGuard::new(endpoint.live.clone());
         let bad_address = || ProxyError::BadAddress {
             service: service.to_string(),
@@ -751,7 +751,10 @@ async fn forward(
         // pool's connector does the TLS), any other on its app port in clear text.
         let meshed = ctx.meshed(endpoint);
         let (scheme, authority) = if meshed {
-            (::http::uri::Scheme::HTTPS, endpoint.mesh_authority.clone())
+            (
+                ::http::uri::Scheme::HTTPS,
+                endpoint.mesh_authority.as_deref().cloned(),
+            )
         } else {
             (::http::uri::Scheme::HTTP, endpoint.uri_authority.clone())
         };
@@ -1073,7 +1076,7 @@ fn book(
             ctx.metrics.ejection(service, &endpoint.id, kind);
         }
     } else {
-        guard.succeeded();
+        guard.succeeded(&endpoint.id);
     }
     let elapsed = started.elapsed().as_secs_f64();
     metrics.latency.observe(elapsed);

@@ -140,7 +140,7 @@ async fn connect_and_copy(
         endpoint
             .live
             .metrics
-            .get_or_init(|| ctx.metrics.endpoint(service, &endpoint.id));
+            .get_or_init(|| Box::new(ctx.metrics.endpoint(service, &endpoint.id)));
         let guard = ActiveGuard::new(endpoint.live.clone());
         ctx.metrics.tcp_connection(service, &endpoint.id);
         // In the mesh: mTLS to the mesh port (ALPN says "bytes, not HTTP").
@@ -170,7 +170,7 @@ async fn connect_and_copy(
                 // connect time.
                 ctx.telemetry
                     .attempt(service, &endpoint.version, false, started.elapsed());
-                guard.succeeded();
+                guard.succeeded(&endpoint.id);
                 let _ = downstream.set_nodelay(true);
                 let _ = match upstream {
                     Upstream::Plain(mut up) => {
