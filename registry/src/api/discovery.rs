@@ -260,19 +260,57 @@ impl WatchEvents {
     }
 }
 
-impl Stream for WatchEvents {
-    type Item = Result<pb::WatchEvent, Status>;
+/// gRPC's message prefix: a compressed flag and a big-endian length.
+pub(crate) const PREFIX: usize = 5;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
+/// One watch event as a gRPC length-prefixed message.
+pub(crate) fn grpc_frame(event: &pb::WatchEvent) -> Result<Vec<u8>, Status> {
+    use prost::Message;
+    let len = event.encoded_len();
+    let prefix =
+        u32::try_from(len).map_err(|_| Status::internal("a watch event too large to frame"))?;
+    let mut data = Vec::with_capacity(PREFIX + len);
+    data.push(0);
+    data.extend_from_slice(&prefix.to_be_bytes());
+    // A Vec grows as needed: encoding into it cannot run out of room.
+    event
+        .encode(&mut data)
+        .map_err(|e| Status::internal(format!("cannot encode a watch event: {e}")))?;
+    Ok(data)
+}
+
+/// What a watch sends next.
+pub(crate) enum Next {
+    /// An event to encode for this watcher alone (a snapshot, a resumed change).
+    Event(Box<pb::WatchEvent>),
+    /// A live delta already encoded, the same bytes every watcher of its kind is sent.
+    Frame(bytes::Bytes),
+}
+
+impl WatchEvents {
+    /// The next event, with live deltas as frames shared between watchers of the same
+    /// interest (`WatchHub::encoded`): what the Watch route sends.
+    pub(crate) fn poll_next_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Next, Status>>> {
+        self.poll_next_inner(cx, true)
+    }
+
+    fn poll_next_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        shared_frames: bool,
+    ) -> Poll<Option<Result<Next, Status>>> {
+        let this = self;
         if std::mem::take(&mut this.snapshot_first) {
-            return Poll::Ready(Some(Ok(this.snapshot())));
+            return Poll::Ready(Some(Ok(Next::Event(Box::new(this.snapshot())))));
         }
         for change in this.first.by_ref() {
             this.seen = this.seen.max(change.revision);
             if let Some(c) = filter(&change, &this.interest) {
                 let event = delta_event(&c);
-                return Poll::Ready(Some(Ok(this.stamped(event))));
+                return Poll::Ready(Some(Ok(Next::Event(Box::new(this.stamped(event))))));
             }
         }
         // The node is stopping: end the stream so clients reconnect elsewhere at once.
@@ -288,23 +326,66 @@ impl Stream for WatchEvents {
                 Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
                     tracing::debug!(missed, namespace = %this.interest.namespace, "watcher fell behind; resyncing with a snapshot");
                     this.shared.metrics.watch_resyncs.inc();
-                    return Poll::Ready(Some(Ok(this.snapshot())));
+                    return Poll::Ready(Some(Ok(Next::Event(Box::new(this.snapshot())))));
                 }
                 Poll::Ready(Some(Ok(change))) => change,
             };
             if change.reset {
                 this.shared.metrics.watch_resyncs.inc();
-                return Poll::Ready(Some(Ok(this.snapshot())));
+                return Poll::Ready(Some(Ok(Next::Event(Box::new(this.snapshot())))));
             }
             if change.revision <= this.seen {
                 continue;
             }
             this.seen = change.revision;
+            if shared_frames {
+                if this.cluster_id.is_empty() {
+                    this.cluster_id = this.shared.catalog.read().cluster_id().to_string();
+                }
+                let mut failed = None;
+                let frame = this.shared.hub.encoded(
+                    change.revision,
+                    &this.interest,
+                    &this.cluster_id,
+                    || {
+                        let c = filter(&change, &this.interest)?;
+                        let mut event = delta_event(&c);
+                        event.cluster_id.clone_from(&this.cluster_id);
+                        grpc_frame(&event)
+                            .map_err(|e| failed = Some(e))
+                            .ok()
+                            .map(bytes::Bytes::from)
+                    },
+                );
+                if let Some(status) = failed {
+                    return Poll::Ready(Some(Err(status)));
+                }
+                if let Some(frame) = frame {
+                    return Poll::Ready(Some(Ok(Next::Frame(frame))));
+                }
+                continue;
+            }
             if let Some(c) = filter(&change, &this.interest) {
                 let event = delta_event(&c);
-                return Poll::Ready(Some(Ok(this.stamped(event))));
+                return Poll::Ready(Some(Ok(Next::Event(Box::new(this.stamped(event))))));
             }
         }
+    }
+}
+
+impl Stream for WatchEvents {
+    type Item = Result<pb::WatchEvent, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_next_inner(cx, false).map(|next| {
+            next.map(|r| {
+                r.and_then(|n| match n {
+                    Next::Event(event) => Ok(*event),
+                    // Only asked for with shared frames, which this path does not.
+                    Next::Frame(_) => Err(Status::internal("a shared frame on a message stream")),
+                })
+            })
+        })
     }
 }
 

@@ -31,20 +31,17 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use prost::Message;
-use tokio_stream::Stream;
 use tonic::server::NamedService;
 use tonic::Status;
 
 use switchyard_proto::v1 as pb;
 
-use super::discovery::{buffer_full, DiscoveryApi, WatchEvents};
+use super::discovery::{buffer_full, grpc_frame, DiscoveryApi, Next, WatchEvents, PREFIX};
 use crate::config::MAX_REQUEST_BYTES;
 use crate::shared::Shared;
 use crate::watch::budget::StreamBytes;
 
 const WATCH_PATH: &str = "/switchyard.v1.Discovery/Watch";
-/// gRPC's message prefix: a compressed flag and a big-endian length.
-const PREFIX: usize = 5;
 
 /// The Discovery service with its Watch method served by [`WatchBody`]; every other
 /// method goes to `inner` (tonic's generated server).
@@ -212,27 +209,25 @@ impl Body for WatchBody {
         // Build nothing while this watcher's earlier events are still unsent: its
         // changes wait in the hub (a resync if it falls past it).
         ready!(this.bytes.poll_room(cx));
-        let event = match Pin::new(&mut this.events).poll_next(cx) {
+        let next = match this.events.poll_next_frame(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => return this.end(&Status::ok("")),
             Poll::Ready(Some(Err(status))) => return this.end(&status),
-            Poll::Ready(Some(Ok(event))) => event,
+            Poll::Ready(Some(Ok(next))) => next,
         };
-        let len = event.encoded_len();
-        let Ok(prefix) = u32::try_from(len) else {
-            return this.end(&Status::internal("a watch event too large to frame"));
+        let (data, delta) = match next {
+            // A live delta: the bytes every watcher of its kind is sent. Each watcher is
+            // charged for them in full, as if they were its own (they are held at most
+            // once, so the budget errs on the safe side).
+            Next::Frame(bytes) => (bytes, true),
+            Next::Event(event) => match grpc_frame(&event) {
+                Ok(data) => (
+                    Bytes::from(data),
+                    matches!(event.kind, Some(pb::watch_event::Kind::Delta(_))),
+                ),
+                Err(status) => return this.end(&status),
+            },
         };
-        let mut data = Vec::with_capacity(PREFIX + len);
-        data.push(0);
-        data.extend_from_slice(&prefix.to_be_bytes());
-        // A Vec grows as needed: encoding into it cannot run out of room.
-        if let Err(e) = event.encode(&mut data) {
-            return this.end(&Status::internal(format!(
-                "cannot encode a watch event: {e}"
-            )));
-        }
-        let delta = matches!(event.kind, Some(pb::watch_event::Kind::Delta(_)));
-        drop(event);
         match this.bytes.charge(data, delta) {
             Ok(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
             Err(full) => {

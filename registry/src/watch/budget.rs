@@ -138,7 +138,12 @@ impl StreamBytes {
     /// Charges `data` (one encoded event) to this watcher and the node, or refuses it
     /// when the node's budget is full. `small_delta`: the event is a delta, which a
     /// watcher with nothing unsent may queue whatever the budget (see the module doc).
-    pub fn charge(self: &Arc<Self>, data: Vec<u8>, small_delta: bool) -> Result<Bytes, Full> {
+    pub fn charge(
+        self: &Arc<Self>,
+        data: impl Into<Bytes>,
+        small_delta: bool,
+    ) -> Result<Bytes, Full> {
+        let data: Bytes = data.into();
         let len = data.len();
         let always = small_delta && len <= SMALL_DELTA_BYTES && self.unsent() == 0;
         self.budget.reserve(len, always)?;
@@ -158,7 +163,9 @@ impl StreamBytes {
 /// The owner of an event's bytes: gives them back to the watcher and the node when the
 /// last slice of them is dropped.
 struct Charged {
-    data: Vec<u8>,
+    /// The event's bytes: this watcher's own, or a delta shared by every watcher of its
+    /// kind (each charged for it).
+    data: Bytes,
     stream: Arc<StreamBytes>,
 }
 

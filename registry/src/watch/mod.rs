@@ -13,6 +13,7 @@ pub mod budget;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
@@ -30,6 +31,22 @@ struct History {
 pub struct WatchHub {
     tx: broadcast::Sender<Arc<Change>>,
     history: Mutex<History>,
+    /// Deltas already filtered and encoded, by change and kind of watcher: see
+    /// [`WatchHub::encoded`].
+    frames: Mutex<VecDeque<EncodedDelta>>,
+}
+
+/// How many encoded deltas [`WatchHub::encoded`] keeps: enough for every kind of watcher
+/// (namespace, services, flags, prefixes) a change reaches before the next one comes.
+const ENCODED_KEPT: usize = 64;
+
+/// One change as one kind of watcher is sent it.
+struct EncodedDelta {
+    revision: Revision,
+    interest: Interest,
+    cluster_id: String,
+    /// The gRPC frame; `None` when the change holds nothing this kind of watcher wants.
+    frame: Option<Bytes>,
 }
 
 impl WatchHub {
@@ -44,7 +61,49 @@ impl WatchHub {
                 capacity: history.max(1),
                 floor,
             }),
+            frames: Mutex::new(VecDeque::with_capacity(ENCODED_KEPT)),
         }
+    }
+
+    /// The delta of change `revision` for watchers of `interest` in cluster
+    /// `cluster_id`, as a gRPC frame: built by `build` (filter, then encode) for the first
+    /// such watcher and shared by the rest. A change that reaches 1,000 sidecars watching
+    /// the same namespace is filtered and encoded once, not 1,000 times, and the same
+    /// bytes go to every connection. `build` runs without the lock held.
+    pub fn encoded(
+        &self,
+        revision: Revision,
+        interest: &Interest,
+        cluster_id: &str,
+        build: impl FnOnce() -> Option<Bytes>,
+    ) -> Option<Bytes> {
+        let found = |frames: &VecDeque<EncodedDelta>| {
+            frames
+                .iter()
+                .rev()
+                .find(|e| {
+                    e.revision == revision && e.cluster_id == cluster_id && e.interest == *interest
+                })
+                .map(|e| e.frame.clone())
+        };
+        if let Some(frame) = found(&self.frames.lock()) {
+            return frame;
+        }
+        let frame = build();
+        let mut frames = self.frames.lock();
+        // Another watcher may have built it meanwhile: keep one entry.
+        if found(&frames).is_none() {
+            if frames.len() == ENCODED_KEPT {
+                frames.pop_front();
+            }
+            frames.push_back(EncodedDelta {
+                revision,
+                interest: interest.clone(),
+                cluster_id: cluster_id.to_string(),
+                frame: frame.clone(),
+            });
+        }
+        frame
     }
 
     /// Records and broadcasts a change. Call it with the catalog write lock held, so a
@@ -74,6 +133,7 @@ impl WatchHub {
             h.events.clear();
             h.floor = revision;
         }
+        self.frames.lock().clear();
         let _ = self.tx.send(Arc::new(Change {
             revision,
             reset: true,
@@ -104,7 +164,7 @@ impl WatchHub {
 
 /// What one watcher asked for: its namespace's services (all when empty), and beside
 /// them, if it asked, the namespace's flag document and the KV entries under prefixes.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Interest {
     pub namespace: String,
     pub services: Vec<String>,
@@ -202,5 +262,57 @@ mod tests {
         assert_eq!(hub.since(2).map(revs), Some(vec![5, 7, 9]));
         assert_eq!(hub.since(7).map(revs), Some(vec![9]));
         assert_eq!(hub.since(9).map(revs), Some(vec![]));
+    }
+
+    #[test]
+    fn a_delta_is_built_once_per_kind_of_watcher_and_shared() {
+        let hub = WatchHub::new(8, 8, 0);
+        let web = Interest {
+            namespace: "default".into(),
+            ..Interest::default()
+        };
+        let other = Interest {
+            namespace: "other".into(),
+            ..Interest::default()
+        };
+        let mut built = 0;
+        let mut get = |revision, interest: &Interest, cluster: &str, out: Option<&'static [u8]>| {
+            hub.encoded(revision, interest, cluster, || {
+                built += 1;
+                out.map(Bytes::from_static)
+            })
+        };
+        let a = get(5, &web, "c1", Some(b"five"));
+        let b = get(5, &web, "c1", Some(b"not built again"));
+        assert_eq!(a.as_deref(), Some(&b"five"[..]));
+        assert_eq!(
+            b.as_deref(),
+            Some(&b"five"[..]),
+            "the second watcher shares the frame"
+        );
+        // Another kind of watcher, another change, another cluster: each built anew.
+        assert_eq!(get(5, &other, "c1", None), None);
+        assert_eq!(
+            get(5, &other, "c1", Some(b"x")),
+            None,
+            "nothing to send is kept too"
+        );
+        assert_eq!(
+            get(6, &web, "c1", Some(b"six")).as_deref(),
+            Some(&b"six"[..])
+        );
+        assert_eq!(get(5, &web, "c2", Some(b"c2")).as_deref(), Some(&b"c2"[..]));
+        assert_eq!(built, 4);
+        // A reset forgets them (the catalog was replaced).
+        hub.reset(7);
+        let again = hub.encoded(5, &web, "c1", || Some(Bytes::from_static(b"rebuilt")));
+        assert_eq!(again.as_deref(), Some(&b"rebuilt"[..]));
+        // At most ENCODED_KEPT are kept, the oldest going first.
+        for r in 100..100 + ENCODED_KEPT as u64 {
+            hub.encoded(r, &web, "c1", || None);
+        }
+        assert_eq!(hub.frames.lock().len(), ENCODED_KEPT);
+        let rebuilt = hub.encoded(5, &web, "c1", || Some(Bytes::from_static(b"evicted")));
+        assert_eq!(rebuilt.as_deref(), Some(&b"evicted"[..]));
     }
 }
