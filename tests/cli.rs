@@ -600,22 +600,23 @@ fn sidecar_precedence_is_flag_then_env_then_file_then_default() {
     assert_eq!(v, "off");
 }
 
-/// Threads of `pid` that tokio named (its workers, and its blocking pool when busy):
-/// `tokio-rt-worker`, or `tokio-runtime-worker` (cut to 15 bytes) in older tokio.
+/// Threads of `pid` that are proxy workers after the first (`proxy-worker-N`; the
+/// first is the main thread).
 #[cfg(target_os = "linux")]
-fn tokio_threads(pid: u32) -> usize {
+fn proxy_worker_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("/proc/PID/task")
         .filter_map(Result::ok)
         .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tokio-r"))
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("proxy-worker-"))
         })
         .count()
 }
 
 #[cfg(target_os = "linux")]
 #[test]
-fn sidecar_worker_threads_from_the_config_file_size_the_runtime() {
+fn sidecar_worker_threads_from_the_config_file_size_the_proxy_workers() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("sidecar.toml");
     // More than the default (one per core) would start, so the default cannot pass.
@@ -623,7 +624,7 @@ fn sidecar_worker_threads_from_the_config_file_size_the_runtime() {
     let wanted = cores + 3;
     std::fs::write(
         &file,
-        format!("registry = [\"http://127.0.0.1:1\"]\nhttp_proxy = \"off\"\nworker_threads = {wanted}\n"),
+        format!("registry = [\"http://127.0.0.1:1\"]\nhttp_proxy = \"127.0.0.1:0\"\nworker_threads = {wanted}\n"),
     )
     .expect("write config");
     let mut base = sidecar_args(dir.path());
@@ -631,30 +632,29 @@ fn sidecar_worker_threads_from_the_config_file_size_the_runtime() {
     let base: Vec<&str> = base.iter().map(String::as_str).collect();
 
     let (mut sidecar, _, _) = start_until(&base, "sidecar serving");
-    // A worker names itself once it runs, which on a busy machine can be a moment after
-    // the runtime started: poll (bounded) rather than count once.
+    // A worker names itself once its thread runs: poll (bounded) rather than count once.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut threads = tokio_threads(sidecar.0.id());
-    while threads < wanted && Instant::now() < deadline {
+    let mut threads = proxy_worker_threads(sidecar.0.id());
+    while threads < wanted - 1 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        threads = tokio_threads(sidecar.0.id());
+        threads = proxy_worker_threads(sidecar.0.id());
     }
-    assert!(
-        threads >= wanted,
-        "worker_threads = {wanted} in the file, {threads} tokio threads"
+    assert_eq!(
+        threads,
+        wanted - 1,
+        "worker_threads = {wanted} in the file: the main thread and {} more",
+        wanted - 1
     );
     sidecar.signal("-TERM");
     assert!(sidecar.wait(Duration::from_secs(10)).success());
 
-    // The flag still wins over the file: one thread, no worker pool.
+    // The flag still wins over the file: one worker, the main thread.
     let mut one = base.clone();
     one.extend(["--worker-threads", "1"]);
     let (mut sidecar, _, _) = start_until(&one, "sidecar serving");
-    let threads = tokio_threads(sidecar.0.id());
-    assert!(
-        threads < wanted,
-        "--worker-threads 1 over the file's {wanted}: {threads} tokio threads"
-    );
+    std::thread::sleep(Duration::from_millis(200));
+    let threads = proxy_worker_threads(sidecar.0.id());
+    assert_eq!(threads, 0, "--worker-threads 1 over the file's {wanted}");
     sidecar.signal("-TERM");
     assert!(sidecar.wait(Duration::from_secs(10)).success());
 }

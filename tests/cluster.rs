@@ -246,6 +246,7 @@ async fn three_registry_processes_survive_losing_the_leader() {
     let sidecar = switchyard_sidecar::start(
         config,
         switchyard_sidecar::SidecarListeners {
+            workers: Vec::new(),
             admin: tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind"),

@@ -4,6 +4,10 @@
 #
 #   benches/compare/proxy.sh [seconds-per-run] [rounds] [fixed-rate-req/s]   (defaults 10 3 5000)
 #   RESULTS_OUT=/path/file benches/compare/proxy.sh ...   also writes the raw per-run lines there
+#   WORKERS=2 benches/compare/proxy.sh ...   every proxy with 2 workers (HAProxy nbthread 2,
+#      nginx worker_processes 2, Envoy --concurrency 2, sidecar --worker-threads 2), proxies,
+#      load tools (2 threads each) and backends all sharing both cores alike (no pinning
+#      apart: taskset -c 0,1 for everyone), instead of the 1-core layout below
 #
 # Per proxy and round (rounds interleaved: round 1 = envoy haproxy nginx switchyard, round 2 ...):
 #   1. wrk    -t1 -c64 -d${DURATION}s --latency              HTTP/1.1 saturation: req/s, p99 (info)
@@ -55,10 +59,13 @@ DURATION=${1:-10}
 ROUNDS=${2:-3}
 RATE=${3:-5000}
 RESULTS_OUT=${RESULTS_OUT:-}
-for v in "$DURATION" "$ROUNDS" "$RATE"; do
+W=${WORKERS:-1}
+for v in "$DURATION" "$ROUNDS" "$RATE" "$W"; do
   [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [seconds] [rounds] [rate]  (positive integers)" >&2; exit 2; }
 done
 PROXIES=(envoy haproxy nginx switchyard)
+# CPU placement: one worker = proxies on CPU 1, load on CPU 0; more = everyone on both.
+if [ "$W" = 1 ]; then PCPU=1; LCPU=0; else PCPU=0,1; LCPU=0,1; fi
 
 # ---------------------------------------------------------------------------- installs
 apt_updated=
@@ -205,7 +212,7 @@ static_resources:
         - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${P_B[1]}}}}
         - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${P_B[2]}}}}
 CONF
-taskset -c 1 "$ENVOY" -c "$work/envoy/envoy.yaml" --concurrency 1 --disable-hot-restart \
+taskset -c $PCPU "$ENVOY" -c "$work/envoy/envoy.yaml" --concurrency $W --disable-hot-restart \
   -l warn --log-path "$work/envoy/envoy.log" 2>>"$work/envoy/envoy.log" & pids+=($!)
 pid_envoy=$!
 
@@ -217,7 +224,7 @@ pid_envoy=$!
 mkdir -p "$work/haproxy"
 cat > "$work/haproxy/haproxy.cfg" <<CONF
 global
-  nbthread 1
+  nbthread $W
   maxconn 4096   # maxconn 10000 needs more than the 20000 fds allowed here
 defaults
   mode http
@@ -238,7 +245,7 @@ backend web
   server b3 127.0.0.1:${P_B[2]}
 CONF
 haproxy -c -q -f "$work/haproxy/haproxy.cfg"
-taskset -c 1 haproxy -db -f "$work/haproxy/haproxy.cfg" 2>"$work/haproxy/haproxy.log" & pids+=($!)
+taskset -c $PCPU haproxy -db -f "$work/haproxy/haproxy.cfg" 2>"$work/haproxy/haproxy.log" & pids+=($!)
 pid_haproxy=$!
 
 # nginx as proxy: own process/config/prefix, worker_processes 1, least_conn with a
@@ -248,7 +255,7 @@ pid_haproxy=$!
 # client and upstream connections every 1000 requests). CPU/RSS = master + worker.
 mkdir -p "$work/nginx-proxy"
 cat > "$work/nginx-proxy/nginx.conf" <<CONF
-worker_processes 1;
+worker_processes $W;
 pid $work/nginx-proxy/nginx.pid;
 error_log $work/nginx-proxy/error.log;
 daemon off;
@@ -277,7 +284,7 @@ http {
   }
 }
 CONF
-taskset -c 1 nginx -c "$work/nginx-proxy/nginx.conf" -p "$work/nginx-proxy" & pids+=($!)
+taskset -c $PCPU nginx -c "$work/nginx-proxy/nginx.conf" -p "$work/nginx-proxy" & pids+=($!)
 pid_nginx=$!
 
 # Switchyard: registry (unpinned) + three `switchyard register` leases for service web
@@ -297,8 +304,8 @@ for port in "${P_B[@]}"; do
   "$BIN" register --registry http://127.0.0.1:$P_REG --service $svc --address 127.0.0.1 --port "$port" \
     --version 1.0.0 --id "$svc-$port" >"$work/switchyard/register-$port.log" 2>&1 & pids+=($!)
 done
-taskset -c 1 "$BIN" sidecar --registry http://127.0.0.1:$P_REG --admin 127.0.0.1:$P_SC_ADMIN \
-  --http-proxy 127.0.0.1:$P_SC --dns off --worker-threads 1 --cache-file "$work/switchyard/cache.json" \
+taskset -c $PCPU "$BIN" sidecar --registry http://127.0.0.1:$P_REG --admin 127.0.0.1:$P_SC_ADMIN \
+  --http-proxy 127.0.0.1:$P_SC --dns off --worker-threads $W --cache-file "$work/switchyard/cache.json" \
   2>"$work/switchyard/sidecar.log" & pids+=($!)
 pid_switchyard=$!
 
@@ -432,19 +439,19 @@ run_one() {  # proxy round
   alive "$pid" || fail_run "$proxy (pid $pid) is not running"
 
   t0=$(cpu_ticks "$pid"); s0=$(now)
-  out=$(taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" --latency -H 'Host: web' "${H1[$proxy]}" 2>&1) || fail_run "wrk $proxy: $out"
+  out=$(taskset -c $LCPU wrk -t$W -c64 -d"${DURATION}s" --latency -H 'Host: web' "${H1[$proxy]}" 2>&1) || fail_run "wrk $proxy: $out"
   t1=$(cpu_ticks "$pid"); s1=$(now)
   read -r wrk_rps wrk_p99 wrk_err <<<"$(wrk_parse <<<"$out")"
   wrk_cpu=$(pct $((t1 - t0)) "$(awk -v a="$s0" -v b="$s1" 'BEGIN {print b - a}')")
 
   t0=$(cpu_ticks "$pid"); s0=$(now)
-  out=$(taskset -c 0 h2load -c64 -m1 -t1 -D "$DURATION" -H ":authority: ${A2[$proxy]}" "${H2[$proxy]}" 2>&1) || fail_run "h2load $proxy: $out"
+  out=$(taskset -c $LCPU h2load -c64 -m1 -t$W -D "$DURATION" -H ":authority: ${A2[$proxy]}" "${H2[$proxy]}" 2>&1) || fail_run "h2load $proxy: $out"
   t1=$(cpu_ticks "$pid"); s1=$(now)
   read -r h2_rps h2_err <<<"$(h2_parse <<<"$out")"
   h2_cpu=$(pct $((t1 - t0)) "$(awk -v a="$s0" -v b="$s1" 'BEGIN {print b - a}')")
 
   c0=$(cpu_sample "$pid")
-  out=$(taskset -c 0 oha -z "${DURATION}s" -c 64 -q "$RATE" --latency-correction --no-tui -w --worker-threads 1 "${OHA_JSON[@]}" \
+  out=$(taskset -c $LCPU oha -z "${DURATION}s" -c 64 -q "$RATE" --latency-correction --no-tui -w --worker-threads $W "${OHA_JSON[@]}" \
     -H 'Host: web' "${H1[$proxy]}" 2>"$work/oha.err") || fail_run "oha $proxy: $(cat "$work/oha.err") $out"
   c1=$(cpu_sample "$pid")
   read -r p50 p99 nreq oha_err <<<"$(oha_parse <<<"$out")" || fail_run "oha output unreadable: $out"
@@ -457,15 +464,15 @@ run_one() {  # proxy round
     add "$proxy" "${m%%:*}" "${m#*:}"
   done
   R[$proxy,err]=$(( ${R[$proxy,err]:-0} + wrk_err + h2_err + oha_err ))
-  emit "round=$round proxy=$proxy wrk_rps=$wrk_rps wrk_p99_ms=$wrk_p99 wrk_errors=$wrk_err wrk_cpu_pct=$wrk_cpu h2load_rps=$h2_rps h2load_errors=$h2_err h2load_cpu_pct=$h2_cpu oha_rate=$RATE oha_p50_ms=$p50 oha_p99_ms=$p99 oha_ok=$nreq oha_errors=$oha_err cpu_us_per_req=$us cpu_source=$us_src cpu_us_per_req_ticks=$us_ticks rss_kib=$rss"
+  emit "round=$round workers=$W proxy=$proxy wrk_rps=$wrk_rps wrk_p99_ms=$wrk_p99 wrk_errors=$wrk_err wrk_cpu_pct=$wrk_cpu h2load_rps=$h2_rps h2load_errors=$h2_err h2load_cpu_pct=$h2_cpu oha_rate=$RATE oha_p50_ms=$p50 oha_p99_ms=$p99 oha_ok=$nreq oha_errors=$oha_err cpu_us_per_req=$us cpu_source=$us_src cpu_us_per_req_ticks=$us_ticks rss_kib=$rss"
   [ $((wrk_err + h2_err + oha_err)) = 0 ] || echo "WARNING: $proxy round $round had errors (wrk $wrk_err, h2load $h2_err, oha $oha_err)" >&2
 }
 
-[ -z "$RESULTS_OUT" ] || echo "# benches/compare/proxy.sh $DURATION $ROUNDS $RATE  $(date -u +%FT%TZ)  $(uname -r)" >>"$RESULTS_OUT"
+[ -z "$RESULTS_OUT" ] || echo "# WORKERS=$W benches/compare/proxy.sh $DURATION $ROUNDS $RATE  $(date -u +%FT%TZ)  $(uname -r)" >>"$RESULTS_OUT"
 echo "warm-up: 1 s wrk + 1 s h2load per proxy"
 for proxy in "${PROXIES[@]}"; do
-  taskset -c 0 wrk -t1 -c64 -d1s -H 'Host: web' "${H1[$proxy]}" >/dev/null 2>&1 || true
-  taskset -c 0 h2load -c64 -m1 -t1 -D 1 -H ":authority: ${A2[$proxy]}" "${H2[$proxy]}" >/dev/null 2>&1 || true
+  taskset -c $LCPU wrk -t$W -c64 -d1s -H 'Host: web' "${H1[$proxy]}" >/dev/null 2>&1 || true
+  taskset -c $LCPU h2load -c64 -m1 -t$W -D 1 -H ":authority: ${A2[$proxy]}" "${H2[$proxy]}" >/dev/null 2>&1 || true
 done
 echo "measuring: ${ROUNDS} interleaved rounds x ${#PROXIES[@]} proxies x (wrk + h2load + oha) x ${DURATION} s"
 for round in $(seq 1 "$ROUNDS"); do
@@ -488,7 +495,11 @@ fmt() {  # column value
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "NA" || b == "NA" || b == 0) print "NA"; else printf "%.2fx", a / b}'; }
 echo
-echo "Medians of $ROUNDS interleaved rounds, ${DURATION} s per run; proxies pinned to CPU 1, load tools to CPU 0, backends unpinned."
+if [ "$W" = 1 ]; then
+  echo "Medians of $ROUNDS interleaved rounds, ${DURATION} s per run; 1 worker each; proxies pinned to CPU 1, load tools to CPU 0, backends unpinned."
+else
+  echo "Medians of $ROUNDS interleaved rounds, ${DURATION} s per run; $W workers each; proxies, load tools ($W threads) and backends all on CPUs $PCPU."
+fi
 echo "oha: -c 64 -q $RATE --latency-correction. Ratios are switchyard / other: >1 is better for req/s, <1 is better for the rest."
 echo
 echo "| proxy | wrk h1 req/s | wrk p99 ms | h2load h2c req/s | oha p50 ms | oha p99 ms | CPU µs/req @${RATE}/s | CPU % (wrk) | RSS MiB | errors |"

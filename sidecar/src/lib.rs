@@ -55,6 +55,7 @@ pub mod slow_start;
 pub mod sweep;
 pub mod table;
 pub mod telemetry;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -236,6 +237,9 @@ pub struct SidecarListeners {
     /// The mesh inbound port (mTLS from other sidecars to the local app); served only
     /// with a registrar and `mesh_identity`.
     pub inbound: Option<TcpListener>,
+    /// One entry per proxy worker after the first (`--worker-threads`): its own
+    /// `SO_REUSEPORT` sockets on the HTTP addresses above ([`workers`]).
+    pub workers: Vec<workers::WorkerListeners>,
 }
 
 /// A running sidecar.
@@ -331,6 +335,14 @@ pub async fn start(
             &config.discovery.namespace,
         )));
     }
+    if listeners.workers.len() >= workers::MAX_WORKERS {
+        return Err(format!(
+            "{} proxy workers asked for; at most {} (--worker-threads)",
+            listeners.workers.len() + 1,
+            workers::MAX_WORKERS
+        ));
+    }
+    ctx.workers = 1 + listeners.workers.len();
     let ctx = Arc::new(ctx);
     let admin_addr = addr(&listeners.admin).map_err(|e| e.to_string())?;
     let http_proxy_addr = match &listeners.http_proxy {
@@ -383,6 +395,9 @@ pub async fn start(
             proxy::http::ServiceBy::Fixed(service.into()),
             shutdown_rx.clone(),
         )));
+    }
+    for (i, w) in listeners.workers.into_iter().enumerate() {
+        tasks.push(workers::spawn(i + 1, w, ctx.clone(), shutdown_rx.clone())?);
     }
     for (service, l) in listeners.upstreams {
         upstream_addrs.push((service.clone(), addr(&l).map_err(|e| e.to_string())?));
@@ -465,6 +480,7 @@ pub async fn start(
         http_proxy = %http_proxy_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         inbound = %inbound_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         upstreams = upstream_addrs.len() + http_upstream_addrs.len(),
+        workers = ctx.workers,
         "sidecar serving"
     );
     Ok(SidecarHandle {

@@ -140,6 +140,14 @@ pub struct Metrics {
     /// Inbound TLS handshakes refused (no or an untrusted client certificate, clear
     /// text) or timed out, by reason (`switchyard_tls::failure::Reason`).
     pub inbound_handshake_failures: Family<ReasonLabels, Counter>,
+    /// Downstream HTTP connections accepted, per proxy worker (how evenly the kernel
+    /// spreads them across the workers' `SO_REUSEPORT` sockets).
+    downstream_connections: Family<WorkerLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,6 +172,7 @@ impl Default for Metrics {
         let registry_connected = Gauge::default();
         let watch_reconnects = Counter::default();
         let tcp_connections = Family::default();
+        let downstream_connections = Family::<WorkerLabels, Counter>::default();
         let ejections = Family::<EjectionLabels, Counter>::default();
         let panic = Family::<ServiceLabels, Gauge<i64, AtomicI64>>::default();
         let ejected = Family::<ServiceLabels, Gauge<i64, AtomicI64>>::default();
@@ -287,6 +296,11 @@ impl Default for Metrics {
             watch_reconnects.clone(),
         );
         registry.register(
+            "downstream_connections",
+            "Downstream HTTP connections accepted, per proxy worker (--worker-threads)",
+            downstream_connections.clone(),
+        );
+        registry.register(
             "tcp_connections",
             "TCP connections proxied per endpoint",
             tcp_connections.clone(),
@@ -339,6 +353,7 @@ impl Default for Metrics {
             inbound_requests,
             inbound_denied,
             inbound_handshake_failures,
+            downstream_connections,
         }
     }
 }
@@ -367,6 +382,16 @@ impl Metrics {
     }
 
     /// The counter of attempts telemetry dropped for `reason` (unsent, keys).
+    /// The accepted-connections counter of proxy worker `worker` (a handle: one
+    /// atomic add per connection).
+    pub fn downstream_connections(&self, worker: usize) -> Counter {
+        self.downstream_connections
+            .get_or_create(&WorkerLabels {
+                worker: worker.to_string(),
+            })
+            .clone()
+    }
+
     pub fn telemetry_dropped(&self, reason: &'static str) -> Counter {
         self.telemetry_dropped
             .get_or_create(&ReasonLabels { reason })

@@ -78,6 +78,7 @@ async fn start_sidecar(config: SidecarConfig, _dir: &Path) -> SidecarHandle {
     switchyard_sidecar::start(
         config,
         SidecarListeners {
+            workers: Vec::new(),
             admin: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
             http_proxy: Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
             upstreams: vec![],

@@ -280,3 +280,77 @@ async fn an_endpoint_failing_five_times_in_a_row_is_ejected() {
     sidecar.shutdown().await;
     fake.shutdown().await;
 }
+
+/// `--worker-threads 2`: two proxy workers, each with its own `SO_REUSEPORT` socket on
+/// the Host-routed and the fixed-upstream address. Connections spread over both (40
+/// connections from different source ports all landing on one socket has odds of
+/// 2^-39), and every request is answered by whichever worker took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxy_workers_share_each_port_and_both_serve() {
+    use switchyard_sidecar::workers::{bind_group, WorkerListeners};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = FakeRegistry::start().await;
+    let backend = Backend::start("one", Duration::ZERO).await;
+    fake.upsert(vec![instance_at("web", "one", backend.addr, "1.0.0", 100)]);
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut by_host = bind_group(any, 2).expect("bind").into_iter();
+    let mut fixed = bind_group(any, 2).expect("bind").into_iter();
+    let first = |l: Option<std::net::TcpListener>| {
+        tokio::net::TcpListener::from_std(l.expect("socket")).expect("tokio listener")
+    };
+    let (host_first, fixed_first) = (first(by_host.next()), first(fixed.next()));
+    let sidecar = switchyard_sidecar::start(
+        sidecar_config(vec![fake.url()], dir.path()),
+        switchyard_sidecar::SidecarListeners {
+            admin: tokio::net::TcpListener::bind(any).await.expect("bind"),
+            http_proxy: Some(host_first),
+            upstreams: vec![],
+            http_upstreams: vec![("web".to_string(), fixed_first)],
+            dns: None,
+            inbound: None,
+            workers: vec![WorkerListeners {
+                http_proxy: by_host.next(),
+                http_upstreams: vec![("web".to_string(), fixed.next().expect("socket"))],
+            }],
+        },
+    )
+    .await
+    .expect("sidecar starts");
+    wait_endpoints(&sidecar, "web", 1).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+    let upstream = sidecar.http_upstream_addrs[0].1;
+
+    for (addr, host) in [(proxy, "web"), (upstream, "anything")] {
+        for i in 0..40 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let head = format!("GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            s.write_all(head.as_bytes()).await.expect("write");
+            let mut reply = String::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
+                .await
+                .expect("answered in time")
+                .expect("read");
+            assert!(
+                reply.starts_with("HTTP/1.1 200") && reply.ends_with("one"),
+                "connection {i} to {addr}: {reply}"
+            );
+        }
+    }
+    assert_eq!(backend.hits(), 80);
+    let (_, text) = http_get(sidecar.admin_addr, "/metrics").await;
+    let accepted = |w: &str| {
+        let name = format!("switchyard_sidecar_downstream_connections_total{{worker=\"{w}\"}}");
+        metric(&text, &name).unwrap_or(0.0)
+    };
+    assert_eq!(accepted("0") + accepted("1"), 80.0, "{text}");
+    assert!(
+        accepted("0") > 0.0 && accepted("1") > 0.0,
+        "worker 0 took {}, worker 1 {}",
+        accepted("0"),
+        accepted("1")
+    );
+    sidecar.shutdown().await;
+    fake.shutdown().await;
+}

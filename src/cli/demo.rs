@@ -262,6 +262,7 @@ pub async fn run_demo() -> Result<(), CliError> {
     let sidecar = switchyard_sidecar::start(
         config,
         SidecarListeners {
+            workers: Vec::new(),
             admin: bind().await?,
             http_proxy: Some(bind().await?),
             upstreams: vec![],

@@ -200,10 +200,13 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-/// Tokio worker threads the command asks for (0 = one per core), after [`resolve`].
+/// Tokio worker threads of the main runtime (0 = one per core), after [`resolve`].
+/// The sidecar's is always one: its `--worker-threads` are proxy workers, each a
+/// thread with a runtime of its own, the first being `main`'s
+/// (`switchyard_sidecar::workers`).
 pub fn worker_threads(cli: &Cli) -> usize {
     match &cli.command {
-        Command::Sidecar(args) => args.worker_threads,
+        Command::Sidecar(_) => 1,
         _ => 0,
     }
 }

@@ -8,6 +8,7 @@ use clap::{ArgMatches, Args};
 use serde::{Deserialize, Serialize};
 use switchyard_core::model::resilience::{ResilienceSettings, RetryOn};
 use switchyard_sidecar::health::{Check, HealthConfig};
+use switchyard_sidecar::workers::WorkerListeners;
 use switchyard_sidecar::{
     LocalService, RegistrarConfig, SidecarConfig, SidecarHandle, SidecarListeners,
 };
@@ -274,7 +275,10 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_SLOW_THRESHOLD", default_value = "1s", value_parser = parse_duration)]
     #[serde(with = "config::duration")]
     pub slow_threshold: Duration,
-    /// Tokio worker threads (0 = one per core, 1 = a single-threaded runtime).
+    /// Proxy worker threads (0 = one per core, at most 64): each runs a
+    /// single-threaded runtime with its own SO_REUSEPORT socket on every HTTP
+    /// address and its own upstream connections; the first also runs discovery,
+    /// admin, DNS and registration.
     #[arg(long, env = "SWITCHYARD_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
     /// TOML file with any of the keys above.
@@ -460,6 +464,40 @@ pub fn config(
     Ok(config)
 }
 
+/// The proxy workers `--worker-threads` asks for (0: one per core).
+pub fn proxy_workers(args: &SidecarArgs) -> usize {
+    match args.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(switchyard_sidecar::workers::MAX_WORKERS)
+}
+
+/// Binds one `SO_REUSEPORT` socket per proxy worker on `addr`: the first worker's as
+/// a tokio listener, the others' to be taken by their own runtimes.
+fn bind_http(
+    addr: SocketAddr,
+    workers: usize,
+    what: &str,
+) -> Result<(TcpListener, Vec<std::net::TcpListener>), CliError> {
+    let failed = |e: std::io::Error| {
+        CliError::new(
+            EXIT_CONFIG,
+            format!("cannot listen on {addr} ({what}): {e}; pick another address"),
+        )
+    };
+    let mut group = switchyard_sidecar::workers::bind_group(addr, workers)
+        .map_err(failed)?
+        .into_iter();
+    let first = group
+        .next()
+        .ok_or_else(|| failed(std::io::Error::other("no socket bound")))?;
+    Ok((
+        TcpListener::from_std(first).map_err(failed)?,
+        group.collect(),
+    ))
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CliError> {
     TcpListener::bind(addr).await.map_err(|e| {
         CliError::new(
@@ -545,8 +583,16 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
             "--inbound needs --service (the app it forwards to) and --mesh-identity (the certificate it serves)",
         ));
     }
+    let n = proxy_workers(args);
+    let mut workers: Vec<WorkerListeners> = (1..n).map(|_| WorkerListeners::default()).collect();
     let http_proxy = match http_proxy_addr {
-        Some(addr) => Some(bind(addr, "--http-proxy").await?),
+        Some(addr) => {
+            let (first, rest) = bind_http(addr, n, "--http-proxy")?;
+            for (w, l) in workers.iter_mut().zip(rest) {
+                w.http_proxy = Some(l);
+            }
+            Some(first)
+        }
         None => None,
     };
     let mut upstreams = Vec::new();
@@ -555,7 +601,11 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
     }
     let mut http_upstreams = Vec::new();
     for (name, addr) in &args.http_upstreams {
-        http_upstreams.push((name.clone(), bind(*addr, "--http-upstream").await?));
+        let (first, rest) = bind_http(*addr, n, "--http-upstream")?;
+        for (w, l) in workers.iter_mut().zip(rest) {
+            w.http_upstreams.push((name.clone(), l));
+        }
+        http_upstreams.push((name.clone(), first));
     }
     let dns = match dns_addr {
         Some(addr) => Some(switchyard_core::dns::bind(addr).await.map_err(|e| {
@@ -567,6 +617,7 @@ pub async fn start(args: &SidecarArgs, config: SidecarConfig) -> Result<SidecarH
         None => None,
     };
     let listeners = SidecarListeners {
+        workers,
         dns,
         admin: bind(args.admin, "--admin").await?,
         http_proxy,

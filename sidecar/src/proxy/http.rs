@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -225,10 +225,15 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
+    // Each worker keeps its share of the limit (its own bookkeeping, no lock shared
+    // between workers); the kernel spreads connections evenly across them.
     let conns = Arc::new(Conns {
         open: Mutex::new(BTreeMap::new()),
-        max: limits.max_connections.max(1),
+        max: limits.max_connections.div_ceil(ctx.workers.max(1)).max(1),
     });
+    let accepted_total = ctx
+        .metrics
+        .downstream_connections(crate::workers::current());
     // Every connection task holds a sender; `recv` returns `None` once all are gone.
     let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
     let mut next_id = 0u64;
@@ -252,18 +257,20 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        let target = target.clone();
-        // Formatted once per connection, not per request.
-        let client_ip = HeaderValue::from_str(&remote.ip().to_string()).ok();
-        let tracked = conn_state.clone();
+        accepted_total.inc();
+        // Everything a request on this connection needs, in one `Arc`: one reference
+        // count per request, the client address formatted once.
+        let here = Arc::new(Downstream {
+            ctx: ctx.clone(),
+            target: target.clone(),
+            client_ip: HeaderValue::from_str(&remote.ip().to_string()).ok(),
+            conn: conn_state.clone(),
+        });
         let service = service_fn(move |req| {
-            let in_flight = InFlight::begin(&tracked);
-            let ctx = ctx.clone();
-            let target = target.clone();
-            let client_ip = client_ip.clone();
+            let here = here.clone();
             async move {
-                let resp = proxy(&ctx, &target, client_ip, req).await;
+                let in_flight = InFlight::begin(&here.conn);
+                let resp = proxy(&here.ctx, &here.target, here.client_ip.clone(), req).await;
                 Ok::<_, Infallible>(resp.map(|body| Guarded {
                     body,
                     guard: in_flight,
@@ -290,6 +297,14 @@ pub async fn serve(
     {
         tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing");
     }
+}
+
+/// One downstream connection's share of what its requests need.
+struct Downstream {
+    ctx: Arc<ProxyCtx>,
+    target: ServiceBy,
+    client_ip: Option<HeaderValue>,
+    conn: Arc<Conn>,
 }
 
 /// Drives one connection to its end: closes it gracefully (HTTP/1: after the request
@@ -548,18 +563,29 @@ impl From<ProxyError> for Refused {
 /// Appends one clause to an explanation, if one was asked for.
 /// The service's pooled upstream clients, made on its first request under its
 /// connection limits.
+///
+/// Each proxy worker has its own (made on its first request for the service), so a
+/// pooled connection is driven by the thread whose requests use it; the connection
+/// limit they are counted under is the service's, shared.
 fn service_clients<'a>(ctx: &ProxyCtx, view: &'a ServiceView) -> &'a Clients {
     let any = view.limits.clients.get_or_init(|| {
-        let mesh = ctx.mesh.clone().map(|m| (m, Arc::from(view.name.as_str())));
-        Arc::new(Clients::new(ctx.pool, view.limits.conns.clone(), mesh))
-            as Arc<dyn std::any::Any + Send + Sync>
+        let per_worker: PerWorker = (0..ctx.workers.max(1)).map(|_| OnceLock::new()).collect();
+        Arc::new(per_worker) as Arc<dyn std::any::Any + Send + Sync>
     });
-    match any.downcast_ref::<Clients>() {
+    let per_worker = match any.downcast_ref::<PerWorker>() {
         Some(c) => c,
-        // Only this function fills the slot, always with `Clients`.
-        None => unreachable!("a service's client slot holds its Clients"),
-    }
+        // Only this function fills the slot, always with `PerWorker`.
+        None => unreachable!("a service's client slot holds its clients per worker"),
+    };
+    let slot = &per_worker[crate::workers::current().min(per_worker.len() - 1)];
+    slot.get_or_init(|| {
+        let mesh = ctx.mesh.clone().map(|m| (m, Arc::from(view.name.as_str())));
+        Clients::new(ctx.pool, view.limits.conns.clone(), mesh)
+    })
 }
+
+/// A service's pooled clients, one slot per proxy worker.
+type PerWorker = Box<[OnceLock<Clients>]>;
 
 fn note(explanation: &mut Option<String>, clause: std::fmt::Arguments<'_>) {
     if let Some(text) = explanation {

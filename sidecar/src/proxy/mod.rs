@@ -32,6 +32,9 @@ pub struct ProxyCtx {
     /// mTLS to endpoints in the mesh (`None`: this sidecar has no mesh identity, and
     /// dials every endpoint's app port in clear text).
     pub mesh: Option<Arc<crate::mesh::MeshClient>>,
+    /// Proxy workers serving the HTTP listeners ([`crate::workers`]): each has its own
+    /// pooled upstream connections and its share of `conn_limits.max_connections`.
+    pub workers: usize,
 }
 
 impl ProxyCtx {
@@ -60,6 +63,7 @@ impl ProxyCtx {
                 crate::telemetry::DEFAULT_SLOW_THRESHOLD,
             )),
             mesh: None,
+            workers: 1,
         }
     }
 

@@ -57,6 +57,7 @@ pub async fn start_sidecar_with(config: SidecarConfig, upstreams: Upstreams) -> 
     switchyard_sidecar::start(
         config,
         SidecarListeners {
+            workers: Vec::new(),
             admin: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
             http_proxy: Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
             upstreams: upstreams.tcp,
