@@ -22,6 +22,12 @@
 # response code other than NOERROR fails the run. Installs dnsperf, unbound and dig from
 # Debian if missing (idempotent); unbound runs from its own config in a temp dir and never
 # touches a system unbound. Loopback ports 19100-19154 only.
+#
+# Then the canary split (registry only; unbound has no such thing): every service gets a
+# fourth instance, version 2.0.0 (10.1.<n>.4), and rounds interleave the 100 service A names
+# answered plainly (no policy: the 4 instances, shuffled) with the same names under
+# `route split svcNNN 1.0.0=90 2.0.0=10` (each answer one subset, drawn by the weights), the
+# policies set and cleared between rounds. The split's share is checked with dig first.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${1:-10}
@@ -205,10 +211,10 @@ echo "additional records on an SRV answer: registry $(addl "$REG_DNS_PORT"), unb
   "(see the response sizes below)"
 
 # --- measurement ---------------------------------------------------------------------
-# run <label> <port>: one dnsperf run, prints "qps latency_ms lost size" or fails
+# run <label> <port> [query-file]: one dnsperf run, prints "qps latency_ms lost size" or fails
 run() {
-  local label=$1 port=$2 out qps lat lost rc size
-  out=$(taskset -c 0 dnsperf -s 127.0.0.1 -p "$port" -d "$work/queries" -l "$DURATION" \
+  local label=$1 port=$2 file=${3:-queries} out qps lat lost rc size
+  out=$(taskset -c 0 dnsperf -s 127.0.0.1 -p "$port" -d "$work/$file" -l "$DURATION" \
     -c "$CLIENTS" -T 1 -q "$OUTSTANDING" -t 2 2>&1) || { echo "$out" >&2; echo "dnsperf failed ($label)" >&2; return 1; }
   rc=$(echo "$out" | awk -F': *' '/Response codes:/ {print $2}')
   if ! [[ "$rc" =~ ^NOERROR\ [0-9]+\ \(100\.00%\)$ ]]; then
@@ -244,6 +250,75 @@ answers "$REG_DNS_PORT" "$work/queries" | cmp -s - "$work/check-registry" \
 
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 r_rss=$(rss "$reg_pid"); u_rss=$(rss "$unb_pid")
+
+# --- the canary split ------------------------------------------------------------------
+echo "canary split: a 2.0.0 instance per service, then plain vs split A answers"
+batch=(); fail=0
+for s in $(seq 1 "$SERVICES"); do
+  reg_canary() {
+    local s=$1 id out p
+    id=$(svc "$s")-canary; out=$work/reg/$id.out; : >"$out"
+    "$BIN" register --registry "http://$GRPC" --service "$(svc "$s")" --address "$(ip "$s" 4)" \
+      --port 9000 --version 2.0.0 --id "$id" --ttl 1h >>"$out" 2>&1 &
+    p=$!; echo "$p" >"$work/reg/$id.pid"
+    for _ in $(seq 1 200); do grep -q '^registered' "$out" && break; kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; rm -f "$work/reg/$id.pid"
+    grep -q '^registered' "$out" || { echo "register $id failed:"; cat "$out"; return 1; }
+  }
+  reg_canary "$s" & batch+=($!)
+  if [ "${#batch[@]}" -ge 20 ]; then for b in "${batch[@]}"; do wait "$b" || fail=1; done; batch=(); fi
+done
+for b in "${batch[@]}"; do wait "$b" || fail=1; done
+[ "$fail" = 0 ] || { echo "canary registrations failed"; exit 1; }
+cp "$work/a-names" "$work/split-queries"
+policies() {  # split|clear
+  local s batch=()
+  for s in $(seq 1 "$SERVICES"); do
+    if [ "$1" = split ]; then
+      "$BIN" route --registry "http://$GRPC" split "$(svc "$s")" 1.0.0=90 2.0.0=10 >/dev/null & batch+=($!)
+    else
+      "$BIN" route --registry "http://$GRPC" clear "$(svc "$s")" >/dev/null & batch+=($!)
+    fi
+    if [ "${#batch[@]}" -ge 20 ]; then for b in "${batch[@]}"; do wait "$b" || return 1; done; batch=(); fi
+  done
+  for b in "${batch[@]}"; do wait "$b" || return 1; done
+}
+# dig's answer for svc001 after each change: 4 records plain, 3 or 1 with the split.
+first_answer() { dig @127.0.0.1 -p "$REG_DNS_PORT" +noedns +tries=1 +time=1 +short svc001.service.switchyard A | sort | tr '\n' ' '; }
+wait_answers() {  # count of records wanted (4: plain) or "split"
+  local a
+  for _ in $(seq 1 100); do
+    a=$(first_answer | wc -w)
+    if [ "$1" = split ]; then [ "$a" = 3 ] || [ "$a" = 1 ] && return 0; else [ "$a" = "$1" ] && return 0; fi
+    sleep 0.1
+  done
+  echo "registry DNS did not settle ($1): $(first_answer)"; return 1
+}
+wait_answers 4
+policies split; wait_answers split
+canary=0
+for _ in $(seq 1 200); do
+  a=$(first_answer)
+  case "$a" in
+    "10.1.1.4 ") canary=$((canary + 1)) ;;
+    "10.1.1.1 10.1.1.2 10.1.1.3 ") ;;
+    *) echo "a split answer mixing subsets: '$a'"; exit 1 ;;
+  esac
+done
+echo "split check: $canary of 200 dig answers were the canary (want ~20: 10 %)"
+[ "$canary" -ge 5 ] && [ "$canary" -le 45 ] || { echo "the split's share is off"; exit 1; }
+p_qps=(); s_qps=(); p_lat=(); s_lat=()
+for round in $(seq 1 "$ROUNDS"); do
+  policies clear; wait_answers 4
+  read -r q l lo sz < <(run "registry plain" "$REG_DNS_PORT" split-queries) || exit 1
+  p_qps+=("$q"); p_lat+=("$l")
+  printf 'round %d registry plain: %10.0f q/s  avg latency %7.3f ms  lost %d  avg response %s B\n' "$round" "$q" "$l" "$lo" "$sz"
+  policies split; wait_answers split
+  read -r q l lo sz < <(run "registry split" "$REG_DNS_PORT" split-queries) || exit 1
+  s_qps+=("$q"); s_lat+=("$l")
+  printf 'round %d registry split: %10.0f q/s  avg latency %7.3f ms  lost %d  avg response %s B\n' "$round" "$q" "$l" "$lo" "$sz"
+done
+
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mrq=$(median "${r_qps[@]}"); muq=$(median "${u_qps[@]}")
 mrl=$(median "${r_lat[@]}"); mul=$(median "${u_lat[@]}")
@@ -256,3 +331,9 @@ printf '| switchyard registry DNS | %.0f | %.3f ms | %d | %d KiB |\n' "$mrq" "$m
 printf '| unbound %s, num-threads 1, local-data | %.0f | %.3f ms | %d | %d KiB |\n' \
   "$(unbound -V | awk 'NR==1 {print $2}')" "$muq" "$mul" "$u_lost" "$u_rss"
 printf '| ratio registry/unbound | %s | %s | | %s |\n' "$(ratio "$mrq" "$muq")" "$(ratio "$mrl" "$mul")" "$(ratio "$r_rss" "$u_rss")"
+echo
+echo "| registry, 100 service A names, 4 instances each | median q/s | median avg latency |"
+echo "|---|---:|---:|"
+printf '| plain (no policy; shuffled answers kept) | %.0f | %.3f ms |\n' "$(median "${p_qps[@]}")" "$(median "${p_lat[@]}")"
+printf '| canary split 1.0.0=90 2.0.0=10 | %.0f | %.3f ms |\n' "$(median "${s_qps[@]}")" "$(median "${s_lat[@]}")"
+printf '| ratio split/plain | %s | %s |\n' "$(ratio "$(median "${s_qps[@]}")" "$(median "${p_qps[@]}")")" "$(ratio "$(median "${s_lat[@]}")" "$(median "${p_lat[@]}")")"

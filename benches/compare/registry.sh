@@ -7,6 +7,9 @@
 #   watch     delay for one change to reach   switchyard: Watch      etcd: prefix Watch
 #             WATCHERS watchers (from sending the write to each watcher receiving it)
 #   fill      FILL_COUNT instances, 100 per lease, then the server's RSS (single node)
+#   watch at scale  (single node, a fresh server) WATCHERS_LARGE watchers (10000: one per
+#             sidecar of a large fleet; 100 streams per connection) x CHANGES changes: the
+#             delay, and the server's peak RSS (VmHWM) growth over its RSS before, per watcher
 #
 #   benches/compare/registry.sh [seconds-per-run] [rounds]
 #
@@ -16,7 +19,8 @@
 # figures show the cost of replication on one core, not the gain of three machines).
 # etcd runs with its defaults (fsync on every commit, like switchyard).
 #
-# Environment: WATCHERS (1000), CHANGES (200), LEASES (1000), FILL_COUNT (100000),
+# Environment: WATCHERS (1000), WATCHERS_LARGE (10000; 0 skips it), CHANGES (200),
+# LEASES (1000), FILL_COUNT (100000),
 # FILL_NODES ("1"; "1 3" also fills the 3-node setups), SETUPS ("1 3"),
 # SKIP_BUILD=1 (use the binaries in target/release as they are).
 # Installs etcd-server and etcd-client from Debian if missing. Uses loopback ports
@@ -26,6 +30,7 @@ cd "$(dirname "$0")/../.."
 SECS=${1:-10}
 ROUNDS=${2:-3}
 WATCHERS=${WATCHERS:-1000}
+WATCHERS_LARGE=${WATCHERS_LARGE:-10000}
 CHANGES=${CHANGES:-200}
 LEASES=${LEASES:-1000}
 FILL_COUNT=${FILL_COUNT:-100000}
@@ -161,15 +166,17 @@ load() {
   fi
 }
 
-# rss_kib: the largest VmRSS among the current servers, in KiB.
-rss_kib() {
+# status_kib FIELD: the largest /proc status FIELD among the current servers, in KiB.
+status_kib() {
   local p max=0 v
   for p in "${server_pids[@]}"; do
-    v=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    v=$(awk -v f="$1:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
     [ "${v:-0}" -gt "$max" ] && max=$v
   done
   echo "$max"
 }
+rss_kib() { status_kib VmRSS; }   # resident now
+hwm_kib() { status_kib VmHWM; }   # peak resident
 
 run_setup() {
   local target=$1 nodes=$2 round=$3 r k key dir
@@ -211,7 +218,21 @@ run_setup() {
     fi
     stop
   fi
-  rm -rf "$dir" "$dir-fill"
+  if [ "$nodes" = 1 ] && [ "$WATCHERS_LARGE" -gt 0 ]; then
+    local before peak
+    start "$target" "$nodes" "$dir-watch"
+    before=$(rss_kib)
+    r=$(load "$target" --concurrency "$WATCHERS_LARGE" --count "$CHANGES" watch)
+    echo "  $r"
+    peak=$(hwm_kib)
+    if [ -n "$r" ]; then
+      for k in p50_ms p99_ms max_ms missed; do record "$key-watchL_$k" "$(field "$r" "$k")"; done
+      record "$key-watchL_bytes" $(( (peak - before) * 1024 / WATCHERS_LARGE ))
+      echo "  peak RSS $peak KiB, $before KiB before the watchers: $(( (peak - before) * 1024 / WATCHERS_LARGE )) bytes per watcher"
+    fi
+    stop
+  fi
+  rm -rf "$dir" "$dir-fill" "$dir-watch"
 }
 
 echo "registry vs etcd: ${SECS}s per run, $ROUNDS rounds, $WATCHERS watchers x $CHANGES changes, $LEASES leases, fill $FILL_COUNT"
@@ -258,6 +279,13 @@ for nodes in $SETUPS; do
   row "watch delay p99 ms" watch_p99_ms "$nodes" lower
   row "watch delay max ms" watch_max_ms "$nodes" lower
   row "watch deliveries missed" watch_missed "$nodes" lower
+  if [ "$nodes" = 1 ] && [ "$WATCHERS_LARGE" -gt 0 ]; then
+    row "watch delay p50 ms ($WATCHERS_LARGE watchers)" watchL_p50_ms "$nodes" lower
+    row "watch delay p99 ms ($WATCHERS_LARGE watchers)" watchL_p99_ms "$nodes" lower
+    row "watch delay max ms ($WATCHERS_LARGE watchers)" watchL_max_ms "$nodes" lower
+    row "watch deliveries missed ($WATCHERS_LARGE watchers)" watchL_missed "$nodes" lower
+    row "peak RSS growth per watcher, bytes ($WATCHERS_LARGE watchers)" watchL_bytes "$nodes" lower
+  fi
   if [[ " $FILL_NODES " == *" $nodes "* ]]; then
     row "fill rate (instances/s)" fill_rate "$nodes" higher
     row "RSS idle MiB (largest node)" rss_idle "$nodes" lower mib

@@ -3,6 +3,7 @@
 //! decided by [`crate::select`], the code the proxy uses too.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use hickory_proto::op::{MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
@@ -39,14 +40,24 @@ pub(super) struct Answer {
 
 /// How an answer varies between two identical queries at the same revision, which is
 /// what decides whether its encoded form may be reused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Vary {
     /// Always the same bytes.
     Fixed,
     /// The same records in a random order: a few orders are kept and served at random.
     Shuffled,
-    /// Drawn per query (a canary split): never reused, or the split would freeze.
-    Drawn,
+    /// One outcome of a weighted draw (a canary split): outcome `outcome` of
+    /// `weights.len()`, each drawn with the chance its weight gives. The cache keeps the
+    /// answers of every outcome and draws one per query with the same weights, so the
+    /// split holds without a lookup per query; `shuffled`: the outcome's records come in
+    /// a random order too.
+    Drawn {
+        outcome: usize,
+        weights: Arc<[u64]>,
+        shuffled: bool,
+    },
+    /// Never reused (an error made for one malformed datagram).
+    Never,
 }
 
 impl Answer {
@@ -272,25 +283,40 @@ impl<S: DnsSource> DnsHandler<S> {
                 // Health-aware, as in the proxy: a subset with nothing serving gives its
                 // share to the others (or, with fallback = fail, answers nothing).
                 // Each subset's serving members, selected once per query.
-                let mut groups: Vec<(usize, Vec<&Instance>)> = split
+                let mut groups: Vec<(usize, u32, Vec<&Instance>)> = split
                     .entries
                     .iter()
-                    .map(|(i, _)| (*i, members(*i)))
-                    .filter(|(_, m)| !m.is_empty())
+                    .map(|&(i, w)| (i, w, members(i)))
+                    .filter(|(_, _, m)| !m.is_empty())
                     .collect();
                 let live = groups.len();
                 let varies =
                     live > 1 || (selection.fail_closed && live > 0 && live < split.entries.len());
-                let chosen = choose(split, None, &mut rng, selection.fail_closed, |i| {
-                    groups.iter().any(|(g, _)| *g == i)
+                // The outcomes and their chances, as `choose` draws them: a subset with
+                // members gets its weight; the ones without either pass their share on
+                // (fail open: the live weights alone) or answer nothing (fail closed:
+                // one more outcome, the empty answer, with their weight together).
+                let mut weights: Vec<u64> = groups.iter().map(|(_, w, _)| u64::from(*w)).collect();
+                if selection.fail_closed {
+                    let live_weight: u64 = weights.iter().sum();
+                    let all: u64 = split.entries.iter().map(|(_, w)| u64::from(*w)).sum();
+                    weights.push(all.saturating_sub(live_weight));
+                }
+                let at = choose(split, None, &mut rng, selection.fail_closed, |i| {
+                    groups.iter().any(|(g, _, _)| *g == i)
                 })
                 .ok()
-                .and_then(|c| groups.iter().position(|(g, _)| *g == c.subset))
-                .map(|at| groups.swap_remove(at).1)
-                .unwrap_or_default();
+                .and_then(|c| groups.iter().position(|(g, _, _)| *g == c.subset));
+                let outcome = at.unwrap_or(live);
+                let chosen = at.map(|at| groups.swap_remove(at).2).unwrap_or_default();
                 let mut answer = self.addresses(owner, chosen, qtype, &mut rng);
-                if varies {
-                    answer.vary = Vary::Drawn;
+                // Zero weights everywhere: `choose` draws nothing, the answer is fixed.
+                if varies && weights.iter().any(|w| *w > 0) && outcome < weights.len() {
+                    answer.vary = Vary::Drawn {
+                        outcome,
+                        shuffled: answer.vary == Vary::Shuffled,
+                        weights: weights.into(),
+                    };
                 }
                 answer
             }

@@ -31,7 +31,7 @@ impl<S: DnsSource> DnsHandler<S> {
                 return Message::error_msg(header.id, header.op_code, ResponseCode::FormErr)
                     .to_vec()
                     .ok()
-                    .map(|bytes| (bytes, Vary::Drawn));
+                    .map(|bytes| (bytes, Vary::Never));
             }
         };
         if request.metadata.message_type != MessageType::Query {
@@ -45,9 +45,9 @@ impl<S: DnsSource> DnsHandler<S> {
             first,
             edns_version,
         );
-        let vary = answer.vary;
         let mut response = Message::response(request.metadata.id, request.metadata.op_code);
         response.metadata = response_metadata(&request.metadata, &answer);
+        let vary = answer.vary;
         let limit = udp_limit(request.edns.as_ref());
         // RFC 6891 §6.1.1: an EDNS query gets an OPT record back (BADVERS included, whose
         // upper RCODE bits travel in it).
@@ -176,8 +176,10 @@ const CACHE_BYTES: usize = 16 << 20;
 
 /// Encoded UDP answers, keyed by the query datagram without its 2-byte id (so flags,
 /// question, case and EDNS all match) and valid for one source revision: a repeated
-/// query costs a copy and an id, not a decode, a lookup and an encode. Canary-split
-/// answers are never kept. Owned by the UDP loop alone, so it needs no lock.
+/// query costs a copy and an id, not a decode, a lookup and an encode. A canary split's
+/// answers are kept per outcome, and a query draws its outcome from the split's weights
+/// (so the split holds); until every outcome has been seen, queries are answered fresh.
+/// Owned by the UDP loop alone, so it needs no lock.
 pub struct UdpCache {
     revision: u64,
     entries: HashMap<Box<[u8]>, Kept>,
@@ -187,12 +189,77 @@ pub struct UdpCache {
     out: Vec<u8>,
 }
 
-/// The encodings kept for one query.
+/// The encodings kept for one query: one outcome, or one per outcome of a split.
 #[derive(Default)]
 struct Kept {
+    outcomes: Vec<Outcome>,
+    /// The outcomes' chances (empty when the answer is not drawn).
+    weights: Arc<[u64]>,
+    /// True when every outcome has all it needs.
+    full: bool,
+}
+
+/// The encodings kept for one outcome.
+#[derive(Default)]
+struct Outcome {
     variants: Vec<Vec<u8>>,
     /// True when no more are wanted: one fixed answer, or enough shuffled orders.
     full: bool,
+}
+
+impl Kept {
+    /// A kept answer: an outcome drawn by the weights, then one of its orders.
+    fn pick(&self, rng: &mut fastrand::Rng) -> Option<&[u8]> {
+        let outcome = match self.weights.len() {
+            0 => self.outcomes.first()?,
+            _ => {
+                let total: u64 = self.weights.iter().sum();
+                let mut point = rng.u64(..total.max(1));
+                let mut at = self.weights.len() - 1;
+                for (i, w) in self.weights.iter().enumerate() {
+                    if point < *w {
+                        at = i;
+                        break;
+                    }
+                    point -= w;
+                }
+                self.outcomes.get(at)?
+            }
+        };
+        outcome
+            .variants
+            .get(rng.usize(..outcome.variants.len()))
+            .map(Vec::as_slice)
+    }
+
+    /// Keeps one more encoding of outcome `at` (of `weights.len()`, or the only one);
+    /// true if it was wanted.
+    fn keep(
+        &mut self,
+        at: usize,
+        weights: Option<&Arc<[u64]>>,
+        bytes: &[u8],
+        shuffled: bool,
+    ) -> bool {
+        let n = weights.map_or(1, |w| w.len());
+        if weights.is_some_and(|w| *w != self.weights) || self.outcomes.len() != n {
+            // First seen, or (never within one revision) drawn differently: start over.
+            self.weights = weights.cloned().unwrap_or_else(|| Arc::from([]));
+            self.outcomes = (0..n).map(|_| Outcome::default()).collect();
+        }
+        let Some(outcome) = self.outcomes.get_mut(at).filter(|o| !o.full) else {
+            return false;
+        };
+        outcome.variants.push(bytes.to_vec());
+        outcome.full = !shuffled || outcome.variants.len() >= SHUFFLED_VARIANTS;
+        // An outcome with no chance is never drawn, so it needs nothing kept.
+        self.full = self
+            .outcomes
+            .iter()
+            .zip(self.weights.iter().copied().chain(std::iter::repeat(1)))
+            .all(|(o, w)| o.full || w == 0);
+        true
+    }
 }
 
 impl Default for UdpCache {
@@ -223,14 +290,27 @@ impl UdpCache {
         }
         let (id, key) = (packet.get(..2)?, packet.get(2..)?);
         if let Some(kept) = self.entries.get(key).filter(|k| k.full) {
-            let bytes = kept.variants.get(rng.usize(..kept.variants.len()))?;
+            let bytes = kept.pick(rng)?;
             self.out.clear();
             self.out.extend_from_slice(bytes);
             self.out.get_mut(..2)?.copy_from_slice(id);
             return Some(&self.out);
         }
         let (bytes, vary) = handler.udp_response(packet)?;
-        if vary != Vary::Drawn && bytes.len() >= 2 {
+        let (at, weights, shuffled) = match &vary {
+            Vary::Fixed => (0, None, false),
+            Vary::Shuffled => (0, None, true),
+            Vary::Drawn {
+                outcome,
+                weights,
+                shuffled,
+            } => (*outcome, Some(weights), *shuffled),
+            Vary::Never => {
+                self.out = bytes;
+                return Some(&self.out);
+            }
+        };
+        if bytes.len() >= 2 {
             if (!self.entries.contains_key(key) && self.entries.len() >= CACHE_ENTRIES)
                 || self.bytes + key.len() + bytes.len() > CACHE_BYTES
             {
@@ -240,10 +320,10 @@ impl UdpCache {
             if !self.entries.contains_key(key) {
                 self.bytes += key.len();
             }
-            self.bytes += bytes.len();
             let kept = self.entries.entry(key.into()).or_default();
-            kept.variants.push(bytes.clone());
-            kept.full = vary == Vary::Fixed || kept.variants.len() >= SHUFFLED_VARIANTS;
+            if kept.keep(at, weights, &bytes, shuffled) {
+                self.bytes += bytes.len();
+            }
         }
         self.out = bytes;
         Some(&self.out)
@@ -361,20 +441,25 @@ mod tests {
         }
     }
 
-    fn handler() -> DnsHandler<OneService> {
-        let web = Arc::new(Instance {
+    /// A serving instance of `web` on port 80.
+    fn web(id: &str, address: &str, version: &str) -> Arc<Instance> {
+        Arc::new(Instance {
             namespace: "default".into(),
             service: "web".into(),
-            id: "web-1".into(),
-            address: "10.0.0.1".into(),
+            id: id.into(),
+            address: address.into(),
             port: 80,
-            version: "1.0.0".into(),
+            version: version.into(),
             labels: Default::default(),
             weight: 100,
             zone: String::new(),
             state: State::Serving,
             mesh_port: 0,
-        });
+        })
+    }
+
+    fn handler() -> DnsHandler<OneService> {
+        let web = web("web-1", "10.0.0.1", "1.0.0");
         let source = OneService(Arc::new(ServiceRecords::new(vec![web], None)));
         DnsHandler::new(source, &DnsConfig::default()).expect("handler")
     }
@@ -453,6 +538,132 @@ mod tests {
             .await
             .expect("the loop stops")
             .expect("join");
+    }
+
+    /// A source with a canary split (stable 1.0.0 ×2 at 80, canary 2.0.0 at 20) that
+    /// counts its lookups, so a test can tell a kept answer from a fresh one.
+    struct Split {
+        records: Arc<ServiceRecords>,
+        lookups: std::sync::atomic::AtomicUsize,
+    }
+
+    impl DnsSource for Split {
+        fn service(&self, _: &str, service: &str) -> Option<Arc<ServiceRecords>> {
+            self.lookups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (service == "web").then(|| self.records.clone())
+        }
+        fn revision(&self) -> u64 {
+            1
+        }
+    }
+
+    fn split_handler(
+        fallback: crate::model::policy::Fallback,
+        canary_up: bool,
+    ) -> DnsHandler<Split> {
+        use crate::model::policy::{Policy, Split as Weighted, Subset};
+        let at = web;
+        let mut instances = vec![
+            at("s-1", "10.0.1.1", "1.0.0"),
+            at("s-2", "10.0.1.2", "1.0.0"),
+        ];
+        if canary_up {
+            instances.push(at("c-1", "10.0.2.1", "2.0.0"));
+        }
+        let subset = |name: &str, version: &str| Subset {
+            name: name.into(),
+            version: version.into(),
+            version_range: String::new(),
+            labels: Default::default(),
+        };
+        let policy = Policy {
+            subsets: vec![subset("stable", "1.0.0"), subset("canary", "2.0.0")],
+            routes: vec![],
+            default_split: vec![
+                Weighted {
+                    subset: "stable".into(),
+                    weight: 80,
+                },
+                Weighted {
+                    subset: "canary".into(),
+                    weight: 20,
+                },
+            ],
+            fallback,
+            sticky_header: String::new(),
+            resilience: Default::default(),
+        };
+        let records = Arc::new(ServiceRecords::new(instances, Some(Arc::new(policy))));
+        let source = Split {
+            records,
+            lookups: Default::default(),
+        };
+        DnsHandler::new(source, &DnsConfig::default()).expect("handler")
+    }
+
+    /// Answers 2,000 identical queries through the cache: (canary answers, stable
+    /// answers, empty answers, lookups made).
+    fn draw_through_the_cache(handler: &DnsHandler<Split>) -> (usize, usize, usize, usize) {
+        let mut cache = UdpCache::default();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let (mut canary, mut stable, mut empty) = (0, 0, 0);
+        for id in 0..2_000u16 {
+            let bytes = cache
+                .answer(handler, &query(id), &mut rng)
+                .expect("an answer")
+                .to_vec();
+            let m = Message::from_vec(&bytes).expect("decode");
+            assert_eq!(m.metadata.id, id, "the query's own id");
+            let mut ips: Vec<String> = m
+                .answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    hickory_proto::rr::RData::A(a) => Some(a.0.to_string()),
+                    _ => None,
+                })
+                .collect();
+            ips.sort();
+            match ips.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                ["10.0.2.1"] => canary += 1,
+                ["10.0.1.1", "10.0.1.2"] => stable += 1,
+                [] => empty += 1,
+                ref other => panic!("an answer mixing subsets: {other:?}"),
+            }
+        }
+        let lookups = handler
+            .source
+            .lookups
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (canary, stable, empty, lookups)
+    }
+
+    #[test]
+    fn a_canary_split_is_kept_per_outcome_and_still_drawn_by_its_weights() {
+        let handler = split_handler(crate::model::policy::Fallback::Default, true);
+        let (canary, stable, empty, lookups) = draw_through_the_cache(&handler);
+        // Binomial(2000, 0.2): sd 17.9; 4 sd either side.
+        assert!((328..=472).contains(&canary), "canary {canary} of 2000");
+        assert_eq!((canary + stable, empty), (2_000, 0));
+        // Kept once both outcomes were seen (the canary once, stable in 8 orders):
+        // a few dozen fresh answers, not 2,000.
+        assert!(lookups < 100, "{lookups} lookups for 2,000 queries");
+    }
+
+    #[test]
+    fn a_fail_closed_split_keeps_its_empty_answer_at_the_down_subsets_weight() {
+        // The canary has no instance: fail closed answers nothing for its 20 %.
+        let handler = split_handler(crate::model::policy::Fallback::Fail, false);
+        let (canary, stable, empty, lookups) = draw_through_the_cache(&handler);
+        assert_eq!(canary, 0);
+        assert!((328..=472).contains(&empty), "empty {empty} of 2000");
+        assert_eq!(stable + empty, 2_000);
+        assert!(lookups < 100, "{lookups} lookups for 2,000 queries");
+        // Fail open instead: the canary's share goes to stable, a fixed answer.
+        let handler = split_handler(crate::model::policy::Fallback::Default, false);
+        let (canary, stable, empty, lookups) = draw_through_the_cache(&handler);
+        assert_eq!((canary, stable, empty), (0, 2_000, 0));
+        assert!(lookups < 100, "{lookups} lookups for 2,000 queries");
     }
 
     #[test]
