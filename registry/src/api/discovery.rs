@@ -196,55 +196,65 @@ pub(crate) struct WatchEvents {
 }
 
 impl WatchEvents {
+    /// The watcher's starting state. Under the catalog's read lock only what is shared
+    /// is taken (pointers to instances, policies and KV entries, the flag document's
+    /// `Arc`); the protobuf is built after the lock is released, so a resync of many
+    /// watchers (a reconnecting fleet) does not hold off the writer applying commits.
     fn snapshot(&mut self) -> pb::WatchEvent {
-        let mut event = {
+        let interest = &self.interest;
+        let (revision, services, flags, kv, intentions, mtls, trust_bundle) = {
             let catalog = self.shared.catalog.read();
             // A reset (a snapshot installed from the leader) may bring the id.
             self.cluster_id = catalog.cluster_id().to_string();
-            let interest = &self.interest;
-            let mut event = snapshot_event(
+            let flags = interest.flags.then(|| {
+                catalog
+                    .flags(&interest.namespace)
+                    .map(|r| (r.document.clone(), r.revision))
+            });
+            let kv: Vec<_> = interest
+                .kv_prefixes
+                .iter()
+                .flat_map(|prefix| catalog.kv_list(&interest.namespace, prefix, usize::MAX))
+                .collect();
+            (
                 catalog.revision(),
-                &catalog.snapshot(&interest.namespace, &interest.services),
-            );
-            if interest.flags {
-                event.flags = Some(match catalog.flags(&interest.namespace) {
-                    Some(r) => pb::FlagsDocument {
-                        document: r.document.to_string(),
-                        revision: r.revision,
-                    },
-                    None => pb::FlagsDocument {
-                        document: switchyard_core::flags::EMPTY_DOCUMENT.to_string(),
-                        revision: 0,
-                    },
-                });
-            }
-            if !interest.kv_prefixes.is_empty() {
-                event.kv_snapshot = true;
-                for prefix in &interest.kv_prefixes {
-                    event.kv.extend(
-                        catalog
-                            .kv_list(&interest.namespace, prefix, usize::MAX)
-                            .iter()
-                            .map(|e| super::convert::kv_entry_to_proto(e)),
-                    );
-                }
-            }
-            event.intentions = catalog
-                .intentions_by_destination(&interest.namespace)
-                .iter()
-                .map(|(d, rules)| destination_intentions(d, rules))
-                .collect();
-            event.mtls = catalog
-                .strict_services(&interest.namespace, &interest.services)
-                .iter()
-                .map(|s| super::convert::mtls_setting(s, true))
-                .collect();
-            event.trust_bundle = catalog
-                .trusted_mesh_ca(crate::rollout::now_ms())
-                .map(|ca| ca.bundle_pem())
-                .unwrap_or_default();
-            event
+                catalog.snapshot(&interest.namespace, &interest.services),
+                flags,
+                kv,
+                catalog.intentions_by_destination(&interest.namespace),
+                catalog.strict_services(&interest.namespace, &interest.services),
+                catalog.trusted_mesh_ca(crate::rollout::now_ms()),
+            )
         };
+        let mut event = snapshot_event(revision, &services);
+        if let Some(flags) = flags {
+            event.flags = Some(match flags {
+                Some((document, revision)) => pb::FlagsDocument {
+                    document: document.to_string(),
+                    revision,
+                },
+                None => pb::FlagsDocument {
+                    document: switchyard_core::flags::EMPTY_DOCUMENT.to_string(),
+                    revision: 0,
+                },
+            });
+        }
+        if !interest.kv_prefixes.is_empty() {
+            event.kv_snapshot = true;
+            event.kv = kv
+                .iter()
+                .map(|e| super::convert::kv_entry_to_proto(e))
+                .collect();
+        }
+        event.intentions = intentions
+            .iter()
+            .map(|(d, rules)| destination_intentions(d, rules))
+            .collect();
+        event.mtls = mtls
+            .iter()
+            .map(|s| super::convert::mtls_setting(s, true))
+            .collect();
+        event.trust_bundle = trust_bundle.map(|ca| ca.bundle_pem()).unwrap_or_default();
         event.cluster_id.clone_from(&self.cluster_id);
         // Changes still on the receiver up to here are in the snapshot.
         self.seen = event.revision;
