@@ -21,7 +21,8 @@
 //!   whether a retry is safe, mapped to HTTP in one place.
 //! - Then what reads the table: [`discovery`] (one `Watch` stream: reconnect,
 //!   failover, resume, disk cache), [`proxy`] (HTTP/1.1 + h2c by Host or fixed
-//!   upstream, and TCP upstream listeners), [`admin`] (`/ready`, `/metrics`,
+//!   upstream, and TCP upstream listeners; its HTTP listeners run on every proxy worker
+//!   of [`workers`], a single-threaded runtime and `SO_REUSEPORT` socket each), [`admin`] (`/ready`, `/metrics`,
 //!   `/endpoints`, `/explain`, and [`ofrep`]: feature flags evaluated from the watched
 //!   flag document) and [`dns`] (the core DNS answers over the table).
 //! - Beside them: [`registrar`] and [`health`] register the local service, probe it

@@ -354,3 +354,125 @@ async fn two_proxy_workers_share_each_port_and_both_serve() {
     sidecar.shutdown().await;
     fake.shutdown().await;
 }
+
+/// A keep-alive HTTP/1.1 server on a raw socket that counts the connections it
+/// accepted and, with `close_each`, closes every connection right after answering
+/// (without saying `Connection: close`, as a server whose keep-alive timeout fires
+/// does).
+async fn raw_backend(
+    close_each: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request: a head, then as many body bytes as it announces.
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + length {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(reply).await.is_err() || close_each {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A POST through the proxy on a fresh connection: its status.
+async fn post(proxy: std::net::SocketAddr, host: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let req = format!(
+        "POST /orders HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sidecar's HTTP/1.1 pool: one upstream connection carries request after request
+/// (its body drives it and gives it back), and a connection the server closed while
+/// idle is never used for the next request, which gets a new one: a POST (never
+/// retried) still succeeds every time.
+#[tokio::test]
+async fn upstream_connections_are_reused_and_a_closed_idle_one_is_never_taken() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = FakeRegistry::start().await;
+    let (keeps, keeps_accepted) = raw_backend(false).await;
+    let (closes, closes_accepted) = raw_backend(true).await;
+    fake.upsert(vec![
+        instance_at("keeps", "k-1", keeps, "1.0.0", 100),
+        instance_at("closes", "c-1", closes, "1.0.0", 100),
+    ]);
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
+    wait_endpoints(&sidecar, "keeps", 1).await;
+    wait_endpoints(&sidecar, "closes", 1).await;
+    let proxy = sidecar.http_proxy_addr.expect("proxy");
+
+    for i in 0..20 {
+        assert_eq!(post(proxy, "keeps").await, 200, "request {i}");
+    }
+    assert_eq!(
+        keeps_accepted.load(Ordering::Relaxed),
+        1,
+        "20 requests in turn on one upstream connection"
+    );
+
+    for i in 0..10 {
+        assert_eq!(post(proxy, "closes").await, 200, "request {i}");
+        // Time for the server's FIN to arrive before the next request.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        closes_accepted.load(Ordering::Relaxed),
+        10,
+        "a new connection each time"
+    );
+    sidecar.shutdown().await;
+    fake.shutdown().await;
+}

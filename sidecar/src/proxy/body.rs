@@ -16,6 +16,10 @@ use crate::limits::Permit;
 pub enum ProxyBody {
     Upstream {
         body: Incoming,
+        /// The HTTP/1.1 connection the body arrives on, polled before the body and
+        /// given back to its pool once the body has ended (`None`: HTTP/2, or given
+        /// back already).
+        lease: Option<super::h1::Lease>,
         /// Dropped with the body: the request stops counting as active only when its
         /// response has been streamed (or abandoned).
         _guard: ActiveGuard,
@@ -42,13 +46,28 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, late, .. } => {
-                let polled = Pin::new(body).poll_frame(cx);
+            ProxyBody::Upstream {
+                body, late, lease, ..
+            } => {
+                if let Some(l) = lease {
+                    l.drive(cx);
+                }
+                let polled = Pin::new(&mut *body).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
                     if let Some(t) = frame.trailers_ref() {
                         if let Some(l) = late.take() {
                             l.trailers(t);
                         }
+                    }
+                }
+                let ended = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    _ => false,
+                };
+                if ended {
+                    if let Some(mut l) = lease.take() {
+                        l.finished();
                     }
                 }
                 polled

@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::body::{DownstreamBody, Guarded, ProxyBody, UpstreamBody};
+use super::h1::{Received, UpstreamError};
 use super::pool::{overflow_of, Clients};
 use super::retry::{self, Prepared};
 use super::ProxyCtx;
@@ -160,9 +161,9 @@ impl Conns {
     /// next connection's age, no later one can beat it. Under a flood that is after
     /// the established connections and the flood's oldest socket. (The other choice,
     /// headroom reserved for "good" clients, needs a way to tell them apart that an
-    /// attacker cannot imitate; the oldest-idle rule needs none.) An evicted socket
-    /// lingers at most [`CLOSE_GRACE`] once idle, so the file descriptors in use stay
-    /// near `max`.
+    /// attacker cannot imitate; the oldest-idle rule needs none.) An evicted socket is
+    /// closed at once (it has nothing in flight), so the file descriptors and buffers
+    /// in use stay at `max` however fast a flood connects.
     fn admit(&self, id: u64) -> Option<Arc<Conn>> {
         let mut open = self.open.lock();
         if open.len() >= self.max {
@@ -338,7 +339,13 @@ async fn run_connection<F>(
                 closing = Some(false);
             }
             _ = state.evict.notified(), if closing.is_none() => {
-                tracing::debug!("connection limit reached: closing the oldest idle connection");
+                tracing::debug!("connection limit reached: closing the connection idle the longest");
+                // Nothing in flight: closed at once, so under a flood evicted sockets
+                // do not pile up faster than they go (a request that began since it
+                // was chosen still gets its graceful close).
+                if state.idle_for().is_some() {
+                    return;
+                }
                 conn.as_mut().graceful_shutdown();
                 closing = Some(true);
                 check.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
@@ -837,12 +844,16 @@ async fn forward(
             (tokio::time::Instant::from_std(try_started) + p).min(deadline)
         });
         let clients = service_clients(ctx, &view);
-        let sent = if h2 {
-            clients.h2.request(req)
-        } else {
-            clients.h1.request(req)
+        let sent = async {
+            if h2 {
+                let resp = clients.h2.request(req).await?;
+                Ok(resp.map(|body| Received { body, lease: None }))
+            } else {
+                clients.h1.send(req).await
+            }
         };
-        let outcome = tokio::time::timeout_at(try_deadline, sent).await;
+        let outcome: Result<Result<_, UpstreamError>, _> =
+            tokio::time::timeout_at(try_deadline, sent).await;
         // A retry counts as active until its answer starts.
         drop(retry_permit.take());
         let body_broke = || body_failure.as_ref().and_then(|f| f.get());
@@ -1121,7 +1132,7 @@ fn respond(
     ctx: &ProxyCtx,
     service: &str,
     endpoint: &crate::endpoint::Endpoint,
-    mut resp: Response<Incoming>,
+    mut resp: Response<Received>,
     guard: ActiveGuard,
     permit: Permit,
     metrics: &EndpointMetrics,
@@ -1158,8 +1169,9 @@ fn respond(
     let late = (is_grpc(resp.headers()) && !resp.headers().contains_key("grpc-status"))
         .then(|| ctx.telemetry.late_status(service, &endpoint.version))
         .flatten();
-    resp.map(|body| ProxyBody::Upstream {
+    resp.map(|Received { body, lease }| ProxyBody::Upstream {
         body,
+        lease,
         _guard: guard,
         _permit: permit,
         late,

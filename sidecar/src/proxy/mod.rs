@@ -1,6 +1,7 @@
 //! The proxy listeners: HTTP (by Host, or fixed to one upstream) and TCP.
 
 pub mod body;
+pub mod h1;
 pub mod http;
 pub mod pool;
 pub mod retry;

@@ -3,14 +3,16 @@
 //! waiting for one. A request past both is refused at once ([`Overflowed`]: 503 with
 //! `x-envoy-overloaded: true`), never queued without bound.
 //!
-//! Each service gets its own pooled clients (made on its first request, so a sidecar
-//! that knows 10,000 services and calls a few holds pools for those few), whose
-//! connector passes every new connection through the service's [`ConnGate`] (in
-//! `limits`): a request that reuses a pooled connection never touches it.
+//! Each service gets its own connections on each proxy worker (made on its first
+//! request there, so a sidecar that knows 10,000 services and calls a few holds pools
+//! for those few): HTTP/1.1 pooled per endpoint in [`super::h1`], HTTP/2 (gRPC) in
+//! hyper-util's client. Their connector passes every new connection through the
+//! service's [`ConnGate`] (in `limits`): a request that reuses a pooled connection
+//! never touches it.
 //!
 //! An endpoint in the mesh is asked for with an `https` URI on its mesh port: the
 //! connector then wraps the socket in mutual TLS for the service ([`crate::mesh`]), and
-//! hyper pools those connections apart from clear-text ones (its pool key is scheme and
+//! the pools keep those connections apart from clear-text ones (their key is scheme and
 //! authority). The SPIFFE id the server presented rides on each response
 //! ([`PeerSeen`]), for `/explain`.
 
@@ -41,6 +43,13 @@ pub struct GatedConnector {
     wait: Duration,
     /// For `https` URIs: mTLS to the service's mesh endpoints.
     mesh: Option<MeshDial>,
+}
+
+impl GatedConnector {
+    /// The service's connection limit this connector dials under.
+    pub fn gate(&self) -> &Arc<ConnGate> {
+        &self.gate
+    }
 }
 
 /// What a connector needs to dial the service's endpoints in the mesh.
@@ -104,6 +113,16 @@ enum Io {
 pub struct GatedConn {
     io: Io,
     _permit: ConnPermit,
+}
+
+impl GatedConn {
+    /// The SPIFFE id a mesh endpoint presented (`None`: clear text).
+    pub fn peer(&self) -> Option<PeerSeen> {
+        match &self.io {
+            Io::Plain(_) => None,
+            Io::Mesh(_, seen) => Some(seen.clone()),
+        }
+    }
 }
 
 impl Connection for GatedConn {
@@ -178,10 +197,11 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
 }
 
-/// One service's pooled clients: one speaking HTTP/1.1, one HTTP/2 (prior knowledge);
-/// a request goes upstream in the protocol it arrived in, so gRPC stays HTTP/2.
+/// One service's upstream connections on one proxy worker: HTTP/1.1 pooled per
+/// endpoint and driven by the requests using them ([`super::h1`]), and hyper-util's
+/// HTTP/2 client (prior knowledge) for gRPC, which stays HTTP/2 upstream.
 pub struct Clients {
-    pub h1: Client<GatedConnector, UpstreamBody>,
+    pub h1: Arc<super::h1::H1Pool>,
     pub h2: Client<GatedConnector, UpstreamBody>,
 }
 
@@ -219,11 +239,7 @@ impl Clients {
         };
         // The pool's timer is what closes idle connections: without one hyper only drops
         // an expired connection when it would next be checked out.
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.idle_timeout)
-            .pool_max_idle_per_host(256)
-            .build(h1_connector);
+        let h1 = super::h1::H1Pool::new(h1_connector, cfg.idle_timeout);
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_timer(TokioTimer::new())
