@@ -4,6 +4,7 @@
 #   benches/compare/sidecar-allocs.sh [REQUESTS]        (default 20000)
 #
 # One nginx backend (return 200, keep-alive) on loopback, a registry, and the sidecar
+# (its --http-upstream port for service web, so no Host header is needed)
 # (--worker-threads 1) run under heaptrack twice: once with a 200-request warm-up only
 # and once with the warm-up plus REQUESTS more (h2load -n, 8 keep-alive HTTP/1.1
 # connections, one request in flight each). The difference in allocation calls divided
@@ -51,7 +52,7 @@ for _ in $(seq 1 100); do curl -sf -o /dev/null 127.0.0.1:19602/health && break;
 run() {
   local label=$1 extra=$2 sc n calls
   heaptrack -o "$work/$label" "$BIN" sidecar --registry http://127.0.0.1:19600 --admin 127.0.0.1:19610 \
-    --http-proxy 127.0.0.1:19611 --dns off --worker-threads 1 --cache-file "$work/cache-$label.json" \
+    --http-proxy off --http-upstream web=127.0.0.1:19611 --dns off --worker-threads 1 --cache-file "$work/cache-$label.json" \
     >"$work/$label.out" 2>&1 &
   sc=$!
   n=0
@@ -61,17 +62,24 @@ run() {
     sleep 0.1
   done
   [ "$n" = 1 ] || { echo "the sidecar never saw its endpoint" >&2; cat "$work/$label.out" >&2; exit 1; }
-  h2load --h1 -n 200 -c 8 -m 1 -H 'Host: web' http://127.0.0.1:19611/ >"$work/$label-warm.txt"
+  h2load --h1 -n 200 -c 8 -m 1 http://127.0.0.1:19611/ >"$work/$label-warm.txt"
   if [ "$extra" -gt 0 ]; then
-    h2load --h1 -n "$extra" -c 8 -m 1 -H 'Host: web' http://127.0.0.1:19611/ >"$work/$label-load.txt"
+    h2load --h1 -n "$extra" -c 8 -m 1 http://127.0.0.1:19611/ >"$work/$label-load.txt"
     grep -q "succeeded, 0 errored" <(grep '^requests:' "$work/$label-load.txt" | sed 's/, [0-9]* failed//') \
       || { echo "failed requests:" >&2; cat "$work/$label-load.txt" >&2; exit 1; }
     grep -q " $extra succeeded" "$work/$label-load.txt" || { cat "$work/$label-load.txt" >&2; exit 1; }
   fi
-  kill -TERM "$sc"
+  # heaptrack is a wrapper script: stop the sidecar itself, then let heaptrack finish
+  # writing its data.
+  local p
+  for p in $(pgrep -f "cache-$label.json"); do
+    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = switchyard ] && kill -TERM "$p"
+  done
   wait "$sc" 2>/dev/null || true
-  heaptrack_print -f "$work/$label".*.zst >"$work/$label.txt" 2>/dev/null \
-    || heaptrack_print -f "$work/$label".* >"$work/$label.txt"
+  local data
+  data=$(ls "$work/$label".*zst "$work/$label".*gz "$work/$label".zst 2>/dev/null | head -n 1 || true)
+  [ -n "$data" ] || { echo "no heaptrack data for $label" >&2; ls "$work" >&2; exit 1; }
+  heaptrack_print -f "$data" >"$work/$label.txt"
   calls=$(awk '/^calls to allocation functions:/ {print $5}' "$work/$label.txt")
   [ -n "$calls" ] || { echo "no heaptrack summary for $label" >&2; tail "$work/$label.txt" >&2; exit 1; }
   echo "$calls"
