@@ -88,15 +88,15 @@ reg_pid=$!
 for _ in $(seq 1 100); do curl -sf "http://$HTTP/health" >/dev/null 2>&1 && break; sleep 0.1; done
 curl -sf "http://$HTTP/health" >/dev/null || { echo "registry not healthy"; tail -20 "$work/registry.log"; exit 1; }
 
-# register one instance with a 1 h lease, wait (<= 10 s) for "registered", then SIGKILL the
-# process so it does not deregister
+# register instance i of service s (version $3, default 1.0.0) with a 1 h lease, wait
+# (<= 10 s) for "registered", then SIGKILL the process so it does not deregister
 reg_one() {
-  local s=$1 i=$2 id out p
+  local s=$1 i=$2 version=${3:-1.0.0} id out p
   id=$(svc "$s")-$i
   out=$work/reg/$id.out
   : >"$out"    # exists before the background process opens it: grep below must not race
   "$BIN" register --registry "http://$GRPC" --service "$(svc "$s")" --address "$(ip "$s" "$i")" \
-    --port 9000 --version 1.0.0 --id "$id" --ttl 1h >>"$out" 2>&1 &
+    --port 9000 --version "$version" --id "$id" --ttl 1h >>"$out" 2>&1 &
   p=$!
   echo "$p" >"$work/reg/$id.pid"
   for _ in $(seq 1 200); do
@@ -255,17 +255,7 @@ r_rss=$(rss "$reg_pid"); u_rss=$(rss "$unb_pid")
 echo "canary split: a 2.0.0 instance per service, then plain vs split A answers"
 batch=(); fail=0
 for s in $(seq 1 "$SERVICES"); do
-  reg_canary() {
-    local s=$1 id out p
-    id=$(svc "$s")-canary; out=$work/reg/$id.out; : >"$out"
-    "$BIN" register --registry "http://$GRPC" --service "$(svc "$s")" --address "$(ip "$s" 4)" \
-      --port 9000 --version 2.0.0 --id "$id" --ttl 1h >>"$out" 2>&1 &
-    p=$!; echo "$p" >"$work/reg/$id.pid"
-    for _ in $(seq 1 200); do grep -q '^registered' "$out" && break; kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
-    kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; rm -f "$work/reg/$id.pid"
-    grep -q '^registered' "$out" || { echo "register $id failed:"; cat "$out"; return 1; }
-  }
-  reg_canary "$s" & batch+=($!)
+  reg_one "$s" 4 2.0.0 & batch+=($!)
   if [ "${#batch[@]}" -ge 20 ]; then for b in "${batch[@]}"; do wait "$b" || fail=1; done; batch=(); fi
 done
 for b in "${batch[@]}"; do wait "$b" || fail=1; done

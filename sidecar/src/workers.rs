@@ -146,17 +146,4 @@ mod tests {
         assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
         Ok(())
     }
-
-    #[test]
-    fn threads_know_their_worker() {
-        assert_eq!(current(), 0);
-        let seen = std::thread::spawn(|| {
-            WORKER.with(|w| w.set(5));
-            current()
-        })
-        .join()
-        .ok();
-        assert_eq!(seen, Some(5));
-        assert_eq!(current(), 0);
-    }
 }

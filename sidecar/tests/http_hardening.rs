@@ -21,6 +21,7 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::registry_client::RegistryClient;
 use switchyard_registry::{Listeners, RegistryConfig, RegistryHandle};
 use switchyard_sidecar::{SidecarConfig, SidecarHandle, SidecarListeners};
+use switchyard_testkit::raw;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -172,29 +173,6 @@ impl Backend {
     fn hits(&self) -> usize {
         self.hits.load(Ordering::Relaxed)
     }
-}
-
-/// Sends `request` as is on a new connection and reads until the proxy closes it:
-/// (status, body). Bounded: fails after 5 s.
-async fn raw(proxy: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(proxy).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .expect("the proxy answers and closes within 5 s")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
 }
 
 fn get(extra_headers: &str) -> String {

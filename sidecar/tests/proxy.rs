@@ -288,7 +288,6 @@ async fn an_endpoint_failing_five_times_in_a_row_is_ejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxy_workers_share_each_port_and_both_serve() {
     use switchyard_sidecar::workers::{bind_group, WorkerListeners};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let dir = tempfile::tempdir().expect("temp dir");
     let fake = FakeRegistry::start().await;
@@ -324,17 +323,12 @@ async fn two_proxy_workers_share_each_port_and_both_serve() {
 
     for (addr, host) in [(proxy, "web"), (upstream, "anything")] {
         for i in 0..40 {
-            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let head = format!("GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-            s.write_all(head.as_bytes()).await.expect("write");
-            let mut reply = String::new();
-            tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
-                .await
-                .expect("answered in time")
-                .expect("read");
-            assert!(
-                reply.starts_with("HTTP/1.1 200") && reply.ends_with("one"),
-                "connection {i} to {addr}: {reply}"
+            let (status, body) = raw(addr, &head).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (200, "one"),
+                "connection {i} to {addr}"
             );
         }
     }
@@ -414,24 +408,10 @@ async fn raw_backend(
 
 /// A POST through the proxy on a fresh connection: its status.
 async fn post(proxy: std::net::SocketAddr, host: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy)
-        .await
-        .expect("connect");
     let req = format!(
         "POST /orders HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
     );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut reply = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
-        .await
-        .expect("answered in time")
-        .expect("read");
-    reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    raw(proxy, &req).await.0
 }
 
 /// The sidecar's HTTP/1.1 pool: one upstream connection carries request after request

@@ -480,12 +480,7 @@ fn bind_http(
     workers: usize,
     what: &str,
 ) -> Result<(TcpListener, Vec<std::net::TcpListener>), CliError> {
-    let failed = |e: std::io::Error| {
-        CliError::new(
-            EXIT_CONFIG,
-            format!("cannot listen on {addr} ({what}): {e}; pick another address"),
-        )
-    };
+    let failed = |e| cannot_listen(addr, what, e);
     let mut group = switchyard_sidecar::workers::bind_group(addr, workers)
         .map_err(failed)?
         .into_iter();
@@ -499,12 +494,16 @@ fn bind_http(
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CliError> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        CliError::new(
-            EXIT_CONFIG,
-            format!("cannot listen on {addr} ({what}): {e}; pick another address"),
-        )
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| cannot_listen(addr, what, e))
+}
+
+fn cannot_listen(addr: SocketAddr, what: &str, e: std::io::Error) -> CliError {
+    CliError::new(
+        EXIT_CONFIG,
+        format!("cannot listen on {addr} ({what}): {e}; pick another address"),
+    )
 }
 
 /// What the local app speaks (`--app-protocol`).

@@ -14,7 +14,8 @@
 //!   watcher's [`View`] of the catalog built from the events it received.
 //! - [`wait`]: [`eventually`] and [`assert_eventually`] (polling, bounded in time) and
 //!   [`next_event`] of a watch stream.
-//! - [`http`]: a bare HTTP/1.1 GET over TCP and reading a Prometheus metric line.
+//! - [`http`]: a bare HTTP/1.1 GET over TCP, any request sent as is, and reading a
+//!   Prometheus metric line.
 //! - [`dns`]: DNS queries over UDP and TCP with hickory-proto's message codec.
 //! - [`backend`]: HTTP/1.1 + h2c backends that count their requests and can be slowed,
 //!   made to fail or stopped.
@@ -33,7 +34,7 @@ pub mod wait;
 
 pub use backend::Backend;
 pub use fake::FakeRegistry;
-pub use http::{http_get, metric};
+pub use http::{http_get, metric, raw};
 pub use proto::{
     canary_policy, instance, instance_at, open_watch, resolve, resolve_ids, split, version_stats,
     watch_all, watch_of, window_report, View,

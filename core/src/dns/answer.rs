@@ -47,13 +47,14 @@ pub enum Vary {
     /// The same records in a random order: a few orders are kept and served at random.
     Shuffled,
     /// One outcome of a weighted draw (a canary split): outcome `outcome` of
-    /// `weights.len()`, each drawn with the chance its weight gives. The cache keeps the
-    /// answers of every outcome and draws one per query with the same weights, so the
-    /// split holds without a lookup per query; `shuffled`: the outcome's records come in
-    /// a random order too.
+    /// `weights.len()`, entry `i` being `(i, its weight)`, the form
+    /// [`crate::select::draw`] takes. The cache keeps the answers of every outcome and
+    /// draws one per query with `draw` over the same weights, so the split holds
+    /// without a lookup per query; `shuffled`: the outcome's records come in a random
+    /// order too.
     Drawn {
         outcome: usize,
-        weights: Arc<[u64]>,
+        weights: Arc<[(usize, u32)]>,
         shuffled: bool,
     },
     /// Never reused (an error made for one malformed datagram).
@@ -296,11 +297,17 @@ impl<S: DnsSource> DnsHandler<S> {
                 // members gets its weight; the ones without either pass their share on
                 // (fail open: the live weights alone) or answer nothing (fail closed:
                 // one more outcome, the empty answer, with their weight together).
-                let mut weights: Vec<u64> = groups.iter().map(|(_, w, _)| u64::from(*w)).collect();
+                // (At most MAX_SUBSETS weights of at most MAX_SPLIT_WEIGHT: a sum fits.)
+                let mut weights: Vec<(usize, u32)> = groups
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, w, _))| (i, *w))
+                    .collect();
                 if selection.fail_closed {
-                    let live_weight: u64 = weights.iter().sum();
+                    let live_weight: u64 = weights.iter().map(|(_, w)| u64::from(*w)).sum();
                     let all: u64 = split.entries.iter().map(|(_, w)| u64::from(*w)).sum();
-                    weights.push(all.saturating_sub(live_weight));
+                    let down = u32::try_from(all.saturating_sub(live_weight)).unwrap_or(u32::MAX);
+                    weights.push((weights.len(), down));
                 }
                 let at = choose(split, None, &mut rng, selection.fail_closed, |i| {
                     groups.iter().any(|(g, _, _)| *g == i)
@@ -311,7 +318,7 @@ impl<S: DnsSource> DnsHandler<S> {
                 let chosen = at.map(|at| groups.swap_remove(at).2).unwrap_or_default();
                 let mut answer = self.addresses(owner, chosen, qtype, &mut rng);
                 // Zero weights everywhere: `choose` draws nothing, the answer is fixed.
-                if varies && weights.iter().any(|w| *w > 0) && outcome < weights.len() {
+                if varies && weights.iter().any(|(_, w)| *w > 0) && outcome < weights.len() {
                     answer.vary = Vary::Drawn {
                         outcome,
                         shuffled: answer.vary == Vary::Shuffled,

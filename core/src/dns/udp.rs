@@ -193,8 +193,8 @@ pub struct UdpCache {
 #[derive(Default)]
 struct Kept {
     outcomes: Vec<Outcome>,
-    /// The outcomes' chances (empty when the answer is not drawn).
-    weights: Arc<[u64]>,
+    /// The outcomes' chances, `(outcome, weight)` (empty when the answer is not drawn).
+    weights: Arc<[(usize, u32)]>,
     /// True when every outcome has all it needs.
     full: bool,
 }
@@ -212,19 +212,11 @@ impl Kept {
     fn pick(&self, rng: &mut fastrand::Rng) -> Option<&[u8]> {
         let outcome = match self.weights.len() {
             0 => self.outcomes.first()?,
-            _ => {
-                let total: u64 = self.weights.iter().sum();
-                let mut point = rng.u64(..total.max(1));
-                let mut at = self.weights.len() - 1;
-                for (i, w) in self.weights.iter().enumerate() {
-                    if point < *w {
-                        at = i;
-                        break;
-                    }
-                    point -= w;
-                }
-                self.outcomes.get(at)?
-            }
+            // The split's own draw (the weights are never all zero: such an answer is
+            // fixed, not drawn).
+            _ => self
+                .outcomes
+                .get(crate::select::draw(&self.weights, None, rng)?)?,
         };
         outcome
             .variants
@@ -237,7 +229,7 @@ impl Kept {
     fn keep(
         &mut self,
         at: usize,
-        weights: Option<&Arc<[u64]>>,
+        weights: Option<&Arc<[(usize, u32)]>>,
         bytes: &[u8],
         shuffled: bool,
     ) -> bool {
@@ -256,7 +248,12 @@ impl Kept {
         self.full = self
             .outcomes
             .iter()
-            .zip(self.weights.iter().copied().chain(std::iter::repeat(1)))
+            .zip(
+                self.weights
+                    .iter()
+                    .map(|(_, w)| *w)
+                    .chain(std::iter::repeat(1)),
+            )
             .all(|(o, w)| o.full || w == 0);
         true
     }

@@ -271,11 +271,6 @@ impl H1Pool {
             !list.is_empty()
         });
     }
-
-    /// Idle connections held now (for tests and `/explain`).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().values().map(Vec::len).sum()
-    }
 }
 
 async fn sweep(pool: Weak<H1Pool>, every: Duration) {

@@ -567,7 +567,6 @@ impl From<ProxyError> for Refused {
     }
 }
 
-/// Appends one clause to an explanation, if one was asked for.
 /// The service's pooled upstream clients, made on its first request under its
 /// connection limits.
 ///
@@ -594,6 +593,7 @@ fn service_clients<'a>(ctx: &ProxyCtx, view: &'a ServiceView) -> &'a Clients {
 /// A service's pooled clients, one slot per proxy worker.
 type PerWorker = Box<[OnceLock<Clients>]>;
 
+/// Appends one clause to an explanation, if one was asked for.
 fn note(explanation: &mut Option<String>, clause: std::fmt::Arguments<'_>) {
     if let Some(text) = explanation {
         use std::fmt::Write as _;

@@ -237,9 +237,9 @@ impl Clients {
             wait: cfg.connect_timeout,
             mesh: dial(Alpn::Http2),
         };
+        let h1 = super::h1::H1Pool::new(h1_connector, cfg.idle_timeout);
         // The pool's timer is what closes idle connections: without one hyper only drops
         // an expired connection when it would next be checked out.
-        let h1 = super::h1::H1Pool::new(h1_connector, cfg.idle_timeout);
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_timer(TokioTimer::new())
