@@ -47,14 +47,29 @@ type Stamps = Vec<Option<(u64, std::time::SystemTime)>>;
 
 /// Watches `items`' files until `stop` resolves, reloading all of them together (the
 /// certificate and its key change together).
-pub async fn watch(items: Vec<Arc<dyn Reloadable>>, stop: impl Future<Output = ()>) {
+///
+/// The SIGHUP handler is installed here, before the future is first polled: a process
+/// that says it serves once this returns must not miss (or die of) a SIGHUP sent at
+/// once. Must be called inside a Tokio runtime.
+pub fn watch(
+    items: Vec<Arc<dyn Reloadable>>,
+    stop: impl Future<Output = ()>,
+) -> impl Future<Output = ()> {
+    let hangup = if items.is_empty() { None } else { hangup() };
+    watch_with(items, hangup, stop)
+}
+
+async fn watch_with(
+    items: Vec<Arc<dyn Reloadable>>,
+    mut hangup: Hangup,
+    stop: impl Future<Output = ()>,
+) {
     if items.is_empty() {
         return;
     }
     let paths: Vec<PathBuf> = items.iter().flat_map(|i| i.paths()).collect();
     let stamps = |paths: &[PathBuf]| -> Stamps { paths.iter().map(stamp).collect() };
     let mut last = stamps(&paths);
-    let mut hangup = hangup();
     let mut tick = tokio::time::interval(CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
