@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::body::{DownstreamBody, Guarded, ProxyBody, UpstreamBody};
 use super::h1::{Received, UpstreamError};
+use super::heads;
 use super::pool::{overflow_of, Clients};
 use super::retry::{self, Prepared};
 use super::ProxyCtx;
@@ -456,29 +457,50 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// relies on or sets. `Host` (what the app routes on), `X-Forwarded-For` (the chain of
 /// callers: `Connection: x-forwarded-for` would erase it), the sidecar's subset header,
 /// and the framing headers hyper handles (`Content-Length`; `Transfer-Encoding` is
-/// removed anyway and re-framed by hyper).
-fn protected(name: &HeaderName) -> bool {
-    name == header::HOST
-        || name == header::CONTENT_LENGTH
-        || name == header::TRANSFER_ENCODING
-        || name.as_str() == "x-forwarded-for"
-        || name.as_str() == SUBSET_HEADER
+/// removed anyway and re-framed by hyper). `token` is compared ignoring case, as header
+/// names are.
+fn protected(token: &str) -> bool {
+    [
+        header::HOST.as_str(),
+        header::CONTENT_LENGTH.as_str(),
+        header::TRANSFER_ENCODING.as_str(),
+        "x-forwarded-for",
+        SUBSET_HEADER,
+    ]
+    .iter()
+    .any(|p| token.eq_ignore_ascii_case(p))
 }
+
+/// `Connection` lines kept on the stack while their tokens are removed; more than
+/// this (never seen from a real client) spill into a `Vec`.
+const CONNECTION_LINES: usize = 4;
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set and any named in
 /// `Connection`, except [`protected`] ones (such tokens are ignored). `TE: trailers`
 /// survives on HTTP/2, where gRPC requires it.
+///
+/// Allocates nothing: the `Connection` values are looked at from a small array, and
+/// each token is removed by its name as text (`http` lowercases it on the stack).
 #[doc(hidden)]
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !protected(n))
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // Copies of the values (reference counts), so the map can change while their
+    // tokens are read; `entry` would reserve room in the map (an allocation when
+    // hyper sized it exactly).
+    let mut lines: [Option<HeaderValue>; CONNECTION_LINES] = Default::default();
+    let connection = headers.get_all(header::CONNECTION);
+    for (slot, value) in lines.iter_mut().zip(connection.iter()) {
+        *slot = Some(value.clone());
+    }
+    let more: Vec<HeaderValue> = connection.iter().skip(CONNECTION_LINES).cloned().collect();
+    for value in lines.iter().flatten().chain(&more) {
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split(',').map(str::trim) {
+            if !token.is_empty() && !protected(token) {
+                headers.remove(token);
+            }
+        }
+    }
+    for name in HOP_BY_HOP.iter() {
         headers.remove(name);
     }
     let te_ok = keep_te_trailers
@@ -759,7 +781,7 @@ async fn forward(
         view.limits.budget.deposit(clock_ms_at(started) / 1_000);
     }
 
-    let mut head = Some(head);
+    let mut head = KeptHead(Some(head));
     let mut attempt: u32 = 0;
     let mut tried: Vec<&crate::endpoint::Endpoint> = Vec::new();
     let mut retry_permit: Option<Permit> = None;
@@ -816,15 +838,15 @@ async fn forward(
         parts.path_and_query = Some(path.clone());
         let uri = Uri::from_parts(parts).map_err(|_| bad_address())?;
         // The head is copied only while a retry may still need it.
-        let mut req = match (last_chance, head.as_ref()) {
+        let mut req = match (last_chance, head.0.as_ref()) {
             (false, Some(h)) => {
                 let mut r = Request::new(());
                 *r.method_mut() = h.method.clone();
                 *r.version_mut() = h.version;
-                *r.headers_mut() = h.headers.clone();
+                *r.headers_mut() = heads::copy_of(&h.headers);
                 r
             }
-            _ => match head.take() {
+            _ => match head.0.take() {
                 Some(h) => Request::from_parts(h, ()),
                 None => return Err(bad_address().into()),
             },
@@ -1079,6 +1101,18 @@ async fn forward(
                 endpoint.id
             ),
         );
+    }
+}
+
+/// The request head kept for a retry; its header map goes back to this thread's
+/// [`heads`] pool when the request is done with it, however it ends.
+struct KeptHead(Option<::http::request::Parts>);
+
+impl Drop for KeptHead {
+    fn drop(&mut self) {
+        if let Some(parts) = self.0.take() {
+            heads::give_back(parts.headers);
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod h1;
+pub mod heads;
 pub mod http;
 pub mod pool;
 pub mod retry;
