@@ -15,13 +15,13 @@ use std::cell::RefCell;
 
 use http::HeaderMap;
 
-/// Maps kept per thread: enough for the requests one worker has in flight at once,
-/// small enough to be no memory worth counting (an empty map of 32 entries is ~1 KiB).
-const KEPT: usize = 256;
+/// Maps kept per thread: one per request a worker has in flight at once, up to this
+/// many (at most about 3.5 KiB each, so under 250 KiB per worker at worst).
+const KEPT: usize = 64;
 
 /// A map that grew past this many entries (a request with a hundred headers) is not
 /// kept: it would hold its size for every later request.
-const MAX_KEPT_CAPACITY: usize = 64;
+const MAX_KEPT_CAPACITY: usize = 32;
 
 thread_local! {
     static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
