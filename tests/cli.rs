@@ -48,6 +48,22 @@ fn register_list_and_deregister_through_the_cli() {
 
     let services = run(&["services", "--registry", &url, "-o", "json"]);
     assert!(services.status.success());
+    // A reader that stops at once (`| grep -q`, `| head`): no panic, exit 0.
+    let mut piped = Command::new(BIN)
+        .args(["instances", "web", "--registry", &url, "-o", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn instances");
+    drop(piped.stdout.take());
+    let closed = piped.wait_with_output().expect("instances ends");
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(
+        closed.status.success() && !stderr.contains("panicked"),
+        "{:?} {stderr}",
+        closed.status
+    );
     let json: serde_json::Value = serde_json::from_slice(&services.stdout).expect("json");
     assert_eq!(json[0]["name"], "web");
     assert_eq!(json[0]["instances"], 1);

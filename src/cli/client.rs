@@ -183,8 +183,21 @@ pub fn status_error(what: &str, s: tonic::Status) -> CliError {
 pub fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::new(1, format!("cannot encode JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
+    print_out(&text)
+}
+
+/// Writes `text` and a newline to stdout. A reader that went away (`| head`,
+/// `| grep -q`) is no error: the output is not wanted any more, and `println!` would
+/// panic. Any other failure is exit code 74 (EX_IOERR).
+pub fn print_out(text: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(CliError::new(74, format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Prints rows as a left-aligned table under an upper-case header.
@@ -204,7 +217,8 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        // Only a reader gone away fails here for a table (see `print_out`).
+        let _ = print_out(out.trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {

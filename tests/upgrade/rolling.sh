@@ -110,8 +110,10 @@ check_reads() { # every node has every write and the held registration
       sleep 0.2
     done
     [ "$got" = "$writes" ] || fail "node $n has $got of $writes writes"
-    "$new" instances held --registry "$(url "$n")" -o json | grep -q '"held-1"' ||
-      fail "node $n lost the held registration"
+    # Read whole, then searched: `| grep -q` may close the pipe before the CLI is done.
+    held=$("$new" instances held --registry "$(url "$n")" -o json) ||
+      fail "node $n did not answer instances held"
+    grep -q '"held-1"' <<<"$held" || fail "node $n lost the held registration"
   done
 }
 cluster_format_is() { # cluster_format_is FORMAT NODES...
