@@ -616,6 +616,30 @@ fn sidecar_precedence_is_flag_then_env_then_file_then_default() {
     assert_eq!(v, "off");
 }
 
+#[cfg(target_os = "linux")]
+#[test]
+fn a_registry_allowed_one_cpu_serves_on_a_current_thread_runtime() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().to_str().expect("utf-8 path");
+    let mut args = vec!["registry"];
+    args.extend_from_slice(&LOOPBACK_PORTS);
+    args.extend_from_slice(&["--data-dir", data, "--dns", "off"]);
+    let marker = "runtime: ";
+    let (mut one, line, _) = start_until_under(&["taskset", "-c", "0"], &args, &[], marker);
+    assert!(
+        line.contains("current-thread") && line.contains("cpus=1"),
+        "{line}"
+    );
+    one.signal("-TERM");
+    assert!(one.wait(Duration::from_secs(10)).success());
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        let (mut all, line, _) = start_until_under(&[], &args, &[], marker);
+        assert!(line.contains("multi-thread"), "{line}");
+        all.signal("-TERM");
+        assert!(all.wait(Duration::from_secs(10)).success());
+    }
+}
+
 /// Threads of `pid` that are proxy workers after the first (`proxy-worker-N`; the
 /// first is the main thread).
 #[cfg(target_os = "linux")]

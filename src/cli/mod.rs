@@ -207,6 +207,13 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 pub fn worker_threads(cli: &Cli) -> usize {
     match &cli.command {
         Command::Sidecar(_) => 1,
+        // A process allowed one CPU (taskset, or a cgroup quota of one core, which
+        // `available_parallelism` reads) gets a current-thread runtime: a multi-thread
+        // runtime's one worker only adds cross-thread hand-offs and its LIFO slot, which
+        // runs a connection's task right after each stream that woke it, so a change
+        // reaching 100 Watch streams on one connection went out in 100 writes instead
+        // of one (benches/RESULTS.md, "Registry").
+        _ if std::thread::available_parallelism().is_ok_and(|n| n.get() == 1) => 1,
         _ => 0,
     }
 }

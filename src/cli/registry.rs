@@ -435,6 +435,7 @@ pub async fn run_registry(
     let mut config = args.registry_config()?;
     config.tls = tls_files(&args)?;
     print_mode(config.tls.is_some(), "registry");
+    log_runtime();
     let addrs = Addrs {
         listen: args.listen,
         peer: args.peer_listen,
@@ -581,6 +582,18 @@ fn tls_files(args: &RegistryArgs) -> Result<Option<switchyard_registry::TlsFiles
 }
 
 /// Says on stderr whether the ports speak TLS, so plaintext is never a surprise.
+/// Which runtime serves, and why (see `cli::worker_threads`).
+fn log_runtime() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => tracing::info!(
+            cpus,
+            "runtime: current-thread (this process may use one CPU)"
+        ),
+        _ => tracing::info!(cpus, "runtime: multi-thread, one worker per CPU"),
+    }
+}
+
 fn print_mode(tls: bool, who: &str) {
     if tls {
         tracing::info!(

@@ -59,7 +59,26 @@ pub fn start_until_env(
     env: &[(&str, &str)],
     marker: &str,
 ) -> (Proc, String, Vec<String>) {
-    let mut child = Command::new(BIN)
+    start_until_under(&[], args, env, marker)
+}
+
+/// `start_until_env` run under `wrapper` (a program and its arguments that exec the
+/// binary, such as `taskset -c 0`); none when empty.
+pub fn start_until_under(
+    wrapper: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+    marker: &str,
+) -> (Proc, String, Vec<String>) {
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let mut child = command
         .args(args)
         .envs(env.iter().copied())
         .env("RUST_LOG", "info")
