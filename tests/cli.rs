@@ -624,17 +624,26 @@ fn a_registry_allowed_one_cpu_serves_on_a_current_thread_runtime() {
     let mut args = vec!["registry"];
     args.extend_from_slice(&LOOPBACK_PORTS);
     args.extend_from_slice(&["--data-dir", data, "--dns", "off"]);
-    let marker = "runtime: ";
-    let (mut one, line, _) = start_until_under(&["taskset", "-c", "0"], &args, &[], marker);
+    // The runtime line comes before "registry serving", which comes once SIGTERM is
+    // handled (a SIGTERM sent earlier would kill the process).
+    let runtime_line = |seen: &[String]| {
+        seen.iter()
+            .find(|l| l.contains("runtime: "))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let serving = "registry serving";
+    let (mut one, _, seen) = start_until_under(&["taskset", "-c", "0"], &args, &[], serving);
+    let line = runtime_line(&seen);
     assert!(
         line.contains("current-thread") && line.contains("cpus=1"),
-        "{line}"
+        "{seen:#?}"
     );
     one.signal("-TERM");
     assert!(one.wait(Duration::from_secs(10)).success());
     if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
-        let (mut all, line, _) = start_until_under(&[], &args, &[], marker);
-        assert!(line.contains("multi-thread"), "{line}");
+        let (mut all, _, seen) = start_until_under(&[], &args, &[], serving);
+        assert!(runtime_line(&seen).contains("multi-thread"), "{seen:#?}");
         all.signal("-TERM");
         assert!(all.wait(Duration::from_secs(10)).success());
     }
