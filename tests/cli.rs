@@ -633,7 +633,8 @@ fn a_registry_allowed_one_cpu_serves_on_a_current_thread_runtime() {
             .unwrap_or_default()
     };
     let serving = "registry serving";
-    let (mut one, _, seen) = start_until_under(&["taskset", "-c", "0"], &args, &[], serving);
+    let cpu = first_allowed_cpu();
+    let (mut one, _, seen) = start_until_under(&["taskset", "-c", &cpu], &args, &[], serving);
     let line = runtime_line(&seen);
     assert!(
         line.contains("current-thread") && line.contains("cpus=1"),
@@ -647,6 +648,21 @@ fn a_registry_allowed_one_cpu_serves_on_a_current_thread_runtime() {
         all.signal("-TERM");
         assert!(all.wait(Duration::from_secs(10)).success());
     }
+}
+
+/// The first CPU this process may run on (`Cpus_allowed_list`: "0-1", "2,4-7"), for
+/// `taskset`: CPU 0 may be outside a container's set.
+#[cfg(target_os = "linux")]
+fn first_allowed_cpu() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    list.trim()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect()
 }
 
 /// Threads of `pid` that are proxy workers after the first (`proxy-worker-N`; the

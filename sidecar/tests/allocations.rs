@@ -96,8 +96,9 @@ fn a_head_kept_for_a_retry_is_copied_without_allocating() {
 /// its client's response callback (1), the response body's channel (1) and the
 /// server's header-read timer (1); 6.85 measured here with this backend's one-header
 /// responses. Ours on top must be none: with the retry head cloned per request this
-/// was 8.85.
-const HYPER_PER_REQUEST: f64 = 7.0;
+/// was 8.85. The half allocation of room is for the sidecar's own timers and reports,
+/// which run on this thread too while the requests flow.
+const HYPER_PER_REQUEST: f64 = 7.5;
 
 #[test]
 fn a_proxied_request_allocates_no_more_than_hyper_does() {
@@ -117,7 +118,7 @@ fn a_proxied_request_allocates_no_more_than_hyper_does() {
     let proxy = sidecar.http_proxy_addr.expect("proxy");
     // Warm-up: connections, pools and per-endpoint series are made once.
     run_client(&rt, proxy, 300);
-    const N: u64 = 2_000;
+    const N: u64 = 4_000;
     let mut rate = 0.0;
     let info = allocation_counter::measure(|| rate = run_client(&rt, proxy, N));
     let per = info.count_total as f64 / N as f64;

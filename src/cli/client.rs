@@ -217,8 +217,12 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        // Only a reader gone away fails here for a table (see `print_out`).
-        let _ = print_out(out.trim_end());
+        // A reader gone away is no error (see `print_out`); any other write error
+        // ends the command, as it would have for `println!`, but with its exit code.
+        if let Err(e) = print_out(out.trim_end()) {
+            eprintln!("error: {}", e.message);
+            std::process::exit(i32::from(e.code));
+        }
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {

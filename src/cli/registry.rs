@@ -581,7 +581,6 @@ fn tls_files(args: &RegistryArgs) -> Result<Option<switchyard_registry::TlsFiles
     }
 }
 
-/// Says on stderr whether the ports speak TLS, so plaintext is never a surprise.
 /// Which runtime serves, and why (see `cli::worker_threads`).
 fn log_runtime() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -594,6 +593,7 @@ fn log_runtime() {
     }
 }
 
+/// Says on stderr whether the ports speak TLS, so plaintext is never a surprise.
 fn print_mode(tls: bool, who: &str) {
     if tls {
         tracing::info!(
