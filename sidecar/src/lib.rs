@@ -473,7 +473,10 @@ pub async fn start(
     // Peers reach the app through the inbound port: the instance says where it is.
     let registrar = config.registrar.clone().map(|mut r| {
         r.service.mesh_port = inbound_addr.map_or(0, |a| a.port());
-        let mesh = (r.service.mesh_port != 0).then(|| mesh_identity.clone());
+        let mesh = (r.service.mesh_port != 0).then(|| registrar::MeshReadiness {
+            identity: mesh_identity.clone(),
+            table: table.clone(),
+        });
         tokio::spawn(registrar::run(r, mesh, registrar_rx))
     });
     tracing::info!(

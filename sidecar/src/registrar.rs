@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::health::{HealthConfig, Prober, Verdict};
 use crate::identity::MeshIdentity;
+use crate::table::EndpointTable;
 
 /// The local service this sidecar registers.
 #[derive(Clone, Debug)]
@@ -105,24 +106,41 @@ async fn connect(
     ))
 }
 
+/// What the inbound port needs before peers may be sent to it: the sidecar's mesh
+/// certificate (to finish handshakes) and the namespace's intentions (to admit
+/// callers; without them it refuses every request, failing closed).
+pub struct MeshReadiness {
+    pub identity: Arc<MeshIdentity>,
+    pub table: Arc<EndpointTable>,
+}
+
+impl MeshReadiness {
+    fn ready(&self) -> bool {
+        self.identity.current().is_some() && self.table.intentions_guard().is_some()
+    }
+}
+
 /// The mesh port to register now: the inbound port once the sidecar holds a mesh
-/// certificate to serve it with, 0 before (peers would otherwise dial a port that
-/// closes every handshake; they use the app port meanwhile).
-fn advertised(cfg: &RegistrarConfig, mesh: Option<&MeshIdentity>) -> u16 {
+/// certificate to serve it with and the intentions to judge callers by, 0 before.
+/// Peers would otherwise dial a port that closes every handshake, or (a sidecar
+/// restarted before its watch stream delivered a snapshot) answers 403 to every
+/// caller; with 0 they use the app port meanwhile, or leave the instance out under
+/// strict mTLS.
+fn advertised(cfg: &RegistrarConfig, mesh: Option<&MeshReadiness>) -> u16 {
     match mesh {
-        Some(m) if cfg.service.mesh_port != 0 && m.current().is_some() => cfg.service.mesh_port,
+        Some(m) if cfg.service.mesh_port != 0 && m.ready() => cfg.service.mesh_port,
         _ => 0,
     }
 }
 
-/// Runs until `stop` flips, then drains and returns. `mesh`: the sidecar's certificate,
-/// when it serves the inbound port (`service.mesh_port`).
+/// Runs until `stop` flips, then drains and returns. `mesh`: the sidecar's certificate
+/// and intentions, when it serves the inbound port (`service.mesh_port`).
 pub async fn run(
     cfg: RegistrarConfig,
-    mesh: Option<Arc<MeshIdentity>>,
+    mesh: Option<MeshReadiness>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mesh = mesh.as_deref();
+    let mesh = mesh.as_ref();
     let prober = Prober::new(cfg.probe_target, cfg.health.clone());
     let first = prober.probe().await;
     if let Err(e) = &first {
@@ -201,7 +219,7 @@ async fn register(
 
 async fn hold(
     cfg: &RegistrarConfig,
-    mesh: Option<&MeshIdentity>,
+    mesh: Option<&MeshReadiness>,
     url: &str,
     prober: &Prober,
     verdict: &mut Verdict,
@@ -221,7 +239,7 @@ async fn hold(
         Err(e) => return Held::Lost(e),
     };
     // Registers again (same id, same lease) when the port to advertise changes: the
-    // mesh certificate arrived.
+    // mesh certificate and the intentions arrived.
     let mut mesh_check = tokio::time::interval(Duration::from_secs(1));
     *session = Some((client.clone(), lease, true));
     let (tx, rx) = mpsc::channel(4);

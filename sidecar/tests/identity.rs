@@ -1,6 +1,7 @@
 //! The sidecar's mesh identity against a real registry: it gets a leaf for its service
 //! from the built-in CA, renews it before it expires, exports the seconds left, and
-//! keeps its certificate while the registry is down.
+//! keeps its certificate while the registry is down; and it registers its mesh port
+//! only once it can admit callers there.
 
 mod support;
 
@@ -70,4 +71,63 @@ async fn the_sidecar_gets_renews_and_keeps_its_certificate() {
         .expect("kept while the registry is down");
     assert_eq!(kept.leaf_pem, renewed.leaf_pem);
     sidecar.shutdown().await;
+}
+
+/// The mesh port registered for `web-1` (None: not registered).
+async fn mesh_port_of(url: &str) -> Option<u32> {
+    let mut client =
+        switchyard_proto::v1::discovery_client::DiscoveryClient::connect(url.to_string())
+            .await
+            .ok()?;
+    resolve(&mut client, "web")
+        .await
+        .instances
+        .iter()
+        .find(|i| i.id == "web-1")
+        .map(|i| i.mesh_port)
+}
+
+/// A sidecar that holds its certificate but not yet its intentions (its watch stream
+/// has not delivered a snapshot) would answer 403 to every caller on its inbound port:
+/// it registers without the mesh port until the intentions arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_port_is_registered_only_once_the_intentions_are_known() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = start_registry(&dir.path().join("reg")).await;
+    let url = format!("http://{}", registry.grpc_addr);
+    // The watch goes to a fake that refuses it; registration and certificates go to
+    // the real registry.
+    let discovery = FakeRegistry::start().await;
+    discovery.upsert(vec![instance("api", "api-1", "1.0.0")]);
+    discovery.refuse_watches();
+    let app = Backend::start("web", Duration::ZERO).await;
+    let mut config = sidecar_config(vec![discovery.url()], dir.path());
+    config.registrar = Some(registrar_of("web", &url, app.addr, "web-1"));
+    config.mesh_identity = true;
+    let sidecar = start_sidecar(config).await;
+    let inbound = sidecar.inbound_addr.expect("inbound served");
+    eventually(Duration::from_secs(10), || async {
+        sidecar.identity.current()
+    })
+    .await;
+    eventually(Duration::from_secs(10), || mesh_port_of(&url)).await;
+    // Three of the registrar's one-second looks with the certificate held: still 0.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert!(sidecar.table.intentions().is_none(), "no snapshot was sent");
+    assert_eq!(
+        mesh_port_of(&url).await,
+        Some(0),
+        "the mesh port was registered before the intentions arrived"
+    );
+
+    // The watch is accepted: its snapshot brings the (empty) intentions, and the port
+    // is registered.
+    discovery.accept_watches();
+    eventually(Duration::from_secs(15), || async {
+        (mesh_port_of(&url).await == Some(u32::from(inbound.port()))).then_some(())
+    })
+    .await;
+    assert!(sidecar.table.intentions().is_some());
+    sidecar.shutdown().await;
+    discovery.shutdown().await;
 }
