@@ -1,7 +1,8 @@
 //! The catalog outlives the registry: routing continues while it is down (a real
 //! registry restarted on its address and data), a restarted sidecar routes from its disk
 //! cache, the client fails over across registries and resumes from the last revision it
-//! saw (fake registries: these need a catalog, not Raft).
+//! saw, and opens its stream anew after a large snapshot (fake registries: these need a
+//! catalog, not Raft).
 
 mod support;
 
@@ -336,4 +337,76 @@ async fn a_cache_file_from_another_cluster_is_replaced_by_a_snapshot() {
     .await;
     sidecar.shutdown().await;
     registry.shutdown().await;
+}
+
+/// `n` instances, ten per service (`svc0` …), all on `backend`.
+fn many_instances(backend: std::net::SocketAddr, n: usize) -> Vec<switchyard_proto::v1::Instance> {
+    (0..n)
+        .map(|i| {
+            instance_at(
+                &format!("svc{}", i / 10),
+                &format!("svc{}-{i}", i / 10),
+                backend,
+                "1.0.0",
+                100,
+            )
+        })
+        .collect()
+}
+
+/// tonic keeps a stream's read buffer at the size of the largest message it read, so a
+/// large snapshot would stay in memory for the life of the stream: after one, the
+/// sidecar opens the watch again on the same connection, from the snapshot's revision,
+/// and goes on from there. Once only, and not after a small snapshot.
+#[tokio::test]
+async fn after_a_large_snapshot_the_watch_is_opened_anew_from_its_revision() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = FakeRegistry::start().await;
+    let backend = Backend::start("b", Duration::ZERO).await;
+    let revision = fake.upsert(many_instances(backend.addr, 10_000));
+    let sidecar = start_sidecar(sidecar_config(vec![fake.url()], dir.path())).await;
+    let first = fake.nth_watch(1, Duration::from_secs(10)).await;
+    assert_eq!(first.since_revision, 0);
+    let second = fake.nth_watch(2, Duration::from_secs(10)).await;
+    assert_eq!(
+        second.since_revision, revision,
+        "renewed from the snapshot's revision"
+    );
+    wait_endpoints(&sidecar, "svc999", 10).await;
+    // Changes after it come on the renewed stream.
+    fake.upsert(vec![instance_at(
+        "late",
+        "late-1",
+        backend.addr,
+        "1.0.0",
+        100,
+    )]);
+    wait_endpoints(&sidecar, "late", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.requests().len(), 2, "one renewal, no more");
+    assert_eq!(fake.watchers(), 1, "the first stream was closed");
+    sidecar.shutdown().await;
+
+    // A small snapshot: the first stream is kept.
+    let small = FakeRegistry::start().await;
+    small.upsert(many_instances(backend.addr, 100));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = start_sidecar(sidecar_config(vec![small.url()], dir.path())).await;
+    wait_endpoints(&sidecar, "svc9", 10).await;
+    small.upsert(vec![instance_at(
+        "late",
+        "late-1",
+        backend.addr,
+        "1.0.0",
+        100,
+    )]);
+    wait_endpoints(&sidecar, "late", 1).await;
+    assert_eq!(
+        small.requests().len(),
+        1,
+        "a small snapshot keeps its stream"
+    );
+    sidecar.shutdown().await;
+    fake.shutdown().await;
+    small.shutdown().await;
 }

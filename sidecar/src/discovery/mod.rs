@@ -115,6 +115,51 @@ pub async fn run(
     }
 }
 
+/// A snapshot whose message is larger than this is followed by a fresh watch stream
+/// (see [`is_large_snapshot`]).
+const LARGE_SNAPSHOT_BYTES: usize = 256 * 1024;
+/// How long a renewed watch may take to open before the connection is given up.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `event` is a snapshot large enough that the stream's read buffer, which
+/// tonic keeps at the size of the largest message it read (about 120 bytes per
+/// endpoint: 1.2 MB at 10,000), is worth giving back by opening the stream anew.
+fn is_large_snapshot(event: &pb::WatchEvent) -> bool {
+    use prost::Message;
+    matches!(event.kind, Some(pb::watch_event::Kind::Snapshot(_)))
+        && event.encoded_len() > LARGE_SNAPSHOT_BYTES
+}
+
+/// Opens a Watch of the namespace on `client`, from what `catalog` holds.
+async fn open_watch(
+    client: &mut DiscoveryClient<tonic::transport::Channel>,
+    cfg: &DiscoveryConfig,
+    catalog: &LocalCatalog,
+) -> Result<tonic::Streaming<pb::WatchEvent>, String> {
+    client
+        .watch(crate::authorized(
+            pb::WatchRequest {
+                namespace: cfg.namespace.clone(),
+                services: Vec::new(),
+                // A catalog from the cache file lacks the intentions: a snapshot
+                // brings them (and every change since the cache was written).
+                since_revision: if catalog.intentions_known {
+                    catalog.revision
+                } else {
+                    0
+                },
+                cluster_id: catalog.cluster_id.clone(),
+                // The namespace's flags, for the admin port's OFREP endpoints.
+                flags: true,
+                kv_prefixes: cfg.kv_prefixes.clone(),
+            },
+            cfg.token.as_deref(),
+        ))
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| s.message().to_string())
+}
+
 /// One connection's life. Returns true when the sidecar is shutting down.
 #[allow(clippy::too_many_arguments)]
 async fn stream_from(
@@ -146,30 +191,10 @@ async fn stream_from(
             .await
             .map_err(|e| switchyard_tls::client::explain(&e))?;
         let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_EVENT_BYTES);
-        client
-            .watch(crate::authorized(
-                pb::WatchRequest {
-                    namespace: cfg.namespace.clone(),
-                    services: Vec::new(),
-                    // A catalog from the cache file lacks the intentions: a snapshot
-                    // brings them (and every change since the cache was written).
-                    since_revision: if catalog.intentions_known {
-                        catalog.revision
-                    } else {
-                        0
-                    },
-                    cluster_id: catalog.cluster_id.clone(),
-                    // The namespace's flags, for the admin port's OFREP endpoints.
-                    flags: true,
-                    kv_prefixes: cfg.kv_prefixes.clone(),
-                },
-                cfg.token.as_deref(),
-            ))
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.message().to_string())
+        let stream = open_watch(&mut client, cfg, catalog).await?;
+        Ok::<_, String>((client, stream))
     };
-    let mut stream = tokio::select! {
+    let (mut client, mut stream) = tokio::select! {
         r = connect => match r {
             Ok(s) => s,
             Err(e) => {
@@ -188,6 +213,7 @@ async fn stream_from(
     table.set_connected(true);
     *attempt = 0;
     let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut renewed = false;
     loop {
         tokio::select! {
             msg = stream.message() => match msg {
@@ -201,9 +227,33 @@ async fn stream_from(
                         catalog.cluster_id.clear();
                         return false;
                     }
+                    let large = is_large_snapshot(&event);
                     let touched = catalog.apply(event);
                     catalog.publish(&touched, table, Some(metrics));
                     *dirty = true;
+                    if large && !renewed {
+                        // tonic keeps a stream's read buffer at its largest message for
+                        // the stream's life: a new stream on the same connection, from
+                        // the revision just applied, gives that memory back. Once per
+                        // connection, so a registry that answers with snapshots again
+                        // cannot make a loop of it.
+                        renewed = true;
+                        let reopen = open_watch(&mut client, cfg, catalog);
+                        match tokio::time::timeout(RENEW_TIMEOUT, reopen).await {
+                            Ok(Ok(s)) => {
+                                stream = s;
+                                tracing::debug!(registry = url, since = catalog.revision, "watch stream renewed after a large snapshot");
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(registry = url, error = %e, "cannot renew the watch after a snapshot; reconnecting");
+                                return false;
+                            }
+                            Err(_) => {
+                                tracing::warn!(registry = url, "the registry did not answer a renewed watch within {RENEW_TIMEOUT:?}; reconnecting");
+                                return false;
+                            }
+                        }
+                    }
                 }
                 Ok(None) => {
                     tracing::warn!(registry = url, "the registry ended the watch; reconnecting");
