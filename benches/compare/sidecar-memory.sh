@@ -73,7 +73,9 @@ measure() {
   local n
   n=$(curl -s 127.0.0.1:19502/endpoints | grep -o '"id"' | wc -l || true)
   echo "sidecar tracks $n endpoints in $(( (count + PER_SERVICE - 1) / PER_SERVICE )) services (revision $want): RSS $rss MiB" >&2
-  kill "$sidecar" "$registry" 2>/dev/null || true
+  # "$pid" too: under heaptrack, killing the wrapper alone leaves the sidecar running and
+  # the wait below would never end.
+  kill "$pid" "$sidecar" "$registry" 2>/dev/null || true
   wait "$sidecar" "$registry" 2>/dev/null || true
   echo "$count $rss"
 }
