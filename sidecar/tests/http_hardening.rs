@@ -3,6 +3,8 @@
 //! body is the caller's 400 and never ejects an endpoint, and the framing rules (one
 //! Host; `Connection` cannot remove Host or X-Forwarded-For) hold.
 //!
+//! At shutdown, idle connections close at once and a request in flight is answered.
+//!
 //! Self-contained: the few lines of setup it needs are copied here.
 
 use std::convert::Infallible;
@@ -197,6 +199,25 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     }
 }
 
+/// A kept-alive HTTP/1.1 connection through `proxy` that has had one answer (200).
+async fn kept_alive(proxy: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s
+}
+
 // Point 7: the limit is lowered to 50 and 300 sockets that never send a byte are
 // opened; a real client still gets through (the oldest idle sockets make room), and
 // most of the idle ones are closed.
@@ -290,20 +311,7 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
     );
 
     // HTTP/1.1 keep-alive: one request, then nothing.
-    let mut h1 = TcpStream::connect(setup.proxy).await.expect("connect");
-    h1.write_all(b"GET /hello HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(limit, h1.read(&mut buf))
-        .await
-        .expect("answer in time")
-        .expect("read");
-    assert!(
-        buf[..n].starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
+    let mut h1 = kept_alive(setup.proxy).await;
     assert!(
         closed_within(&mut h1, limit).await.is_some(),
         "an idle HTTP/1.1 connection is closed"
@@ -406,4 +414,50 @@ async fn connection_cannot_remove_host_or_the_forwarded_for_chain() {
         (200, "host=web;xff=10.0.0.1, 127.0.0.1")
     );
     setup.stop().await;
+}
+
+// Shutdown: a kept-alive HTTP/1.1 connection with nothing in flight is closed at once
+// (not after the idle timeout or the shutdown grace), and a request in flight is
+// answered before its connection is closed.
+#[tokio::test]
+async fn at_shutdown_idle_connections_close_and_a_request_in_flight_is_answered() {
+    let setup = Setup::new(|c| {
+        c.idle_timeout = Duration::from_secs(60);
+        c.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let limit = Duration::from_secs(5);
+    let mut idle = kept_alive(setup.proxy).await;
+    let mut busy = TcpStream::connect(setup.proxy).await.expect("connect");
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .expect("write");
+    // In flight at the backend (which answers /slow after 700 ms).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let Setup {
+        registry, sidecar, ..
+    } = setup;
+    let stopping = tokio::spawn(sidecar.shutdown());
+    let closed = closed_within(&mut idle, limit).await;
+    assert!(
+        closed.is_some_and(|d| d < Duration::from_millis(600)),
+        "the idle connection was closed after {closed:?}, not at once"
+    );
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(limit, busy.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "the busy connection was not closed after its answer"
+    );
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    tokio::time::timeout(limit, stopping)
+        .await
+        .expect("shutdown ends once the request in flight is answered")
+        .expect("join");
+    registry.shutdown().await;
 }

@@ -17,12 +17,15 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ::http::{Request, Response, StatusCode, Uri, Version};
+use atomic_waker::AtomicWaker;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -30,7 +33,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use super::body::{DownstreamBody, Guarded, ProxyBody, UpstreamBody};
 use super::h1::{Received, UpstreamError};
@@ -97,8 +100,44 @@ struct Conn {
     in_flight: AtomicUsize,
     /// When the last request finished, in ms since `accepted`.
     idle_since_ms: AtomicU64,
-    /// Told once: close when idle (evicted to make room for a new connection).
-    evict: Notify,
+    /// What the listener has told it ([`Told`]).
+    told: Told,
+}
+
+/// The connection is evicted: close it once idle, to make room for a new one.
+const EVICT: u8 = 1;
+/// The listener is shutting down: close the connection gracefully.
+const SHUTDOWN: u8 = 2;
+
+/// What a listener tells one connection ([`EVICT`], [`SHUTDOWN`]): bits and a waker.
+///
+/// The connection's task looks at it on each of its polls (every read and write of every
+/// request). A `Notify` is looked at under its mutex, and a shutdown `watch` under one
+/// mutex shared by every connection of every proxy worker; this is two atomics.
+#[derive(Default)]
+struct Told {
+    what: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Told {
+    fn tell(&self, what: u8) {
+        self.what.fetch_or(what, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// What was told since the last time this returned it.
+    fn poll_told(&self, cx: &mut Context<'_>) -> Poll<u8> {
+        let what = self.what.swap(0, Ordering::AcqRel);
+        if what != 0 {
+            return Poll::Ready(what);
+        }
+        self.waker.register(cx.waker());
+        match self.what.swap(0, Ordering::AcqRel) {
+            0 => Poll::Pending,
+            what => Poll::Ready(what),
+        }
+    }
 }
 
 impl Conn {
@@ -183,14 +222,14 @@ impl Conns {
             }
             let (victim, _) = victim?;
             if let Some(c) = open.remove(&victim) {
-                c.evict.notify_one();
+                c.told.tell(EVICT);
             }
         }
         let conn = Arc::new(Conn {
             accepted: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
-            evict: Notify::new(),
+            told: Told::default(),
         });
         open.insert(id, conn.clone());
         Some(conn)
@@ -198,6 +237,13 @@ impl Conns {
 
     fn remove(&self, id: u64) {
         self.open.lock().remove(&id);
+    }
+
+    /// Tells every open connection to close gracefully.
+    fn shut_down(&self) {
+        for c in self.open.lock().values() {
+            c.told.tell(SHUTDOWN);
+        }
     }
 }
 
@@ -242,7 +288,10 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = crate::stopped(&mut shutdown) => break,
+            _ = crate::stopped(&mut shutdown) => {
+                conns.shut_down();
+                break;
+            }
         };
         let (stream, remote) = match accepted {
             Ok(a) => a,
@@ -283,10 +332,9 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let conns = conns.clone();
-        let shutdown = shutdown.clone();
         let open = open_tx.clone();
         tokio::spawn(async move {
-            run_connection(conn, &conn_state, limits.idle_timeout, shutdown).await;
+            run_connection(conn, &conn_state, limits.idle_timeout).await;
             conns.remove(id);
             drop(open);
         });
@@ -313,12 +361,8 @@ struct Downstream {
 /// in flight; HTTP/2: GOAWAY) at shutdown, after `idle` with no request in flight, or
 /// when evicted; an idle connection that has not gone [`CLOSE_GRACE`] after being told
 /// is dropped. At shutdown, [`serve`] bounds the wait instead.
-async fn run_connection<F>(
-    conn: F,
-    state: &Conn,
-    idle: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) where
+async fn run_connection<F>(conn: F, state: &Conn, idle: Duration)
+where
     F: GracefulConnection,
     F::Error: std::fmt::Display,
 {
@@ -335,11 +379,12 @@ async fn run_connection<F>(
                 }
                 return;
             }
-            _ = crate::stopped(&mut shutdown), if closing.is_none() => {
-                conn.as_mut().graceful_shutdown();
-                closing = Some(false);
-            }
-            _ = state.evict.notified(), if closing.is_none() => {
+            told = poll_fn(|cx| state.told.poll_told(cx)), if closing.is_none() => {
+                if told & EVICT == 0 {
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(false);
+                    continue;
+                }
                 tracing::debug!("connection limit reached: closing the connection idle the longest");
                 // Nothing in flight: closed at once, so under a flood evicted sockets
                 // do not pile up faster than they go (a request that began since it
