@@ -329,7 +329,7 @@ pub async fn serve(
             }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(super::turn::Held::new(TokioIo::new(stream)), service)
             .into_owned();
         let conns = conns.clone();
         let open = open_tx.clone();

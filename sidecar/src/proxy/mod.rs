@@ -7,6 +7,7 @@ pub mod http;
 pub mod pool;
 pub mod retry;
 pub mod tcp;
+pub mod turn;
 
 use std::sync::Arc;
 use std::time::Duration;

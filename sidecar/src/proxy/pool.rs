@@ -33,6 +33,7 @@ use switchyard_tls::tokio_rustls::client::TlsStream;
 use crate::limits::{ConnGate, ConnPermit, Overflowed};
 use crate::mesh::{Alpn, MeshClient};
 use crate::proxy::body::UpstreamBody;
+use crate::proxy::turn::Turn;
 
 /// hyper's connector, each connection counted by the service's gate.
 #[derive(Clone)]
@@ -96,6 +97,7 @@ impl tower_service::Service<Uri> for GatedConnector {
             };
             Ok(GatedConn {
                 io,
+                turn: Turn::default(),
                 _permit: permit,
             })
         })
@@ -112,6 +114,7 @@ enum Io {
 /// A connection that holds its place under the service's connection limit.
 pub struct GatedConn {
     io: Io,
+    turn: Turn,
     _permit: ConnPermit,
 }
 
@@ -163,7 +166,14 @@ impl hyper::rt::Write for GatedConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        on_io!(self, |io| Pin::new(io).poll_write(cx, buf))
+        if self.turn.hold(cx, buf.len()) {
+            return Poll::Pending;
+        }
+        let r = on_io!(self, |io| Pin::new(io).poll_write(cx, buf));
+        if r.is_ready() {
+            self.turn.wrote();
+        }
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -186,7 +196,14 @@ impl hyper::rt::Write for GatedConn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        on_io!(self, |io| Pin::new(io).poll_write_vectored(cx, bufs))
+        if self.turn.hold(cx, bufs.iter().map(|b| b.len()).sum()) {
+            return Poll::Pending;
+        }
+        let r = on_io!(self, |io| Pin::new(io).poll_write_vectored(cx, bufs));
+        if r.is_ready() {
+            self.turn.wrote();
+        }
+        r
     }
 }
 
