@@ -108,7 +108,7 @@ struct Idle {
 
 /// One service's HTTP/1.1 connections on one proxy worker, per endpoint.
 pub struct H1Pool {
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<HashMap<Key, Vec<Idle>, foldhash::fast::RandomState>>,
     connector: GatedConnector,
     idle_timeout: Duration,
 }
@@ -117,7 +117,7 @@ impl H1Pool {
     /// A pool dialling with `connector`, and its sweep on the current runtime.
     pub fn new(connector: GatedConnector, idle_timeout: Duration) -> Arc<Self> {
         let pool = Arc::new(Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             connector,
             idle_timeout,
         });
