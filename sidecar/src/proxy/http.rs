@@ -1176,9 +1176,10 @@ fn book(
     started: Instant,
     body_broke: bool,
 ) {
+    // One clock read for the telemetry and the histograms.
+    let latency = started.elapsed();
     // Per attempt, to the version that answered (a broken caller body is not its fault).
     if !body_broke {
-        let latency = started.elapsed();
         ctx.telemetry.response(
             service,
             &endpoint.version,
@@ -1194,7 +1195,7 @@ fn book(
     } else {
         guard.succeeded(&endpoint.id);
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = latency.as_secs_f64();
     metrics.latency.observe(elapsed);
     metrics.response(status.as_u16());
     if let Some(m) = subset_metrics {
