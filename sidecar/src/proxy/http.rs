@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -102,6 +102,8 @@ struct Conn {
     idle_since_ms: AtomicU64,
     /// What the listener has told it ([`Told`]).
     told: Told,
+    /// A whole request head has arrived on it (set when its first request begins).
+    served: AtomicBool,
 }
 
 /// The connection is evicted: close it once idle, to make room for a new one.
@@ -165,6 +167,7 @@ struct InFlight(Arc<Conn>);
 impl InFlight {
     fn begin(conn: &Arc<Conn>) -> Self {
         conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        conn.served.store(true, Ordering::Release);
         Self(conn.clone())
     }
 }
@@ -207,20 +210,10 @@ impl Conns {
     fn admit(&self, id: u64) -> Option<Arc<Conn>> {
         let mut open = self.open.lock();
         if open.len() >= self.max {
-            let now = Instant::now();
-            let mut victim: Option<(u64, Duration)> = None;
-            for (id, c) in open.iter() {
-                let age = now.saturating_duration_since(c.accepted);
-                if victim.is_some_and(|(_, best)| best >= age) {
-                    break;
-                }
-                if let Some(idle) = c.idle_at(now) {
-                    if victim.is_none_or(|(_, best)| idle > best) {
-                        victim = Some((*id, idle));
-                    }
-                }
-            }
-            let (victim, _) = victim?;
+            let victim = match Self::never_served(&open) {
+                Some(v) => v,
+                None => Self::idle_longest(&open)?,
+            };
             if let Some(c) = open.remove(&victim) {
                 c.told.tell(EVICT);
             }
@@ -230,9 +223,44 @@ impl Conns {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             told: Told::default(),
+            served: AtomicBool::new(false),
         });
         open.insert(id, conn.clone());
         Some(conn)
+    }
+
+    /// The oldest connection on which no whole request has arrived and none is in
+    /// flight: a flood's socket, silent or sending a head byte by byte. Its idle time
+    /// is its age, and the map is in accept order, so the first found is idle the
+    /// longest of them. Such sockets go first: an established client's idle time is
+    /// counted from its last answer, and under a flood a busy worker can take longer
+    /// to read its next request (one turn of a run queue of thousands of new
+    /// connections) than the flood's oldest socket has been open (found by
+    /// `tests/flood.rs`).
+    fn never_served(open: &BTreeMap<u64, Arc<Conn>>) -> Option<u64> {
+        open.iter()
+            .find(|(_, c)| {
+                !c.served.load(Ordering::Acquire) && c.in_flight.load(Ordering::Acquire) == 0
+            })
+            .map(|(id, _)| *id)
+    }
+
+    /// The connection idle the longest, every open one having served a request.
+    fn idle_longest(open: &BTreeMap<u64, Arc<Conn>>) -> Option<u64> {
+        let now = Instant::now();
+        let mut victim: Option<(u64, Duration)> = None;
+        for (id, c) in open.iter() {
+            let age = now.saturating_duration_since(c.accepted);
+            if victim.is_some_and(|(_, best)| best >= age) {
+                break;
+            }
+            if let Some(idle) = c.idle_at(now) {
+                if victim.is_none_or(|(_, best)| idle > best) {
+                    victim = Some((*id, idle));
+                }
+            }
+        }
+        victim.map(|(id, _)| id)
     }
 
     fn remove(&self, id: u64) {
@@ -388,8 +416,11 @@ where
                 tracing::debug!("connection limit reached: closing the connection idle the longest");
                 // Nothing in flight: closed at once, so under a flood evicted sockets
                 // do not pile up faster than they go (a request that began since it
-                // was chosen still gets its graceful close).
+                // was chosen still gets its graceful close). Polled once first: the
+                // last response's write may be held for this turn ([`super::turn`]),
+                // and is made now rather than lost with the socket.
                 if state.idle_for().is_some() {
+                    let _ = poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx).is_ready())).await;
                     return;
                 }
                 conn.as_mut().graceful_shutdown();
@@ -1341,6 +1372,30 @@ mod tests {
         assert!(conns.admit(5).is_none());
         drop(busy);
         assert!(conns.admit(5).is_some());
+    }
+
+    /// An established client whose last answer is older than a flood's newest socket
+    /// (a busy worker has not read its next request yet) is not the one evicted:
+    /// sockets that never sent a whole request go first. The idle-longest rule alone
+    /// would evict the client here.
+    #[test]
+    fn a_socket_that_never_sent_a_request_makes_room_before_a_client() {
+        let conns = Conns {
+            open: Mutex::new(BTreeMap::new()),
+            max: 2,
+        };
+        let established = conns.admit(1).expect("room");
+        drop(InFlight::begin(&established));
+        let _silent = conns.admit(2).expect("room");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            Conns::idle_longest(&conns.open.lock()),
+            Some(1),
+            "by idle time alone the client would go"
+        );
+        conns.admit(3).expect("room");
+        let open: Vec<u64> = conns.open.lock().keys().copied().collect();
+        assert_eq!(open, vec![1, 3], "the silent socket went, not the client");
     }
 
     #[test]
