@@ -137,10 +137,10 @@ impl Connection for GatedConn {
     }
 }
 
-/// Runs `$e` on whichever socket `$io` holds.
+/// Runs `$e` on whichever socket the `&mut Io` `$on` holds.
 macro_rules! on_io {
-    ($self:ident, |$io:ident| $e:expr) => {
-        match &mut $self.io {
+    ($on:expr, |$io:ident| $e:expr) => {
+        match $on {
             Io::Plain($io) => $e,
             Io::Mesh($io, _) => {
                 let $io = &mut **$io;
@@ -156,7 +156,7 @@ impl hyper::rt::Read for GatedConn {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        on_io!(self, |io| Pin::new(io).poll_read(cx, buf))
+        on_io!(&mut self.io, |io| Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -166,22 +166,19 @@ impl hyper::rt::Write for GatedConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.turn.hold(cx, buf.len()) {
-            return Poll::Pending;
-        }
-        let r = on_io!(self, |io| Pin::new(io).poll_write(cx, buf));
-        if r.is_ready() {
-            self.turn.wrote();
-        }
-        r
+        let this = &mut *self;
+        let (turn, io) = (&mut this.turn, &mut this.io);
+        turn.write(cx, buf.len(), |cx| {
+            on_io!(io, |io| Pin::new(io).poll_write(cx, buf))
+        })
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        on_io!(self, |io| Pin::new(io).poll_flush(cx))
+        on_io!(&mut self.io, |io| Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        on_io!(self, |io| Pin::new(io).poll_shutdown(cx))
+        on_io!(&mut self.io, |io| Pin::new(io).poll_shutdown(cx))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -196,14 +193,12 @@ impl hyper::rt::Write for GatedConn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if self.turn.hold(cx, bufs.iter().map(|b| b.len()).sum()) {
-            return Poll::Pending;
-        }
-        let r = on_io!(self, |io| Pin::new(io).poll_write_vectored(cx, bufs));
-        if r.is_ready() {
-            self.turn.wrote();
-        }
-        r
+        let this = &mut *self;
+        let (turn, io) = (&mut this.turn, &mut this.io);
+        let len = bufs.iter().map(|b| b.len()).sum();
+        turn.write(cx, len, |cx| {
+            on_io!(io, |io| Pin::new(io).poll_write_vectored(cx, bufs))
+        })
     }
 }
 

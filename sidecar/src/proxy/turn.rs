@@ -43,6 +43,24 @@ impl Turn {
     pub fn wrote(&mut self) {
         self.held = false;
     }
+
+    /// Makes a write of `len` bytes with `write`, or holds it for this turn
+    /// (`Pending`, its task woken to come back).
+    pub fn write<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        write: impl FnOnce(&mut Context<'_>) -> Poll<R>,
+    ) -> Poll<R> {
+        if self.hold(cx, len) {
+            return Poll::Pending;
+        }
+        let r = write(cx);
+        if r.is_ready() {
+            self.wrote();
+        }
+        r
+    }
 }
 
 /// A socket whose small writes wait one turn ([`Turn`]).
@@ -77,14 +95,9 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Held<T> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        if this.turn.hold(cx, buf.len()) {
-            return Poll::Pending;
-        }
-        let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        if r.is_ready() {
-            this.turn.wrote();
-        }
-        r
+        let io = &mut this.io;
+        this.turn
+            .write(cx, buf.len(), |cx| Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -93,14 +106,10 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Held<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        if this.turn.hold(cx, bufs.iter().map(|b| b.len()).sum()) {
-            return Poll::Pending;
-        }
-        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            this.turn.wrote();
-        }
-        r
+        let io = &mut this.io;
+        let len = bufs.iter().map(|b| b.len()).sum();
+        this.turn
+            .write(cx, len, |cx| Pin::new(io).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
