@@ -104,8 +104,8 @@ pub struct SidecarConfig {
     /// keep-alive timeouts, so the sidecar closes first rather than reusing a
     /// connection the server is closing).
     pub upstream_idle_timeout: Duration,
-    /// HTTP proxy: time a caller has to send a request head (HTTP/1; hyper's
-    /// header-read timeout, also between kept-alive requests).
+    /// HTTP proxy: time a caller has to send a request head (HTTP/1; counted from
+    /// accept and from the end of each request, so also between kept-alive requests).
     pub header_read_timeout: Duration,
     /// HTTP proxy: a downstream connection with no request in flight this long is
     /// closed (HTTP/1 and HTTP/2).

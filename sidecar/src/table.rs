@@ -188,8 +188,10 @@ pub type Views = HashMap<String, Arc<ServiceView>>;
 type Slot = ArcSwap<ServiceView>;
 
 /// The map the request path reads: name -> slot. Keys are `Arc<str>`, so the rare copy
-/// (a service appearing or leaving) copies pointers, not names.
-type Slots = HashMap<Arc<str>, Arc<Slot>>;
+/// (a service appearing or leaving) copies pointers, not names. Hashed with foldhash,
+/// not SipHash, on every request: the keys are the registry's names, and a caller's
+/// Host is only ever looked up, never inserted, so it cannot flood a bucket.
+type Slots = HashMap<Arc<str>, Arc<Slot>, foldhash::fast::RandomState>;
 
 /// The table shared by the proxy listeners, the admin port and the discovery client.
 pub struct EndpointTable {
@@ -249,7 +251,7 @@ impl EndpointTable {
     /// An empty table whose views resolve resilience over `defaults`.
     pub fn new(defaults: ResilienceSettings) -> Self {
         Self {
-            views: ArcSwap::from_pointee(HashMap::new()),
+            views: ArcSwap::from_pointee(Slots::default()),
             revision: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             connected: AtomicBool::new(false),

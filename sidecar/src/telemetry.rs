@@ -103,7 +103,10 @@ impl Counters {
     }
 }
 
-type Map = HashMap<String, HashMap<String, Arc<Counters>>>;
+/// Service -> version -> counters, read on every response. foldhash, not SipHash: the
+/// keys are the registry's names (of services routed to), never a caller's.
+type Map = HashMap<String, Versions, foldhash::fast::RandomState>;
+type Versions = HashMap<String, Arc<Counters>, foldhash::fast::RandomState>;
 
 /// The per-version counters the proxy writes to.
 pub struct Recorder {
@@ -121,7 +124,7 @@ impl Recorder {
         Self {
             namespace: namespace.to_string(),
             slow_us: u64::try_from(slow_threshold.as_micros()).unwrap_or(u64::MAX),
-            map: ArcSwap::from_pointee(Map::new()),
+            map: ArcSwap::from_pointee(Map::default()),
             grow: Mutex::new(()),
             dropped: Counter::default(),
         }
@@ -162,8 +165,10 @@ impl Recorder {
         headers: &http::HeaderMap,
         latency: Duration,
     ) {
+        // A static name: a `&str` key would be parsed and lower-cased per response.
+        static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
         let grpc_error = headers
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<i32>().ok())
             .is_some_and(is_error_grpc);

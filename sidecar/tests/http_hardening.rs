@@ -152,6 +152,7 @@ impl Backend {
                             let text =
                                 format!("host={};xff={}", seen("host"), seen("x-forwarded-for"));
                             let slow = req.uri().path() == "/slow";
+                            let dated = req.uri().path() == "/dated";
                             let ok = req.into_body().collect().await.is_ok();
                             if slow {
                                 tokio::time::sleep(Duration::from_millis(700)).await;
@@ -160,12 +161,22 @@ impl Backend {
                             if !ok {
                                 *resp.status_mut() = hyper::StatusCode::BAD_REQUEST;
                             }
+                            if dated {
+                                resp.headers_mut().insert(
+                                    "date",
+                                    hyper::header::HeaderValue::from_static(APP_DATE),
+                                );
+                            }
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    // No `Date` unless a handler sets one (`/dated`), so what the
+                    // proxy adds shows.
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder.http1().auto_date_header(false);
+                    builder.http2().auto_date_header(false);
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });
@@ -177,8 +188,38 @@ impl Backend {
     }
 }
 
+/// The `Date` the backend sends on `/dated` (and only there).
+const APP_DATE: &str = "Mon, 01 Jan 2001 00:00:00 GMT";
+
 fn get(extra_headers: &str) -> String {
     format!("GET /hello HTTP/1.1\r\n{extra_headers}Connection: close\r\n\r\n")
+}
+
+/// An h2c (prior knowledge) connection to `proxy`, driven by its own task.
+async fn h2c(
+    proxy: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = TcpStream::connect(proxy).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    (sender, tokio::spawn(conn))
+}
+
+/// One `GET /hello` to `web` on an h2c connection, its body read: the status.
+async fn h2_get(sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>) -> u16 {
+    let req = hyper::Request::builder()
+        .uri("http://web/hello")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("h2 response");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await.expect("body");
+    status
 }
 
 /// How long until the peer closes `s` (reads return 0 or fail), at most `limit`.
@@ -318,19 +359,8 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
     );
 
     // h2c: one request, then nothing; the connection ends (GOAWAY, then close).
-    let stream = TcpStream::connect(setup.proxy).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let conn = tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .uri("http://web/hello")
-        .body(Empty::<Bytes>::new())
-        .expect("request");
-    let resp = sender.send_request(req).await.expect("h2 response");
-    assert_eq!(resp.status(), 200);
-    let _ = resp.into_body().collect().await.expect("body");
+    let (mut sender, conn) = h2c(setup.proxy).await;
+    assert_eq!(h2_get(&mut sender).await, 200);
     tokio::time::timeout(limit, conn)
         .await
         .expect("an idle h2c connection is closed")
@@ -460,4 +490,109 @@ async fn at_shutdown_idle_connections_close_and_a_request_in_flight_is_answered(
         .expect("shutdown ends once the request in flight is answered")
         .expect("join");
     registry.shutdown().await;
+}
+
+// hyper's header-read timer is replaced by the listener's own, which holds HTTP/1
+// connections waiting for a head to the header-read timeout and HTTP/2 ones only to
+// the idle timeout: an idle h2c connection outlives the header-read timeout and
+// serves another request.
+#[tokio::test]
+async fn the_header_read_timeout_holds_http1_not_an_idle_h2c_connection() {
+    let setup = Setup::new(|c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut h1 = kept_alive(setup.proxy).await;
+    let after = closed_within(&mut h1, Duration::from_secs(5))
+        .await
+        .expect("a kept-alive HTTP/1.1 connection waits for a head only so long");
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed after {after:?}"
+    );
+
+    let (mut sender, conn) = h2c(setup.proxy).await;
+    for round in 0..2 {
+        assert_eq!(h2_get(&mut sender).await, 200, "round {round}");
+        if round == 0 {
+            tokio::time::sleep(Duration::from_millis(1_200)).await;
+            assert!(
+                !conn.is_finished(),
+                "an idle h2c connection was closed by the header-read timeout"
+            );
+        }
+    }
+    conn.abort();
+    setup.stop().await;
+}
+
+/// The head of the response to `request` (sent with `Connection: close`), lower-cased
+/// names: each header's values in order.
+async fn response_head(proxy: SocketAddr, request: &str) -> (u16, Vec<(String, String)>) {
+    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("answered and closed in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let head = text
+        .split_once("\r\n\r\n")
+        .map_or(text.as_str(), |(h, _)| h);
+    let mut lines = head.split("\r\n");
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (code, headers)
+}
+
+/// The values of `name` in a head from [`response_head`].
+fn values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+// RFC 9110 §6.6.1: the app's own `Date` is passed on as it is, once; a response
+// without one, and the sidecar's own answers, get a current one (hyper's automatic
+// date is off: it read the clock for every response).
+#[tokio::test]
+async fn responses_carry_the_apps_date_or_a_current_one() {
+    let setup = Setup::new(|_| {}).await;
+    let current = |headers: &[(String, String)], what: &str| {
+        let dates = values(headers, "date");
+        assert_eq!(dates.len(), 1, "{what}: {headers:?}");
+        let at = httpdate::parse_http_date(dates[0]).expect("an HTTP date");
+        let off = std::time::SystemTime::now()
+            .duration_since(at)
+            .unwrap_or_default();
+        assert!(off < Duration::from_secs(5), "{what}: {dates:?}");
+    };
+
+    let (code, headers) = response_head(
+        setup.proxy,
+        "GET /dated HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(values(&headers, "date"), vec![APP_DATE], "{headers:?}");
+
+    let (code, headers) = response_head(setup.proxy, &get("Host: web\r\n")).await;
+    assert_eq!(code, 200);
+    current(&headers, "an app's response without a Date");
+
+    let (code, headers) = response_head(setup.proxy, &get("Host: nothing-here\r\n")).await;
+    assert_eq!(code, 503);
+    current(&headers, "the sidecar's own answer");
+    setup.stop().await;
 }

@@ -200,8 +200,8 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     #[serde(with = "config::duration")]
     pub idle_timeout: Duration,
-    /// Client connections per HTTP listener; at the limit the oldest idle one is closed to
-    /// admit a new client.
+    /// Client connections per HTTP listener; at the limit an idle one is closed to admit a
+    /// new client (the oldest that never sent a whole request, else the one idle longest).
     #[arg(
         long,
         env = "SWITCHYARD_MAX_DOWNSTREAM_CONNECTIONS",

@@ -75,7 +75,34 @@ pub struct Received {
 }
 
 /// The endpoint a connection goes to: its authority, and whether it is the mesh port.
-type Key = (bool, Authority);
+type Key = (bool, Exact);
+
+/// An endpoint's authority, compared and hashed as its exact bytes. `Authority`'s own
+/// `Eq` and `Hash` fold case byte by byte, a cost paid at every checkout and return;
+/// the pool's authorities are the registry's, spelled the same way on every request
+/// (two spellings of one host would only make two idle lists).
+#[derive(Clone, Debug)]
+struct Exact(Authority);
+
+impl Exact {
+    fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl PartialEq for Exact {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Exact {}
+
+impl std::hash::Hash for Exact {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
 
 /// One open connection: hyper's send half and the connection it drives.
 struct Conn {
@@ -133,10 +160,12 @@ impl H1Pool {
 
     /// Sends `req` to the endpoint `uri` names (`https`: its mesh port over mTLS) on an
     /// idle connection or a new one, and returns the response with the connection,
-    /// which the response body drives and then gives back.
+    /// which the response body drives and then gives back. `now`: the attempt's start,
+    /// read by the caller (an idle connection's age is measured against it).
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
+        now: Instant,
     ) -> Result<Response<Received>, UpstreamError> {
         let uri = req.uri().clone();
         let Some(authority) = uri.authority().cloned() else {
@@ -144,7 +173,10 @@ impl H1Pool {
                 "an upstream URI without an authority".into(),
             ));
         };
-        let key: Key = (uri.scheme() == Some(&http::uri::Scheme::HTTPS), authority);
+        let key: Key = (
+            uri.scheme() == Some(&http::uri::Scheme::HTTPS),
+            Exact(authority),
+        );
         // HTTP/1.1 wants the origin form (RFC 9112 §3.2.1) and a Host: the caller's, or
         // the endpoint's when the request came over HTTP/2 (which has none).
         if !req.headers().contains_key(header::HOST) {
@@ -158,7 +190,7 @@ impl H1Pool {
         let mut reuse = true;
         loop {
             let taken = if reuse {
-                poll_fn(|cx| Poll::Ready(self.checkout(&key, cx))).await
+                poll_fn(|cx| Poll::Ready(self.checkout(&key, now, cx))).await
             } else {
                 None
             };
@@ -208,11 +240,11 @@ impl H1Pool {
     }
 
     /// The most recently used idle connection to `key` that is still good.
-    fn checkout(&self, key: &Key, cx: &mut Context<'_>) -> Option<Box<Conn>> {
+    fn checkout(&self, key: &Key, now: Instant, cx: &mut Context<'_>) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
         while let Some(mut i) = list.pop() {
-            if i.since.elapsed() < self.idle_timeout && i.conn.reusable(cx) {
+            if now.saturating_duration_since(i.since) < self.idle_timeout && i.conn.reusable(cx) {
                 return Some(i.conn);
             }
         }

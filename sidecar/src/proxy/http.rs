@@ -40,6 +40,7 @@ use super::h1::{Received, UpstreamError};
 use super::heads;
 use super::pool::{overflow_of, Clients};
 use super::retry::{self, Prepared};
+use super::sniff::{Protocol, Sniffed};
 use super::ProxyCtx;
 use crate::balance::pick_from;
 use crate::endpoint::{clock_ms_at, ActiveGuard};
@@ -68,10 +69,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnLimits {
     /// HTTP/1: the time from starting to wait for a request head to having all of it
-    /// (hyper's `header_read_timeout`; slowloris). hyper starts this clock whenever it
-    /// waits for a head, also between requests on a kept-alive connection, so an idle
-    /// HTTP/1 connection closes after the smaller of this and `idle_timeout` (as
-    /// HAProxy's `timeout http-keep-alive` falls back to `timeout http-request`).
+    /// (slowloris). The clock starts at accept and at the end of each request, so
+    /// between requests on a kept-alive connection too: an idle HTTP/1 connection
+    /// closes after the smaller of this and `idle_timeout` (as HAProxy's `timeout
+    /// http-keep-alive` falls back to `timeout http-request`, and as hyper's
+    /// `header_read_timeout`, which the listener's own timer replaces, counted it).
     pub header_read_timeout: Duration,
     /// HTTP/1 and HTTP/2: a connection with no request in flight for this long is
     /// closed (HTTP/2 with GOAWAY). Counts from accept, so a socket that never sends
@@ -104,6 +106,8 @@ struct Conn {
     told: Told,
     /// A whole request head has arrived on it (set when its first request begins).
     served: AtomicBool,
+    /// HTTP/1 or HTTP/2, from its first bytes (which timer applies while it waits).
+    protocol: Arc<Protocol>,
 }
 
 /// The connection is evicted: close it once idle, to make room for a new one.
@@ -114,8 +118,8 @@ const SHUTDOWN: u8 = 2;
 /// What a listener tells one connection ([`EVICT`], [`SHUTDOWN`]): bits and a waker.
 ///
 /// The connection's task looks at it on each of its polls (every read and write of every
-/// request). A `Notify` is looked at under its mutex, and a shutdown `watch` under one
-/// mutex shared by every connection of every proxy worker; this is two atomics.
+/// request). A `Notify` is looked at under its mutex, and a shutdown `watch` under locks
+/// shared by every connection of every proxy worker; this is two atomics.
 #[derive(Default)]
 struct Told {
     what: AtomicU8,
@@ -143,6 +147,20 @@ impl Told {
 }
 
 impl Conn {
+    /// How long the connection may wait with no request in flight. HTTP/1: the time to
+    /// a whole request head, from accept or from the end of the last request (as
+    /// hyper's `header_read_timeout` counts it, which this replaces: so an idle HTTP/1
+    /// connection closes after the smaller of the two timeouts, as HAProxy's
+    /// `timeout http-keep-alive` falls back to `timeout http-request`). HTTP/2 has
+    /// its own flow control and pings: only the idle timeout.
+    fn wait_limit(&self, limits: ConnLimits) -> Duration {
+        if self.protocol.is_h2() {
+            limits.idle_timeout
+        } else {
+            limits.idle_timeout.min(limits.header_read_timeout)
+        }
+    }
+
     /// How long it has had no request in flight (`None` while one is).
     fn idle_for(&self) -> Option<Duration> {
         self.idle_at(Instant::now())
@@ -187,10 +205,19 @@ struct Conns {
 }
 
 impl Conns {
+    /// No connection open yet; at most `max` at once.
+    fn new(max: usize) -> Self {
+        Self {
+            open: Mutex::new(BTreeMap::new()),
+            max,
+        }
+    }
+
     /// Makes room for connection `id`, or says there is none.
     ///
-    /// At the limit the connection idle the longest (no request in flight, and none
-    /// finished for the longest time) is told to close and stops counting at once,
+    /// At the limit one idle connection (no request in flight) is told to close and
+    /// stops counting at once: the oldest on which no whole request has arrived
+    /// ([`Self::never_served`]), else the one idle the longest ([`Self::idle_longest`]),
     /// rather than the new one being refused: otherwise a flood of sockets that never
     /// send a request would lock every real client out until the idle timeout (which
     /// the flood can renew forever). A client that keeps sending requests on an
@@ -198,8 +225,8 @@ impl Conns {
     /// idle longer, and a connection with a request in flight is never evicted. Only
     /// when every open connection is busy is the new one refused.
     ///
-    /// The scan runs only at the limit, under the lock admissions already take, and
-    /// stops early: the map is in accept order and a connection cannot have been idle
+    /// The idle-longest scan runs only at the limit, under the lock admissions already
+    /// take, and stops early: the map is in accept order and a connection cannot have been idle
     /// longer than it has been open, so once the best idle time found is at least the
     /// next connection's age, no later one can beat it. Under a flood that is after
     /// the established connections and the flood's oldest socket. (The other choice,
@@ -224,6 +251,7 @@ impl Conns {
             idle_since_ms: AtomicU64::new(0),
             told: Told::default(),
             served: AtomicBool::new(false),
+            protocol: Arc::default(),
         });
         open.insert(id, conn.clone());
         Some(conn)
@@ -296,17 +324,24 @@ pub async fn serve(
 ) {
     let limits = ctx.conn_limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The header-read timeout is `run_connection`'s, not hyper's: hyper arms a boxed
+    // timer for every request head it waits for, a heap allocation, a clock read and a
+    // timer-wheel insertion and removal per request. hyper's `Date` is off too (a
+    // clock read per response): [`respond`] and [`local`] add one where it is missing.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(None)
+        .auto_date_header(false);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .auto_date_header(false);
     // Each worker keeps its share of the limit (its own bookkeeping, no lock shared
     // between workers); the kernel spreads connections evenly across them.
-    let conns = Arc::new(Conns {
-        open: Mutex::new(BTreeMap::new()),
-        max: limits.max_connections.div_ceil(ctx.workers.max(1)).max(1),
-    });
+    let conns = Arc::new(Conns::new(
+        limits.max_connections.div_ceil(ctx.workers.max(1)).max(1),
+    ));
     let accepted_total = ctx
         .metrics
         .downstream_connections(crate::workers::current());
@@ -357,12 +392,18 @@ pub async fn serve(
             }
         });
         let conn = builder
-            .serve_connection(super::turn::Held::new(TokioIo::new(stream)), service)
+            .serve_connection(
+                super::turn::Held::new(TokioIo::new(Sniffed::new(
+                    stream,
+                    conn_state.protocol.clone(),
+                ))),
+                service,
+            )
             .into_owned();
         let conns = conns.clone();
         let open = open_tx.clone();
         tokio::spawn(async move {
-            run_connection(conn, &conn_state, limits.idle_timeout).await;
+            run_connection(conn, &conn_state, limits).await;
             conns.remove(id);
             drop(open);
         });
@@ -386,16 +427,20 @@ struct Downstream {
 }
 
 /// Drives one connection to its end: closes it gracefully (HTTP/1: after the request
-/// in flight; HTTP/2: GOAWAY) at shutdown, after `idle` with no request in flight, or
-/// when evicted; an idle connection that has not gone [`CLOSE_GRACE`] after being told
-/// is dropped. At shutdown, [`serve`] bounds the wait instead.
-async fn run_connection<F>(conn: F, state: &Conn, idle: Duration)
+/// in flight; HTTP/2: GOAWAY) at shutdown, when evicted, or when it has waited too
+/// long with no request in flight ([`Conn::wait_limit`]); an idle connection
+/// that has not gone [`CLOSE_GRACE`] after being told is dropped. At shutdown,
+/// [`serve`] bounds the wait instead.
+///
+/// One timer per connection does both timeouts; it fires at most once per timeout
+/// however many requests the connection carries, not once per request.
+async fn run_connection<F>(conn: F, state: &Conn, limits: ConnLimits)
 where
     F: GracefulConnection,
     F::Error: std::fmt::Display,
 {
     tokio::pin!(conn);
-    let check = tokio::time::sleep(idle);
+    let check = tokio::time::sleep(state.wait_limit(limits));
     tokio::pin!(check);
     // Some(forced) once told to close; forced: drop it after CLOSE_GRACE if idle.
     let mut closing: Option<bool> = None;
@@ -413,7 +458,7 @@ where
                     closing = Some(false);
                     continue;
                 }
-                tracing::debug!("connection limit reached: closing the connection idle the longest");
+                tracing::debug!("connection limit reached: closing a connection to admit a new one");
                 // Nothing in flight: closed at once, so under a flood evicted sockets
                 // do not pile up faster than they go (a request that began since it
                 // was chosen still gets its graceful close). Polled once first: the
@@ -429,17 +474,22 @@ where
             }
             _ = check.as_mut() => {
                 let now = tokio::time::Instant::now();
+                let limit = state.wait_limit(limits);
                 match (closing, state.idle_for()) {
                     (Some(true), Some(_)) => return,
                     (Some(_), _) => check.as_mut().reset(now + CLOSE_GRACE),
-                    (None, Some(d)) if d >= idle => {
-                        tracing::debug!(?idle, "closing an idle connection");
+                    (None, Some(d)) if d >= limit => {
+                        tracing::debug!(
+                            ?limit,
+                            h2 = state.protocol.is_h2(),
+                            "closing a connection that sent no whole request head in time"
+                        );
                         conn.as_mut().graceful_shutdown();
                         closing = Some(true);
                         check.as_mut().reset(now + CLOSE_GRACE);
                     }
-                    (None, Some(d)) => check.as_mut().reset(now + (idle - d)),
-                    (None, None) => check.as_mut().reset(now + idle),
+                    (None, Some(d)) => check.as_mut().reset(now + (limit - d)),
+                    (None, None) => check.as_mut().reset(now + limit),
                 }
             }
         }
@@ -453,7 +503,34 @@ fn local(status: StatusCode, message: String) -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r.headers_mut().insert(header::DATE, date_now());
     r
+}
+
+/// A `Date` for a response that has none (RFC 9110 §6.6.1: a proxy adds one to a
+/// response it forwards without). hyper's own date, which read the clock for every
+/// response, is off: most apps send their own, and then no clock is read. Made once a
+/// second per worker thread, as hyper did: a reference count per response after that.
+fn date_now() -> HeaderValue {
+    thread_local! {
+        static DATE: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|cached| match cached {
+        Some((s, v)) if *s == second => v.clone(),
+        _ => {
+            let text = httpdate::fmt_http_date(now);
+            // An IMF-fixdate is always a valid header value.
+            let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                .unwrap_or(HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+            *cached = Some((second, v.clone()));
+            v
+        }
+    })
 }
 
 /// The service a Host names, lower-cased: `svc`, `svc.service.<domain>`, optional port
@@ -559,32 +636,49 @@ const CONNECTION_LINES: usize = 4;
 /// each token is removed by its name as text (`http` lowercases it on the stack).
 #[doc(hidden)]
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // Copies of the values (reference counts), so the map can change while their
-    // tokens are read; `entry` would reserve room in the map (an allocation when
-    // hyper sized it exactly).
-    let mut lines: [Option<HeaderValue>; CONNECTION_LINES] = Default::default();
-    let connection = headers.get_all(header::CONNECTION);
-    for (slot, value) in lines.iter_mut().zip(connection.iter()) {
-        *slot = Some(value.clone());
+    // Which of them are present, from one look at the few names in the head (a
+    // standard name compares as a number): only those are removed, each removal a
+    // hash, and a head with none of them costs no hash at all.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let (mut connection, mut te) = (false, false);
+    for k in headers.keys() {
+        if k == header::TE {
+            te = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present[i] = true;
+            connection |= k == header::CONNECTION;
+        }
     }
-    let more: Vec<HeaderValue> = connection.iter().skip(CONNECTION_LINES).cloned().collect();
-    for value in lines.iter().flatten().chain(&more) {
-        let Ok(text) = value.to_str() else { continue };
-        for token in text.split(',').map(str::trim) {
-            if !token.is_empty() && !protected(token) {
-                headers.remove(token);
+    if connection {
+        // Copies of the values (reference counts), so the map can change while their
+        // tokens are read; `entry` would reserve room in the map (an allocation when
+        // hyper sized it exactly).
+        let mut lines: [Option<HeaderValue>; CONNECTION_LINES] = Default::default();
+        let values = headers.get_all(header::CONNECTION);
+        for (slot, value) in lines.iter_mut().zip(values.iter()) {
+            *slot = Some(value.clone());
+        }
+        let more: Vec<HeaderValue> = values.iter().skip(CONNECTION_LINES).cloned().collect();
+        for value in lines.iter().flatten().chain(&more) {
+            let Ok(text) = value.to_str() else { continue };
+            for token in text.split(',').map(str::trim) {
+                if !token.is_empty() && !protected(token) {
+                    headers.remove(token);
+                }
             }
         }
     }
-    for name in HOP_BY_HOP.iter() {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    let te_ok = keep_te_trailers
-        && headers
-            .get(header::TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_ok {
-        headers.remove(header::TE);
+    if te {
+        let te_ok = keep_te_trailers
+            && headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !te_ok {
+            headers.remove(header::TE);
+        }
     }
 }
 
@@ -594,8 +688,10 @@ pub fn add_forwarded_for(headers: &mut HeaderMap, client_ip: Option<HeaderValue>
     let Some(ip) = client_ip else {
         return;
     };
-    let name = HeaderName::from_static("x-forwarded-for");
-    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+    // Built once, not validated again per request.
+    static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    let name = XFF.clone();
+    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
         Some(existing) => {
             let joined = format!("{existing}, {}", ip.to_str().unwrap_or_default());
             match HeaderValue::from_str(&joined) {
@@ -947,7 +1043,7 @@ async fn forward(
                 let resp = clients.h2.request(req).await?;
                 Ok(resp.map(|body| Received { body, lease: None }))
             } else {
-                clients.h1.send(req).await
+                clients.h1.send(req, try_started).await
             }
         };
         let outcome: Result<Result<_, UpstreamError>, _> =
@@ -1265,6 +1361,9 @@ fn respond(
         body_broke,
     );
     strip_hop_by_hop(resp.headers_mut(), true);
+    if !resp.headers().contains_key(header::DATE) {
+        resp.headers_mut().insert(header::DATE, date_now());
+    }
     let explanation = explanation.map(|mut t| {
         if let Some(seen) = resp.extensions().get::<super::pool::PeerSeen>() {
             use std::fmt::Write as _;
@@ -1352,10 +1451,7 @@ mod tests {
     /// busy the new connection is refused.
     #[test]
     fn the_connection_idle_the_longest_makes_room_not_the_oldest() {
-        let conns = Conns {
-            open: Mutex::new(BTreeMap::new()),
-            max: 3,
-        };
+        let conns = Conns::new(3);
         let established = conns.admit(1).expect("room");
         std::thread::sleep(Duration::from_millis(30));
         let _flood_a = conns.admit(2).expect("room");
@@ -1380,10 +1476,7 @@ mod tests {
     /// would evict the client here.
     #[test]
     fn a_socket_that_never_sent_a_request_makes_room_before_a_client() {
-        let conns = Conns {
-            open: Mutex::new(BTreeMap::new()),
-            max: 2,
-        };
+        let conns = Conns::new(2);
         let established = conns.admit(1).expect("room");
         drop(InFlight::begin(&established));
         let _silent = conns.admit(2).expect("room");

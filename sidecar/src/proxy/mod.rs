@@ -6,6 +6,7 @@ pub mod heads;
 pub mod http;
 pub mod pool;
 pub mod retry;
+pub mod sniff;
 pub mod tcp;
 pub mod turn;
 
