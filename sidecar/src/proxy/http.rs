@@ -636,49 +636,64 @@ const CONNECTION_LINES: usize = 4;
 /// each token is removed by its name as text (`http` lowercases it on the stack).
 #[doc(hidden)]
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // Which of them are present, from one look at the few names in the head (a
-    // standard name compares as a number): only those are removed, each removal a
-    // hash, and a head with none of them costs no hash at all.
+    // One pass over the head notes which of them are present and copies the
+    // `Connection` values (reference counts, so the map can change while their tokens
+    // are read; `entry` would reserve room in the map, an allocation when hyper sized
+    // it exactly). Only what is present is removed, each removal a hash, and a head
+    // with none of them costs no hash at all.
     let mut present = [false; HOP_BY_HOP.len()];
-    let (mut connection, mut te) = (false, false);
-    for k in headers.keys() {
-        if k == header::TE {
-            te = true;
-        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
-            present[i] = true;
-            connection |= k == header::CONNECTION;
+    // The first TE value: `Some(true)` for `trailers`.
+    let mut te: Option<bool> = None;
+    let mut lines: [Option<HeaderValue>; CONNECTION_LINES] = Default::default();
+    let mut more: Vec<HeaderValue> = Vec::new();
+    let mut connection_lines = 0;
+    for (k, v) in headers.iter() {
+        // By text: one match on a length and a few bytes, not eight name comparisons.
+        let i = match k.as_str() {
+            "te" => {
+                te.get_or_insert_with(|| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+                continue;
+            }
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "transfer-encoding" => 3,
+            "upgrade" => 4,
+            "proxy-authenticate" => 5,
+            "proxy-authorization" => 6,
+            "trailer" => 7,
+            _ => continue,
+        };
+        debug_assert_eq!(HOP_BY_HOP[i], k);
+        present[i] = true;
+        if i == 0 {
+            match lines.get_mut(connection_lines) {
+                Some(slot) => *slot = Some(v.clone()),
+                None => more.push(v.clone()),
+            }
+            connection_lines += 1;
         }
     }
-    if connection {
-        // Copies of the values (reference counts), so the map can change while their
-        // tokens are read; `entry` would reserve room in the map (an allocation when
-        // hyper sized it exactly).
-        let mut lines: [Option<HeaderValue>; CONNECTION_LINES] = Default::default();
-        let values = headers.get_all(header::CONNECTION);
-        for (slot, value) in lines.iter_mut().zip(values.iter()) {
-            *slot = Some(value.clone());
-        }
-        let more: Vec<HeaderValue> = values.iter().skip(CONNECTION_LINES).cloned().collect();
-        for value in lines.iter().flatten().chain(&more) {
-            let Ok(text) = value.to_str() else { continue };
-            for token in text.split(',').map(str::trim) {
-                if !token.is_empty() && !protected(token) {
-                    headers.remove(token);
-                }
+    for value in lines.iter().flatten().chain(&more) {
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split(',').map(str::trim) {
+            // The two tokens almost every `Connection` carries name no header to remove
+            // here: `close` is reserved as a field name (RFC 9110 §7.6.1) and
+            // `keep-alive` is one of the fixed set, removed below.
+            let option =
+                token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close");
+            if !token.is_empty() && !option && !protected(token) {
+                headers.remove(token);
             }
         }
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    if te {
-        let te_ok = keep_te_trailers
-            && headers
-                .get(header::TE)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-        if !te_ok {
-            headers.remove(header::TE);
-        }
+    // Kept only on HTTP/2 and only as `trailers` (a `Connection` token may have
+    // removed it already: removing it again is a miss).
+    if te.is_some_and(|trailers| !(trailers && keep_te_trailers)) {
+        headers.remove(header::TE);
     }
 }
 
@@ -1540,6 +1555,26 @@ mod tests {
         assert!(h1.contains_key("x-kept"));
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key(header::TE), "gRPC keeps TE: trailers");
+    }
+
+    /// Each of the fixed set goes, whatever else the head holds, and `Connection:
+    /// keep-alive` does not spare a `Keep-Alive` header.
+    #[test]
+    fn every_fixed_hop_by_hop_header_is_removed() {
+        for name in HOP_BY_HOP.iter().chain([&header::TE]) {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("web"));
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
     }
 
     #[test]
