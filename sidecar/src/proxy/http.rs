@@ -928,7 +928,13 @@ async fn forward(
     let idempotent = decision.retryable || is_idempotent(req.method(), req.headers());
     let (head, body) = req.into_parts();
 
-    let prepared = match tokio::time::timeout_at(deadline, retry::prepare(body, policy)).await {
+    // A request with no body (most GETs) is ready at once: no timer is made for it.
+    let prepared = if hyper::body::Body::is_end_stream(&body) {
+        Ok(retry::prepare(body, policy).await)
+    } else {
+        tokio::time::timeout_at(deadline, retry::prepare(body, policy)).await
+    };
+    let prepared = match prepared {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             return Err(ProxyError::BadRequestBody {
