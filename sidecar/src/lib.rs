@@ -110,8 +110,8 @@ pub struct SidecarConfig {
     /// HTTP proxy: a downstream connection with no request in flight this long is
     /// closed (HTTP/1 and HTTP/2).
     pub idle_timeout: Duration,
-    /// HTTP proxy: most downstream connections per listener; at the limit the oldest
-    /// idle one is closed to admit a new one.
+    /// HTTP proxy: most downstream connections per listener; at the limit an idle one
+    /// is closed to admit a new one (first the oldest that never sent a whole request).
     pub max_connections: usize,
     /// The local service to register, if any.
     pub registrar: Option<RegistrarConfig>,

@@ -305,8 +305,9 @@ async fn a_flood_of_idle_sockets_does_not_lock_new_clients_out() {
     setup.stop().await;
 }
 
-// Point 7: hyper's HTTP/1 header-read timeout closes a connection that sends half a
-// request head (the idle timeout is long, so it is not what closes it).
+// Point 7: the HTTP/1 header-read timeout closes a connection that sends half a
+// request head (the idle timeout is long, so it is not what closes it), also one whose
+// head starts like the HTTP/2 preface (`PRI` is an HTTP/1 method) and then trickles.
 #[tokio::test]
 async fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
     let setup = Setup::new(|c| {
@@ -314,17 +315,27 @@ async fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
         c.idle_timeout = Duration::from_secs(60);
     })
     .await;
-    let mut s = TcpStream::connect(setup.proxy).await.expect("connect");
-    s.write_all(b"GET /hello HTTP/1.1\r\nHost: web\r\nX-Slow: ")
-        .await
-        .expect("write");
-    let after = closed_within(&mut s, Duration::from_secs(5))
-        .await
-        .expect("closed within 5 s");
-    assert!(
-        after >= Duration::from_millis(250),
-        "closed after {after:?}"
-    );
+    let openings: [&[&[u8]]; 2] = [
+        &[b"GET /hello HTTP/1.1\r\nHost: web\r\nX-Slow: "],
+        &[b"PRI", b" /hello HTTP/1.1\r\nHost: web\r\nX-Slow: "],
+    ];
+    for writes in openings {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(setup.proxy).await.expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        for w in writes {
+            s.write_all(w).await.expect("write");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        closed_within(&mut s, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{writes:?}: not closed within 5 s"));
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_millis(250),
+            "{writes:?}: closed after {after:?}"
+        );
+    }
     assert_eq!(setup.backend.hits(), 0);
     setup.stop().await;
 }

@@ -77,11 +77,11 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
     /// HTTP/1 and HTTP/2: a connection with no request in flight for this long is
     /// closed (HTTP/2 with GOAWAY). Counts from accept, so a socket that never sends
-    /// a byte (which hyper's HTTP/1 timer does not see: the protocol is not yet known)
-    /// is closed too.
+    /// a byte is closed too (by the header-read timeout first, if it is shorter: a
+    /// connection counts as HTTP/1 until its bytes say otherwise).
     pub idle_timeout: Duration,
-    /// Most connections kept open at once; at the limit the oldest idle one is closed
-    /// to make room (see [`Conns::admit`]).
+    /// Most connections kept open at once; at the limit an idle one is closed to make
+    /// room, first the oldest that never sent a whole request (see [`Conns::admit`]).
     pub max_connections: usize,
 }
 
@@ -151,8 +151,9 @@ impl Conn {
     /// a whole request head, from accept or from the end of the last request (as
     /// hyper's `header_read_timeout` counts it, which this replaces: so an idle HTTP/1
     /// connection closes after the smaller of the two timeouts, as HAProxy's
-    /// `timeout http-keep-alive` falls back to `timeout http-request`). HTTP/2 has
-    /// its own flow control and pings: only the idle timeout.
+    /// `timeout http-keep-alive` falls back to `timeout http-request`). HTTP/2 (told
+    /// by its whole preface, [`super::sniff`]): only the idle timeout, as hyper's
+    /// timer never applied to it.
     fn wait_limit(&self, limits: ConnLimits) -> Duration {
         if self.protocol.is_h2() {
             limits.idle_timeout
@@ -479,11 +480,19 @@ where
                     (Some(true), Some(_)) => return,
                     (Some(_), _) => check.as_mut().reset(now + CLOSE_GRACE),
                     (None, Some(d)) if d >= limit => {
+                        let h2 = state.protocol.is_h2();
                         tracing::debug!(
                             ?limit,
-                            h2 = state.protocol.is_h2(),
-                            "closing a connection that sent no whole request head in time"
+                            h2,
+                            "closing a connection that waited too long with no request in flight"
                         );
+                        // HTTP/1: nothing is in flight and the time for a head is up, so
+                        // the socket goes now, as hyper's timer closed it (a half-sent
+                        // head would only be let finish by a graceful close). HTTP/2
+                        // says GOAWAY first.
+                        if !h2 {
+                            return;
+                        }
                         conn.as_mut().graceful_shutdown();
                         closing = Some(true);
                         check.as_mut().reset(now + CLOSE_GRACE);
@@ -677,12 +686,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     for value in lines.iter().flatten().chain(&more) {
         let Ok(text) = value.to_str() else { continue };
         for token in text.split(',').map(str::trim) {
-            // The two tokens almost every `Connection` carries name no header to remove
-            // here: `close` is reserved as a field name (RFC 9110 §7.6.1) and
-            // `keep-alive` is one of the fixed set, removed below.
-            let option =
-                token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close");
-            if !token.is_empty() && !option && !protected(token) {
+            // `keep-alive`, the token almost every `Connection` carries, is one of the
+            // fixed set, removed below: no removal by name for it.
+            let fixed = token.eq_ignore_ascii_case("keep-alive");
+            if !token.is_empty() && !fixed && !protected(token) {
                 headers.remove(token);
             }
         }

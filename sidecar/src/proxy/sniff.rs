@@ -3,11 +3,12 @@
 //! hyper-util's `auto` server decides between HTTP/1 and HTTP/2 inside its connection
 //! and does not say which it chose. The listener needs to know for its own timers: an
 //! HTTP/1 connection waiting for a request head is held to the header-read timeout,
-//! an HTTP/2 one only to the idle timeout (see `http::run_connection`). The first read
-//! that returns bytes settles it: HTTP/2 with prior knowledge opens with its preface,
-//! `PRI * HTTP/2.0`, and no HTTP/1 request starts with `PRI`. A first read of fewer
-//! than three bytes counts as HTTP/1, the stricter of the two (a client trickling its
-//! bytes one by one is what the header-read timeout is for).
+//! an HTTP/2 one only to the idle timeout (see `http::run_connection`). The rule is
+//! hyper-util's own: HTTP/2 with prior knowledge opens with the 24-byte preface, and a
+//! connection is HTTP/2 once all of it has arrived; the first byte that differs makes
+//! it HTTP/1 for good (`PRI` is a valid HTTP/1 method, so a prefix alone says nothing).
+//! Until then it counts as HTTP/1, the stricter of the two: a client trickling the
+//! preface is held to the header-read timeout, as one trickling a head is.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,8 +33,10 @@ impl Protocol {
 /// A socket that reports its first bytes' protocol to a [`Protocol`].
 pub struct Sniffed<T> {
     io: T,
-    /// Until the first bytes have been read.
+    /// Until the protocol is settled.
     pending: Option<Arc<Protocol>>,
+    /// Bytes of the preface seen so far.
+    matched: usize,
 }
 
 impl<T> Sniffed<T> {
@@ -41,13 +44,20 @@ impl<T> Sniffed<T> {
         Self {
             io,
             pending: Some(protocol),
+            matched: 0,
         }
     }
 }
 
-/// True for the start of the HTTP/2 connection preface (RFC 9113 §3.4).
-fn opens_h2(first: &[u8]) -> bool {
-    first.len() >= 3 && b"PRI * HTTP/2.0".starts_with(&first[..first.len().min(14)])
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Where `bytes`, arriving after `matched` bytes of the preface, leave it: `Some(n)`,
+/// still the preface with `n` bytes of it seen; `None`, not the preface.
+fn preface_after(matched: usize, bytes: &[u8]) -> Option<usize> {
+    let rest = &PREFACE[matched.min(PREFACE.len())..];
+    let n = rest.len().min(bytes.len());
+    (rest[..n] == bytes[..n]).then_some(matched + n)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Sniffed<T> {
@@ -60,8 +70,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sniffed<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if this.pending.is_some() && buf.filled().len() > before {
-            if let Some(p) = this.pending.take() {
-                p.h2.store(opens_h2(&buf.filled()[before..]), Ordering::Relaxed);
+            match preface_after(this.matched, &buf.filled()[before..]) {
+                Some(n) if n < PREFACE.len() => this.matched = n,
+                Some(_) => {
+                    if let Some(p) = this.pending.take() {
+                        p.h2.store(true, Ordering::Relaxed);
+                    }
+                }
+                // HTTP/1 for good (the default).
+                None => this.pending = None,
             }
         }
         r
@@ -104,30 +121,39 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
-    fn the_preface_says_h2_and_a_request_line_does_not() {
-        assert!(opens_h2(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
-        assert!(opens_h2(b"PRI"), "a short first read of the preface");
-        assert!(!opens_h2(b"GET / HTTP/1.1\r\n"));
-        assert!(!opens_h2(b"POST /x HTTP/1.1\r\n"));
-        assert!(!opens_h2(b"PR"), "too short to tell: HTTP/1, the stricter");
-        assert!(!opens_h2(b"PRIX"));
+    fn only_the_whole_preface_says_h2() {
+        assert_eq!(preface_after(0, PREFACE), Some(24));
+        assert_eq!(preface_after(0, b"PRI"), Some(3), "a prefix: not settled");
+        assert_eq!(preface_after(3, b" * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(24));
+        assert_eq!(
+            preface_after(3, b" /x HTTP/1.1\r\n"),
+            None,
+            "the PRI method"
+        );
+        assert_eq!(preface_after(0, b"GET / HTTP/1.1\r\n"), None);
+        assert_eq!(preface_after(24, b"anything"), Some(24));
     }
 
     #[tokio::test]
-    async fn the_first_read_settles_it_and_later_ones_do_not() {
-        for (first, h2) in [
-            (&b"PRI * HTTP/2.0\r\n"[..], true),
-            (b"GET / HTTP/1.1", false),
-        ] {
+    async fn reads_settle_it_and_later_ones_do_not() {
+        let cases: [(&[&[u8]], bool); 4] = [
+            (&[PREFACE], true),
+            (&[b"PRI", b" * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n"], true),
+            (&[b"PRI", b" /x HTTP/1.1\r\n"], false),
+            (&[b"GET / HTTP/1.1\r\n"], false),
+        ];
+        for (reads, h2) in cases {
             let (mut client, server) = tokio::io::duplex(64);
             let protocol = Arc::new(Protocol::default());
             let mut sniffed = Sniffed::new(server, protocol.clone());
-            client.write_all(first).await.expect("write");
             let mut buf = [0u8; 64];
-            let n = sniffed.read(&mut buf).await.expect("read");
-            assert_eq!(&buf[..n], first, "the bytes pass through");
-            assert_eq!(protocol.is_h2(), h2, "{first:?}");
-            client.write_all(b"PRI * HTTP/2.0").await.expect("write");
+            for read in reads {
+                client.write_all(read).await.expect("write");
+                let n = sniffed.read(&mut buf).await.expect("read");
+                assert_eq!(&buf[..n], *read, "the bytes pass through");
+            }
+            assert_eq!(protocol.is_h2(), h2, "{reads:?}");
+            client.write_all(PREFACE).await.expect("write");
             let _ = sniffed.read(&mut buf).await.expect("read");
             assert_eq!(protocol.is_h2(), h2, "a later read changes nothing");
         }
